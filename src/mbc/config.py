@@ -1,0 +1,82 @@
+"""Every setting of an MBC model, in one dataclass saved beside each checkpoint as JSON."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from .backbones import BUNDLED_ENCODER, BUNDLED_LLM
+from .errors import MBCError
+
+
+@dataclass
+class MBCConfig:
+    # Backbones, by name (see backbones.py): recorded so a checkpoint knows what to load.
+    llm: str = BUNDLED_LLM
+    document_encoder: str = BUNDLED_ENCODER
+    question_encoder: str = BUNDLED_ENCODER
+    train_encoders: bool = True  # the reference fine-tunes its T5 encoders
+    reader_blocks: int = 2  # cross-attention blocks reading an encoder-only backbone (unused for T5)
+
+    # Amortization and question networks
+    num_slots: int = 12  # K: context vectors per document and query vectors per question
+    max_document_tokens: int = 512
+    max_question_tokens: int = 64
+
+    # Codebook (MBC). quantize=False gives MAC: the bank stores the float vectors themselves.
+    quantize: bool = True
+    codebook_size: int = 512
+    codebook_stages: int = 1  # > 1: residual quantization, one index per stage per vector
+    beta: float = 0.25
+    vq_weight: float = 1.0  # lambda
+    ema_decay: float = 0.99
+    dead_threshold: float = 1e-4
+
+    # Aggregation network
+    aggregator_blocks: int = 4
+    aggregator_heads: int = 8
+    aggregator_head_dim: int = 96
+
+    # Prefix (P-tuning v2) and KV-LoRA on the frozen LLM
+    prefix_tokens: int = 2  # P
+    prefix_layers: int | None = None  # the last N layers get a prefix; None = all layers
+    prefix_hidden: int | None = None  # width of each prefix feed-forward block; None = LLM width
+    lora_layers: int = 6  # the last N layers get KV-LoRA; 0 = none
+    lora_rank: int = 16
+    lora_alpha: float = 32.0
+    lora_dropout: float = 0.05
+
+    # How a question is put to the LLM; the answer follows it (training: " answer" + EOS).
+    prompt_template: str = "Question: {question}\nAnswer:"
+
+    def __post_init__(self):
+        positive = ("num_slots", "codebook_size", "codebook_stages", "aggregator_blocks", "aggregator_heads",
+                    "aggregator_head_dim", "prefix_tokens", "max_document_tokens", "max_question_tokens")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise MBCError(f"config '{name}' must be at least 1, got {getattr(self, name)}")
+        if self.lora_layers < 0 or (self.lora_layers and self.lora_rank < 1):
+            raise MBCError(f"lora_layers must be >= 0 and lora_rank >= 1, got {self.lora_layers} and {self.lora_rank}")
+        if "{question}" not in self.prompt_template:
+            raise MBCError("prompt_template must contain '{question}'")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "MBCConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise MBCError(f"unknown config keys {unknown}; known keys are {sorted(known)}")
+        return cls(**values)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "MBCConfig":
+        try:
+            values = json.loads(Path(path).read_text())
+        except (OSError, json.JSONDecodeError) as error:
+            raise MBCError(f"cannot read config {path}: {error}") from error
+        return cls.from_dict(values.get("config", values))

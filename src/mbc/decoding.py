@@ -1,0 +1,186 @@
+"""Decoding with a soft prefix and a KV cache: greedy, beam search and diverse (group) beam search.
+
+transformers 5.x moved group beam search out of the library (to hub-hosted code that is not
+reachable offline), so it is written here, after Vijayakumar et al. 2016 ("Diverse Beam Search")
+and transformers 4.x's ``group_beam_search``: the beams are split into groups; at each step the
+groups choose their tokens one after another, and a group's log-probabilities are lowered by
+``diversity_penalty`` times the number of times each token was already chosen by earlier groups
+at this step (Hamming diversity). Plain beam search is the one-group case.
+
+The prompt is left-padded; position ids follow the attention mask, so padding never shifts a
+question's positions. The prefix stays outside the KV cache (see prefix.py), so reordering the
+cache for beams leaves it alone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .errors import MBCError
+from .llm_layout import LLMLayout
+from .prefix import prefix_in, repeat_prefix
+
+STRATEGIES = ("greedy", "beam", "diverse_beam")
+
+
+@dataclass
+class DecodingConfig:
+    strategy: str = "greedy"
+    max_new_tokens: int = 16
+    num_beams: int = 12  # beam / diverse_beam
+    num_beam_groups: int = 4  # diverse_beam only
+    diversity_penalty: float = 10.0  # diverse_beam only
+    length_penalty: float = 1.0
+
+    def __post_init__(self):
+        if self.strategy not in STRATEGIES:
+            raise MBCError(f"unknown decoding strategy '{self.strategy}'; choose one of {', '.join(STRATEGIES)}")
+        if self.strategy == "diverse_beam" and self.num_beams % self.num_beam_groups:
+            raise MBCError(f"num_beams ({self.num_beams}) must be a multiple of num_beam_groups ({self.num_beam_groups})")
+        if self.max_new_tokens < 1:
+            raise MBCError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
+
+
+def _forward(llm: nn.Module, input_ids, attention_mask, cache):
+    """Next-token logits [batch, vocab] for the last position, and the updated cache."""
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)[:, -input_ids.shape[1] :]
+    out = llm(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache, use_cache=True)
+    return out.logits[:, -1].float(), out.cache
+
+
+def _extend(mask: torch.Tensor) -> torch.Tensor:
+    return torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+
+
+def _cut_at_eos(tokens: list[int], eos_token_id: int) -> list[int]:
+    return tokens[: tokens.index(eos_token_id)] if eos_token_id in tokens else tokens
+
+
+@torch.no_grad()
+def generate(
+    llm: nn.Module,
+    layout: LLMLayout,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    prefix: list[tuple[torch.Tensor, torch.Tensor]] | None,
+    eos_token_id: int,
+    config: DecodingConfig | None = None,
+) -> list[list[int]]:
+    """Generated token ids per prompt, without the EOS token."""
+    config = config or DecodingConfig()
+    if config.strategy == "greedy":
+        return greedy(llm, layout, input_ids, attention_mask, prefix, eos_token_id, config.max_new_tokens)
+    groups = config.num_beam_groups if config.strategy == "diverse_beam" else 1
+    penalty = config.diversity_penalty if config.strategy == "diverse_beam" else 0.0
+    return beam_search(
+        llm, layout, input_ids, attention_mask, prefix, eos_token_id, config.max_new_tokens,
+        config.num_beams, groups, penalty, config.length_penalty,
+    )
+
+
+def greedy(llm, layout, input_ids, attention_mask, prefix, eos_token_id: int, max_new_tokens: int) -> list[list[int]]:
+    finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+    steps = []
+    with prefix_in(layout, prefix):
+        logits, cache = _forward(llm, input_ids, attention_mask, None)
+        for _ in range(max_new_tokens):
+            tokens = logits.argmax(dim=-1).masked_fill(finished, eos_token_id)
+            steps.append(tokens)
+            finished |= tokens == eos_token_id
+            if finished.all():
+                break
+            attention_mask = _extend(attention_mask)
+            logits, cache = _forward(llm, tokens[:, None], attention_mask, cache)
+    generated = torch.stack(steps, dim=1).tolist()
+    return [_cut_at_eos(row, eos_token_id) for row in generated]
+
+
+class _Hypotheses:
+    """The finished hypotheses of one beam group of one prompt (at most ``size``, best kept)."""
+
+    def __init__(self, size: int, length_penalty: float):
+        self.size, self.length_penalty, self.items = size, length_penalty, []
+
+    def add(self, tokens: list[int], sum_logprobs: float) -> None:
+        score = sum_logprobs / max(len(tokens), 1) ** self.length_penalty
+        self.items.append((score, tokens))
+        self.items.sort(key=lambda item: -item[0])
+        del self.items[self.size :]
+
+    def is_done(self, best_running_sum: float, length: int) -> bool:
+        # No running beam can beat the worst kept hypothesis any more (scores only fall with length).
+        if len(self.items) < self.size:
+            return False
+        return self.items[-1][0] >= best_running_sum / max(length, 1) ** self.length_penalty
+
+
+def beam_search(
+    llm, layout, input_ids, attention_mask, prefix, eos_token_id: int, max_new_tokens: int,
+    num_beams: int, num_groups: int = 1, diversity_penalty: float = 0.0, length_penalty: float = 1.0,
+) -> list[list[int]]:
+    batch, device = input_ids.shape[0], input_ids.device
+    per_group = num_beams // num_groups
+    input_ids = input_ids.repeat_interleave(num_beams, dim=0)
+    attention_mask = attention_mask.repeat_interleave(num_beams, dim=0)
+    prefix = repeat_prefix(prefix, num_beams) if prefix else prefix
+    # Only the first beam of each group is live at the start, so a group does not pick the same
+    # token num_beams times from identical copies of the prompt.
+    beam_scores = torch.zeros(batch, num_groups, per_group, device=device)
+    beam_scores[:, :, 1:] = -1e9
+    sequences = input_ids.new_zeros(batch * num_beams, 0)
+    hypotheses = [[_Hypotheses(per_group, length_penalty) for _ in range(num_groups)] for _ in range(batch)]
+    done = torch.zeros(batch, num_groups, dtype=torch.bool)
+    with prefix_in(layout, prefix):
+        logits, cache = _forward(llm, input_ids, attention_mask, None)
+        for step in range(max_new_tokens):
+            logprobs = torch.log_softmax(logits, dim=-1).view(batch, num_groups, per_group, -1)
+            vocab = logprobs.shape[-1]
+            next_tokens = torch.full((batch, num_groups, per_group), eos_token_id, dtype=torch.long)
+            next_beams = torch.arange(per_group).repeat(batch, num_groups, 1)
+            next_scores = beam_scores.clone()
+            chosen_so_far = torch.zeros(batch, vocab, device=device)
+            for group in range(num_groups):
+                scores = logprobs[:, group] - diversity_penalty * chosen_so_far[:, None, :] + beam_scores[:, group, :, None]
+                top_scores, top_ids = scores.view(batch, -1).topk(2 * per_group, dim=1)
+                top_scores, top_ids = top_scores.tolist(), top_ids.tolist()
+                for b in range(batch):
+                    if done[b, group]:
+                        continue
+                    kept = 0
+                    for rank, (score, flat_id) in enumerate(zip(top_scores[b], top_ids[b])):
+                        beam, token = divmod(flat_id, vocab)
+                        row = b * num_beams + group * per_group + beam
+                        if token == eos_token_id:
+                            if rank < per_group:
+                                hypotheses[b][group].add(sequences[row].tolist() + [token], score)
+                            continue
+                        next_tokens[b, group, kept], next_beams[b, group, kept], next_scores[b, group, kept] = token, beam, score
+                        kept += 1
+                        if kept == per_group:
+                            break
+                    done[b, group] = hypotheses[b][group].is_done(max(top_scores[b]), step + 1)
+                    chosen_so_far[b].index_add_(0, next_tokens[b, group].to(device), torch.ones(per_group, device=device))
+            rows = (torch.arange(batch)[:, None, None] * num_beams + torch.arange(num_groups)[None, :, None] * per_group + next_beams).flatten().to(device)
+            sequences = torch.cat([sequences[rows], next_tokens.flatten().to(device)[:, None]], dim=1)
+            beam_scores = next_scores
+            if done.all() or step == max_new_tokens - 1:
+                break
+            cache.reorder_cache(rows)
+            attention_mask = _extend(attention_mask)
+            logits, cache = _forward(llm, sequences[:, -1:], attention_mask, cache)
+    return _best(hypotheses, sequences, beam_scores, done, num_beams, per_group, eos_token_id)
+
+
+def _best(hypotheses, sequences, beam_scores, done, num_beams, per_group, eos_token_id) -> list[list[int]]:
+    results = []
+    for b, groups in enumerate(hypotheses):
+        for group, hyps in enumerate(groups):
+            if not done[b, group]:  # ran out of steps: running beams compete with the finished ones
+                for beam in range(per_group):
+                    hyps.add(sequences[b * num_beams + group * per_group + beam].tolist(), beam_scores[b, group, beam].item())
+        best = max((item for hyps in groups for item in hyps.items), key=lambda item: item[0])
+        results.append(_cut_at_eos(best[1], eos_token_id))
+    return results

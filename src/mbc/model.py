@@ -1,0 +1,261 @@
+"""MBC: a frozen LLM answering from a codebook-compressed memory of amortized documents.
+
+document --AmortizationNetwork--> K vectors --ResidualQuantizer--> K code indices (the bank)
+question --question network--> K queries --Aggregator over the decoded bank--> modulation
+modulation --PrefixExpansion--> past keys/values --frozen LLM with KV-LoRA--> answer
+
+``MBCModel`` owns the pieces and the three uses of them: ``forward`` (one meta-training step's
+loss on a batch of documents, questions and answers; the batch's documents form the bank),
+``compress`` (documents -> bank entries) and ``answer`` (questions + bank -> text).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from . import backbones
+from .aggregation import Aggregator
+from .amortization import AmortizationNetwork
+from .backbones import Backbone
+from .codebook import ResidualQuantizer
+from .config import MBCConfig
+from .decoding import DecodingConfig, generate
+from .errors import MBCError
+from .llm_layout import describe_llm
+from .lora import add_kv_lora
+from .packing import index_dtype, packed_size
+from .prefix import PrefixExpansion, enable_prefix_attention, prefix_in
+
+WEIGHTS_NAME = "model.safetensors"
+CONFIG_NAME = "mbc_config.json"
+IGNORE = -100  # label of tokens that carry no loss (the prompt, padding)
+
+
+@dataclass
+class MBCOutput:
+    loss: torch.Tensor  # qa_loss + vq_weight * vq_loss
+    qa_loss: torch.Tensor
+    vq_loss: torch.Tensor
+    perplexity: torch.Tensor  # codebook perplexity of this batch (0 in MAC mode)
+
+
+def pad(sequences: list[list[int]], value: int, side: str = "right") -> torch.Tensor:
+    width = max(len(s) for s in sequences)
+    filler = [[value] * (width - len(s)) for s in sequences]
+    rows = [f + s if side == "left" else s + f for s, f in zip(sequences, filler)]
+    return torch.tensor(rows, dtype=torch.long)
+
+
+class MBCModel(nn.Module):
+    def __init__(self, config: MBCConfig, llm: Backbone, document_encoder: Backbone, question_encoder: Backbone):
+        super().__init__()
+        self.config = config
+        self.names = {"llm": llm.name, "document_encoder": document_encoder.name, "question_encoder": question_encoder.name}
+        self.llm, self.tokenizer = llm.model, llm.tokenizer
+        self.document_tokenizer, self.question_tokenizer = document_encoder.tokenizer, question_encoder.tokenizer
+        self.layout = describe_llm(self.llm)
+        self.prefix_layers = config.prefix_layers or self.layout.num_layers
+        for name, layers in (("prefix_layers", self.prefix_layers), ("lora_layers", config.lora_layers)):
+            if layers > self.layout.num_layers:
+                raise MBCError(f"{name}={layers} but the base LLM has only {self.layout.num_layers} layers")
+        if self.tokenizer.eos_token_id is None:
+            raise MBCError(f"the tokenizer of '{llm.name}' has no EOS token, which answers must end with")
+
+        self.llm.requires_grad_(False)
+        self.llm.eval()  # frozen: no dropout inside the base model
+        add_kv_lora(self.layout, config.lora_layers, config.lora_rank, config.lora_alpha, config.lora_dropout)
+        enable_prefix_attention(self.llm)
+
+        dim = self.layout.hidden_size
+        self.amortization = AmortizationNetwork(document_encoder.model, config.num_slots, dim, config.reader_blocks, config.train_encoders)
+        self.question_network = AmortizationNetwork(question_encoder.model, config.num_slots, dim, config.reader_blocks, config.train_encoders)
+        self.quantizer = (
+            ResidualQuantizer(config.codebook_stages, num_codes=config.codebook_size, dim=dim, beta=config.beta,
+                              ema_decay=config.ema_decay, dead_threshold=config.dead_threshold)
+            if config.quantize else None
+        )
+        self.aggregator = Aggregator(dim, config.aggregator_blocks, config.aggregator_heads, config.aggregator_head_dim)
+        self.prefix_expansion = PrefixExpansion(
+            config.num_slots, dim, config.prefix_tokens, self.prefix_layers,
+            self.layout.num_kv_heads, self.layout.head_dim, config.prefix_hidden or dim,
+        )
+
+    @classmethod
+    def build(cls, config: MBCConfig | None = None) -> "MBCModel":
+        """A fresh (untrained) model over the backbones the config names."""
+        config = config or MBCConfig()
+        document_encoder = backbones.load_encoder(config.document_encoder)
+        question_encoder = (
+            document_encoder if config.question_encoder == config.document_encoder and not config.train_encoders
+            else backbones.load_encoder(config.question_encoder)
+        )
+        return cls(config, backbones.load_llm(config.llm), document_encoder, question_encoder)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.llm.eval()
+        for module in self.llm.modules():  # only the adapters' dropout follows the mode
+            if hasattr(module, "lora_A"):
+                module.train(mode)
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return self.prefix_expansion.mix.device
+
+    # ---- text -> tensors -------------------------------------------------------------------
+    def _encode_text(self, tokenizer, texts: list[str], max_tokens: int):
+        batch = tokenizer(texts, padding=True, truncation=True, max_length=max_tokens, return_tensors="pt")
+        return batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)
+
+    def prompt_ids(self, question: str) -> list[int]:
+        return self.tokenizer(self.config.prompt_template.format(question=question))["input_ids"]
+
+    def answer_ids(self, answer: str) -> list[int]:
+        return self.tokenizer(" " + answer.strip(), add_special_tokens=False)["input_ids"] + [self.tokenizer.eos_token_id]
+
+    def training_inputs(self, questions: list[str], answers: list[str]):
+        """Prompt + answer + EOS, right-padded; labels are IGNORE everywhere but the answer tokens."""
+        prompts = [self.prompt_ids(q) for q in questions]
+        targets = [self.answer_ids(a) for a in answers]
+        ids = pad([p + t for p, t in zip(prompts, targets)], self.tokenizer.pad_token_id)
+        labels = pad([[IGNORE] * len(p) + t for p, t in zip(prompts, targets)], IGNORE)
+        mask = pad([[1] * (len(p) + len(t)) for p, t in zip(prompts, targets)], 0)
+        return ids.to(self.device), mask.to(self.device), labels.to(self.device)
+
+    # ---- the pieces ------------------------------------------------------------------------
+    def amortize(self, documents: list[str]) -> torch.Tensor:
+        """Documents -> context vectors [N, K, dim] (before quantization)."""
+        return self.amortization(*self._encode_text(self.document_tokenizer, documents, self.config.max_document_tokens))
+
+    def queries(self, questions: list[str]) -> torch.Tensor:
+        return self.question_network(*self._encode_text(self.question_tokenizer, questions, self.config.max_question_tokens))
+
+    def modulation(self, questions: list[str], memory: torch.Tensor, memory_log_weight: torch.Tensor | None = None) -> torch.Tensor:
+        """Questions and a memory [M, dim] (every vector of the bank) -> modulation [B, K, dim]."""
+        log_weight = None if memory_log_weight is None else memory_log_weight[None]
+        return self.aggregator(self.queries(questions), memory[None], memory_log_weight=log_weight)
+
+    def prefix(self, modulation: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return self.prefix_expansion(modulation)
+
+    # ---- training --------------------------------------------------------------------------
+    def forward(self, documents: list[str], questions: list[str], answers: list[str]) -> MBCOutput:
+        """One meta-training loss: the batch's documents form the bank every question reads."""
+        contexts = self.amortize(documents)
+        if self.quantizer is not None:
+            quantized = self.quantizer(contexts)
+            memory, vq_loss, perplexity = quantized.quantized, quantized.loss, quantized.perplexity
+        else:
+            memory, vq_loss, perplexity = contexts, contexts.new_zeros(()), contexts.new_zeros(())
+        prefix = self.prefix(self.modulation(questions, memory.reshape(-1, memory.shape[-1])))
+        qa_loss = self.qa_loss(questions, answers, prefix)
+        return MBCOutput(qa_loss + self.config.vq_weight * vq_loss, qa_loss, vq_loss, perplexity)
+
+    def qa_loss(self, questions: list[str], answers: list[str], prefix) -> torch.Tensor:
+        ids, mask, labels = self.training_inputs(questions, answers)
+        with prefix_in(self.layout, prefix):
+            return self.llm(input_ids=ids, attention_mask=mask, labels=labels).loss
+
+    # ---- the bank ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def compress(self, documents: list[str]) -> np.ndarray:
+        """Documents -> bank entries: code indices [N, K, stages] as the smallest unsigned type
+        (MBC), or the float vectors [N, K, dim] as float32 (MAC mode)."""
+        contexts = self.amortize(documents)
+        if self.quantizer is None:
+            return contexts.float().cpu().numpy()
+        indices = torch.stack([stage.nearest(r) for stage, r in self._residuals(contexts)], dim=-1)
+        return indices.cpu().numpy().astype(index_dtype(self.config.codebook_size))
+
+    def _residuals(self, contexts: torch.Tensor):
+        # The same stage-by-stage walk as ResidualQuantizer.forward, without touching usage or codes.
+        residual = contexts
+        for stage in self.quantizer.stages:
+            yield stage, residual
+            residual = residual - stage.decode(stage.nearest(residual))
+
+    def memory(self, entries: np.ndarray) -> torch.Tensor:
+        """Bank entries (as ``compress`` returns them) -> every stored vector, [N*K, dim]."""
+        entries = torch.as_tensor(np.asarray(entries), device=self.device)
+        if self.quantizer is None:
+            return entries.float().reshape(-1, self.layout.hidden_size)
+        if entries.shape[-1] != self.config.codebook_stages:
+            raise MBCError(f"bank entries have {entries.shape[-1]} indices per vector; this codebook has {self.config.codebook_stages} stages")
+        return self.quantizer.decode(entries.long()).reshape(-1, self.layout.hidden_size)
+
+    # ---- answering ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def answer(self, questions: list[str], memory: torch.Tensor | None, decoding: DecodingConfig | None = None,
+               memory_log_weight: torch.Tensor | None = None) -> list[str]:
+        """Answer each question from a memory [M, dim] (``memory(entries)``); None = the plain base LLM."""
+        prefix = None if memory is None else self.prefix(self.modulation(questions, memory, memory_log_weight))
+        ids = pad([self.prompt_ids(q) for q in questions], self.tokenizer.pad_token_id, side="left").to(self.device)
+        mask = pad([[1] * len(self.prompt_ids(q)) for q in questions], 0, side="left").to(self.device)
+        tokens = generate(self.llm, self.layout, ids, mask, prefix, self.tokenizer.eos_token_id, decoding)
+        return [self.tokenizer.decode(t, skip_special_tokens=True).strip() for t in tokens]
+
+    # ---- sizes -------------------------------------------------------------------------------
+    def parameter_counts(self) -> dict[str, int]:
+        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        frozen = sum(p.numel() for p in self.parameters() if not p.requires_grad)
+        return {"trainable": trainable, "frozen": frozen}
+
+    def bytes_per_document(self) -> dict[str, float]:
+        """Bank bytes per stored document: MBC as bit-packed on disk, MAC as float32 vectors."""
+        k, dim = self.config.num_slots, self.layout.hidden_size
+        return {
+            "mbc": packed_size(k * self.config.codebook_stages, self.config.codebook_size),
+            "mac": k * dim * 4,
+            "codebook_total": self.config.codebook_stages * self.config.codebook_size * dim * 4,
+        }
+
+    # ---- checkpoints ---------------------------------------------------------------------------
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """What a checkpoint holds: every trainable tensor and the codebook usage statistics; the
+        frozen backbones are named in the config instead."""
+        trainable = {name for name, p in self.named_parameters() if p.requires_grad}
+        return {
+            name: tensor.detach().cpu().contiguous().clone()
+            for name, tensor in self.state_dict().items()
+            if name in trainable or name.startswith("quantizer.")
+        }
+
+    def codebook_fingerprint(self) -> str | None:
+        return None if self.quantizer is None else self.quantizer.fingerprint()
+
+    def save_pretrained(self, folder: str | Path) -> None:
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        meta = {"config": self.config.to_dict(), "codebook_fingerprint": self.codebook_fingerprint()}
+        # Temporary names + os.replace: a crash mid-save leaves the previous checkpoint whole.
+        save_file(self.trainable_state_dict(), folder / (WEIGHTS_NAME + ".tmp"), metadata={"format": "pt"})
+        (folder / (CONFIG_NAME + ".tmp")).write_text(json.dumps(meta, indent=2))
+        os.replace(folder / (WEIGHTS_NAME + ".tmp"), folder / WEIGHTS_NAME)
+        os.replace(folder / (CONFIG_NAME + ".tmp"), folder / CONFIG_NAME)
+
+    @classmethod
+    def from_pretrained(cls, folder: str | Path, device: str | torch.device = "cpu") -> "MBCModel":
+        folder = Path(folder)
+        for name in (CONFIG_NAME, WEIGHTS_NAME):
+            if not (folder / name).exists():
+                raise MBCError(f"{folder} is not an MBC checkpoint: {name} is missing (save one with save_pretrained)")
+        meta = json.loads((folder / CONFIG_NAME).read_text())
+        model = cls.build(MBCConfig.from_dict(meta["config"]))
+        state = load_file(folder / WEIGHTS_NAME)
+        expected = set(model.trainable_state_dict())
+        if set(state) != expected:
+            missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
+            raise MBCError(f"checkpoint {folder} does not match its config: missing {missing[:5]}, unexpected {extra[:5]}")
+        model.load_state_dict(state, strict=False)
+        if model.codebook_fingerprint() != meta.get("codebook_fingerprint"):
+            raise MBCError(f"the codebook in {folder / WEIGHTS_NAME} does not match the fingerprint in {CONFIG_NAME}: the checkpoint is corrupted")
+        return model.to(device)
