@@ -75,10 +75,11 @@ def generate(
         return greedy(llm, layout, input_ids, attention_mask, prefix, eos_token_id, config.max_new_tokens)
     groups = config.num_beam_groups if config.strategy == "diverse_beam" else 1
     penalty = config.diversity_penalty if config.strategy == "diverse_beam" else 0.0
-    return beam_search(
+    ranked = beam_search(
         llm, layout, input_ids, attention_mask, prefix, eos_token_id, config.max_new_tokens,
         config.num_beams, groups, penalty, config.length_penalty,
     )
+    return [_cut_at_eos(hypotheses[0][1], eos_token_id) for hypotheses in ranked]
 
 
 def greedy(llm, layout, input_ids, attention_mask, prefix, eos_token_id: int, max_new_tokens: int) -> list[list[int]]:
@@ -120,7 +121,8 @@ class _Hypotheses:
 def beam_search(
     llm, layout, input_ids, attention_mask, prefix, eos_token_id: int, max_new_tokens: int,
     num_beams: int, num_groups: int = 1, diversity_penalty: float = 0.0, length_penalty: float = 1.0,
-) -> list[list[int]]:
+) -> list[list[tuple[float, list[int]]]]:
+    """Per prompt, every final hypothesis of every group as (score, tokens), best first."""
     batch, device = input_ids.shape[0], input_ids.device
     per_group = num_beams // num_groups
     input_ids = input_ids.repeat_interleave(num_beams, dim=0)
@@ -171,16 +173,15 @@ def beam_search(
             cache.reorder_cache(rows)
             attention_mask = _extend(attention_mask)
             logits, cache = _forward(llm, sequences[:, -1:], attention_mask, cache)
-    return _best(hypotheses, sequences, beam_scores, done, num_beams, per_group, eos_token_id)
+    return _ranked(hypotheses, sequences, beam_scores, done, num_beams, per_group)
 
 
-def _best(hypotheses, sequences, beam_scores, done, num_beams, per_group, eos_token_id) -> list[list[int]]:
+def _ranked(hypotheses, sequences, beam_scores, done, num_beams, per_group):
     results = []
     for b, groups in enumerate(hypotheses):
         for group, hyps in enumerate(groups):
             if not done[b, group]:  # ran out of steps: running beams compete with the finished ones
                 for beam in range(per_group):
                     hyps.add(sequences[b * num_beams + group * per_group + beam].tolist(), beam_scores[b, group, beam].item())
-        best = max((item for hyps in groups for item in hyps.items), key=lambda item: item[0])
-        results.append(_cut_at_eos(best[1], eos_token_id))
+        results.append(sorted((item for hyps in groups for item in hyps.items), key=lambda item: -item[0]))
     return results

@@ -1,0 +1,36 @@
+import torch
+
+from conftest import DOCUMENTS, QUESTIONS
+from mbc.aggregation import Aggregator
+
+
+def test_attention_over_code_counts_equals_attention_over_the_bank():
+    """MBC-METHOD.md: with every stored vector a codebook entry, attending over the C codes with
+    log-count weights gives the same result as attending over every vector of the bank."""
+    torch.manual_seed(0)
+    codebook = torch.randn(16, 32)
+    indices = torch.randint(0, 10, (300,))  # codes 10..15 never occur
+    aggregator = Aggregator(32, num_blocks=3, heads=4, head_dim=8).eval()
+    queries = torch.randn(5, 4, 32)
+    full = aggregator(queries, codebook[indices][None])
+    counts = torch.bincount(indices, minlength=16).float()
+    compact = aggregator(queries, codebook[None], memory_log_weight=counts.log()[None])
+    assert torch.allclose(full, compact, atol=1e-5)
+
+
+def test_bank_is_a_set_order_does_not_matter():
+    torch.manual_seed(0)
+    aggregator = Aggregator(32, num_blocks=2, heads=4, head_dim=8).eval()
+    memory, queries = torch.randn(1, 50, 32), torch.randn(3, 4, 32)
+    shuffled = memory[:, torch.randperm(50)]
+    assert torch.allclose(aggregator(queries, memory), aggregator(queries, shuffled), atol=1e-5)
+
+
+def test_model_modulation_accepts_code_count_weights(tiny_model):
+    model = tiny_model().eval()
+    entries = model.compress(DOCUMENTS * 3)
+    full = model.modulation(QUESTIONS, model.memory(entries))
+    counts = torch.bincount(torch.as_tensor(entries[..., 0].astype("int64")).flatten(), minlength=16).float()
+    codes = model.quantizer.stages[0].codebook.detach()
+    compact = model.modulation(QUESTIONS, codes, memory_log_weight=counts.log())
+    assert torch.allclose(full, compact, atol=1e-5)

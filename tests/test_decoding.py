@@ -1,0 +1,91 @@
+import pytest
+import torch
+
+from conftest import DOCUMENTS, QUESTIONS, TINY_MODELS
+from mbc import DecodingConfig, MBCError
+from mbc.decoding import beam_search, generate, greedy
+from mbc.llm_layout import describe_llm
+from mbc.prefix import enable_prefix_attention, prefix_in
+
+
+def _tiny_llm(family: str):
+    torch.manual_seed(0)
+    model = TINY_MODELS[family]().eval()
+    ids = torch.randint(3, 259, (3, 6))
+    mask = torch.ones_like(ids)
+    ids[0, :2], mask[0, :2] = 0, 0  # a left-padded prompt
+    return model, ids, mask
+
+
+def _hf(model, ids, mask, eos, **kwargs):
+    model.set_attn_implementation("sdpa")
+    out = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=8, pad_token_id=0, eos_token_id=eos, **kwargs)
+    enable_prefix_attention(model)
+    return [row[ids.shape[1]:].tolist() for row in out]
+
+
+def _strip(rows, eos):
+    return [row[: row.index(eos)] if eos in row else row for row in rows]
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_greedy_equals_transformers_greedy_without_prefix(family):
+    model, ids, mask = _tiny_llm(family)
+    layout = describe_llm(model)
+    first_tokens = _hf(model, ids, mask, eos=1)
+    for eos in (1, first_tokens[1][3], first_tokens[2][0]):  # never hit, hit mid-way, hit at once
+        expected = _strip(_hf(model, ids, mask, eos), eos)
+        assert greedy(model, layout, ids, mask, None, eos, 8) == expected
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_beam_search_equals_transformers_beam_search_without_prefix(family):
+    model, ids, mask = _tiny_llm(family)
+    layout = describe_llm(model)
+    greedy_tokens = _hf(model, ids, mask, eos=1)
+    for eos in (1, greedy_tokens[1][2]):
+        expected = _strip(_hf(model, ids, mask, eos, num_beams=4), eos)
+        ours = generate(model, layout, ids, mask, None, eos, DecodingConfig("beam", max_new_tokens=8, num_beams=4))
+        assert ours == expected
+
+
+def test_greedy_with_prefix_and_cache_equals_recomputing_without_cache(tiny_model):
+    model = tiny_model("llama").eval()
+    prefix = model.prefix(model.modulation(QUESTIONS, model.memory(model.compress(DOCUMENTS))))
+    ids = torch.tensor([[0, 0, 40, 41, 42], [50, 51, 52, 53, 54]])
+    mask = (ids != 0).long()
+    cached = greedy(model.llm, model.layout, ids, mask, prefix, eos_token_id=1, max_new_tokens=6)
+    expected = []
+    with prefix_in(model.layout, prefix):
+        seq, m = ids, mask
+        for _ in range(6):
+            position_ids = (m.cumsum(-1) - 1).clamp(min=0)
+            nxt = model.llm(input_ids=seq, attention_mask=m, position_ids=position_ids).logits[:, -1].argmax(-1)
+            seq, m = torch.cat([seq, nxt[:, None]], 1), torch.cat([m, torch.ones_like(nxt[:, None])], 1)
+        expected = [row[ids.shape[1]:].tolist() for row in seq]
+    assert cached == _strip(expected, 1)
+    assert cached != greedy(model.llm, model.layout, ids, mask, None, 1, 6)  # the prefix matters
+
+
+def test_diverse_beam_groups_choose_different_tokens():
+    model, ids, mask = _tiny_llm("llama")
+    layout = describe_llm(model)
+    plain = beam_search(model, layout, ids, mask, None, 1, 1, num_beams=8, num_groups=4, diversity_penalty=0.0)
+    diverse = beam_search(model, layout, ids, mask, None, 1, 1, num_beams=8, num_groups=4, diversity_penalty=1e4)
+    for ranked_plain, ranked_diverse in zip(plain, diverse):
+        assert len({tuple(t) for _, t in ranked_plain}) == 2  # identical groups repeat each other
+        assert len({tuple(t) for _, t in ranked_diverse}) == 8  # each group is pushed off earlier groups' tokens
+
+
+def test_paper_decoding_runs_batched_with_prefix(tiny_model):
+    model = tiny_model("gpt2").eval()
+    memory = model.memory(model.compress(DOCUMENTS))
+    answers = model.answer(QUESTIONS, memory, DecodingConfig("diverse_beam", max_new_tokens=5, num_beams=12, num_beam_groups=4))
+    assert len(answers) == 2
+
+
+def test_decoding_config_rejects_bad_settings():
+    with pytest.raises(MBCError, match="unknown decoding strategy"):
+        DecodingConfig("nucleus")
+    with pytest.raises(MBCError, match="multiple of num_beam_groups"):
+        DecodingConfig("diverse_beam", num_beams=10, num_beam_groups=4)
