@@ -92,7 +92,7 @@ def _load(loader, name: str, **kwargs):
     source = resolve(name)
     try:
         return loader.from_pretrained(source, **kwargs)
-    except OSError as error:
+    except (OSError, ValueError) as error:  # ValueError: a folder without a recognisable config
         where = "a local folder" if Path(source).exists() else "a Hugging Face hub id"
         raise MBCError(
             f"could not load '{name}' as {where}: {error}\n"
