@@ -29,7 +29,7 @@ def byte_tokenizer() -> PreTrainedTokenizerFast:
 
 VOCAB = 3 + 256
 TINY_MODELS = {
-    "gpt2": lambda: GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_positions=256, n_embd=32, n_layer=3, n_head=4,
+    "gpt2": lambda: GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_positions=256, n_embd=32, n_layer=3, n_head=4, initializer_range=0.2,
                                                bos_token_id=EOS, eos_token_id=EOS, pad_token_id=PAD)),
     "llama": lambda: LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
                                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,

@@ -92,6 +92,7 @@ def test_prefix_on_last_layers_only(tiny_model):
 
 def test_straight_through_gradient_reaches_amortization_network(tiny_model):
     model = tiny_model().train()
+    torch.nn.init.normal_(model.prefix_expansion.blocks.w2, std=0.1)  # as after some training (it starts at zero)
     out = model(DOCUMENTS[:2], QUESTIONS, ANSWERS)
     out.qa_loss.backward()  # the QA loss alone: its only path to the encoder is the straight-through estimator
     grads = [p.grad for p in model.amortization.slot_mlp.parameters()]
@@ -120,3 +121,21 @@ def test_residual_quantization_stores_one_index_per_stage(tiny_model):
     entries = model.compress(DOCUMENTS)
     assert entries.shape == (3, 4, 3)
     assert model.bytes_per_document()["mbc"] == 6  # 4 vectors x 3 stages x 4 bits
+
+
+def test_bank_size_one_lets_each_question_see_only_its_own_document(tiny_model):
+    model = tiny_model().eval()
+    memory = model.memory(model.compress(DOCUMENTS))  # 3 documents x 4 slots
+    mask = model._bank_mask([2, 0], num_documents=3, bank_size=1)
+    assert mask.tolist() == [[False] * 8 + [True] * 4, [True] * 4 + [False] * 8]
+    masked = model.modulation(QUESTIONS, memory, memory_mask=mask)
+    alone = [model.modulation([q], memory[4 * d : 4 * d + 4]) for q, d in zip(QUESTIONS, [2, 0])]
+    assert torch.allclose(masked, torch.cat(alone), atol=1e-5)
+    assert model._bank_mask([1, 1], 3, 2).sum(dim=1).tolist() == [8, 8]
+
+
+def test_backprop_dropout_keeps_document_order(tiny_model):
+    model = tiny_model().eval()  # eval: no dropout, so both paths compute the same vectors
+    split = model._amortize_some_with_grad(DOCUMENTS, 0.34)  # one document with gradients, two without
+    assert split.requires_grad
+    assert torch.allclose(split, model.amortize(DOCUMENTS), atol=1e-5)

@@ -27,6 +27,10 @@ class AmortizationNetwork(nn.Module):
     def __init__(self, encoder: nn.Module, num_slots: int, out_dim: int, reader_blocks: int = 2, train_encoder: bool = True):
         super().__init__()
         self.encoder = encoder
+        if getattr(encoder, "pooler", None) is not None:
+            # BERT's pooled output is never used: dropping the pooler keeps every remaining
+            # parameter in the loss, which distributed training requires.
+            encoder.pooler = None
         self.encoder.requires_grad_(train_encoder)
         width = encoder_width(encoder)
         self.queries = nn.Parameter(torch.randn(num_slots, width) * 0.02)

@@ -110,8 +110,21 @@ class Backbone:
     tokenizer: PreTrainedTokenizerBase
 
 
-def load_llm(name: str = BUNDLED_LLM) -> Backbone:
-    model = _load(AutoModelForCausalLM, name, dtype=torch.float32)
+def _nf4_config():
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError as error:
+        raise MBCError("llm_quantization='nf4' needs bitsandbytes and a GPU: pip install bitsandbytes") from error
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
+
+
+def load_llm(name: str = BUNDLED_LLM, quantization: str | None = None) -> Backbone:
+    if quantization == "nf4":
+        model = _load(AutoModelForCausalLM, name, quantization_config=_nf4_config(), device_map={"": 0})
+    else:
+        model = _load(AutoModelForCausalLM, name, dtype=torch.float32)
     tokenizer = _load(AutoTokenizer, name)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token

@@ -22,17 +22,9 @@ DEMO_DOCUMENTS = [
 DEMO_QUESTION = "Who founded the Brellin Observatory?"
 
 
-def _config(config_file: Optional[Path], overrides: list[str]) -> MBCConfig:
+def _config(config_file: Optional[Path], overrides: list[str]) -> MBCConfig:  # noqa: D103
     values = MBCConfig.load(config_file).to_dict() if config_file else {}
-    for item in overrides:
-        key, sep, raw = item.partition("=")
-        if not sep:
-            raise MBCError(f"--set takes KEY=VALUE, got '{item}'")
-        try:
-            values[key] = json.loads(raw)
-        except json.JSONDecodeError:
-            values[key] = raw  # a bare string such as a model path
-    return MBCConfig.from_dict(values)
+    return MBCConfig.from_dict(_apply(values, overrides))
 
 
 ConfigFile = typer.Option(None, "--config", help="JSON file of MBCConfig fields")
@@ -83,6 +75,84 @@ def demo(config_file: Optional[Path] = ConfigFile, overrides: list[str] = Overri
         answer = model.answer([DEMO_QUESTION], memory, decoding)[0]
         typer.echo(f"{decoding.strategy:>12}: {DEMO_QUESTION!r} -> {answer!r} ({1000 * (time.perf_counter() - start):.0f} ms)")
     typer.echo("(the adapter is untrained: meaningful answers come after `mbc train`, a later milestone)")
+
+
+def _apply(values: dict, overrides: list[str]) -> dict:
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise MBCError(f"overrides take KEY=VALUE, got '{item}'")
+        try:
+            values[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            values[key] = raw  # a bare string such as a model path
+    return values
+
+
+@app.command()
+def train(
+    preset: str = typer.Option("cpu", help="cpu, distilgpt2, gpt2-large, gpt2-xl or llama-2-7b"),
+    data: str = typer.Option("generated", help="SQuAD .json, StreamingQA / ArchivalQA .csv, or generated[:SEED]"),
+    output: Path = typer.Option(Path("runs/mbc"), help="run folder: checkpoints, metrics.jsonl, loss curve"),
+    first_documents: Optional[int] = typer.Option(None, help="keep only the first N distinct documents (and all their questions)"),
+    max_steps: Optional[int] = typer.Option(None, help="optimizer steps (default: the preset's epochs)"),
+    max_minutes: Optional[float] = typer.Option(None, help="stop training after this many minutes, then validate and save"),
+    model_overrides: list[str] = typer.Option([], "--set", help="override a model config field, KEY=VALUE"),
+    train_overrides: list[str] = typer.Option([], "--train-set", help="override a training config field, KEY=VALUE"),
+):
+    """Meta-train MBC on the train split (by article / document group) and validate on the validation split."""
+    from . import data as qa_data
+    from .plots import plot_loss_curve
+    from .presets import preset as load_preset
+    from .train import TrainConfig, train as run_training
+
+    chosen = load_preset(preset)
+    model_config = MBCConfig.from_dict(_apply(chosen["model"], model_overrides))
+    train_values = _apply(dict(chosen["train"], output_dir=str(output)), train_overrides)
+    train_values.update({k: v for k, v in (("max_steps", max_steps), ("max_minutes", max_minutes)) if v is not None})
+    train_config = TrainConfig(**train_values)
+    splits = qa_data.standard_split(qa_data.first_documents(qa_data.load(data), first_documents))
+    typer.echo(f"data {data}: " + ", ".join(f"{name} {len(rows)} questions / {len(qa_data.documents(rows))} documents"
+                                              for name, rows in splits.items()), err=True)
+    metrics = run_training(model_config, train_config, splits["train"], splits["validation"])
+    plot_loss_curve(output / "metrics.jsonl", output / "loss.png")
+    typer.echo(json.dumps({"validation": metrics, "output": str(output)}, indent=2))
+
+
+@app.command()
+def validate(
+    checkpoint: Path = typer.Argument(..., help="a checkpoint folder (e.g. runs/mbc/best-f1)"),
+    data: str = typer.Option("generated", help="the data the checkpoint was trained on (the same split is rebuilt)"),
+    split: str = typer.Option("validation", help="validation or test"),
+    first_documents: Optional[int] = typer.Option(None, help="as given to `mbc train`"),
+    questions: Optional[int] = typer.Option(None, help="score only the first N questions of the split"),
+    output: Optional[Path] = typer.Option(None, help="write the scores as JSON here"),
+):
+    """Score a trained checkpoint on a held-out split against the base LLM with no adaptation."""
+    from . import data as qa_data
+    from .evaluation import FEW_SHOT_TEMPLATE, evaluate, evaluate_base_llm
+    from .model import MBCModel
+
+    splits = qa_data.standard_split(qa_data.first_documents(qa_data.load(data), first_documents))
+    rows = splits[split][:questions]
+    # Control: the same questions answered from a bank of as many documents from the training split,
+    # none of which is about them. What this scores comes from the adapter, not from the memory.
+    unrelated = qa_data.documents(splits["train"])[: len(qa_data.documents(rows))]
+    model = MBCModel.from_pretrained(checkpoint).eval()
+    name = "mbc" if model.quantizer is not None else "mac"
+    results = {
+        name: evaluate(model, rows).metrics,
+        f"{name}, bank of unrelated documents": evaluate(model, rows, bank_documents=unrelated).metrics,
+        "base LLM, raw question": evaluate_base_llm(model, rows).metrics,
+        "base LLM, 3 worked examples": evaluate_base_llm(model, rows, FEW_SHOT_TEMPLATE).metrics,
+    }
+    typer.echo(f"{split}: {len(rows)} questions, {len(qa_data.documents(rows))} documents in the bank")
+    typer.echo(f"{'method':<40}{'EM':>7}{'F1':>7}{'lenient EM':>12}")
+    for method, metrics in results.items():
+        typer.echo(f"{method:<40}{metrics['em']:>7.1f}{metrics['f1']:>7.1f}{metrics['lenient_em']:>12.1f}")
+    if output:
+        output.write_text(json.dumps({"checkpoint": str(checkpoint), "data": data, "split": split, "questions": len(rows),
+                                      "results": results}, indent=2))
 
 
 def main():

@@ -17,6 +17,7 @@ class MBCConfig:
     llm: str = BUNDLED_LLM
     document_encoder: str = BUNDLED_ENCODER
     question_encoder: str = BUNDLED_ENCODER
+    llm_quantization: str | None = None  # "nf4": load the base LLM in 4-bit NF4 (bitsandbytes, GPU), as the reference does for Llama-2
     train_encoders: bool = True  # the reference fine-tunes its T5 encoders
     reader_blocks: int = 2  # cross-attention blocks reading an encoder-only backbone (unused for T5)
 
@@ -29,6 +30,7 @@ class MBCConfig:
     quantize: bool = True
     codebook_size: int = 512
     codebook_stages: int = 1  # > 1: residual quantization, one index per stage per vector
+    center_slots: bool = True  # quantize each slot's deviation from its running mean (see codebook.py); False = the paper as written
     beta: float = 0.25
     vq_weight: float = 1.0  # lambda
     ema_decay: float = 0.99
@@ -59,6 +61,8 @@ class MBCConfig:
                 raise MBCError(f"config '{name}' must be at least 1, got {getattr(self, name)}")
         if self.lora_layers < 0 or (self.lora_layers and self.lora_rank < 1):
             raise MBCError(f"lora_layers must be >= 0 and lora_rank >= 1, got {self.lora_layers} and {self.lora_rank}")
+        if self.llm_quantization not in (None, "nf4"):
+            raise MBCError(f"llm_quantization must be null or 'nf4', got {self.llm_quantization!r}")
         if "{question}" not in self.prompt_template:
             raise MBCError("prompt_template must contain '{question}'")
 

@@ -30,7 +30,7 @@ from .config import MBCConfig
 from .decoding import DecodingConfig, generate
 from .errors import MBCError
 from .llm_layout import describe_llm
-from .lora import add_kv_lora
+from .lora import add_kv_lora, lora_disabled
 from .packing import index_dtype, packed_size
 from .prefix import PrefixExpansion, enable_prefix_attention, prefix_in
 
@@ -78,7 +78,8 @@ class MBCModel(nn.Module):
         self.amortization = AmortizationNetwork(document_encoder.model, config.num_slots, dim, config.reader_blocks, config.train_encoders)
         self.question_network = AmortizationNetwork(question_encoder.model, config.num_slots, dim, config.reader_blocks, config.train_encoders)
         self.quantizer = (
-            ResidualQuantizer(config.codebook_stages, num_codes=config.codebook_size, dim=dim, beta=config.beta,
+            ResidualQuantizer(config.codebook_stages, num_slots=config.num_slots if config.center_slots else None,
+                              num_codes=config.codebook_size, dim=dim, beta=config.beta,
                               ema_decay=config.ema_decay, dead_threshold=config.dead_threshold)
             if config.quantize else None
         )
@@ -97,7 +98,7 @@ class MBCModel(nn.Module):
             document_encoder if config.question_encoder == config.document_encoder and not config.train_encoders
             else backbones.load_encoder(config.question_encoder)
         )
-        return cls(config, backbones.load_llm(config.llm), document_encoder, question_encoder)
+        return cls(config, backbones.load_llm(config.llm, config.llm_quantization), document_encoder, question_encoder)
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -116,8 +117,8 @@ class MBCModel(nn.Module):
         batch = tokenizer(texts, padding=True, truncation=True, max_length=max_tokens, return_tensors="pt")
         return batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)
 
-    def prompt_ids(self, question: str) -> list[int]:
-        return self.tokenizer(self.config.prompt_template.format(question=question))["input_ids"]
+    def prompt_ids(self, question: str, template: str | None = None) -> list[int]:
+        return self.tokenizer((template or self.config.prompt_template).format(question=question))["input_ids"]
 
     def answer_ids(self, answer: str) -> list[int]:
         return self.tokenizer(" " + answer.strip(), add_special_tokens=False)["input_ids"] + [self.tokenizer.eos_token_id]
@@ -139,26 +140,57 @@ class MBCModel(nn.Module):
     def queries(self, questions: list[str]) -> torch.Tensor:
         return self.question_network(*self._encode_text(self.question_tokenizer, questions, self.config.max_question_tokens))
 
-    def modulation(self, questions: list[str], memory: torch.Tensor, memory_log_weight: torch.Tensor | None = None) -> torch.Tensor:
-        """Questions and a memory [M, dim] (every vector of the bank) -> modulation [B, K, dim]."""
+    def modulation(self, questions: list[str], memory: torch.Tensor, memory_log_weight: torch.Tensor | None = None,
+                   memory_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Questions and a memory [M, dim] (every vector of the bank) -> modulation [B, K, dim].
+        ``memory_mask`` [B, M] (True = visible) gives each question its own part of the bank."""
         log_weight = None if memory_log_weight is None else memory_log_weight[None]
-        return self.aggregator(self.queries(questions), memory[None], memory_log_weight=log_weight)
+        return self.aggregator(self.queries(questions), memory[None], memory_mask=memory_mask, memory_log_weight=log_weight)
 
     def prefix(self, modulation: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         return self.prefix_expansion(modulation)
 
     # ---- training --------------------------------------------------------------------------
-    def forward(self, documents: list[str], questions: list[str], answers: list[str]) -> MBCOutput:
-        """One meta-training loss: the batch's documents form the bank every question reads."""
-        contexts = self.amortize(documents)
+    def forward(self, documents: list[str], questions: list[str], answers: list[str], backprop_keep: float = 1.0,
+                question_documents: list[int] | None = None, bank_size: int | None = None) -> MBCOutput:
+        """One meta-training loss: the batch's documents form the bank every question reads.
+
+        ``backprop_keep`` < 1 is the reference's "backprop dropout": only that fraction of the
+        documents is amortized with gradients, the rest under no_grad, to save memory.
+        ``bank_size`` (with ``question_documents``, the index of each question's own document)
+        lets each question see only its own document and ``bank_size - 1`` others of the batch:
+        a curriculum that starts with the easy problem (read the right document) before the
+        full one (find it among many)."""
+        contexts = self._amortize_some_with_grad(documents, backprop_keep)
         if self.quantizer is not None:
             quantized = self.quantizer(contexts)
             memory, vq_loss, perplexity = quantized.quantized, quantized.loss, quantized.perplexity
         else:
             memory, vq_loss, perplexity = contexts, contexts.new_zeros(()), contexts.new_zeros(())
-        prefix = self.prefix(self.modulation(questions, memory.reshape(-1, memory.shape[-1])))
+        mask = None
+        if bank_size is not None and question_documents is not None and bank_size < len(documents):
+            mask = self._bank_mask(question_documents, len(documents), bank_size)
+        prefix = self.prefix(self.modulation(questions, memory.reshape(-1, memory.shape[-1]), memory_mask=mask))
         qa_loss = self.qa_loss(questions, answers, prefix)
         return MBCOutput(qa_loss + self.config.vq_weight * vq_loss, qa_loss, vq_loss, perplexity)
+
+    def _bank_mask(self, question_documents: list[int], num_documents: int, bank_size: int) -> torch.Tensor:
+        """[questions, documents * K]: each question sees its own document and bank_size - 1 random others."""
+        visible = torch.zeros(len(question_documents), num_documents, dtype=torch.bool)
+        for row, own in enumerate(question_documents):
+            others = [d for d in torch.randperm(num_documents).tolist() if d != own][: bank_size - 1]
+            visible[row, [own, *others]] = True
+        return visible.repeat_interleave(self.config.num_slots, dim=1).to(self.device)
+
+    def _amortize_some_with_grad(self, documents: list[str], keep: float) -> torch.Tensor:
+        keep_count = max(1, round(keep * len(documents)))
+        if keep_count >= len(documents) or not torch.is_grad_enabled():
+            return self.amortize(documents)
+        order = torch.randperm(len(documents))
+        with_grad = self.amortize([documents[i] for i in order[:keep_count].tolist()])
+        with torch.no_grad():
+            without_grad = self.amortize([documents[i] for i in order[keep_count:].tolist()])
+        return torch.cat([with_grad, without_grad])[torch.argsort(order)]  # back in the documents' order
 
     def qa_loss(self, questions: list[str], answers: list[str], prefix) -> torch.Tensor:
         ids, mask, labels = self.training_inputs(questions, answers)
@@ -173,15 +205,7 @@ class MBCModel(nn.Module):
         contexts = self.amortize(documents)
         if self.quantizer is None:
             return contexts.float().cpu().numpy()
-        indices = torch.stack([stage.nearest(r) for stage, r in self._residuals(contexts)], dim=-1)
-        return indices.cpu().numpy().astype(index_dtype(self.config.codebook_size))
-
-    def _residuals(self, contexts: torch.Tensor):
-        # The same stage-by-stage walk as ResidualQuantizer.forward, without touching usage or codes.
-        residual = contexts
-        for stage in self.quantizer.stages:
-            yield stage, residual
-            residual = residual - stage.decode(stage.nearest(residual))
+        return self.quantizer.encode(contexts).cpu().numpy().astype(index_dtype(self.config.codebook_size))
 
     def memory(self, entries: np.ndarray) -> torch.Tensor:
         """Bank entries (as ``compress`` returns them) -> every stored vector, [N*K, dim]."""
@@ -190,18 +214,32 @@ class MBCModel(nn.Module):
             return entries.float().reshape(-1, self.layout.hidden_size)
         if entries.shape[-1] != self.config.codebook_stages:
             raise MBCError(f"bank entries have {entries.shape[-1]} indices per vector; this codebook has {self.config.codebook_stages} stages")
+        if self.config.center_slots and entries.shape[-2] != self.config.num_slots:
+            raise MBCError(f"bank entries have {entries.shape[-2]} vectors per document; this model stores {self.config.num_slots}")
         return self.quantizer.decode(entries.long()).reshape(-1, self.layout.hidden_size)
 
     # ---- answering ---------------------------------------------------------------------------
     @torch.no_grad()
     def answer(self, questions: list[str], memory: torch.Tensor | None, decoding: DecodingConfig | None = None,
                memory_log_weight: torch.Tensor | None = None) -> list[str]:
-        """Answer each question from a memory [M, dim] (``memory(entries)``); None = the plain base LLM."""
-        prefix = None if memory is None else self.prefix(self.modulation(questions, memory, memory_log_weight))
-        ids = pad([self.prompt_ids(q) for q in questions], self.tokenizer.pad_token_id, side="left").to(self.device)
-        mask = pad([[1] * len(self.prompt_ids(q)) for q in questions], 0, side="left").to(self.device)
+        """Answer each question from a memory [M, dim] (``memory(entries)``)."""
+        prefix = self.prefix(self.modulation(questions, memory, memory_log_weight))
+        return self._generate_answers(questions, prefix, decoding)
+
+    @torch.no_grad()
+    def answer_without_memory(self, questions: list[str], prompt_template: str | None = None,
+                              decoding: DecodingConfig | None = None) -> list[str]:
+        """The base LLM alone: no prefix and KV-LoRA switched off (the no-adaptation baseline)."""
+        with lora_disabled(self.llm):
+            return self._generate_answers(questions, None, decoding, prompt_template)
+
+    def _generate_answers(self, questions, prefix, decoding, prompt_template: str | None = None) -> list[str]:
+        prompts = [self.prompt_ids(q, prompt_template) for q in questions]
+        ids = pad(prompts, self.tokenizer.pad_token_id, side="left").to(self.device)
+        mask = pad([[1] * len(p) for p in prompts], 0, side="left").to(self.device)
         tokens = generate(self.llm, self.layout, ids, mask, prefix, self.tokenizer.eos_token_id, decoding)
-        return [self.tokenizer.decode(t, skip_special_tokens=True).strip() for t in tokens]
+        # Answers are one line: a model that runs on (a few-shot prompt's next "Question:") is cut there.
+        return [self.tokenizer.decode(t, skip_special_tokens=True).strip().split("\n")[0].strip() for t in tokens]
 
     # ---- sizes -------------------------------------------------------------------------------
     def parameter_counts(self) -> dict[str, int]:

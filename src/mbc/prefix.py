@@ -99,6 +99,10 @@ class PrefixExpansion(nn.Module):
         outputs = num_layers * 2 * prefix_tokens
         self.mix = nn.Parameter(torch.eye(num_slots)[torch.arange(outputs) % num_slots])
         self.blocks = SlotMLP(outputs, dim, hidden_dim, num_kv_heads * head_dim, skip=False)
+        # Zero prefix keys and values at the start (as LoRA's B = 0): training begins from a prefix
+        # that only dilutes attention slightly, not from random keys that derail the frozen LLM.
+        nn.init.zeros_(self.blocks.w2)
+        nn.init.zeros_(self.blocks.b2)
 
     def forward(self, modulation: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         batch = modulation.shape[0]

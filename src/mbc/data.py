@@ -1,0 +1,195 @@
+"""Question-answering data: (document, question, answers) rows from the paper's three formats.
+
+- SQuAD v1.1 JSON: ``data[].paragraphs[].context`` with ``qas[].question`` and ``qas[].answers[].text``;
+  a row's group is its article title.
+- StreamingQA CSV: columns ``text``, ``question``, ``answers`` (several answers joined by a backslash);
+  a row's group is its document.
+- ArchivalQA CSV: columns ``question``, ``answer``, ``ans_paragraph``, ``ans_text``, ``doc_id``,
+  ``para_num``; the document is ``ans_paragraph`` and the group is ``doc_id``.
+- ``generated[:SEED]``: fictional documents made by ``mbc.generated`` (no file needed).
+- ``hub:NAME[:SPLIT]``: a SQuAD-format dataset from the Hugging Face hub, when ``datasets`` is
+  installed and the hub reachable.
+
+Splits are made by group (article, document), never by question, so no document's text is seen
+on both sides. Every problem in a file is reported with the file and the row it is in.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import MBCError
+
+MAX_QUESTION_CHARS = 1000
+
+
+@dataclass(frozen=True)
+class QAExample:
+    document: str
+    question: str
+    answers: tuple[str, ...]
+    group: str  # article / document group: the unit of splitting
+    source: str = ""  # "file:row", for messages
+
+
+def _check(example: QAExample, max_question_chars: int) -> QAExample:
+    where = example.source
+    if not example.document.strip():
+        raise MBCError(f"{where}: the document (context) is empty")
+    if not example.question.strip():
+        raise MBCError(f"{where}: the question is empty")
+    if not example.answers or any(not a.strip() for a in example.answers):
+        raise MBCError(f"{where}: an answer is missing or empty")
+    if len(example.question) > max_question_chars:
+        raise MBCError(f"{where}: the question has {len(example.question)} characters, more than the limit of {max_question_chars}")
+    return example
+
+
+def _read_text(path: Path) -> str:
+    if not path.exists():
+        raise MBCError(f"data file {path} does not exist")
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        line = raw[: error.start].count(b"\n") + 1
+        raise MBCError(f"{path}: line {line} (byte {error.start}) is not valid UTF-8; re-save the file as UTF-8") from error
+
+
+def load_squad(path: str | Path, max_question_chars: int = MAX_QUESTION_CHARS) -> list[QAExample]:
+    path = Path(path)
+    try:
+        articles = json.loads(_read_text(path))["data"]
+    except (json.JSONDecodeError, KeyError, TypeError) as error:
+        raise MBCError(f"{path} is not SQuAD v1.1 JSON (expected {{'data': [{{'title', 'paragraphs': ...}}]}}): {error}") from error
+    examples = []
+    for a, article in enumerate(articles):
+        for p, paragraph in enumerate(article.get("paragraphs", [])):
+            for q, qa in enumerate(paragraph.get("qas", [])):
+                where = f"{path}:data[{a}].paragraphs[{p}].qas[{q}]"
+                try:
+                    answers = tuple(answer["text"] for answer in qa["answers"])
+                    example = QAExample(paragraph["context"], qa["question"], answers, article.get("title", str(a)), where)
+                except (KeyError, TypeError) as error:
+                    raise MBCError(f"{where}: missing field {error}") from error
+                examples.append(_check(example, max_question_chars))
+    return examples
+
+
+STREAMINGQA_COLUMNS = ("text", "question", "answers")
+ARCHIVALQA_COLUMNS = ("question", "answer", "ans_paragraph", "ans_text", "doc_id", "para_num")
+
+
+def _csv_rows(path: Path) -> tuple[list[str], list[dict]]:
+    reader = csv.DictReader(_read_text(path).splitlines())
+    return list(reader.fieldnames or []), list(reader)
+
+
+def _require(path: Path, columns: list[str], needed: tuple[str, ...], kind: str) -> None:
+    missing = [c for c in needed if c not in columns]
+    if missing:
+        raise MBCError(f"{path}: not a {kind} CSV: missing columns {missing} (found {columns}; needed {list(needed)})")
+
+
+def load_streamingqa(path: str | Path, max_question_chars: int = MAX_QUESTION_CHARS) -> list[QAExample]:
+    path = Path(path)
+    columns, rows = _csv_rows(path)
+    _require(path, columns, STREAMINGQA_COLUMNS, "StreamingQA")
+    examples = []
+    for i, row in enumerate(rows, start=2):  # row 1 is the header
+        answers = tuple(a for a in (row["answers"] or "").split("\\"))
+        group = hashlib.sha1((row["text"] or "").encode()).hexdigest()[:12]
+        examples.append(_check(QAExample(row["text"] or "", row["question"] or "", answers, group, f"{path}:row {i}"), max_question_chars))
+    return examples
+
+
+def load_archivalqa(path: str | Path, max_question_chars: int = MAX_QUESTION_CHARS) -> list[QAExample]:
+    path = Path(path)
+    columns, rows = _csv_rows(path)
+    _require(path, columns, ARCHIVALQA_COLUMNS, "ArchivalQA")
+    examples = []
+    for i, row in enumerate(rows, start=2):
+        example = QAExample(row["ans_paragraph"] or "", row["question"] or "", (row["answer"] or "",), row["doc_id"] or "", f"{path}:row {i}")
+        examples.append(_check(example, max_question_chars))
+    return examples
+
+
+def load_hub_squad(name: str, split: str, max_question_chars: int = MAX_QUESTION_CHARS) -> list[QAExample]:
+    """A SQuAD-format dataset on the Hugging Face hub (e.g. ``rajpurkar/squad``), where it is reachable."""
+    try:
+        import datasets
+    except ImportError as error:
+        raise MBCError(f"'hub:{name}' needs the datasets package (pip install datasets) and a reachable hub; "
+                       "offline, download the JSON and pass its path instead") from error
+    try:
+        table = datasets.load_dataset(name, split=split)
+    except Exception as error:  # datasets raises many types for an unreachable hub or a missing name
+        raise MBCError(f"could not load hub dataset '{name}' split '{split}': {error}") from error
+    return [
+        _check(QAExample(row["context"], row["question"], tuple(row["answers"]["text"]), row.get("title", ""),
+                         f"hub:{name}/{split}:row {i}"), max_question_chars)
+        for i, row in enumerate(table)
+    ]
+
+
+def load(spec: str, max_question_chars: int = MAX_QUESTION_CHARS) -> list[QAExample]:
+    """A file (SQuAD .json, StreamingQA or ArchivalQA .csv, told apart by columns), ``generated[:SEED]``,
+    or ``hub:NAME[:SPLIT]`` (a SQuAD-format hub dataset, default split validation)."""
+    if spec == "generated" or spec.startswith("generated:"):
+        from .generated import generate_examples
+
+        return generate_examples(seed=int(spec.partition(":")[2] or 0))
+    if spec.startswith("hub:"):
+        name, _, split = spec[4:].partition(":")
+        return load_hub_squad(name, split or "validation", max_question_chars)
+    path = Path(spec)
+    if path.suffix == ".json":
+        return load_squad(path, max_question_chars)
+    if path.suffix == ".csv":
+        columns, _ = _csv_rows(path)
+        loader = load_archivalqa if "ans_paragraph" in columns else load_streamingqa
+        return loader(path, max_question_chars)
+    if not path.exists():
+        raise MBCError(f"data '{spec}' is neither an existing file nor 'generated[:SEED]'")
+    raise MBCError(f"{path}: unknown data format '{path.suffix}'; expected SQuAD .json, StreamingQA / ArchivalQA .csv")
+
+
+def documents(examples: list[QAExample]) -> list[str]:
+    """The distinct documents, in order of first appearance."""
+    return list(dict.fromkeys(e.document for e in examples))
+
+
+def first_documents(examples: list[QAExample], count: int | None) -> list[QAExample]:
+    """Keep every question about the first ``count`` distinct documents (the reference's down-sampling)."""
+    if count is None:
+        return examples
+    kept = set(documents(examples)[:count])
+    return [e for e in examples if e.document in kept]
+
+
+def split_by_group(examples: list[QAExample], fractions: dict[str, float], seed: int = 0) -> dict[str, list[QAExample]]:
+    """Shuffle the groups (articles) with ``seed`` and cut them by ``fractions`` (which sum to 1)."""
+    if abs(sum(fractions.values()) - 1) > 1e-6:
+        raise MBCError(f"split fractions must sum to 1, got {fractions}")
+    groups = list(dict.fromkeys(e.group for e in examples))
+    random.Random(seed).shuffle(groups)
+    splits, start = {}, 0
+    for i, (name, fraction) in enumerate(fractions.items()):
+        end = len(groups) if i == len(fractions) - 1 else start + round(fraction * len(groups))
+        chosen = set(groups[start:end])
+        splits[name] = [e for e in examples if e.group in chosen]
+        start = end
+    return splits
+
+
+STANDARD_SPLIT = {"train": 0.7, "validation": 0.1, "test": 0.2}
+
+
+def standard_split(examples: list[QAExample], seed: int = 0) -> dict[str, list[QAExample]]:
+    """The project's split by group: 70% train, 10% validation, 20% test (issues 3 and 4 share it)."""
+    return split_by_group(examples, STANDARD_SPLIT, seed)

@@ -1,0 +1,73 @@
+"""Answering a set of questions from a bank of documents, and scoring the answers."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .data import QAExample, documents
+from .decoding import DecodingConfig
+from .metrics import score
+from .model import MBCModel
+
+
+@dataclass
+class Evaluation:
+    metrics: dict[str, float]  # em, f1, lenient_em (percent), loss
+    predictions: list[str]
+
+
+def _chunks(items: list, size: int):
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+@torch.no_grad()
+def build_bank(model: MBCModel, texts: list[str], batch_size: int = 16) -> np.ndarray:
+    return np.concatenate([model.compress(chunk) for chunk in _chunks(texts, batch_size)])
+
+
+@torch.no_grad()
+def evaluate(
+    model: MBCModel,
+    examples: list[QAExample],
+    bank_documents: list[str] | None = None,
+    batch_size: int = 16,
+    decoding: DecodingConfig | None = None,
+) -> Evaluation:
+    """Bank = every distinct document of ``examples`` (or ``bank_documents``); each question is
+    answered from the whole bank and scored; ``loss`` is the teacher-forced QA loss on the answers."""
+    was_training = model.training
+    model.eval()
+    memory = model.memory(build_bank(model, bank_documents if bank_documents is not None else documents(examples), batch_size))
+    predictions, losses = [], []
+    for chunk in _chunks(examples, batch_size):
+        questions = [e.question for e in chunk]
+        modulation = model.modulation(questions, memory)
+        losses.append(model.qa_loss(questions, [e.answers[0] for e in chunk], model.prefix(modulation)).item() * len(chunk))
+        predictions += model.answer(questions, memory, decoding)
+    model.train(was_training)
+    metrics = score(predictions, [list(e.answers) for e in examples])
+    metrics["loss"] = sum(losses) / max(len(examples), 1)
+    return Evaluation(metrics, predictions)
+
+
+FEW_SHOT_TEMPLATE = (
+    "Question: What is the capital of France?\nAnswer: Paris\n\n"
+    "Question: In what year did the Second World War end?\nAnswer: 1945\n\n"
+    "Question: Who wrote the play Hamlet?\nAnswer: William Shakespeare\n\n"
+    "Question: {question}\nAnswer:"
+)
+
+
+@torch.no_grad()
+def evaluate_base_llm(model: MBCModel, examples: list[QAExample], prompt_template: str | None = None,
+                      batch_size: int = 16, decoding: DecodingConfig | None = None) -> Evaluation:
+    """The base LLM with no adaptation: the raw question (``prompt_template=None``: the model's own
+    template), or a short-answer prompt such as ``FEW_SHOT_TEMPLATE``."""
+    predictions = []
+    for chunk in _chunks(examples, batch_size):
+        predictions += model.answer_without_memory([e.question for e in chunk], prompt_template, decoding)
+    return Evaluation(score(predictions, [list(e.answers) for e in examples]), predictions)

@@ -1,0 +1,51 @@
+"""Training presets: the reference's four configurations, and one for the bundled models on a CPU.
+
+Reference settings are those of the method page (batch x grad accumulation, K, encoders, LoRA,
+backprop dropout; shared: codebook 512, lr 1e-5 constant with 1% warmup, clipping 100, 50 epochs,
+bf16). The backbones are hub ids: they load where the hub (or a local copy) is reachable.
+"""
+
+from __future__ import annotations
+
+from .errors import MBCError
+
+_REFERENCE_TRAIN = dict(learning_rate=1e-5, warmup_ratio=0.01, max_grad_norm=100.0, epochs=50, mixed_precision="bf16")
+
+PRESETS: dict[str, dict[str, dict]] = {
+    "distilgpt2": {
+        "model": dict(llm="distilgpt2", document_encoder="t5-small", question_encoder="t5-small", num_slots=12,
+                      lora_rank=16, lora_alpha=32, lora_layers=6, max_document_tokens=1022),
+        "train": dict(_REFERENCE_TRAIN, batch_size=16, grad_accumulation=4, backprop_keep=1.0),
+    },
+    "gpt2-large": {
+        "model": dict(llm="gpt2-large", document_encoder="t5-base", question_encoder="t5-base", num_slots=24,
+                      lora_rank=32, lora_alpha=64, lora_layers=16, max_document_tokens=1022),
+        "train": dict(_REFERENCE_TRAIN, batch_size=4, grad_accumulation=8, backprop_keep=1.0),
+    },
+    "gpt2-xl": {
+        "model": dict(llm="gpt2-xl", document_encoder="t5-large", question_encoder="t5-base", num_slots=24,
+                      lora_rank=32, lora_alpha=64, lora_layers=16, max_document_tokens=1022),
+        "train": dict(_REFERENCE_TRAIN, batch_size=4, grad_accumulation=8, backprop_keep=0.75),
+    },
+    "llama-2-7b": {
+        "model": dict(llm="meta-llama/Llama-2-7b-hf", document_encoder="t5-large", question_encoder="t5-base", num_slots=24,
+                      lora_rank=32, lora_alpha=64, lora_layers=16, max_document_tokens=1022, llm_quantization="nf4"),
+        "train": dict(_REFERENCE_TRAIN, batch_size=4, grad_accumulation=8, backprop_keep=0.75),
+    },
+    # Bundled SmolLM2-135M + MiniLM on 2 CPU cores. The prefix and LoRA sit on the last 6 of 30
+    # layers, so the backward pass stops there; higher learning rates (1e-3 for the new modules,
+    # 1e-4 for MiniLM) because a CPU run is hundreds of steps, not 50 epochs.
+    "cpu": {
+        "model": dict(num_slots=12, prefix_layers=6, lora_layers=6, lora_rank=16, lora_alpha=32,
+                      max_document_tokens=256, max_question_tokens=48),
+        "train": dict(learning_rate=1e-3, encoder_learning_rate=1e-4, warmup_ratio=0.05, max_grad_norm=1.0,
+                      batch_size=8, grad_accumulation=1,
+                      epochs=1, backprop_keep=1.0, mixed_precision="no", eval_every=100, eval_questions=300),
+    },
+}
+
+
+def preset(name: str) -> dict[str, dict]:
+    if name not in PRESETS:
+        raise MBCError(f"unknown preset '{name}'; choose one of {', '.join(PRESETS)}")
+    return {part: dict(values) for part, values in PRESETS[name].items()}

@@ -1,0 +1,205 @@
+"""Meta-training MBC (see MBC-METHOD.md, "Training"), on accelerate.
+
+Each batch is a set of (document, question, answer) rows; its distinct documents are amortized
+and quantized into the bank that all of its questions read; the loss is the QA negative
+log-likelihood of the answer tokens plus lambda times the VQ loss. Only the adapter trains: the
+base LLM is frozen apart from KV-LoRA.
+
+Multi-process: every process builds the same model from the same seed, takes every world_size-th
+batch of the same shuffled order, and accelerate averages the gradients; the codebook's usage
+counts are summed across processes and dead-code replacements come from process 0, so every
+process keeps the same codebook.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from tqdm.auto import tqdm
+from transformers import get_constant_schedule_with_warmup
+
+from .config import MBCConfig
+from .data import QAExample
+from .errors import MBCError
+from .evaluation import evaluate
+from .model import MBCModel
+from .training_state import has_training_state, load_training_state, save_training_state
+
+BEST = {"em": "best-em", "f1": "best-f1", "loss": "best-loss"}
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = "runs/mbc"
+    batch_size: int = 8  # rows per process per micro-batch
+    grad_accumulation: int = 1
+    learning_rate: float = 1e-5
+    encoder_learning_rate: float | None = None  # for the pretrained encoders; None = learning_rate
+    warmup_ratio: float = 0.01
+    max_grad_norm: float = 100.0
+    epochs: int = 50
+    max_steps: int | None = None  # optimizer steps; overrides epochs when set
+    max_minutes: float | None = None  # stop (then validate and save) after this much training time
+    backprop_keep: float = 1.0
+    bank_curriculum_steps: int = 0  # > 0: each question's bank grows from its own document to the whole batch over these steps
+    mixed_precision: str = "no"  # "no", "bf16", "fp16"
+    seed: int = 0
+    log_every: int = 10
+    eval_every: int = 200  # optimizer steps; validation also runs at the end
+    eval_questions: int | None = 500  # validation questions (all their documents form the bank)
+    resume: bool = True
+    wandb_project: str | None = None  # also log to Weights & Biases (pip install wandb); off by default
+    extra: dict = field(default_factory=dict)  # free-form notes recorded in the run's config
+
+
+def _batches(examples: list[QAExample], batch_size: int, seed: int, epoch: int) -> list[list[QAExample]]:
+    order = list(examples)
+    random.Random(seed * 1_000_003 + epoch).shuffle(order)
+    return [order[i : i + batch_size] for i in range(0, len(order) - batch_size + 1, batch_size)]
+
+
+def _parameter_groups(model: MBCModel, config: TrainConfig) -> list[dict]:
+    # The pretrained encoders may want a gentler rate than the freshly initialised modules.
+    encoder, fresh = [], []
+    for name, parameter in model.named_parameters():
+        if parameter.requires_grad:
+            (encoder if ".encoder." in name else fresh).append(parameter)
+    groups = [{"params": fresh, "lr": config.learning_rate}]
+    if encoder:
+        groups.append({"params": encoder, "lr": config.encoder_learning_rate or config.learning_rate})
+    return groups
+
+
+def _bank_size(config: TrainConfig, step: int, documents: int) -> int | None:
+    if config.bank_curriculum_steps <= 0:
+        return None
+    return min(documents, 1 + int((documents - 1) * step / config.bank_curriculum_steps))
+
+
+class MetricsLog:
+    """metrics.jsonl in the run folder: one JSON object per logged step or validation (and the
+    same to the accelerator's trackers, if any)."""
+
+    def __init__(self, path: Path, accelerator: Accelerator):
+        self.path, self.accelerator = path, accelerator
+
+    def write(self, **record) -> None:
+        if self.accelerator.is_main_process:
+            with self.path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+        numbers = {f"{record['kind']}/{k}": v for k, v in record.items() if isinstance(v, (int, float))}
+        self.accelerator.log(numbers, step=record["step"])
+
+
+def train(model_config: MBCConfig, config: TrainConfig, train_rows: list[QAExample], validation_rows: list[QAExample]) -> dict:
+    """Train, validate and checkpoint into ``config.output_dir``; returns the final validation metrics."""
+    if len(train_rows) < config.batch_size:
+        raise MBCError(f"{len(train_rows)} training rows is fewer than one batch of {config.batch_size}")
+    # cpu=True without a GPU: processes started by `accelerate launch --multi_gpu` (torchrun) then
+    # join one gloo process group instead of each running alone.
+    accelerator = Accelerator(gradient_accumulation_steps=config.grad_accumulation, mixed_precision=config.mixed_precision,
+                              cpu=not torch.cuda.is_available(), log_with="wandb" if config.wandb_project else None)
+    if config.wandb_project:
+        accelerator.init_trackers(config.wandb_project, config={"model": model_config.to_dict(), "train": asdict(config)})
+    set_seed(config.seed)
+    out = Path(config.output_dir)
+    main = accelerator.is_main_process
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "run_config.json").write_text(json.dumps({"model": model_config.to_dict(), "train": asdict(config)}, indent=2))
+
+    model = MBCModel.build(model_config)
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(_parameter_groups(model, config), lr=config.learning_rate)
+    world = accelerator.num_processes
+    batches_per_epoch = len(_batches(train_rows, config.batch_size, config.seed, 0)) // world
+    total_steps = config.max_steps or max(1, config.epochs * batches_per_epoch // config.grad_accumulation)
+    scheduler = get_constant_schedule_with_warmup(optimizer, math.ceil(config.warmup_ratio * total_steps))
+
+    progress = {"step": 0, "epoch": 0, "batch": 0, "best": {"em": -1.0, "f1": -1.0, "loss": float("inf")}, "train_seconds": 0.0}
+    last = out / "last"
+    if config.resume and has_training_state(last):
+        state = MBCModel.from_pretrained(last).trainable_state_dict()
+        model.load_state_dict(state, strict=False)
+        progress = load_training_state(last, optimizer, scheduler)
+        accelerator.print(f"resumed from {last} at step {progress['step']}")
+    model, optimizer = accelerator.prepare(model, optimizer)
+    unwrapped = accelerator.unwrap_model(model)
+    log = MetricsLog(out / "metrics.jsonl", accelerator)
+
+    def validate_and_save() -> dict:
+        metrics = {}
+        if main:
+            rows = validation_rows[: config.eval_questions] if config.eval_questions else validation_rows
+            metrics = evaluate(unwrapped, rows).metrics if rows else {}
+            log.write(kind="validation", step=progress["step"], **metrics)
+            for key, folder in BEST.items():
+                better = metrics and (metrics[key] < progress["best"][key] if key == "loss" else metrics[key] > progress["best"][key])
+                if better:
+                    progress["best"][key] = metrics[key]
+                    unwrapped.save_pretrained(out / folder)
+            unwrapped.save_pretrained(last)
+            save_training_state(last, optimizer, scheduler, progress)
+            accelerator.print(f"step {progress['step']}: validation {json.dumps({k: round(v, 3) for k, v in metrics.items()})}")
+        accelerator.wait_for_everyone()
+        return metrics
+
+    bar = tqdm(total=total_steps, initial=progress["step"], disable=not main, desc="train", dynamic_ncols=True)
+    model.train()
+    started, seconds_before = time.perf_counter(), progress["train_seconds"]
+    window = {"loss": 0.0, "qa": 0.0, "vq": 0.0, "perplexity": 0.0, "rows": 0, "micro": 0, "time": time.perf_counter()}
+    finished = False
+    while not finished:
+        epoch_batches = _batches(train_rows, config.batch_size, config.seed, progress["epoch"])[: batches_per_epoch * world]
+        mine = epoch_batches[accelerator.process_index :: world]
+        for batch in mine[progress["batch"] :]:
+            documents = list(dict.fromkeys(row.document for row in batch))
+            own = [documents.index(row.document) for row in batch]
+            with accelerator.accumulate(model):
+                output = model(documents, [r.question for r in batch], [r.answers[0] for r in batch], config.backprop_keep,
+                               own, _bank_size(config, progress["step"], len(documents)))
+                accelerator.backward(output.loss)
+                if accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(parameters, config.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad()
+            progress["batch"] += 1
+            for key, value in (("loss", output.loss), ("qa", output.qa_loss), ("vq", output.vq_loss), ("perplexity", output.perplexity)):
+                window[key] += float(value.detach())
+            window["rows"] += len(batch) * world
+            window["micro"] += 1
+            if not accelerator.sync_gradients:
+                continue
+            scheduler.step()
+            progress["step"] += 1
+            progress["train_seconds"] = seconds_before + time.perf_counter() - started
+            bar.update(1)
+            if progress["step"] % config.log_every == 0 or progress["step"] == total_steps:
+                rate = window["rows"] / (time.perf_counter() - window["time"])
+                alive = unwrapped.quantizer.fraction_alive() if unwrapped.quantizer is not None else 1.0
+                record = {k: window[k] / window["micro"] for k in ("loss", "qa", "vq", "perplexity")}
+                log.write(kind="train", step=progress["step"], epoch=progress["epoch"], codes_alive=alive,
+                          rows_per_second=rate, seconds=progress["train_seconds"], lr=scheduler.get_last_lr()[0], **record)
+                bar.set_postfix(loss=f"{record['loss']:.3f}", vq=f"{record['vq']:.4f}", codes=f"{alive:.0%}", ex_s=f"{rate:.1f}")
+                window.update(loss=0.0, qa=0.0, vq=0.0, perplexity=0.0, rows=0, micro=0, time=time.perf_counter())
+            out_of_time = config.max_minutes is not None and progress["train_seconds"] > 60 * config.max_minutes
+            finished = progress["step"] >= total_steps or out_of_time
+            if finished:
+                break
+            if progress["step"] % config.eval_every == 0:
+                validate_and_save()
+        if not finished:
+            progress["epoch"] += 1
+            progress["batch"] = 0
+    bar.close()
+    metrics = validate_and_save()
+    accelerator.end_training()
+    return metrics

@@ -1,0 +1,37 @@
+import json
+
+from typer.testing import CliRunner
+
+from mbc.cli import app
+
+runner = CliRunner()
+
+
+def _tiny_sets(paths):
+    values = {"llm": paths["llama"], "document_encoder": paths["bert"], "question_encoder": paths["bert"], "num_slots": 4,
+              "codebook_size": 16, "prefix_layers": 2, "lora_layers": 2, "lora_rank": 4, "aggregator_blocks": 1,
+              "aggregator_heads": 2, "aggregator_head_dim": 8}
+    return [arg for key, value in values.items() for arg in ("--set", f"{key}={value}")]
+
+
+def test_train_then_validate_from_the_command_line(tiny_paths, tmp_path):
+    out = tmp_path / "run"
+    result = runner.invoke(app, ["train", "--preset", "cpu", "--data", "generated", "--first-documents", "30", "--output", str(out),
+                                 "--max-steps", "2", "--train-set", "batch_size=4", "--train-set", "eval_questions=4",
+                                 *_tiny_sets(tiny_paths)])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout[result.stdout.index("{"):])["validation"]["loss"] > 0
+    assert (out / "loss.png").stat().st_size > 1000 and (out / "last" / "mbc_config.json").exists()
+    scores = tmp_path / "scores.json"
+    result = runner.invoke(app, ["validate", str(out / "last"), "--data", "generated", "--first-documents", "30",
+                                 "--questions", "6", "--output", str(scores)])
+    assert result.exit_code == 0, result.output
+    methods = json.loads(scores.read_text())["results"]
+    assert set(methods) == {"mbc", "mbc, bank of unrelated documents", "base LLM, raw question", "base LLM, 3 worked examples"}
+
+
+def test_info_and_bad_override(tiny_paths):
+    result = runner.invoke(app, ["info", *_tiny_sets(tiny_paths)])
+    assert result.exit_code == 0 and "bank per document: MBC 2 bytes" in result.output
+    result = runner.invoke(app, ["info", "--set", "no_such_field=1"])
+    assert result.exit_code != 0 and "unknown config keys ['no_such_field']" in str(result.exception)

@@ -1,0 +1,68 @@
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import tiny_config
+from mbc.data import split_by_group
+from mbc.generated import generate_examples
+from mbc.model import WEIGHTS_NAME
+from mbc.train import TrainConfig, train
+
+ROWS = split_by_group(generate_examples(30, seed=1), {"train": 0.8, "validation": 0.2})
+
+
+def _train(tiny_paths, out, **overrides):
+    values = dict(output_dir=str(out), batch_size=4, learning_rate=3e-3, max_steps=4, eval_every=1000, log_every=1,
+                  eval_questions=6, seed=0)
+    values.update(overrides)
+    return train(tiny_config(tiny_paths, "gpt2", "bert", lora_dropout=0.0), TrainConfig(**values), ROWS["train"], ROWS["validation"])
+
+
+def test_training_writes_metrics_and_checkpoints(tiny_paths, tmp_path):
+    metrics = _train(tiny_paths, tmp_path, max_steps=6, eval_every=3, grad_accumulation=2, backprop_keep=0.5)
+    assert set(metrics) == {"em", "f1", "lenient_em", "loss"}
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    train_records = [r for r in records if r["kind"] == "train"]
+    assert [r["step"] for r in train_records] == [1, 2, 3, 4, 5, 6]
+    assert {"loss", "qa", "vq", "codes_alive", "rows_per_second"} <= set(train_records[0])
+    assert [r["step"] for r in records if r["kind"] == "validation"] == [3, 6]
+    for folder in ("best-em", "best-f1", "best-loss", "last"):
+        assert (tmp_path / folder / WEIGHTS_NAME).exists()
+
+
+def test_training_lowers_the_loss(tiny_paths, tmp_path):
+    _train(tiny_paths, tmp_path, max_steps=30, log_every=5, learning_rate=1e-2)
+    losses = [json.loads(line)["qa"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines() if '"train"' in line]
+    assert losses[-1] < 0.9 * losses[0]
+
+
+def test_resume_continues_exactly(tiny_paths, tmp_path):
+    _train(tiny_paths, tmp_path / "straight", max_steps=6, eval_every=3)
+    _train(tiny_paths, tmp_path / "resumed", max_steps=3, eval_every=3)  # stops after step 3 and saves
+    _train(tiny_paths, tmp_path / "resumed", max_steps=6, eval_every=3)  # picks up at step 3
+    straight = load_file(tmp_path / "straight" / "last" / WEIGHTS_NAME)
+    resumed = load_file(tmp_path / "resumed" / "last" / WEIGHTS_NAME)
+    assert straight.keys() == resumed.keys()
+    for name in straight:
+        assert torch.allclose(straight[name], resumed[name], atol=1e-6), name
+
+
+def test_two_processes_end_with_identical_weights(tiny_paths, tmp_path):
+    script = Path(__file__).parent / "two_process_training.py"
+    paths = json.dumps(tiny_paths)
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+               "--mixed_precision", "no", "--dynamo_backend", "no", str(script), paths, str(tmp_path)]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    first, second = (load_file(tmp_path / f"rank{r}.safetensors") for r in (0, 1))
+    assert first.keys() == second.keys() and len(first) > 10
+    for name in first:
+        assert torch.equal(first[name], second[name]), name
+    assert any(not torch.equal(first[name], load_file(tmp_path / "initial.safetensors")[name]) for name in first)
