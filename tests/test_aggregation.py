@@ -26,18 +26,13 @@ def test_bank_is_a_set_order_does_not_matter():
     assert torch.allclose(aggregator(queries, memory), aggregator(queries, shuffled), atol=1e-5)
 
 
-def test_model_modulation_over_distinct_stored_vectors_with_counts(tiny_model):
-    """The identity at model level: with slot centering a stored vector is (slot mean + code), so
-    the distinct (slot, code) pairs with their counts stand in for the whole bank."""
+def test_model_modulation_accepts_code_count_weights(tiny_model):
     model = tiny_model().train()
-    model(DOCUMENTS, QUESTIONS * 2 + QUESTIONS[:1], ["a", "b", "c", "d", "e"])  # sets slot means, revives codes
+    model(DOCUMENTS, QUESTIONS * 2 + QUESTIONS[:1], ["a", "b", "c", "d", "e"])  # revives codes from data
     model.eval()
-    entries = model.compress(DOCUMENTS * 4)  # [N, K, 1]
+    entries = model.compress(DOCUMENTS * 4)
     full = model.modulation(QUESTIONS, model.memory(entries))
-    pairs, counts = torch.unique(torch.as_tensor(entries[..., 0].astype("int64")) + 1000 * torch.arange(entries.shape[1]),
-                                 return_counts=True)
-    slots, codes = pairs // 1000, pairs % 1000
-    distinct = model.quantizer.stages[0].codebook[codes] + model.quantizer.slot_mean[slots]
-    compact = model.modulation(QUESTIONS, distinct.detach(), memory_log_weight=counts.float().log())
-    assert model.quantizer.slot_mean.abs().sum() > 0
+    counts = torch.bincount(torch.as_tensor(entries[..., 0].astype("int64")).flatten(), minlength=16).float()
+    codes = model.quantizer.stages[0].codebook.detach()
+    compact = model.modulation(QUESTIONS, codes, memory_log_weight=counts.log())
     assert torch.allclose(full, compact, atol=1e-5)

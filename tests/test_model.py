@@ -139,3 +139,27 @@ def test_backprop_dropout_keeps_document_order(tiny_model):
     split = model._amortize_some_with_grad(DOCUMENTS, 0.34)  # one document with gradients, two without
     assert split.requires_grad
     assert torch.allclose(split, model.amortize(DOCUMENTS), atol=1e-5)
+
+
+def test_slot_norm_standardises_across_documents_and_freezes_in_eval():
+    from mbc.amortization import SlotNorm
+
+    torch.manual_seed(0)
+    offsets = torch.randn(3, 8) * 1000  # a huge constant per slot, as measured on the real network
+    norm = SlotNorm(3, 8, momentum=0.5).train()
+    for _ in range(20):
+        out = norm(offsets + 0.1 * torch.randn(16, 3, 8))
+    assert out.mean(0).abs().max() < 1e-2 and torch.allclose(out.pow(2).mean(dim=(0, 2)), torch.ones(3), atol=1e-3)
+    assert torch.allclose(norm.running_mean, offsets, atol=0.1) and torch.allclose(norm.running_std, torch.full((3, 1), 0.1), atol=0.02)
+    norm.eval()
+    z = offsets + 0.1 * torch.randn(4, 3, 8)
+    before = norm.running_mean.clone()
+    assert torch.allclose(norm(z), (z - offsets) / 0.1, atol=1.0)
+    assert torch.equal(norm.running_mean, before)
+
+
+def test_fingerprint_covers_slot_norm_statistics(tiny_model):
+    model = tiny_model()
+    first = model.codebook_fingerprint()
+    model.amortization.slot_norm.running_std += 1
+    assert model.codebook_fingerprint() != first

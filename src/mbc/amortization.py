@@ -8,6 +8,16 @@ decoder, so the queries read it through a few cross-attention blocks instead.
 
 The question network of the paper has the same shape (question -> K query vectors), so it is a
 second instance of this class over the question encoder.
+
+``SlotNorm`` (on by default for documents, ``standardize_slots``; not in the paper) standardises
+each slot across documents, as batch normalisation does. Measured here without it (8-minute CPU
+runs on generated data, MBC and MAC alike): each of the K outputs grew to norm ~3,800 while
+varying by ~0.6 between documents, so every slot snapped to the same one or two codes whatever
+the document, the modulation moved by 0.02 (of ~10,000) between a bank of the right documents
+and one of unrelated documents, and the answers were identical either way: the adapter learned
+answer priors and ignored the memory. Standardised, only what tells documents apart reaches the
+bank. Training uses the batch's statistics; eval uses running averages, which freeze with the
+codebook (they are part of its fingerprint: they change what a stored index means).
 """
 
 from __future__ import annotations
@@ -23,8 +33,40 @@ def encoder_width(encoder: nn.Module) -> int:
     return getattr(config, "d_model", None) or config.hidden_size
 
 
+class SlotNorm(nn.Module):
+    """Per slot: minus the mean over documents, divided by the root-mean-square deviation (one
+    scalar per slot, so no single feature is blown up); no learned affine."""
+
+    def __init__(self, num_slots: int, dim: int, momentum: float = 0.1):
+        super().__init__()
+        self.momentum = momentum
+        self.register_buffer("running_mean", torch.zeros(num_slots, dim))
+        self.register_buffer("running_std", torch.ones(num_slots, 1))
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        """z: [documents, K, dim]."""
+        if self.training and z.shape[0] > 1:  # one document says nothing about the spread
+            mean = _all_reduce_mean(z.mean(0))
+            std = _all_reduce_mean((z - mean).pow(2).mean(dim=(0, 2))[:, None]).sqrt().clamp(min=1e-6)
+            with torch.no_grad():
+                self.running_mean.lerp_(mean.detach(), self.momentum)
+                self.running_std.lerp_(std.detach(), self.momentum)
+            return (z - mean) / std
+        return (z - self.running_mean) / self.running_std
+
+
+def _all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
+    """Average over processes (differentiably for the local part), so all share one normalisation."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        total = tensor.detach().clone()
+        torch.distributed.all_reduce(total)
+        return tensor + (total / torch.distributed.get_world_size() - tensor).detach()
+    return tensor
+
+
 class AmortizationNetwork(nn.Module):
-    def __init__(self, encoder: nn.Module, num_slots: int, out_dim: int, reader_blocks: int = 2, train_encoder: bool = True):
+    def __init__(self, encoder: nn.Module, num_slots: int, out_dim: int, reader_blocks: int = 2, train_encoder: bool = True,
+                 slot_norm: bool = False):
         super().__init__()
         self.encoder = encoder
         if getattr(encoder, "pooler", None) is not None:
@@ -43,6 +85,7 @@ class AmortizationNetwork(nn.Module):
                 CrossAttentionBlock(width, heads, width // heads, ffn_dim=4 * width) for _ in range(reader_blocks)
             )
         self.slot_mlp = SlotMLP(num_slots, width, out_dim, out_dim, skip=True)
+        self.slot_norm = SlotNorm(num_slots, out_dim) if slot_norm else None
 
     def read(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """The K query slots after reading the text: [batch, K, encoder width]."""
@@ -60,4 +103,5 @@ class AmortizationNetwork(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Token ids [batch, T] -> context vectors [batch, K, out_dim]."""
-        return self.slot_mlp(self.read(input_ids, attention_mask))
+        vectors = self.slot_mlp(self.read(input_ids, attention_mask))
+        return vectors if self.slot_norm is None else self.slot_norm(vectors)

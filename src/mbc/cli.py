@@ -161,3 +161,7 @@ def main():
     except MBCError as error:
         typer.echo(f"error: {error}", err=True)
         raise SystemExit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -98,56 +98,19 @@ def perplexity(counts: torch.Tensor) -> torch.Tensor:
     return torch.exp(-(p * torch.log(p.clamp(min=1e-12))).sum())
 
 
-def _all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.all_reduce(tensor)
-        tensor /= torch.distributed.get_world_size()
-    return tensor
-
-
 class ResidualQuantizer(nn.Module):
-    """``num_stages`` codebooks in sequence; stage s quantizes z minus the codes of stages < s.
+    """``num_stages`` codebooks in sequence; stage s quantizes z minus the codes of stages < s."""
 
-    With ``num_slots`` set, vectors arrive as [..., num_slots, dim] and each slot's running mean is
-    subtracted before quantization and added back after ("slot centering"). Measured here: the
-    amortization network's K outputs are each dominated by a per-slot constant (norm ~35 against
-    ~1 of variation across documents), so without centering every slot snaps to the same one or
-    two codes whatever the document, and the bank stores nothing about it. The means are running
-    averages over training batches, frozen with the codebook, and part of the fingerprint.
-    """
-
-    def __init__(self, num_stages: int = 1, num_slots: int | None = None, **quantizer_kwargs):
+    def __init__(self, num_stages: int = 1, **quantizer_kwargs):
         super().__init__()
         self.stages = nn.ModuleList(VectorQuantizer(**quantizer_kwargs) for _ in range(num_stages))
-        self.num_slots = num_slots
-        if num_slots is not None:
-            self.register_buffer("slot_mean", torch.zeros(num_slots, self.stages[0].dim))
-            self.register_buffer("slot_mean_ready", torch.zeros((), dtype=torch.bool))
 
     @property
     def num_codes(self) -> int:
         return self.stages[0].num_codes
 
-    def _center(self, z: torch.Tensor) -> torch.Tensor:
-        if self.num_slots is None:
-            return z
-        if self.training:
-            with torch.no_grad():
-                batch_mean = _all_reduce_mean(z.detach().reshape(-1, self.num_slots, z.shape[-1]).mean(0))
-                if not self.slot_mean_ready:
-                    self.slot_mean.copy_(batch_mean)
-                    self.slot_mean_ready.fill_(True)
-                else:
-                    decay = self.stages[0].ema_decay
-                    self.slot_mean.mul_(decay).add_(batch_mean, alpha=1 - decay)
-        return z - self.slot_mean
-
-    def _uncenter(self, vectors: torch.Tensor) -> torch.Tensor:
-        return vectors if self.num_slots is None else vectors + self.slot_mean
-
     def forward(self, z: torch.Tensor) -> QuantizerOutput:
-        residual = self._center(z)
-        total, losses, indices, first_perplexity = torch.zeros_like(z), [], [], None
+        residual, total, losses, indices, first_perplexity = z, torch.zeros_like(z), [], [], None
         for stage in self.stages:
             out = stage(residual)
             codes = stage.decode(out.indices[..., 0])
@@ -157,7 +120,7 @@ class ResidualQuantizer(nn.Module):
             indices.append(out.indices)
             first_perplexity = out.perplexity if first_perplexity is None else first_perplexity
         return QuantizerOutput(
-            quantized=z + (self._uncenter(total) - z).detach(),
+            quantized=z + (total - z).detach(),
             indices=torch.cat(indices, dim=-1),
             loss=torch.stack(losses).sum(),
             perplexity=first_perplexity,
@@ -165,25 +128,28 @@ class ResidualQuantizer(nn.Module):
 
     @torch.no_grad()
     def encode(self, z: torch.Tensor) -> torch.Tensor:
-        """Indices [..., stages] of z, with no effect on usage, codes or slot means (what storing uses)."""
-        residual = z - self.slot_mean if self.num_slots is not None else z
-        indices = []
+        """Indices [..., stages] of z, with no effect on usage or codes (what storing uses)."""
+        residual, indices = z, []
         for stage in self.stages:
             indices.append(stage.nearest(residual))
             residual = residual - stage.decode(indices[-1])
         return torch.stack(indices, dim=-1)
 
     def decode(self, indices: torch.Tensor) -> torch.Tensor:
-        """indices [..., stages] (with the slot axis before it when centering) -> vectors [..., dim]."""
-        return self._uncenter(sum(stage.decode(indices[..., s]) for s, stage in enumerate(self.stages)))
+        """indices [..., stages] -> vectors [..., dim]: the sum of each stage's code."""
+        return sum(stage.decode(indices[..., s]) for s, stage in enumerate(self.stages))
 
     def fraction_alive(self) -> float:
         return float(np.mean([stage.fraction_alive() for stage in self.stages]))
 
-    def fingerprint(self) -> str:
-        """A short hash of every codebook: a bank written under one fingerprint is only readable under it."""
-        digest = hashlib.sha256()
-        tables = [stage.codebook for stage in self.stages] + ([self.slot_mean] if self.num_slots is not None else [])
-        for table in tables:
-            digest.update(table.detach().to(torch.float32).contiguous().cpu().numpy().tobytes())
-        return digest.hexdigest()[:16]
+    def tables(self) -> list[torch.Tensor]:
+        """What stored indices mean: every codebook."""
+        return [stage.codebook for stage in self.stages]
+
+
+def fingerprint(tables: list[torch.Tensor]) -> str:
+    """A short hash of tensors: a bank written under one fingerprint is only readable under it."""
+    digest = hashlib.sha256()
+    for table in tables:
+        digest.update(table.detach().to(torch.float32).contiguous().cpu().numpy().tobytes())
+    return digest.hexdigest()[:16]

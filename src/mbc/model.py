@@ -25,7 +25,7 @@ from . import backbones
 from .aggregation import Aggregator
 from .amortization import AmortizationNetwork
 from .backbones import Backbone
-from .codebook import ResidualQuantizer
+from .codebook import ResidualQuantizer, fingerprint
 from .config import MBCConfig
 from .decoding import DecodingConfig, generate
 from .errors import MBCError
@@ -75,11 +75,11 @@ class MBCModel(nn.Module):
         enable_prefix_attention(self.llm)
 
         dim = self.layout.hidden_size
-        self.amortization = AmortizationNetwork(document_encoder.model, config.num_slots, dim, config.reader_blocks, config.train_encoders)
+        self.amortization = AmortizationNetwork(document_encoder.model, config.num_slots, dim, config.reader_blocks,
+                                                config.train_encoders, slot_norm=config.standardize_slots)
         self.question_network = AmortizationNetwork(question_encoder.model, config.num_slots, dim, config.reader_blocks, config.train_encoders)
         self.quantizer = (
-            ResidualQuantizer(config.codebook_stages, num_slots=config.num_slots if config.center_slots else None,
-                              num_codes=config.codebook_size, dim=dim, beta=config.beta,
+            ResidualQuantizer(config.codebook_stages, num_codes=config.codebook_size, dim=dim, beta=config.beta,
                               ema_decay=config.ema_decay, dead_threshold=config.dead_threshold)
             if config.quantize else None
         )
@@ -214,8 +214,6 @@ class MBCModel(nn.Module):
             return entries.float().reshape(-1, self.layout.hidden_size)
         if entries.shape[-1] != self.config.codebook_stages:
             raise MBCError(f"bank entries have {entries.shape[-1]} indices per vector; this codebook has {self.config.codebook_stages} stages")
-        if self.config.center_slots and entries.shape[-2] != self.config.num_slots:
-            raise MBCError(f"bank entries have {entries.shape[-2]} vectors per document; this model stores {self.config.num_slots}")
         return self.quantizer.decode(entries.long()).reshape(-1, self.layout.hidden_size)
 
     # ---- answering ---------------------------------------------------------------------------
@@ -264,11 +262,17 @@ class MBCModel(nn.Module):
         return {
             name: tensor.detach().cpu().contiguous().clone()
             for name, tensor in self.state_dict().items()
-            if name in trainable or name.startswith("quantizer.")
+            if name in trainable or name.startswith("quantizer.") or ".slot_norm." in name
         }
 
     def codebook_fingerprint(self) -> str | None:
-        return None if self.quantizer is None else self.quantizer.fingerprint()
+        """Hash of everything that fixes what a stored index means: the codebooks and the slot
+        normalisation statistics the indices were computed under. None in MAC mode."""
+        if self.quantizer is None:
+            return None
+        norm = self.amortization.slot_norm
+        extra = [norm.running_mean, norm.running_std] if norm is not None else []
+        return fingerprint(self.quantizer.tables() + extra)
 
     def save_pretrained(self, folder: str | Path) -> None:
         folder = Path(folder)
