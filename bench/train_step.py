@@ -34,20 +34,27 @@ def _rows(data: str | None, count: int):
     return spec, rows[:: max(1, len(rows) // (count * 50))][:count * 50]
 
 
-def _distilgpt2_shaped_model(batch: int):
+def _save_distilgpt2_shaped_backbones() -> Path:
+    """Random DistilGPT2- and t5-small-shaped backbones in a folder (made by the parent process, so
+    that making them does not count in a measured process's peak memory)."""
     import torch
     from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel, T5Config, T5Model
 
-    from mbc import MBCConfig, MBCModel
     from mbc.backbones import bundled_minilm_folder, bundled_smollm2_folder
-    from mbc.presets import preset
 
     folder = Path(tempfile.mkdtemp(prefix="mbc-bench-"))
     torch.manual_seed(0)
-    GPT2LMHeadModel(GPT2Config(vocab_size=49152, n_layer=6, n_embd=768, n_head=12, n_positions=1024)).save_pretrained(folder / "gpt2")
+    GPT2LMHeadModel(GPT2Config(vocab_size=49152, n_layer=6, n_embd=768, n_head=12, n_positions=1024, bos_token_id=1, eos_token_id=2)).save_pretrained(folder / "gpt2")
     AutoTokenizer.from_pretrained(bundled_smollm2_folder()).save_pretrained(folder / "gpt2")
     T5Model(T5Config(vocab_size=32128, d_model=512, d_ff=2048, d_kv=64, num_layers=6, num_heads=8)).save_pretrained(folder / "t5")
     AutoTokenizer.from_pretrained(bundled_minilm_folder()).save_pretrained(folder / "t5")
+    return folder
+
+
+def _distilgpt2_shaped_model(folder: Path):
+    from mbc import MBCConfig, MBCModel
+    from mbc.presets import preset
+
     values = preset("distilgpt2")["model"]
     values.update(llm=str(folder / "gpt2"), document_encoder=str(folder / "t5"), question_encoder=str(folder / "t5"))
     return MBCModel.build(MBCConfig(**values))
@@ -60,11 +67,11 @@ def _cpu_preset_model():
     return MBCModel.build(MBCConfig(**preset("cpu")["model"]))
 
 
-def measure(name: str, batch: int, steps: int, data: str | None) -> dict:
+def measure(name: str, batch: int, steps: int, data: str | None, backbones: str | None) -> dict:
     import torch
 
     torch.manual_seed(0)
-    model = (_cpu_preset_model() if name == "cpu" else _distilgpt2_shaped_model(batch)).train()
+    model = (_cpu_preset_model() if name == "cpu" else _distilgpt2_shaped_model(Path(backbones))).train()
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-5)
     spec, rows = _rows(data, batch * (steps + 1))
     times = []
@@ -90,13 +97,16 @@ def main():
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--data", default=None)
     parser.add_argument("--only", default=None, help=argparse.SUPPRESS)  # internal: run one preset in this process
+    parser.add_argument("--backbones", default=None, help=argparse.SUPPRESS)  # internal: the random backbones' folder
     args = parser.parse_args()
     if args.only:
-        print(json.dumps(measure(args.only, args.batch, args.steps, args.data)))
+        print(json.dumps(measure(args.only, args.batch, args.steps, args.data, args.backbones)))
         return
+    backbones = _save_distilgpt2_shaped_backbones()
     results = []
     for name in ("cpu", "distilgpt2"):
-        command = [sys.executable, __file__, "--only", name, "--batch", str(args.batch), "--steps", str(args.steps)]
+        command = [sys.executable, __file__, "--only", name, "--batch", str(args.batch), "--steps", str(args.steps),
+                   "--backbones", str(backbones)]
         if args.data:
             command += ["--data", args.data]
         output = subprocess.run(command, capture_output=True, text=True, check=True).stdout

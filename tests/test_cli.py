@@ -20,7 +20,7 @@ def test_train_then_validate_from_the_command_line(tiny_paths, tmp_path):
                                  "--max-steps", "2", "--train-set", "batch_size=4", "--train-set", "eval_questions=4",
                                  *_tiny_sets(tiny_paths)])
     assert result.exit_code == 0, result.output
-    assert json.loads(result.stdout[result.stdout.index("{"):])["validation"]["loss"] > 0
+    assert json.loads(result.stdout[result.stdout.index("{\n"):])["validation"]["loss"] > 0
     assert (out / "loss.png").stat().st_size > 1000 and (out / "last" / "mbc_config.json").exists()
     scores = tmp_path / "scores.json"
     result = runner.invoke(app, ["validate", str(out / "last"), "--data", "generated", "--first-documents", "30",

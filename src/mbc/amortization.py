@@ -10,14 +10,15 @@ The question network of the paper has the same shape (question -> K query vector
 second instance of this class over the question encoder.
 
 ``SlotNorm`` (on by default for documents, ``standardize_slots``; not in the paper) standardises
-each slot across documents, as batch normalisation does. Measured here without it (8-minute CPU
-runs on generated data, MBC and MAC alike): each of the K outputs grew to norm ~3,800 while
-varying by ~0.6 between documents, so every slot snapped to the same one or two codes whatever
-the document, the modulation moved by 0.02 (of ~10,000) between a bank of the right documents
-and one of unrelated documents, and the answers were identical either way: the adapter learned
-answer priors and ignored the memory. Standardised, only what tells documents apart reaches the
-bank. Training uses the batch's statistics; eval uses running averages, which freeze with the
-codebook (they are part of its fingerprint: they change what a stored index means).
+each slot across documents, as batch normalisation does. In short CPU runs without it (see
+docs/RESULTS.md), each of the K outputs was dominated by a per-slot constant far larger than its
+variation between documents, so every slot snapped to the same one or two codes whatever the
+document and the bank held nothing about it. Standardised, only what tells documents apart
+reaches the bank. Training uses the batch's statistics; eval uses running averages, which freeze
+with the codebook (they are part of its fingerprint: they change what a stored index means).
+The question network's outputs get a LayerNorm under the same switch: they are the aggregator's
+residual stream, and without it they grew so large that what it read from the bank vanished
+beside them.
 """
 
 from __future__ import annotations
@@ -44,29 +45,32 @@ class SlotNorm(nn.Module):
         self.register_buffer("running_std", torch.ones(num_slots, 1))
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        """z: [documents, K, dim]."""
-        if self.training and z.shape[0] > 1:  # one document says nothing about the spread
-            mean = _all_reduce_mean(z.mean(0))
-            std = _all_reduce_mean((z - mean).pow(2).mean(dim=(0, 2))[:, None]).sqrt().clamp(min=1e-6)
-            with torch.no_grad():
-                self.running_mean.lerp_(mean.detach(), self.momentum)
-                self.running_std.lerp_(std.detach(), self.momentum)
-            return (z - mean) / std
+        """z: [documents, K, dim]. Statistics are over the documents of every process together."""
+        if self.training:
+            count = _all_reduce_sum(z.new_tensor(float(z.shape[0])))
+            if count >= 2:  # the same decision on every process; one document says nothing about the spread
+                mean = _all_reduce_sum(z.sum(0)) / count
+                spread = _all_reduce_sum((z - mean).pow(2).mean(-1).sum(0)) / count
+                std = spread.sqrt().clamp(min=1e-6)[:, None]
+                with torch.no_grad():
+                    self.running_mean.lerp_(mean.detach(), self.momentum)
+                    self.running_std.lerp_(std.detach(), self.momentum)
+                return (z - mean) / std
         return (z - self.running_mean) / self.running_std
 
 
-def _all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
-    """Average over processes (differentiably for the local part), so all share one normalisation."""
+def _all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum over processes; the gradient flows through this process's own part."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         total = tensor.detach().clone()
         torch.distributed.all_reduce(total)
-        return tensor + (total / torch.distributed.get_world_size() - tensor).detach()
+        return tensor + (total - tensor).detach()
     return tensor
 
 
 class AmortizationNetwork(nn.Module):
     def __init__(self, encoder: nn.Module, num_slots: int, out_dim: int, reader_blocks: int = 2, train_encoder: bool = True,
-                 slot_norm: bool = False):
+                 output_norm: str | None = None):
         super().__init__()
         self.encoder = encoder
         if getattr(encoder, "pooler", None) is not None:
@@ -85,7 +89,11 @@ class AmortizationNetwork(nn.Module):
                 CrossAttentionBlock(width, heads, width // heads, ffn_dim=4 * width) for _ in range(reader_blocks)
             )
         self.slot_mlp = SlotMLP(num_slots, width, out_dim, out_dim, skip=True)
-        self.slot_norm = SlotNorm(num_slots, out_dim) if slot_norm else None
+        # "slot": standardise each slot across documents (the bank); "layer": each vector on its own
+        # (the question queries, which are the aggregator's residual stream, so that what it reads
+        # from the bank is not drowned by their scale); None: as in the paper.
+        self.slot_norm = SlotNorm(num_slots, out_dim) if output_norm == "slot" else None
+        self.layer_norm = nn.LayerNorm(out_dim) if output_norm == "layer" else None
 
     def read(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """The K query slots after reading the text: [batch, K, encoder width]."""
@@ -104,4 +112,6 @@ class AmortizationNetwork(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Token ids [batch, T] -> context vectors [batch, K, out_dim]."""
         vectors = self.slot_mlp(self.read(input_ids, attention_mask))
-        return vectors if self.slot_norm is None else self.slot_norm(vectors)
+        if self.slot_norm is not None:
+            return self.slot_norm(vectors)
+        return vectors if self.layer_norm is None else self.layer_norm(vectors)

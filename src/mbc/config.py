@@ -30,7 +30,7 @@ class MBCConfig:
     quantize: bool = True
     codebook_size: int = 512
     codebook_stages: int = 1  # > 1: residual quantization, one index per stage per vector
-    standardize_slots: bool = True  # standardise each document slot across documents (amortization.py SlotNorm); False = the paper as written
+    standardize_slots: bool = True  # normalise the networks' outputs (amortization.py: SlotNorm, LayerNorm); False = the paper as written
     beta: float = 0.25
     vq_weight: float = 1.0  # lambda
     ema_decay: float = 0.99

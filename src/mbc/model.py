@@ -75,9 +75,11 @@ class MBCModel(nn.Module):
         enable_prefix_attention(self.llm)
 
         dim = self.layout.hidden_size
+        norms = ("slot", "layer") if config.standardize_slots else (None, None)
         self.amortization = AmortizationNetwork(document_encoder.model, config.num_slots, dim, config.reader_blocks,
-                                                config.train_encoders, slot_norm=config.standardize_slots)
-        self.question_network = AmortizationNetwork(question_encoder.model, config.num_slots, dim, config.reader_blocks, config.train_encoders)
+                                                config.train_encoders, output_norm=norms[0])
+        self.question_network = AmortizationNetwork(question_encoder.model, config.num_slots, dim, config.reader_blocks,
+                                                    config.train_encoders, output_norm=norms[1])
         self.quantizer = (
             ResidualQuantizer(config.codebook_stages, num_codes=config.codebook_size, dim=dim, beta=config.beta,
                               ema_decay=config.ema_decay, dead_threshold=config.dead_threshold)
@@ -287,17 +289,24 @@ class MBCModel(nn.Module):
     @classmethod
     def from_pretrained(cls, folder: str | Path, device: str | torch.device = "cpu") -> "MBCModel":
         folder = Path(folder)
+        if not (folder / CONFIG_NAME).exists():
+            raise MBCError(f"{folder} is not an MBC checkpoint: {CONFIG_NAME} is missing (save one with save_pretrained)")
+        meta = json.loads((folder / CONFIG_NAME).read_text())
+        model = cls.build(MBCConfig.from_dict(meta["config"]))
+        model.load_trainable_state(folder)
+        return model.to(device)
+
+    def load_trainable_state(self, folder: str | Path) -> None:
+        """Load a checkpoint's trainable tensors into this model, checking names and codebook fingerprint."""
+        folder = Path(folder)
         for name in (CONFIG_NAME, WEIGHTS_NAME):
             if not (folder / name).exists():
                 raise MBCError(f"{folder} is not an MBC checkpoint: {name} is missing (save one with save_pretrained)")
-        meta = json.loads((folder / CONFIG_NAME).read_text())
-        model = cls.build(MBCConfig.from_dict(meta["config"]))
         state = load_file(folder / WEIGHTS_NAME)
-        expected = set(model.trainable_state_dict())
+        expected = set(self.trainable_state_dict())
         if set(state) != expected:
             missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
             raise MBCError(f"checkpoint {folder} does not match its config: missing {missing[:5]}, unexpected {extra[:5]}")
-        model.load_state_dict(state, strict=False)
-        if model.codebook_fingerprint() != meta.get("codebook_fingerprint"):
+        self.load_state_dict(state, strict=False)
+        if self.codebook_fingerprint() != json.loads((folder / CONFIG_NAME).read_text()).get("codebook_fingerprint"):
             raise MBCError(f"the codebook in {folder / WEIGHTS_NAME} does not match the fingerprint in {CONFIG_NAME}: the checkpoint is corrupted")
-        return model.to(device)

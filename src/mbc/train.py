@@ -127,8 +127,7 @@ def train(model_config: MBCConfig, config: TrainConfig, train_rows: list[QAExamp
     progress = {"step": 0, "epoch": 0, "batch": 0, "best": {"em": -1.0, "f1": -1.0, "loss": float("inf")}, "train_seconds": 0.0}
     last = out / "last"
     if config.resume and has_training_state(last):
-        state = MBCModel.from_pretrained(last).trainable_state_dict()
-        model.load_state_dict(state, strict=False)
+        model.load_trainable_state(last)
         progress = load_training_state(last, optimizer, scheduler)
         accelerator.print(f"resumed from {last} at step {progress['step']}")
     model, optimizer = accelerator.prepare(model, optimizer)

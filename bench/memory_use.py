@@ -1,0 +1,55 @@
+"""Does a trained checkpoint use its memory? Figures that tell, on held-out documents.
+
+    .venv/bin/python bench/memory_use.py CHECKPOINT [--data generated] [--questions 24]
+
+Prints, for the validation split: how many distinct codes each slot takes over the documents
+(MBC), how far document vectors vary across documents against their size, and how much the
+modulation and the prefix move when the bank of the right documents is swapped for a bank of
+as many unrelated (training) documents. If the prefix does not move, the answers cannot depend on
+the memory, whatever the scores say.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from mbc import MBCModel
+from mbc import data as qa_data
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("checkpoint")
+    parser.add_argument("--data", default="generated")
+    parser.add_argument("--questions", type=int, default=24)
+    args = parser.parse_args()
+    model = MBCModel.from_pretrained(args.checkpoint).eval()
+    splits = qa_data.standard_split(qa_data.load(args.data))
+    rows = splits["validation"][: args.questions]
+    right = qa_data.documents(rows)
+    unrelated = qa_data.documents(splits["train"])[: len(right)]
+    questions = [r.question for r in rows]
+    with torch.no_grad():
+        vectors = model.amortize(right)
+        print(f"document vectors: mean norm {vectors.norm(dim=-1).mean():.3f}, "
+              f"mean distance from the slot's mean over documents {(vectors - vectors.mean(0)).norm(dim=-1).mean():.3f}")
+        if model.quantizer is not None:
+            codes = model.compress(right)[..., 0]
+            print(f"distinct codes per slot over {len(right)} documents: {[len(set(codes[:, k].tolist())) for k in range(codes.shape[1])]}")
+        memory, other = model.memory(model.compress(right)), model.memory(model.compress(unrelated))
+        queries = model.queries(questions)
+        with_right, with_other = model.modulation(questions, memory), model.modulation(questions, other)
+        print(f"question queries: mean norm {queries.norm(dim=-1).mean():.3f}; modulation: mean norm {with_right.norm(dim=-1).mean():.3f}")
+        print(f"modulation moved by swapping the bank: {(with_right - with_other).norm(dim=-1).mean():.4f}")
+        prefix_right, prefix_other = model.prefix(with_right), model.prefix(with_other)
+        moved = torch.stack([(a[1] - b[1]).norm(dim=-1).mean() for a, b in zip(prefix_right, prefix_other)]).mean()
+        size = torch.stack([a[1].norm(dim=-1).mean() for a in prefix_right]).mean()
+        print(f"prefix values: mean norm {size:.3f}, moved by swapping the bank {moved:.5f}")
+        same = sum(a == b for a, b in zip(model.answer(questions, memory), model.answer(questions, other)))
+        print(f"answers unchanged by swapping the bank: {same} of {len(questions)}")
+
+
+if __name__ == "__main__":
+    main()
