@@ -74,7 +74,7 @@ def demo(config_file: Optional[Path] = ConfigFile, overrides: list[str] = Overri
         start = time.perf_counter()
         answer = model.answer([DEMO_QUESTION], memory, decoding)[0]
         typer.echo(f"{decoding.strategy:>12}: {DEMO_QUESTION!r} -> {answer!r} ({1000 * (time.perf_counter() - start):.0f} ms)")
-    typer.echo("(the adapter is untrained: meaningful answers come after `mbc train`, a later milestone)")
+    typer.echo("(the adapter is untrained; train one with `mbc train`, score it with `mbc validate`)")
 
 
 def _apply(values: dict, overrides: list[str]) -> dict:
@@ -115,8 +115,11 @@ def train(
     typer.echo(f"data {data}: " + ", ".join(f"{name} {len(rows)} questions / {len(qa_data.documents(rows))} documents"
                                               for name, rows in splits.items()), err=True)
     metrics = run_training(model_config, train_config, splits["train"], splits["validation"])
-    plot_loss_curve(output / "metrics.jsonl", output / "loss.png")
-    typer.echo(json.dumps({"validation": metrics, "output": str(output)}, indent=2))
+    from accelerate import PartialState
+
+    if PartialState().is_main_process:  # under `accelerate launch`, one process writes the results
+        plot_loss_curve(output / "metrics.jsonl", output / "loss.png")
+        typer.echo(json.dumps({"validation": metrics, "output": str(output)}, indent=2))
 
 
 @app.command()
