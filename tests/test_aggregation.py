@@ -36,3 +36,17 @@ def test_model_modulation_accepts_code_count_weights(tiny_model):
     codes = model.quantizer.stages[0].codebook.detach()
     compact = model.modulation(QUESTIONS, codes, memory_log_weight=counts.log())
     assert torch.allclose(full, compact, atol=1e-5)
+
+
+def test_reads_output_carries_only_what_was_read_from_memory():
+    torch.manual_seed(0)
+    aggregator = Aggregator(32, num_blocks=2, heads=4, head_dim=8, output="reads").eval()
+    queries, memory = torch.randn(3, 4, 32), torch.randn(1, 20, 32)
+    out = aggregator(queries, memory)
+    assert torch.allclose(out, sum(block.last_read for block in aggregator.blocks))
+    for block in aggregator.blocks:  # nothing read -> nothing out, whatever the queries
+        torch.nn.init.zeros_(block.to_out.weight)
+        torch.nn.init.zeros_(block.to_out.bias)
+    assert torch.equal(aggregator(queries, memory), torch.zeros_like(out))
+    residual = Aggregator(32, num_blocks=2, heads=4, head_dim=8).eval()
+    assert not torch.allclose(residual(queries, memory), sum(block.last_read for block in residual.blocks))

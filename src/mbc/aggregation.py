@@ -15,8 +15,11 @@ class Aggregator(nn.Module):
     the bank is a set of vectors, so the output does not depend on their order.
     """
 
-    def __init__(self, dim: int, num_blocks: int = 4, heads: int = 8, head_dim: int = 96):
+    def __init__(self, dim: int, num_blocks: int = 4, heads: int = 8, head_dim: int = 96, output: str = "residual"):
         super().__init__()
+        if output not in ("residual", "reads"):
+            raise ValueError(f"aggregator output must be 'residual' or 'reads', got {output!r}")
+        self.output = output
         self.blocks = nn.ModuleList(CrossAttentionBlock(dim, heads, head_dim) for _ in range(num_blocks))
 
     def forward(
@@ -27,7 +30,12 @@ class Aggregator(nn.Module):
         memory_log_weight: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """queries [B, K, dim], memory [B or 1, M, dim] -> modulation [B, K, dim]."""
-        x = queries
+        x, reads = queries, 0
         for block in self.blocks:
             x = block(x, memory, memory_mask, memory_log_weight)
-        return x
+            reads = reads + block.last_read
+        # "residual" (the paper): the final residual stream, question queries included.
+        # "reads": only what the blocks read from the memory (the queries and feed-forward layers
+        # still steer each read); the question's own contribution is left to KV-LoRA, which sees
+        # the question tokens anyway, so the prefix can only carry memory.
+        return x if self.output == "residual" else reads

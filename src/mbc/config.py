@@ -40,6 +40,7 @@ class MBCConfig:
     aggregator_blocks: int = 4
     aggregator_heads: int = 8
     aggregator_head_dim: int = 96
+    aggregator_output: str = "residual"  # "residual" (the paper) or "reads": only what was read from the bank (aggregation.py)
 
     # Prefix (P-tuning v2) and KV-LoRA on the frozen LLM
     prefix_tokens: int = 2  # P
@@ -61,6 +62,8 @@ class MBCConfig:
                 raise MBCError(f"config '{name}' must be at least 1, got {getattr(self, name)}")
         if self.lora_layers < 0 or (self.lora_layers and self.lora_rank < 1):
             raise MBCError(f"lora_layers must be >= 0 and lora_rank >= 1, got {self.lora_layers} and {self.lora_rank}")
+        if self.aggregator_output not in ("residual", "reads"):
+            raise MBCError(f"aggregator_output must be 'residual' or 'reads', got {self.aggregator_output!r}")
         if self.llm_quantization not in (None, "nf4"):
             raise MBCError(f"llm_quantization must be null or 'nf4', got {self.llm_quantization!r}")
         if "{question}" not in self.prompt_template:

@@ -92,5 +92,6 @@ class CrossAttentionBlock(nn.Module):
             bias = bias[:, None, None, :].expand(batch, -1, -1, -1)
         query = self._split_heads(self.to_q(self.norm_query(x)))
         attended = F.scaled_dot_product_attention(query, key, value, attn_mask=bias)
-        x = x + self.to_out(attended.transpose(1, 2).flatten(-2))
+        self.last_read = self.to_out(attended.transpose(1, 2).flatten(-2))  # what this block took from the memory
+        x = x + self.last_read
         return x + self.ffn(self.norm_ffn(x))

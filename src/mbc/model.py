@@ -85,7 +85,7 @@ class MBCModel(nn.Module):
                               ema_decay=config.ema_decay, dead_threshold=config.dead_threshold)
             if config.quantize else None
         )
-        self.aggregator = Aggregator(dim, config.aggregator_blocks, config.aggregator_heads, config.aggregator_head_dim)
+        self.aggregator = Aggregator(dim, config.aggregator_blocks, config.aggregator_heads, config.aggregator_head_dim, config.aggregator_output)
         self.prefix_expansion = PrefixExpansion(
             config.num_slots, dim, config.prefix_tokens, self.prefix_layers,
             self.layout.num_kv_heads, self.layout.head_dim, config.prefix_hidden or dim,

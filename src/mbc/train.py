@@ -78,6 +78,14 @@ def _parameter_groups(model: MBCModel, config: TrainConfig) -> list[dict]:
     return groups
 
 
+def _out_of_time(accelerator: Accelerator, config: TrainConfig, seconds: float) -> bool:
+    if config.max_minutes is None:
+        return False
+    # Every process must stop at the same step, or the others wait forever in the next all-reduce.
+    late = torch.tensor(float(seconds > 60 * config.max_minutes), device=accelerator.device)
+    return bool(accelerator.reduce(late, reduction="sum") > 0)
+
+
 def _bank_size(config: TrainConfig, step: int, documents: int) -> int | None:
     if config.bank_curriculum_steps <= 0:
         return None
@@ -189,7 +197,7 @@ def train(model_config: MBCConfig, config: TrainConfig, train_rows: list[QAExamp
                           rows_per_second=rate, seconds=progress["train_seconds"], lr=scheduler.get_last_lr()[0], **record)
                 bar.set_postfix(loss=f"{record['loss']:.3f}", vq=f"{record['vq']:.4f}", codes=f"{alive:.0%}", ex_s=f"{rate:.1f}")
                 window.update(loss=0.0, qa=0.0, vq=0.0, perplexity=0.0, rows=0, micro=0, time=time.perf_counter())
-            out_of_time = config.max_minutes is not None and progress["train_seconds"] > 60 * config.max_minutes
+            out_of_time = _out_of_time(accelerator, config, progress["train_seconds"])
             finished = progress["step"] >= total_steps or out_of_time
             if finished:
                 break
