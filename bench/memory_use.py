@@ -26,7 +26,7 @@ def main():
     parser.add_argument("--questions", type=int, default=24)
     args = parser.parse_args()
     model = MBCModel.from_pretrained(args.checkpoint).eval()
-    splits = qa_data.standard_split(qa_data.load(args.data))
+    splits = qa_data.load_splits(args.data)
     rows = splits["validation"][: args.questions]
     right = qa_data.documents(rows)
     unrelated = qa_data.documents(splits["train"])[: len(right)]

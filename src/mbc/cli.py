@@ -22,7 +22,19 @@ DEMO_DOCUMENTS = [
 DEMO_QUESTION = "Who founded the Brellin Observatory?"
 
 
-def _config(config_file: Optional[Path], overrides: list[str]) -> MBCConfig:  # noqa: D103
+def _apply(values: dict, overrides: list[str]) -> dict:
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise MBCError(f"overrides take KEY=VALUE, got '{item}'")
+        try:
+            values[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            values[key] = raw  # a bare string such as a model path
+    return values
+
+
+def _config(config_file: Optional[Path], overrides: list[str]) -> MBCConfig:
     values = MBCConfig.load(config_file).to_dict() if config_file else {}
     return MBCConfig.from_dict(_apply(values, overrides))
 
@@ -77,18 +89,6 @@ def demo(config_file: Optional[Path] = ConfigFile, overrides: list[str] = Overri
     typer.echo("(the adapter is untrained; train one with `mbc train`, score it with `mbc validate`)")
 
 
-def _apply(values: dict, overrides: list[str]) -> dict:
-    for item in overrides:
-        key, sep, raw = item.partition("=")
-        if not sep:
-            raise MBCError(f"overrides take KEY=VALUE, got '{item}'")
-        try:
-            values[key] = json.loads(raw)
-        except json.JSONDecodeError:
-            values[key] = raw  # a bare string such as a model path
-    return values
-
-
 @app.command()
 def train(
     preset: str = typer.Option("cpu", help="cpu, distilgpt2, gpt2-large, gpt2-xl or llama-2-7b"),
@@ -111,7 +111,7 @@ def train(
     train_values = _apply(dict(chosen["train"], output_dir=str(output)), train_overrides)
     train_values.update({k: v for k, v in (("max_steps", max_steps), ("max_minutes", max_minutes)) if v is not None})
     train_config = TrainConfig(**train_values)
-    splits = qa_data.standard_split(qa_data.first_documents(qa_data.load(data), first_documents))
+    splits = qa_data.load_splits(data, first_documents)
     typer.echo(f"data {data}: " + ", ".join(f"{name} {len(rows)} questions / {len(qa_data.documents(rows))} documents"
                                               for name, rows in splits.items()), err=True)
     metrics = run_training(model_config, train_config, splits["train"], splits["validation"])
@@ -136,7 +136,7 @@ def validate(
     from .evaluation import FEW_SHOT_TEMPLATE, evaluate, evaluate_base_llm
     from .model import MBCModel
 
-    splits = qa_data.standard_split(qa_data.first_documents(qa_data.load(data), first_documents))
+    splits = qa_data.load_splits(data, first_documents)
     rows = splits[split][:questions]
     # Control: the same questions answered from a bank of as many documents from the training split,
     # none of which is about them. What this scores comes from the adapter, not from the memory.

@@ -193,3 +193,8 @@ STANDARD_SPLIT = {"train": 0.7, "validation": 0.1, "test": 0.2}
 def standard_split(examples: list[QAExample], seed: int = 0) -> dict[str, list[QAExample]]:
     """The project's split by group: 70% train, 10% validation, 20% test (issues 3 and 4 share it)."""
     return split_by_group(examples, STANDARD_SPLIT, seed)
+
+
+def load_splits(spec: str, first: int | None = None) -> dict[str, list[QAExample]]:
+    """``load`` + ``first_documents`` + ``standard_split``: what training and validation both rebuild."""
+    return standard_split(first_documents(load(spec), first))

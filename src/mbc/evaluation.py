@@ -45,9 +45,9 @@ def evaluate(
     predictions, losses = [], []
     for chunk in _chunks(examples, batch_size):
         questions = [e.question for e in chunk]
-        modulation = model.modulation(questions, memory)
-        losses.append(model.qa_loss(questions, [e.answers[0] for e in chunk], model.prefix(modulation)).item() * len(chunk))
-        predictions += model.answer(questions, memory, decoding)
+        prefix = model.prefix(model.modulation(questions, memory))  # once, for both the loss and the answers
+        losses.append(model.qa_loss(questions, [e.answers[0] for e in chunk], prefix).item() * len(chunk))
+        predictions += model.generate_answers(questions, prefix, decoding)
     model.train(was_training)
     metrics = score(predictions, [list(e.answers) for e in examples])
     metrics["loss"] = sum(losses) / max(len(examples), 1)

@@ -224,16 +224,19 @@ class MBCModel(nn.Module):
                memory_log_weight: torch.Tensor | None = None) -> list[str]:
         """Answer each question from a memory [M, dim] (``memory(entries)``)."""
         prefix = self.prefix(self.modulation(questions, memory, memory_log_weight))
-        return self._generate_answers(questions, prefix, decoding)
+        return self.generate_answers(questions, prefix, decoding)
 
     @torch.no_grad()
     def answer_without_memory(self, questions: list[str], prompt_template: str | None = None,
                               decoding: DecodingConfig | None = None) -> list[str]:
         """The base LLM alone: no prefix and KV-LoRA switched off (the no-adaptation baseline)."""
         with lora_disabled(self.llm):
-            return self._generate_answers(questions, None, decoding, prompt_template)
+            return self.generate_answers(questions, None, decoding, prompt_template)
 
-    def _generate_answers(self, questions, prefix, decoding, prompt_template: str | None = None) -> list[str]:
+    @torch.no_grad()
+    def generate_answers(self, questions: list[str], prefix, decoding: DecodingConfig | None = None,
+                         prompt_template: str | None = None) -> list[str]:
+        """Answer each question with an already computed prefix (``prefix(modulation(...))``; None: none)."""
         prompts = [self.prompt_ids(q, prompt_template) for q in questions]
         ids = pad(prompts, self.tokenizer.pad_token_id, side="left").to(self.device)
         mask = pad([[1] * len(p) for p in prompts], 0, side="left").to(self.device)
