@@ -18,9 +18,10 @@ import json
 import resource
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
+
+from shapes import distilgpt2_shaped_model, save_distilgpt2_shaped_backbones
 
 REFERENCE = {"seconds": 49.0, "peak_gb": 11.1}
 SQUAD = Path(__file__).resolve().parents[2] / "shared" / "data" / "squad" / "squad-v1.1-dev-open.json"
@@ -34,32 +35,6 @@ def _rows(data: str | None, count: int):
     return spec, rows[:: max(1, len(rows) // (count * 50))][:count * 50]
 
 
-def _save_distilgpt2_shaped_backbones() -> Path:
-    """Random DistilGPT2- and t5-small-shaped backbones in a folder (made by the parent process, so
-    that making them does not count in a measured process's peak memory)."""
-    import torch
-    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel, T5Config, T5Model
-
-    from mbc.backbones import bundled_minilm_folder, bundled_smollm2_folder
-
-    folder = Path(tempfile.mkdtemp(prefix="mbc-bench-"))
-    torch.manual_seed(0)
-    GPT2LMHeadModel(GPT2Config(vocab_size=49152, n_layer=6, n_embd=768, n_head=12, n_positions=1024, bos_token_id=1, eos_token_id=2)).save_pretrained(folder / "gpt2")
-    AutoTokenizer.from_pretrained(bundled_smollm2_folder()).save_pretrained(folder / "gpt2")
-    T5Model(T5Config(vocab_size=32128, d_model=512, d_ff=2048, d_kv=64, num_layers=6, num_heads=8)).save_pretrained(folder / "t5")
-    AutoTokenizer.from_pretrained(bundled_minilm_folder()).save_pretrained(folder / "t5")
-    return folder
-
-
-def _distilgpt2_shaped_model(folder: Path):
-    from mbc import MBCConfig, MBCModel
-    from mbc.presets import preset
-
-    values = preset("distilgpt2")["model"]
-    values.update(llm=str(folder / "gpt2"), document_encoder=str(folder / "t5"), question_encoder=str(folder / "t5"))
-    return MBCModel.build(MBCConfig(**values))
-
-
 def _cpu_preset_model():
     from mbc import MBCConfig, MBCModel
     from mbc.presets import preset
@@ -71,7 +46,7 @@ def measure(name: str, batch: int, steps: int, data: str | None, backbones: str 
     import torch
 
     torch.manual_seed(0)
-    model = (_cpu_preset_model() if name == "cpu" else _distilgpt2_shaped_model(Path(backbones))).train()
+    model = (_cpu_preset_model() if name == "cpu" else distilgpt2_shaped_model(Path(backbones))).train()
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-5)
     spec, rows = _rows(data, batch * (steps + 1))
     times = []
@@ -102,7 +77,7 @@ def main():
     if args.only:
         print(json.dumps(measure(args.only, args.batch, args.steps, args.data, args.backbones)))
         return
-    backbones = _save_distilgpt2_shaped_backbones()
+    backbones = save_distilgpt2_shaped_backbones()
     results = []
     for name in ("cpu", "distilgpt2"):
         command = [sys.executable, __file__, "--only", name, "--batch", str(args.batch), "--steps", str(args.steps),

@@ -35,3 +35,24 @@ def test_info_and_bad_override(tiny_paths):
     assert result.exit_code == 0 and "bank per document: MBC 2 bytes" in result.output
     result = runner.invoke(app, ["info", "--set", "no_such_field=1"])
     assert result.exit_code != 0 and "unknown config keys ['no_such_field']" in str(result.exception)
+
+
+def test_eval_streams_documents_and_compares_methods(tiny_paths, tmp_path):
+    checkpoints = {}
+    for name, extra in (("mbc", []), ("mac", ["--set", "quantize=false"])):
+        out = tmp_path / name
+        result = runner.invoke(app, ["train", "--preset", "cpu", "--data", "generated", "--first-documents", "30", "--output", str(out),
+                                     "--max-steps", "1", "--train-set", "batch_size=4", "--train-set", "eval_questions=4",
+                                     *_tiny_sets(tiny_paths), *extra])
+        assert result.exit_code == 0, result.output
+        checkpoints[name] = out / "last"
+    result = runner.invoke(app, ["eval", str(checkpoints["mbc"]), "--mac", str(checkpoints["mac"]), "--data", "generated",
+                                 "--first-documents", "30", "--documents", "3", "--retention-every", "2",
+                                 "--output", str(tmp_path / "eval")])
+    assert result.exit_code == 0, result.output
+    assert "base, BM25 top-1" in result.output and "mbc F1 retention" in result.output
+    summary = json.loads((tmp_path / "eval" / "summary.json").read_text())
+    assert summary["documents"] == 3 and len(summary["methods"]) == 7
+    result = runner.invoke(app, ["eval", str(checkpoints["mbc"]), "--data", "generated", "--first-documents", "30",
+                                 "--methods", "mbc,telepathy", "--output", str(tmp_path / "bad")])
+    assert result.exit_code != 0 and "unknown method 'telepathy'" in str(result.exception)

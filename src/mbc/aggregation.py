@@ -22,17 +22,25 @@ class Aggregator(nn.Module):
         self.output = output
         self.blocks = nn.ModuleList(CrossAttentionBlock(dim, heads, head_dim) for _ in range(num_blocks))
 
+    def keys_values(self, memory: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Every block's keys and values of a memory [1, M, dim]."""
+        return [block.memory_keys_values(memory) for block in self.blocks]
+
     def forward(
         self,
         queries: torch.Tensor,
         memory: torch.Tensor,
         memory_mask: torch.Tensor | None = None,
         memory_log_weight: torch.Tensor | None = None,
+        memory_keys_values: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
     ) -> torch.Tensor:
-        """queries [B, K, dim], memory [B or 1, M, dim] -> modulation [B, K, dim]."""
+        """queries [B, K, dim], memory [B or 1, M, dim] -> modulation [B, K, dim].
+        ``memory_keys_values`` (from ``keys_values(memory)``) stands in for ``memory``: a bank that
+        many questions read is projected once, not once per question."""
         x, reads = queries, 0
-        for block in self.blocks:
-            x = block(x, memory, memory_mask, memory_log_weight)
+        cached = memory_keys_values or [None] * len(self.blocks)
+        for block, keys_values in zip(self.blocks, cached):
+            x = block(x, memory, memory_mask, memory_log_weight, keys_values)
             reads = reads + block.last_read
         # "residual" (the paper): the final residual stream, question queries included.
         # "reads": only what the blocks read from the memory (the queries and feed-forward layers

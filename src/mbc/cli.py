@@ -158,6 +158,71 @@ def validate(
                                       "results": results}, indent=2))
 
 
+@app.command()
+def run(
+    output: Path = typer.Option(Path("runs/main"), help="folder for the evaluation's outputs"),
+    train_minutes: float = typer.Option(3.5, help="training time for each of MBC and MAC (when not cached)"),
+    documents: int = typer.Option(50, help="held-out generated documents streamed into the banks"),
+    retention_every: int = typer.Option(25, help="documents per retention step"),
+):
+    """The main job: train (or reuse from the cache) MBC and MAC adapters on generated documents,
+    stream held-out documents into durable banks, evaluate every method, print the table, write plots."""
+    from .pipeline import MainJobConfig, run_main_job
+
+    job = MainJobConfig(train_minutes=train_minutes, documents=documents, retention_every=retention_every, output=str(output))
+    _print_summary(run_main_job(job), output)
+
+
+@app.command("eval")
+def evaluate_online(
+    checkpoint: Path = typer.Argument(..., help="a trained MBC checkpoint folder"),
+    mac: Optional[Path] = typer.Option(None, help="a trained MAC checkpoint (quantize=false) to compare, same base LLM"),
+    data: str = typer.Option("generated", help="the data the checkpoints were trained on (the same split is rebuilt)"),
+    split: str = typer.Option("test", help="test or validation"),
+    documents: Optional[int] = typer.Option(None, help="stream only the first N distinct documents of the split (default: all)"),
+    first_documents: Optional[int] = typer.Option(None, help="as given to `mbc train` (down-sampling before the split)"),
+    retention_every: int = typer.Option(200, help="documents per retention step"),
+    decoding: str = typer.Option("greedy", help="greedy, beam or diverse_beam"),
+    bm25_top_k: int = typer.Option(1, help="documents BM25 puts into the prompt"),
+    methods: Optional[str] = typer.Option(None, help="comma-separated subset of the methods (default: all)"),
+    output: Path = typer.Option(Path("runs/eval"), help="folder for predictions.csv, summary.json, the plots and the banks"),
+):
+    """Stream held-out documents into durable banks and answer every question about them: MBC, MAC,
+    and the baselines (base LLM raw / with worked examples / with the gold document / with BM25,
+    MBC with a bank of unrelated documents), with sizes, times and retention."""
+    from . import data as qa_data
+    from .model import MBCModel
+    from .online_eval import EvalConfig, run_eval
+
+    splits = qa_data.load_splits(data, first_documents)
+    if split not in splits:
+        raise MBCError(f"unknown split '{split}'; choose one of {', '.join(splits)}")
+    rows = qa_data.first_documents(splits[split], documents)
+    unrelated = qa_data.documents(splits["train"])
+    config = EvalConfig(retention_every=retention_every, decoding=decoding, bm25_top_k=bm25_top_k)
+    if methods:
+        config.methods = [m.strip() for m in methods.split(",")]
+    mbc_model = MBCModel.from_pretrained(checkpoint).eval()
+    mac_model = MBCModel.from_pretrained(mac).eval() if mac else None
+    summary = run_eval(mbc_model, rows, unrelated, output, config, mac_model)
+    _print_summary(summary, output)
+
+
+def _print_summary(summary: dict, output: Path) -> None:
+    from .online_eval import format_table
+
+    typer.echo(f"{summary['questions']} questions about {summary['documents']} streamed documents")
+    typer.echo(format_table(summary))
+    for name, curve in summary["retention"].items():
+        typer.echo(f"{name} F1 retention: " + ", ".join(f"{p['documents']} docs {p['retention_percent']:.0f}%"
+                                                      for p in curve if p.get("retention_percent") is not None))
+    for name, sizes in summary["banks"].items():
+        typer.echo(f"{name} bank: {sizes['documents']} documents, {sizes['entry_bytes']:,} bytes of entries "
+                   f"({sizes['file_bytes']:,} bytes SQLite file); codebook {sizes['codebook_bytes']:,} bytes; "
+                   f"MAC float32 would take {sizes['mac_equivalent_bytes']:,} bytes")
+    typer.echo(f"peak memory {summary['peak_memory_gb']:.2f} GB; written to {output}/ (predictions.csv, summary.json, retention.png, bank_size.png)")
+
+
 def main():
     try:
         app()

@@ -31,6 +31,7 @@ class MBCConfig:
     codebook_size: int = 512
     codebook_stages: int = 1  # > 1: residual quantization, one index per stage per vector
     standardize_slots: bool = True  # normalise the networks' outputs (amortization.py: SlotNorm, LayerNorm); False = the paper as written
+    standardize_modulation: bool = False  # SlotNorm on the modulation before the prefix (model.py); False = the paper as written
     beta: float = 0.25
     vq_weight: float = 1.0  # lambda
     ema_decay: float = 0.99

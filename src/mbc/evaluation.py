@@ -19,14 +19,14 @@ class Evaluation:
     predictions: list[str]
 
 
-def _chunks(items: list, size: int):
+def chunks(items: list, size: int):
     for start in range(0, len(items), size):
         yield items[start : start + size]
 
 
 @torch.no_grad()
 def build_bank(model: MBCModel, texts: list[str], batch_size: int = 16) -> np.ndarray:
-    return np.concatenate([model.compress(chunk) for chunk in _chunks(texts, batch_size)])
+    return np.concatenate([model.compress(chunk) for chunk in chunks(texts, batch_size)])
 
 
 @torch.no_grad()
@@ -43,7 +43,7 @@ def evaluate(
     model.eval()
     memory = model.memory(build_bank(model, bank_documents if bank_documents is not None else documents(examples), batch_size))
     predictions, losses = [], []
-    for chunk in _chunks(examples, batch_size):
+    for chunk in chunks(examples, batch_size):
         questions = [e.question for e in chunk]
         prefix = model.prefix(model.modulation(questions, memory))  # once, for both the loss and the answers
         losses.append(model.qa_loss(questions, [e.answers[0] for e in chunk], prefix).item() * len(chunk))
@@ -68,6 +68,6 @@ def evaluate_base_llm(model: MBCModel, examples: list[QAExample], prompt_templat
     """The base LLM with no adaptation: the raw question (``prompt_template=None``: the model's own
     template), or a short-answer prompt such as ``FEW_SHOT_TEMPLATE``."""
     predictions = []
-    for chunk in _chunks(examples, batch_size):
+    for chunk in chunks(examples, batch_size):
         predictions += model.answer_without_memory([e.question for e in chunk], prompt_template, decoding)
     return Evaluation(score(predictions, [list(e.answers) for e in examples]), predictions)

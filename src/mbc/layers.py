@@ -78,9 +78,11 @@ class CrossAttentionBlock(nn.Module):
         memory: torch.Tensor,
         memory_mask: torch.Tensor | None = None,
         memory_log_weight: torch.Tensor | None = None,
+        keys_values: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        """x: [B, Q, dim]; memory: [B or 1, M, memory_dim]; mask (True = attend) / log weight: [B or 1, M]."""
-        key, value = self.memory_keys_values(memory)
+        """x: [B, Q, dim]; memory: [B or 1, M, memory_dim]; mask (True = attend) / log weight: [B or 1, M].
+        ``keys_values``: this block's ``memory_keys_values(memory)``, computed once for many questions."""
+        key, value = keys_values if keys_values is not None else self.memory_keys_values(memory)
         batch = x.shape[0]
         key, value = key.expand(batch, -1, -1, -1), value.expand(batch, -1, -1, -1)
         bias = None

@@ -23,7 +23,7 @@ from torch import nn
 
 from . import backbones
 from .aggregation import Aggregator
-from .amortization import AmortizationNetwork
+from .amortization import AmortizationNetwork, SlotNorm
 from .backbones import Backbone
 from .codebook import ResidualQuantizer, fingerprint
 from .config import MBCConfig
@@ -86,6 +86,9 @@ class MBCModel(nn.Module):
             if config.quantize else None
         )
         self.aggregator = Aggregator(dim, config.aggregator_blocks, config.aggregator_heads, config.aggregator_head_dim, config.aggregator_output)
+        # Standardised across questions (as SlotNorm does for documents): the prefix then sees how
+        # this question and bank differ from others, not a large shared constant (docs/RESULTS.md).
+        self.modulation_norm = SlotNorm(config.num_slots, dim) if config.standardize_modulation else None
         self.prefix_expansion = PrefixExpansion(
             config.num_slots, dim, config.prefix_tokens, self.prefix_layers,
             self.layout.num_kv_heads, self.layout.head_dim, config.prefix_hidden or dim,
@@ -150,6 +153,8 @@ class MBCModel(nn.Module):
         return self.aggregator(self.queries(questions), memory[None], memory_mask=memory_mask, memory_log_weight=log_weight)
 
     def prefix(self, modulation: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        if self.modulation_norm is not None:
+            modulation = self.modulation_norm(modulation)
         return self.prefix_expansion(modulation)
 
     # ---- training --------------------------------------------------------------------------
@@ -237,7 +242,16 @@ class MBCModel(nn.Module):
     def generate_answers(self, questions: list[str], prefix, decoding: DecodingConfig | None = None,
                          prompt_template: str | None = None) -> list[str]:
         """Answer each question with an already computed prefix (``prefix(modulation(...))``; None: none)."""
-        prompts = [self.prompt_ids(q, prompt_template) for q in questions]
+        return self._generate([self.prompt_ids(q, prompt_template) for q in questions], prefix, decoding)
+
+    @torch.no_grad()
+    def answer_prompts(self, prompts: list[str], decoding: DecodingConfig | None = None) -> list[str]:
+        """The base LLM alone (no prefix, KV-LoRA off) continuing whole prompt texts: the baselines
+        that put documents into the prompt."""
+        with lora_disabled(self.llm):
+            return self._generate([self.tokenizer(p)["input_ids"] for p in prompts], None, decoding)
+
+    def _generate(self, prompts: list[list[int]], prefix, decoding: DecodingConfig | None) -> list[str]:
         ids = pad(prompts, self.tokenizer.pad_token_id, side="left").to(self.device)
         mask = pad([[1] * len(p) for p in prompts], 0, side="left").to(self.device)
         tokens = generate(self.llm, self.layout, ids, mask, prefix, self.tokenizer.eos_token_id, decoding)
@@ -267,7 +281,7 @@ class MBCModel(nn.Module):
         return {
             name: tensor.detach().cpu().contiguous().clone()
             for name, tensor in self.state_dict().items()
-            if name in trainable or name.startswith("quantizer.") or ".slot_norm." in name
+            if name in trainable or name.startswith(("quantizer.", "modulation_norm.")) or ".slot_norm." in name
         }
 
     def codebook_fingerprint(self) -> str | None:
@@ -278,6 +292,13 @@ class MBCModel(nn.Module):
         norm = self.amortization.slot_norm
         extra = [norm.running_mean, norm.running_std] if norm is not None else []
         return fingerprint(self.quantizer.tables() + extra)
+
+    def bank_fingerprint(self) -> str:
+        """What a stored bank entry's meaning depends on: the codebook (MBC), or the whole
+        amortization network that made the float vectors (MAC)."""
+        if self.quantizer is not None:
+            return self.codebook_fingerprint()
+        return fingerprint([t for _, t in sorted(self.amortization.state_dict().items())])
 
     def save_pretrained(self, folder: str | Path) -> None:
         folder = Path(folder)

@@ -1,4 +1,5 @@
-"""Figures from a run's metrics.jsonl."""
+"""Figures: a training run's loss curve (from metrics.jsonl), and the online evaluation's retention
+and bank-size curves (from its summary)."""
 
 from __future__ import annotations
 
@@ -10,12 +11,17 @@ def read_metrics(path: Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
-def plot_loss_curve(metrics_path: Path, png_path: Path) -> None:
+def _pyplot():
     import matplotlib
 
-    matplotlib.use("Agg")
+    matplotlib.use("Agg")  # files only: no display on a server
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def plot_loss_curve(metrics_path: Path, png_path: Path) -> None:
+    plt = _pyplot()
     records = read_metrics(metrics_path)
     train = [r for r in records if r["kind"] == "train"]
     validation = [r for r in records if r["kind"] == "validation"]
@@ -34,4 +40,39 @@ def plot_loss_curve(metrics_path: Path, png_path: Path) -> None:
     score_ax.legend()
     fig.tight_layout()
     fig.savefig(png_path, dpi=100)
+    plt.close(fig)
+
+
+def _finish(fig, ax, xlabel: str, ylabel: str, png_path: Path, log_y: bool = False) -> None:
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if log_y:
+        ax.set_yscale("log")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=100)
+    fig.clf()
+
+
+def plot_retention(curves: dict[str, list[dict]], png_path: Path) -> None:
+    """F1 on the first documents' questions, relative to right after they were streamed, in percent."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5, 4))
+    for name, curve in curves.items():
+        points = [p for p in curve if p.get("retention_percent") is not None]
+        ax.plot([p["documents"] for p in points], [p["retention_percent"] for p in points], "o-", label=name.upper())
+    _finish(fig, ax, "documents streamed", "F1 retention (%)", png_path)
+    plt.close(fig)
+
+
+def plot_bank_size(curves: dict[str, list[dict]], png_path: Path) -> None:
+    """Bytes stored against documents streamed: each bank as stored, and MAC's float32 bank for comparison."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5, 4))
+    for name, curve in curves.items():
+        ax.plot([p["documents"] for p in curve], [p["entry_bytes"] for p in curve], "o-", label=f"{name.upper()} bank")
+    if "mac" not in curves and curves:
+        curve = next(iter(curves.values()))
+        ax.plot([p["documents"] for p in curve], [p["mac_equivalent_bytes"] for p in curve], "s--", label="MAC float32 (same documents)")
+    _finish(fig, ax, "documents streamed", "bytes", png_path, log_y=True)
     plt.close(fig)

@@ -1,0 +1,171 @@
+"""Online adaptation: documents stream into a durable bank, questions are answered from it.
+
+``ingest`` compresses only what the bank does not hold yet and appends it, one transaction per
+batch. A reader turns a bank into each question's modulation:
+
+- ``FullReader``: attention over every stored vector, as the method defines it. Its cost grows
+  with the bank; the reference for the two below.
+- ``CodeCountReader`` (MBC): attention over the distinct stored vectors (at most C codes with one
+  codebook), each weighted by how often it occurs (MBC-METHOD.md, "An observation about the
+  compressed bank"). The same modulation as ``FullReader``, at a cost that does not grow with the
+  number of documents.
+- ``WindowedReader`` (MAC, or any bank): the method's memory-bounded aggregation over the top-k
+  documents a cheap score preselects: windows of documents are aggregated, then the window
+  outputs, until one remains. The preselection keeps the cost per question bounded; its score is
+  the first aggregation block's attention logit between the question's mean query and each
+  document's mean vector.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from .bank import MemoryBank, content_hash
+from .decoding import DecodingConfig
+from .errors import MBCError
+from .model import MBCModel
+
+
+@dataclass
+class IngestReport:
+    added: int  # new documents stored
+    duplicates: int  # texts whose content the bank already held
+    ids: list[int]  # bank id of every text, in order
+
+
+@torch.no_grad()
+def ingest(model: MBCModel, bank: MemoryBank, texts: list[str], metadata: list[dict] | None = None,
+           batch_size: int = 16, progress: bool = False) -> IngestReport:
+    """Compress and append the texts the bank does not hold yet; a batch is stored atomically."""
+    metadata = metadata if metadata is not None else [{} for _ in texts]
+    known = bank.known(texts)
+    fresh, seen = [], set(known)
+    for index, text in enumerate(texts):
+        digest = content_hash(text)
+        if digest not in seen:
+            seen.add(digest)
+            fresh.append(index)
+    was_training = model.training
+    model.eval()  # never reset codes or update SlotNorm statistics while storing
+    for start in tqdm(range(0, len(fresh), batch_size), desc="adapt", unit="batch", disable=not progress):
+        chunk = fresh[start : start + batch_size]
+        chunk_texts = [texts[i] for i in chunk]
+        for text, added in zip(chunk_texts, bank.add(chunk_texts, model.compress(chunk_texts), [metadata[i] for i in chunk])):
+            known[content_hash(text)] = added.id
+    model.train(was_training)
+    return IngestReport(len(fresh), len(texts) - len(fresh), [known[content_hash(t)] for t in texts])
+
+
+class _Reader:
+    """Keeps what it derives from a bank until the bank changes."""
+
+    def __init__(self, model: MBCModel, bank: MemoryBank):
+        if bank.layout.mode != ("mbc" if model.quantizer is not None else "mac"):
+            raise MBCError(f"a {bank.layout.mode.upper()} bank cannot be read by a model with quantize={model.config.quantize}")
+        self.model, self.bank, self._version = model, bank, None
+
+    def modulation(self, questions: list[str]) -> torch.Tensor:
+        if len(self.bank) == 0:
+            raise MBCError(f"the bank {self.bank.path} is empty: add documents before asking questions")
+        if self._version != self.bank.version:
+            self._prepare()
+            self._version = self.bank.version
+        return self._modulation(questions)
+
+    def _prepare(self) -> None:
+        raise NotImplementedError
+
+    def _modulation(self, questions: list[str]) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class FullReader(_Reader):
+    """Attention over every vector of the bank (cost grows with the bank)."""
+
+    def _prepare(self) -> None:
+        self.keys_values = self.model.aggregator.keys_values(self.model.memory(self.bank.entries())[None])
+
+    def _modulation(self, questions):
+        return self.model.aggregator(self.model.queries(questions), None, memory_keys_values=self.keys_values)
+
+
+class CodeCountReader(_Reader):
+    """MBC: attention over the distinct stored vectors weighted by their counts (cost O(C))."""
+
+    def __init__(self, model: MBCModel, bank: MemoryBank):
+        if bank.layout.mode != "mbc":
+            raise MBCError("CodeCountReader reads an MBC (codebook) bank; read a MAC bank with WindowedReader")
+        super().__init__(model, bank)
+
+    def _prepare(self) -> None:
+        codes, counts = self.bank.code_counts()
+        vectors = self.model.memory(codes)  # one vector per distinct code tuple
+        self.keys_values = self.model.aggregator.keys_values(vectors[None])
+        self.log_counts = torch.as_tensor(counts, dtype=vectors.dtype, device=vectors.device).log()[None]
+
+    def _modulation(self, questions):
+        return self.model.aggregator(self.model.queries(questions), None, memory_log_weight=self.log_counts,
+                                     memory_keys_values=self.keys_values)
+
+
+class WindowedReader(_Reader):
+    """Top-k documents by a cheap score, then windowed hierarchical aggregation over them."""
+
+    def __init__(self, model: MBCModel, bank: MemoryBank, window: int = 16, top_k: int = 64):
+        if window < 2 or top_k < 1:
+            raise MBCError(f"window must be >= 2 and top_k >= 1, got {window} and {top_k}")
+        super().__init__(model, bank)
+        self.window, self.top_k = window, top_k
+        self.ids: list[int] = []
+        self.document_keys = None
+
+    def _prepare(self) -> None:
+        # Only documents added since the last look are read and scored; removed ones are dropped.
+        ids = self.bank.ids()
+        current = set(ids)
+        keep = [i for i, d in enumerate(self.ids) if d in current]
+        known = set(self.ids)
+        new = [d for d in ids if d not in known]
+        keys = [self.document_keys[keep]] if self.document_keys is not None and keep else []
+        for start in range(0, len(new), 4096):
+            entries = self.bank.entries(new[start : start + 4096])
+            means = self.model.memory(entries).view(len(entries), -1, self.model.layout.hidden_size).mean(1)
+            keys.append(self.model.aggregator.blocks[0].memory_keys_values(means[None])[0][0].transpose(0, 1).flatten(1))
+        self.ids = [self.ids[i] for i in keep] + new
+        self.document_keys = torch.cat(keys)  # [N, heads * head_dim]
+
+    def _modulation(self, questions):
+        queries = self.model.queries(questions)
+        first = self.model.aggregator.blocks[0]
+        question_keys = first.to_q(first.norm_query(queries)).mean(1)  # [B, heads * head_dim]
+        top = (question_keys @ self.document_keys.T).topk(min(self.top_k, len(self.ids)), dim=1).indices
+        return torch.cat([self._hierarchical(queries[b : b + 1], [self.ids[i] for i in top[b].tolist()])
+                          for b in range(len(questions))])
+
+    def _hierarchical(self, queries: torch.Tensor, ids: list[int]) -> torch.Tensor:
+        dim = self.model.layout.hidden_size
+        level = self.model.memory(self.bank.entries(ids)).view(len(ids), -1, dim)  # [items, vectors, dim]
+        while True:
+            outputs = [self.model.aggregator(queries, level[s : s + self.window].reshape(1, -1, dim))
+                       for s in range(0, len(level), self.window)]
+            if len(outputs) == 1:
+                return outputs[0]
+            level = torch.cat(outputs)  # each window's K aggregated vectors: the next level's items
+
+
+def reader_for(model: MBCModel, bank: MemoryBank, kind: str = "auto", **options) -> _Reader:
+    """``auto``: code counts for an MBC bank, windows over top-k documents for a MAC bank."""
+    kinds = {"full": FullReader, "counts": CodeCountReader, "windowed": WindowedReader}
+    if kind == "auto":
+        kind = "counts" if bank.layout.mode == "mbc" else "windowed"
+    if kind not in kinds:
+        raise MBCError(f"unknown reader '{kind}'; choose auto, {', '.join(kinds)}")
+    return kinds[kind](model, bank, **options)
+
+
+@torch.no_grad()
+def answer_from_bank(model: MBCModel, reader: _Reader, questions: list[str], decoding: DecodingConfig | None = None) -> list[str]:
+    return model.generate_answers(questions, model.prefix(reader.modulation(questions)), decoding)

@@ -1,0 +1,291 @@
+"""The memory bank on disk: one SQLite file that outlives the process.
+
+Each stored document is one row: an id, the SHA-256 of its text (so re-adding the same content is
+detected), its entry (MBC: the K code indices, bit-packed; MAC: K float32 vectors) and JSON
+metadata. Beside the rows the file keeps:
+
+- ``meta``: the bank's layout (mode, K, stages, codebook size, width) and the fingerprint of the
+  model that wrote it. Stored indices mean nothing under another codebook, so a bank refuses to be
+  opened with a model whose fingerprint differs.
+- ``code_counts`` (MBC): how often each stored vector (a code, or a tuple of codes with residual
+  stages) occurs in the bank, kept in the same transaction as the rows. Answering reads these
+  counts, not the rows: its cost depends on the codebook, not on the number of documents.
+
+Durability: every ``add`` is one SQLite transaction (WAL journal, synchronous=FULL). A process
+killed mid-ingest leaves every document whose ``add`` returned, and no part of any other.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sqlite3
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .errors import MBCError
+from .packing import index_dtype, pack_indices, packed_size, unpack_indices
+
+FORMAT_VERSION = 1
+
+
+def content_hash(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+@dataclass(frozen=True)
+class BankLayout:
+    """What a stored entry is: MBC indices [K, stages] from ``codebook_size`` codes, or MAC vectors [K, dim]."""
+
+    mode: str  # "mbc" or "mac"
+    num_slots: int
+    stages: int
+    codebook_size: int
+    dim: int
+    fingerprint: str | None  # of the model that gives the entries their meaning
+
+    @classmethod
+    def of(cls, model) -> "BankLayout":
+        config = model.config
+        mode = "mbc" if config.quantize else "mac"
+        return cls(mode, config.num_slots, config.codebook_stages, config.codebook_size, model.layout.hidden_size,
+                   model.bank_fingerprint())
+
+    @property
+    def entry_shape(self) -> tuple[int, int]:
+        return (self.num_slots, self.stages if self.mode == "mbc" else self.dim)
+
+    @property
+    def entry_bytes(self) -> int:
+        if self.mode == "mbc":
+            return packed_size(self.num_slots * self.stages, self.codebook_size)
+        return self.num_slots * self.dim * 4
+
+    def encode(self, entry: np.ndarray) -> bytes:
+        if entry.shape != self.entry_shape:
+            raise MBCError(f"a bank entry must have shape {self.entry_shape}, got {tuple(entry.shape)}")
+        if self.mode == "mbc":
+            return pack_indices(entry, self.codebook_size)
+        return np.ascontiguousarray(entry, dtype="<f4").tobytes()
+
+    def decode(self, blob: bytes) -> np.ndarray:
+        if self.mode == "mbc":
+            return unpack_indices(blob, self.num_slots * self.stages, self.codebook_size).reshape(self.entry_shape)
+        if len(blob) != self.entry_bytes:
+            raise MBCError(f"a stored MAC entry has {len(blob)} bytes, expected {self.entry_bytes}: the bank is damaged")
+        return np.frombuffer(blob, dtype="<f4").reshape(self.entry_shape).astype(np.float32)
+
+    def vector_keys(self, entry: np.ndarray) -> np.ndarray:
+        """One integer per stored vector (its code tuple, in base ``codebook_size``): what the counts count."""
+        keys = np.zeros(entry.shape[0], dtype=np.int64)
+        for stage in reversed(range(self.stages)):
+            keys = keys * self.codebook_size + entry[:, stage].astype(np.int64)
+        return keys
+
+    def codes_of_keys(self, keys: np.ndarray) -> np.ndarray:
+        """Inverse of ``vector_keys``: [n] keys -> [n, stages] indices."""
+        codes = np.empty((len(keys), self.stages), dtype=index_dtype(self.codebook_size))
+        rest = keys.astype(np.int64)
+        for stage in range(self.stages):
+            codes[:, stage] = rest % self.codebook_size
+            rest = rest // self.codebook_size
+        return codes
+
+
+@dataclass
+class Added:
+    id: int
+    new: bool  # False: the same content was already in the bank (under this id)
+
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS documents (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    content_hash TEXT NOT NULL UNIQUE,
+    entry BLOB NOT NULL,
+    metadata TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS code_counts (vector_key INTEGER PRIMARY KEY, count INTEGER NOT NULL);
+"""
+
+
+class MemoryBank:
+    """A durable bank of compressed documents. Open with ``MemoryBank.open(path, layout)``."""
+
+    def __init__(self, connection: sqlite3.Connection, layout: BankLayout, path: Path):
+        self.connection, self.layout, self.path = connection, layout, path
+        self.version = 0  # bumped by every change made through this object: readers rebuild on it
+        self._counts = dict(connection.execute("SELECT vector_key, count FROM code_counts").fetchall())
+
+    @classmethod
+    def open(cls, path: str | Path, layout: BankLayout) -> "MemoryBank":
+        """Open the bank at ``path`` (created if missing) for a model of this layout."""
+        path = Path(path)
+        if path.exists() and path.is_dir():
+            raise MBCError(f"{path} is a folder; a memory bank is a single SQLite file")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            connection = sqlite3.connect(path)
+            connection.execute("PRAGMA journal_mode=WAL")
+            connection.execute("PRAGMA synchronous=FULL")
+            with connection:
+                connection.executescript(_SCHEMA)
+            stored = dict(connection.execute("SELECT key, value FROM meta").fetchall())
+        except sqlite3.DatabaseError as error:
+            raise MBCError(f"{path} is not a readable memory bank ({error})") from error
+        wanted = {"format_version": str(FORMAT_VERSION), "layout": json.dumps(layout.__dict__, sort_keys=True)}
+        if not stored:
+            with connection:
+                connection.executemany("INSERT INTO meta VALUES (?, ?)", wanted.items())
+        else:
+            cls._check_layout(path, stored, layout)
+        return cls(connection, layout, path)
+
+    @staticmethod
+    def _check_layout(path: Path, stored: dict, layout: BankLayout) -> None:
+        if stored.get("format_version") != str(FORMAT_VERSION):
+            raise MBCError(f"{path} has bank format {stored.get('format_version')}; this version reads format {FORMAT_VERSION}")
+        theirs = json.loads(stored["layout"])
+        if theirs["fingerprint"] != layout.fingerprint:
+            raise MBCError(
+                f"{path} was written by a model whose {'codebook' if theirs['mode'] == 'mbc' else 'amortization network'} "
+                f"has fingerprint {str(theirs['fingerprint'])[:16]}, but this model's is {str(layout.fingerprint)[:16]}: "
+                "its entries would be read as other vectors. Open it with the checkpoint that wrote it, or start a new bank file."
+            )
+        mine = layout.__dict__
+        differing = {k: (theirs[k], mine[k]) for k in mine if theirs.get(k) != mine[k]}
+        if differing:
+            raise MBCError(f"{path} was written with another bank layout (stored, this model): {differing}")
+
+    # ---- writing ---------------------------------------------------------------------------
+    def known(self, texts: list[str]) -> dict[str, int]:
+        """content hash -> id, for those of ``texts`` already stored."""
+        hashes = [content_hash(t) for t in texts]
+        found = {}
+        for start in range(0, len(hashes), 500):
+            chunk = hashes[start : start + 500]
+            rows = self.connection.execute(
+                f"SELECT content_hash, id FROM documents WHERE content_hash IN ({','.join('?' * len(chunk))})", chunk)
+            found.update(rows.fetchall())
+        return found
+
+    def add(self, texts: list[str], entries: np.ndarray, metadata: list[dict] | None = None) -> list[Added]:
+        """Store each text's entry (as ``model.compress`` returns them), all in one transaction.
+        A text whose content is already stored (here or earlier in ``texts``) is not stored again."""
+        metadata = metadata if metadata is not None else [{} for _ in texts]
+        if not (len(texts) == len(entries) == len(metadata)):
+            raise MBCError(f"add() got {len(texts)} texts, {len(entries)} entries and {len(metadata)} metadata records")
+        blobs = [self.layout.encode(np.asarray(entry)) for entry in entries]  # every check before the first write
+        notes = [self._metadata_json(m) for m in metadata]
+        results, counts = [], dict(self._counts)
+        with self.connection:  # one transaction: all of these rows, or (after a crash) none
+            for text, entry, blob, note in zip(texts, entries, blobs, notes):
+                digest = content_hash(text)
+                row = self.connection.execute("SELECT id FROM documents WHERE content_hash = ?", (digest,)).fetchone()
+                if row:
+                    results.append(Added(row[0], False))
+                    continue
+                cursor = self.connection.execute(
+                    "INSERT INTO documents (content_hash, entry, metadata) VALUES (?, ?, ?)", (digest, blob, note))
+                results.append(Added(cursor.lastrowid, True))
+                if self.layout.mode == "mbc":
+                    self._count(counts, np.asarray(entry), +1)
+            self._write_counts(counts)
+        self._counts = counts  # only once the transaction has committed
+        self.version += any(r.new for r in results)
+        return results
+
+    def remove(self, document_id: int) -> None:
+        """Delete one document (and its codes from the counts)."""
+        row = self.connection.execute("SELECT entry FROM documents WHERE id = ?", (document_id,)).fetchone()
+        if row is None:
+            raise MBCError(f"no document with id {document_id} in {self.path}")
+        counts = dict(self._counts)
+        with self.connection:
+            self.connection.execute("DELETE FROM documents WHERE id = ?", (document_id,))
+            if self.layout.mode == "mbc":
+                self._count(counts, self.layout.decode(row[0]), -1)
+                self._write_counts(counts)
+        self._counts = counts
+        self.version += 1
+
+    def _count(self, counts: dict[int, int], entry: np.ndarray, sign: int) -> None:
+        for key in self.layout.vector_keys(entry).tolist():
+            counts[key] = counts.get(key, 0) + sign
+
+    def _write_counts(self, counts: dict[int, int]) -> None:
+        changed = [(k, v) for k, v in counts.items() if self._counts.get(k) != v]
+        self.connection.executemany("INSERT OR REPLACE INTO code_counts VALUES (?, ?)", [(k, v) for k, v in changed if v > 0])
+        self.connection.executemany("DELETE FROM code_counts WHERE vector_key = ?", [(k,) for k, v in changed if v <= 0])
+        for key in [k for k, v in counts.items() if v <= 0]:
+            del counts[key]
+
+    @staticmethod
+    def _metadata_json(record: dict) -> str:
+        try:
+            return json.dumps(record, sort_keys=True)
+        except TypeError as error:
+            raise MBCError(f"document metadata must be JSON (strings, numbers, lists, dicts): {error}") from error
+
+    # ---- reading ---------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return self.connection.execute("SELECT COUNT(*) FROM documents").fetchone()[0]
+
+    def ids(self) -> list[int]:
+        return [row[0] for row in self.connection.execute("SELECT id FROM documents ORDER BY id")]
+
+    def entries(self, ids: list[int] | None = None) -> np.ndarray:
+        """Stored entries [N, K, stages or dim], in id order (or in the order of ``ids``)."""
+        if ids is None:
+            blobs = [row[0] for row in self.connection.execute("SELECT entry FROM documents ORDER BY id")]
+        else:
+            found = {}
+            for start in range(0, len(ids), 500):
+                chunk = ids[start : start + 500]
+                found.update(self.connection.execute(
+                    f"SELECT id, entry FROM documents WHERE id IN ({','.join('?' * len(chunk))})", chunk).fetchall())
+            missing = [i for i in ids if i not in found]
+            if missing:
+                raise MBCError(f"no documents with ids {missing[:5]} in {self.path}")
+            blobs = [found[i] for i in ids]
+        if not blobs:
+            return np.zeros((0, *self.layout.entry_shape), dtype=np.float32)
+        return np.stack([self.layout.decode(blob) for blob in blobs])
+
+    def metadata(self, document_id: int) -> dict:
+        row = self.connection.execute("SELECT metadata FROM documents WHERE id = ?", (document_id,)).fetchone()
+        if row is None:
+            raise MBCError(f"no document with id {document_id} in {self.path}")
+        return json.loads(row[0])
+
+    def code_counts(self) -> tuple[np.ndarray, np.ndarray]:
+        """MBC: the distinct stored vectors as code tuples [n, stages] and how often each occurs [n]."""
+        if self.layout.mode != "mbc":
+            raise MBCError("code counts exist only for an MBC (codebook) bank; a MAC bank stores float vectors")
+        keys = np.array(sorted(self._counts), dtype=np.int64)
+        return self.layout.codes_of_keys(keys), np.array([self._counts[k] for k in keys.tolist()], dtype=np.int64)
+
+    def sizes(self) -> dict[str, int]:
+        """Bytes: the entries as stored, the codebook (MBC, stored once with the model), and what
+        MAC's float32 bank would take for the same documents."""
+        documents, stored = self.connection.execute("SELECT COUNT(*), COALESCE(SUM(LENGTH(entry)), 0) FROM documents").fetchone()
+        layout = self.layout
+        codebook = layout.stages * layout.codebook_size * layout.dim * 4 if layout.mode == "mbc" else 0
+        return {"documents": documents, "entry_bytes": stored, "codebook_bytes": codebook,
+                "mac_equivalent_bytes": documents * layout.num_slots * layout.dim * 4,
+                "file_bytes": sum(p.stat().st_size for p in self._files())}
+
+    def _files(self) -> list[Path]:
+        return [p for p in (self.path, Path(f"{self.path}-wal")) if p.exists()]
+
+    def close(self) -> None:
+        self.connection.close()
+
+    def __enter__(self) -> "MemoryBank":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,235 @@
+"""The paper's headline experiment: stream test documents into a bank, answer every question about
+them, and compare with the baselines on the same documents and questions.
+
+Methods (each scored with EM, F1 and lenient EM, with its memory per document and its time):
+- ``mbc``: the trained MBC adapter, answering from a durable codebook bank (code-count reading);
+- ``mbc, unrelated bank``: the same adapter answering from a bank of as many documents about
+  something else; what it scores comes from the adapter, not from the stored documents;
+- ``mac``: a MAC checkpoint (float bank, windowed reading), when one is given;
+- ``base, raw question`` and ``base, 3 worked examples``: the base LLM with no adaptation;
+- ``base, gold document`` (an upper bound) and ``base, BM25 top-k``: documents in the prompt,
+  after the same worked examples.
+
+Retention: the questions about the first ``retention_every`` documents are answered again after
+every further ``retention_every`` documents streamed; F1 relative to the first answers, in percent.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import resource
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .adaptation import answer_from_bank, ingest, reader_for
+from .bank import BankLayout, MemoryBank
+from .data import QAExample, documents
+from .decoding import DecodingConfig
+from .errors import MBCError
+from .evaluation import FEW_SHOT_TEMPLATE, chunks
+from .metrics import exact_match, f1_score, lenient_exact_match, score
+from .model import MBCModel
+
+
+ALL_METHODS = ("mbc", "mbc, unrelated bank", "mac", "base, raw question", "base, 3 worked examples",
+               "base, gold document", "base, BM25 top-k")
+
+
+@dataclass
+class EvalConfig:
+    retention_every: int = 200  # documents per retention step
+    batch_size: int = 16
+    decoding: str = "greedy"  # greedy, beam or diverse_beam
+    bm25_top_k: int = 1
+    methods: list[str] = field(default_factory=lambda: list(ALL_METHODS))
+
+
+@dataclass
+class MethodResult:
+    predictions: list[str]
+    bytes_per_document: float
+    answer_ms_per_question: float
+    adapt_ms_per_document: float | None = None  # methods that stream documents into a bank
+
+
+def peak_memory_gb() -> float:
+    """Peak resident memory of this process so far (Linux reports KiB, macOS bytes)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (1 << 30) if sys.platform == "darwin" else peak / (1 << 20)
+
+
+def context_prompt(context: str, question: str) -> str:
+    """The document(s), then the worked examples that teach the short-answer format, then the question."""
+    return f"Context: {context}\n\n" + FEW_SHOT_TEMPLATE.replace("{question}", question)
+
+
+class _Timer:
+    def __init__(self):
+        self.seconds = 0.0
+
+    def __enter__(self):
+        self.start = time.perf_counter()
+
+    def __exit__(self, *exc):
+        self.seconds += time.perf_counter() - self.start
+
+
+def _answer_rows(answer, rows: list[QAExample], batch_size: int, timer: _Timer, desc: str) -> list[str]:
+    predictions = []
+    for chunk in tqdm(list(chunks(rows, batch_size)), desc=desc, unit="batch", leave=False):
+        with timer:
+            predictions += answer(chunk)
+    return predictions
+
+
+def _stream_into_bank(model: MBCModel, bank_path: Path, stream: list[str], rows: list[QAExample],
+                      retention_rows: list[QAExample], config: EvalConfig, decoding: DecodingConfig, name: str):
+    """Stream documents into a fresh bank in steps of ``retention_every``; after each step answer the
+    retention questions again (after the last, every question). Returns the result and the curves."""
+    for stale in bank_path.parent.glob(bank_path.name + "*"):
+        stale.unlink()
+    bank = MemoryBank.open(bank_path, BankLayout.of(model))
+    reader = reader_for(model, bank)
+    adapt, answer_timer = _Timer(), _Timer()
+    ask = lambda chunk: answer_from_bank(model, reader, [r.question for r in chunk], decoding)  # noqa: E731
+    curve = []
+    for start in tqdm(range(0, len(stream), config.retention_every), desc=f"{name}: stream", unit="step"):
+        with adapt:
+            ingest(model, bank, stream[start : start + config.retention_every], batch_size=config.batch_size)
+        sizes = bank.sizes()
+        point = {"documents": sizes["documents"], "entry_bytes": sizes["entry_bytes"],
+                 "mac_equivalent_bytes": sizes["mac_equivalent_bytes"], "file_bytes": sizes["file_bytes"]}
+        if start + config.retention_every < len(stream):
+            answers = _answer_rows(ask, retention_rows, config.batch_size, _Timer(), f"{name}: retention")
+            point["retention_f1"] = score(answers, [list(r.answers) for r in retention_rows])["f1"]
+        curve.append(point)
+    predictions = _answer_rows(ask, rows, config.batch_size, answer_timer, f"{name}: answer")
+    first = {id(r) for r in retention_rows}
+    kept = [p for p, r in zip(predictions, rows) if id(r) in first]
+    curve[-1]["retention_f1"] = score(kept, [list(r.answers) for r in retention_rows])["f1"]
+    sizes = bank.sizes()
+    bank.close()
+    result = MethodResult(predictions, sizes["entry_bytes"] / max(sizes["documents"], 1),
+                          1000 * answer_timer.seconds / max(len(rows), 1), 1000 * adapt.seconds / max(len(stream), 1))
+    return result, curve, sizes
+
+
+def _unrelated(model: MBCModel, bank_path: Path, unrelated_documents: list[str], rows, config, decoding) -> MethodResult:
+    for stale in bank_path.parent.glob(bank_path.name + "*"):
+        stale.unlink()
+    with MemoryBank.open(bank_path, BankLayout.of(model)) as bank:
+        ingest(model, bank, unrelated_documents, batch_size=config.batch_size, progress=True)
+        reader, timer = reader_for(model, bank), _Timer()
+        predictions = _answer_rows(lambda c: answer_from_bank(model, reader, [r.question for r in c], decoding),
+                                   rows, config.batch_size, timer, "unrelated bank: answer")
+        per_document = bank.sizes()["entry_bytes"] / max(len(bank), 1)
+    return MethodResult(predictions, per_document, 1000 * timer.seconds / max(len(rows), 1))
+
+
+def _base(model: MBCModel, rows, prompt, config, decoding, name: str, bytes_per_document: float = 0.0) -> MethodResult:
+    timer = _Timer()
+    predictions = _answer_rows(lambda c: model.answer_prompts([prompt(r) for r in c], decoding), rows,
+                               config.batch_size, timer, name)
+    return MethodResult(predictions, bytes_per_document, 1000 * timer.seconds / max(len(rows), 1))
+
+
+def _bm25(stream: list[str], top_k: int):
+    try:
+        import bm25s
+    except ImportError as error:
+        raise MBCError("the BM25 baseline needs the bm25s package: pip install bm25s") from error
+    retriever = bm25s.BM25()
+    retriever.index(bm25s.tokenize(stream, stopwords="en", show_progress=False), show_progress=False)
+    k = min(top_k, len(stream))
+
+    def retrieve(question: str) -> str:
+        found, _ = retriever.retrieve(bm25s.tokenize([question], stopwords="en", show_progress=False), k=k, show_progress=False)
+        return "\n\n".join(stream[int(i)] for i in found[0])
+
+    return retrieve
+
+
+@torch.no_grad()
+def run_eval(mbc: MBCModel, rows: list[QAExample], unrelated_documents: list[str], output: str | Path,
+             config: EvalConfig | None = None, mac: MBCModel | None = None) -> dict:
+    """Run every method of ``config.methods`` on ``rows`` (their documents streamed in order) and
+    write ``predictions.csv``, ``summary.json`` and the plots into ``output``; returns the summary."""
+    from .plots import plot_bank_size, plot_retention
+
+    config = config or EvalConfig()
+    unknown = [m for m in config.methods if m not in ALL_METHODS]
+    if unknown:
+        raise MBCError(f"unknown method '{unknown[0]}'; known: {', '.join(ALL_METHODS)}")
+    output = Path(output)
+    (output / "banks").mkdir(parents=True, exist_ok=True)
+    decoding = DecodingConfig(config.decoding)
+    stream = documents(rows)
+    retention_rows = [r for r in rows if r.document in set(stream[: config.retention_every])]
+    text_bytes = sum(len(d.encode("utf-8")) for d in stream) / max(len(stream), 1)
+    results, curves, bank_sizes = {}, {}, {}
+    methods = [m for m in config.methods if m != "mac" or mac is not None]
+    for method in methods:
+        if method in ("mbc", "mac"):
+            model = mbc if method == "mbc" else mac
+            results[method], curves[method], bank_sizes[method] = _stream_into_bank(
+                model, output / "banks" / f"{method}.db", stream, rows, retention_rows, config, decoding, method)
+        elif method == "mbc, unrelated bank":
+            results[method] = _unrelated(mbc, output / "banks" / "unrelated.db", unrelated_documents[: len(stream)], rows, config, decoding)
+        elif method == "base, raw question":
+            results[method] = _base(mbc, rows, lambda r: mbc.config.prompt_template.format(question=r.question), config, decoding, method)
+        elif method == "base, 3 worked examples":
+            results[method] = _base(mbc, rows, lambda r: FEW_SHOT_TEMPLATE.replace("{question}", r.question), config, decoding, method)
+        elif method == "base, gold document":
+            results[method] = _base(mbc, rows, lambda r: context_prompt(r.document, r.question), config, decoding, method, text_bytes)
+        else:  # "base, BM25 top-k"
+            retrieve = _bm25(stream, config.bm25_top_k)
+            name = f"base, BM25 top-{config.bm25_top_k}"
+            results[name] = _base(mbc, rows, lambda r: context_prompt(retrieve(r.question), r.question), config, decoding,
+                                  name, text_bytes)
+
+    golds = [list(r.answers) for r in rows]
+    summary = {
+        "questions": len(rows), "documents": len(stream), "config": asdict(config),
+        "methods": {name: {**score(r.predictions, golds), "bytes_per_document": r.bytes_per_document,
+                           "answer_ms_per_question": r.answer_ms_per_question, "adapt_ms_per_document": r.adapt_ms_per_document}
+                    for name, r in results.items()},
+        "banks": bank_sizes,
+        "retention": {name: [{**p, "retention_percent": 100 * p["retention_f1"] / curve[0]["retention_f1"] if curve[0]["retention_f1"] else None}
+                             for p in curve] for name, curve in curves.items()},
+        "peak_memory_gb": peak_memory_gb(),
+    }
+    _write_predictions(output / "predictions.csv", rows, results)
+    (output / "summary.json").write_text(json.dumps(summary, indent=2))
+    if curves:
+        plot_retention(summary["retention"], output / "retention.png")
+        plot_bank_size(summary["retention"], output / "bank_size.png")
+    return summary
+
+
+def _write_predictions(path: Path, rows: list[QAExample], results: dict[str, MethodResult]) -> None:
+    temporary = path.with_suffix(".csv.tmp")
+    with temporary.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["method", "question", "answers", "prediction", "em", "f1", "lenient_em"])
+        for name, result in results.items():
+            for row, prediction in zip(rows, result.predictions):
+                golds = list(row.answers)
+                writer.writerow([name, row.question, " | ".join(golds), prediction, exact_match(prediction, golds),
+                                 round(f1_score(prediction, golds), 4), lenient_exact_match(prediction, golds)])
+    shutil.move(temporary, path)
+
+
+def format_table(summary: dict) -> str:
+    lines = [f"{'method':<28}{'EM':>6}{'F1':>6}{'len.EM':>8}{'bytes/doc':>11}{'adapt ms/doc':>14}{'answer ms/q':>13}"]
+    for name, m in summary["methods"].items():
+        adapt = "-" if m["adapt_ms_per_document"] is None else f"{m['adapt_ms_per_document']:.1f}"
+        lines.append(f"{name:<28}{m['em']:>6.1f}{m['f1']:>6.1f}{m['lenient_em']:>8.1f}{m['bytes_per_document']:>11,.0f}"
+                     f"{adapt:>14}{m['answer_ms_per_question']:>13.1f}")
+    return "\n".join(lines)

@@ -1,0 +1,140 @@
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mbc import MBCError
+from mbc.bank import BankLayout, MemoryBank, content_hash
+
+LAYOUT = BankLayout("mbc", num_slots=4, stages=2, codebook_size=512, dim=8, fingerprint="abc")
+MAC = BankLayout("mac", num_slots=4, stages=1, codebook_size=512, dim=8, fingerprint="def")
+
+
+def random_entries(count: int, layout: BankLayout = LAYOUT, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    if layout.mode == "mac":
+        return rng.standard_normal((count, *layout.entry_shape)).astype(np.float32)
+    return rng.integers(0, layout.codebook_size, (count, *layout.entry_shape)).astype(np.uint16)
+
+
+def test_entries_round_trip_and_survive_reopening(tmp_path):
+    entries = random_entries(5)
+    with MemoryBank.open(tmp_path / "bank.db", LAYOUT) as bank:
+        added = bank.add([f"doc {i}" for i in range(5)], entries, [{"source": i} for i in range(5)])
+        assert [a.new for a in added] == [True] * 5
+    with MemoryBank.open(tmp_path / "bank.db", LAYOUT) as bank:
+        assert len(bank) == 5
+        np.testing.assert_array_equal(bank.entries(), entries)
+        np.testing.assert_array_equal(bank.entries([added[3].id, added[1].id]), entries[[3, 1]])
+        assert bank.metadata(added[2].id) == {"source": 2}
+
+
+def test_mac_entries_round_trip(tmp_path):
+    entries = random_entries(3, MAC)
+    with MemoryBank.open(tmp_path / "mac.db", MAC) as bank:
+        bank.add(["a", "b", "c"], entries)
+        np.testing.assert_array_equal(bank.entries(), entries)
+        assert bank.sizes()["entry_bytes"] == 3 * 4 * 8 * 4
+        with pytest.raises(MBCError, match="only for an MBC"):
+            bank.code_counts()
+
+
+def test_same_content_is_stored_once(tmp_path):
+    with MemoryBank.open(tmp_path / "bank.db", LAYOUT) as bank:
+        first = bank.add(["alpha", "beta", "alpha"], random_entries(3))
+        again = bank.add(["beta"], random_entries(1, seed=1))
+        assert [a.new for a in first] == [True, True, False] and first[2].id == first[0].id
+        assert again[0].id == first[1].id and not again[0].new
+        assert len(bank) == 2
+        assert bank.known(["alpha", "gamma"]) == {content_hash("alpha"): first[0].id}
+
+
+def test_code_counts_follow_adds_and_removes(tmp_path):
+    entries = random_entries(6)
+    with MemoryBank.open(tmp_path / "bank.db", LAYOUT) as bank:
+        ids = [a.id for a in bank.add([str(i) for i in range(6)], entries)]
+        bank.remove(ids[2])
+
+        def expected(rows):
+            tuples, counts = np.unique(rows.reshape(-1, 2), axis=0, return_counts=True)
+            return {tuple(t): c for t, c in zip(tuples.tolist(), counts.tolist())}
+
+        codes, counts = bank.code_counts()
+        assert {tuple(c): n for c, n in zip(codes.tolist(), counts.tolist())} == expected(entries[[0, 1, 3, 4, 5]])
+    with MemoryBank.open(tmp_path / "bank.db", LAYOUT) as bank:  # the counts are on disk too
+        codes, counts = bank.code_counts()
+        assert counts.sum() == 5 * 4
+
+
+def test_bank_refuses_another_codebook(tmp_path):
+    MemoryBank.open(tmp_path / "bank.db", LAYOUT).close()
+    other = BankLayout(**{**LAYOUT.__dict__, "fingerprint": "xyz"})
+    with pytest.raises(MBCError, match="fingerprint"):
+        MemoryBank.open(tmp_path / "bank.db", other)
+    wider = BankLayout(**{**LAYOUT.__dict__, "num_slots": 6})
+    with pytest.raises(MBCError, match="layout"):
+        MemoryBank.open(tmp_path / "bank.db", wider)
+
+
+def test_bad_input_gets_clear_errors_and_writes_nothing(tmp_path):
+    (tmp_path / "not-a-bank.db").write_bytes(b"this is not sqlite" * 100)
+    with pytest.raises(MBCError, match="not a readable memory bank"):
+        MemoryBank.open(tmp_path / "not-a-bank.db", LAYOUT)
+    with MemoryBank.open(tmp_path / "bank.db", LAYOUT) as bank:
+        with pytest.raises(MBCError, match="shape"):
+            bank.add(["a", "b"], random_entries(2)[:, :2])
+        with pytest.raises(MBCError, match="out of range"):
+            bank.add(["a"], np.full((1, 4, 2), 600, dtype=np.uint16))
+        with pytest.raises(MBCError, match="JSON"):
+            bank.add(["a"], random_entries(1), [{"when": object()}])
+        assert len(bank) == 0
+
+
+def test_sizes_account_for_entries_codebook_and_mac(tmp_path):
+    with MemoryBank.open(tmp_path / "bank.db", LAYOUT) as bank:
+        bank.add(["a", "b"], random_entries(2))
+        sizes = bank.sizes()
+    assert sizes["entry_bytes"] == 2 * 9  # 8 indices x 9 bits = 72 bits = 9 bytes per document
+    assert sizes["codebook_bytes"] == 2 * 512 * 8 * 4
+    assert sizes["mac_equivalent_bytes"] == 2 * 4 * 8 * 4
+
+
+WRITER = """
+import sys, numpy as np
+from mbc.bank import BankLayout, MemoryBank
+layout = BankLayout("mbc", num_slots=4, stages=2, codebook_size=512, dim=8, fingerprint="abc")
+bank = MemoryBank.open(sys.argv[1], layout)
+rng = np.random.default_rng(0)
+for i in range(100000):
+    texts = [f"document {i} part {j}" for j in range(20)]
+    bank.add(texts, rng.integers(0, 512, (20, 4, 2)).astype(np.uint16))
+    print(i, flush=True)
+"""
+
+
+def test_a_process_killed_mid_ingest_leaves_only_whole_documents(tmp_path):
+    path = tmp_path / "bank.db"
+    writer = subprocess.Popen([sys.executable, "-c", WRITER, str(path)], stdout=subprocess.PIPE, text=True)
+    committed = -1
+    deadline = time.time() + 60
+    while committed < 30 and time.time() < deadline:  # let it commit a few batches, then kill it mid-stream
+        committed = int(writer.stdout.readline())
+    os.kill(writer.pid, signal.SIGKILL)
+    writer.wait()
+    assert committed >= 30
+    assert sqlite3.connect(path).execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    with MemoryBank.open(path, LAYOUT) as bank:
+        count = len(bank)
+        assert count % 20 == 0 and count >= 20 * (committed + 1)  # whole batches only, every reported one kept
+        entries = bank.entries()
+        assert entries.shape == (count, 4, 2)
+        codes, counts = bank.code_counts()
+        assert counts.sum() == count * 4  # counts agree with the rows
+        bank.add(["after the crash"], random_entries(1))  # and the bank takes new documents
+        assert len(bank) == count + 1

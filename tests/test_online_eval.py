@@ -1,0 +1,39 @@
+import csv
+import json
+
+from mbc.generated import generate_examples
+from mbc.online_eval import EvalConfig, format_table, run_eval
+from mbc.packing import packed_size
+
+
+def test_eval_runs_every_method_and_writes_its_outputs(tiny_model, tmp_path):
+    rows = [r for r in generate_examples(8, seed=3)][:30]  # 5 documents, 6 questions each
+    unrelated = [r.document for r in generate_examples(8, seed=4)][::6]
+    mbc, mac = tiny_model().eval(), tiny_model(quantize=False).eval()
+    config = EvalConfig(retention_every=2, batch_size=8)
+    summary = run_eval(mbc, rows, unrelated, tmp_path, config, mac)
+
+    methods = summary["methods"]
+    assert set(methods) == {"mbc", "mbc, unrelated bank", "mac", "base, raw question", "base, 3 worked examples",
+                            "base, gold document", "base, BM25 top-1"}
+    assert summary["documents"] == 5 and summary["questions"] == 30
+    k, dim = mbc.config.num_slots, mbc.layout.hidden_size
+    assert methods["mbc"]["bytes_per_document"] == packed_size(k, mbc.config.codebook_size)
+    assert methods["mac"]["bytes_per_document"] == k * dim * 4
+    assert methods["base, raw question"]["bytes_per_document"] == 0
+    assert methods["mbc"]["adapt_ms_per_document"] > 0 and methods["mbc"]["answer_ms_per_question"] > 0
+    for name in ("mbc", "mac"):  # streamed in steps of 2: 2, 4, 5 documents
+        curve = summary["retention"][name]
+        assert [p["documents"] for p in curve] == [2, 4, 5]
+        assert all(p["retention_percent"] is None or p["retention_percent"] >= 0 for p in curve)
+    assert summary["banks"]["mbc"]["mac_equivalent_bytes"] == 5 * k * dim * 4
+
+    with (tmp_path / "predictions.csv").open() as f:
+        records = list(csv.DictReader(f))
+    assert len(records) == 7 * 30 and {r["method"] for r in records} == set(methods)
+    assert json.loads((tmp_path / "summary.json").read_text())["questions"] == 30
+    assert (tmp_path / "retention.png").stat().st_size > 0 and (tmp_path / "bank_size.png").stat().st_size > 0
+    assert "mbc, unrelated bank" in format_table(summary)
+
+    again = run_eval(mbc, rows, unrelated, tmp_path, EvalConfig(retention_every=2, batch_size=8, methods=["mbc"]))
+    assert again["methods"]["mbc"] == {**methods["mbc"], **{k: again["methods"]["mbc"][k] for k in ("adapt_ms_per_document", "answer_ms_per_question")}}
