@@ -3,8 +3,9 @@
     .venv/bin/python bench/memory_use.py CHECKPOINT [--data generated] [--questions 24]
 
 Prints, for the validation split: how many distinct codes each slot takes over the documents
-(MBC), how far document vectors vary across documents against their size, and how much the
-modulation and the prefix move when the bank of the right documents is swapped for a bank of
+(MBC), how far document vectors vary across documents against their size, how far the modulation
+varies between questions, how many of the prefix blocks' tanh units are saturated, how sharp the
+first aggregation block's attention over the bank is, and how much the modulation and the prefix move when the bank of the right documents is swapped for a bank of
 as many unrelated (training) documents. If the prefix does not move, the answers cannot depend on
 the memory, whatever the scores say.
 """
@@ -12,11 +13,33 @@ the memory, whatever the scores say.
 from __future__ import annotations
 
 import argparse
+import math
 
 import torch
+import torch.nn.functional as F
 
 from mbc import MBCModel
 from mbc import data as qa_data
+
+
+def saturated_share(model: MBCModel, modulation: torch.Tensor) -> float:
+    """Share of the prefix blocks' tanh inputs with |x| > 3, where tanh is flat and ignores its input."""
+    expansion = model.prefix_expansion
+    if model.modulation_norm is not None:
+        modulation = model.modulation_norm(modulation)
+    blocks, x = expansion.blocks, torch.einsum("ok,bkd->bod", expansion.mix, modulation)
+    h = F.layer_norm(x, x.shape[-1:]) * blocks.norm_weight + blocks.norm_bias
+    return float(((torch.einsum("bsi,sih->bsh", h, blocks.w1) + blocks.b1).abs() > 3).float().mean())
+
+
+def first_block_attention(model: MBCModel, queries: torch.Tensor, memory: torch.Tensor) -> tuple[float, float]:
+    """Mean entropy and mean largest weight of the first aggregation block's attention over the bank."""
+    block = model.aggregator.blocks[0]
+    keys, _ = block.memory_keys_values(memory[None])
+    query = block._split_heads(block.to_q(block.norm_query(queries)))
+    weights = (query @ keys.transpose(-1, -2) / query.shape[-1] ** 0.5).softmax(-1)
+    entropy = -(weights * weights.clamp_min(1e-12).log()).sum(-1)
+    return float(entropy.mean()), float(weights.max(-1).values.mean())
 
 
 def main():
@@ -41,7 +64,12 @@ def main():
         memory, other = model.memory(model.compress(right)), model.memory(model.compress(unrelated))
         queries = model.queries(questions)
         with_right, with_other = model.modulation(questions, memory), model.modulation(questions, other)
-        print(f"question queries: mean norm {queries.norm(dim=-1).mean():.3f}; modulation: mean norm {with_right.norm(dim=-1).mean():.3f}")
+        print(f"question queries: mean norm {queries.norm(dim=-1).mean():.3f}; modulation: mean norm {with_right.norm(dim=-1).mean():.3f}, "
+              f"mean distance from its mean over questions {(with_right - with_right.mean(0)).norm(dim=-1).mean():.3f}")
+        print(f"prefix blocks: {saturated_share(model, with_right):.0%} of tanh inputs beyond |3| (saturated)")
+        entropy, most = first_block_attention(model, queries, memory)
+        print(f"first aggregation block: attention entropy {entropy:.2f} nats (uniform over the {len(memory)} "
+              f"bank vectors: {math.log(len(memory)):.2f}), largest weight {most:.3f}")
         print(f"modulation moved by swapping the bank: {(with_right - with_other).norm(dim=-1).mean():.4f}")
         prefix_right, prefix_other = model.prefix(with_right), model.prefix(with_other)
         moved = torch.stack([(a[1] - b[1]).norm(dim=-1).mean() for a, b in zip(prefix_right, prefix_other)]).mean()

@@ -41,10 +41,10 @@ def ingest(model: MBCModel, bank: MemoryBank, texts: list[str], metadata: list[d
            batch_size: int = 16, progress: bool = False) -> IngestReport:
     """Compress and append the texts the bank does not hold yet; a batch is stored atomically."""
     metadata = metadata if metadata is not None else [{} for _ in texts]
-    known = bank.known(texts)
-    fresh, seen = [], set(known)
-    for index, text in enumerate(texts):
-        digest = content_hash(text)
+    hashes = [content_hash(t) for t in texts]
+    ids = bank.ids_of_hashes(hashes)  # content hash -> id, filled in as batches are stored
+    fresh, seen = [], set(ids)
+    for index, digest in enumerate(hashes):
         if digest not in seen:
             seen.add(digest)
             fresh.append(index)
@@ -53,10 +53,10 @@ def ingest(model: MBCModel, bank: MemoryBank, texts: list[str], metadata: list[d
     for start in tqdm(range(0, len(fresh), batch_size), desc="adapt", unit="batch", disable=not progress):
         chunk = fresh[start : start + batch_size]
         chunk_texts = [texts[i] for i in chunk]
-        for text, added in zip(chunk_texts, bank.add(chunk_texts, model.compress(chunk_texts), [metadata[i] for i in chunk])):
-            known[content_hash(text)] = added.id
+        for index, added in zip(chunk, bank.add(chunk_texts, model.compress(chunk_texts), [metadata[i] for i in chunk])):
+            ids[hashes[index]] = added.id
     model.train(was_training)
-    return IngestReport(len(fresh), len(texts) - len(fresh), [known[content_hash(t)] for t in texts])
+    return IngestReport(len(fresh), len(texts) - len(fresh), [ids[h] for h in hashes])
 
 
 class _Reader:

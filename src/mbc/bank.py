@@ -163,7 +163,10 @@ class MemoryBank:
     # ---- writing ---------------------------------------------------------------------------
     def known(self, texts: list[str]) -> dict[str, int]:
         """content hash -> id, for those of ``texts`` already stored."""
-        hashes = [content_hash(t) for t in texts]
+        return self.ids_of_hashes([content_hash(t) for t in texts])
+
+    def ids_of_hashes(self, hashes: list[str]) -> dict[str, int]:
+        """content hash -> id, for those of ``hashes`` already stored."""
         found = {}
         for start in range(0, len(hashes), 500):
             chunk = hashes[start : start + 500]

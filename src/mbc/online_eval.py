@@ -89,13 +89,18 @@ def _answer_rows(answer, rows: list[QAExample], batch_size: int, timer: _Timer, 
     return predictions
 
 
+def _fresh_bank(model: MBCModel, path: Path) -> MemoryBank:
+    """An empty bank at ``path``: a previous evaluation's file (and its WAL) is removed first."""
+    for stale in path.parent.glob(path.name + "*"):
+        stale.unlink()
+    return MemoryBank.open(path, BankLayout.of(model))
+
+
 def _stream_into_bank(model: MBCModel, bank_path: Path, stream: list[str], rows: list[QAExample],
                       retention_rows: list[QAExample], config: EvalConfig, decoding: DecodingConfig, name: str):
     """Stream documents into a fresh bank in steps of ``retention_every``; after each step answer the
     retention questions again (after the last, every question). Returns the result and the curves."""
-    for stale in bank_path.parent.glob(bank_path.name + "*"):
-        stale.unlink()
-    bank = MemoryBank.open(bank_path, BankLayout.of(model))
+    bank = _fresh_bank(model, bank_path)
     reader = reader_for(model, bank)
     adapt, answer_timer = _Timer(), _Timer()
     ask = lambda chunk: answer_from_bank(model, reader, [r.question for r in chunk], decoding)  # noqa: E731
@@ -122,9 +127,7 @@ def _stream_into_bank(model: MBCModel, bank_path: Path, stream: list[str], rows:
 
 
 def _unrelated(model: MBCModel, bank_path: Path, unrelated_documents: list[str], rows, config, decoding) -> MethodResult:
-    for stale in bank_path.parent.glob(bank_path.name + "*"):
-        stale.unlink()
-    with MemoryBank.open(bank_path, BankLayout.of(model)) as bank:
+    with _fresh_bank(model, bank_path) as bank:
         ingest(model, bank, unrelated_documents, batch_size=config.batch_size, progress=True)
         reader, timer = reader_for(model, bank), _Timer()
         predictions = _answer_rows(lambda c: answer_from_bank(model, reader, [r.question for r in c], decoding),
@@ -158,9 +161,10 @@ def _bm25(stream: list[str], top_k: int):
 
 @torch.no_grad()
 def run_eval(mbc: MBCModel, rows: list[QAExample], unrelated_documents: list[str], output: str | Path,
-             config: EvalConfig | None = None, mac: MBCModel | None = None) -> dict:
+             config: EvalConfig | None = None, mac: MBCModel | None = None, notes: dict | None = None) -> dict:
     """Run every method of ``config.methods`` on ``rows`` (their documents streamed in order) and
-    write ``predictions.csv``, ``summary.json`` and the plots into ``output``; returns the summary."""
+    write ``predictions.csv``, ``summary.json`` (with ``notes`` added) and the plots into ``output``;
+    returns the summary."""
     from .plots import plot_bank_size, plot_retention
 
     config = config or EvalConfig()
@@ -204,6 +208,7 @@ def run_eval(mbc: MBCModel, rows: list[QAExample], unrelated_documents: list[str
         "retention": {name: [{**p, "retention_percent": 100 * p["retention_f1"] / curve[0]["retention_f1"] if curve[0]["retention_f1"] else None}
                              for p in curve] for name, curve in curves.items()},
         "peak_memory_gb": peak_memory_gb(),
+        **(notes or {}),
     }
     _write_predictions(output / "predictions.csv", rows, results)
     (output / "summary.json").write_text(json.dumps(summary, indent=2))

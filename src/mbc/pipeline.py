@@ -66,8 +66,5 @@ def run_main_job(job: MainJobConfig | None = None) -> dict:
     rows = qa_data.first_documents(splits["test"], job.documents)
     mbc = MBCModel.from_pretrained(checkpoints["mbc"]).eval()
     mac = MBCModel.from_pretrained(checkpoints["mac"]).eval()
-    summary = run_eval(mbc, rows, qa_data.documents(splits["train"]), job.output,
-                       EvalConfig(retention_every=job.retention_every), mac)
-    summary["checkpoints"] = {k: str(v) for k, v in checkpoints.items()}
-    (Path(job.output) / "summary.json").write_text(json.dumps(summary, indent=2))
-    return summary
+    return run_eval(mbc, rows, qa_data.documents(splits["train"]), job.output, EvalConfig(retention_every=job.retention_every),
+                    mac, notes={"checkpoints": {k: str(v) for k, v in checkpoints.items()}})

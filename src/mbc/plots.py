@@ -43,7 +43,7 @@ def plot_loss_curve(metrics_path: Path, png_path: Path) -> None:
     plt.close(fig)
 
 
-def _finish(fig, ax, xlabel: str, ylabel: str, png_path: Path, log_y: bool = False) -> None:
+def _finish(plt, fig, ax, xlabel: str, ylabel: str, png_path: Path, log_y: bool = False) -> None:
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     if log_y:
@@ -51,7 +51,7 @@ def _finish(fig, ax, xlabel: str, ylabel: str, png_path: Path, log_y: bool = Fal
     ax.legend()
     fig.tight_layout()
     fig.savefig(png_path, dpi=100)
-    fig.clf()
+    plt.close(fig)
 
 
 def plot_retention(curves: dict[str, list[dict]], png_path: Path) -> None:
@@ -61,8 +61,7 @@ def plot_retention(curves: dict[str, list[dict]], png_path: Path) -> None:
     for name, curve in curves.items():
         points = [p for p in curve if p.get("retention_percent") is not None]
         ax.plot([p["documents"] for p in points], [p["retention_percent"] for p in points], "o-", label=name.upper())
-    _finish(fig, ax, "documents streamed", "F1 retention (%)", png_path)
-    plt.close(fig)
+    _finish(plt, fig, ax, "documents streamed", "F1 retention (%)", png_path)
 
 
 def plot_bank_size(curves: dict[str, list[dict]], png_path: Path) -> None:
@@ -74,5 +73,4 @@ def plot_bank_size(curves: dict[str, list[dict]], png_path: Path) -> None:
     if "mac" not in curves and curves:
         curve = next(iter(curves.values()))
         ax.plot([p["documents"] for p in curve], [p["mac_equivalent_bytes"] for p in curve], "s--", label="MAC float32 (same documents)")
-    _finish(fig, ax, "documents streamed", "bytes", png_path, log_y=True)
-    plt.close(fig)
+    _finish(plt, fig, ax, "documents streamed", "bytes", png_path, log_y=True)
