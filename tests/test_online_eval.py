@@ -27,6 +27,7 @@ def test_eval_runs_every_method_and_writes_its_outputs(tiny_model, tmp_path):
         assert [p["documents"] for p in curve] == [2, 4, 5]
         assert all(p["retention_percent"] is None or p["retention_percent"] >= 0 for p in curve)
     assert summary["banks"]["mbc"]["mac_equivalent_bytes"] == 5 * k * dim * 4
+    assert summary["bm25_recall_percent"] == 100  # each generated question names its invented entity
 
     with (tmp_path / "predictions.csv").open() as f:
         records = list(csv.DictReader(f))

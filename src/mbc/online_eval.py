@@ -152,9 +152,9 @@ def _bm25(stream: list[str], top_k: int):
     retriever.index(bm25s.tokenize(stream, stopwords="en", show_progress=False), show_progress=False)
     k = min(top_k, len(stream))
 
-    def retrieve(question: str) -> str:
+    def retrieve(question: str) -> list[str]:
         found, _ = retriever.retrieve(bm25s.tokenize([question], stopwords="en", show_progress=False), k=k, show_progress=False)
-        return "\n\n".join(stream[int(i)] for i in found[0])
+        return [stream[int(i)] for i in found[0]]
 
     return retrieve
 
@@ -177,7 +177,7 @@ def run_eval(mbc: MBCModel, rows: list[QAExample], unrelated_documents: list[str
     stream = documents(rows)
     retention_rows = [r for r in rows if r.document in set(stream[: config.retention_every])]
     text_bytes = sum(len(d.encode("utf-8")) for d in stream) / max(len(stream), 1)
-    results, curves, bank_sizes = {}, {}, {}
+    results, curves, bank_sizes, bm25_recall = {}, {}, {}, None
     methods = [m for m in config.methods if m != "mac" or mac is not None]
     for method in methods:
         if method in ("mbc", "mac"):
@@ -194,9 +194,11 @@ def run_eval(mbc: MBCModel, rows: list[QAExample], unrelated_documents: list[str
             results[method] = _base(mbc, rows, lambda r: context_prompt(r.document, r.question), config, decoding, method, text_bytes)
         else:  # "base, BM25 top-k"
             retrieve = _bm25(stream, config.bm25_top_k)
+            retrieved = {id(r): retrieve(r.question) for r in rows}
             name = f"base, BM25 top-{config.bm25_top_k}"
-            results[name] = _base(mbc, rows, lambda r: context_prompt(retrieve(r.question), r.question), config, decoding,
-                                  name, text_bytes)
+            results[name] = _base(mbc, rows, lambda r: context_prompt("\n\n".join(retrieved[id(r)]), r.question), config,
+                                  decoding, name, text_bytes)
+            bm25_recall = 100 * sum(r.document in retrieved[id(r)] for r in rows) / max(len(rows), 1)
 
     golds = [list(r.answers) for r in rows]
     summary = {
@@ -207,6 +209,7 @@ def run_eval(mbc: MBCModel, rows: list[QAExample], unrelated_documents: list[str
         "banks": bank_sizes,
         "retention": {name: [{**p, "retention_percent": 100 * p["retention_f1"] / curve[0]["retention_f1"] if curve[0]["retention_f1"] else None}
                              for p in curve] for name, curve in curves.items()},
+        "bm25_recall_percent": bm25_recall,  # questions whose own document BM25 put into the prompt
         "peak_memory_gb": peak_memory_gb(),
         **(notes or {}),
     }
