@@ -70,7 +70,7 @@ def part_adapt(args) -> dict:
         seconds = time.perf_counter() - start
         sizes = bank.sizes()
     return {"data": spec, "documents": len(texts), "questions": len(rows), "adapt_ms": 1000 * seconds / len(texts),
-            "documents_per_second": len(texts) / seconds, "bytes_per_document": sizes["entry_bytes"] / sizes["documents"],
+            "documents_per_second": len(texts) / seconds, "bytes_per_document": sizes["stored_bytes"] / sizes["documents"],
             "file_bytes": sizes["file_bytes"], "adapt_peak_gb": _peak_gb()}
 
 

@@ -1,6 +1,6 @@
 """Can the adapter learn to read a document from its memory? The easiest case, measured.
 
-    .venv/bin/python bench/own_document.py [--lr 3e-4] [--steps 200] [--threads 2] [--set KEY=VALUE ...]
+    .venv/bin/python bench/own_document.py [--lr 3e-4] [--codebook-lr LR] [--steps 200] [--threads 2] [--set KEY=VALUE ...]
 
 Trains the CPU preset (bundled SmolLM2 + MiniLM) on generated documents where every question sees
 a bank of its own document only, on the questions whose answers come from small closed sets
@@ -21,6 +21,7 @@ import torch
 from mbc import MBCConfig, MBCModel
 from mbc.generated import COLOURS, PRODUCTS, PROFESSIONS, generate_examples
 from mbc.presets import preset
+from mbc.train import TrainConfig, _parameter_groups
 
 
 def qa_loss(model: MBCModel, rows, documents: list[str]) -> torch.Tensor:
@@ -36,6 +37,7 @@ def qa_loss(model: MBCModel, rows, documents: list[str]) -> torch.Tensor:
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--lr", type=float, default=3e-4, help="new modules; the encoder gets a tenth")
+    parser.add_argument("--codebook-lr", type=float, default=None, help="the codebook (default: --lr)")
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--threads", type=int, default=2)
@@ -55,16 +57,17 @@ def main():
     others = [r.document for r in test][7:] + [r.document for r in test][:7]  # each question gets another's document
     print(f"{len(train)} training questions, {len(test)} held-out questions", flush=True)
 
-    encoder = [p for n, p in model.named_parameters() if p.requires_grad and ".encoder." in n]
-    fresh = [p for n, p in model.named_parameters() if p.requires_grad and ".encoder." not in n]
-    optimizer = torch.optim.Adam([{"params": fresh, "lr": args.lr}, {"params": encoder, "lr": args.lr / 10}])
+    train_config = TrainConfig(learning_rate=args.lr, encoder_learning_rate=args.lr / 10, codebook_learning_rate=args.codebook_lr)
+    groups = _parameter_groups(model, train_config)
+    optimizer = torch.optim.Adam(groups)
+    parameters = [p for group in groups for p in group["params"]]
     rng, running, start = random.Random(0), 0.0, time.time()
     for step in range(1, args.steps + 1):
         batch = rng.sample(train, args.batch)
         loss = qa_loss(model, batch, [r.document for r in batch])
         optimizer.zero_grad()
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(fresh + encoder, 1.0)
+        torch.nn.utils.clip_grad_norm_(parameters, 1.0)
         optimizer.step()
         running += loss.item()
         if step % 25 == 0:

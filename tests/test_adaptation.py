@@ -4,7 +4,9 @@ import torch
 
 from conftest import DOCUMENTS, QUESTIONS
 from mbc import MBCError
-from mbc.adaptation import CodeCountReader, FullReader, WindowedReader, answer_from_bank, ingest, reader_for
+from mbc.adaptation import (
+    CodeCountReader, FullReader, RetrievalReader, WindowedReader, answer_from_bank, ingest, reader_for,
+)
 from mbc.bank import BankLayout, MemoryBank
 
 MORE = [f"Document number {i} tells of the {w} harbour of Vell{i}." for i, w in enumerate("old new red far wide".split())]
@@ -99,3 +101,26 @@ def test_mode_mismatch_and_empty_bank_are_clear_errors(tiny_model, tmp_path):
             FullReader(mac, bank)
         with pytest.raises(MBCError, match="unknown reader"):
             reader_for(model, bank, "nearest")
+
+
+@pytest.mark.parametrize("quantize", [True, False])
+def test_retrieval_reader_equals_the_model_over_the_whole_bank(tiny_model, tmp_path, quantize):
+    model = tiny_model(retrieval_top_k=2, retrieval_subspaces=4, retrieval_codes=4, quantize=quantize)
+    model.fit_retrieval_keys(DOCUMENTS + MORE)
+    model.train()
+    model(DOCUMENTS + MORE, QUESTIONS, ["a", "b"], question_documents=[0, 1])  # real codes, as in trained_codes
+    model.eval()
+    with open_bank(model, tmp_path / "bank.db") as bank:
+        first = ingest(model, bank, DOCUMENTS)
+        reader = reader_for(model, bank)
+        assert isinstance(reader, RetrievalReader)
+        reader.modulation(QUESTIONS)
+        ingest(model, bank, MORE)
+        bank.remove(first.ids[1])  # the reader keeps its keys up to date: new documents keyed, removed ones dropped
+        expected = model.modulation(QUESTIONS, model.memory(bank.entries()), document_keys=bank.retrieval_keys())
+        assert torch.allclose(reader.modulation(QUESTIONS), expected, atol=1e-5)
+        assert len(reader.ids) == len(bank) == 7
+        top = model.top_documents(QUESTIONS, bank.retrieval_keys())
+        assert reader.top_ids(QUESTIONS) == [[bank.ids()[p] for p in row] for row in top.tolist()]
+        with pytest.raises(MBCError, match="RetrievalReader"):
+            FullReader(model, bank)

@@ -1,3 +1,4 @@
+import json
 import os
 import signal
 import sqlite3
@@ -100,7 +101,7 @@ def test_sizes_account_for_entries_codebook_and_mac(tmp_path):
     with MemoryBank.open(tmp_path / "bank.db", LAYOUT) as bank:
         bank.add(["a", "b"], random_entries(2))
         sizes = bank.sizes()
-    assert sizes["entry_bytes"] == 2 * 9  # 8 indices x 9 bits = 72 bits = 9 bytes per document
+    assert sizes["entry_bytes"] == sizes["stored_bytes"] == 2 * 9  # 8 indices x 9 bits = 72 bits = 9 bytes per document; no keys
     assert sizes["codebook_bytes"] == 2 * 512 * 8 * 4
     assert sizes["mac_equivalent_bytes"] == 2 * 4 * 8 * 4
 
@@ -138,3 +139,46 @@ def test_a_process_killed_mid_ingest_leaves_only_whole_documents(tmp_path):
         assert counts.sum() == count * 4  # counts agree with the rows
         bank.add(["after the crash"], random_entries(1))  # and the bank takes new documents
         assert len(bank) == count + 1
+
+
+KEYED = BankLayout("mbc", num_slots=4, stages=1, codebook_size=512, dim=8, fingerprint="abc", key_pieces=8, key_codes=256)
+
+
+def test_retrieval_keys_round_trip_and_are_required_by_a_keyed_bank(tmp_path):
+    keys = np.random.default_rng(1).integers(0, 256, (4, 8)).astype(np.uint8)
+    texts = [f"doc {i}" for i in range(4)]
+    with MemoryBank.open(tmp_path / "keyed.db", KEYED) as bank:
+        with pytest.raises(MBCError, match="needs keys="):
+            bank.add(texts, random_entries(4, KEYED))
+        with pytest.raises(MBCError, match=r"shape \(8,\)"):
+            bank.add(texts, random_entries(4, KEYED), keys=keys[:, :5])
+        assert len(bank) == 0
+        added = bank.add(texts, random_entries(4, KEYED), keys=keys)
+        np.testing.assert_array_equal(bank.retrieval_keys(), keys)
+        np.testing.assert_array_equal(bank.retrieval_keys([added[2].id, added[0].id]), keys[[2, 0]])
+        assert bank.sizes()["key_bytes"] == 4 * 8
+    with MemoryBank.open(tmp_path / "plain.db", LAYOUT) as bank:
+        with pytest.raises(MBCError, match="stores no retrieval keys"):
+            bank.add(texts, random_entries(4), keys=keys)
+        with pytest.raises(MBCError, match="stores no retrieval keys"):
+            bank.retrieval_keys()
+    with pytest.raises(MBCError, match="another bank layout"):
+        MemoryBank.open(tmp_path / "keyed.db", BankLayout(**{**KEYED.__dict__, "key_pieces": 4}))
+
+
+def test_a_format_1_bank_is_upgraded_on_opening(tmp_path):
+    path = tmp_path / "old.db"
+    with MemoryBank.open(path, LAYOUT) as bank:
+        bank.add(["old doc"], random_entries(1))
+    # What format 1 looked like: no retrieval_key column, no key fields in the stored layout.
+    connection = sqlite3.connect(path)
+    with connection:
+        connection.execute("ALTER TABLE documents DROP COLUMN retrieval_key")
+        old_layout = {k: v for k, v in LAYOUT.__dict__.items() if not k.startswith("key_")}
+        connection.execute("UPDATE meta SET value = ? WHERE key = 'layout'", (json.dumps(old_layout, sort_keys=True),))
+        connection.execute("UPDATE meta SET value = '1' WHERE key = 'format_version'")
+    connection.close()
+    with MemoryBank.open(path, LAYOUT) as bank:
+        assert len(bank) == 1
+        bank.add(["new doc"], random_entries(1, seed=2))
+        assert len(bank.entries()) == 2

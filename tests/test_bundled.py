@@ -30,7 +30,7 @@ def test_bundled_models_encode_two_documents_and_answer(bundled):
 
 @pytest.mark.integration
 def test_bundled_sizes(bundled):
-    assert bundled.bytes_per_document() == {"mbc": 14, "mac": 12 * 576 * 4, "codebook_total": 512 * 576 * 4}
+    assert bundled.bytes_per_document() == {"mbc": 14, "mac": 12 * 576 * 4, "codebook_total": 512 * 576 * 4, "retrieval_key": 0}
     counts = bundled.parameter_counts()
     assert 134_000_000 < counts["frozen"] < 135_000_000  # SmolLM2's 134.5M (MiniLM is fine-tuned, so trainable)
 

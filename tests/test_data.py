@@ -84,6 +84,15 @@ def test_generated_data_is_seeded_and_splits_share_no_entity():
     assert not entities(splits["train"]) & entities(splits["test"])
 
 
+def test_generated_spec_takes_a_seed_and_a_document_count():
+    assert len(documents(load("generated:2:30"))) == 30
+    assert load("generated:2:30") == generate_examples(30, 2)
+    assert len(documents(load("generated"))) == 1200
+    for bad in ("generated:x", "generated:1:5", "generated:1:20:3"):
+        with pytest.raises(MBCError, match="generated"):
+            load(bad)
+
+
 def test_squad_metrics():
     assert normalize("The  Eiffel-Tower!") == "eiffeltower"
     assert exact_match("the Eiffel Tower", ["Eiffel Tower", "tower"]) == 1.0

@@ -163,3 +163,14 @@ def test_fingerprint_covers_slot_norm_statistics(tiny_model):
     first = model.codebook_fingerprint()
     model.amortization.slot_norm.running_std += 1
     assert model.codebook_fingerprint() != first
+
+
+@pytest.mark.parametrize("llm", ["gpt2", "llama"])
+def test_qa_loss_equals_the_llms_own_loss_on_the_answer_tokens(tiny_model, llm):
+    model = tiny_model(llm).eval()
+    memory = model.memory(model.compress(DOCUMENTS))
+    prefix = model.prefix(model.modulation(QUESTIONS, memory))
+    ids, mask, labels = model.training_inputs(QUESTIONS, ANSWERS)
+    with prefix_in(model.layout, prefix):
+        expected = model.llm(input_ids=ids, attention_mask=mask, labels=labels).loss
+    assert torch.allclose(model.qa_loss(QUESTIONS, ANSWERS, prefix), expected, atol=1e-5)

@@ -17,11 +17,12 @@ from mbc.train import TrainConfig, train
 ROWS = split_by_group(generate_examples(30, seed=1), {"train": 0.8, "validation": 0.2})
 
 
-def _train(tiny_paths, out, **overrides):
+def _train(tiny_paths, out, model_overrides: dict | None = None, **overrides):
     values = dict(output_dir=str(out), batch_size=4, learning_rate=3e-3, max_steps=4, eval_every=1000, log_every=1,
                   eval_questions=6, seed=0)
     values.update(overrides)
-    return train(tiny_config(tiny_paths, "gpt2", "bert", lora_dropout=0.0), TrainConfig(**values), ROWS["train"], ROWS["validation"])
+    config = tiny_config(tiny_paths, "gpt2", "bert", lora_dropout=0.0, **(model_overrides or {}))
+    return train(config, TrainConfig(**values), ROWS["train"], ROWS["validation"])
 
 
 def test_training_writes_metrics_and_checkpoints(tiny_paths, tmp_path):
@@ -40,6 +41,26 @@ def test_training_lowers_the_loss(tiny_paths, tmp_path):
     _train(tiny_paths, tmp_path, max_steps=30, log_every=5, learning_rate=1e-2)
     losses = [json.loads(line)["qa"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines() if '"train"' in line]
     assert losses[-1] < 0.9 * losses[0]
+
+
+def test_training_with_retrieval_keys_fits_them_once(tiny_paths, tmp_path):
+    keys = dict(retrieval_top_k=2, retrieval_subspaces=4, retrieval_codes=4)
+    metrics = _train(tiny_paths, tmp_path, keys, max_steps=2)
+    assert set(metrics) == {"em", "f1", "lenient_em", "loss"}
+    first = load_file(tmp_path / "last" / WEIGHTS_NAME)
+    assert bool(first["retrieval_keys.fitted"]) and first["retrieval_keys.centroids"].abs().sum() > 0
+    _train(tiny_paths, tmp_path, keys, max_steps=4)  # resumed: the centroids come from the checkpoint, not a new fit
+    assert torch.equal(load_file(tmp_path / "last" / WEIGHTS_NAME)["retrieval_keys.centroids"], first["retrieval_keys.centroids"])
+
+
+def test_codebook_gets_its_own_learning_rate(tiny_model):
+    from mbc.train import _parameter_groups
+
+    model = tiny_model()
+    groups = _parameter_groups(model, TrainConfig(learning_rate=1e-3, encoder_learning_rate=1e-4, codebook_learning_rate=1e-2))
+    rates = {group["lr"]: group["params"] for group in groups}
+    assert set(rates) == {1e-3, 1e-4, 1e-2}
+    assert rates[1e-2] == [model.quantizer.stages[0].codebook]
 
 
 def test_resume_continues_exactly(tiny_paths, tmp_path):

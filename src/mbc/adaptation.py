@@ -14,11 +14,17 @@ batch. A reader turns a bank into each question's modulation:
   outputs, until one remains. The preselection keeps the cost per question bounded; its score is
   the first aggregation block's attention logit between the question's mean query and each
   document's mean vector.
+- ``RetrievalReader`` (a model with ``retrieval_top_k`` > 0, retrieval.py): each question reads
+  only the top-k documents by their stored retrieval keys. The keys are kept in memory (a few
+  bytes per document), so a question costs one table lookup per key piece and document, plus
+  attention over k documents.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+import numpy as np
 
 import torch
 from tqdm.auto import tqdm
@@ -53,7 +59,8 @@ def ingest(model: MBCModel, bank: MemoryBank, texts: list[str], metadata: list[d
     for start in tqdm(range(0, len(fresh), batch_size), desc="adapt", unit="batch", disable=not progress):
         chunk = fresh[start : start + batch_size]
         chunk_texts = [texts[i] for i in chunk]
-        for index, added in zip(chunk, bank.add(chunk_texts, model.compress(chunk_texts), [metadata[i] for i in chunk])):
+        keys = model.retrieval_keys_of(chunk_texts) if model.retrieval_keys is not None else None
+        for index, added in zip(chunk, bank.add(chunk_texts, model.compress(chunk_texts), [metadata[i] for i in chunk], keys)):
             ids[hashes[index]] = added.id
     model.train(was_training)
     return IngestReport(len(fresh), len(texts) - len(fresh), [ids[h] for h in hashes])
@@ -63,6 +70,9 @@ class _Reader:
     """Keeps what it derives from a bank until the bank changes."""
 
     def __init__(self, model: MBCModel, bank: MemoryBank):
+        if model.retrieval_keys is not None and not isinstance(self, RetrievalReader):
+            raise MBCError(f"this model reads only its top {model.config.retrieval_top_k} documents per question "
+                           "(retrieval_top_k): read its bank with RetrievalReader (reader 'auto' or 'retrieval')")
         if bank.layout.mode != ("mbc" if model.quantizer is not None else "mac"):
             raise MBCError(f"a {bank.layout.mode.upper()} bank cannot be read by a model with quantize={model.config.quantize}")
         self.model, self.bank, self._version = model, bank, None
@@ -111,7 +121,38 @@ class CodeCountReader(_Reader):
                                      memory_keys_values=self.keys_values)
 
 
-class WindowedReader(_Reader):
+class _DocumentKeysReader(_Reader):
+    """Keeps one key per stored document, updated incrementally: only documents added since the
+    last look are keyed; removed ones are dropped."""
+
+    def __init__(self, model: MBCModel, bank: MemoryBank):
+        super().__init__(model, bank)
+        self.ids: list[int] = []
+        self.document_keys = None
+
+    def _prepare(self) -> None:
+        ids = self.bank.ids()
+        current, known = set(ids), set(self.ids)
+        keep = [i for i, d in enumerate(self.ids) if d in current]
+        new = [d for d in ids if d not in known]
+        keys = [self.document_keys[keep]] if self.document_keys is not None else []
+        keys += [self._keys(new[start : start + 4096]) for start in range(0, len(new), 4096)]
+        self.ids = [self.ids[i] for i in keep] + new
+        self.document_keys = torch.cat(keys)  # [N, key width]
+
+    def _keys(self, ids: list[int]) -> torch.Tensor:
+        """One key per document of these bank ids, [n, key width]."""
+        raise NotImplementedError
+
+    def _documents(self, positions: list[int]) -> torch.Tensor:
+        """Stored vectors of the documents at these positions of ``self.ids``, [n, K, dim]."""
+        return self._documents_by_id([self.ids[i] for i in positions])
+
+    def _documents_by_id(self, ids: list[int]) -> torch.Tensor:
+        return self.model.memory(self.bank.entries(ids)).view(len(ids), -1, self.model.layout.hidden_size)
+
+
+class WindowedReader(_DocumentKeysReader):
     """Top-k documents by a cheap score, then windowed hierarchical aggregation over them."""
 
     def __init__(self, model: MBCModel, bank: MemoryBank, window: int = 16, top_k: int = 64):
@@ -119,35 +160,21 @@ class WindowedReader(_Reader):
             raise MBCError(f"window must be >= 2 and top_k >= 1, got {window} and {top_k}")
         super().__init__(model, bank)
         self.window, self.top_k = window, top_k
-        self.ids: list[int] = []
-        self.document_keys = None
 
-    def _prepare(self) -> None:
-        # Only documents added since the last look are read and scored; removed ones are dropped.
-        ids = self.bank.ids()
-        current = set(ids)
-        keep = [i for i, d in enumerate(self.ids) if d in current]
-        known = set(self.ids)
-        new = [d for d in ids if d not in known]
-        keys = [self.document_keys[keep]] if self.document_keys is not None and keep else []
-        for start in range(0, len(new), 4096):
-            entries = self.bank.entries(new[start : start + 4096])
-            means = self.model.memory(entries).view(len(entries), -1, self.model.layout.hidden_size).mean(1)
-            keys.append(self.model.aggregator.blocks[0].memory_keys_values(means[None])[0][0].transpose(0, 1).flatten(1))
-        self.ids = [self.ids[i] for i in keep] + new
-        self.document_keys = torch.cat(keys)  # [N, heads * head_dim]
+    def _keys(self, ids):
+        means = self._documents_by_id(ids).mean(1)
+        return self.model.aggregator.blocks[0].memory_keys_values(means[None])[0][0].transpose(0, 1).flatten(1)
 
     def _modulation(self, questions):
         queries = self.model.queries(questions)
         first = self.model.aggregator.blocks[0]
         question_keys = first.to_q(first.norm_query(queries)).mean(1)  # [B, heads * head_dim]
         top = (question_keys @ self.document_keys.T).topk(min(self.top_k, len(self.ids)), dim=1).indices
-        return torch.cat([self._hierarchical(queries[b : b + 1], [self.ids[i] for i in top[b].tolist()])
-                          for b in range(len(questions))])
+        return torch.cat([self._hierarchical(queries[b : b + 1], top[b].tolist()) for b in range(len(questions))])
 
-    def _hierarchical(self, queries: torch.Tensor, ids: list[int]) -> torch.Tensor:
+    def _hierarchical(self, queries: torch.Tensor, positions: list[int]) -> torch.Tensor:
         dim = self.model.layout.hidden_size
-        level = self.model.memory(self.bank.entries(ids)).view(len(ids), -1, dim)  # [items, vectors, dim]
+        level = self._documents(positions)  # [items, vectors, dim]
         while True:
             outputs = [self.model.aggregator(queries, level[s : s + self.window].reshape(1, -1, dim))
                        for s in range(0, len(level), self.window)]
@@ -156,11 +183,38 @@ class WindowedReader(_Reader):
             level = torch.cat(outputs)  # each window's K aggregated vectors: the next level's items
 
 
+class RetrievalReader(_DocumentKeysReader):
+    """Each question reads only the top-k documents by their stored retrieval keys (retrieval.py):
+    the same modulation as ``MBCModel.modulation`` over the whole bank, but only the chosen
+    documents are decoded."""
+
+    def __init__(self, model: MBCModel, bank: MemoryBank):
+        if model.retrieval_keys is None:
+            raise MBCError("RetrievalReader needs a model with retrieval keys (retrieval_top_k > 0)")
+        super().__init__(model, bank)
+
+    def _keys(self, ids):
+        return torch.as_tensor(self.bank.retrieval_keys(ids).astype(np.int64))
+
+    def top_ids(self, questions: list[str]) -> list[list[int]]:
+        """Bank ids of the documents each question reads, best first."""
+        self.modulation(questions[:1])  # brings the keys up to date
+        return [[self.ids[p] for p in row] for row in self.model.top_documents(questions, self.document_keys).tolist()]
+
+    def _modulation(self, questions):
+        top = self.model.top_documents(questions, self.document_keys)
+        needed = sorted(set(top.flatten().tolist()))
+        position = {p: j for j, p in enumerate(needed)}
+        where = torch.as_tensor([position[p] for p in top.flatten().tolist()], device=self.model.device).view_as(top)
+        return self.model.read_documents(self.model.queries(questions), self._documents(needed)[where])
+
+
 def reader_for(model: MBCModel, bank: MemoryBank, kind: str = "auto", **options) -> _Reader:
-    """``auto``: code counts for an MBC bank, windows over top-k documents for a MAC bank."""
-    kinds = {"full": FullReader, "counts": CodeCountReader, "windowed": WindowedReader}
+    """``auto``: retrieval keys when the model has them, else code counts for an MBC bank and
+    windows over top-k documents for a MAC bank."""
+    kinds = {"full": FullReader, "counts": CodeCountReader, "windowed": WindowedReader, "retrieval": RetrievalReader}
     if kind == "auto":
-        kind = "counts" if bank.layout.mode == "mbc" else "windowed"
+        kind = "retrieval" if model.retrieval_keys is not None else "counts" if bank.layout.mode == "mbc" else "windowed"
     if kind not in kinds:
         raise MBCError(f"unknown reader '{kind}'; choose auto, {', '.join(kinds)}")
     return kinds[kind](model, bank, **options)

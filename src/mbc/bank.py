@@ -1,7 +1,8 @@
 """The memory bank on disk: one SQLite file that outlives the process.
 
 Each stored document is one row: an id, the SHA-256 of its text (so re-adding the same content is
-detected), its entry (MBC: the K code indices, bit-packed; MAC: K float32 vectors) and JSON
+detected), its entry (MBC: the K code indices, bit-packed; MAC: K float32 vectors), its retrieval
+key when the model has one (a few bit-packed product-quantizer indices, retrieval.py) and JSON
 metadata. Beside the rows the file keeps:
 
 - ``meta``: the bank's layout (mode, K, stages, codebook size, width) and the fingerprint of the
@@ -20,7 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import sqlite3
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +29,7 @@ import numpy as np
 from .errors import MBCError
 from .packing import index_dtype, pack_indices, packed_size, unpack_indices
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: documents gained the retrieval_key column (a format-1 file is upgraded on opening)
 
 
 def content_hash(text: str) -> str:
@@ -45,13 +46,16 @@ class BankLayout:
     codebook_size: int
     dim: int
     fingerprint: str | None  # of the model that gives the entries their meaning
+    key_pieces: int = 0  # retrieval key: indices per document (0: the model has no retrieval keys)
+    key_codes: int = 0  # ... each among this many centroids
 
     @classmethod
     def of(cls, model) -> "BankLayout":
         config = model.config
         mode = "mbc" if config.quantize else "mac"
+        keys = (config.retrieval_subspaces, config.retrieval_codes) if config.retrieval_top_k else (0, 0)
         return cls(mode, config.num_slots, config.codebook_stages, config.codebook_size, model.layout.hidden_size,
-                   model.bank_fingerprint())
+                   model.bank_fingerprint(), *keys)
 
     @property
     def entry_shape(self) -> tuple[int, int]:
@@ -76,6 +80,25 @@ class BankLayout:
         if len(blob) != self.entry_bytes:
             raise MBCError(f"a stored MAC entry has {len(blob)} bytes, expected {self.entry_bytes}: the bank is damaged")
         return np.frombuffer(blob, dtype="<f4").reshape(self.entry_shape).astype(np.float32)
+
+    @property
+    def key_bytes(self) -> int:
+        return packed_size(self.key_pieces, self.key_codes) if self.key_pieces else 0
+
+    def encode_key(self, key: np.ndarray | None) -> bytes | None:
+        if not self.key_pieces:
+            if key is not None:
+                raise MBCError("this bank stores no retrieval keys (its model has retrieval_top_k = 0), but keys were given")
+            return None
+        if key is None:
+            raise MBCError("this bank's model reads by retrieval keys (retrieval_top_k > 0): add() needs keys= as well")
+        key = np.asarray(key)
+        if key.shape != (self.key_pieces,):
+            raise MBCError(f"a retrieval key must have shape ({self.key_pieces},), got {tuple(key.shape)}")
+        return pack_indices(key, self.key_codes)
+
+    def decode_key(self, blob: bytes) -> np.ndarray:
+        return unpack_indices(blob, self.key_pieces, self.key_codes)
 
     def vector_keys(self, entry: np.ndarray) -> np.ndarray:
         """One integer per stored vector (its code tuple, in base ``codebook_size``): what the counts count."""
@@ -106,7 +129,8 @@ CREATE TABLE IF NOT EXISTS documents (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     content_hash TEXT NOT NULL UNIQUE,
     entry BLOB NOT NULL,
-    metadata TEXT NOT NULL
+    metadata TEXT NOT NULL,
+    retrieval_key BLOB
 );
 CREATE TABLE IF NOT EXISTS code_counts (vector_key INTEGER PRIMARY KEY, count INTEGER NOT NULL);
 """
@@ -134,6 +158,8 @@ class MemoryBank:
             with connection:
                 connection.executescript(_SCHEMA)
             stored = dict(connection.execute("SELECT key, value FROM meta").fetchall())
+            if stored.get("format_version") == "1":
+                stored["format_version"] = cls._upgrade_from_format_1(connection)
         except sqlite3.DatabaseError as error:
             raise MBCError(f"{path} is not a readable memory bank ({error})") from error
         wanted = {"format_version": str(FORMAT_VERSION), "layout": json.dumps(layout.__dict__, sort_keys=True)}
@@ -143,6 +169,13 @@ class MemoryBank:
         else:
             cls._check_layout(path, stored, layout)
         return cls(connection, layout, path)
+
+    @staticmethod
+    def _upgrade_from_format_1(connection: sqlite3.Connection) -> str:
+        with connection:
+            connection.execute("ALTER TABLE documents ADD COLUMN retrieval_key BLOB")
+            connection.execute("UPDATE meta SET value = ? WHERE key = 'format_version'", (str(FORMAT_VERSION),))
+        return str(FORMAT_VERSION)
 
     @staticmethod
     def _check_layout(path: Path, stored: dict, layout: BankLayout) -> None:
@@ -156,7 +189,8 @@ class MemoryBank:
                 "its entries would be read as other vectors. Open it with the checkpoint that wrote it, or start a new bank file."
             )
         mine = layout.__dict__
-        differing = {k: (theirs[k], mine[k]) for k in mine if theirs.get(k) != mine[k]}
+        defaults = {f.name: f.default for f in fields(BankLayout)}  # fields added since the file was written
+        differing = {k: (theirs.get(k, defaults[k]), mine[k]) for k in mine if theirs.get(k, defaults[k]) != mine[k]}
         if differing:
             raise MBCError(f"{path} was written with another bank layout (stored, this model): {differing}")
 
@@ -175,24 +209,31 @@ class MemoryBank:
             found.update(rows.fetchall())
         return found
 
-    def add(self, texts: list[str], entries: np.ndarray, metadata: list[dict] | None = None) -> list[Added]:
-        """Store each text's entry (as ``model.compress`` returns them), all in one transaction.
-        A text whose content is already stored (here or earlier in ``texts``) is not stored again."""
+    def add(self, texts: list[str], entries: np.ndarray, metadata: list[dict] | None = None,
+            keys: np.ndarray | None = None) -> list[Added]:
+        """Store each text's entry (as ``model.compress`` returns them) and retrieval key (as
+        ``model.retrieval_keys_of`` returns them; only for a model with retrieval keys), all in one
+        transaction. A text whose content is already stored (here or earlier in ``texts``) is not
+        stored again."""
         metadata = metadata if metadata is not None else [{} for _ in texts]
-        if not (len(texts) == len(entries) == len(metadata)):
-            raise MBCError(f"add() got {len(texts)} texts, {len(entries)} entries and {len(metadata)} metadata records")
+        key_list = list(keys) if keys is not None else [None] * len(texts)
+        if not (len(texts) == len(entries) == len(metadata) == len(key_list)):
+            raise MBCError(f"add() got {len(texts)} texts, {len(entries)} entries, {len(key_list)} keys "
+                           f"and {len(metadata)} metadata records")
         blobs = [self.layout.encode(np.asarray(entry)) for entry in entries]  # every check before the first write
+        key_blobs = [self.layout.encode_key(key) for key in key_list]
         notes = [self._metadata_json(m) for m in metadata]
         results, counts = [], dict(self._counts)
         with self.connection:  # one transaction: all of these rows, or (after a crash) none
-            for text, entry, blob, note in zip(texts, entries, blobs, notes):
+            for text, entry, blob, key_blob, note in zip(texts, entries, blobs, key_blobs, notes):
                 digest = content_hash(text)
                 row = self.connection.execute("SELECT id FROM documents WHERE content_hash = ?", (digest,)).fetchone()
                 if row:
                     results.append(Added(row[0], False))
                     continue
                 cursor = self.connection.execute(
-                    "INSERT INTO documents (content_hash, entry, metadata) VALUES (?, ?, ?)", (digest, blob, note))
+                    "INSERT INTO documents (content_hash, entry, metadata, retrieval_key) VALUES (?, ?, ?, ?)",
+                    (digest, blob, note, key_blob))
                 results.append(Added(cursor.lastrowid, True))
                 if self.layout.mode == "mbc":
                     self._count(counts, np.asarray(entry), +1)
@@ -242,21 +283,30 @@ class MemoryBank:
 
     def entries(self, ids: list[int] | None = None) -> np.ndarray:
         """Stored entries [N, K, stages or dim], in id order (or in the order of ``ids``)."""
-        if ids is None:
-            blobs = [row[0] for row in self.connection.execute("SELECT entry FROM documents ORDER BY id")]
-        else:
-            found = {}
-            for start in range(0, len(ids), 500):
-                chunk = ids[start : start + 500]
-                found.update(self.connection.execute(
-                    f"SELECT id, entry FROM documents WHERE id IN ({','.join('?' * len(chunk))})", chunk).fetchall())
-            missing = [i for i in ids if i not in found]
-            if missing:
-                raise MBCError(f"no documents with ids {missing[:5]} in {self.path}")
-            blobs = [found[i] for i in ids]
+        blobs = self._column("entry", ids)
         if not blobs:
             return np.zeros((0, *self.layout.entry_shape), dtype=np.float32)
         return np.stack([self.layout.decode(blob) for blob in blobs])
+
+    def retrieval_keys(self, ids: list[int] | None = None) -> np.ndarray:
+        """Stored retrieval keys [N, pieces], in id order (or in the order of ``ids``)."""
+        if not self.layout.key_pieces:
+            raise MBCError(f"{self.path} stores no retrieval keys: its model has retrieval_top_k = 0")
+        blobs = self._column("retrieval_key", ids)
+        return np.stack([self.layout.decode_key(b) for b in blobs]) if blobs else np.zeros((0, self.layout.key_pieces), np.int64)
+
+    def _column(self, column: str, ids: list[int] | None) -> list[bytes]:
+        if ids is None:
+            return [row[0] for row in self.connection.execute(f"SELECT {column} FROM documents ORDER BY id")]
+        found = {}
+        for start in range(0, len(ids), 500):
+            chunk = ids[start : start + 500]
+            found.update(self.connection.execute(
+                f"SELECT id, {column} FROM documents WHERE id IN ({','.join('?' * len(chunk))})", chunk).fetchall())
+        missing = [i for i in ids if i not in found]
+        if missing:
+            raise MBCError(f"no documents with ids {missing[:5]} in {self.path}")
+        return [found[i] for i in ids]
 
     def metadata(self, document_id: int) -> dict:
         row = self.connection.execute("SELECT metadata FROM documents WHERE id = ?", (document_id,)).fetchone()
@@ -272,12 +322,14 @@ class MemoryBank:
         return self.layout.codes_of_keys(keys), np.array([self._counts[k] for k in keys.tolist()], dtype=np.int64)
 
     def sizes(self) -> dict[str, int]:
-        """Bytes: the entries as stored, the codebook (MBC, stored once with the model), and what
+        """Bytes: the entries and retrieval keys as stored, the codebook (MBC, stored once with the model), and what
         MAC's float32 bank would take for the same documents."""
-        documents, stored = self.connection.execute("SELECT COUNT(*), COALESCE(SUM(LENGTH(entry)), 0) FROM documents").fetchone()
+        documents, stored, keys = self.connection.execute(
+            "SELECT COUNT(*), COALESCE(SUM(LENGTH(entry)), 0), COALESCE(SUM(LENGTH(retrieval_key)), 0) FROM documents").fetchone()
         layout = self.layout
         codebook = layout.stages * layout.codebook_size * layout.dim * 4 if layout.mode == "mbc" else 0
-        return {"documents": documents, "entry_bytes": stored, "codebook_bytes": codebook,
+        return {"documents": documents, "stored_bytes": stored + keys, "entry_bytes": stored, "key_bytes": keys,
+                "codebook_bytes": codebook,
                 "mac_equivalent_bytes": documents * layout.num_slots * layout.dim * 4,
                 "file_bytes": sum(p.stat().st_size for p in self._files())}
 

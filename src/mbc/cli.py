@@ -53,8 +53,9 @@ def _build(config: MBCConfig):
 def _report_sizes(model) -> None:
     counts, sizes = model.parameter_counts(), model.bytes_per_document()
     typer.echo(f"parameters: {counts['trainable']:,} trainable, {counts['frozen']:,} frozen")
+    keys = f" + {sizes['retrieval_key']} bytes of retrieval key" if sizes["retrieval_key"] else ""
     typer.echo(
-        f"bank per document: MBC {sizes['mbc']} bytes on disk (bit-packed), MAC {sizes['mac']:,} bytes (float32); "
+        f"bank per document: MBC {sizes['mbc']} bytes on disk (bit-packed), MAC {sizes['mac']:,} bytes (float32){keys}; "
         f"codebook {sizes['codebook_total']:,} bytes once"
     )
 
@@ -79,7 +80,7 @@ def demo(config_file: Optional[Path] = ConfigFile, overrides: list[str] = Overri
     typer.echo(f"compressed {len(DEMO_DOCUMENTS)} documents in {1000 * (time.perf_counter() - start):.0f} ms: "
                f"indices {entries.reshape(len(DEMO_DOCUMENTS), -1).tolist()}")
     with torch.no_grad():
-        out = model(DEMO_DOCUMENTS, [DEMO_QUESTION], ["Mira Okafor"])
+        out = model(DEMO_DOCUMENTS, [DEMO_QUESTION], ["Mira Okafor"], question_documents=[0])
     typer.echo(f"training loss on one example: QA {out.qa_loss.item():.3f}, VQ {out.vq_loss.item():.4f}")
     memory = model.memory(entries)
     for decoding in (DecodingConfig("greedy"), DecodingConfig("diverse_beam")):
@@ -217,9 +218,12 @@ def _print_summary(summary: dict, output: Path) -> None:
         typer.echo(f"{name} F1 retention: " + ", ".join(f"{p['documents']} docs {p['retention_percent']:.0f}%"
                                                       for p in curve if p.get("retention_percent") is not None))
     for name, sizes in summary["banks"].items():
-        typer.echo(f"{name} bank: {sizes['documents']} documents, {sizes['entry_bytes']:,} bytes of entries "
+        keys = f" + {sizes['key_bytes']:,} of retrieval keys" if sizes.get("key_bytes") else ""
+        typer.echo(f"{name} bank: {sizes['documents']} documents, {sizes['entry_bytes']:,} bytes of entries{keys} "
                    f"({sizes['file_bytes']:,} bytes SQLite file); codebook {sizes['codebook_bytes']:,} bytes; "
                    f"MAC float32 would take {sizes['mac_equivalent_bytes']:,} bytes")
+        if sizes.get("retrieval_recall_percent") is not None:
+            typer.echo(f"{name} retriever read the question's own document for {sizes['retrieval_recall_percent']:.1f}% of questions")
     if summary.get("bm25_recall_percent") is not None:
         typer.echo(f"BM25 put the question's own document into the prompt for {summary['bm25_recall_percent']:.1f}% of questions")
     typer.echo(f"peak memory {summary['peak_memory_gb']:.2f} GB; written to {output}/ (predictions.csv, summary.json, retention.png, bank_size.png)")

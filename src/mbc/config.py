@@ -43,6 +43,13 @@ class MBCConfig:
     aggregator_head_dim: int = 96
     aggregator_output: str = "residual"  # "residual" (the paper) or "reads": only what was read from the bank (aggregation.py)
 
+    # Retrieval keys (retrieval.py; not in the paper): each document also stores its sentence
+    # embedding, product-quantized, and each question reads only its top-k documents by it.
+    # 0 = the paper: every question reads the whole bank.
+    retrieval_top_k: int = 0
+    retrieval_subspaces: int = 8  # indices per document's key
+    retrieval_codes: int = 256  # centroids per index (256: one byte each)
+
     # Prefix (P-tuning v2) and KV-LoRA on the frozen LLM
     prefix_tokens: int = 2  # P
     prefix_layers: int | None = None  # the last N layers get a prefix; None = all layers
@@ -61,6 +68,9 @@ class MBCConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise MBCError(f"config '{name}' must be at least 1, got {getattr(self, name)}")
+        if self.retrieval_top_k < 0 or self.retrieval_subspaces < 1 or self.retrieval_codes < 2:
+            raise MBCError(f"retrieval_top_k must be >= 0, retrieval_subspaces >= 1 and retrieval_codes >= 2, got "
+                           f"{self.retrieval_top_k}, {self.retrieval_subspaces} and {self.retrieval_codes}")
         if self.lora_layers < 0 or (self.lora_layers and self.lora_rank < 1):
             raise MBCError(f"lora_layers must be >= 0 and lora_rank >= 1, got {self.lora_layers} and {self.lora_rank}")
         if self.aggregator_output not in ("residual", "reads"):

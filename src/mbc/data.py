@@ -138,12 +138,11 @@ def load_hub_squad(name: str, split: str, max_question_chars: int = MAX_QUESTION
 
 
 def load(spec: str, max_question_chars: int = MAX_QUESTION_CHARS) -> list[QAExample]:
-    """A file (SQuAD .json, StreamingQA or ArchivalQA .csv, told apart by columns), ``generated[:SEED]``,
-    or ``hub:NAME[:SPLIT]`` (a SQuAD-format hub dataset, default split validation)."""
+    """A file (SQuAD .json, StreamingQA or ArchivalQA .csv, told apart by columns),
+    ``generated[:SEED[:DOCUMENTS]]`` (default seed 0, 1,200 documents), or ``hub:NAME[:SPLIT]`` (a
+    SQuAD-format hub dataset, default split validation)."""
     if spec == "generated" or spec.startswith("generated:"):
-        from .generated import generate_examples
-
-        return generate_examples(seed=int(spec.partition(":")[2] or 0))
+        return _generated(spec)
     if spec.startswith("hub:"):
         name, _, split = spec[4:].partition(":")
         return load_hub_squad(name, split or "validation", max_question_chars)
@@ -155,8 +154,21 @@ def load(spec: str, max_question_chars: int = MAX_QUESTION_CHARS) -> list[QAExam
         loader = load_archivalqa if "ans_paragraph" in columns else load_streamingqa
         return loader(path, max_question_chars)
     if not path.exists():
-        raise MBCError(f"data '{spec}' is neither an existing file nor 'generated[:SEED]'")
+        raise MBCError(f"data '{spec}' is neither an existing file nor 'generated[:SEED[:DOCUMENTS]]'")
     raise MBCError(f"{path}: unknown data format '{path.suffix}'; expected SQuAD .json, StreamingQA / ArchivalQA .csv")
+
+
+def _generated(spec: str) -> list[QAExample]:
+    from .generated import generate_examples
+
+    parts = spec.split(":")[1:]
+    try:
+        seed, count = (int(parts[0]) if parts and parts[0] else 0), (int(parts[1]) if len(parts) > 1 else 1200)
+    except ValueError:
+        raise MBCError(f"data '{spec}': expected generated[:SEED[:DOCUMENTS]] with whole numbers") from None
+    if len(parts) > 2 or count < 10:
+        raise MBCError(f"data '{spec}': expected generated[:SEED[:DOCUMENTS]] with at least 10 documents")
+    return generate_examples(count, seed)
 
 
 def documents(examples: list[QAExample]) -> list[str]:

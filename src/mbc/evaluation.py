@@ -9,6 +9,7 @@ import torch
 
 from .data import QAExample, documents
 from .decoding import DecodingConfig
+from .errors import MBCError
 from .metrics import score
 from .model import MBCModel
 
@@ -41,17 +42,33 @@ def evaluate(
     answered from the whole bank and scored; ``loss`` is the teacher-forced QA loss on the answers."""
     was_training = model.training
     model.eval()
-    memory = model.memory(build_bank(model, bank_documents if bank_documents is not None else documents(examples), batch_size))
+    texts = bank_documents if bank_documents is not None else documents(examples)
+    memory = model.memory(build_bank(model, texts, batch_size))
+    keys = model.retrieval_keys_of(texts) if model.retrieval_keys is not None else None
     predictions, losses = [], []
     for chunk in chunks(examples, batch_size):
         questions = [e.question for e in chunk]
-        prefix = model.prefix(model.modulation(questions, memory))  # once, for both the loss and the answers
+        prefix = model.prefix(model.modulation(questions, memory, document_keys=keys))  # once, for both the loss and the answers
         losses.append(model.qa_loss(questions, [e.answers[0] for e in chunk], prefix).item() * len(chunk))
         predictions += model.generate_answers(questions, prefix, decoding)
     model.train(was_training)
     metrics = score(predictions, [list(e.answers) for e in examples])
     metrics["loss"] = sum(losses) / max(len(examples), 1)
     return Evaluation(metrics, predictions)
+
+
+@torch.no_grad()
+def retrieval_recall(model: MBCModel, examples: list[QAExample], bank_documents: list[str], batch_size: int = 16) -> float:
+    """Percent of questions whose own document is among the top-k that the model's retrieval keys
+    pick from a bank of ``bank_documents`` (a model with ``retrieval_top_k`` > 0)."""
+    if model.retrieval_keys is None:
+        raise MBCError("retrieval_recall needs a model with retrieval_top_k > 0")
+    keys = model.retrieval_keys_of(bank_documents)
+    found = 0
+    for chunk in chunks(examples, batch_size):
+        top = model.top_documents([e.question for e in chunk], keys).tolist()
+        found += sum(e.document in {bank_documents[i] for i in row} for e, row in zip(chunk, top))
+    return 100 * found / max(len(examples), 1)
 
 
 FEW_SHOT_TEMPLATE = (

@@ -2,6 +2,7 @@
 
 document --AmortizationNetwork--> K vectors --ResidualQuantizer--> K code indices (the bank)
 question --question network--> K queries --Aggregator over the decoded bank--> modulation
+          (optionally over only the top-k documents by their stored retrieval keys: retrieval.py)
 modulation --PrefixExpansion--> past keys/values --frozen LLM with KV-LoRA--> answer
 
 ``MBCModel`` owns the pieces and the three uses of them: ``forward`` (one meta-training step's
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -33,6 +35,7 @@ from .llm_layout import describe_llm
 from .lora import add_kv_lora, lora_disabled
 from .packing import index_dtype, packed_size
 from .prefix import PrefixExpansion, enable_prefix_attention, prefix_in
+from .retrieval import ProductQuantizer, SentenceEmbedder
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "mbc_config.json"
@@ -55,7 +58,8 @@ def pad(sequences: list[list[int]], value: int, side: str = "right") -> torch.Te
 
 
 class MBCModel(nn.Module):
-    def __init__(self, config: MBCConfig, llm: Backbone, document_encoder: Backbone, question_encoder: Backbone):
+    def __init__(self, config: MBCConfig, llm: Backbone, document_encoder: Backbone, question_encoder: Backbone,
+                 key_encoder: Backbone | None = None):
         super().__init__()
         self.config = config
         self.names = {"llm": llm.name, "document_encoder": document_encoder.name, "question_encoder": question_encoder.name}
@@ -86,6 +90,12 @@ class MBCModel(nn.Module):
             if config.quantize else None
         )
         self.aggregator = Aggregator(dim, config.aggregator_blocks, config.aggregator_heads, config.aggregator_head_dim, config.aggregator_output)
+        self.embedder = self.retrieval_keys = None
+        if config.retrieval_top_k:
+            if key_encoder is None:
+                raise MBCError("retrieval_top_k > 0 needs a frozen encoder for the retrieval keys (MBCModel.build loads one)")
+            self.embedder = SentenceEmbedder(key_encoder.model, key_encoder.tokenizer, config.max_document_tokens)
+            self.retrieval_keys = ProductQuantizer(self.embedder.dim, config.retrieval_subspaces, config.retrieval_codes)
         # Standardised across questions (as SlotNorm does for documents): the prefix then sees how
         # this question and bank differ from others, not a large shared constant (docs/RESULTS.md).
         self.modulation_norm = SlotNorm(config.num_slots, dim) if config.standardize_modulation else None
@@ -103,7 +113,11 @@ class MBCModel(nn.Module):
             document_encoder if config.question_encoder == config.document_encoder and not config.train_encoders
             else backbones.load_encoder(config.question_encoder)
         )
-        return cls(config, backbones.load_llm(config.llm, config.llm_quantization), document_encoder, question_encoder)
+        # The retrieval keys' encoder stays the pretrained one: a trained copy would change what stored keys mean.
+        key_encoder = None
+        if config.retrieval_top_k:
+            key_encoder = document_encoder if not config.train_encoders else backbones.load_encoder(config.document_encoder)
+        return cls(config, backbones.load_llm(config.llm, config.llm_quantization), document_encoder, question_encoder, key_encoder)
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -146,11 +160,26 @@ class MBCModel(nn.Module):
         return self.question_network(*self._encode_text(self.question_tokenizer, questions, self.config.max_question_tokens))
 
     def modulation(self, questions: list[str], memory: torch.Tensor, memory_log_weight: torch.Tensor | None = None,
-                   memory_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Questions and a memory [M, dim] (every vector of the bank) -> modulation [B, K, dim].
-        ``memory_mask`` [B, M] (True = visible) gives each question its own part of the bank."""
+                   memory_mask: torch.Tensor | None = None, document_keys=None) -> torch.Tensor:
+        """Questions and a memory [M, dim] (every vector of the bank, document after document) ->
+        modulation [B, K, dim]. ``memory_mask`` [B, M] (True = visible) gives each question its own
+        part of the bank. A model with retrieval keys reads each question's top-k documents only,
+        chosen by ``document_keys`` (``retrieval_keys_of`` the documents, in the memory's order)."""
+        queries = self.queries(questions)
+        if self.retrieval_keys is not None:
+            if memory_log_weight is not None or memory_mask is not None:
+                raise MBCError("a model with retrieval_top_k > 0 reads whole documents: it takes no memory weights or masks")
+            if document_keys is None:
+                raise MBCError("a model with retrieval_top_k > 0 needs the bank's retrieval keys (document_keys=) "
+                               "to choose each question's documents")
+            documents = memory.view(len(document_keys), -1, memory.shape[-1])
+            return self.read_documents(queries, documents[self.top_documents(questions, document_keys)])
         log_weight = None if memory_log_weight is None else memory_log_weight[None]
-        return self.aggregator(self.queries(questions), memory[None], memory_mask=memory_mask, memory_log_weight=log_weight)
+        return self.aggregator(queries, memory[None], memory_mask=memory_mask, memory_log_weight=log_weight)
+
+    def read_documents(self, queries: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
+        """Queries [B, K, dim] and each question's chosen documents' vectors [B, k, K, dim] -> modulation."""
+        return self.aggregator(queries, chosen.flatten(1, 2))
 
     def prefix(self, modulation: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         if self.modulation_norm is not None:
@@ -167,19 +196,37 @@ class MBCModel(nn.Module):
         ``bank_size`` (with ``question_documents``, the index of each question's own document)
         lets each question see only its own document and ``bank_size - 1`` others of the batch:
         a curriculum that starts with the easy problem (read the right document) before the
-        full one (find it among many)."""
+        full one (find it among many). With retrieval keys (``question_documents`` required) each
+        question reads its own document and the k - 1 others of the batch its key scores highest,
+        as answering from a bank will."""
         contexts = self._amortize_some_with_grad(documents, backprop_keep)
         if self.quantizer is not None:
             quantized = self.quantizer(contexts)
             memory, vq_loss, perplexity = quantized.quantized, quantized.loss, quantized.perplexity
         else:
             memory, vq_loss, perplexity = contexts, contexts.new_zeros(()), contexts.new_zeros(())
-        mask = None
-        if bank_size is not None and question_documents is not None and bank_size < len(documents):
-            mask = self._bank_mask(question_documents, len(documents), bank_size)
-        prefix = self.prefix(self.modulation(questions, memory.reshape(-1, memory.shape[-1]), memory_mask=mask))
-        qa_loss = self.qa_loss(questions, answers, prefix)
+        if self.retrieval_keys is not None:
+            if question_documents is None:
+                raise MBCError("training with retrieval_top_k > 0 needs question_documents (each question's own document)")
+            chosen = self._training_reads(questions, documents, question_documents)
+            modulation = self.read_documents(self.queries(questions), memory[chosen])
+        else:
+            mask = None
+            if bank_size is not None and question_documents is not None and bank_size < len(documents):
+                mask = self._bank_mask(question_documents, len(documents), bank_size)
+            modulation = self.modulation(questions, memory.reshape(-1, memory.shape[-1]), memory_mask=mask)
+        qa_loss = self.qa_loss(questions, answers, self.prefix(modulation))
         return MBCOutput(qa_loss + self.config.vq_weight * vq_loss, qa_loss, vq_loss, perplexity)
+
+    def _training_reads(self, questions: list[str], documents: list[str], own: list[int]) -> torch.Tensor:
+        """[B, k] batch documents each question reads: its own first, then the best-keyed others."""
+        own_index = torch.tensor(own, device=self.device)[:, None]
+        k = min(self.config.retrieval_top_k, len(documents))
+        if k == 1:
+            return own_index
+        scores = self.retrieval_keys.scores(self.embedder(questions), self.retrieval_keys_of(documents))
+        scores.scatter_(1, own_index, float("inf"))
+        return scores.topk(k, dim=1).indices
 
     def _bank_mask(self, question_documents: list[int], num_documents: int, bank_size: int) -> torch.Tensor:
         """[questions, documents * K]: each question sees its own document and bank_size - 1 random others."""
@@ -200,9 +247,37 @@ class MBCModel(nn.Module):
         return torch.cat([with_grad, without_grad])[torch.argsort(order)]  # back in the documents' order
 
     def qa_loss(self, questions: list[str], answers: list[str], prefix) -> torch.Tensor:
+        """Mean negative log-likelihood of the answer tokens (+ EOS), as ``llm(labels=...).loss``
+        computes it, but projecting onto the vocabulary only where an answer token is predicted:
+        with short answers the projection of every prompt token was a fifth of a CPU step."""
         ids, mask, labels = self.training_inputs(questions, answers)
         with prefix_in(self.layout, prefix):
-            return self.llm(input_ids=ids, attention_mask=mask, labels=labels).loss
+            hidden = self.llm.base_model(input_ids=ids, attention_mask=mask).last_hidden_state
+        targets = labels[:, 1:]
+        predicted = targets != IGNORE
+        logits = self.llm.get_output_embeddings()(hidden[:, :-1][predicted]).float()
+        return F.cross_entropy(logits, targets[predicted])
+
+    # ---- retrieval keys (retrieval.py) ---------------------------------------------------------
+    def _embed(self, texts: list[str], batch_size: int = 64) -> torch.Tensor:
+        return torch.cat([self.embedder(texts[i : i + batch_size]) for i in range(0, len(texts), batch_size)])
+
+    def fit_retrieval_keys(self, documents: list[str]) -> None:
+        """Fit the retrieval keys' centroids (k-means) on these documents' embeddings; training does
+        this once, before the first step, on the training documents."""
+        self.retrieval_keys.fit(self._embed(documents))
+
+    @torch.no_grad()
+    def retrieval_keys_of(self, documents: list[str]) -> np.ndarray:
+        """Documents -> their retrieval keys [N, subspaces], as the bank stores them."""
+        codes = self.retrieval_keys.encode(self._embed(documents))
+        return codes.cpu().numpy().astype(index_dtype(self.config.retrieval_codes))
+
+    @torch.no_grad()
+    def top_documents(self, questions: list[str], document_keys) -> torch.Tensor:
+        """[B, k] positions in ``document_keys`` [N, subspaces] of each question's best-scored documents."""
+        scores = self.retrieval_keys.scores(self.embedder(questions), document_keys)
+        return scores.topk(min(self.config.retrieval_top_k, scores.shape[1]), dim=1).indices
 
     # ---- the bank ----------------------------------------------------------------------------
     @torch.no_grad()
@@ -271,6 +346,7 @@ class MBCModel(nn.Module):
             "mbc": packed_size(k * self.config.codebook_stages, self.config.codebook_size),
             "mac": k * dim * 4,
             "codebook_total": self.config.codebook_stages * self.config.codebook_size * dim * 4,
+            "retrieval_key": packed_size(self.config.retrieval_subspaces, self.config.retrieval_codes) if self.retrieval_keys is not None else 0,
         }
 
     # ---- checkpoints ---------------------------------------------------------------------------
@@ -281,24 +357,28 @@ class MBCModel(nn.Module):
         return {
             name: tensor.detach().cpu().contiguous().clone()
             for name, tensor in self.state_dict().items()
-            if name in trainable or name.startswith(("quantizer.", "modulation_norm.")) or ".slot_norm." in name
+            if name in trainable or name.startswith(("quantizer.", "modulation_norm.", "retrieval_keys.")) or ".slot_norm." in name
         }
 
     def codebook_fingerprint(self) -> str | None:
-        """Hash of everything that fixes what a stored index means: the codebooks and the slot
-        normalisation statistics the indices were computed under. None in MAC mode."""
+        """Hash of everything that fixes what a stored index means: the codebooks, the slot
+        normalisation statistics the indices were computed under and the retrieval keys'
+        centroids. None in MAC mode."""
         if self.quantizer is None:
             return None
         norm = self.amortization.slot_norm
         extra = [norm.running_mean, norm.running_std] if norm is not None else []
-        return fingerprint(self.quantizer.tables() + extra)
+        return fingerprint(self.quantizer.tables() + extra + self._key_tables())
+
+    def _key_tables(self) -> list[torch.Tensor]:
+        return [self.retrieval_keys.centroids] if self.retrieval_keys is not None else []
 
     def bank_fingerprint(self) -> str:
         """What a stored bank entry's meaning depends on: the codebook (MBC), or the whole
         amortization network that made the float vectors (MAC)."""
         if self.quantizer is not None:
             return self.codebook_fingerprint()
-        return fingerprint([t for _, t in sorted(self.amortization.state_dict().items())])
+        return fingerprint([t for _, t in sorted(self.amortization.state_dict().items())] + self._key_tables())
 
     def save_pretrained(self, folder: str | Path) -> None:
         folder = Path(folder)

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .adaptation import answer_from_bank, ingest, reader_for
+from .adaptation import RetrievalReader, answer_from_bank, ingest, reader_for
 from .bank import BankLayout, MemoryBank
 from .data import QAExample, documents
 from .decoding import DecodingConfig
@@ -104,12 +104,12 @@ def _stream_into_bank(model: MBCModel, bank_path: Path, stream: list[str], rows:
     reader = reader_for(model, bank)
     adapt, answer_timer = _Timer(), _Timer()
     ask = lambda chunk: answer_from_bank(model, reader, [r.question for r in chunk], decoding)  # noqa: E731
-    curve = []
+    curve, stream_ids = [], []
     for start in tqdm(range(0, len(stream), config.retention_every), desc=f"{name}: stream", unit="step"):
         with adapt:
-            ingest(model, bank, stream[start : start + config.retention_every], batch_size=config.batch_size)
+            stream_ids += ingest(model, bank, stream[start : start + config.retention_every], batch_size=config.batch_size).ids
         sizes = bank.sizes()
-        point = {"documents": sizes["documents"], "entry_bytes": sizes["entry_bytes"],
+        point = {"documents": sizes["documents"], "stored_bytes": sizes["stored_bytes"],
                  "mac_equivalent_bytes": sizes["mac_equivalent_bytes"], "file_bytes": sizes["file_bytes"]}
         if start + config.retention_every < len(stream):
             answers = _answer_rows(ask, retention_rows, config.batch_size, _Timer(), f"{name}: retention")
@@ -120,10 +120,20 @@ def _stream_into_bank(model: MBCModel, bank_path: Path, stream: list[str], rows:
     kept = [p for p, r in zip(predictions, rows) if id(r) in first]
     curve[-1]["retention_f1"] = score(kept, [list(r.answers) for r in retention_rows])["f1"]
     sizes = bank.sizes()
+    if isinstance(reader, RetrievalReader):
+        sizes["retrieval_recall_percent"] = _retrieval_recall(reader, rows, dict(zip(stream, stream_ids)), config.batch_size)
     bank.close()
-    result = MethodResult(predictions, sizes["entry_bytes"] / max(sizes["documents"], 1),
+    result = MethodResult(predictions, sizes["stored_bytes"] / max(sizes["documents"], 1),
                           1000 * answer_timer.seconds / max(len(rows), 1), 1000 * adapt.seconds / max(len(stream), 1))
     return result, curve, sizes
+
+
+def _retrieval_recall(reader: RetrievalReader, rows: list[QAExample], bank_id: dict[str, int], batch_size: int) -> float:
+    """Percent of questions whose own document is among those the model's retriever reads."""
+    found = 0
+    for chunk in chunks(rows, batch_size):
+        found += sum(bank_id[r.document] in top for r, top in zip(chunk, reader.top_ids([r.question for r in chunk])))
+    return 100 * found / max(len(rows), 1)
 
 
 def _unrelated(model: MBCModel, bank_path: Path, unrelated_documents: list[str], rows, config, decoding) -> MethodResult:
@@ -132,7 +142,7 @@ def _unrelated(model: MBCModel, bank_path: Path, unrelated_documents: list[str],
         reader, timer = reader_for(model, bank), _Timer()
         predictions = _answer_rows(lambda c: answer_from_bank(model, reader, [r.question for r in c], decoding),
                                    rows, config.batch_size, timer, "unrelated bank: answer")
-        per_document = bank.sizes()["entry_bytes"] / max(len(bank), 1)
+        per_document = bank.sizes()["stored_bytes"] / max(len(bank), 1)
     return MethodResult(predictions, per_document, 1000 * timer.seconds / max(len(rows), 1))
 
 

@@ -69,7 +69,7 @@ def plot_bank_size(curves: dict[str, list[dict]], png_path: Path) -> None:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(5, 4))
     for name, curve in curves.items():
-        ax.plot([p["documents"] for p in curve], [p["entry_bytes"] for p in curve], "o-", label=f"{name.upper()} bank")
+        ax.plot([p["documents"] for p in curve], [p["stored_bytes"] for p in curve], "o-", label=f"{name.upper()} bank")
     if "mac" not in curves and curves:
         curve = next(iter(curves.values()))
         ax.plot([p["documents"] for p in curve], [p["mac_equivalent_bytes"] for p in curve], "s--", label="MAC float32 (same documents)")

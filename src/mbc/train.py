@@ -44,6 +44,7 @@ class TrainConfig:
     grad_accumulation: int = 1
     learning_rate: float = 1e-5
     encoder_learning_rate: float | None = None  # for the pretrained encoders; None = learning_rate
+    codebook_learning_rate: float | None = None  # for the codebook(s); None = learning_rate
     warmup_ratio: float = 0.01
     max_grad_norm: float = 100.0
     epochs: int = 50
@@ -69,15 +70,17 @@ def _batches(examples: list[QAExample], batch_size: int, seed: int, epoch: int) 
 
 
 def _parameter_groups(model: MBCModel, config: TrainConfig) -> list[dict]:
-    # The pretrained encoders may want a gentler rate than the freshly initialised modules.
-    encoder, fresh = [], []
+    # The pretrained encoders may want a gentler rate than the freshly initialised modules, and the
+    # codebook a faster one: Adam moves a code by about the learning rate per step, and codes
+    # must keep up with the encoder outputs they stand for, or all of them snap to a few codes.
+    rates = {"fresh": config.learning_rate, "encoder": config.encoder_learning_rate or config.learning_rate,
+             "codebook": config.codebook_learning_rate or config.learning_rate}
+    groups = {name: [] for name in rates}
     for name, parameter in model.named_parameters():
         if parameter.requires_grad:
-            (encoder if ".encoder." in name else fresh).append(parameter)
-    groups = [{"params": fresh, "lr": config.learning_rate}]
-    if encoder:
-        groups.append({"params": encoder, "lr": config.encoder_learning_rate or config.learning_rate})
-    return groups
+            kind = "encoder" if ".encoder." in name else "codebook" if name.startswith("quantizer.") else "fresh"
+            groups[kind].append(parameter)
+    return [{"params": params, "lr": rates[kind]} for kind, params in groups.items() if params]
 
 
 def _out_of_time(accelerator: Accelerator, config: TrainConfig, seconds: float) -> bool:
@@ -142,6 +145,9 @@ def train(model_config: MBCConfig, config: TrainConfig, train_rows: list[QAExamp
         model.load_trainable_state(last)
         progress = load_training_state(last, optimizer, scheduler)
         accelerator.print(f"resumed from {last} at step {progress['step']}")
+    if model.retrieval_keys is not None and not bool(model.retrieval_keys.fitted):
+        # Every process fits the same centroids: same documents, same seed.
+        model.fit_retrieval_keys(list(dict.fromkeys(row.document for row in train_rows)))
     model, optimizer = accelerator.prepare(model, optimizer)
     unwrapped = accelerator.unwrap_model(model)
     log = MetricsLog(out / "metrics.jsonl", accelerator)
@@ -166,7 +172,8 @@ def train(model_config: MBCConfig, config: TrainConfig, train_rows: list[QAExamp
     bar = tqdm(total=total_steps, initial=progress["step"], disable=not main, desc="train", dynamic_ncols=True)
     model.train()
     started, seconds_before = time.perf_counter(), progress["train_seconds"]
-    window = {"loss": 0.0, "qa": 0.0, "vq": 0.0, "perplexity": 0.0, "rows": 0, "micro": 0, "time": time.perf_counter()}
+    losses = ("loss", "qa", "vq", "perplexity")
+    window = {**dict.fromkeys(losses, 0.0), "rows": 0, "micro": 0, "time": time.perf_counter()}
     finished = False
     while not finished:
         epoch_batches = _batches(train_rows, config.batch_size, config.seed, progress["epoch"])[: batches_per_epoch * world]
@@ -183,7 +190,8 @@ def train(model_config: MBCConfig, config: TrainConfig, train_rows: list[QAExamp
                 optimizer.step()
                 optimizer.zero_grad()
             progress["batch"] += 1
-            for key, value in (("loss", output.loss), ("qa", output.qa_loss), ("vq", output.vq_loss), ("perplexity", output.perplexity)):
+            values = (output.loss, output.qa_loss, output.vq_loss, output.perplexity)
+            for key, value in zip(losses, values):
                 window[key] += float(value.detach())
             window["rows"] += len(batch) * world
             window["micro"] += 1
@@ -196,11 +204,11 @@ def train(model_config: MBCConfig, config: TrainConfig, train_rows: list[QAExamp
             if progress["step"] % config.log_every == 0 or progress["step"] == total_steps:
                 rate = window["rows"] / (time.perf_counter() - window["time"])
                 alive = unwrapped.quantizer.fraction_alive() if unwrapped.quantizer is not None else 1.0
-                record = {k: window[k] / window["micro"] for k in ("loss", "qa", "vq", "perplexity")}
+                record = {k: window[k] / window["micro"] for k in losses}
                 log.write(kind="train", step=progress["step"], epoch=progress["epoch"], codes_alive=alive,
                           rows_per_second=rate, seconds=progress["train_seconds"], lr=scheduler.get_last_lr()[0], **record)
                 bar.set_postfix(loss=f"{record['loss']:.3f}", vq=f"{record['vq']:.4f}", codes=f"{alive:.0%}", ex_s=f"{rate:.1f}")
-                window.update(loss=0.0, qa=0.0, vq=0.0, perplexity=0.0, rows=0, micro=0, time=time.perf_counter())
+                window.update(**dict.fromkeys(losses, 0.0), rows=0, micro=0, time=time.perf_counter())
             out_of_time = _out_of_time(accelerator, config, progress["train_seconds"])
             finished = progress["step"] >= total_steps or out_of_time
             if finished:
