@@ -10,7 +10,7 @@ runner = CliRunner()
 def _tiny_sets(paths):
     values = {"llm": paths["llama"], "document_encoder": paths["bert"], "question_encoder": paths["bert"], "num_slots": 4,
               "codebook_size": 16, "prefix_layers": 2, "lora_layers": 2, "lora_rank": 4, "aggregator_blocks": 1,
-              "aggregator_heads": 2, "aggregator_head_dim": 8}
+              "aggregator_heads": 2, "aggregator_head_dim": 8, "retrieval_subspaces": 4, "retrieval_codes": 4}
     return [arg for key, value in values.items() for arg in ("--set", f"{key}={value}")]
 
 
@@ -51,6 +51,7 @@ def test_eval_streams_documents_and_compares_methods(tiny_paths, tmp_path):
                                  "--output", str(tmp_path / "eval")])
     assert result.exit_code == 0, result.output
     assert "base, BM25 top-1" in result.output and "mbc F1 retention" in result.output
+    assert "mbc retrieval keys found the question's own document for" in result.output
     summary = json.loads((tmp_path / "eval" / "summary.json").read_text())
     assert summary["documents"] == 3 and len(summary["methods"]) == 7
     result = runner.invoke(app, ["eval", str(checkpoints["mbc"]), "--data", "generated", "--first-documents", "30",

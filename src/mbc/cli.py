@@ -223,7 +223,7 @@ def _print_summary(summary: dict, output: Path) -> None:
                    f"({sizes['file_bytes']:,} bytes SQLite file); codebook {sizes['codebook_bytes']:,} bytes; "
                    f"MAC float32 would take {sizes['mac_equivalent_bytes']:,} bytes")
         if sizes.get("retrieval_recall_percent") is not None:
-            typer.echo(f"{name} retriever read the question's own document for {sizes['retrieval_recall_percent']:.1f}% of questions")
+            typer.echo(f"{name} retrieval keys found the question's own document for {sizes['retrieval_recall_percent']:.1f}% of questions")
     if summary.get("bm25_recall_percent") is not None:
         typer.echo(f"BM25 put the question's own document into the prompt for {summary['bm25_recall_percent']:.1f}% of questions")
     typer.echo(f"peak memory {summary['peak_memory_gb']:.2f} GB; written to {output}/ (predictions.csv, summary.json, retention.png, bank_size.png)")
