@@ -33,9 +33,10 @@ def saturated_share(model: MBCModel, modulation: torch.Tensor) -> float:
 
 
 def first_block_attention(model: MBCModel, queries: torch.Tensor, memory: torch.Tensor) -> tuple[float, float]:
-    """Mean entropy and mean largest weight of the first aggregation block's attention over the bank."""
+    """Mean entropy and mean largest weight of the first aggregation block's attention over what each
+    question reads, memory [B or 1, M, dim]."""
     block = model.aggregator.blocks[0]
-    keys, _ = block.memory_keys_values(memory[None])
+    keys, _ = block.memory_keys_values(memory)
     query = block._split_heads(block.to_q(block.norm_query(queries)))
     weights = (query @ keys.transpose(-1, -2) / query.shape[-1] ** 0.5).softmax(-1)
     entropy = -(weights * weights.clamp_min(1e-12).log()).sum(-1)
@@ -63,19 +64,25 @@ def main():
             print(f"distinct codes per slot over {len(right)} documents: {[len(set(codes[:, k].tolist())) for k in range(codes.shape[1])]}")
         memory, other = model.memory(model.compress(right)), model.memory(model.compress(unrelated))
         queries = model.queries(questions)
-        with_right, with_other = model.modulation(questions, memory), model.modulation(questions, other)
+        keys = (lambda texts: model.retrieval_keys_of(texts)) if model.retrieval_keys is not None else (lambda texts: None)
+        with_right = model.modulation(questions, memory, document_keys=keys(right))
+        with_other = model.modulation(questions, other, document_keys=keys(unrelated))
         print(f"question queries: mean norm {queries.norm(dim=-1).mean():.3f}; modulation: mean norm {with_right.norm(dim=-1).mean():.3f}, "
               f"mean distance from its mean over questions {(with_right - with_right.mean(0)).norm(dim=-1).mean():.3f}")
         print(f"prefix blocks: {saturated_share(model, with_right):.0%} of tanh inputs beyond |3| (saturated)")
-        entropy, most = first_block_attention(model, queries, memory)
-        print(f"first aggregation block: attention entropy {entropy:.2f} nats (uniform over the {len(memory)} "
-              f"bank vectors: {math.log(len(memory)):.2f}), largest weight {most:.3f}")
+        if model.retrieval_keys is None:
+            read = memory[None]
+        else:  # each question reads its top-k documents only
+            read = memory.view(len(right), model.config.num_slots, -1)[model.top_documents(questions, keys(right))].flatten(1, 2)
+        entropy, most = first_block_attention(model, queries, read)
+        print(f"first aggregation block: attention entropy {entropy:.2f} nats (uniform over the {read.shape[1]} "
+              f"vectors read: {math.log(read.shape[1]):.2f}), largest weight {most:.3f}")
         print(f"modulation moved by swapping the bank: {(with_right - with_other).norm(dim=-1).mean():.4f}")
         prefix_right, prefix_other = model.prefix(with_right), model.prefix(with_other)
         moved = torch.stack([(a[1] - b[1]).norm(dim=-1).mean() for a, b in zip(prefix_right, prefix_other)]).mean()
         size = torch.stack([a[1].norm(dim=-1).mean() for a in prefix_right]).mean()
         print(f"prefix values: mean norm {size:.3f}, moved by swapping the bank {moved:.5f}")
-        same = sum(a == b for a, b in zip(model.answer(questions, memory), model.answer(questions, other)))
+        same = sum(a == b for a, b in zip(model.generate_answers(questions, prefix_right), model.generate_answers(questions, prefix_other)))
         print(f"answers unchanged by swapping the bank: {same} of {len(questions)}")
 
 

@@ -46,6 +46,7 @@ def main():
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     values = preset("cpu")["model"]
+    values["retrieval_top_k"] = 0  # every bank here holds one document: nothing to choose between
     values.update({k: json.loads(v) for k, v in (item.split("=", 1) for item in args.set)})
     model = MBCModel.build(MBCConfig(**values))
 

@@ -59,7 +59,9 @@ def measure(name: str, batch: int, steps: int, data: str | None, backbones: str 
     for step in range(steps + 1):  # the first step warms up (allocations, one-off setup) and is not timed
         chunk = rows[step * batch : (step + 1) * batch]
         start = time.perf_counter()
-        out = model(list(dict.fromkeys(r.document for r in chunk)), [r.question for r in chunk], [r.answers[0] for r in chunk])
+        documents = list(dict.fromkeys(r.document for r in chunk))
+        out = model(documents, [r.question for r in chunk], [r.answers[0] for r in chunk],
+                    question_documents=[documents.index(r.document) for r in chunk])
         out.loss.backward()
         optimizer.step()
         optimizer.zero_grad()

@@ -10,7 +10,8 @@ runner = CliRunner()
 def _tiny_sets(paths):
     values = {"llm": paths["llama"], "document_encoder": paths["bert"], "question_encoder": paths["bert"], "num_slots": 4,
               "codebook_size": 16, "prefix_layers": 2, "lora_layers": 2, "lora_rank": 4, "aggregator_blocks": 1,
-              "aggregator_heads": 2, "aggregator_head_dim": 8, "retrieval_subspaces": 4, "retrieval_codes": 4}
+              "aggregator_heads": 2, "aggregator_head_dim": 8, "retrieval_top_k": 1, "retrieval_subspaces": 4,
+              "retrieval_codes": 4}
     return [arg for key, value in values.items() for arg in ("--set", f"{key}={value}")]
 
 

@@ -301,9 +301,10 @@ class MBCModel(nn.Module):
     # ---- answering ---------------------------------------------------------------------------
     @torch.no_grad()
     def answer(self, questions: list[str], memory: torch.Tensor | None, decoding: DecodingConfig | None = None,
-               memory_log_weight: torch.Tensor | None = None) -> list[str]:
-        """Answer each question from a memory [M, dim] (``memory(entries)``)."""
-        prefix = self.prefix(self.modulation(questions, memory, memory_log_weight))
+               memory_log_weight: torch.Tensor | None = None, document_keys=None) -> list[str]:
+        """Answer each question from a memory [M, dim] (``memory(entries)``; with retrieval keys,
+        also ``document_keys``, the documents' ``retrieval_keys_of``)."""
+        prefix = self.prefix(self.modulation(questions, memory, memory_log_weight, document_keys=document_keys))
         return self.generate_answers(questions, prefix, decoding)
 
     @torch.no_grad()

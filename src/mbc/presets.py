@@ -38,13 +38,13 @@ PRESETS: dict[str, dict[str, dict]] = {
     # layers, so the backward pass stops there; higher learning rates (3e-4 for the new modules,
     # 3e-5 for MiniLM) because a CPU run is hundreds of steps, not 50 epochs. 1e-3 was tried and is
     # unstable: the training loss swings between 2.4 and 5.2 within 200 steps (docs/RESULTS.md).
-    # Each question reads only its top document by a 32-byte retrieval key (retrieval.py): over
-    # the whole bank, the gain from the right documents vanished by 50 documents. The modulation
-    # is standardised (standardize_modulation), as in the only run that learned to read its memory.
+    # Retrieval keys (retrieval_top_k=1, retrieval_subspaces=32) and standardize_modulation are
+    # off here: in the main job's 3.5-minute runs no variant read its memory, and they differed by
+    # no more than run-to-run noise (docs/RESULTS.md). A long run should turn both on (--set), as
+    # runs/ret-long did: then the right bank's advantage no longer fades as the bank grows.
     "cpu": {
         "model": dict(num_slots=12, prefix_layers=6, lora_layers=6, lora_rank=16, lora_alpha=32,
-                      max_document_tokens=256, max_question_tokens=48, retrieval_top_k=1, retrieval_subspaces=32,
-                      standardize_modulation=True),
+                      max_document_tokens=256, max_question_tokens=48),
         "train": dict(learning_rate=3e-4, encoder_learning_rate=3e-5, warmup_ratio=0.05, max_grad_norm=1.0,
                       batch_size=8, grad_accumulation=1,
                       epochs=1, backprop_keep=1.0, mixed_precision="no", eval_every=100, eval_questions=300),
