@@ -55,6 +55,10 @@ def test_eval_streams_documents_and_compares_methods(tiny_paths, tmp_path):
     assert "mbc retrieval keys found the question's own document for" in result.output
     summary = json.loads((tmp_path / "eval" / "summary.json").read_text())
     assert summary["documents"] == 3 and len(summary["methods"]) == 7
+    result = runner.invoke(app, ["eval", str(checkpoints["mbc"]), "--data", "generated", "--first-documents", "30", "--documents", "2",
+                                 "--methods", "mbc,mbc, unrelated bank", "--output", str(tmp_path / "some")])
+    assert result.exit_code == 0, result.output
+    assert set(json.loads((tmp_path / "some" / "summary.json").read_text())["methods"]) == {"mbc", "mbc, unrelated bank"}
     result = runner.invoke(app, ["eval", str(checkpoints["mbc"]), "--data", "generated", "--first-documents", "30",
                                  "--methods", "mbc,telepathy", "--output", str(tmp_path / "bad")])
     assert result.exit_code != 0 and "unknown method 'telepathy'" in str(result.exception)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import time
 from pathlib import Path
 from typing import Optional
@@ -185,7 +186,7 @@ def evaluate_online(
     retention_every: int = typer.Option(200, help="documents per retention step"),
     decoding: str = typer.Option("greedy", help="greedy, beam or diverse_beam"),
     bm25_top_k: int = typer.Option(1, help="documents BM25 puts into the prompt"),
-    methods: Optional[str] = typer.Option(None, help="comma-separated subset of the methods (default: all)"),
+    methods: Optional[str] = typer.Option(None, help="subset of the methods, separated by commas without a space, e.g. 'mbc,mbc, unrelated bank' (default: all)"),
     output: Path = typer.Option(Path("runs/eval"), help="folder for predictions.csv, summary.json, the plots and the banks"),
 ):
     """Stream held-out documents into durable banks and answer every question about them: MBC, MAC,
@@ -202,7 +203,8 @@ def evaluate_online(
     unrelated = qa_data.documents(splits["train"])
     config = EvalConfig(retention_every=retention_every, decoding=decoding, bm25_top_k=bm25_top_k)
     if methods:
-        config.methods = [m.strip() for m in methods.split(",")]
+        # Method names hold ", " themselves ("mbc, unrelated bank"): only a comma not followed by a space separates.
+        config.methods = [m.strip() for m in re.split(r",(?! )", methods)]
     mbc_model = MBCModel.from_pretrained(checkpoint).eval()
     mac_model = MBCModel.from_pretrained(mac).eval() if mac else None
     summary = run_eval(mbc_model, rows, unrelated, output, config, mac_model)
