@@ -14,8 +14,8 @@ centroid among ``codes`` (k-means on training documents). 8 pieces of 256 centro
 A question is embedded the same way and scored against every key by asymmetric distance (its
 float embedding against the decoded keys, one table lookup per piece); it then reads only its
 top-k documents. A learned retriever over the stored codes themselves (a contrastive loss on the
-question and document networks) was tried first and found its own document among 72 only about
-half the time after 200 CPU steps; the pretrained encoder's embedding does it from the start.
+question and document networks) was tried first and learned slowly in short CPU runs; the
+pretrained encoder's embedding does the job from the first step.
 """
 
 from __future__ import annotations
