@@ -64,16 +64,17 @@ def main():
             print(f"distinct codes per slot over {len(right)} documents: {[len(set(codes[:, k].tolist())) for k in range(codes.shape[1])]}")
         memory, other = model.memory(model.compress(right)), model.memory(model.compress(unrelated))
         queries = model.queries(questions)
-        keys = (lambda texts: model.retrieval_keys_of(texts)) if model.retrieval_keys is not None else (lambda texts: None)
-        with_right = model.modulation(questions, memory, document_keys=keys(right))
-        with_other = model.modulation(questions, other, document_keys=keys(unrelated))
+        keyed = model.retrieval_keys is not None
+        right_keys, other_keys = (model.retrieval_keys_of(right), model.retrieval_keys_of(unrelated)) if keyed else (None, None)
+        with_right = model.modulation(questions, memory, document_keys=right_keys)
+        with_other = model.modulation(questions, other, document_keys=other_keys)
         print(f"question queries: mean norm {queries.norm(dim=-1).mean():.3f}; modulation: mean norm {with_right.norm(dim=-1).mean():.3f}, "
               f"mean distance from its mean over questions {(with_right - with_right.mean(0)).norm(dim=-1).mean():.3f}")
         print(f"prefix blocks: {saturated_share(model, with_right):.0%} of tanh inputs beyond |3| (saturated)")
-        if model.retrieval_keys is None:
+        if not keyed:
             read = memory[None]
         else:  # each question reads its top-k documents only
-            read = memory.view(len(right), model.config.num_slots, -1)[model.top_documents(questions, keys(right))].flatten(1, 2)
+            read = memory.view(len(right), model.config.num_slots, -1)[model.top_documents(questions, right_keys)].flatten(1, 2)
         entropy, most = first_block_attention(model, queries, read)
         print(f"first aggregation block: attention entropy {entropy:.2f} nats (uniform over the {read.shape[1]} "
               f"vectors read: {math.log(read.shape[1]):.2f}), largest weight {most:.3f}")

@@ -40,13 +40,10 @@ def main():
     encoder = backbones.load_encoder()
     embedder = SentenceEmbedder(encoder.model, encoder.tokenizer, max_tokens=256)
 
-    def embed(texts: list[str]) -> torch.Tensor:
-        return torch.cat([embedder(texts[i : i + 64]) for i in range(0, len(texts), 64)])
-
     print(f"{'data':<12}{'documents':>10}{'questions':>10}   {'key':<22}{'bytes':>6}{'top-1 %':>9}{'top-2 %':>9}")
     for spec in args.data.split(","):
         splits = qa_data.load_splits(spec)
-        training = embed(qa_data.documents(splits["train"]))
+        training = embedder(qa_data.documents(splits["train"]))
         quantizers = {}
         for pieces in (int(s) for s in args.subspaces.split(",")):
             quantizers[pieces] = ProductQuantizer(training.shape[1], pieces, 256)
@@ -54,7 +51,7 @@ def main():
         name = "generated" if spec.startswith("generated") else Path(spec).stem[:11]
         for rows in (qa_data.first_documents(splits["test"], args.first), splits["test"]):
             documents = qa_data.documents(rows)
-            vectors, questions = embed(documents), embed([r.question for r in rows])
+            vectors, questions = embedder(documents), embedder([r.question for r in rows])
             own = torch.tensor([documents.index(r.document) for r in rows])
             lines = [("float32 embedding", 4 * vectors.shape[1], recall(questions @ vectors.T, own))]
             for pieces, quantizer in quantizers.items():

@@ -24,8 +24,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
-
 import torch
 from tqdm.auto import tqdm
 
@@ -78,12 +76,16 @@ class _Reader:
         self.model, self.bank, self._version = model, bank, None
 
     def modulation(self, questions: list[str]) -> torch.Tensor:
+        self._refresh()
+        return self._modulation(questions)
+
+    def _refresh(self) -> None:
+        """Rederive from the bank if it changed since the last look."""
         if len(self.bank) == 0:
             raise MBCError(f"the bank {self.bank.path} is empty: add documents before asking questions")
         if self._version != self.bank.version:
             self._prepare()
             self._version = self.bank.version
-        return self._modulation(questions)
 
     def _prepare(self) -> None:
         raise NotImplementedError
@@ -194,11 +196,11 @@ class RetrievalReader(_DocumentKeysReader):
         super().__init__(model, bank)
 
     def _keys(self, ids):
-        return torch.as_tensor(self.bank.retrieval_keys(ids).astype(np.int64))
+        return torch.as_tensor(self.bank.retrieval_keys(ids)).long()
 
     def top_ids(self, questions: list[str]) -> list[list[int]]:
         """Bank ids of the documents each question reads, best first."""
-        self.modulation(questions[:1])  # brings the keys up to date
+        self._refresh()
         return [[self.ids[p] for p in row] for row in self.model.top_documents(questions, self.document_keys).tolist()]
 
     def _modulation(self, questions):

@@ -81,10 +81,6 @@ class BankLayout:
             raise MBCError(f"a stored MAC entry has {len(blob)} bytes, expected {self.entry_bytes}: the bank is damaged")
         return np.frombuffer(blob, dtype="<f4").reshape(self.entry_shape).astype(np.float32)
 
-    @property
-    def key_bytes(self) -> int:
-        return packed_size(self.key_pieces, self.key_codes) if self.key_pieces else 0
-
     def encode_key(self, key: np.ndarray | None) -> bytes | None:
         if not self.key_pieces:
             if key is not None:

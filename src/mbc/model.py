@@ -259,18 +259,15 @@ class MBCModel(nn.Module):
         return F.cross_entropy(logits, targets[predicted])
 
     # ---- retrieval keys (retrieval.py) ---------------------------------------------------------
-    def _embed(self, texts: list[str], batch_size: int = 64) -> torch.Tensor:
-        return torch.cat([self.embedder(texts[i : i + batch_size]) for i in range(0, len(texts), batch_size)])
-
     def fit_retrieval_keys(self, documents: list[str]) -> None:
         """Fit the retrieval keys' centroids (k-means) on these documents' embeddings; training does
         this once, before the first step, on the training documents."""
-        self.retrieval_keys.fit(self._embed(documents))
+        self.retrieval_keys.fit(self.embedder(documents))
 
     @torch.no_grad()
     def retrieval_keys_of(self, documents: list[str]) -> np.ndarray:
         """Documents -> their retrieval keys [N, subspaces], as the bank stores them."""
-        codes = self.retrieval_keys.encode(self._embed(documents))
+        codes = self.retrieval_keys.encode(self.embedder(documents))
         return codes.cpu().numpy().astype(index_dtype(self.config.retrieval_codes))
 
     @torch.no_grad()

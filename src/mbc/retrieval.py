@@ -43,7 +43,11 @@ class SentenceEmbedder(nn.Module):
         return getattr(config, "d_model", None) or config.hidden_size
 
     @torch.no_grad()
-    def forward(self, texts: list[str]) -> torch.Tensor:
+    def forward(self, texts: list[str], batch_size: int = 64) -> torch.Tensor:
+        """Texts -> unit embeddings [N, dim], encoded ``batch_size`` at a time."""
+        return torch.cat([self._embed(texts[i : i + batch_size]) for i in range(0, len(texts), batch_size)])
+
+    def _embed(self, texts: list[str]) -> torch.Tensor:
         device = next(self.encoder.parameters()).device
         batch = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_tokens, return_tensors="pt").to(device)
         encoder = self.encoder.get_encoder() if getattr(self.encoder.config, "is_encoder_decoder", False) else self.encoder  # T5: its encoder half
