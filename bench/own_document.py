@@ -7,6 +7,7 @@ a bank of its own document only, on the questions whose answers come from small 
 (professions, colours, products), so that a 12-code memory can carry them. Every 25 steps it prints
 the held-out QA loss (40 unseen documents) with each question's own document in the bank and with
 another document's: when the adapter reads its memory, the first falls below the second.
+bench/reading_parts.py trains each half of this reading path on its own.
 """
 
 from __future__ import annotations
@@ -24,14 +25,57 @@ from mbc.presets import preset
 from mbc.train import TrainConfig, _parameter_groups
 
 
-def qa_loss(model: MBCModel, rows, documents: list[str]) -> torch.Tensor:
+def closed_set_split(held_out_questions: int = 48):
+    """(training rows, held-out rows): questions with closed-set answers; 40 documents held out."""
+    closed = set(PROFESSIONS) | set(COLOURS) | set(PRODUCTS)
+    rows = [r for r in generate_examples(1200, 0) if r.answers[0] in closed]
+    held_out = set(list(dict.fromkeys(r.document for r in rows))[:40])
+    train = [r for r in rows if r.document not in held_out]
+    test = [r for r in rows if r.document in held_out][:held_out_questions]
+    print(f"{len(train)} training questions, {len(test)} held-out questions", flush=True)
+    return train, test
+
+
+def train_and_report(model: MBCModel, loss_fn, memory_of, train, test, steps: int, report_every: int,
+                     lr: float, codebook_lr: float | None = None, batch_size: int = 8) -> None:
+    """Adam (the encoders at lr / 10) on ``loss_fn(model, rows, memory_of(rows)) -> (loss, extras)``,
+    each question reading its own memory; every ``report_every`` steps, the held-out loss (and
+    extras) with each question's own memory and with another question's."""
+    groups = _parameter_groups(model, TrainConfig(learning_rate=lr, encoder_learning_rate=lr / 10, codebook_learning_rate=codebook_lr))
+    optimizer = torch.optim.Adam(groups)
+    parameters = [p for group in groups for p in group["params"]]
+    own = memory_of(test)
+    other = own[7:] + own[:7]  # each held-out question gets another's memory
+    rng, window, start = random.Random(0), [], time.time()
+    for step in range(1, steps + 1):
+        loss, extras = loss_fn(model, batch := rng.sample(train, batch_size), memory_of(batch))
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(parameters, 1.0)
+        optimizer.step()
+        window.append({"loss": loss.item(), **extras})
+        if step % report_every == 0:
+            model.eval()
+            with torch.no_grad():
+                (own_loss, own_extras), (other_loss, other_extras) = loss_fn(model, test, own), loss_fn(model, test, other)
+            model.train()
+            trained = {key: sum(w[key] for w in window) / len(window) for key in window[0]}
+            line = f"step {step}: train loss {trained.pop('loss'):.3f}, held-out loss with own memory {own_loss.item():.3f}"
+            line += "".join(f" ({k} {v:.2f})" for k, v in own_extras.items() if k == "accuracy")
+            line += f", with another's {other_loss.item():.3f}" + "".join(f" ({k} {v:.2f})" for k, v in other_extras.items() if k == "accuracy")
+            line += "".join(f", training {k} {v:.1f}" for k, v in trained.items() if k == "perplexity")
+            print(f"{line} ({time.time() - start:.0f} s)", flush=True)
+            window = []
+
+
+def qa_loss(model: MBCModel, rows, documents: list[str]):
     """QA loss with question i reading only documents[i]."""
     contexts = model.amortize(documents)
     memory = model.quantizer(contexts).quantized if model.quantizer is not None else contexts
     own = torch.eye(len(documents), dtype=torch.bool).repeat_interleave(model.config.num_slots, dim=1)
     questions = [r.question for r in rows]
     prefix = model.prefix(model.modulation(questions, memory.reshape(-1, memory.shape[-1]), memory_mask=own))
-    return model.qa_loss(questions, [r.answers[0] for r in rows], prefix)
+    return model.qa_loss(questions, [r.answers[0] for r in rows], prefix), {}
 
 
 def main():
@@ -49,36 +93,9 @@ def main():
     values["retrieval_top_k"] = 0  # every bank here holds one document: nothing to choose between
     values.update({k: json.loads(v) for k, v in (item.split("=", 1) for item in args.set)})
     model = MBCModel.build(MBCConfig(**values))
-
-    closed = set(PROFESSIONS) | set(COLOURS) | set(PRODUCTS)
-    rows = [r for r in generate_examples(1200, 0) if r.answers[0] in closed]
-    held_out = set(list(dict.fromkeys(r.document for r in rows))[:40])
-    train = [r for r in rows if r.document not in held_out]
-    test = [r for r in rows if r.document in held_out][:48]
-    others = [r.document for r in test][7:] + [r.document for r in test][:7]  # each question gets another's document
-    print(f"{len(train)} training questions, {len(test)} held-out questions", flush=True)
-
-    train_config = TrainConfig(learning_rate=args.lr, encoder_learning_rate=args.lr / 10, codebook_learning_rate=args.codebook_lr)
-    groups = _parameter_groups(model, train_config)
-    optimizer = torch.optim.Adam(groups)
-    parameters = [p for group in groups for p in group["params"]]
-    rng, running, start = random.Random(0), 0.0, time.time()
-    for step in range(1, args.steps + 1):
-        batch = rng.sample(train, args.batch)
-        loss = qa_loss(model, batch, [r.document for r in batch])
-        optimizer.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(parameters, 1.0)
-        optimizer.step()
-        running += loss.item()
-        if step % 25 == 0:
-            model.eval()
-            with torch.no_grad():
-                own, other = qa_loss(model, test, [r.document for r in test]).item(), qa_loss(model, test, others).item()
-            model.train()
-            print(f"step {step}: train loss {running / 25:.3f}, held-out loss with own document {own:.3f}, "
-                  f"with another document {other:.3f} ({time.time() - start:.0f} s)", flush=True)
-            running = 0.0
+    train, test = closed_set_split()
+    train_and_report(model, qa_loss, lambda rows: [r.document for r in rows], train, test, args.steps, 25,
+                     args.lr, args.codebook_lr, args.batch)
 
 
 if __name__ == "__main__":

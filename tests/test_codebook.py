@@ -75,6 +75,25 @@ def test_decoding_stored_indices_reproduces_quantized_vectors():
     assert torch.allclose(rq.decode(out.indices), out.quantized, atol=1e-6)
 
 
+def test_cosine_metric_picks_codes_by_direction_and_decodes_them_at_norm_sqrt_dim():
+    codes = torch.tensor([[10.0, 0.0], [0.1, 0.1]])
+    z = torch.tensor([[1.0, 0.2]])
+    l2, cosine = VectorQuantizer(num_codes=2, dim=2).eval(), VectorQuantizer(num_codes=2, dim=2, metric="cosine").eval()
+    l2.codebook.data, cosine.codebook.data = codes.clone(), codes.clone()
+    assert l2(z).indices.item() == 1  # L2: the small code near the centre is nearest
+    out = cosine(z)
+    assert out.indices.item() == 0  # cosine: the code pointing the same way
+    assert torch.allclose(out.quantized, torch.tensor([[2**0.5, 0.0]]))
+    assert torch.allclose(cosine.decode(torch.tensor([0, 1])).norm(dim=-1), torch.full((2,), 2**0.5))
+    rq = ResidualQuantizer(num_codes=8, dim=4, metric="cosine").train()
+    rq(torch.randn(50, 4) * 5)
+    rq.eval()
+    out = rq(torch.randn(3, 4) * 7)
+    assert torch.allclose(rq.decode(out.indices), out.quantized, atol=1e-6)
+    with pytest.raises(ValueError, match="metric"):
+        VectorQuantizer(metric="dot")
+
+
 def test_residual_stages_reduce_error():
     torch.manual_seed(0)
     z = torch.randn(500, 8)

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from conftest import ANSWERS, DOCUMENTS, QUESTIONS
-from mbc import DecodingConfig
+from mbc import DecodingConfig, MBCConfig, MBCError
 from mbc.lora import lora_disabled
 from mbc.prefix import prefix_in
 
@@ -105,6 +105,20 @@ def test_vq_loss_moves_the_codebook(tiny_model):
     model = tiny_model().train()
     model(DOCUMENTS[:2], QUESTIONS, ANSWERS).vq_loss.backward()
     assert model.quantizer.stages[0].codebook.grad.abs().sum() > 0
+
+
+def test_cosine_codebook_bank_decodes_to_what_training_reads(tiny_model):
+    model = tiny_model(codebook_metric="cosine").train()
+    model(DOCUMENTS, QUESTIONS + ["Who?"], ANSWERS + ["Ann"])  # revive codes from real outputs
+    model.eval()
+    contexts = model.amortize(DOCUMENTS)
+    memory = model.memory(model.compress(DOCUMENTS))
+    assert torch.allclose(memory, model.quantizer(contexts).quantized.reshape(memory.shape), atol=1e-5)
+    assert torch.allclose(memory.norm(dim=-1), torch.full((len(memory),), model.layout.hidden_size**0.5), atol=1e-4)
+    with pytest.raises(MBCError, match="one codebook stage"):
+        MBCConfig(codebook_metric="cosine", codebook_stages=2)
+    with pytest.raises(MBCError, match="codebook_metric"):
+        MBCConfig(codebook_metric="dot")
 
 
 def test_mac_mode_stores_floats(tiny_model):

@@ -8,6 +8,15 @@ threshold are overwritten with encoder outputs from the current batch ("online r
 Resetting happens only in training mode: once documents are stored the codebook must never change,
 or every stored index would silently point at a different vector.
 
+``metric="cosine"`` (not in the paper; lucidrains' ``use_cosine_sim``, after Yu et al. 2022,
+"Vector-quantized image modeling with improved VQGAN") looks codes up by direction: vectors and
+codes are both scaled to norm sqrt(dim) before the nearest code is found, and the bank decodes to
+the scaled code. With L2 lookup in this high-dimensional space a code near the centre of the
+encoder outputs is the nearest one to nearly every vector, and gradient steps on the codes pull
+the winners further in: in short CPU runs most vectors snapped to a handful of codes and the bank
+carried little about its document (docs/RESULTS.md). The aggregator LayerNorms every memory vector
+before reading it, so only a vector's direction reaches it anyway.
+
 ``ResidualQuantizer`` chains several codebooks (each quantizes what the previous ones left): the
 way to trade more bytes per vector for a more faithful bank. With one stage it is exactly the
 paper's single codebook.
@@ -40,25 +49,34 @@ class VectorQuantizer(nn.Module):
         beta: float = 0.25,
         ema_decay: float = 0.99,
         dead_threshold: float = 1e-4,
+        metric: str = "l2",
     ):
         super().__init__()
-        self.num_codes, self.dim = num_codes, dim
+        if metric not in ("l2", "cosine"):
+            raise ValueError(f"codebook metric must be 'l2' or 'cosine', got {metric!r}")
+        self.num_codes, self.dim, self.metric = num_codes, dim, metric
         self.beta, self.ema_decay, self.dead_threshold = beta, ema_decay, dead_threshold
         self.codebook = nn.Parameter(torch.empty(num_codes, dim).uniform_(-1 / num_codes, 1 / num_codes))
         # Usage starts at zero, so the first training batch revives every code it did not pick from
         # real encoder outputs: a data-dependent initialisation for free.
         self.register_buffer("usage", torch.zeros(num_codes))
 
+    def _scaled(self, x: torch.Tensor) -> torch.Tensor:
+        """Cosine metric: x at norm sqrt(dim), where every vector and code lives; L2: x itself."""
+        return F.normalize(x, dim=-1) * self.dim**0.5 if self.metric == "cosine" else x
+
     def nearest(self, z: torch.Tensor) -> torch.Tensor:
-        """Index of the nearest code (L2) for each vector of z [..., dim]."""
-        flat = z.detach().reshape(-1, self.dim)
-        distances = flat.pow(2).sum(1, keepdim=True) - 2 * flat @ self.codebook.t() + self.codebook.pow(2).sum(1)
+        """Index of the nearest code for each vector of z [..., dim]."""
+        flat = self._scaled(z.detach().reshape(-1, self.dim))
+        codebook = self._scaled(self.codebook)
+        distances = flat.pow(2).sum(1, keepdim=True) - 2 * flat @ codebook.t() + codebook.pow(2).sum(1)
         return distances.argmin(dim=1).reshape(z.shape[:-1])
 
     def decode(self, indices: torch.Tensor) -> torch.Tensor:
-        return F.embedding(indices.long(), self.codebook)
+        return self._scaled(F.embedding(indices.long(), self.codebook))
 
     def forward(self, z: torch.Tensor) -> QuantizerOutput:
+        z = self._scaled(z)
         indices = self.nearest(z)
         codes = self.decode(indices)
         loss = F.mse_loss(codes, z.detach()) + self.beta * F.mse_loss(z, codes.detach())

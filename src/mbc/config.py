@@ -30,6 +30,7 @@ class MBCConfig:
     quantize: bool = True
     codebook_size: int = 512
     codebook_stages: int = 1  # > 1: residual quantization, one index per stage per vector
+    codebook_metric: str = "l2"  # "l2" (the paper) or "cosine": codes looked up by direction (codebook.py)
     standardize_slots: bool = True  # normalise the networks' outputs (amortization.py: SlotNorm, LayerNorm); False = the paper as written
     standardize_modulation: bool = False  # SlotNorm on the modulation before the prefix (model.py); False = the paper as written
     beta: float = 0.25
@@ -73,6 +74,10 @@ class MBCConfig:
                            f"{self.retrieval_top_k}, {self.retrieval_subspaces} and {self.retrieval_codes}")
         if self.lora_layers < 0 or (self.lora_layers and self.lora_rank < 1):
             raise MBCError(f"lora_layers must be >= 0 and lora_rank >= 1, got {self.lora_layers} and {self.lora_rank}")
+        if self.codebook_metric not in ("l2", "cosine"):
+            raise MBCError(f"codebook_metric must be 'l2' or 'cosine', got {self.codebook_metric!r}")
+        if self.codebook_metric == "cosine" and self.codebook_stages > 1:
+            raise MBCError("codebook_metric 'cosine' works with one codebook stage only (a residual has no fixed norm)")
         if self.aggregator_output not in ("residual", "reads"):
             raise MBCError(f"aggregator_output must be 'residual' or 'reads', got {self.aggregator_output!r}")
         if self.llm_quantization not in (None, "nf4"):

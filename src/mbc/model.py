@@ -86,7 +86,8 @@ class MBCModel(nn.Module):
                                                     config.train_encoders, output_norm=norms[1])
         self.quantizer = (
             ResidualQuantizer(config.codebook_stages, num_codes=config.codebook_size, dim=dim, beta=config.beta,
-                              ema_decay=config.ema_decay, dead_threshold=config.dead_threshold)
+                              ema_decay=config.ema_decay, dead_threshold=config.dead_threshold,
+                              metric=config.codebook_metric)
             if config.quantize else None
         )
         self.aggregator = Aggregator(dim, config.aggregator_blocks, config.aggregator_heads, config.aggregator_head_dim, config.aggregator_output)
