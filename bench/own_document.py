@@ -37,10 +37,11 @@ def closed_set_split(held_out_questions: int = 48):
 
 
 def train_and_report(model: MBCModel, loss_fn, memory_of, train, test, steps: int, report_every: int,
-                     lr: float, codebook_lr: float | None = None, batch_size: int = 8) -> None:
+                     lr: float, codebook_lr: float | None = None, batch_size: int = 8, after_step=None) -> None:
     """Adam (the encoders at lr / 10) on ``loss_fn(model, rows, memory_of(rows)) -> (loss, extras)``,
     each question reading its own memory; every ``report_every`` steps, the held-out loss (and
-    extras) with each question's own memory and with another question's."""
+    extras) with each question's own memory and with another question's. ``after_step(step)``, if
+    given, runs after each optimizer step."""
     groups = _parameter_groups(model, TrainConfig(learning_rate=lr, encoder_learning_rate=lr / 10, codebook_learning_rate=codebook_lr))
     optimizer = torch.optim.Adam(groups)
     parameters = [p for group in groups for p in group["params"]]
@@ -53,6 +54,8 @@ def train_and_report(model: MBCModel, loss_fn, memory_of, train, test, steps: in
         loss.backward()
         torch.nn.utils.clip_grad_norm_(parameters, 1.0)
         optimizer.step()
+        if after_step is not None:
+            after_step(step)
         window.append({"loss": loss.item(), **extras})
         if step % report_every == 0:
             model.eval()

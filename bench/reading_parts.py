@@ -1,7 +1,7 @@
 """Which half of MBC's reading path learns slowly? Each half trained on its own.
 
     .venv/bin/python bench/reading_parts.py decoder [--steps 200] [--lr 3e-4] [--set KEY=VALUE ...]
-    .venv/bin/python bench/reading_parts.py encoder [--steps 300] [--lr 3e-4] [--codebook-lr LR] [--set KEY=VALUE ...]
+    .venv/bin/python bench/reading_parts.py encoder [--steps 300] [--lr 3e-4] [--codebook-lr LR] [--float-memory-steps N] [--set KEY=VALUE ...]
 
 decoder: the memory holds the answer itself (the LLM's input embedding of the answer's first
 token, at norm sqrt(dim), in all K slots); the question network, aggregator, prefix expansion and
@@ -12,7 +12,9 @@ encoder: no LLM pass. The amortization network, codebook, question network and a
 put the answer's first token into the modulation (its mean over the K slots, LayerNormed, through
 the LLM's frozen output embedding: a logit lens), plus the VQ loss. Prints the held-out probe loss
 and top-1 accuracy with each question's own document and with another's, and the codebook
-perplexity of the training batches.
+perplexity of the training batches. ``--float-memory-steps N``: the memory bypasses the codebook
+for the first N steps, then the codebook is k-means-fitted to the training documents' vectors
+(training's ``float_memory_steps``).
 
 Same data and split as bench/own_document.py (answers from small closed sets, 40 held-out
 documents), the CPU preset's model, batches of 8.
@@ -54,11 +56,11 @@ def decoder_loss(model: MBCModel, rows, memory_answers: list[str]):
 def encoder_loss(model: MBCModel, rows, documents: list[str]):
     contexts = model.amortize(documents)
     quantized = model.quantizer(contexts) if model.quantizer is not None else None
-    memory = quantized.quantized if quantized is not None else contexts
+    memory = quantized.quantized if quantized is not None and not model.codebook_bypassed else contexts
     modulation = modulation_reading(model, [r.question for r in rows], memory)
     logits = model.llm.get_output_embeddings()(F.layer_norm(modulation.mean(1), modulation.shape[-1:]))
     first = torch.tensor([model.answer_ids(r.answers[0])[0] for r in rows])
-    vq_loss = quantized.loss if quantized is not None else 0.0
+    vq_loss = quantized.loss if quantized is not None and not model.codebook_bypassed else 0.0
     extra = {"accuracy": (logits.argmax(-1) == first).float().mean().item()}
     if quantized is not None:
         extra["perplexity"] = quantized.perplexity.item()
@@ -71,6 +73,7 @@ def main():
     parser.add_argument("--lr", type=float, default=3e-4, help="new modules; the encoder gets a tenth")
     parser.add_argument("--codebook-lr", type=float, default=None, help="the codebook (default: --lr)")
     parser.add_argument("--steps", type=int, default=None, help="default: 200 (decoder), 300 (encoder)")
+    parser.add_argument("--float-memory-steps", type=int, default=0, help="encoder: steps before the codebook is used")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--set", action="append", default=[], help="model config KEY=VALUE (JSON value)")
     args = parser.parse_args()
@@ -80,12 +83,22 @@ def main():
     values.update({k: json.loads(v) for k, v in (item.split("=", 1) for item in args.set)})
     model = MBCModel.build(MBCConfig(**values))
     train, test = closed_set_split(held_out_questions=96 if args.half == "encoder" else 48)
+    after_step = None
+    if args.float_memory_steps:
+        model.codebook_bypassed = True
+        documents = list(dict.fromkeys(r.document for r in train))
+
+        def after_step(step: int) -> None:
+            if step == args.float_memory_steps:
+                model.fit_codebook(documents)
+                print(f"step {step}: codebook fitted (k-means) to {len(documents)} training documents' vectors", flush=True)
     if args.half == "decoder":
         loss, memory_of = decoder_loss, lambda rows: [r.answers[0] for r in rows]
     else:
         loss, memory_of = encoder_loss, lambda rows: [r.document for r in rows]
     train_and_report(model, loss, memory_of, train, test, steps=args.steps or (200 if args.half == "decoder" else 300),
-                     report_every=25 if args.half == "decoder" else 50, lr=args.lr, codebook_lr=args.codebook_lr)
+                     report_every=25 if args.half == "decoder" else 50, lr=args.lr, codebook_lr=args.codebook_lr,
+                     after_step=after_step)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from mbc import MBCError, ResidualQuantizer, VectorQuantizer
-from mbc.codebook import fingerprint
+from mbc.codebook import fingerprint, kmeans
 from mbc.packing import bits_for, index_dtype, pack_indices, packed_size, unpack_indices
 
 
@@ -92,6 +92,14 @@ def test_cosine_metric_picks_codes_by_direction_and_decodes_them_at_norm_sqrt_di
     assert torch.allclose(rq.decode(out.indices), out.quantized, atol=1e-6)
     with pytest.raises(ValueError, match="metric"):
         VectorQuantizer(metric="dot")
+
+
+def test_kmeans_finds_separated_clusters():
+    torch.manual_seed(0)
+    centres = torch.tensor([[10.0, 0.0], [-10.0, 0.0]])  # two clusters: Lloyd's finds both from any start
+    points = torch.cat([c + 0.1 * torch.randn(50, 2) for c in centres])
+    found = kmeans(points, 2, 10, torch.Generator().manual_seed(1))
+    assert torch.cdist(found, centres).min(0).values.max() < 0.1  # every centre has a centroid next to it
 
 
 def test_residual_stages_reduce_error():

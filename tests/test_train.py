@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from conftest import tiny_config
 from mbc.data import split_by_group
 from mbc.generated import generate_examples
-from mbc.model import WEIGHTS_NAME
+from mbc.model import WEIGHTS_NAME, MBCModel
 from mbc.train import TrainConfig, train
 
 ROWS = split_by_group(generate_examples(30, seed=1), {"train": 0.8, "validation": 0.2})
@@ -51,6 +51,29 @@ def test_training_with_retrieval_keys_fits_them_once(tiny_paths, tmp_path):
     assert bool(first["retrieval_keys.fitted"]) and first["retrieval_keys.centroids"].abs().sum() > 0
     _train(tiny_paths, tmp_path, keys, max_steps=4)  # resumed: the centroids come from the checkpoint, not a new fit
     assert torch.equal(load_file(tmp_path / "last" / WEIGHTS_NAME)["retrieval_keys.centroids"], first["retrieval_keys.centroids"])
+
+
+def test_float_memory_warm_start_then_a_fitted_codebook(tiny_paths, tmp_path):
+    _train(tiny_paths, tmp_path, max_steps=4, float_memory_steps=2)
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    vq = {r["step"]: r["vq"] for r in records if r["kind"] == "train"}
+    assert vq[1] == vq[2] == 0 and vq[3] > 0 and vq[4] > 0  # float memory first, then the codebook
+    model = MBCModel.from_pretrained(tmp_path / "last")
+    assert not model.codebook_bypassed and model.quantizer.fraction_alive() == 1.0
+
+
+def test_fit_codebook_makes_the_bank_closer_to_the_documents(tiny_model):
+    model = tiny_model(codebook_size=8).eval()
+    documents = [f"Document {i} says that the town of Quel{i} exports {i} rugs." for i in range(12)]
+    contexts = model.amortize(documents)
+
+    def error() -> float:
+        return (model.memory(model.compress(documents)).view_as(contexts) - contexts).pow(2).mean().item()
+
+    before = error()
+    model.codebook_bypassed = True
+    model.fit_codebook(documents, batch_size=5)
+    assert error() < before and not model.codebook_bypassed and not model.training
 
 
 def test_codebook_gets_its_own_learning_rate(tiny_model):

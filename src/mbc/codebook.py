@@ -107,8 +107,28 @@ class VectorQuantizer(nn.Module):
         self.codebook.data[dead] = replacement
         self.usage[dead] = self.usage.mean()
 
+    @torch.no_grad()
+    def fit(self, z: torch.Tensor, iterations: int = 10, seed: int = 0) -> None:
+        """Set the codes to k-means centroids of the vectors z [N, dim] and count every code as used."""
+        points = self._scaled(z.reshape(-1, self.dim).float())
+        self.codebook.data.copy_(kmeans(points, self.num_codes, iterations, torch.Generator().manual_seed(seed)))
+        self.usage.fill_(1 / self.num_codes)
+
     def fraction_alive(self) -> float:
         return (self.usage >= self.dead_threshold).float().mean().item()
+
+
+def kmeans(points: torch.Tensor, k: int, iterations: int, generator: torch.Generator) -> torch.Tensor:
+    """k centroids [k, dim] of points [N, dim] by Lloyd's algorithm, started from random points
+    (distinct when N >= k); an empty cluster keeps its place."""
+    starts = torch.randperm(len(points), generator=generator)[:k] if len(points) >= k else torch.randint(len(points), (k,), generator=generator)
+    centroids = points[starts.to(points.device)].clone()
+    for _ in range(iterations):
+        nearest = torch.cdist(points, centroids).argmin(1)
+        sums = torch.zeros_like(centroids).index_add_(0, nearest, points)
+        counts = torch.bincount(nearest, minlength=k).to(points.dtype)[:, None]
+        centroids = torch.where(counts > 0, sums / counts.clamp(min=1), centroids)
+    return centroids
 
 
 def perplexity(counts: torch.Tensor) -> torch.Tensor:
@@ -156,6 +176,14 @@ class ResidualQuantizer(nn.Module):
     def decode(self, indices: torch.Tensor) -> torch.Tensor:
         """indices [..., stages] -> vectors [..., dim]: the sum of each stage's code."""
         return sum(stage.decode(indices[..., s]) for s, stage in enumerate(self.stages))
+
+    @torch.no_grad()
+    def fit(self, z: torch.Tensor, iterations: int = 10, seed: int = 0) -> None:
+        """k-means initialisation: each stage's codes fitted to what the stages before it leave of z."""
+        residual = z.reshape(-1, z.shape[-1]).float()
+        for s, stage in enumerate(self.stages):
+            stage.fit(residual, iterations, seed + s)
+            residual = residual - stage.decode(stage.nearest(residual))
 
     def fraction_alive(self) -> float:
         return float(np.mean([stage.fraction_alive() for stage in self.stages]))

@@ -90,6 +90,9 @@ class MBCModel(nn.Module):
                               metric=config.codebook_metric)
             if config.quantize else None
         )
+        # Set by training's float-memory warm start (TrainConfig.float_memory_steps): the bank holds
+        # the encoder's float vectors, as MAC's does, until the codebook is fitted to them.
+        self.codebook_bypassed = False
         self.aggregator = Aggregator(dim, config.aggregator_blocks, config.aggregator_heads, config.aggregator_head_dim, config.aggregator_output)
         self.embedder = self.retrieval_keys = None
         if config.retrieval_top_k:
@@ -204,6 +207,8 @@ class MBCModel(nn.Module):
         if self.quantizer is not None:
             quantized = self.quantizer(contexts)
             memory, vq_loss, perplexity = quantized.quantized, quantized.loss, quantized.perplexity
+            if self.codebook_bypassed:  # the codebook stays in the graph (every process must use every parameter)
+                memory, vq_loss = contexts, 0.0 * vq_loss
         else:
             memory, vq_loss, perplexity = contexts, contexts.new_zeros(()), contexts.new_zeros(())
         if self.retrieval_keys is not None:
@@ -258,6 +263,17 @@ class MBCModel(nn.Module):
         predicted = targets != IGNORE
         logits = self.llm.get_output_embeddings()(hidden[:, :-1][predicted]).float()
         return F.cross_entropy(logits, targets[predicted])
+
+    @torch.no_grad()
+    def fit_codebook(self, documents: list[str], batch_size: int = 64) -> None:
+        """k-means initialisation of the codebook on these documents' vectors, amortized as the
+        bank will store them (eval mode); ends the float-memory warm start."""
+        mode = self.training
+        self.eval()
+        contexts = torch.cat([self.amortize(documents[i : i + batch_size]) for i in range(0, len(documents), batch_size)])
+        self.train(mode)
+        self.quantizer.fit(contexts)
+        self.codebook_bypassed = False
 
     # ---- retrieval keys (retrieval.py) ---------------------------------------------------------
     def fit_retrieval_keys(self, documents: list[str]) -> None:

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .codebook import kmeans
 from .errors import MBCError
 
 
@@ -79,14 +80,7 @@ class ProductQuantizer(nn.Module):
         generator = torch.Generator().manual_seed(seed)
         pieces = self._pieces(embeddings.float())
         for s in range(self.subspaces):
-            points = pieces[s]
-            centroids = points[torch.randperm(len(points), generator=generator)[: self.codes]].clone()
-            for _ in range(iterations):
-                nearest = torch.cdist(points, centroids).argmin(1)
-                sums = torch.zeros_like(centroids).index_add_(0, nearest, points)
-                counts = torch.bincount(nearest, minlength=self.codes).to(points.dtype)[:, None]
-                centroids = torch.where(counts > 0, sums / counts.clamp(min=1), centroids)  # an empty cluster keeps its place
-            self.centroids[s] = centroids
+            self.centroids[s] = kmeans(pieces[s], self.codes, iterations, generator)
         self.fitted.fill_(True)
 
     @torch.no_grad()

@@ -52,6 +52,8 @@ class TrainConfig:
     max_minutes: float | None = None  # stop (then validate and save) after this much training time
     backprop_keep: float = 1.0
     bank_curriculum_steps: int = 0  # > 0: each question's bank grows from its own document to the whole batch over these steps
+    float_memory_steps: int = 0  # > 0 (MBC): the bank holds float vectors for these steps, then the codebook is k-means-fitted to them
+    codebook_fit_documents: int = 1000  # training documents the codebook is fitted on at the end of float_memory_steps
     mixed_precision: str = "no"  # "no", "bf16", "fp16"
     seed: int = 0
     log_every: int = 10
@@ -95,6 +97,13 @@ def _bank_size(config: TrainConfig, step: int, documents: int) -> int | None:
     if config.bank_curriculum_steps <= 0:
         return None
     return min(documents, 1 + int((documents - 1) * step / config.bank_curriculum_steps))
+
+
+def _end_float_memory(model: MBCModel, config: TrainConfig, step: int, train_rows: list[QAExample]) -> None:
+    """At the end of the float-memory warm start, fit the codebook to the encoder's vectors as they are
+    now: the document side learns several times faster without a codebook (bench/reading_parts.py)."""
+    if model.codebook_bypassed and step >= config.float_memory_steps:
+        model.fit_codebook(list(dict.fromkeys(row.document for row in train_rows))[: config.codebook_fit_documents])
 
 
 class MetricsLog:
@@ -170,6 +179,7 @@ def train(model_config: MBCConfig, config: TrainConfig, train_rows: list[QAExamp
         return metrics
 
     bar = tqdm(total=total_steps, initial=progress["step"], disable=not main, desc="train", dynamic_ncols=True)
+    unwrapped.codebook_bypassed = unwrapped.quantizer is not None and progress["step"] < config.float_memory_steps
     model.train()
     started, seconds_before = time.perf_counter(), progress["train_seconds"]
     losses = ("loss", "qa", "vq", "perplexity")
@@ -201,6 +211,7 @@ def train(model_config: MBCConfig, config: TrainConfig, train_rows: list[QAExamp
             progress["step"] += 1
             progress["train_seconds"] = seconds_before + time.perf_counter() - started
             bar.update(1)
+            _end_float_memory(unwrapped, config, progress["step"], train_rows)
             if progress["step"] % config.log_every == 0 or progress["step"] == total_steps:
                 rate = window["rows"] / (time.perf_counter() - window["time"])
                 alive = unwrapped.quantizer.fraction_alive() if unwrapped.quantizer is not None else 1.0
