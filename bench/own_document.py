@@ -13,13 +13,13 @@ bench/reading_parts.py trains each half of this reading path on its own.
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import time
 
 import torch
 
 from mbc import MBCConfig, MBCModel
+from mbc.config import apply_overrides
 from mbc.generated import COLOURS, PRODUCTS, PROFESSIONS, generate_examples
 from mbc.presets import preset
 from mbc.train import TrainConfig, _parameter_groups
@@ -88,13 +88,13 @@ def main():
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--set", action="append", default=[], help="model config KEY=VALUE (JSON value)")
+    parser.add_argument("--set", action="append", default=[], help="model config KEY=VALUE (VALUE as JSON, else a string)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     values = preset("cpu")["model"]
     values["retrieval_top_k"] = 0  # every bank here holds one document: nothing to choose between
-    values.update({k: json.loads(v) for k, v in (item.split("=", 1) for item in args.set)})
+    apply_overrides(values, args.set)
     model = MBCModel.build(MBCConfig(**values))
     train, test = closed_set_split()
     train_and_report(model, qa_loss, lambda rows: [r.document for r in rows], train, test, args.steps, 25,

@@ -23,12 +23,12 @@ documents), the CPU preset's model, batches of 8.
 from __future__ import annotations
 
 import argparse
-import json
 
 import torch
 import torch.nn.functional as F
 
 from mbc import MBCConfig, MBCModel
+from mbc.config import apply_overrides
 from mbc.presets import preset
 from own_document import closed_set_split, train_and_report
 
@@ -75,12 +75,12 @@ def main():
     parser.add_argument("--steps", type=int, default=None, help="default: 200 (decoder), 300 (encoder)")
     parser.add_argument("--float-memory-steps", type=int, default=0, help="encoder: steps before the codebook is used")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--set", action="append", default=[], help="model config KEY=VALUE (JSON value)")
+    parser.add_argument("--set", action="append", default=[], help="model config KEY=VALUE (VALUE as JSON, else a string)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     values = {**preset("cpu")["model"], "retrieval_top_k": 0}
-    values.update({k: json.loads(v) for k, v in (item.split("=", 1) for item in args.set)})
+    apply_overrides(values, args.set)
     model = MBCModel.build(MBCConfig(**values))
     train, test = closed_set_split(held_out_questions=96 if args.half == "encoder" else 48)
     after_step = None

@@ -10,7 +10,7 @@ from typing import Optional
 
 import typer
 
-from .config import MBCConfig
+from .config import MBCConfig, apply_overrides
 from .decoding import DecodingConfig
 from .errors import MBCError
 
@@ -23,21 +23,10 @@ DEMO_DOCUMENTS = [
 DEMO_QUESTION = "Who founded the Brellin Observatory?"
 
 
-def _apply(values: dict, overrides: list[str]) -> dict:
-    for item in overrides:
-        key, sep, raw = item.partition("=")
-        if not sep:
-            raise MBCError(f"overrides take KEY=VALUE, got '{item}'")
-        try:
-            values[key] = json.loads(raw)
-        except json.JSONDecodeError:
-            values[key] = raw  # a bare string such as a model path
-    return values
-
 
 def _config(config_file: Optional[Path], overrides: list[str]) -> MBCConfig:
     values = MBCConfig.load(config_file).to_dict() if config_file else {}
-    return MBCConfig.from_dict(_apply(values, overrides))
+    return MBCConfig.from_dict(apply_overrides(values, overrides))
 
 
 ConfigFile = typer.Option(None, "--config", help="JSON file of MBCConfig fields")
@@ -109,8 +98,8 @@ def train(
     from .train import TrainConfig, train as run_training
 
     chosen = load_preset(preset)
-    model_config = MBCConfig.from_dict(_apply(chosen["model"], model_overrides))
-    train_values = _apply(dict(chosen["train"], output_dir=str(output)), train_overrides)
+    model_config = MBCConfig.from_dict(apply_overrides(chosen["model"], model_overrides))
+    train_values = apply_overrides(dict(chosen["train"], output_dir=str(output)), train_overrides)
     train_values.update({k: v for k, v in (("max_steps", max_steps), ("max_minutes", max_minutes)) if v is not None})
     train_config = TrainConfig(**train_values)
     splits = qa_data.load_splits(data, first_documents)

@@ -11,6 +11,20 @@ from .backbones import BUNDLED_ENCODER, BUNDLED_LLM
 from .errors import MBCError
 
 
+def apply_overrides(values: dict, overrides: list[str]) -> dict:
+    """``KEY=VALUE`` strings into ``values``: VALUE as JSON where it parses (numbers, true, null),
+    else as a bare string (a model path, ``cosine``)."""
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise MBCError(f"overrides take KEY=VALUE, got '{item}'")
+        try:
+            values[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            values[key] = raw
+    return values
+
+
 @dataclass
 class MBCConfig:
     # Backbones, by name (see backbones.py): recorded so a checkpoint knows what to load.
