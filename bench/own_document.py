@@ -73,8 +73,7 @@ def train_and_report(model: MBCModel, loss_fn, memory_of, train, test, steps: in
 
 def qa_loss(model: MBCModel, rows, documents: list[str]):
     """QA loss with question i reading only documents[i]."""
-    contexts = model.amortize(documents)
-    memory = model.quantizer(contexts).quantized if model.quantizer is not None else contexts
+    memory, _, _ = model.training_memory(model.amortize(documents))  # no VQ loss: the codebook moves by resets only
     own = torch.eye(len(documents), dtype=torch.bool).repeat_interleave(model.config.num_slots, dim=1)
     questions = [r.question for r in rows]
     prefix = model.prefix(model.modulation(questions, memory.reshape(-1, memory.shape[-1]), memory_mask=own))

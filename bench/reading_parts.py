@@ -54,16 +54,13 @@ def decoder_loss(model: MBCModel, rows, memory_answers: list[str]):
 
 
 def encoder_loss(model: MBCModel, rows, documents: list[str]):
-    contexts = model.amortize(documents)
-    quantized = model.quantizer(contexts) if model.quantizer is not None else None
-    memory = quantized.quantized if quantized is not None and not model.codebook_bypassed else contexts
+    memory, vq_loss, perplexity = model.training_memory(model.amortize(documents))
     modulation = modulation_reading(model, [r.question for r in rows], memory)
     logits = model.llm.get_output_embeddings()(F.layer_norm(modulation.mean(1), modulation.shape[-1:]))
     first = torch.tensor([model.answer_ids(r.answers[0])[0] for r in rows])
-    vq_loss = quantized.loss if quantized is not None and not model.codebook_bypassed else 0.0
     extra = {"accuracy": (logits.argmax(-1) == first).float().mean().item()}
-    if quantized is not None:
-        extra["perplexity"] = quantized.perplexity.item()
+    if model.quantizer is not None:
+        extra["perplexity"] = perplexity.item()
     return F.cross_entropy(logits, first) + vq_loss, extra
 
 

@@ -203,14 +203,7 @@ class MBCModel(nn.Module):
         full one (find it among many). With retrieval keys (``question_documents`` required) each
         question reads its own document and the k - 1 others of the batch its key scores highest,
         as answering from a bank will."""
-        contexts = self._amortize_some_with_grad(documents, backprop_keep)
-        if self.quantizer is not None:
-            quantized = self.quantizer(contexts)
-            memory, vq_loss, perplexity = quantized.quantized, quantized.loss, quantized.perplexity
-            if self.codebook_bypassed:  # the codebook stays in the graph (every process must use every parameter)
-                memory, vq_loss = contexts, 0.0 * vq_loss
-        else:
-            memory, vq_loss, perplexity = contexts, contexts.new_zeros(()), contexts.new_zeros(())
+        memory, vq_loss, perplexity = self.training_memory(self._amortize_some_with_grad(documents, backprop_keep))
         if self.retrieval_keys is not None:
             if question_documents is None:
                 raise MBCError("training with retrieval_top_k > 0 needs question_documents (each question's own document)")
@@ -223,6 +216,16 @@ class MBCModel(nn.Module):
             modulation = self.modulation(questions, memory.reshape(-1, memory.shape[-1]), memory_mask=mask)
         qa_loss = self.qa_loss(questions, answers, self.prefix(modulation))
         return MBCOutput(qa_loss + self.config.vq_weight * vq_loss, qa_loss, vq_loss, perplexity)
+
+    def training_memory(self, contexts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Context vectors -> (what the bank holds in training, VQ loss, codebook perplexity): the
+        straight-through codes (MBC), the vectors themselves (MAC, or MBC's float-memory warm start)."""
+        if self.quantizer is None:
+            return contexts, contexts.new_zeros(()), contexts.new_zeros(())
+        quantized = self.quantizer(contexts)
+        if self.codebook_bypassed:  # the codebook stays in the graph (every process must use every parameter)
+            return contexts, 0.0 * quantized.loss, quantized.perplexity
+        return quantized.quantized, quantized.loss, quantized.perplexity
 
     def _training_reads(self, questions: list[str], documents: list[str], own: list[int]) -> torch.Tensor:
         """[B, k] batch documents each question reads: its own first, then the best-keyed others."""
