@@ -62,7 +62,7 @@ def train_and_report(model: MBCModel, loss_fn, memory_of, train, test, steps: in
             with torch.no_grad():
                 (own_loss, own_extras), (other_loss, other_extras) = loss_fn(model, test, own), loss_fn(model, test, other)
             model.train()
-            trained = {key: sum(w[key] for w in window) / len(window) for key in window[0]}
+            trained = {key: sum(w[key] for w in window if key in w) / sum(key in w for w in window) for key in window[-1]}
             line = f"step {step}: train loss {trained.pop('loss'):.3f}, held-out loss with own memory {own_loss.item():.3f}"
             line += "".join(f" ({k} {v:.2f})" for k, v in own_extras.items() if k == "accuracy")
             line += f", with another's {other_loss.item():.3f}" + "".join(f" ({k} {v:.2f})" for k, v in other_extras.items() if k == "accuracy")

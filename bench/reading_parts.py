@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/reading_parts.py decoder [--steps 200] [--lr 3e-4] [--set KEY=VALUE ...]
     .venv/bin/python bench/reading_parts.py encoder [--steps 300] [--lr 3e-4] [--codebook-lr LR] [--float-memory-steps N] [--set KEY=VALUE ...]
+    .venv/bin/python bench/reading_parts.py staged [--probe-steps 150] [--steps 400] [...]
 
 decoder: the memory holds the answer itself (the LLM's input embedding of the answer's first
 token, at norm sqrt(dim), in all K slots); the question network, aggregator, prefix expansion and
@@ -15,6 +16,12 @@ and top-1 accuracy with each question's own document and with another's, and the
 perplexity of the training batches. ``--float-memory-steps N``: the memory bypasses the codebook
 for the first N steps, then the codebook is k-means-fitted to the training documents' vectors
 (training's ``float_memory_steps``).
+
+staged: the encoder half's objective for the first ``--probe-steps`` steps, then the QA loss end
+to end (bench/own_document.py's ``qa_loss``): does a document side that already carries the answer
+let the LLM side learn to read it as fast as the decoder half does? From the switch on it prints
+the held-out QA loss with own and another's document, comparable with bench/own_document.py
+at the same step.
 
 Same data and split as bench/own_document.py (answers from small closed sets, 40 held-out
 documents), the CPU preset's model, batches of 8.
@@ -30,7 +37,7 @@ import torch.nn.functional as F
 from mbc import MBCConfig, MBCModel
 from mbc.config import apply_overrides
 from mbc.presets import preset
-from own_document import closed_set_split, train_and_report
+from own_document import closed_set_split, qa_loss, train_and_report
 
 
 def answer_memory(model: MBCModel, answers: list[str]) -> torch.Tensor:
@@ -66,11 +73,12 @@ def encoder_loss(model: MBCModel, rows, documents: list[str]):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("half", choices=["decoder", "encoder"])
+    parser.add_argument("half", choices=["decoder", "encoder", "staged"])
     parser.add_argument("--lr", type=float, default=3e-4, help="new modules; the encoder gets a tenth")
     parser.add_argument("--codebook-lr", type=float, default=None, help="the codebook (default: --lr)")
     parser.add_argument("--steps", type=int, default=None, help="default: 200 (decoder), 300 (encoder)")
-    parser.add_argument("--float-memory-steps", type=int, default=0, help="encoder: steps before the codebook is used")
+    parser.add_argument("--float-memory-steps", type=int, default=0, help="encoder, staged: steps before the codebook is used")
+    parser.add_argument("--probe-steps", type=int, default=150, help="staged: steps on the encoder half's objective before the QA loss")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--set", action="append", default=[], help="model config KEY=VALUE (VALUE as JSON, else a string)")
     args = parser.parse_args()
@@ -80,20 +88,27 @@ def main():
     apply_overrides(values, args.set)
     model = MBCModel.build(MBCConfig(**values))
     train, test = closed_set_split(held_out_questions=96 if args.half == "encoder" else 48)
-    after_step = None
-    if args.float_memory_steps:
-        model.codebook_bypassed = True
-        documents = list(dict.fromkeys(r.document for r in train))
+    documents = list(dict.fromkeys(r.document for r in train))
+    model.codebook_bypassed = args.float_memory_steps > 0
+    done = {"steps": 0}
 
-        def after_step(step: int) -> None:
-            if step == args.float_memory_steps:
-                model.fit_codebook(documents)
-                print(f"step {step}: codebook fitted (k-means) to {len(documents)} training documents' vectors", flush=True)
+    def after_step(step: int) -> None:
+        done["steps"] = step
+        if step == args.float_memory_steps:
+            model.fit_codebook(documents)
+            print(f"step {step}: codebook fitted (k-means) to {len(documents)} training documents' vectors", flush=True)
+        if args.half == "staged" and step == args.probe_steps:
+            print(f"step {step}: from here on the QA loss end to end", flush=True)
+
+    def staged_loss(model, rows, documents):
+        return (encoder_loss if done["steps"] < args.probe_steps else qa_loss)(model, rows, documents)
+
     if args.half == "decoder":
         loss, memory_of = decoder_loss, lambda rows: [r.answers[0] for r in rows]
     else:
-        loss, memory_of = encoder_loss, lambda rows: [r.document for r in rows]
-    train_and_report(model, loss, memory_of, train, test, steps=args.steps or (200 if args.half == "decoder" else 300),
+        loss, memory_of = encoder_loss if args.half == "encoder" else staged_loss, lambda rows: [r.document for r in rows]
+    default_steps = {"decoder": 200, "encoder": 300, "staged": 400}[args.half]
+    train_and_report(model, loss, memory_of, train, test, steps=args.steps or default_steps,
                      report_every=25 if args.half == "decoder" else 50, lr=args.lr, codebook_lr=args.codebook_lr,
                      after_step=after_step)
 

@@ -19,11 +19,13 @@ def _train_a_little(model):
     return model.eval()
 
 
-@pytest.mark.parametrize("llm,encoder,quantize,standardize_modulation",
-                         [("llama", "bert", True, False), ("gpt2", "t5", True, False), ("llama", "bert", False, False),
-                          ("llama", "bert", True, True)])
-def test_save_load_same_outputs(tiny_model, tmp_path, llm, encoder, quantize, standardize_modulation):
-    model = _train_a_little(tiny_model(llm, encoder, quantize=quantize, standardize_modulation=standardize_modulation))
+@pytest.mark.parametrize("llm,encoder,quantize,standardize_modulation,update",
+                         [("llama", "bert", True, False, "gradient"), ("gpt2", "t5", True, False, "gradient"),
+                          ("llama", "bert", False, False, "gradient"), ("llama", "bert", True, True, "gradient"),
+                          ("llama", "bert", True, False, "ema")])
+def test_save_load_same_outputs(tiny_model, tmp_path, llm, encoder, quantize, standardize_modulation, update):
+    model = _train_a_little(tiny_model(llm, encoder, quantize=quantize, standardize_modulation=standardize_modulation,
+                                       codebook_update=update))
     model.save_pretrained(tmp_path)
     meta = json.loads((tmp_path / CONFIG_NAME).read_text())
     assert meta["config"]["llm"] == model.config.llm and meta["codebook_fingerprint"] == model.codebook_fingerprint()

@@ -63,6 +63,32 @@ def test_code_that_stops_being_used_dies_and_is_revived():
     assert vq.usage[3] > vq.dead_threshold
 
 
+def test_ema_codes_follow_the_running_mean_of_their_vectors_without_gradients():
+    vq = VectorQuantizer(num_codes=2, dim=2, ema_decay=0.5, update="ema").train()
+    vq.fit(torch.tensor([[0.0, 0.0], [10.0, 10.0]]))
+    assert torch.equal(vq.codebook, torch.tensor([[0.0, 0.0], [10.0, 10.0]])) and not vq.codebook.requires_grad
+    z = torch.tensor([[1.0, 0.0], [3.0, 0.0], [10.0, 12.0], [10.0, 14.0]], requires_grad=True)
+    out = vq(z)
+    # Each code moves halfway (decay 0.5, equal shares) to the mean of the vectors it was picked for.
+    assert torch.allclose(vq.codebook, torch.tensor([[1.0, 0.0], [10.0, 11.5]]))
+    out.loss.backward()
+    assert z.grad.abs().sum() > 0  # the commitment term still trains the encoder
+    for _ in range(30):
+        vq(z.detach())
+    assert torch.allclose(vq.codebook, torch.tensor([[2.0, 0.0], [10.0, 13.0]]), atol=1e-4)
+    with pytest.raises(ValueError, match="update"):
+        VectorQuantizer(update="adam")
+
+
+def test_ema_dead_codes_are_revived_and_then_followed():
+    torch.manual_seed(0)
+    vq = VectorQuantizer(num_codes=8, dim=3, update="ema").train()
+    z = torch.randn(40, 3)
+    vq(z)  # usage starts at zero: unpicked codes are revived from the batch
+    assert (vq.usage > 0).all()
+    assert torch.allclose(vq.code_sums, vq.codebook * vq.usage[:, None], atol=1e-6)  # consistent running state
+
+
 def test_decoding_stored_indices_reproduces_quantized_vectors():
     torch.manual_seed(0)
     rq = ResidualQuantizer(num_stages=3, num_codes=32, dim=6)

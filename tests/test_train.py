@@ -9,6 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import tiny_config
+from mbc import MBCError
 from mbc.data import split_by_group
 from mbc.generated import generate_examples
 from mbc.model import WEIGHTS_NAME, MBCModel
@@ -60,6 +61,28 @@ def test_float_memory_warm_start_then_a_fitted_codebook(tiny_paths, tmp_path):
     assert vq[1] == vq[2] == 0 and vq[3] > 0 and vq[4] > 0  # float memory first, then the codebook
     model = MBCModel.from_pretrained(tmp_path / "last")
     assert not model.codebook_bypassed and model.quantizer.fraction_alive() == 1.0
+
+
+def test_a_run_stopped_during_the_warm_start_still_fits_its_codebook(tiny_paths, tmp_path):
+    metrics = _train(tiny_paths, tmp_path, max_steps=10, float_memory_steps=5, max_minutes=0.0)  # stops after step 1
+    assert set(metrics) == {"em", "f1", "lenient_em", "loss"}  # validated through the fitted codebook
+    model = MBCModel.from_pretrained(tmp_path / "last")
+    assert not model.codebook_bypassed and model.quantizer.fraction_alive() == 1.0
+
+
+def test_bad_schedules_are_refused_before_training(tiny_paths, tmp_path):
+    with pytest.raises(MBCError, match="float_memory_steps=4 is not below the run's 4 steps"):
+        _train(tiny_paths, tmp_path, max_steps=4, float_memory_steps=4)
+    with pytest.raises(MBCError, match="lr_schedule"):
+        _train(tiny_paths, tmp_path, lr_schedule="step")
+
+
+def test_cosine_schedule_decays_to_zero_after_warmup(tiny_paths, tmp_path):
+    _train(tiny_paths, tmp_path, max_steps=6, warmup_ratio=0.2, lr_schedule="cosine")
+    rates = [json.loads(line)["lr"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines() if '"train"' in line]
+    # The rate logged at step s is the one step s + 1 will use: warmup ends at step 2.
+    assert rates[0] < rates[1] == pytest.approx(3e-3) and rates[-1] == pytest.approx(0.0, abs=1e-12)
+    assert all(a > b for a, b in zip(rates[1:], rates[2:]))
 
 
 def test_fit_codebook_makes_the_bank_closer_to_the_documents(tiny_model):

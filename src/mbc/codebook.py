@@ -17,6 +17,13 @@ the winners further in: in short CPU runs most vectors snapped to a handful of c
 carried little about its document (docs/RESULTS.md). The aggregator LayerNorms every memory vector
 before reading it, so only a vector's direction reaches it anyway.
 
+``update="ema"`` (not in the paper; van den Oord et al.'s appendix and VQ-VAE-2) moves each code
+to the running mean of the vectors assigned to it instead of by a gradient step: the codebook
+term of the VQ loss then carries no gradient and only the commitment term trains the encoder.
+Adam moves a code by about the learning rate per step (3e-4 in the cpu preset) while the vectors
+it stands for are ~1 per coordinate, so with gradient updates a code barely follows the encoder and
+a fitted codebook collapses again once the encoder moves (docs/RESULTS.md, session 4).
+
 ``ResidualQuantizer`` chains several codebooks (each quantizes what the previous ones left): the
 way to trade more bytes per vector for a more faithful bank. With one stage it is exactly the
 paper's single codebook.
@@ -50,16 +57,24 @@ class VectorQuantizer(nn.Module):
         ema_decay: float = 0.99,
         dead_threshold: float = 1e-4,
         metric: str = "l2",
+        update: str = "gradient",
     ):
         super().__init__()
         if metric not in ("l2", "cosine"):
             raise ValueError(f"codebook metric must be 'l2' or 'cosine', got {metric!r}")
-        self.num_codes, self.dim, self.metric = num_codes, dim, metric
+        if update not in ("gradient", "ema"):
+            raise ValueError(f"codebook update must be 'gradient' or 'ema', got {update!r}")
+        self.num_codes, self.dim, self.metric, self.update = num_codes, dim, metric, update
         self.beta, self.ema_decay, self.dead_threshold = beta, ema_decay, dead_threshold
         self.codebook = nn.Parameter(torch.empty(num_codes, dim).uniform_(-1 / num_codes, 1 / num_codes))
         # Usage starts at zero, so the first training batch revives every code it did not pick from
         # real encoder outputs: a data-dependent initialisation for free.
         self.register_buffer("usage", torch.zeros(num_codes))
+        if update == "ema":
+            # usage is the running share of vectors each code gets; code_sums the running sum of those
+            # vectors over the same shares, so code_sums / usage is the running mean a code moves to.
+            self.codebook.requires_grad_(False)
+            self.register_buffer("code_sums", torch.zeros(num_codes, dim))
 
     def _scaled(self, x: torch.Tensor) -> torch.Tensor:
         """Cosine metric: x at norm sqrt(dim), where every vector and code lives; L2: x itself."""
@@ -82,7 +97,7 @@ class VectorQuantizer(nn.Module):
         loss = F.mse_loss(codes, z.detach()) + self.beta * F.mse_loss(z, codes.detach())
         counts = torch.bincount(indices.flatten(), minlength=self.num_codes).to(z.dtype)
         if self.training:
-            self._update_usage_and_reset(counts, z)
+            self._update_usage_and_reset(counts, z, indices)
         return QuantizerOutput(
             quantized=z + (codes - z).detach(),
             indices=indices.unsqueeze(-1),
@@ -91,31 +106,50 @@ class VectorQuantizer(nn.Module):
         )
 
     @torch.no_grad()
-    def _update_usage_and_reset(self, counts: torch.Tensor, z: torch.Tensor) -> None:
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            # Every process must see the same usage and the same replacements, or their codebooks drift apart.
+    def _update_usage_and_reset(self, counts: torch.Tensor, z: torch.Tensor, indices: torch.Tensor) -> None:
+        flat = z.detach().reshape(-1, self.dim)
+        sums = torch.zeros_like(self.codebook).index_add_(0, indices.flatten(), flat.to(self.codebook.dtype)) if self.update == "ema" else None
+        if _distributed():
+            # Every process must see the same usage, sums and replacements, or their codebooks drift apart.
             torch.distributed.all_reduce(counts)
-        self.usage.mul_(self.ema_decay).add_(counts / counts.sum(), alpha=1 - self.ema_decay)
+            if sums is not None:
+                torch.distributed.all_reduce(sums)
+        total = counts.sum()
+        self.usage.mul_(self.ema_decay).add_(counts / total, alpha=1 - self.ema_decay)
+        if sums is not None:
+            self.code_sums.mul_(self.ema_decay).add_(sums / total, alpha=1 - self.ema_decay)
+            used = self.usage > 0
+            self.codebook.data[used] = self.code_sums[used] / self.usage[used, None]
         dead = (self.usage < self.dead_threshold).nonzero().flatten()
         if dead.numel() == 0:
             return
-        candidates = z.detach().reshape(-1, self.dim)
-        picks = torch.randint(len(candidates), (dead.numel(),), device=z.device)
-        replacement = candidates[picks]
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
+        picks = torch.randint(len(flat), (dead.numel(),), device=z.device)
+        replacement = flat[picks]
+        if _distributed():
             torch.distributed.broadcast(replacement, src=0)
-        self.codebook.data[dead] = replacement
-        self.usage[dead] = self.usage.mean()
+        self._set_codes(dead, replacement, self.usage.mean())
+
+    def _set_codes(self, which: torch.Tensor, vectors: torch.Tensor, share: torch.Tensor | float) -> None:
+        """Overwrite codes and count each as used by this share of vectors (EMA: as if its vector had
+        been their running mean all along)."""
+        self.codebook.data[which] = vectors.to(self.codebook.dtype)
+        self.usage[which] = share
+        if self.update == "ema":
+            self.code_sums[which] = self.codebook.data[which] * share
 
     @torch.no_grad()
     def fit(self, z: torch.Tensor, iterations: int = 10, seed: int = 0) -> None:
         """Set the codes to k-means centroids of the vectors z [N, dim] and count every code as used."""
         points = self._scaled(z.reshape(-1, self.dim).float())
-        self.codebook.data.copy_(kmeans(points, self.num_codes, iterations, torch.Generator().manual_seed(seed)))
-        self.usage.fill_(1 / self.num_codes)
+        centroids = kmeans(points, self.num_codes, iterations, torch.Generator().manual_seed(seed))
+        self._set_codes(torch.arange(self.num_codes, device=centroids.device), centroids, 1 / self.num_codes)
 
     def fraction_alive(self) -> float:
         return (self.usage >= self.dead_threshold).float().mean().item()
+
+
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
 def kmeans(points: torch.Tensor, k: int, iterations: int, generator: torch.Generator) -> torch.Tensor:

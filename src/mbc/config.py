@@ -45,6 +45,7 @@ class MBCConfig:
     codebook_size: int = 512
     codebook_stages: int = 1  # > 1: residual quantization, one index per stage per vector
     codebook_metric: str = "l2"  # "l2" (the paper) or "cosine": codes looked up by direction (codebook.py)
+    codebook_update: str = "gradient"  # "gradient" (the paper: the VQ loss trains the codes) or "ema": codes follow the running mean of their vectors (codebook.py)
     standardize_slots: bool = True  # normalise the networks' outputs (amortization.py: SlotNorm, LayerNorm); False = the paper as written
     standardize_modulation: bool = False  # SlotNorm on the modulation before the prefix (model.py); False = the paper as written
     beta: float = 0.25
@@ -90,6 +91,8 @@ class MBCConfig:
             raise MBCError(f"lora_layers must be >= 0 and lora_rank >= 1, got {self.lora_layers} and {self.lora_rank}")
         if self.codebook_metric not in ("l2", "cosine"):
             raise MBCError(f"codebook_metric must be 'l2' or 'cosine', got {self.codebook_metric!r}")
+        if self.codebook_update not in ("gradient", "ema"):
+            raise MBCError(f"codebook_update must be 'gradient' or 'ema', got {self.codebook_update!r}")
         if self.codebook_metric == "cosine" and self.codebook_stages > 1:
             raise MBCError("codebook_metric 'cosine' works with one codebook stage only (a residual has no fixed norm)")
         if self.aggregator_output not in ("residual", "reads"):

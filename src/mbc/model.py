@@ -87,7 +87,7 @@ class MBCModel(nn.Module):
         self.quantizer = (
             ResidualQuantizer(config.codebook_stages, num_codes=config.codebook_size, dim=dim, beta=config.beta,
                               ema_decay=config.ema_decay, dead_threshold=config.dead_threshold,
-                              metric=config.codebook_metric)
+                              metric=config.codebook_metric, update=config.codebook_update)
             if config.quantize else None
         )
         # Set by training's float-memory warm start (TrainConfig.float_memory_steps): the bank holds

@@ -24,7 +24,7 @@ def plot_loss_curve(metrics_path: Path, png_path: Path) -> None:
     plt = _pyplot()
     records = read_metrics(metrics_path)
     train = [r for r in records if r["kind"] == "train"]
-    validation = [r for r in records if r["kind"] == "validation"]
+    validation = [r for r in records if r["kind"] == "validation" and "loss" in r]  # none during a warm start
     fig, (loss_ax, score_ax) = plt.subplots(1, 2, figsize=(10, 4))
     loss_ax.plot([r["step"] for r in train], [r["qa"] for r in train], label="train QA loss")
     loss_ax.plot([r["step"] for r in train], [r["vq"] for r in train], label="train VQ loss")

@@ -24,7 +24,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
-from transformers import get_constant_schedule_with_warmup
+from transformers import get_scheduler
 
 from .allocator import keep_large_allocations_on_mmap
 from .config import MBCConfig
@@ -46,6 +46,7 @@ class TrainConfig:
     encoder_learning_rate: float | None = None  # for the pretrained encoders; None = learning_rate
     codebook_learning_rate: float | None = None  # for the codebook(s); None = learning_rate
     warmup_ratio: float = 0.01
+    lr_schedule: str = "constant"  # after warmup: "constant" (the reference), "cosine" or "linear" decay to 0 at the last step
     max_grad_norm: float = 100.0
     epochs: int = 50
     max_steps: int | None = None  # optimizer steps; overrides epochs when set
@@ -99,11 +100,23 @@ def _bank_size(config: TrainConfig, step: int, documents: int) -> int | None:
     return min(documents, 1 + int((documents - 1) * step / config.bank_curriculum_steps))
 
 
-def _end_float_memory(model: MBCModel, config: TrainConfig, step: int, train_rows: list[QAExample]) -> None:
+def _check_schedule(config: TrainConfig, total_steps: int, quantize: bool) -> None:
+    if config.lr_schedule not in SCHEDULES:
+        raise MBCError(f"lr_schedule must be one of {sorted(SCHEDULES)}, got {config.lr_schedule!r}")
+    if quantize and config.float_memory_steps >= total_steps:
+        raise MBCError(f"float_memory_steps={config.float_memory_steps} is not below the run's {total_steps} steps: "
+                       "the codebook would never be fitted; lower float_memory_steps or raise max_steps")
+
+
+def _end_float_memory(model: MBCModel, config: TrainConfig, step: int, train_rows: list[QAExample], finished: bool = False) -> None:
     """At the end of the float-memory warm start, fit the codebook to the encoder's vectors as they are
-    now: the document side learns several times faster without a codebook (bench/reading_parts.py)."""
-    if model.codebook_bypassed and step >= config.float_memory_steps:
+    now: the document side learns several times faster without a codebook (bench/reading_parts.py).
+    A run stopped early (max_minutes) fits it before the end, so the saved model has a real codebook."""
+    if model.codebook_bypassed and (step >= config.float_memory_steps or finished):
         model.fit_codebook(list(dict.fromkeys(row.document for row in train_rows))[: config.codebook_fit_documents])
+
+
+SCHEDULES = {"constant": "constant_with_warmup", "cosine": "cosine", "linear": "linear"}
 
 
 class MetricsLog:
@@ -146,7 +159,9 @@ def train(model_config: MBCConfig, config: TrainConfig, train_rows: list[QAExamp
     world = accelerator.num_processes
     batches_per_epoch = len(_batches(train_rows, config.batch_size, config.seed, 0)) // world
     total_steps = config.max_steps or max(1, config.epochs * batches_per_epoch // config.grad_accumulation)
-    scheduler = get_constant_schedule_with_warmup(optimizer, math.ceil(config.warmup_ratio * total_steps))
+    _check_schedule(config, total_steps, model_config.quantize)
+    scheduler = get_scheduler(SCHEDULES[config.lr_schedule], optimizer, num_warmup_steps=math.ceil(config.warmup_ratio * total_steps),
+                              num_training_steps=total_steps)
 
     progress = {"step": 0, "epoch": 0, "batch": 0, "best": {"em": -1.0, "f1": -1.0, "loss": float("inf")}, "train_seconds": 0.0}
     last = out / "last"
@@ -165,7 +180,8 @@ def train(model_config: MBCConfig, config: TrainConfig, train_rows: list[QAExamp
         metrics = {}
         if main:
             rows = validation_rows[: config.eval_questions] if config.eval_questions else validation_rows
-            metrics = evaluate(unwrapped, rows).metrics if rows else {}
+            # During the warm start the codebook is not fitted yet: a bank stored through it means nothing.
+            metrics = evaluate(unwrapped, rows).metrics if rows and not unwrapped.codebook_bypassed else {}
             log.write(kind="validation", step=progress["step"], **metrics)
             for key, folder in BEST.items():
                 better = metrics and (metrics[key] < progress["best"][key] if key == "loss" else metrics[key] > progress["best"][key])
@@ -223,6 +239,7 @@ def train(model_config: MBCConfig, config: TrainConfig, train_rows: list[QAExamp
             out_of_time = _out_of_time(accelerator, config, progress["train_seconds"])
             finished = progress["step"] >= total_steps or out_of_time
             if finished:
+                _end_float_memory(unwrapped, config, progress["step"], train_rows, finished=True)
                 break
             if progress["step"] % config.eval_every == 0:
                 validate_and_save()
