@@ -63,12 +63,12 @@ def decoder_loss(model: MBCModel, rows, memory_answers: list[str]):
 def encoder_loss(model: MBCModel, rows, documents: list[str]):
     memory, vq_loss, perplexity = model.training_memory(model.amortize(documents))
     modulation = modulation_reading(model, [r.question for r in rows], memory)
-    logits = model.llm.get_output_embeddings()(F.layer_norm(modulation.mean(1), modulation.shape[-1:]))
-    first = torch.tensor([model.answer_ids(r.answers[0])[0] for r in rows])
-    extra = {"accuracy": (logits.argmax(-1) == first).float().mean().item()}
+    answers = [r.answers[0] for r in rows]
+    first = torch.tensor([model.answer_ids(a)[0] for a in answers])
+    extra = {"accuracy": (model.answer_probe_logits(modulation).argmax(-1) == first).float().mean().item()}
     if model.quantizer is not None:
         extra["perplexity"] = perplexity.item()
-    return F.cross_entropy(logits, first) + vq_loss, extra
+    return model.answer_probe_loss(modulation, answers) + vq_loss, extra
 
 
 def main():

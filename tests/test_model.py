@@ -101,6 +101,23 @@ def test_straight_through_gradient_reaches_amortization_network(tiny_model):
     assert model.quantizer.stages[0].codebook.grad is None  # QA loss does not move the codebook
 
 
+def test_probe_objective_trains_the_reading_path_and_keeps_the_llm_side_in_the_graph(tiny_model):
+    model = tiny_model().train()
+    out = model(DOCUMENTS[:2], QUESTIONS, ANSWERS, objective="probe")
+    assert out.qa_loss == 0 and out.probe_loss > 0
+    out.loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.amortization.slot_mlp.parameters())
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.aggregator.parameters() if p.requires_grad)
+    lora = [p for name, p in model.llm.named_parameters() if p.requires_grad]
+    assert lora and all(p.grad is not None and p.grad.abs().sum() == 0 for p in lora)  # in the graph (DDP), not moved
+    first = torch.tensor([model.answer_ids(a)[0] for a in ANSWERS])
+    modulation = model.modulation(QUESTIONS, model.memory(model.compress(DOCUMENTS[:2])))
+    expected = torch.nn.functional.cross_entropy(model.answer_probe_logits(modulation), first)
+    assert torch.allclose(model.answer_probe_loss(modulation, ANSWERS), expected)
+    with pytest.raises(MBCError, match="objective"):
+        model(DOCUMENTS[:2], QUESTIONS, ANSWERS, objective="probes")
+
+
 def test_vq_loss_moves_the_codebook(tiny_model):
     model = tiny_model().train()
     model(DOCUMENTS[:2], QUESTIONS, ANSWERS).vq_loss.backward()

@@ -133,3 +133,12 @@ def test_two_processes_end_with_identical_weights(tiny_paths, tmp_path):
     for name in first:
         assert torch.equal(first[name], second[name]), name
     assert any(not torch.equal(first[name], load_file(tmp_path / "initial.safetensors")[name]) for name in first)
+
+
+def test_probe_warm_start_trains_the_probe_then_the_qa_loss(tiny_paths, tmp_path):
+    _train(tiny_paths, tmp_path, max_steps=4, probe_steps=2)
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines() if '"train"' in line]
+    assert [r["qa"] == 0 and r["probe"] > 0 for r in records] == [True, True, False, False]
+    assert all(r["qa"] > 0 and r["probe"] == 0 for r in records[2:])
+    with pytest.raises(MBCError, match="probe_steps=4 is not below"):
+        _train(tiny_paths, tmp_path / "again", max_steps=4, probe_steps=4)

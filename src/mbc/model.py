@@ -44,10 +44,11 @@ IGNORE = -100  # label of tokens that carry no loss (the prompt, padding)
 
 @dataclass
 class MBCOutput:
-    loss: torch.Tensor  # qa_loss + vq_weight * vq_loss
-    qa_loss: torch.Tensor
+    loss: torch.Tensor  # qa_loss (or probe_loss) + vq_weight * vq_loss
+    qa_loss: torch.Tensor  # 0 under the probe objective
     vq_loss: torch.Tensor
     perplexity: torch.Tensor  # codebook perplexity of this batch (0 in MAC mode)
+    probe_loss: torch.Tensor | float = 0.0  # the answer probe (objective="probe"), else 0
 
 
 def pad(sequences: list[list[int]], value: int, side: str = "right") -> torch.Tensor:
@@ -192,7 +193,7 @@ class MBCModel(nn.Module):
 
     # ---- training --------------------------------------------------------------------------
     def forward(self, documents: list[str], questions: list[str], answers: list[str], backprop_keep: float = 1.0,
-                question_documents: list[int] | None = None, bank_size: int | None = None) -> MBCOutput:
+                question_documents: list[int] | None = None, bank_size: int | None = None, objective: str = "qa") -> MBCOutput:
         """One meta-training loss: the batch's documents form the bank every question reads.
 
         ``backprop_keep`` < 1 is the reference's "backprop dropout": only that fraction of the
@@ -202,7 +203,10 @@ class MBCModel(nn.Module):
         a curriculum that starts with the easy problem (read the right document) before the
         full one (find it among many). With retrieval keys (``question_documents`` required) each
         question reads its own document and the k - 1 others of the batch its key scores highest,
-        as answering from a bank will."""
+        as answering from a bank will.
+
+        ``objective="probe"`` replaces the QA loss by ``answer_probe_loss`` (no LLM pass): training's
+        probe warm start (TrainConfig.probe_steps)."""
         memory, vq_loss, perplexity = self.training_memory(self._amortize_some_with_grad(documents, backprop_keep))
         if self.retrieval_keys is not None:
             if question_documents is None:
@@ -214,8 +218,33 @@ class MBCModel(nn.Module):
             if bank_size is not None and question_documents is not None and bank_size < len(documents):
                 mask = self._bank_mask(question_documents, len(documents), bank_size)
             modulation = self.modulation(questions, memory.reshape(-1, memory.shape[-1]), memory_mask=mask)
+        if objective == "probe":
+            probe_loss = self.answer_probe_loss(modulation, answers) + self._llm_side_in_graph()
+            return MBCOutput(probe_loss + self.config.vq_weight * vq_loss, probe_loss.new_zeros(()), vq_loss, perplexity, probe_loss)
+        if objective != "qa":
+            raise MBCError(f"objective must be 'qa' or 'probe', got {objective!r}")
         qa_loss = self.qa_loss(questions, answers, self.prefix(modulation))
         return MBCOutput(qa_loss + self.config.vq_weight * vq_loss, qa_loss, vq_loss, perplexity)
+
+    def answer_probe_logits(self, modulation: torch.Tensor) -> torch.Tensor:
+        """[B, vocab]: the modulation [B, K, dim] (mean over its K vectors, LayerNormed) read through
+        the LLM's frozen output embedding, a logit lens."""
+        return self.llm.get_output_embeddings()(F.layer_norm(modulation.mean(1), modulation.shape[-1:]))
+
+    def answer_probe_loss(self, modulation: torch.Tensor, answers: list[str]) -> torch.Tensor:
+        """Cross-entropy of each answer's first token under ``answer_probe_logits``. Why: the QA loss
+        reaches the document side only through a prefix that starts at zero and a frozen LLM, and in
+        CPU budgets the adapter learned answer priors long before it learned to look in its memory;
+        the LLM side learns to read a memory that already carries the answer in about 100 steps
+        (bench/reading_parts.py, docs/RESULTS.md)."""
+        first = torch.tensor([self.answer_ids(a)[0] for a in answers], device=modulation.device)
+        return F.cross_entropy(self.answer_probe_logits(modulation).float(), first)
+
+    def _llm_side_in_graph(self) -> torch.Tensor:
+        """0 x every trainable parameter the probe does not use (prefix, KV-LoRA): multi-process
+        training (DDP) needs every parameter in each step's graph."""
+        reading = ("amortization.", "question_network.", "quantizer.", "aggregator.")
+        return 0.0 * sum(p.sum() for name, p in self.named_parameters() if p.requires_grad and not name.startswith(reading))
 
     def training_memory(self, contexts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Context vectors -> (what the bank holds in training, VQ loss, codebook perplexity): the

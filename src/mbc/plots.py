@@ -26,7 +26,11 @@ def plot_loss_curve(metrics_path: Path, png_path: Path) -> None:
     train = [r for r in records if r["kind"] == "train"]
     validation = [r for r in records if r["kind"] == "validation" and "loss" in r]  # none during a warm start
     fig, (loss_ax, score_ax) = plt.subplots(1, 2, figsize=(10, 4))
-    loss_ax.plot([r["step"] for r in train], [r["qa"] for r in train], label="train QA loss")
+    qa = [r for r in train if r["qa"] > 0]  # 0 while a probe warm start trains on the answer probe instead
+    loss_ax.plot([r["step"] for r in qa], [r["qa"] for r in qa], label="train QA loss")
+    probe = [r for r in train if r.get("probe", 0) > 0]
+    if probe:
+        loss_ax.plot([r["step"] for r in probe], [r["probe"] for r in probe], label="train answer-probe loss")
     loss_ax.plot([r["step"] for r in train], [r["vq"] for r in train], label="train VQ loss")
     if validation:
         loss_ax.plot([r["step"] for r in validation], [r["loss"] for r in validation], "o-", label="validation QA loss")

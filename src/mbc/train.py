@@ -55,6 +55,7 @@ class TrainConfig:
     bank_curriculum_steps: int = 0  # > 0: each question's bank grows from its own document to the whole batch over these steps
     float_memory_steps: int = 0  # > 0 (MBC): the bank holds float vectors for these steps, then the codebook is k-means-fitted to them
     codebook_fit_documents: int = 1000  # training documents the codebook is fitted on at the end of float_memory_steps
+    probe_steps: int = 0  # > 0: the first N steps train the reading path on the answer probe (MBCModel.answer_probe_loss), not the QA loss
     mixed_precision: str = "no"  # "no", "bf16", "fp16"
     seed: int = 0
     log_every: int = 10
@@ -106,6 +107,9 @@ def _check_schedule(config: TrainConfig, total_steps: int, quantize: bool) -> No
     if quantize and config.float_memory_steps >= total_steps:
         raise MBCError(f"float_memory_steps={config.float_memory_steps} is not below the run's {total_steps} steps: "
                        "the codebook would never be fitted; lower float_memory_steps or raise max_steps")
+    if config.probe_steps >= total_steps:
+        raise MBCError(f"probe_steps={config.probe_steps} is not below the run's {total_steps} steps: "
+                       "the QA loss would never be trained; lower probe_steps or raise max_steps")
 
 
 def _end_float_memory(model: MBCModel, config: TrainConfig, step: int, train_rows: list[QAExample], finished: bool = False) -> None:
@@ -198,7 +202,7 @@ def train(model_config: MBCConfig, config: TrainConfig, train_rows: list[QAExamp
     unwrapped.codebook_bypassed = unwrapped.quantizer is not None and progress["step"] < config.float_memory_steps
     model.train()
     started, seconds_before = time.perf_counter(), progress["train_seconds"]
-    losses = ("loss", "qa", "vq", "perplexity")
+    losses = ("loss", "qa", "vq", "perplexity", "probe")
     window = {**dict.fromkeys(losses, 0.0), "rows": 0, "micro": 0, "time": time.perf_counter()}
     finished = False
     while not finished:
@@ -208,17 +212,18 @@ def train(model_config: MBCConfig, config: TrainConfig, train_rows: list[QAExamp
             documents = list(dict.fromkeys(row.document for row in batch))
             own = [documents.index(row.document) for row in batch]
             with accelerator.accumulate(model):
+                objective = "probe" if progress["step"] < config.probe_steps else "qa"
                 output = model(documents, [r.question for r in batch], [r.answers[0] for r in batch], config.backprop_keep,
-                               own, _bank_size(config, progress["step"], len(documents)))
+                               own, _bank_size(config, progress["step"], len(documents)), objective)
                 accelerator.backward(output.loss)
                 if accelerator.sync_gradients:
                     accelerator.clip_grad_norm_(parameters, config.max_grad_norm)
                 optimizer.step()
                 optimizer.zero_grad()
             progress["batch"] += 1
-            values = (output.loss, output.qa_loss, output.vq_loss, output.perplexity)
+            values = (output.loss, output.qa_loss, output.vq_loss, output.perplexity, output.probe_loss)
             for key, value in zip(losses, values):
-                window[key] += float(value.detach())
+                window[key] += float(torch.as_tensor(value).detach())
             window["rows"] += len(batch) * world
             window["micro"] += 1
             if not accelerator.sync_gradients:
