@@ -25,10 +25,11 @@ from mbc.presets import preset
 from mbc.train import TrainConfig, _parameter_groups
 
 
-def closed_set_split(held_out_questions: int = 48):
-    """(training rows, held-out rows): questions with closed-set answers; 40 documents held out."""
+def closed_set_split(held_out_questions: int = 48, closed_only: bool = True):
+    """(training rows, held-out rows): questions with closed-set answers (``closed_only=False``:
+    every question, open answers too); 40 documents held out."""
     closed = set(PROFESSIONS) | set(COLOURS) | set(PRODUCTS)
-    rows = [r for r in generate_examples(1200, 0) if r.answers[0] in closed]
+    rows = [r for r in generate_examples(1200, 0) if r.answers[0] in closed or not closed_only]
     held_out = set(list(dict.fromkeys(r.document for r in rows))[:40])
     train = [r for r in rows if r.document not in held_out]
     test = [r for r in rows if r.document in held_out][:held_out_questions]

@@ -11,7 +11,8 @@ answer in memory and with another question's.
 
 encoder: no LLM pass. The amortization network, codebook, question network and aggregator learn to
 put the answer's first token into the modulation (its mean over the K slots, LayerNormed, through
-the LLM's frozen output embedding: a logit lens), plus the VQ loss. Prints the held-out probe loss
+the LLM's frozen output embedding: a logit lens; ``--probe-tokens all``: slot k names answer token
+k), plus the VQ loss; accuracy is always the first token's. Prints the held-out probe loss
 and top-1 accuracy with each question's own document and with another's, and the codebook
 perplexity of the training batches. ``--float-memory-steps N``: the memory bypasses the codebook
 for the first N steps, then the codebook is k-means-fitted to the training documents' vectors
@@ -24,12 +25,13 @@ the held-out QA loss with own and another's document, comparable with bench/own_
 at the same step.
 
 Same data and split as bench/own_document.py (answers from small closed sets, 40 held-out
-documents), the CPU preset's model, batches of 8.
+documents; ``--open-answers``: every generated question), the CPU preset's model, batches of 8.
 """
 
 from __future__ import annotations
 
 import argparse
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -60,15 +62,17 @@ def decoder_loss(model: MBCModel, rows, memory_answers: list[str]):
     return model.qa_loss(questions, [r.answers[0] for r in rows], prefix), {}
 
 
-def encoder_loss(model: MBCModel, rows, documents: list[str]):
+def encoder_loss(model: MBCModel, rows, documents: list[str], probe: str = "first"):
     memory, vq_loss, perplexity = model.training_memory(model.amortize(documents))
     modulation = modulation_reading(model, [r.question for r in rows], memory)
     answers = [r.answers[0] for r in rows]
     first = torch.tensor([model.answer_ids(a)[0] for a in answers])
-    extra = {"accuracy": (model.answer_probe_logits(modulation).argmax(-1) == first).float().mean().item()}
+    first_logits = model.answer_probe_logits(modulation, probe)
+    first_logits = first_logits if probe == "first" else first_logits[:, 0]
+    extra = {"accuracy": (first_logits.argmax(-1) == first).float().mean().item()}
     if model.quantizer is not None:
         extra["perplexity"] = perplexity.item()
-    return model.answer_probe_loss(modulation, answers) + vq_loss, extra
+    return model.answer_probe_loss(modulation, answers, probe) + vq_loss, extra
 
 
 def main():
@@ -79,6 +83,9 @@ def main():
     parser.add_argument("--steps", type=int, default=None, help="default: 200 (decoder), 300 (encoder)")
     parser.add_argument("--float-memory-steps", type=int, default=0, help="encoder, staged: steps before the codebook is used")
     parser.add_argument("--probe-steps", type=int, default=150, help="staged: steps on the encoder half's objective before the QA loss")
+    parser.add_argument("--probe-tokens", choices=["first", "all"], default="first",
+                        help="encoder, staged: the probe's targets (MBCModel.answer_probe_loss)")
+    parser.add_argument("--open-answers", action="store_true", help="every generated question, not only closed-set answers")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--set", action="append", default=[], help="model config KEY=VALUE (VALUE as JSON, else a string)")
     args = parser.parse_args()
@@ -87,7 +94,7 @@ def main():
     values = {**preset("cpu")["model"], "retrieval_top_k": 0}
     apply_overrides(values, args.set)
     model = MBCModel.build(MBCConfig(**values))
-    train, test = closed_set_split(held_out_questions=96 if args.half == "encoder" else 48)
+    train, test = closed_set_split(held_out_questions=96 if args.half == "encoder" else 48, closed_only=not args.open_answers)
     documents = list(dict.fromkeys(r.document for r in train))
     model.codebook_bypassed = args.float_memory_steps > 0
     done = {"steps": 0}
@@ -100,13 +107,15 @@ def main():
         if args.half == "staged" and step == args.probe_steps:
             print(f"step {step}: from here on the QA loss end to end", flush=True)
 
+    probe_loss = partial(encoder_loss, probe=args.probe_tokens)
+
     def staged_loss(model, rows, documents):
-        return (encoder_loss if done["steps"] < args.probe_steps else qa_loss)(model, rows, documents)
+        return (probe_loss if done["steps"] < args.probe_steps else qa_loss)(model, rows, documents)
 
     if args.half == "decoder":
         loss, memory_of = decoder_loss, lambda rows: [r.answers[0] for r in rows]
     else:
-        loss, memory_of = encoder_loss if args.half == "encoder" else staged_loss, lambda rows: [r.document for r in rows]
+        loss, memory_of = probe_loss if args.half == "encoder" else staged_loss, lambda rows: [r.document for r in rows]
     default_steps = {"decoder": 200, "encoder": 300, "staged": 400}[args.half]
     train_and_report(model, loss, memory_of, train, test, steps=args.steps or default_steps,
                      report_every=25 if args.half == "decoder" else 50, lr=args.lr, codebook_lr=args.codebook_lr,

@@ -118,6 +118,20 @@ def test_probe_objective_trains_the_reading_path_and_keeps_the_llm_side_in_the_g
         model(DOCUMENTS[:2], QUESTIONS, ANSWERS, objective="probes")
 
 
+def test_probe_over_all_tokens_asks_vector_k_for_answer_token_k(tiny_model):
+    model = tiny_model().eval()
+    modulation = torch.randn(2, model.config.num_slots, model.layout.hidden_size)
+    answers = ["a b c d e f g h i j k l m n o", "x"]  # longer than K, and one token
+    logits = model.answer_probe_logits(modulation, "all")
+    assert logits.shape == (2, model.config.num_slots, model.llm.config.vocab_size)
+    targets = [model.answer_ids(a)[:-1][: model.config.num_slots] for a in answers]  # without EOS, at most K
+    assert len(targets[0]) == model.config.num_slots and len(targets[1]) < model.config.num_slots
+    terms = [torch.nn.functional.cross_entropy(logits[i, k], torch.tensor(t)) for i, ids in enumerate(targets) for k, t in enumerate(ids)]
+    assert torch.allclose(model.answer_probe_loss(modulation, answers, "all"), torch.stack(terms).mean(), atol=1e-5)
+    with pytest.raises(MBCError, match="probe tokens"):
+        model.answer_probe_logits(modulation, "last")
+
+
 def test_vq_loss_moves_the_codebook(tiny_model):
     model = tiny_model().train()
     model(DOCUMENTS[:2], QUESTIONS, ANSWERS).vq_loss.backward()

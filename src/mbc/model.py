@@ -42,6 +42,9 @@ CONFIG_NAME = "mbc_config.json"
 IGNORE = -100  # label of tokens that carry no loss (the prompt, padding)
 
 
+PROBE_TOKENS = ("first", "all")
+
+
 @dataclass
 class MBCOutput:
     loss: torch.Tensor  # qa_loss (or probe_loss) + vq_weight * vq_loss
@@ -193,7 +196,8 @@ class MBCModel(nn.Module):
 
     # ---- training --------------------------------------------------------------------------
     def forward(self, documents: list[str], questions: list[str], answers: list[str], backprop_keep: float = 1.0,
-                question_documents: list[int] | None = None, bank_size: int | None = None, objective: str = "qa") -> MBCOutput:
+                question_documents: list[int] | None = None, bank_size: int | None = None, objective: str = "qa",
+                probe_tokens: str = "first") -> MBCOutput:
         """One meta-training loss: the batch's documents form the bank every question reads.
 
         ``backprop_keep`` < 1 is the reference's "backprop dropout": only that fraction of the
@@ -205,8 +209,8 @@ class MBCModel(nn.Module):
         question reads its own document and the k - 1 others of the batch its key scores highest,
         as answering from a bank will.
 
-        ``objective="probe"`` replaces the QA loss by ``answer_probe_loss`` (no LLM pass): training's
-        probe warm start (TrainConfig.probe_steps)."""
+        ``objective="probe"`` replaces the QA loss by ``answer_probe_loss`` over ``probe_tokens``
+        (no LLM pass): training's probe warm start (TrainConfig.probe_steps)."""
         memory, vq_loss, perplexity = self.training_memory(self._amortize_some_with_grad(documents, backprop_keep))
         if self.retrieval_keys is not None:
             if question_documents is None:
@@ -219,26 +223,34 @@ class MBCModel(nn.Module):
                 mask = self._bank_mask(question_documents, len(documents), bank_size)
             modulation = self.modulation(questions, memory.reshape(-1, memory.shape[-1]), memory_mask=mask)
         if objective == "probe":
-            probe_loss = self.answer_probe_loss(modulation, answers) + self._llm_side_in_graph()
+            probe_loss = self.answer_probe_loss(modulation, answers, probe_tokens) + self._llm_side_in_graph()
             return MBCOutput(probe_loss + self.config.vq_weight * vq_loss, probe_loss.new_zeros(()), vq_loss, perplexity, probe_loss)
         if objective != "qa":
             raise MBCError(f"objective must be 'qa' or 'probe', got {objective!r}")
         qa_loss = self.qa_loss(questions, answers, self.prefix(modulation))
         return MBCOutput(qa_loss + self.config.vq_weight * vq_loss, qa_loss, vq_loss, perplexity)
 
-    def answer_probe_logits(self, modulation: torch.Tensor) -> torch.Tensor:
-        """[B, vocab]: the modulation [B, K, dim] (mean over its K vectors, LayerNormed) read through
-        the LLM's frozen output embedding, a logit lens."""
-        return self.llm.get_output_embeddings()(F.layer_norm(modulation.mean(1), modulation.shape[-1:]))
+    def answer_probe_logits(self, modulation: torch.Tensor, tokens: str = "first") -> torch.Tensor:
+        """The modulation [B, K, dim] read through the LLM's frozen output embedding after a
+        LayerNorm, a logit lens. ``first``: its mean over the K vectors -> [B, vocab], for the
+        answer's first token; ``all``: each vector -> [B, K, vocab], vector k for answer token k."""
+        if tokens not in PROBE_TOKENS:
+            raise MBCError(f"probe tokens must be one of {PROBE_TOKENS}, got {tokens!r}")
+        read = modulation.mean(1) if tokens == "first" else modulation
+        return self.llm.get_output_embeddings()(F.layer_norm(read, read.shape[-1:]))
 
-    def answer_probe_loss(self, modulation: torch.Tensor, answers: list[str]) -> torch.Tensor:
-        """Cross-entropy of each answer's first token under ``answer_probe_logits``. Why: the QA loss
-        reaches the document side only through a prefix that starts at zero and a frozen LLM, and in
-        CPU budgets the adapter learned answer priors long before it learned to look in its memory;
-        the LLM side learns to read a memory that already carries the answer in about 100 steps
+    def answer_probe_loss(self, modulation: torch.Tensor, answers: list[str], tokens: str = "first") -> torch.Tensor:
+        """Cross-entropy of the answer's tokens under ``answer_probe_logits``: its first token, or
+        (``all``) its first K tokens, one per modulation vector. Why: the QA loss reaches the
+        document side only through a prefix that starts at zero and a frozen LLM, and in CPU budgets
+        the adapter learned answer priors long before it learned to look in its memory; the LLM
+        side learns to read a memory that already carries the answer in about 100 steps
         (bench/reading_parts.py, docs/RESULTS.md)."""
-        first = torch.tensor([self.answer_ids(a)[0] for a in answers], device=modulation.device)
-        return F.cross_entropy(self.answer_probe_logits(modulation).float(), first)
+        logits = self.answer_probe_logits(modulation, tokens).float()
+        if tokens == "first":
+            return F.cross_entropy(logits, torch.tensor([self.answer_ids(a)[0] for a in answers], device=logits.device))
+        targets = pad([self.answer_ids(a)[:-1][: modulation.shape[1]] for a in answers], IGNORE).to(logits.device)
+        return F.cross_entropy(logits[:, : targets.shape[1]].flatten(0, 1), targets.flatten(), ignore_index=IGNORE)
 
     def _llm_side_in_graph(self) -> torch.Tensor:
         """0 x every trainable parameter the probe does not use (prefix, KV-LoRA): multi-process

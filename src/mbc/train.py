@@ -31,7 +31,7 @@ from .config import MBCConfig
 from .data import QAExample
 from .errors import MBCError
 from .evaluation import evaluate
-from .model import MBCModel
+from .model import PROBE_TOKENS, MBCModel
 from .training_state import has_training_state, load_training_state, save_training_state
 
 BEST = {"em": "best-em", "f1": "best-f1", "loss": "best-loss"}
@@ -56,6 +56,7 @@ class TrainConfig:
     float_memory_steps: int = 0  # > 0 (MBC): the bank holds float vectors for these steps, then the codebook is k-means-fitted to them
     codebook_fit_documents: int = 1000  # training documents the codebook is fitted on at the end of float_memory_steps
     probe_steps: int = 0  # > 0: the first N steps train the reading path on the answer probe (MBCModel.answer_probe_loss), not the QA loss
+    probe_tokens: str = "first"  # the probe's targets: the answer's "first" token, or "all" (vector k -> token k)
     mixed_precision: str = "no"  # "no", "bf16", "fp16"
     seed: int = 0
     log_every: int = 10
@@ -107,6 +108,8 @@ def _check_schedule(config: TrainConfig, total_steps: int, quantize: bool) -> No
     if quantize and config.float_memory_steps >= total_steps:
         raise MBCError(f"float_memory_steps={config.float_memory_steps} is not below the run's {total_steps} steps: "
                        "the codebook would never be fitted; lower float_memory_steps or raise max_steps")
+    if config.probe_tokens not in PROBE_TOKENS:
+        raise MBCError(f"probe_tokens must be one of {PROBE_TOKENS}, got {config.probe_tokens!r}")
     if config.probe_steps >= total_steps:
         raise MBCError(f"probe_steps={config.probe_steps} is not below the run's {total_steps} steps: "
                        "the QA loss would never be trained; lower probe_steps or raise max_steps")
@@ -214,7 +217,7 @@ def train(model_config: MBCConfig, config: TrainConfig, train_rows: list[QAExamp
             with accelerator.accumulate(model):
                 objective = "probe" if progress["step"] < config.probe_steps else "qa"
                 output = model(documents, [r.question for r in batch], [r.answers[0] for r in batch], config.backprop_keep,
-                               own, _bank_size(config, progress["step"], len(documents)), objective)
+                               own, _bank_size(config, progress["step"], len(documents)), objective, config.probe_tokens)
                 accelerator.backward(output.loss)
                 if accelerator.sync_gradients:
                     accelerator.clip_grad_norm_(parameters, config.max_grad_norm)
