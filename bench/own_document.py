@@ -38,12 +38,14 @@ def closed_set_split(held_out_questions: int = 48, closed_only: bool = True):
 
 
 def train_and_report(model: MBCModel, loss_fn, memory_of, train, test, steps: int, report_every: int,
-                     lr: float, codebook_lr: float | None = None, batch_size: int = 8, after_step=None) -> None:
-    """Adam (the encoders at lr / 10) on ``loss_fn(model, rows, memory_of(rows)) -> (loss, extras)``,
+                     lr: float, codebook_lr: float | None = None, batch_size: int = 8, after_step=None,
+                     encoder_lr: float | None = None) -> None:
+    """Adam (the encoders at ``encoder_lr``, default lr / 10) on ``loss_fn(model, rows, memory_of(rows)) -> (loss, extras)``,
     each question reading its own memory; every ``report_every`` steps, the held-out loss (and
     extras) with each question's own memory and with another question's. ``after_step(step)``, if
     given, runs after each optimizer step."""
-    groups = _parameter_groups(model, TrainConfig(learning_rate=lr, encoder_learning_rate=lr / 10, codebook_learning_rate=codebook_lr))
+    groups = _parameter_groups(model, TrainConfig(learning_rate=lr, encoder_learning_rate=encoder_lr or lr / 10,
+                                                  codebook_learning_rate=codebook_lr))
     optimizer = torch.optim.Adam(groups)
     parameters = [p for group in groups for p in group["params"]]
     own = memory_of(test)

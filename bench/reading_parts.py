@@ -1,7 +1,7 @@
 """Which half of MBC's reading path learns slowly? Each half trained on its own.
 
     .venv/bin/python bench/reading_parts.py decoder [--steps 200] [--lr 3e-4] [--set KEY=VALUE ...]
-    .venv/bin/python bench/reading_parts.py encoder [--steps 300] [--lr 3e-4] [--codebook-lr LR] [--float-memory-steps N] [--set KEY=VALUE ...]
+    .venv/bin/python bench/reading_parts.py encoder [--steps 300] [--lr 3e-4] [--codebook-lr LR] [--encoder-lr LR] [--float-memory-steps N] [--set KEY=VALUE ...]
     .venv/bin/python bench/reading_parts.py staged [--probe-steps 150] [--steps 400] [...]
 
 decoder: the memory holds the answer itself (the LLM's input embedding of the answer's first
@@ -80,6 +80,7 @@ def main():
     parser.add_argument("half", choices=["decoder", "encoder", "staged"])
     parser.add_argument("--lr", type=float, default=3e-4, help="new modules; the encoder gets a tenth")
     parser.add_argument("--codebook-lr", type=float, default=None, help="the codebook (default: --lr)")
+    parser.add_argument("--encoder-lr", type=float, default=None, help="the pretrained encoders (default: --lr / 10)")
     parser.add_argument("--steps", type=int, default=None, help="default: 200 (decoder), 300 (encoder)")
     parser.add_argument("--float-memory-steps", type=int, default=0, help="encoder, staged: steps before the codebook is used")
     parser.add_argument("--probe-steps", type=int, default=150, help="staged: steps on the encoder half's objective before the QA loss")
@@ -118,7 +119,7 @@ def main():
         loss, memory_of = probe_loss if args.half == "encoder" else staged_loss, lambda rows: [r.document for r in rows]
     default_steps = {"decoder": 200, "encoder": 300, "staged": 400}[args.half]
     train_and_report(model, loss, memory_of, train, test, steps=args.steps or default_steps,
-                     report_every=25 if args.half == "decoder" else 50, lr=args.lr, codebook_lr=args.codebook_lr,
+                     report_every=25 if args.half == "decoder" else 50, lr=args.lr, codebook_lr=args.codebook_lr, encoder_lr=args.encoder_lr,
                      after_step=after_step)
 
 
