@@ -48,6 +48,10 @@ class QuantizerOutput:
     perplexity: torch.Tensor  # exp(entropy) of the code histogram of this batch (first stage)
 
 
+METRICS = ("l2", "cosine")
+UPDATES = ("gradient", "ema")
+
+
 class VectorQuantizer(nn.Module):
     def __init__(
         self,
@@ -60,10 +64,10 @@ class VectorQuantizer(nn.Module):
         update: str = "gradient",
     ):
         super().__init__()
-        if metric not in ("l2", "cosine"):
-            raise ValueError(f"codebook metric must be 'l2' or 'cosine', got {metric!r}")
-        if update not in ("gradient", "ema"):
-            raise ValueError(f"codebook update must be 'gradient' or 'ema', got {update!r}")
+        if metric not in METRICS:
+            raise ValueError(f"codebook metric must be one of {METRICS}, got {metric!r}")
+        if update not in UPDATES:
+            raise ValueError(f"codebook update must be one of {UPDATES}, got {update!r}")
         self.num_codes, self.dim, self.metric, self.update = num_codes, dim, metric, update
         self.beta, self.ema_decay, self.dead_threshold = beta, ema_decay, dead_threshold
         self.codebook = nn.Parameter(torch.empty(num_codes, dim).uniform_(-1 / num_codes, 1 / num_codes))

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .backbones import BUNDLED_ENCODER, BUNDLED_LLM
+from .codebook import METRICS, UPDATES
 from .errors import MBCError
 
 
@@ -89,10 +90,10 @@ class MBCConfig:
                            f"{self.retrieval_top_k}, {self.retrieval_subspaces} and {self.retrieval_codes}")
         if self.lora_layers < 0 or (self.lora_layers and self.lora_rank < 1):
             raise MBCError(f"lora_layers must be >= 0 and lora_rank >= 1, got {self.lora_layers} and {self.lora_rank}")
-        if self.codebook_metric not in ("l2", "cosine"):
-            raise MBCError(f"codebook_metric must be 'l2' or 'cosine', got {self.codebook_metric!r}")
-        if self.codebook_update not in ("gradient", "ema"):
-            raise MBCError(f"codebook_update must be 'gradient' or 'ema', got {self.codebook_update!r}")
+        if self.codebook_metric not in METRICS:
+            raise MBCError(f"codebook_metric must be one of {METRICS}, got {self.codebook_metric!r}")
+        if self.codebook_update not in UPDATES:
+            raise MBCError(f"codebook_update must be one of {UPDATES}, got {self.codebook_update!r}")
         if self.codebook_metric == "cosine" and self.codebook_stages > 1:
             raise MBCError("codebook_metric 'cosine' works with one codebook stage only (a residual has no fixed norm)")
         if self.aggregator_output not in ("residual", "reads"):

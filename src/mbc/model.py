@@ -51,7 +51,7 @@ class MBCOutput:
     qa_loss: torch.Tensor  # 0 under the probe objective
     vq_loss: torch.Tensor
     perplexity: torch.Tensor  # codebook perplexity of this batch (0 in MAC mode)
-    probe_loss: torch.Tensor | float = 0.0  # the answer probe (objective="probe"), else 0
+    probe_loss: torch.Tensor  # the answer probe (objective="probe"), else 0
 
 
 def pad(sequences: list[list[int]], value: int, side: str = "right") -> torch.Tensor:
@@ -228,7 +228,7 @@ class MBCModel(nn.Module):
         if objective != "qa":
             raise MBCError(f"objective must be 'qa' or 'probe', got {objective!r}")
         qa_loss = self.qa_loss(questions, answers, self.prefix(modulation))
-        return MBCOutput(qa_loss + self.config.vq_weight * vq_loss, qa_loss, vq_loss, perplexity)
+        return MBCOutput(qa_loss + self.config.vq_weight * vq_loss, qa_loss, vq_loss, perplexity, qa_loss.new_zeros(()))
 
     def answer_probe_logits(self, modulation: torch.Tensor, tokens: str = "first") -> torch.Tensor:
         """The modulation [B, K, dim] read through the LLM's frozen output embedding after a

@@ -102,6 +102,9 @@ def _bank_size(config: TrainConfig, step: int, documents: int) -> int | None:
     return min(documents, 1 + int((documents - 1) * step / config.bank_curriculum_steps))
 
 
+SCHEDULES = {"constant": "constant_with_warmup", "cosine": "cosine", "linear": "linear"}  # ours -> transformers' names
+
+
 def _check_schedule(config: TrainConfig, total_steps: int, quantize: bool) -> None:
     if config.lr_schedule not in SCHEDULES:
         raise MBCError(f"lr_schedule must be one of {sorted(SCHEDULES)}, got {config.lr_schedule!r}")
@@ -115,15 +118,12 @@ def _check_schedule(config: TrainConfig, total_steps: int, quantize: bool) -> No
                        "the QA loss would never be trained; lower probe_steps or raise max_steps")
 
 
-def _end_float_memory(model: MBCModel, config: TrainConfig, step: int, train_rows: list[QAExample], finished: bool = False) -> None:
+def _end_float_memory(model: MBCModel, config: TrainConfig, step: int, train_documents: list[str], finished: bool = False) -> None:
     """At the end of the float-memory warm start, fit the codebook to the encoder's vectors as they are
     now: the document side learns several times faster without a codebook (bench/reading_parts.py).
     A run stopped early (max_minutes) fits it before the end, so the saved model has a real codebook."""
     if model.codebook_bypassed and (step >= config.float_memory_steps or finished):
-        model.fit_codebook(list(dict.fromkeys(row.document for row in train_rows))[: config.codebook_fit_documents])
-
-
-SCHEDULES = {"constant": "constant_with_warmup", "cosine": "cosine", "linear": "linear"}
+        model.fit_codebook(train_documents[: config.codebook_fit_documents])
 
 
 class MetricsLog:
@@ -170,6 +170,7 @@ def train(model_config: MBCConfig, config: TrainConfig, train_rows: list[QAExamp
     scheduler = get_scheduler(SCHEDULES[config.lr_schedule], optimizer, num_warmup_steps=math.ceil(config.warmup_ratio * total_steps),
                               num_training_steps=total_steps)
 
+    train_documents = list(dict.fromkeys(row.document for row in train_rows))  # distinct, in order
     progress = {"step": 0, "epoch": 0, "batch": 0, "best": {"em": -1.0, "f1": -1.0, "loss": float("inf")}, "train_seconds": 0.0}
     last = out / "last"
     if config.resume and has_training_state(last):
@@ -178,7 +179,7 @@ def train(model_config: MBCConfig, config: TrainConfig, train_rows: list[QAExamp
         accelerator.print(f"resumed from {last} at step {progress['step']}")
     if model.retrieval_keys is not None and not bool(model.retrieval_keys.fitted):
         # Every process fits the same centroids: same documents, same seed.
-        model.fit_retrieval_keys(list(dict.fromkeys(row.document for row in train_rows)))
+        model.fit_retrieval_keys(train_documents)
     model, optimizer = accelerator.prepare(model, optimizer)
     unwrapped = accelerator.unwrap_model(model)
     log = MetricsLog(out / "metrics.jsonl", accelerator)
@@ -226,7 +227,7 @@ def train(model_config: MBCConfig, config: TrainConfig, train_rows: list[QAExamp
             progress["batch"] += 1
             values = (output.loss, output.qa_loss, output.vq_loss, output.perplexity, output.probe_loss)
             for key, value in zip(losses, values):
-                window[key] += float(torch.as_tensor(value).detach())
+                window[key] += float(value.detach())
             window["rows"] += len(batch) * world
             window["micro"] += 1
             if not accelerator.sync_gradients:
@@ -235,7 +236,7 @@ def train(model_config: MBCConfig, config: TrainConfig, train_rows: list[QAExamp
             progress["step"] += 1
             progress["train_seconds"] = seconds_before + time.perf_counter() - started
             bar.update(1)
-            _end_float_memory(unwrapped, config, progress["step"], train_rows)
+            _end_float_memory(unwrapped, config, progress["step"], train_documents)
             if progress["step"] % config.log_every == 0 or progress["step"] == total_steps:
                 rate = window["rows"] / (time.perf_counter() - window["time"])
                 alive = unwrapped.quantizer.fraction_alive() if unwrapped.quantizer is not None else 1.0
@@ -247,7 +248,7 @@ def train(model_config: MBCConfig, config: TrainConfig, train_rows: list[QAExamp
             out_of_time = _out_of_time(accelerator, config, progress["train_seconds"])
             finished = progress["step"] >= total_steps or out_of_time
             if finished:
-                _end_float_memory(unwrapped, config, progress["step"], train_rows, finished=True)
+                _end_float_memory(unwrapped, config, progress["step"], train_documents, finished=True)
                 break
             if progress["step"] % config.eval_every == 0:
                 validate_and_save()
