@@ -20,21 +20,24 @@ import torch
 
 from mbc import MBCConfig, MBCModel
 from mbc.config import apply_overrides
-from mbc.generated import COLOURS, PRODUCTS, PROFESSIONS, generate_examples
+from mbc.generated import ANSWER_KINDS, COLOURS, PRODUCTS, PROFESSIONS, answer_kind, generate_examples
 from mbc.presets import preset
 from mbc.train import TrainConfig, _parameter_groups
 
 
 def closed_set_split(held_out_questions: int = 48, closed_only: bool = True):
     """(training rows, held-out rows): questions with closed-set answers (``closed_only=False``:
-    every question, open answers too); 40 documents held out."""
+    every question, open answers too, and the held-out rows come as {answer kind: rows}, kinds as
+    ``mbc.generated.answer_kind`` names them); 40 documents held out."""
     closed = set(PROFESSIONS) | set(COLOURS) | set(PRODUCTS)
     rows = [r for r in generate_examples(1200, 0) if r.answers[0] in closed or not closed_only]
     held_out = set(list(dict.fromkeys(r.document for r in rows))[:40])
     train = [r for r in rows if r.document not in held_out]
     test = [r for r in rows if r.document in held_out][:held_out_questions]
     print(f"{len(train)} training questions, {len(test)} held-out questions", flush=True)
-    return train, test
+    if closed_only:
+        return train, test
+    return train, {kind: [r for r in test if answer_kind(r.answers[0]) == kind] for kind in ANSWER_KINDS}
 
 
 def train_and_report(model: MBCModel, loss_fn, memory_of, train, test, steps: int, report_every: int,
@@ -42,14 +45,14 @@ def train_and_report(model: MBCModel, loss_fn, memory_of, train, test, steps: in
                      encoder_lr: float | None = None) -> None:
     """Adam (the encoders at ``encoder_lr``, default lr / 10) on ``loss_fn(model, rows, memory_of(rows)) -> (loss, extras)``,
     each question reading its own memory; every ``report_every`` steps, the held-out loss (and
-    extras) with each question's own memory and with another question's. ``after_step(step)``, if
-    given, runs after each optimizer step."""
+    extras) with each question's own memory and with another question's: for the ``test`` rows, or
+    for each group of them if ``test`` is {label: rows}. ``after_step(step)``, if given, runs after
+    each optimizer step."""
     groups = _parameter_groups(model, TrainConfig(learning_rate=lr, encoder_learning_rate=encoder_lr or lr / 10,
                                                   codebook_learning_rate=codebook_lr))
     optimizer = torch.optim.Adam(groups)
     parameters = [p for group in groups for p in group["params"]]
-    own = memory_of(test)
-    other = own[7:] + own[:7]  # each held-out question gets another's memory
+    tests = test if isinstance(test, dict) else {"": test}
     rng, window, start = random.Random(0), [], time.time()
     for step in range(1, steps + 1):
         loss, extras = loss_fn(model, batch := rng.sample(train, batch_size), memory_of(batch))
@@ -61,17 +64,25 @@ def train_and_report(model: MBCModel, loss_fn, memory_of, train, test, steps: in
             after_step(step)
         window.append({"loss": loss.item(), **extras})
         if step % report_every == 0:
+            trained = {key: sum(w[key] for w in window if key in w) / sum(key in w for w in window) for key in window[-1]}
+            line = f"step {step}: train loss {trained.pop('loss'):.3f}"
+            line += "".join(f", training {k} {v:.1f}" for k, v in trained.items() if k == "perplexity")
             model.eval()
             with torch.no_grad():
-                (own_loss, own_extras), (other_loss, other_extras) = loss_fn(model, test, own), loss_fn(model, test, other)
+                line += "".join(_held_out(model, loss_fn, memory_of, label, rows) for label, rows in tests.items())
             model.train()
-            trained = {key: sum(w[key] for w in window if key in w) / sum(key in w for w in window) for key in window[-1]}
-            line = f"step {step}: train loss {trained.pop('loss'):.3f}, held-out loss with own memory {own_loss.item():.3f}"
-            line += "".join(f" ({k} {v:.2f})" for k, v in own_extras.items() if k == "accuracy")
-            line += f", with another's {other_loss.item():.3f}" + "".join(f" ({k} {v:.2f})" for k, v in other_extras.items() if k == "accuracy")
-            line += "".join(f", training {k} {v:.1f}" for k, v in trained.items() if k == "perplexity")
             print(f"{line} ({time.time() - start:.0f} s)", flush=True)
             window = []
+
+
+def _held_out(model: MBCModel, loss_fn, memory_of, label: str, rows) -> str:
+    """The held-out loss (and accuracy) of these rows with own memory and with another's."""
+    own = memory_of(rows)
+    other = own[7:] + own[:7]  # each held-out question gets another's memory
+    (own_loss, own_extras), (other_loss, other_extras) = loss_fn(model, rows, own), loss_fn(model, rows, other)
+    accuracy = lambda extras: "".join(f" ({k} {v:.2f})" for k, v in extras.items() if k == "accuracy")  # noqa: E731
+    return (f"; {label + ' ' if label else ''}held-out loss with own memory {own_loss.item():.3f}{accuracy(own_extras)}"
+            f", with another's {other_loss.item():.3f}{accuracy(other_extras)}")
 
 
 def qa_loss(model: MBCModel, rows, documents: list[str]):

@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/reading_parts.py decoder [--steps 200] [--lr 3e-4] [--set KEY=VALUE ...]
     .venv/bin/python bench/reading_parts.py encoder [--steps 300] [--lr 3e-4] [--codebook-lr LR] [--encoder-lr LR] [--float-memory-steps N] [--set KEY=VALUE ...]
-    .venv/bin/python bench/reading_parts.py staged [--probe-steps 150] [--steps 400] [...]
+    .venv/bin/python bench/reading_parts.py staged [--probe-steps 150] [--steps 400] [--keep-probe W] [...]
 
 decoder: the memory holds the answer itself (the LLM's input embedding of the answer's first
 token, at norm sqrt(dim), in all K slots); the question network, aggregator, prefix expansion and
@@ -22,10 +22,12 @@ staged: the encoder half's objective for the first ``--probe-steps`` steps, then
 to end (bench/own_document.py's ``qa_loss``): does a document side that already carries the answer
 let the LLM side learn to read it as fast as the decoder half does? From the switch on it prints
 the held-out QA loss with own and another's document, comparable with bench/own_document.py
-at the same step.
+at the same step. ``--keep-probe W``: after the switch the loss is QA + W x probe (training's
+``probe_weight``).
 
 Same data and split as bench/own_document.py (answers from small closed sets, 40 held-out
-documents; ``--open-answers``: every generated question), the CPU preset's model, batches of 8.
+documents; ``--open-answers``: every generated question, held-out figures by answer kind), the CPU
+preset's model, batches of 8.
 """
 
 from __future__ import annotations
@@ -84,6 +86,8 @@ def main():
     parser.add_argument("--steps", type=int, default=None, help="default: 200 (decoder), 300 (encoder)")
     parser.add_argument("--float-memory-steps", type=int, default=0, help="encoder, staged: steps before the codebook is used")
     parser.add_argument("--probe-steps", type=int, default=150, help="staged: steps on the encoder half's objective before the QA loss")
+    parser.add_argument("--keep-probe", type=float, default=0.0,
+                        help="staged: after the switch, add this weight x the probe loss to the QA loss")
     parser.add_argument("--probe-tokens", choices=["first", "all"], default="first",
                         help="encoder, staged: the probe's targets (MBCModel.answer_probe_loss)")
     parser.add_argument("--open-answers", action="store_true", help="every generated question, not only closed-set answers")
@@ -95,7 +99,7 @@ def main():
     values = {**preset("cpu")["model"], "retrieval_top_k": 0}
     apply_overrides(values, args.set)
     model = MBCModel.build(MBCConfig(**values))
-    train, test = closed_set_split(held_out_questions=96 if args.half == "encoder" else 48, closed_only=not args.open_answers)
+    train, test = closed_set_split(held_out_questions=(96 if args.half == "encoder" else 48) * (3 if args.open_answers else 1), closed_only=not args.open_answers)
     documents = list(dict.fromkeys(r.document for r in train))
     model.codebook_bypassed = args.float_memory_steps > 0
     done = {"steps": 0}
@@ -111,7 +115,12 @@ def main():
     probe_loss = partial(encoder_loss, probe=args.probe_tokens)
 
     def staged_loss(model, rows, documents):
-        return (probe_loss if done["steps"] < args.probe_steps else qa_loss)(model, rows, documents)
+        if done["steps"] < args.probe_steps:
+            return probe_loss(model, rows, documents)
+        loss, extras = qa_loss(model, rows, documents)
+        if args.keep_probe and model.training:  # held-out figures stay the QA loss alone
+            loss = loss + args.keep_probe * probe_loss(model, rows, documents)[0]
+        return loss, extras
 
     if args.half == "decoder":
         loss, memory_of = decoder_loss, lambda rows: [r.answers[0] for r in rows]

@@ -5,8 +5,9 @@ import pytest
 
 from mbc import MBCError
 from mbc.data import documents, first_documents, load, load_archivalqa, load_squad, load_streamingqa, split_by_group, standard_split
-from mbc.generated import ORGANISATION_KINDS, generate_examples
-from mbc.metrics import exact_match, f1_score, lenient_exact_match, normalize, score
+from mbc.data import QAExample
+from mbc.generated import ORGANISATION_KINDS, answer_kind, answer_kinds, generate_examples
+from mbc.metrics import exact_match, f1_score, lenient_exact_match, normalize, score, score_by_group
 
 FIXTURES = Path(__file__).parent / "fixtures"
 SQUAD = Path(__file__).resolve().parents[2] / "shared" / "data" / "squad" / "squad-v1.1-dev-open.json"
@@ -100,3 +101,18 @@ def test_squad_metrics():
     assert lenient_exact_match("1987 in the north", ["1987", "in 1987"]) == 1.0
     assert exact_match("1987 in the north", ["1987"]) == 0.0
     assert score(["a", "b"], [["a"], ["c"]])["em"] == 50.0
+
+
+def test_answer_kinds_of_generated_data():
+    rows = generate_examples(3, seed=0)  # one document of each kind: person, town, organisation
+    assert [answer_kind(r.answers[0]) for r in rows[:6]] == ["number", "name", "listed", "name", "listed", "listed"]
+    assert answer_kind("the central hills") == "listed" and answer_kind("the Daithlox Guild") == "name"
+    assert answer_kinds(rows) == [answer_kind(r.answers[0]) for r in rows]
+    other = QAExample("Paris is in France.", "Where is Paris?", ("France",), "a", "squad.json:1")
+    assert answer_kinds(rows + [other]) is None and answer_kinds([]) is None
+
+
+def test_scores_by_group():
+    by_group = score_by_group(["red", "blue", "cat"], [["red"], ["x"], ["cat"]], ["one", "two", "one"])
+    assert by_group == {"one": {"questions": 2, "em": 100.0, "f1": 100.0, "lenient_em": 100.0},
+                        "two": {"questions": 1, "em": 0.0, "f1": 0.0, "lenient_em": 0.0}}

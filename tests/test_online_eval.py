@@ -35,6 +35,11 @@ def test_eval_runs_every_method_and_writes_its_outputs(tiny_model, tmp_path):
     assert json.loads((tmp_path / "summary.json").read_text())["questions"] == 30
     assert (tmp_path / "retention.png").stat().st_size > 0 and (tmp_path / "bank_size.png").stat().st_size > 0
     assert "mbc, unrelated bank" in format_table(summary)
+    by_kind = methods["mbc"]["by_answer_kind"]  # generated data: scored by answer kind too
+    assert sum(s["questions"] for s in by_kind.values()) == 30 and set(by_kind) <= {"listed", "number", "name"}
+    listed = by_kind["listed"]["questions"]
+    assert abs(methods["mbc"]["em"] * 30 - sum(s["em"] * s["questions"] for s in by_kind.values())) < 1e-6
+    assert f"listed ({listed})" in format_table(summary)
 
     again = run_eval(mbc, rows, unrelated, tmp_path, EvalConfig(retention_every=2, batch_size=8, methods=["mbc"]))
     assert again["methods"]["mbc"] == {**methods["mbc"], **{k: again["methods"]["mbc"][k] for k in ("adapt_ms_per_document", "answer_ms_per_question")}}

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from conftest import tiny_config
 from mbc import MBCError
 from mbc.data import split_by_group
-from mbc.generated import generate_examples
+from mbc.generated import ANSWER_KINDS, generate_examples
 from mbc.model import WEIGHTS_NAME, MBCModel
 from mbc.train import TrainConfig, train
 
@@ -28,7 +28,8 @@ def _train(tiny_paths, out, model_overrides: dict | None = None, **overrides):
 
 def test_training_writes_metrics_and_checkpoints(tiny_paths, tmp_path):
     metrics = _train(tiny_paths, tmp_path, max_steps=6, eval_every=3, grad_accumulation=2, backprop_keep=0.5)
-    assert set(metrics) == {"em", "f1", "lenient_em", "loss"}
+    by_kind = {f"{metric}_{kind}" for metric in ("em", "f1") for kind in ANSWER_KINDS}  # generated data: scores by answer kind
+    assert {"em", "f1", "lenient_em", "loss"} <= set(metrics) <= {"em", "f1", "lenient_em", "loss", *by_kind}
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     train_records = [r for r in records if r["kind"] == "train"]
     assert [r["step"] for r in train_records] == [1, 2, 3, 4, 5, 6]
@@ -47,7 +48,8 @@ def test_training_lowers_the_loss(tiny_paths, tmp_path):
 def test_training_with_retrieval_keys_fits_them_once(tiny_paths, tmp_path):
     keys = dict(retrieval_top_k=2, retrieval_subspaces=4, retrieval_codes=4)
     metrics = _train(tiny_paths, tmp_path, keys, max_steps=2)
-    assert set(metrics) == {"em", "f1", "lenient_em", "loss"}
+    by_kind = {f"{metric}_{kind}" for metric in ("em", "f1") for kind in ANSWER_KINDS}  # generated data: scores by answer kind
+    assert {"em", "f1", "lenient_em", "loss"} <= set(metrics) <= {"em", "f1", "lenient_em", "loss", *by_kind}
     first = load_file(tmp_path / "last" / WEIGHTS_NAME)
     assert bool(first["retrieval_keys.fitted"]) and first["retrieval_keys.centroids"].abs().sum() > 0
     _train(tiny_paths, tmp_path, keys, max_steps=4)  # resumed: the centroids come from the checkpoint, not a new fit
@@ -142,3 +144,13 @@ def test_probe_warm_start_trains_the_probe_then_the_qa_loss(tiny_paths, tmp_path
     assert all(r["qa"] > 0 and r["probe"] == 0 for r in records[2:])
     with pytest.raises(MBCError, match="probe_steps=4 is not below"):
         _train(tiny_paths, tmp_path / "again", max_steps=4, probe_steps=4)
+
+
+def test_probe_weight_keeps_the_probe_beside_the_qa_loss(tiny_paths, tmp_path):
+    _train(tiny_paths, tmp_path, max_steps=4, probe_steps=2, probe_weight=0.5)
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines() if '"train"' in line]
+    for r in records[2:]:
+        assert r["qa"] > 0 and r["probe"] > 0
+        assert r["loss"] == pytest.approx(r["qa"] + 0.5 * r["probe"] + r["vq"], rel=1e-5)
+    with pytest.raises(MBCError, match="probe_weight"):
+        _train(tiny_paths, tmp_path / "again", probe_weight=-1.0)

@@ -144,6 +144,11 @@ def validate(
     typer.echo(f"{'method':<40}{'EM':>7}{'F1':>7}{'lenient EM':>12}")
     for method, metrics in results.items():
         typer.echo(f"{method:<40}{metrics['em']:>7.1f}{metrics['f1']:>7.1f}{metrics['lenient_em']:>12.1f}")
+    kinds = sorted(k[len("em_"):] for k in next(iter(results.values())) if k.startswith("em_"))
+    if kinds:  # generated data: what the memory carries differs by answer kind
+        typer.echo(f"{'EM by answer kind':<40}" + "".join(f"{k:>9}" for k in kinds))
+        for method, metrics in results.items():
+            typer.echo(f"{method:<40}" + "".join(f"{metrics['em_' + k]:>9.1f}" for k in kinds))
     if output:
         output.write_text(json.dumps({"checkpoint": str(checkpoint), "data": data, "split": split, "questions": len(rows),
                                       "results": results}, indent=2))

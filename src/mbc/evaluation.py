@@ -10,13 +10,14 @@ import torch
 from .data import QAExample, documents
 from .decoding import DecodingConfig
 from .errors import MBCError
-from .metrics import score
+from .generated import answer_kinds
+from .metrics import score, score_by_group
 from .model import MBCModel
 
 
 @dataclass
 class Evaluation:
-    metrics: dict[str, float]  # em, f1, lenient_em (percent), loss
+    metrics: dict[str, float]  # em, f1, lenient_em (percent), loss; generated data: em_KIND, f1_KIND per answer kind
     predictions: list[str]
 
 
@@ -54,7 +55,17 @@ def evaluate(
     model.train(was_training)
     metrics = score(predictions, [list(e.answers) for e in examples])
     metrics["loss"] = sum(losses) / max(len(examples), 1)
-    return Evaluation(metrics, predictions)
+    return Evaluation({**metrics, **kind_metrics(predictions, examples)}, predictions)
+
+
+def kind_metrics(predictions: list[str], examples: list[QAExample]) -> dict[str, float]:
+    """``em_KIND`` and ``f1_KIND`` for each answer kind of generated data (mbc.generated.answer_kind:
+    what a compressed memory can carry differs by kind); nothing for other data."""
+    kinds = answer_kinds(examples)
+    if kinds is None:
+        return {}
+    by_kind = score_by_group(predictions, [list(e.answers) for e in examples], kinds)
+    return {f"{metric}_{kind}": scores[metric] for kind, scores in sorted(by_kind.items()) for metric in ("em", "f1")}
 
 
 @torch.no_grad()
@@ -87,4 +98,4 @@ def evaluate_base_llm(model: MBCModel, examples: list[QAExample], prompt_templat
     predictions = []
     for chunk in chunks(examples, batch_size):
         predictions += model.answer_without_memory([e.question for e in chunk], prompt_template, decoding)
-    return Evaluation(score(predictions, [list(e.answers) for e in examples]), predictions)
+    return Evaluation({**score(predictions, [list(e.answers) for e in examples]), **kind_metrics(predictions, examples)}, predictions)

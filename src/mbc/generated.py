@@ -104,6 +104,27 @@ def _organisation_document(rng: random.Random, names: _Names):
     return text, qas
 
 
+ANSWER_KINDS = ("listed", "number", "name")
+
+
+def answer_kind(answer: str) -> str:
+    """What a generated answer is: ``listed`` (from a small closed list: professions, colours,
+    products, counts in words, hills), ``number`` (a year or a head count, digits) or ``name`` (an
+    invented person, town or organisation). A compressed memory of a few bytes per document can
+    carry the first kind; the other two need the memory to copy rare subwords."""
+    if answer.isdigit():
+        return "number"
+    listed = set(PROFESSIONS) | set(COLOURS) | set(PRODUCTS) | set(NUMBER_WORDS) | {f"the {d} hills" for d in DIRECTIONS}
+    return "listed" if answer in listed else "name"
+
+
+def answer_kinds(examples: list[QAExample]) -> list[str] | None:
+    """Each example's ``answer_kind``, or None unless every example is a generated one."""
+    if not examples or not all(e.source.startswith("generated:") for e in examples):
+        return None
+    return [answer_kind(e.answers[0]) for e in examples]
+
+
 _KINDS = [_person_document, _town_document, _organisation_document]
 
 

@@ -51,3 +51,12 @@ def score(predictions: list[str], golds: list[list[str]]) -> dict[str, float]:
         "f1": 100 * sum(f1_score(p, g) for p, g in zip(predictions, golds)) / n,
         "lenient_em": 100 * sum(lenient_exact_match(p, g) for p, g in zip(predictions, golds)) / n,
     }
+
+
+def score_by_group(predictions: list[str], golds: list[list[str]], groups: list[str]) -> dict[str, dict[str, float]]:
+    """``score`` over each group of questions separately (e.g. by answer kind), with its size."""
+    result = {}
+    for group in dict.fromkeys(groups):
+        members = [i for i, g in enumerate(groups) if g == group]
+        result[group] = {"questions": len(members), **score([predictions[i] for i in members], [golds[i] for i in members])}
+    return result

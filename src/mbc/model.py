@@ -197,7 +197,7 @@ class MBCModel(nn.Module):
     # ---- training --------------------------------------------------------------------------
     def forward(self, documents: list[str], questions: list[str], answers: list[str], backprop_keep: float = 1.0,
                 question_documents: list[int] | None = None, bank_size: int | None = None, objective: str = "qa",
-                probe_tokens: str = "first") -> MBCOutput:
+                probe_tokens: str = "first", probe_weight: float = 0.0) -> MBCOutput:
         """One meta-training loss: the batch's documents form the bank every question reads.
 
         ``backprop_keep`` < 1 is the reference's "backprop dropout": only that fraction of the
@@ -210,7 +210,9 @@ class MBCModel(nn.Module):
         as answering from a bank will.
 
         ``objective="probe"`` replaces the QA loss by ``answer_probe_loss`` over ``probe_tokens``
-        (no LLM pass): training's probe warm start (TrainConfig.probe_steps)."""
+        (no LLM pass): training's probe warm start (TrainConfig.probe_steps). Under the QA
+        objective, ``probe_weight`` > 0 adds that much of the probe loss (TrainConfig.probe_weight),
+        so that the document side keeps carrying the answer while the LLM side learns to read it."""
         memory, vq_loss, perplexity = self.training_memory(self._amortize_some_with_grad(documents, backprop_keep))
         if self.retrieval_keys is not None:
             if question_documents is None:
@@ -228,7 +230,9 @@ class MBCModel(nn.Module):
         if objective != "qa":
             raise MBCError(f"objective must be 'qa' or 'probe', got {objective!r}")
         qa_loss = self.qa_loss(questions, answers, self.prefix(modulation))
-        return MBCOutput(qa_loss + self.config.vq_weight * vq_loss, qa_loss, vq_loss, perplexity, qa_loss.new_zeros(()))
+        probe_loss = self.answer_probe_loss(modulation, answers, probe_tokens) if probe_weight > 0 else qa_loss.new_zeros(())
+        loss = qa_loss + probe_weight * probe_loss + self.config.vq_weight * vq_loss
+        return MBCOutput(loss, qa_loss, vq_loss, perplexity, probe_loss)
 
     def answer_probe_logits(self, modulation: torch.Tensor, tokens: str = "first") -> torch.Tensor:
         """The modulation [B, K, dim] read through the LLM's frozen output embedding after a

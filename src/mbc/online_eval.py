@@ -34,7 +34,8 @@ from .data import QAExample, documents
 from .decoding import DecodingConfig
 from .errors import MBCError
 from .evaluation import FEW_SHOT_TEMPLATE, chunks
-from .metrics import exact_match, f1_score, lenient_exact_match, score
+from .generated import answer_kinds
+from .metrics import exact_match, f1_score, lenient_exact_match, score, score_by_group
 from .model import MBCModel
 
 
@@ -210,11 +211,12 @@ def run_eval(mbc: MBCModel, rows: list[QAExample], unrelated_documents: list[str
                                   decoding, name, text_bytes)
             bm25_recall = 100 * sum(r.document in retrieved[id(r)] for r in rows) / max(len(rows), 1)
 
-    golds = [list(r.answers) for r in rows]
+    golds, kinds = [list(r.answers) for r in rows], answer_kinds(rows)
     summary = {
         "questions": len(rows), "documents": len(stream), "config": asdict(config),
         "methods": {name: {**score(r.predictions, golds), "bytes_per_document": r.bytes_per_document,
-                           "answer_ms_per_question": r.answer_ms_per_question, "adapt_ms_per_document": r.adapt_ms_per_document}
+                           "answer_ms_per_question": r.answer_ms_per_question, "adapt_ms_per_document": r.adapt_ms_per_document,
+                           **({"by_answer_kind": score_by_group(r.predictions, golds, kinds)} if kinds else {})}
                     for name, r in results.items()},
         "banks": bank_sizes,
         "retention": {name: [{**p, "retention_percent": 100 * p["retention_f1"] / curve[0]["retention_f1"] if curve[0]["retention_f1"] else None}
@@ -250,4 +252,17 @@ def format_table(summary: dict) -> str:
         adapt = "-" if m["adapt_ms_per_document"] is None else f"{m['adapt_ms_per_document']:.1f}"
         lines.append(f"{name:<28}{m['em']:>6.1f}{m['f1']:>6.1f}{m['lenient_em']:>8.1f}{m['bytes_per_document']:>11,.0f}"
                      f"{adapt:>14}{m['answer_ms_per_question']:>13.1f}")
-    return "\n".join(lines)
+    return "\n".join(lines + _kind_table(summary["methods"]))
+
+
+def _kind_table(methods: dict) -> list[str]:
+    """EM / F1 by answer kind (generated data only): which facts the memory carries."""
+    kinds = next((m["by_answer_kind"] for m in methods.values() if "by_answer_kind" in m), None)
+    if kinds is None:
+        return []
+    header = "".join(f"{kind + ' (' + str(s['questions']) + ')':>18}" for kind, s in kinds.items())
+    lines = ["", f"{'EM / F1 by answer kind':<28}{header}"]
+    for name, m in methods.items():
+        cells = [f"{s['em']:.1f} / {s['f1']:.1f}" for s in m["by_answer_kind"].values()]
+        lines.append(f"{name:<28}" + "".join(f"{cell:>18}" for cell in cells))
+    return lines

@@ -57,6 +57,7 @@ class TrainConfig:
     codebook_fit_documents: int = 1000  # training documents the codebook is fitted on at the end of float_memory_steps
     probe_steps: int = 0  # > 0: the first N steps train the reading path on the answer probe (MBCModel.answer_probe_loss), not the QA loss
     probe_tokens: str = "first"  # the probe's targets: the answer's "first" token, or "all" (vector k -> token k)
+    probe_weight: float = 0.0  # after probe_steps: loss = QA + probe_weight x probe (0 = the QA loss alone)
     mixed_precision: str = "no"  # "no", "bf16", "fp16"
     seed: int = 0
     log_every: int = 10
@@ -113,6 +114,8 @@ def _check_schedule(config: TrainConfig, total_steps: int, quantize: bool) -> No
                        "the codebook would never be fitted; lower float_memory_steps or raise max_steps")
     if config.probe_tokens not in PROBE_TOKENS:
         raise MBCError(f"probe_tokens must be one of {PROBE_TOKENS}, got {config.probe_tokens!r}")
+    if config.probe_weight < 0:
+        raise MBCError(f"probe_weight must be >= 0, got {config.probe_weight}")
     if config.probe_steps >= total_steps:
         raise MBCError(f"probe_steps={config.probe_steps} is not below the run's {total_steps} steps: "
                        "the QA loss would never be trained; lower probe_steps or raise max_steps")
@@ -218,7 +221,8 @@ def train(model_config: MBCConfig, config: TrainConfig, train_rows: list[QAExamp
             with accelerator.accumulate(model):
                 objective = "probe" if progress["step"] < config.probe_steps else "qa"
                 output = model(documents, [r.question for r in batch], [r.answers[0] for r in batch], config.backprop_keep,
-                               own, _bank_size(config, progress["step"], len(documents)), objective, config.probe_tokens)
+                               own, _bank_size(config, progress["step"], len(documents)), objective, config.probe_tokens,
+                               config.probe_weight)
                 accelerator.backward(output.loss)
                 if accelerator.sync_gradients:
                     accelerator.clip_grad_norm_(parameters, config.max_grad_norm)
