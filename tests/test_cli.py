@@ -18,7 +18,8 @@ def _tiny_sets(paths):
 def test_train_then_validate_from_the_command_line(tiny_paths, tmp_path):
     out = tmp_path / "run"
     result = runner.invoke(app, ["train", "--preset", "cpu", "--data", "generated", "--first-documents", "30", "--output", str(out),
-                                 "--max-steps", "2", "--train-set", "batch_size=4", "--train-set", "eval_questions=4",
+                                 "--max-steps", "3", "--train-set", "batch_size=4", "--train-set", "eval_questions=4",
+                                 "--train-set", "probe_steps=1", "--train-set", "float_memory_steps=2",  # the preset's warm start, shortened
                                  *_tiny_sets(tiny_paths)])
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout[result.stdout.index("{\n"):])["validation"]["loss"] > 0
@@ -44,6 +45,7 @@ def test_eval_streams_documents_and_compares_methods(tiny_paths, tmp_path):
         out = tmp_path / name
         result = runner.invoke(app, ["train", "--preset", "cpu", "--data", "generated", "--first-documents", "30", "--output", str(out),
                                      "--max-steps", "1", "--train-set", "batch_size=4", "--train-set", "eval_questions=4",
+                                     "--train-set", "probe_steps=0", "--train-set", "float_memory_steps=0",
                                      *_tiny_sets(tiny_paths), *extra])
         assert result.exit_code == 0, result.output
         checkpoints[name] = out / "last"

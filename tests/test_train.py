@@ -67,7 +67,7 @@ def test_float_memory_warm_start_then_a_fitted_codebook(tiny_paths, tmp_path):
 
 def test_a_run_stopped_during_the_warm_start_still_fits_its_codebook(tiny_paths, tmp_path):
     metrics = _train(tiny_paths, tmp_path, max_steps=10, float_memory_steps=5, max_minutes=0.0)  # stops after step 1
-    assert set(metrics) == {"em", "f1", "lenient_em", "loss"}  # validated through the fitted codebook
+    assert {"em", "f1", "lenient_em", "loss"} <= set(metrics)  # validated through the fitted codebook
     model = MBCModel.from_pretrained(tmp_path / "last")
     assert not model.codebook_bypassed and model.quantizer.fraction_alive() == 1.0
 

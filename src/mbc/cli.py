@@ -157,7 +157,7 @@ def validate(
 @app.command()
 def run(
     output: Path = typer.Option(Path("runs/main"), help="folder for the evaluation's outputs"),
-    train_minutes: float = typer.Option(3.5, help="training time for each of MBC and MAC (when not cached)"),
+    train_minutes: float = typer.Option(9.5, help="training time for each of MBC and MAC (when not cached)"),
     documents: int = typer.Option(50, help="held-out generated documents streamed into the banks"),
     retention_every: int = typer.Option(25, help="documents per retention step"),
 ):

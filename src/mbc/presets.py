@@ -38,15 +38,20 @@ PRESETS: dict[str, dict[str, dict]] = {
     # layers, so the backward pass stops there; higher learning rates (3e-4 for the new modules,
     # 3e-5 for MiniLM) because a CPU run is hundreds of steps, not 50 epochs. 1e-3 was tried and is
     # unstable: the training loss swings between 2.4 and 5.2 within 200 steps (docs/RESULTS.md).
-    # Retrieval keys (retrieval_top_k=1, retrieval_subspaces=32) and standardize_modulation are
-    # off here: in the main job's 3.5-minute runs no variant read its memory, and they differed by
-    # no more than run-to-run noise (docs/RESULTS.md). A long run should turn both on (--set), as
-    # runs/ret-long did: then the right bank's advantage no longer fades as the bank grows.
+    # With the paper's objective alone no CPU run of this preset read its memory: the adapter
+    # learned answer priors and scored the same with an unrelated bank. What made it read
+    # (docs/RESULTS.md, sessions 4-6), all departures from the paper: a warm start in which the
+    # document side learns to carry the answer (probe_steps: an answer probe on the modulation
+    # instead of the QA loss; float_memory_steps: the bank holds float vectors until the codebook
+    # is k-means-fitted to them), a codebook looked up by direction (codebook_metric="cosine"), and
+    # retrieval keys so that each question reads its own document in training and its top-1 by
+    # key at answer time (retrieval_top_k=1, 32 one-byte pieces per key).
     "cpu": {
         "model": dict(num_slots=12, prefix_layers=6, lora_layers=6, lora_rank=16, lora_alpha=32,
-                      max_document_tokens=256, max_question_tokens=48),
+                      max_document_tokens=256, max_question_tokens=48, codebook_metric="cosine",
+                      retrieval_top_k=1, retrieval_subspaces=32),
         "train": dict(learning_rate=3e-4, encoder_learning_rate=3e-5, warmup_ratio=0.05, max_grad_norm=1.0,
-                      batch_size=8, grad_accumulation=1,
+                      batch_size=8, grad_accumulation=1, float_memory_steps=100, probe_steps=200,
                       epochs=1, backprop_keep=1.0, mixed_precision="no", eval_every=100, eval_questions=300),
     },
 }
