@@ -39,6 +39,12 @@ def test_training_writes_metrics_and_checkpoints(tiny_paths, tmp_path):
         assert (tmp_path / folder / WEIGHTS_NAME).exists()
 
 
+def test_save_best_off_keeps_only_the_last_checkpoint(tiny_paths, tmp_path):
+    _train(tiny_paths, tmp_path, max_steps=2, eval_every=1, save_best=False)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["last"]
+    assert (tmp_path / "last" / WEIGHTS_NAME).exists()
+
+
 def test_training_lowers_the_loss(tiny_paths, tmp_path):
     _train(tiny_paths, tmp_path, max_steps=30, log_every=5, learning_rate=1e-2)
     losses = [json.loads(line)["qa"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines() if '"train"' in line]

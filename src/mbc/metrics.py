@@ -54,9 +54,9 @@ def score(predictions: list[str], golds: list[list[str]]) -> dict[str, float]:
 
 
 def score_by_group(predictions: list[str], golds: list[list[str]], groups: list[str]) -> dict[str, dict[str, float]]:
-    """``score`` over each group of questions separately (e.g. by answer kind), with its size."""
+    """``score`` over each group of questions separately (e.g. by answer kind), with its size; groups sorted by name."""
     result = {}
-    for group in dict.fromkeys(groups):
+    for group in sorted(set(groups)):
         members = [i for i, g in enumerate(groups) if g == group]
         result[group] = {"questions": len(members), **score([predictions[i] for i in members], [golds[i] for i in members])}
     return result

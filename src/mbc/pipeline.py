@@ -60,8 +60,9 @@ def run_main_job(job: MainJobConfig | None = None) -> dict:
     checkpoints = {}
     for name, quantize in (("mbc", True), ("mac", False)):
         model_config = MBCConfig(**{**chosen["model"], "quantize": quantize})
+        # Only `last` is used: no best-* copies (370 MB each) in the cache.
         train_config = TrainConfig(**{**chosen["train"], "max_minutes": job.train_minutes, "max_steps": job.max_steps,
-                                      "eval_every": 10**9, "eval_questions": 60})
+                                      "eval_every": 10**9, "eval_questions": 60, "save_best": False})
         checkpoints[name] = _train_or_reuse(name, model_config, train_config, splits, job)
     rows = qa_data.first_documents(splits["test"], job.documents)
     mbc = MBCModel.from_pretrained(checkpoints["mbc"]).eval()

@@ -64,6 +64,7 @@ class TrainConfig:
     eval_every: int = 200  # optimizer steps; validation also runs at the end
     eval_questions: int | None = 500  # validation questions (all their documents form the bank)
     resume: bool = True
+    save_best: bool = True  # also keep best-em / best-f1 / best-loss checkpoints beside last (each a full copy of the trainable weights)
     return_freed_memory: bool = False  # lower peak memory for some speed (allocator.py: ~5% less peak memory, 15-30% slower on CPU)
     wandb_project: str | None = None  # also log to Weights & Biases (pip install wandb); off by default
     extra: dict = field(default_factory=dict)  # free-form notes recorded in the run's config
@@ -198,7 +199,8 @@ def train(model_config: MBCConfig, config: TrainConfig, train_rows: list[QAExamp
                 better = metrics and (metrics[key] < progress["best"][key] if key == "loss" else metrics[key] > progress["best"][key])
                 if better:
                     progress["best"][key] = metrics[key]
-                    unwrapped.save_pretrained(out / folder)
+                    if config.save_best:
+                        unwrapped.save_pretrained(out / folder)
             unwrapped.save_pretrained(last)
             save_training_state(last, optimizer, scheduler, progress)
             accelerator.print(f"step {progress['step']}: validation {json.dumps({k: round(v, 3) for k, v in metrics.items()})}")
