@@ -15,6 +15,8 @@ from mbc.generated import ANSWER_KINDS, generate_examples
 from mbc.model import WEIGHTS_NAME, MBCModel
 from mbc.train import TrainConfig, train
 
+VALIDATION_KEYS = {"em", "f1", "lenient_em", "loss"}
+KIND_KEYS = {f"{metric}_{kind}" for metric in ("em", "f1") for kind in ANSWER_KINDS}  # generated data: scores by answer kind
 ROWS = split_by_group(generate_examples(30, seed=1), {"train": 0.8, "validation": 0.2})
 
 
@@ -28,8 +30,7 @@ def _train(tiny_paths, out, model_overrides: dict | None = None, **overrides):
 
 def test_training_writes_metrics_and_checkpoints(tiny_paths, tmp_path):
     metrics = _train(tiny_paths, tmp_path, max_steps=6, eval_every=3, grad_accumulation=2, backprop_keep=0.5)
-    by_kind = {f"{metric}_{kind}" for metric in ("em", "f1") for kind in ANSWER_KINDS}  # generated data: scores by answer kind
-    assert {"em", "f1", "lenient_em", "loss"} <= set(metrics) <= {"em", "f1", "lenient_em", "loss", *by_kind}
+    assert VALIDATION_KEYS <= set(metrics) <= VALIDATION_KEYS | KIND_KEYS
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     train_records = [r for r in records if r["kind"] == "train"]
     assert [r["step"] for r in train_records] == [1, 2, 3, 4, 5, 6]
@@ -54,8 +55,7 @@ def test_training_lowers_the_loss(tiny_paths, tmp_path):
 def test_training_with_retrieval_keys_fits_them_once(tiny_paths, tmp_path):
     keys = dict(retrieval_top_k=2, retrieval_subspaces=4, retrieval_codes=4)
     metrics = _train(tiny_paths, tmp_path, keys, max_steps=2)
-    by_kind = {f"{metric}_{kind}" for metric in ("em", "f1") for kind in ANSWER_KINDS}  # generated data: scores by answer kind
-    assert {"em", "f1", "lenient_em", "loss"} <= set(metrics) <= {"em", "f1", "lenient_em", "loss", *by_kind}
+    assert VALIDATION_KEYS <= set(metrics) <= VALIDATION_KEYS | KIND_KEYS
     first = load_file(tmp_path / "last" / WEIGHTS_NAME)
     assert bool(first["retrieval_keys.fitted"]) and first["retrieval_keys.centroids"].abs().sum() > 0
     _train(tiny_paths, tmp_path, keys, max_steps=4)  # resumed: the centroids come from the checkpoint, not a new fit
@@ -73,7 +73,7 @@ def test_float_memory_warm_start_then_a_fitted_codebook(tiny_paths, tmp_path):
 
 def test_a_run_stopped_during_the_warm_start_still_fits_its_codebook(tiny_paths, tmp_path):
     metrics = _train(tiny_paths, tmp_path, max_steps=10, float_memory_steps=5, max_minutes=0.0)  # stops after step 1
-    assert {"em", "f1", "lenient_em", "loss"} <= set(metrics)  # validated through the fitted codebook
+    assert VALIDATION_KEYS <= set(metrics)  # validated through the fitted codebook
     model = MBCModel.from_pretrained(tmp_path / "last")
     assert not model.codebook_bypassed and model.quantizer.fraction_alive() == 1.0
 

@@ -53,19 +53,19 @@ def evaluate(
         losses.append(model.qa_loss(questions, [e.answers[0] for e in chunk], prefix).item() * len(chunk))
         predictions += model.generate_answers(questions, prefix, decoding)
     model.train(was_training)
-    metrics = score(predictions, [list(e.answers) for e in examples])
-    metrics["loss"] = sum(losses) / max(len(examples), 1)
-    return Evaluation({**metrics, **kind_metrics(predictions, examples)}, predictions)
+    return Evaluation({**scores(predictions, examples), "loss": sum(losses) / max(len(examples), 1)}, predictions)
 
 
-def kind_metrics(predictions: list[str], examples: list[QAExample]) -> dict[str, float]:
-    """``em_KIND`` and ``f1_KIND`` for each answer kind of generated data (mbc.generated.answer_kind:
-    what a compressed memory can carry differs by kind); nothing for other data."""
+def scores(predictions: list[str], examples: list[QAExample]) -> dict[str, float]:
+    """EM, F1 and lenient EM, and on generated data ``em_KIND`` and ``f1_KIND`` for each answer kind
+    (mbc.generated.answer_kind: what a compressed memory can carry differs by kind)."""
+    golds = [list(e.answers) for e in examples]
+    metrics = score(predictions, golds)
     kinds = answer_kinds(examples)
-    if kinds is None:
-        return {}
-    by_kind = score_by_group(predictions, [list(e.answers) for e in examples], kinds)
-    return {f"{metric}_{kind}": scores[metric] for kind, scores in sorted(by_kind.items()) for metric in ("em", "f1")}
+    if kinds is not None:
+        by_kind = score_by_group(predictions, golds, kinds)
+        metrics.update({f"{metric}_{kind}": values[metric] for kind, values in by_kind.items() for metric in ("em", "f1")})
+    return metrics
 
 
 @torch.no_grad()
@@ -98,4 +98,4 @@ def evaluate_base_llm(model: MBCModel, examples: list[QAExample], prompt_templat
     predictions = []
     for chunk in chunks(examples, batch_size):
         predictions += model.answer_without_memory([e.question for e in chunk], prompt_template, decoding)
-    return Evaluation({**score(predictions, [list(e.answers) for e in examples]), **kind_metrics(predictions, examples)}, predictions)
+    return Evaluation(scores(predictions, examples), predictions)

@@ -105,6 +105,7 @@ def _organisation_document(rng: random.Random, names: _Names):
 
 
 ANSWER_KINDS = ("listed", "number", "name")
+_LISTED = set(PROFESSIONS) | set(COLOURS) | set(PRODUCTS) | set(NUMBER_WORDS) | {f"the {d} hills" for d in DIRECTIONS}
 
 
 def answer_kind(answer: str) -> str:
@@ -114,8 +115,7 @@ def answer_kind(answer: str) -> str:
     carry the first kind; the other two need the memory to copy rare subwords."""
     if answer.isdigit():
         return "number"
-    listed = set(PROFESSIONS) | set(COLOURS) | set(PRODUCTS) | set(NUMBER_WORDS) | {f"the {d} hills" for d in DIRECTIONS}
-    return "listed" if answer in listed else "name"
+    return "listed" if answer in _LISTED else "name"
 
 
 def answer_kinds(examples: list[QAExample]) -> list[str] | None:
