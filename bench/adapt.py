@@ -14,7 +14,7 @@ own subprocess so that its peak resident memory is its own:
           documents. The entries are random codes (MBC) or random vectors (MAC) written straight
           into the bank: what a question costs does not depend on how the entries were made.
 
-Reference implementation, measured on this machine at this preset (MBC-METHOD.md, issue 4):
+Reference implementation, measured on this machine at this preset (issue 4):
 8,307 ms per distinct document to adapt, 2,307 ms per question greedy, 7,394 ms with diverse beam
 search, 96 bytes per question row (~995 per distinct document), 3.7 GB peak while adapting.
 """
@@ -57,8 +57,8 @@ def _model(backbones: str, **overrides):
 
 def part_adapt(args) -> dict:
     from mbc import data as qa_data
-    from mbc.adaptation import ingest
-    from mbc.bank import BankLayout, MemoryBank
+    from mbc.memory.bank import BankLayout, MemoryBank
+    from mbc.memory.ingest import ingest
 
     model = _model(args.backbones)
     spec, rows = _rows(args.documents)
@@ -75,7 +75,7 @@ def part_adapt(args) -> dict:
 
 
 def _time_questions(model, reader, questions: list[str], decoding) -> float:
-    from mbc.adaptation import answer_from_bank
+    from mbc.memory.readers import answer_from_bank
 
     answer_from_bank(model, reader, questions[:1], decoding)  # warm-up
     start = time.perf_counter()
@@ -85,9 +85,9 @@ def _time_questions(model, reader, questions: list[str], decoding) -> float:
 
 
 def part_answer(args) -> dict:
-    from mbc.adaptation import reader_for
-    from mbc.bank import BankLayout, MemoryBank
-    from mbc.decoding import DecodingConfig
+    from mbc.memory.bank import BankLayout, MemoryBank
+    from mbc.memory.readers import reader_for
+    from mbc.network.decoding import DecodingConfig
 
     model = _model(args.backbones)
     _, rows = _rows(args.documents)
@@ -116,9 +116,9 @@ def _fill(bank, count: int, seed: int) -> float:
 
 
 def part_scale(args) -> dict:
-    from mbc.adaptation import reader_for
-    from mbc.bank import BankLayout, MemoryBank
-    from mbc.decoding import DecodingConfig
+    from mbc.memory.bank import BankLayout, MemoryBank
+    from mbc.memory.readers import reader_for
+    from mbc.network.decoding import DecodingConfig
 
     model = _model(args.backbones, quantize=args.mode == "mbc")
     _, rows = _rows(args.documents)

@@ -17,7 +17,7 @@ import argparse
 
 from mbc import MBCModel
 from mbc import data as qa_data
-from mbc.evaluation import evaluate, retrieval_recall
+from mbc.evaluation.validation import evaluate, reader_over, retrieval_recall
 
 
 def main():
@@ -53,7 +53,8 @@ def main():
                     totals[name][i] += result.metrics[key] * len(questions)
             changed += sum(a != b for a, b in zip(results["right"].predictions, results["unrelated"].predictions))
             if model.retrieval_keys is not None:
-                found += retrieval_recall(model, questions, group) * len(questions) / 100
+                reader = reader_over(model, group)
+                found += retrieval_recall(reader, questions, dict(zip(group, reader.bank.ids()))) * len(questions) / 100
         right, other = ([v / len(rows) for v in totals[n]] for n in ("right", "unrelated"))
         print(f"{size:>9}  {right[0]:>8.1f} {right[1]:>6.1f} {right[2]:>6.3f}   {other[0]:>12.1f} {other[1]:>6.1f} {other[2]:>6.3f}"
               f"   {changed} of {len(rows)}" + (f"   {100 * found / len(rows):.1f}%" if recall_column else ""))

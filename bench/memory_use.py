@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from mbc import MBCModel
 from mbc import data as qa_data
+from mbc.evaluation.validation import reader_over
 
 
 def saturated_share(model: MBCModel, modulation: torch.Tensor) -> float:
@@ -37,7 +38,7 @@ def first_block_attention(model: MBCModel, queries: torch.Tensor, memory: torch.
     question reads, memory [B or 1, M, dim]."""
     block = model.aggregator.blocks[0]
     keys, _ = block.memory_keys_values(memory)
-    query = block._split_heads(block.to_q(block.norm_query(queries)))
+    query = block.split_heads(block.project_queries(queries))
     weights = (query @ keys.transpose(-1, -2) / query.shape[-1] ** 0.5).softmax(-1)
     entropy = -(weights * weights.clamp_min(1e-12).log()).sum(-1)
     return float(entropy.mean()), float(weights.max(-1).values.mean())
@@ -62,12 +63,11 @@ def main():
         if model.quantizer is not None:
             codes = model.compress(right)[..., 0]
             print(f"distinct codes per slot over {len(right)} documents: {[len(set(codes[:, k].tolist())) for k in range(codes.shape[1])]}")
-        memory, other = model.memory(model.compress(right)), model.memory(model.compress(unrelated))
+        memory = model.memory(model.compress(right))
         queries = model.queries(questions)
         keyed = model.retrieval_keys is not None
-        right_keys, other_keys = (model.retrieval_keys_of(right), model.retrieval_keys_of(unrelated)) if keyed else (None, None)
-        with_right = model.modulation(questions, memory, document_keys=right_keys)
-        with_other = model.modulation(questions, other, document_keys=other_keys)
+        right_keys = model.retrieval_keys_of(right) if keyed else None
+        with_right, with_other = (reader_over(model, texts).modulation(questions) for texts in (right, unrelated))
         print(f"question queries: mean norm {queries.norm(dim=-1).mean():.3f}; modulation: mean norm {with_right.norm(dim=-1).mean():.3f}, "
               f"mean distance from its mean over questions {(with_right - with_right.mean(0)).norm(dim=-1).mean():.3f}")
         print(f"prefix blocks: {saturated_share(model, with_right):.0%} of tanh inputs beyond |3| (saturated)")

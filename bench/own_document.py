@@ -20,9 +20,9 @@ import torch
 
 from mbc import MBCConfig, MBCModel
 from mbc.config import apply_overrides
-from mbc.generated import ANSWER_KINDS, COLOURS, PRODUCTS, PROFESSIONS, answer_kind, generate_examples
-from mbc.presets import preset
-from mbc.train import TrainConfig, _parameter_groups
+from mbc.data.generated import ANSWER_KINDS, COLOURS, PRODUCTS, PROFESSIONS, answer_kind, generate_examples
+from mbc.training.presets import preset
+from mbc.training.trainer import TrainConfig, parameter_groups
 
 
 def closed_set_split(held_out_questions: int = 48, closed_only: bool = True):
@@ -48,7 +48,7 @@ def train_and_report(model: MBCModel, loss_fn, memory_of, train, test, steps: in
     extras) with each question's own memory and with another question's: for the ``test`` rows, or
     for each group of them if ``test`` is {label: rows}. ``after_step(step)``, if given, runs after
     each optimizer step."""
-    groups = _parameter_groups(model, TrainConfig(learning_rate=lr, encoder_learning_rate=encoder_lr or lr / 10,
+    groups = parameter_groups(model, TrainConfig(learning_rate=lr, encoder_learning_rate=encoder_lr or lr / 10,
                                                   codebook_learning_rate=codebook_lr))
     optimizer = torch.optim.Adam(groups)
     parameters = [p for group in groups for p in group["params"]]
@@ -85,9 +85,21 @@ def _held_out(model: MBCModel, loss_fn, memory_of, label: str, rows) -> str:
             f", with another's {other_loss.item():.3f}{accuracy(other_extras)}")
 
 
+FLOAT_MEMORY = {"on": False}  # reading_parts.py's float-memory warm start: the bank holds the vectors, not their codes
+
+
+def training_memory(model: MBCModel, documents: list[str]):
+    """What the bank holds in training (codes, or the vectors during a float-memory warm start), VQ loss, perplexity."""
+    contexts = model.amortize(documents)
+    memory = model.codec.training_memory(contexts)
+    if FLOAT_MEMORY["on"]:
+        return contexts, 0.0 * memory.vq_loss, memory.perplexity
+    return memory.vectors, memory.vq_loss, memory.perplexity
+
+
 def qa_loss(model: MBCModel, rows, documents: list[str]):
     """QA loss with question i reading only documents[i]."""
-    memory, _, _ = model.training_memory(model.amortize(documents))  # no VQ loss: the codebook moves by resets only
+    memory, _, _ = training_memory(model, documents)  # no VQ loss: the codebook moves by resets only
     own = torch.eye(len(documents), dtype=torch.bool).repeat_interleave(model.config.num_slots, dim=1)
     questions = [r.question for r in rows]
     prefix = model.prefix(model.modulation(questions, memory.reshape(-1, memory.shape[-1]), memory_mask=own))

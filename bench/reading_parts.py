@@ -37,11 +37,12 @@ from functools import partial
 
 import torch
 import torch.nn.functional as F
+from own_document import FLOAT_MEMORY, closed_set_split, qa_loss, train_and_report, training_memory
 
 from mbc import MBCConfig, MBCModel
 from mbc.config import apply_overrides
-from mbc.presets import preset
-from own_document import closed_set_split, qa_loss, train_and_report
+from mbc.training.objectives import answer_probe_logits, answer_probe_loss
+from mbc.training.presets import preset
 
 
 def answer_memory(model: MBCModel, answers: list[str]) -> torch.Tensor:
@@ -65,16 +66,16 @@ def decoder_loss(model: MBCModel, rows, memory_answers: list[str]):
 
 
 def encoder_loss(model: MBCModel, rows, documents: list[str], probe: str = "first"):
-    memory, vq_loss, perplexity = model.training_memory(model.amortize(documents))
+    memory, vq_loss, perplexity = training_memory(model, documents)
     modulation = modulation_reading(model, [r.question for r in rows], memory)
     answers = [r.answers[0] for r in rows]
     first = torch.tensor([model.answer_ids(a)[0] for a in answers])
-    first_logits = model.answer_probe_logits(modulation, probe)
+    first_logits = answer_probe_logits(model, modulation, probe)
     first_logits = first_logits if probe == "first" else first_logits[:, 0]
     extra = {"accuracy": (first_logits.argmax(-1) == first).float().mean().item()}
     if model.quantizer is not None:
         extra["perplexity"] = perplexity.item()
-    return model.answer_probe_loss(modulation, answers, probe) + vq_loss, extra
+    return answer_probe_loss(model, modulation, answers, probe) + vq_loss, extra
 
 
 def main():
@@ -89,7 +90,7 @@ def main():
     parser.add_argument("--keep-probe", type=float, default=0.0,
                         help="staged: after the switch, add this weight x the probe loss to the QA loss")
     parser.add_argument("--probe-tokens", choices=["first", "all"], default="first",
-                        help="encoder, staged: the probe's targets (MBCModel.answer_probe_loss)")
+                        help="encoder, staged: the probe's targets (mbc.training.objectives.answer_probe_loss)")
     parser.add_argument("--open-answers", action="store_true", help="every generated question, not only closed-set answers")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--set", action="append", default=[], help="model config KEY=VALUE (VALUE as JSON, else a string)")
@@ -101,13 +102,14 @@ def main():
     model = MBCModel.build(MBCConfig(**values))
     train, test = closed_set_split(held_out_questions=(96 if args.half == "encoder" else 48) * (3 if args.open_answers else 1), closed_only=not args.open_answers)
     documents = list(dict.fromkeys(r.document for r in train))
-    model.codebook_bypassed = args.float_memory_steps > 0
+    FLOAT_MEMORY["on"] = args.float_memory_steps > 0
     done = {"steps": 0}
 
     def after_step(step: int) -> None:
         done["steps"] = step
         if step == args.float_memory_steps:
             model.fit_codebook(documents)
+            FLOAT_MEMORY["on"] = False
             print(f"step {step}: codebook fitted (k-means) to {len(documents)} training documents' vectors", flush=True)
         if args.half == "staged" and step == args.probe_steps:
             print(f"step {step}: from here on the QA loss end to end", flush=True)

@@ -18,9 +18,9 @@ from pathlib import Path
 
 import torch
 
-from mbc import backbones
 from mbc import data as qa_data
-from mbc.retrieval import ProductQuantizer, SentenceEmbedder
+from mbc.network import backbones
+from mbc.network.retrieval import ProductQuantizer, SentenceEmbedder
 
 SQUAD = Path(__file__).resolve().parents[2] / "shared" / "data" / "squad" / "squad-v1.1-dev-open.json"
 

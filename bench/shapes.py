@@ -14,7 +14,7 @@ def save_distilgpt2_shaped_backbones() -> Path:
     import torch
     from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel, T5Config, T5Model
 
-    from mbc.backbones import bundled_minilm_folder, bundled_smollm2_folder
+    from mbc.network.backbones import bundled_minilm_folder, bundled_smollm2_folder
 
     folder = Path(tempfile.mkdtemp(prefix="mbc-bench-"))
     torch.manual_seed(0)
@@ -27,7 +27,7 @@ def save_distilgpt2_shaped_backbones() -> Path:
 
 def distilgpt2_shaped_model(folder: Path, **overrides):
     from mbc import MBCConfig, MBCModel
-    from mbc.presets import preset
+    from mbc.training.presets import preset
 
     values = preset("distilgpt2")["model"]
     values.update(llm=str(folder / "gpt2"), document_encoder=str(folder / "t5"), question_encoder=str(folder / "t5"), **overrides)

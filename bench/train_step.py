@@ -8,7 +8,7 @@ t5-small-shaped T5 encoders (6+6 layers, 512 wide) at random weights (speed does
 weights), with the SmolLM2 and MiniLM tokenizers standing in for GPT-2's and T5's. A step is
 forward + backward + Adam update on one batch of SQuAD rows (the shared open subset when present,
 else generated documents). The reference implementation, measured on this machine at the
-DistilGPT2 preset and batch 4: 49 s per forward+backward, 11.1 GB peak (MBC-METHOD.md).
+DistilGPT2 preset and batch 4: 49 s per forward+backward, 11.1 GB peak (the authors' code measured on this machine, issue 4).
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ def _rows(data: str | None, count: int):
 
 def _cpu_preset_model():
     from mbc import MBCConfig, MBCModel
-    from mbc.presets import preset
+    from mbc.training.presets import preset
 
     return MBCModel.build(MBCConfig(**preset("cpu")["model"]))
 
@@ -45,9 +45,8 @@ def _cpu_preset_model():
 def measure(name: str, batch: int, steps: int, data: str | None, backbones: str | None, glibc_default: bool = False) -> dict:
     import torch
 
-    from mbc.allocator import keep_large_allocations_on_mmap
-
-    from mbc.presets import preset
+    from mbc.training.allocator import keep_large_allocations_on_mmap
+    from mbc.training.presets import preset
 
     if preset(name)["train"].get("return_freed_memory") and not glibc_default:
         keep_large_allocations_on_mmap()  # as mbc.train does for this preset

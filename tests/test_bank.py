@@ -5,13 +5,12 @@ import sqlite3
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from mbc import MBCError
-from mbc.bank import BankLayout, MemoryBank, content_hash
+from mbc.memory.bank import BankLayout, MemoryBank, content_hash
 
 LAYOUT = BankLayout("mbc", num_slots=4, stages=2, codebook_size=512, dim=8, fingerprint="abc")
 MAC = BankLayout("mac", num_slots=4, stages=1, codebook_size=512, dim=8, fingerprint="def")
@@ -108,7 +107,7 @@ def test_sizes_account_for_entries_codebook_and_mac(tmp_path):
 
 WRITER = """
 import sys, numpy as np
-from mbc.bank import BankLayout, MemoryBank
+from mbc.memory.bank import BankLayout, MemoryBank
 layout = BankLayout("mbc", num_slots=4, stages=2, codebook_size=512, dim=8, fingerprint="abc")
 bank = MemoryBank.open(sys.argv[1], layout)
 rng = np.random.default_rng(0)

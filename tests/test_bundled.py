@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from mbc import DecodingConfig, MBCConfig, MBCError, MBCModel
-from mbc.backbones import _package_folder, load_encoder, load_llm
+from mbc.network.backbones import _package_folder, load_encoder, load_llm
 
 
 @pytest.fixture(scope="module")

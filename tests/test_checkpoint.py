@@ -2,11 +2,11 @@ import json
 
 import pytest
 import torch
+from conftest import ANSWERS, DOCUMENTS, QUESTIONS
 from safetensors.torch import load_file, save_file
 
-from conftest import ANSWERS, DOCUMENTS, QUESTIONS
 from mbc import MBCError, MBCModel
-from mbc.model import CONFIG_NAME, WEIGHTS_NAME
+from mbc.checkpoint import CONFIG_NAME, WEIGHTS_NAME
 
 
 def _train_a_little(model):

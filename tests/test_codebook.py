@@ -3,8 +3,8 @@ import pytest
 import torch
 
 from mbc import MBCError, ResidualQuantizer, VectorQuantizer
-from mbc.codebook import fingerprint, kmeans
-from mbc.packing import bits_for, index_dtype, pack_indices, packed_size, unpack_indices
+from mbc.memory.packing import bits_for, index_dtype, pack_indices, packed_size, unpack_indices
+from mbc.network.codebook import fingerprint, kmeans
 
 
 def test_nearest_code_and_straight_through():

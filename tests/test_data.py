@@ -4,10 +4,10 @@ from pathlib import Path
 import pytest
 
 from mbc import MBCError
-from mbc.data import documents, first_documents, load, load_archivalqa, load_squad, load_streamingqa, split_by_group, standard_split
-from mbc.data import QAExample
-from mbc.generated import ORGANISATION_KINDS, answer_kind, answer_kinds, generate_examples
-from mbc.metrics import exact_match, f1_score, lenient_exact_match, normalize, score, score_by_group
+from mbc.data import QAExample, documents, first_documents, load, split_by_group, standard_split
+from mbc.data.generated import ORGANISATION_KINDS, answer_kind, answer_kinds, generate_examples
+from mbc.data.loaders import load_archivalqa, load_squad, load_streamingqa
+from mbc.evaluation.metrics import exact_match, f1_score, lenient_exact_match, normalize, score, score_by_group
 
 FIXTURES = Path(__file__).parent / "fixtures"
 SQUAD = Path(__file__).resolve().parents[2] / "shared" / "data" / "squad" / "squad-v1.1-dev-open.json"

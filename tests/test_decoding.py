@@ -1,11 +1,11 @@
 import pytest
 import torch
-
 from conftest import DOCUMENTS, QUESTIONS, TINY_MODELS
+
 from mbc import DecodingConfig, MBCError
-from mbc.decoding import beam_search, generate, greedy
-from mbc.llm_layout import describe_llm
-from mbc.prefix import enable_prefix_attention, prefix_in
+from mbc.network.decoding import beam_search, generate, greedy
+from mbc.network.llm_layout import describe_llm
+from mbc.network.prefix import enable_prefix_attention, prefix_in
 
 
 def _tiny_llm(family: str):
@@ -51,6 +51,7 @@ def test_beam_search_equals_transformers_beam_search_without_prefix(family):
 
 def test_greedy_with_prefix_and_cache_equals_recomputing_without_cache(tiny_model):
     model = tiny_model("llama").eval()
+    torch.nn.init.normal_(model.prefix_expansion.blocks.w2)  # a prefix that is not zero (training starts it at zero)
     prefix = model.prefix(model.modulation(QUESTIONS, model.memory(model.compress(DOCUMENTS))))
     ids = torch.tensor([[0, 0, 40, 41, 42], [50, 51, 52, 53, 54]])
     mask = (ids != 0).long()
@@ -64,7 +65,9 @@ def test_greedy_with_prefix_and_cache_equals_recomputing_without_cache(tiny_mode
             seq, m = torch.cat([seq, nxt[:, None]], 1), torch.cat([m, torch.ones_like(nxt[:, None])], 1)
         expected = [row[ids.shape[1]:].tolist() for row in seq]
     assert cached == _strip(expected, 1)
-    assert cached != greedy(model.llm, model.layout, ids, mask, None, 1, 6)  # the prefix matters
+    with prefix_in(model.layout, prefix):
+        prefixed = model.llm(input_ids=ids, attention_mask=mask).logits
+    assert not torch.allclose(prefixed, model.llm(input_ids=ids, attention_mask=mask).logits)  # the prefix matters
 
 
 def test_diverse_beam_groups_choose_different_tokens():

@@ -1,11 +1,11 @@
 import numpy as np
 import pytest
 import torch
-
 from conftest import ANSWERS, DOCUMENTS, QUESTIONS
+
 from mbc import DecodingConfig, MBCConfig, MBCError
-from mbc.lora import lora_disabled
-from mbc.prefix import prefix_in
+from mbc.network.lora import lora_disabled
+from mbc.network.prefix import prefix_in
 
 
 @pytest.mark.parametrize("llm,encoder", [("gpt2", "bert"), ("llama", "bert"), ("gpt2", "t5"), ("llama", "t5")])
@@ -38,7 +38,7 @@ def test_grouped_kv_heads_shape_the_prefix(tiny_model):
 
 @pytest.mark.parametrize("llm", ["gpt2", "llama"])
 def test_zero_effect_case_equals_base_model_exactly(tiny_model, tiny_paths, llm):
-    from mbc.backbones import load_llm
+    from mbc.network.backbones import load_llm
 
     base = load_llm(tiny_paths[llm]).model.eval()
     model = tiny_model(llm).eval()
@@ -57,7 +57,7 @@ def test_zero_effect_case_equals_base_model_exactly(tiny_model, tiny_paths, llm)
 
 @pytest.mark.parametrize("llm", ["gpt2", "llama"])
 def test_fresh_lora_leaves_base_unchanged_and_prefix_changes_output(tiny_model, tiny_paths, llm):
-    from mbc.backbones import load_llm
+    from mbc.network.backbones import load_llm
 
     base = load_llm(tiny_paths[llm]).model.eval()
     model = tiny_model(llm).eval()
@@ -101,37 +101,6 @@ def test_straight_through_gradient_reaches_amortization_network(tiny_model):
     assert model.quantizer.stages[0].codebook.grad is None  # QA loss does not move the codebook
 
 
-def test_probe_objective_trains_the_reading_path_and_keeps_the_llm_side_in_the_graph(tiny_model):
-    model = tiny_model().train()
-    out = model(DOCUMENTS[:2], QUESTIONS, ANSWERS, objective="probe")
-    assert out.qa_loss == 0 and out.probe_loss > 0
-    out.loss.backward()
-    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.amortization.slot_mlp.parameters())
-    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.aggregator.parameters() if p.requires_grad)
-    lora = [p for name, p in model.llm.named_parameters() if p.requires_grad]
-    assert lora and all(p.grad is not None and p.grad.abs().sum() == 0 for p in lora)  # in the graph (DDP), not moved
-    first = torch.tensor([model.answer_ids(a)[0] for a in ANSWERS])
-    modulation = model.modulation(QUESTIONS, model.memory(model.compress(DOCUMENTS[:2])))
-    expected = torch.nn.functional.cross_entropy(model.answer_probe_logits(modulation), first)
-    assert torch.allclose(model.answer_probe_loss(modulation, ANSWERS), expected)
-    with pytest.raises(MBCError, match="objective"):
-        model(DOCUMENTS[:2], QUESTIONS, ANSWERS, objective="probes")
-
-
-def test_probe_over_all_tokens_asks_vector_k_for_answer_token_k(tiny_model):
-    model = tiny_model().eval()
-    modulation = torch.randn(2, model.config.num_slots, model.layout.hidden_size)
-    answers = ["a b c d e f g h i j k l m n o", "x"]  # longer than K, and one token
-    logits = model.answer_probe_logits(modulation, "all")
-    assert logits.shape == (2, model.config.num_slots, model.llm.config.vocab_size)
-    targets = [model.answer_ids(a)[:-1][: model.config.num_slots] for a in answers]  # without EOS, at most K
-    assert len(targets[0]) == model.config.num_slots and len(targets[1]) < model.config.num_slots
-    terms = [torch.nn.functional.cross_entropy(logits[i, k], torch.tensor(t)) for i, ids in enumerate(targets) for k, t in enumerate(ids)]
-    assert torch.allclose(model.answer_probe_loss(modulation, answers, "all"), torch.stack(terms).mean(), atol=1e-5)
-    with pytest.raises(MBCError, match="probe tokens"):
-        model.answer_probe_logits(modulation, "last")
-
-
 def test_vq_loss_moves_the_codebook(tiny_model):
     model = tiny_model().train()
     model(DOCUMENTS[:2], QUESTIONS, ANSWERS).vq_loss.backward()
@@ -168,26 +137,8 @@ def test_residual_quantization_stores_one_index_per_stage(tiny_model):
     assert model.bytes_per_document()["mbc"] == 6  # 4 vectors x 3 stages x 4 bits
 
 
-def test_bank_size_one_lets_each_question_see_only_its_own_document(tiny_model):
-    model = tiny_model().eval()
-    memory = model.memory(model.compress(DOCUMENTS))  # 3 documents x 4 slots
-    mask = model._bank_mask([2, 0], num_documents=3, bank_size=1)
-    assert mask.tolist() == [[False] * 8 + [True] * 4, [True] * 4 + [False] * 8]
-    masked = model.modulation(QUESTIONS, memory, memory_mask=mask)
-    alone = [model.modulation([q], memory[4 * d : 4 * d + 4]) for q, d in zip(QUESTIONS, [2, 0])]
-    assert torch.allclose(masked, torch.cat(alone), atol=1e-5)
-    assert model._bank_mask([1, 1], 3, 2).sum(dim=1).tolist() == [8, 8]
-
-
-def test_backprop_dropout_keeps_document_order(tiny_model):
-    model = tiny_model().eval()  # eval: no dropout, so both paths compute the same vectors
-    split = model._amortize_some_with_grad(DOCUMENTS, 0.34)  # one document with gradients, two without
-    assert split.requires_grad
-    assert torch.allclose(split, model.amortize(DOCUMENTS), atol=1e-5)
-
-
 def test_slot_norm_standardises_across_documents_and_freezes_in_eval():
-    from mbc.amortization import SlotNorm
+    from mbc.network.amortization import SlotNorm
 
     torch.manual_seed(0)
     offsets = torch.randn(3, 8) * 1000  # a huge constant per slot, as measured on the real network

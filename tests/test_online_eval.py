@@ -1,9 +1,10 @@
 import csv
 import json
 
-from mbc.generated import generate_examples
-from mbc.online_eval import EvalConfig, format_table, run_eval
-from mbc.packing import packed_size
+from mbc.data.generated import generate_examples
+from mbc.evaluation.online import EvalConfig, run_eval
+from mbc.evaluation.report import format_table
+from mbc.memory.packing import packed_size
 
 
 def test_eval_runs_every_method_and_writes_its_outputs(tiny_model, tmp_path):

@@ -1,7 +1,9 @@
 from conftest import tiny_config
+
 from mbc import data as qa_data
-from mbc.pipeline import MainJobConfig, _train_or_reuse, trained_cache
-from mbc.train import TrainConfig
+from mbc.paths import cache_dir
+from mbc.pipeline import MainJobConfig, _train_or_reuse
+from mbc.training.trainer import TrainConfig
 
 
 def test_main_job_trains_once_then_reuses_the_cached_adapter(tiny_paths, tmp_path, monkeypatch):
@@ -13,7 +15,7 @@ def test_main_job_trains_once_then_reuses_the_cached_adapter(tiny_paths, tmp_pat
         return TrainConfig(batch_size=4, max_steps=1, eval_questions=4, log_every=1)
 
     first = _train_or_reuse("mbc", config, train_config(), splits, MainJobConfig())
-    assert first.parent.parent == trained_cache() and (first / "model.safetensors").exists()
+    assert first.parent.parent == cache_dir() / "trained" and (first / "model.safetensors").exists()
     metrics = (first.parent / "metrics.jsonl").read_text()
     again = _train_or_reuse("mbc", config, train_config(), splits, MainJobConfig())
     assert again == first and (first.parent / "metrics.jsonl").read_text() == metrics  # reused, not retrained

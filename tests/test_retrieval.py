@@ -1,11 +1,14 @@
 import numpy as np
 import pytest
 import torch
-
 from conftest import ANSWERS, DOCUMENTS, QUESTIONS
+
 from mbc import MBCModel
 from mbc.errors import MBCError
-from mbc.retrieval import ProductQuantizer
+from mbc.memory.bank import BankLayout, MemoryBank
+from mbc.memory.ingest import ingest
+from mbc.memory.readers import reader_for
+from mbc.network.retrieval import ProductQuantizer
 
 MORE = [f"Harbour {i} of the {w} coast keeps {i + 2} lighthouses." for i, w in enumerate("old new red far wide".split())]
 KEYS = dict(retrieval_subspaces=4, retrieval_codes=4)
@@ -62,11 +65,11 @@ def test_each_question_reads_only_its_top_documents(tiny_model):
     assert top.shape == (2, 2)
     queries = model.queries(QUESTIONS)
     expected = torch.cat([model.aggregator(queries[b : b + 1], documents[top[b]].reshape(1, -1, documents.shape[-1])) for b in range(2)])
-    assert torch.allclose(model.modulation(QUESTIONS, memory, document_keys=keys), expected, atol=1e-5)
-    with pytest.raises(MBCError, match="document_keys"):
+    with MemoryBank.in_memory(BankLayout.of(model)) as bank:
+        ingest(model, bank, texts)
+        assert torch.allclose(reader_for(model, bank).modulation(QUESTIONS), expected, atol=1e-5)
+    with pytest.raises(MBCError, match="RetrievalReader"):
         model.modulation(QUESTIONS, memory)
-    with pytest.raises(MBCError, match="whole documents"):
-        model.modulation(QUESTIONS, memory, memory_mask=torch.ones(2, 32, dtype=torch.bool), document_keys=keys)
 
 
 def test_training_reads_the_own_document_first(tiny_model):

@@ -6,14 +6,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_config
 from safetensors.torch import load_file
 
-from conftest import tiny_config
 from mbc import MBCError
+from mbc.checkpoint import WEIGHTS_NAME
 from mbc.data import split_by_group
-from mbc.generated import ANSWER_KINDS, generate_examples
-from mbc.model import WEIGHTS_NAME, MBCModel
-from mbc.train import TrainConfig, train
+from mbc.data.generated import ANSWER_KINDS, generate_examples
+from mbc.model import MBCModel
+from mbc.training.trainer import TrainConfig, train
 
 VALIDATION_KEYS = {"em", "f1", "lenient_em", "loss"}
 KIND_KEYS = {f"{metric}_{kind}" for metric in ("em", "f1") for kind in ANSWER_KINDS}  # generated data: scores by answer kind
@@ -68,14 +69,14 @@ def test_float_memory_warm_start_then_a_fitted_codebook(tiny_paths, tmp_path):
     vq = {r["step"]: r["vq"] for r in records if r["kind"] == "train"}
     assert vq[1] == vq[2] == 0 and vq[3] > 0 and vq[4] > 0  # float memory first, then the codebook
     model = MBCModel.from_pretrained(tmp_path / "last")
-    assert not model.codebook_bypassed and model.quantizer.fraction_alive() == 1.0
+    assert model.quantizer.fraction_alive() == 1.0
 
 
 def test_a_run_stopped_during_the_warm_start_still_fits_its_codebook(tiny_paths, tmp_path):
     metrics = _train(tiny_paths, tmp_path, max_steps=10, float_memory_steps=5, max_minutes=0.0)  # stops after step 1
     assert VALIDATION_KEYS <= set(metrics)  # validated through the fitted codebook
     model = MBCModel.from_pretrained(tmp_path / "last")
-    assert not model.codebook_bypassed and model.quantizer.fraction_alive() == 1.0
+    assert model.quantizer.fraction_alive() == 1.0
 
 
 def test_bad_schedules_are_refused_before_training(tiny_paths, tmp_path):
@@ -102,16 +103,15 @@ def test_fit_codebook_makes_the_bank_closer_to_the_documents(tiny_model):
         return (model.memory(model.compress(documents)).view_as(contexts) - contexts).pow(2).mean().item()
 
     before = error()
-    model.codebook_bypassed = True
     model.fit_codebook(documents, batch_size=5)
-    assert error() < before and not model.codebook_bypassed and not model.training
+    assert error() < before and not model.training
 
 
 def test_codebook_gets_its_own_learning_rate(tiny_model):
-    from mbc.train import _parameter_groups
+    from mbc.training.trainer import parameter_groups
 
     model = tiny_model()
-    groups = _parameter_groups(model, TrainConfig(learning_rate=1e-3, encoder_learning_rate=1e-4, codebook_learning_rate=1e-2))
+    groups = parameter_groups(model, TrainConfig(learning_rate=1e-3, encoder_learning_rate=1e-4, codebook_learning_rate=1e-2))
     rates = {group["lr"]: group["params"] for group in groups}
     assert set(rates) == {1e-3, 1e-4, 1e-2}
     assert rates[1e-2] == [model.quantizer.stages[0].codebook]

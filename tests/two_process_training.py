@@ -5,16 +5,15 @@ import json
 import sys
 from pathlib import Path
 
-import torch
 from accelerate import PartialState
 from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).parent))
 from conftest import tiny_config  # noqa: E402
 
-import mbc.train as training  # noqa: E402
+import mbc.training.trainer as training  # noqa: E402
 from mbc.data import split_by_group  # noqa: E402
-from mbc.generated import generate_examples  # noqa: E402
+from mbc.data.generated import generate_examples  # noqa: E402
 
 paths, out = json.loads(sys.argv[1]), Path(sys.argv[2])
 rows = split_by_group(generate_examples(30, seed=1), {"train": 0.8, "validation": 0.2})

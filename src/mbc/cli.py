@@ -10,9 +10,8 @@ from typing import Optional
 
 import typer
 
-from .config import MBCConfig, apply_overrides
-from .decoding import DecodingConfig
-from .errors import MBCError
+from mbc.config import MBCConfig, apply_overrides
+from mbc.errors import MBCError
 
 app = typer.Typer(add_completion=False, help="MBC: Memory Bank Compression for continual adaptation of LLMs.")
 
@@ -34,7 +33,7 @@ Overrides = typer.Option([], "--set", help="override one config field, KEY=VALUE
 
 
 def _build(config: MBCConfig):
-    from .model import MBCModel  # torch and transformers load only when a command needs them
+    from mbc.model import MBCModel  # torch and transformers load only when a command needs them
 
     typer.echo(f"loading {config.llm} + {config.document_encoder} ...", err=True)
     return MBCModel.build(config).eval()
@@ -62,21 +61,29 @@ def demo(config_file: Optional[Path] = ConfigFile, overrides: list[str] = Overri
     training loss, one question answered greedily and with the paper's diverse beam search."""
     import torch
 
+    from mbc.memory.bank import BankLayout, MemoryBank
+    from mbc.memory.ingest import ingest
+    from mbc.memory.readers import answer_from_bank, reader_for
+    from mbc.network.decoding import DecodingConfig
+
     torch.manual_seed(0)
     model = _build(_config(config_file, overrides))
     _report_sizes(model)
-    start = time.perf_counter()
-    entries = model.compress(DEMO_DOCUMENTS)
-    typer.echo(f"compressed {len(DEMO_DOCUMENTS)} documents in {1000 * (time.perf_counter() - start):.0f} ms: "
-               f"indices {entries.reshape(len(DEMO_DOCUMENTS), -1).tolist()}")
     with torch.no_grad():
         out = model(DEMO_DOCUMENTS, [DEMO_QUESTION], ["Mira Okafor"], question_documents=[0])
     typer.echo(f"training loss on one example: QA {out.qa_loss.item():.3f}, VQ {out.vq_loss.item():.4f}")
-    memory = model.memory(entries)
-    for decoding in (DecodingConfig("greedy"), DecodingConfig("diverse_beam")):
+    if model.retrieval_keys is not None:
+        raise MBCError("the demo's untrained adapter has no fitted retrieval keys (training fits them): run it with retrieval_top_k=0")
+    with MemoryBank.in_memory(BankLayout.of(model)) as bank:
         start = time.perf_counter()
-        answer = model.answer([DEMO_QUESTION], memory, decoding)[0]
-        typer.echo(f"{decoding.strategy:>12}: {DEMO_QUESTION!r} -> {answer!r} ({1000 * (time.perf_counter() - start):.0f} ms)")
+        ingest(model, bank, DEMO_DOCUMENTS)
+        typer.echo(f"compressed {len(DEMO_DOCUMENTS)} documents into the bank in {1000 * (time.perf_counter() - start):.0f} ms: "
+                   f"entries {bank.entries().reshape(len(DEMO_DOCUMENTS), -1).tolist()[:2]}")
+        reader = reader_for(model, bank)
+        for decoding in (DecodingConfig("greedy"), DecodingConfig("diverse_beam")):
+            start = time.perf_counter()
+            answer = answer_from_bank(model, reader, [DEMO_QUESTION], decoding)[0]
+            typer.echo(f"{decoding.strategy:>12}: {DEMO_QUESTION!r} -> {answer!r} ({1000 * (time.perf_counter() - start):.0f} ms)")
     typer.echo("(the adapter is untrained; train one with `mbc train`, score it with `mbc validate`)")
 
 
@@ -92,10 +99,11 @@ def train(
     train_overrides: list[str] = typer.Option([], "--train-set", help="override a training config field, KEY=VALUE"),
 ):
     """Meta-train MBC on the train split (by article / document group) and validate on the validation split."""
-    from . import data as qa_data
-    from .plots import plot_loss_curve
-    from .presets import preset as load_preset
-    from .train import TrainConfig, train as run_training
+    from mbc import data as qa_data
+    from mbc.evaluation.plots import plot_loss_curve
+    from mbc.training.presets import preset as load_preset
+    from mbc.training.trainer import TrainConfig
+    from mbc.training.trainer import train as run_training
 
     chosen = load_preset(preset)
     model_config = MBCConfig.from_dict(apply_overrides(chosen["model"], model_overrides))
@@ -123,9 +131,10 @@ def validate(
     output: Optional[Path] = typer.Option(None, help="write the scores as JSON here"),
 ):
     """Score a trained checkpoint on a held-out split against the base LLM with no adaptation."""
-    from . import data as qa_data
-    from .evaluation import FEW_SHOT_TEMPLATE, evaluate, evaluate_base_llm
-    from .model import MBCModel
+    from mbc import data as qa_data
+    from mbc.evaluation.baselines import FEW_SHOT_TEMPLATE, evaluate_base_llm
+    from mbc.evaluation.validation import evaluate
+    from mbc.model import MBCModel
 
     splits = qa_data.load_splits(data, first_documents)
     rows = splits[split][:questions]
@@ -133,7 +142,7 @@ def validate(
     # none of which is about them. What this scores comes from the adapter, not from the memory.
     unrelated = qa_data.documents(splits["train"])[: len(qa_data.documents(rows))]
     model = MBCModel.from_pretrained(checkpoint).eval()
-    name = "mbc" if model.quantizer is not None else "mac"
+    name = model.codec.mode
     results = {
         name: evaluate(model, rows).metrics,
         f"{name}, bank of unrelated documents": evaluate(model, rows, bank_documents=unrelated).metrics,
@@ -163,7 +172,7 @@ def run(
 ):
     """The main job: train (or reuse from the cache) MBC and MAC adapters on generated documents,
     stream held-out documents into durable banks, evaluate every method, print the table, write plots."""
-    from .pipeline import MainJobConfig, run_main_job
+    from mbc.pipeline import MainJobConfig, run_main_job
 
     job = MainJobConfig(train_minutes=train_minutes, documents=documents, retention_every=retention_every, output=str(output))
     _print_summary(run_main_job(job), output)
@@ -186,9 +195,9 @@ def evaluate_online(
     """Stream held-out documents into durable banks and answer every question about them: MBC, MAC,
     and the baselines (base LLM raw / with worked examples / with the gold document / with BM25,
     MBC with a bank of unrelated documents), with sizes, times and retention."""
-    from . import data as qa_data
-    from .model import MBCModel
-    from .online_eval import EvalConfig, run_eval
+    from mbc import data as qa_data
+    from mbc.evaluation.online import EvalConfig, run_eval
+    from mbc.model import MBCModel
 
     splits = qa_data.load_splits(data, first_documents)
     if split not in splits:
@@ -206,7 +215,7 @@ def evaluate_online(
 
 
 def _print_summary(summary: dict, output: Path) -> None:
-    from .online_eval import format_table
+    from mbc.evaluation.report import format_table
 
     typer.echo(f"{summary['questions']} questions about {summary['documents']} streamed documents")
     typer.echo(format_table(summary))

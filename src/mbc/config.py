@@ -7,9 +7,13 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from .backbones import BUNDLED_ENCODER, BUNDLED_LLM
-from .codebook import METRICS, UPDATES
-from .errors import MBCError
+from mbc.errors import MBCError
+
+# Kept here, not beside the code that uses them, so that reading a config loads no torch.
+BUNDLED_LLM = "bundled:smollm2"  # network/backbones.py
+BUNDLED_ENCODER = "bundled:minilm"
+METRICS = ("l2", "cosine")  # codebook lookup (network/codebook.py)
+UPDATES = ("gradient", "ema")  # how codes move (network/codebook.py)
 
 
 def apply_overrides(values: dict, overrides: list[str]) -> dict:
@@ -48,7 +52,7 @@ class MBCConfig:
     codebook_metric: str = "l2"  # "l2" (the paper) or "cosine": codes looked up by direction (codebook.py)
     codebook_update: str = "gradient"  # "gradient" (the paper: the VQ loss trains the codes) or "ema": codes follow the running mean of their vectors (codebook.py)
     standardize_slots: bool = True  # normalise the networks' outputs (amortization.py: SlotNorm, LayerNorm); False = the paper as written
-    standardize_modulation: bool = False  # SlotNorm on the modulation before the prefix (model.py); False = the paper as written
+    standardize_modulation: bool = False  # SlotNorm on the modulation before the prefix (model.py, prefix); False = the paper as written
     beta: float = 0.25
     vq_weight: float = 1.0  # lambda
     ema_decay: float = 0.99
@@ -60,7 +64,7 @@ class MBCConfig:
     aggregator_head_dim: int = 96
     aggregator_output: str = "residual"  # "residual" (the paper) or "reads": only what was read from the bank (aggregation.py)
 
-    # Retrieval keys (retrieval.py; not in the paper): each document also stores its sentence
+    # Retrieval keys (network/retrieval.py; not in the paper): each document also stores its sentence
     # embedding, product-quantized, and each question reads only its top-k documents by it.
     # 0 = the paper: every question reads the whole bank.
     retrieval_top_k: int = 0

@@ -1,57 +1,51 @@
 """MBC: a frozen LLM answering from a codebook-compressed memory of amortized documents.
 
-document --AmortizationNetwork--> K vectors --ResidualQuantizer--> K code indices (the bank)
+document --AmortizationNetwork--> K vectors --codec (codebook)--> K code indices (the bank)
 question --question network--> K queries --Aggregator over the decoded bank--> modulation
-          (optionally over only the top-k documents by their stored retrieval keys: retrieval.py)
+          (with retrieval keys, over only the question's top-k documents: network/retrieval.py)
 modulation --PrefixExpansion--> past keys/values --frozen LLM with KV-LoRA--> answer
 
-``MBCModel`` owns the pieces and the three uses of them: ``forward`` (one meta-training step's
-loss on a batch of documents, questions and answers; the batch's documents form the bank),
-``compress`` (documents -> bank entries) and ``answer`` (questions + bank -> text).
+``MBCModel`` owns the pieces and the method's three uses of them: ``forward`` (the paper's
+meta-training loss on a batch of documents, questions and answers; the batch's documents form the
+bank), ``compress`` (documents -> bank entries) and, with a reader over a bank (memory/readers.py),
+answering. Training schedules (warm starts, curricula) live in mbc.training, not here.
 """
 
 from __future__ import annotations
 
-import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from torch import nn
 
-from . import backbones
-from .aggregation import Aggregator
-from .amortization import AmortizationNetwork, SlotNorm
-from .backbones import Backbone
-from .codebook import ResidualQuantizer, fingerprint
-from .config import MBCConfig
-from .decoding import DecodingConfig, generate
-from .errors import MBCError
-from .llm_layout import describe_llm
-from .lora import add_kv_lora, lora_disabled
-from .packing import index_dtype, packed_size
-from .prefix import PrefixExpansion, enable_prefix_attention, prefix_in
-from .retrieval import ProductQuantizer, SentenceEmbedder
+from mbc import checkpoint
+from mbc.config import MBCConfig
+from mbc.errors import MBCError
+from mbc.memory.codecs import CodebookCodec, FloatCodec
+from mbc.memory.packing import index_dtype, packed_size
+from mbc.network import backbones
+from mbc.network.aggregation import Aggregator
+from mbc.network.amortization import AmortizationNetwork, SlotNorm
+from mbc.network.backbones import Backbone
+from mbc.network.codebook import ResidualQuantizer, fingerprint
+from mbc.network.decoding import DecodingConfig, generate
+from mbc.network.llm_layout import describe_llm
+from mbc.network.lora import add_kv_lora, lora_disabled
+from mbc.network.prefix import PrefixExpansion, enable_prefix_attention, prefix_in
+from mbc.network.retrieval import ProductQuantizer, SentenceEmbedder
 
-WEIGHTS_NAME = "model.safetensors"
-CONFIG_NAME = "mbc_config.json"
 IGNORE = -100  # label of tokens that carry no loss (the prompt, padding)
-
-
-PROBE_TOKENS = ("first", "all")
 
 
 @dataclass
 class MBCOutput:
-    loss: torch.Tensor  # qa_loss (or probe_loss) + vq_weight * vq_loss
-    qa_loss: torch.Tensor  # 0 under the probe objective
+    loss: torch.Tensor  # qa_loss + vq_weight * vq_loss
+    qa_loss: torch.Tensor
     vq_loss: torch.Tensor
     perplexity: torch.Tensor  # codebook perplexity of this batch (0 in MAC mode)
-    probe_loss: torch.Tensor  # the answer probe (objective="probe"), else 0
 
 
 def pad(sequences: list[list[int]], value: int, side: str = "right") -> torch.Tensor:
@@ -88,15 +82,15 @@ class MBCModel(nn.Module):
                                                 config.train_encoders, output_norm=norms[0])
         self.question_network = AmortizationNetwork(question_encoder.model, config.num_slots, dim, config.reader_blocks,
                                                     config.train_encoders, output_norm=norms[1])
-        self.quantizer = (
-            ResidualQuantizer(config.codebook_stages, num_codes=config.codebook_size, dim=dim, beta=config.beta,
-                              ema_decay=config.ema_decay, dead_threshold=config.dead_threshold,
-                              metric=config.codebook_metric, update=config.codebook_update)
-            if config.quantize else None
-        )
-        # Set by training's float-memory warm start (TrainConfig.float_memory_steps): the bank holds
-        # the encoder's float vectors, as MAC's does, until the codebook is fitted to them.
-        self.codebook_bypassed = False
+        # MBC stores code indices (the codebook, network/codebook.py), MAC (quantize=False) the float
+        # vectors; the codec (memory/codecs.py) is the one place that tells them apart.
+        self.quantizer = None
+        self.codec = FloatCodec()
+        if config.quantize:
+            self.quantizer = ResidualQuantizer(
+                config.codebook_stages, num_codes=config.codebook_size, dim=dim, beta=config.beta, ema_decay=config.ema_decay,
+                dead_threshold=config.dead_threshold, metric=config.codebook_metric, update=config.codebook_update)
+            self.codec = CodebookCodec(self.quantizer, config.codebook_size, config.codebook_stages)
         self.aggregator = Aggregator(dim, config.aggregator_blocks, config.aggregator_heads, config.aggregator_head_dim, config.aggregator_output)
         self.embedder = self.retrieval_keys = None
         if config.retrieval_top_k:
@@ -105,7 +99,7 @@ class MBCModel(nn.Module):
             self.embedder = SentenceEmbedder(key_encoder.model, key_encoder.tokenizer, config.max_document_tokens)
             self.retrieval_keys = ProductQuantizer(self.embedder.dim, config.retrieval_subspaces, config.retrieval_codes)
         # Standardised across questions (as SlotNorm does for documents): the prefix then sees how
-        # this question and bank differ from others, not a large shared constant (docs/RESULTS.md).
+        # this question and bank differ from others, not a large shared constant (docs/JOURNAL.md).
         self.modulation_norm = SlotNorm(config.num_slots, dim) if config.standardize_modulation else None
         self.prefix_expansion = PrefixExpansion(
             config.num_slots, dim, config.prefix_tokens, self.prefix_layers,
@@ -168,22 +162,17 @@ class MBCModel(nn.Module):
         return self.question_network(*self._encode_text(self.question_tokenizer, questions, self.config.max_question_tokens))
 
     def modulation(self, questions: list[str], memory: torch.Tensor, memory_log_weight: torch.Tensor | None = None,
-                   memory_mask: torch.Tensor | None = None, document_keys=None) -> torch.Tensor:
-        """Questions and a memory [M, dim] (every vector of the bank, document after document) ->
-        modulation [B, K, dim]. ``memory_mask`` [B, M] (True = visible) gives each question its own
-        part of the bank. A model with retrieval keys reads each question's top-k documents only,
-        chosen by ``document_keys`` (``retrieval_keys_of`` the documents, in the memory's order)."""
-        queries = self.queries(questions)
+                   memory_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Questions and a memory [M, dim] (every vector of a bank, document after document) ->
+        modulation [B, K, dim]: the method's reading, attention over the whole memory.
+        ``memory_mask`` [B, M] (True = visible) gives each question its own part of it;
+        ``memory_log_weight`` [M] weights each vector (a code by its count). A model with retrieval
+        keys reads only each question's top documents: read its bank with memory.readers.RetrievalReader."""
         if self.retrieval_keys is not None:
-            if memory_log_weight is not None or memory_mask is not None:
-                raise MBCError("a model with retrieval_top_k > 0 reads whole documents: it takes no memory weights or masks")
-            if document_keys is None:
-                raise MBCError("a model with retrieval_top_k > 0 needs the bank's retrieval keys (document_keys=) "
-                               "to choose each question's documents")
-            documents = memory.view(len(document_keys), -1, memory.shape[-1])
-            return self.read_documents(queries, documents[self.top_documents(questions, document_keys)])
+            raise MBCError("a model with retrieval_top_k > 0 reads only its top documents per question: "
+                           "read its bank with mbc.memory.readers.RetrievalReader (reader_for)")
         log_weight = None if memory_log_weight is None else memory_log_weight[None]
-        return self.aggregator(queries, memory[None], memory_mask=memory_mask, memory_log_weight=log_weight)
+        return self.aggregator(self.queries(questions), memory[None], memory_mask=memory_mask, memory_log_weight=log_weight)
 
     def read_documents(self, queries: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
         """Queries [B, K, dim] and each question's chosen documents' vectors [B, k, K, dim] -> modulation."""
@@ -194,83 +183,29 @@ class MBCModel(nn.Module):
             modulation = self.modulation_norm(modulation)
         return self.prefix_expansion(modulation)
 
-    # ---- training --------------------------------------------------------------------------
-    def forward(self, documents: list[str], questions: list[str], answers: list[str], backprop_keep: float = 1.0,
-                question_documents: list[int] | None = None, bank_size: int | None = None, objective: str = "qa",
-                probe_tokens: str = "first", probe_weight: float = 0.0) -> MBCOutput:
-        """One meta-training loss: the batch's documents form the bank every question reads.
+    # ---- training: the paper's loss ----------------------------------------------------------
+    def forward(self, documents: list[str], questions: list[str], answers: list[str],
+                question_documents: list[int] | None = None) -> MBCOutput:
+        """The meta-training loss, QA + lambda * VQ: the batch's documents form the bank that every
+        question reads (with retrieval keys, ``question_documents``, the index of each question's own
+        document, is required). mbc.training's objectives add the training schedule's variants."""
+        memory = self.codec.training_memory(self.amortize(documents))
+        modulation = self.training_modulation(questions, documents, memory.vectors, question_documents)
+        qa_loss = self.qa_loss(questions, answers, self.prefix(modulation))
+        return MBCOutput(qa_loss + self.config.vq_weight * memory.vq_loss, qa_loss, memory.vq_loss, memory.perplexity)
 
-        ``backprop_keep`` < 1 is the reference's "backprop dropout": only that fraction of the
-        documents is amortized with gradients, the rest under no_grad, to save memory.
-        ``bank_size`` (with ``question_documents``, the index of each question's own document)
-        lets each question see only its own document and ``bank_size - 1`` others of the batch:
-        a curriculum that starts with the easy problem (read the right document) before the
-        full one (find it among many). With retrieval keys (``question_documents`` required) each
-        question reads its own document and the k - 1 others of the batch its key scores highest,
-        as answering from a bank will.
-
-        ``objective="probe"`` replaces the QA loss by ``answer_probe_loss`` over ``probe_tokens``
-        (no LLM pass): training's probe warm start (TrainConfig.probe_steps). Under the QA
-        objective, ``probe_weight`` > 0 adds that much of the probe loss (TrainConfig.probe_weight),
-        so that the document side keeps carrying the answer while the LLM side learns to read it."""
-        memory, vq_loss, perplexity = self.training_memory(self._amortize_some_with_grad(documents, backprop_keep))
+    def training_modulation(self, questions: list[str], documents: list[str], memory: torch.Tensor,
+                            question_documents: list[int] | None = None, visible: torch.Tensor | None = None) -> torch.Tensor:
+        """Each question's modulation from a training batch's bank ``memory`` [N, K, dim]. With
+        retrieval keys a question reads its own document and the k - 1 others of the batch its key
+        scores highest, as answering from a bank will; otherwise the whole batch bank, or the part
+        ``visible`` [questions, N * K] lets it see."""
         if self.retrieval_keys is not None:
             if question_documents is None:
                 raise MBCError("training with retrieval_top_k > 0 needs question_documents (each question's own document)")
             chosen = self._training_reads(questions, documents, question_documents)
-            modulation = self.read_documents(self.queries(questions), memory[chosen])
-        else:
-            mask = None
-            if bank_size is not None and question_documents is not None and bank_size < len(documents):
-                mask = self._bank_mask(question_documents, len(documents), bank_size)
-            modulation = self.modulation(questions, memory.reshape(-1, memory.shape[-1]), memory_mask=mask)
-        if objective == "probe":
-            probe_loss = self.answer_probe_loss(modulation, answers, probe_tokens) + self._llm_side_in_graph()
-            return MBCOutput(probe_loss + self.config.vq_weight * vq_loss, probe_loss.new_zeros(()), vq_loss, perplexity, probe_loss)
-        if objective != "qa":
-            raise MBCError(f"objective must be 'qa' or 'probe', got {objective!r}")
-        qa_loss = self.qa_loss(questions, answers, self.prefix(modulation))
-        probe_loss = self.answer_probe_loss(modulation, answers, probe_tokens) if probe_weight > 0 else qa_loss.new_zeros(())
-        loss = qa_loss + probe_weight * probe_loss + self.config.vq_weight * vq_loss
-        return MBCOutput(loss, qa_loss, vq_loss, perplexity, probe_loss)
-
-    def answer_probe_logits(self, modulation: torch.Tensor, tokens: str = "first") -> torch.Tensor:
-        """The modulation [B, K, dim] read through the LLM's frozen output embedding after a
-        LayerNorm, a logit lens. ``first``: its mean over the K vectors -> [B, vocab], for the
-        answer's first token; ``all``: each vector -> [B, K, vocab], vector k for answer token k."""
-        if tokens not in PROBE_TOKENS:
-            raise MBCError(f"probe tokens must be one of {PROBE_TOKENS}, got {tokens!r}")
-        read = modulation.mean(1) if tokens == "first" else modulation
-        return self.llm.get_output_embeddings()(F.layer_norm(read, read.shape[-1:]))
-
-    def answer_probe_loss(self, modulation: torch.Tensor, answers: list[str], tokens: str = "first") -> torch.Tensor:
-        """Cross-entropy of the answer's tokens under ``answer_probe_logits``: its first token, or
-        (``all``) its first K tokens, one per modulation vector. Why: the QA loss reaches the
-        document side only through a prefix that starts at zero and a frozen LLM, and in CPU budgets
-        the adapter learned answer priors long before it learned to look in its memory; the LLM
-        side learns to read a memory that already carries the answer in about 100 steps
-        (bench/reading_parts.py, docs/RESULTS.md)."""
-        logits = self.answer_probe_logits(modulation, tokens).float()
-        if tokens == "first":
-            return F.cross_entropy(logits, torch.tensor([self.answer_ids(a)[0] for a in answers], device=logits.device))
-        targets = pad([self.answer_ids(a)[:-1][: modulation.shape[1]] for a in answers], IGNORE).to(logits.device)
-        return F.cross_entropy(logits[:, : targets.shape[1]].flatten(0, 1), targets.flatten(), ignore_index=IGNORE)
-
-    def _llm_side_in_graph(self) -> torch.Tensor:
-        """0 x every trainable parameter the probe does not use (prefix, KV-LoRA): multi-process
-        training (DDP) needs every parameter in each step's graph."""
-        reading = ("amortization.", "question_network.", "quantizer.", "aggregator.")
-        return 0.0 * sum(p.sum() for name, p in self.named_parameters() if p.requires_grad and not name.startswith(reading))
-
-    def training_memory(self, contexts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Context vectors -> (what the bank holds in training, VQ loss, codebook perplexity): the
-        straight-through codes (MBC), the vectors themselves (MAC, or MBC's float-memory warm start)."""
-        if self.quantizer is None:
-            return contexts, contexts.new_zeros(()), contexts.new_zeros(())
-        quantized = self.quantizer(contexts)
-        if self.codebook_bypassed:  # the codebook stays in the graph (every process must use every parameter)
-            return contexts, 0.0 * quantized.loss, quantized.perplexity
-        return quantized.quantized, quantized.loss, quantized.perplexity
+            return self.read_documents(self.queries(questions), memory[chosen])
+        return self.aggregator(self.queries(questions), memory.reshape(1, -1, memory.shape[-1]), memory_mask=visible)
 
     def _training_reads(self, questions: list[str], documents: list[str], own: list[int]) -> torch.Tensor:
         """[B, k] batch documents each question reads: its own first, then the best-keyed others."""
@@ -281,24 +216,6 @@ class MBCModel(nn.Module):
         scores = self.retrieval_keys.scores(self.embedder(questions), self.retrieval_keys_of(documents))
         scores.scatter_(1, own_index, float("inf"))
         return scores.topk(k, dim=1).indices
-
-    def _bank_mask(self, question_documents: list[int], num_documents: int, bank_size: int) -> torch.Tensor:
-        """[questions, documents * K]: each question sees its own document and bank_size - 1 random others."""
-        visible = torch.zeros(len(question_documents), num_documents, dtype=torch.bool)
-        for row, own in enumerate(question_documents):
-            others = [d for d in torch.randperm(num_documents).tolist() if d != own][: bank_size - 1]
-            visible[row, [own, *others]] = True
-        return visible.repeat_interleave(self.config.num_slots, dim=1).to(self.device)
-
-    def _amortize_some_with_grad(self, documents: list[str], keep: float) -> torch.Tensor:
-        keep_count = max(1, round(keep * len(documents)))
-        if keep_count >= len(documents) or not torch.is_grad_enabled():
-            return self.amortize(documents)
-        order = torch.randperm(len(documents))
-        with_grad = self.amortize([documents[i] for i in order[:keep_count].tolist()])
-        with torch.no_grad():
-            without_grad = self.amortize([documents[i] for i in order[keep_count:].tolist()])
-        return torch.cat([with_grad, without_grad])[torch.argsort(order)]  # back in the documents' order
 
     def qa_loss(self, questions: list[str], answers: list[str], prefix) -> torch.Tensor:
         """Mean negative log-likelihood of the answer tokens (+ EOS), as ``llm(labels=...).loss``
@@ -315,13 +232,12 @@ class MBCModel(nn.Module):
     @torch.no_grad()
     def fit_codebook(self, documents: list[str], batch_size: int = 64) -> None:
         """k-means initialisation of the codebook on these documents' vectors, amortized as the
-        bank will store them (eval mode); ends the float-memory warm start."""
+        bank will store them (eval mode): training's float-memory warm start ends with it."""
         mode = self.training
         self.eval()
         contexts = torch.cat([self.amortize(documents[i : i + batch_size]) for i in range(0, len(documents), batch_size)])
         self.train(mode)
         self.quantizer.fit(contexts)
-        self.codebook_bypassed = False
 
     # ---- retrieval keys (retrieval.py) ---------------------------------------------------------
     def fit_retrieval_keys(self, documents: list[str]) -> None:
@@ -346,28 +262,18 @@ class MBCModel(nn.Module):
     def compress(self, documents: list[str]) -> np.ndarray:
         """Documents -> bank entries: code indices [N, K, stages] as the smallest unsigned type
         (MBC), or the float vectors [N, K, dim] as float32 (MAC mode)."""
-        contexts = self.amortize(documents)
-        if self.quantizer is None:
-            return contexts.float().cpu().numpy()
-        return self.quantizer.encode(contexts).cpu().numpy().astype(index_dtype(self.config.codebook_size))
+        return self.codec.encode(self.amortize(documents))
 
     def memory(self, entries: np.ndarray) -> torch.Tensor:
         """Bank entries (as ``compress`` returns them) -> every stored vector, [N*K, dim]."""
         entries = torch.as_tensor(np.asarray(entries), device=self.device)
-        if self.quantizer is None:
-            return entries.float().reshape(-1, self.layout.hidden_size)
-        if entries.shape[-1] != self.config.codebook_stages:
-            raise MBCError(f"bank entries have {entries.shape[-1]} indices per vector; this codebook has {self.config.codebook_stages} stages")
-        return self.quantizer.decode(entries.long()).reshape(-1, self.layout.hidden_size)
+        return self.codec.decode(entries).reshape(-1, self.layout.hidden_size)
 
-    # ---- answering ---------------------------------------------------------------------------
+    # ---- answering (from a bank: memory/readers.py) -------------------------------------------
     @torch.no_grad()
-    def answer(self, questions: list[str], memory: torch.Tensor | None, decoding: DecodingConfig | None = None,
-               memory_log_weight: torch.Tensor | None = None, document_keys=None) -> list[str]:
-        """Answer each question from a memory [M, dim] (``memory(entries)``; with retrieval keys,
-        also ``document_keys``, the documents' ``retrieval_keys_of``)."""
-        prefix = self.prefix(self.modulation(questions, memory, memory_log_weight, document_keys=document_keys))
-        return self.generate_answers(questions, prefix, decoding)
+    def answer(self, questions: list[str], memory: torch.Tensor, decoding: DecodingConfig | None = None) -> list[str]:
+        """Answer each question from a memory [M, dim] (``memory(entries)``) read whole."""
+        return self.generate_answers(questions, self.prefix(self.modulation(questions, memory)), decoding)
 
     @torch.no_grad()
     def answer_without_memory(self, questions: list[str], prompt_template: str | None = None,
@@ -427,53 +333,23 @@ class MBCModel(nn.Module):
         """Hash of everything that fixes what a stored index means: the codebooks, the slot
         normalisation statistics the indices were computed under and the retrieval keys'
         centroids. None in MAC mode."""
-        if self.quantizer is None:
-            return None
-        norm = self.amortization.slot_norm
-        extra = [norm.running_mean, norm.running_std] if norm is not None else []
-        return fingerprint(self.quantizer.tables() + extra + self._key_tables())
-
-    def _key_tables(self) -> list[torch.Tensor]:
-        return [self.retrieval_keys.centroids] if self.retrieval_keys is not None else []
+        return self.bank_fingerprint() if self.codec.mode == "mbc" else None
 
     def bank_fingerprint(self) -> str:
         """What a stored bank entry's meaning depends on: the codebook (MBC), or the whole
-        amortization network that made the float vectors (MAC)."""
-        if self.quantizer is not None:
-            return self.codebook_fingerprint()
-        return fingerprint([t for _, t in sorted(self.amortization.state_dict().items())] + self._key_tables())
+        amortization network that made the float vectors (MAC), and the retrieval keys' centroids."""
+        keys = [self.retrieval_keys.centroids] if self.retrieval_keys is not None else []
+        return fingerprint(self.codec.meaning(self) + keys)
 
     def save_pretrained(self, folder: str | Path) -> None:
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        meta = {"config": self.config.to_dict(), "codebook_fingerprint": self.codebook_fingerprint()}
-        # Temporary names + os.replace: a crash mid-save leaves the previous checkpoint whole.
-        save_file(self.trainable_state_dict(), folder / (WEIGHTS_NAME + ".tmp"), metadata={"format": "pt"})
-        (folder / (CONFIG_NAME + ".tmp")).write_text(json.dumps(meta, indent=2))
-        os.replace(folder / (WEIGHTS_NAME + ".tmp"), folder / WEIGHTS_NAME)
-        os.replace(folder / (CONFIG_NAME + ".tmp"), folder / CONFIG_NAME)
+        checkpoint.save(self, folder)
 
     @classmethod
     def from_pretrained(cls, folder: str | Path, device: str | torch.device = "cpu") -> "MBCModel":
-        folder = Path(folder)
-        if not (folder / CONFIG_NAME).exists():
-            raise MBCError(f"{folder} is not an MBC checkpoint: {CONFIG_NAME} is missing (save one with save_pretrained)")
-        meta = json.loads((folder / CONFIG_NAME).read_text())
-        model = cls.build(MBCConfig.from_dict(meta["config"]))
-        model.load_trainable_state(folder)
+        model = cls.build(checkpoint.read_config(folder))
+        checkpoint.load_state(model, folder)
         return model.to(device)
 
     def load_trainable_state(self, folder: str | Path) -> None:
         """Load a checkpoint's trainable tensors into this model, checking names and codebook fingerprint."""
-        folder = Path(folder)
-        for name in (CONFIG_NAME, WEIGHTS_NAME):
-            if not (folder / name).exists():
-                raise MBCError(f"{folder} is not an MBC checkpoint: {name} is missing (save one with save_pretrained)")
-        state = load_file(folder / WEIGHTS_NAME)
-        expected = set(self.trainable_state_dict())
-        if set(state) != expected:
-            missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
-            raise MBCError(f"checkpoint {folder} does not match its config: missing {missing[:5]}, unexpected {extra[:5]}")
-        self.load_state_dict(state, strict=False)
-        if self.codebook_fingerprint() != json.loads((folder / CONFIG_NAME).read_text()).get("codebook_fingerprint"):
-            raise MBCError(f"the codebook in {folder / WEIGHTS_NAME} does not match the fingerprint in {CONFIG_NAME}: the checkpoint is corrupted")
+        checkpoint.load_state(self, folder)

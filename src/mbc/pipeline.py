@@ -10,16 +10,16 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from . import __version__
-from . import data as qa_data
-from .config import MBCConfig
-from .online_eval import EvalConfig, run_eval
-from .presets import preset
-from .train import TrainConfig, train
+from mbc import __version__
+from mbc import data as qa_data
+from mbc.config import MBCConfig
+from mbc.evaluation.online import EvalConfig, run_eval
+from mbc.paths import cache_dir
+from mbc.training.presets import preset
+from mbc.training.trainer import TrainConfig, train
 
 
 @dataclass
@@ -32,15 +32,11 @@ class MainJobConfig:
     output: str = "runs/main"
 
 
-def trained_cache() -> Path:
-    return Path(os.environ.get("MBC_CACHE", Path.home() / ".cache" / "mbc")) / "trained"
-
-
 def _train_or_reuse(name: str, model_config: MBCConfig, train_config: TrainConfig, splits: dict, job: MainJobConfig) -> Path:
     """Train into a cache folder named by a hash of the settings; reuse it when it is complete."""
     settings = {"model": model_config.to_dict(), "train": asdict(train_config), "data": job.data, "version": __version__}
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
-    folder = trained_cache() / f"{name}-{digest}"
+    folder = cache_dir() / "trained" / f"{name}-{digest}"
     done = folder / "done.json"
     if not done.exists():
         train_config.output_dir = str(folder)
@@ -52,7 +48,7 @@ def _train_or_reuse(name: str, model_config: MBCConfig, train_config: TrainConfi
 
 
 def run_main_job(job: MainJobConfig | None = None) -> dict:
-    from .model import MBCModel
+    from mbc.model import MBCModel
 
     job = job or MainJobConfig()
     splits = qa_data.load_splits(job.data)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import random
 
-from .data import QAExample
+from mbc.data.examples import QAExample
 
 _ONSETS = ["b", "br", "c", "d", "dr", "f", "g", "h", "j", "k", "l", "m", "n", "p", "qu", "r", "s", "t", "th", "v", "z"]
 _VOWELS = ["a", "e", "i", "o", "u", "ai", "ei", "ou"]

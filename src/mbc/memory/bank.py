@@ -2,7 +2,7 @@
 
 Each stored document is one row: an id, the SHA-256 of its text (so re-adding the same content is
 detected), its entry (MBC: the K code indices, bit-packed; MAC: K float32 vectors), its retrieval
-key when the model has one (a few bit-packed product-quantizer indices, retrieval.py) and JSON
+key when the model has one (a few bit-packed product-quantizer indices, network/retrieval.py) and JSON
 metadata. Beside the rows the file keeps:
 
 - ``meta``: the bank's layout (mode, K, stages, codebook size, width) and the fingerprint of the
@@ -26,8 +26,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import MBCError
-from .packing import index_dtype, pack_indices, packed_size, unpack_indices
+from mbc.errors import MBCError
+from mbc.memory.codecs import CodeFormat, FloatFormat
+from mbc.memory.packing import pack_indices, unpack_indices
 
 FORMAT_VERSION = 2  # 2: documents gained the retrieval_key column (a format-1 file is upgraded on opening)
 
@@ -52,34 +53,32 @@ class BankLayout:
     @classmethod
     def of(cls, model) -> "BankLayout":
         config = model.config
-        mode = "mbc" if config.quantize else "mac"
         keys = (config.retrieval_subspaces, config.retrieval_codes) if config.retrieval_top_k else (0, 0)
-        return cls(mode, config.num_slots, config.codebook_stages, config.codebook_size, model.layout.hidden_size,
+        return cls(model.codec.mode, config.num_slots, config.codebook_stages, config.codebook_size, model.layout.hidden_size,
                    model.bank_fingerprint(), *keys)
 
     @property
+    def format(self) -> CodeFormat | FloatFormat:
+        """How an entry is laid out in bytes (memory/codecs.py)."""
+        if self.mode == "mbc":
+            return CodeFormat(self.num_slots, self.stages, self.codebook_size)
+        return FloatFormat(self.num_slots, self.dim)
+
+    @property
     def entry_shape(self) -> tuple[int, int]:
-        return (self.num_slots, self.stages if self.mode == "mbc" else self.dim)
+        return self.format.shape
 
     @property
     def entry_bytes(self) -> int:
-        if self.mode == "mbc":
-            return packed_size(self.num_slots * self.stages, self.codebook_size)
-        return self.num_slots * self.dim * 4
+        return self.format.bytes
 
     def encode(self, entry: np.ndarray) -> bytes:
         if entry.shape != self.entry_shape:
             raise MBCError(f"a bank entry must have shape {self.entry_shape}, got {tuple(entry.shape)}")
-        if self.mode == "mbc":
-            return pack_indices(entry, self.codebook_size)
-        return np.ascontiguousarray(entry, dtype="<f4").tobytes()
+        return self.format.to_bytes(entry)
 
     def decode(self, blob: bytes) -> np.ndarray:
-        if self.mode == "mbc":
-            return unpack_indices(blob, self.num_slots * self.stages, self.codebook_size).reshape(self.entry_shape)
-        if len(blob) != self.entry_bytes:
-            raise MBCError(f"a stored MAC entry has {len(blob)} bytes, expected {self.entry_bytes}: the bank is damaged")
-        return np.frombuffer(blob, dtype="<f4").reshape(self.entry_shape).astype(np.float32)
+        return self.format.from_bytes(blob)
 
     def encode_key(self, key: np.ndarray | None) -> bytes | None:
         if not self.key_pieces:
@@ -95,22 +94,6 @@ class BankLayout:
 
     def decode_key(self, blob: bytes) -> np.ndarray:
         return unpack_indices(blob, self.key_pieces, self.key_codes)
-
-    def vector_keys(self, entry: np.ndarray) -> np.ndarray:
-        """One integer per stored vector (its code tuple, in base ``codebook_size``): what the counts count."""
-        keys = np.zeros(entry.shape[0], dtype=np.int64)
-        for stage in reversed(range(self.stages)):
-            keys = keys * self.codebook_size + entry[:, stage].astype(np.int64)
-        return keys
-
-    def codes_of_keys(self, keys: np.ndarray) -> np.ndarray:
-        """Inverse of ``vector_keys``: [n] keys -> [n, stages] indices."""
-        codes = np.empty((len(keys), self.stages), dtype=index_dtype(self.codebook_size))
-        rest = keys.astype(np.int64)
-        for stage in range(self.stages):
-            codes[:, stage] = rest % self.codebook_size
-            rest = rest // self.codebook_size
-        return codes
 
 
 @dataclass
@@ -158,13 +141,27 @@ class MemoryBank:
                 stored["format_version"] = cls._upgrade_from_format_1(connection)
         except sqlite3.DatabaseError as error:
             raise MBCError(f"{path} is not a readable memory bank ({error})") from error
-        wanted = {"format_version": str(FORMAT_VERSION), "layout": json.dumps(layout.__dict__, sort_keys=True)}
         if not stored:
-            with connection:
-                connection.executemany("INSERT INTO meta VALUES (?, ?)", wanted.items())
+            cls._write_layout(connection, layout)
         else:
             cls._check_layout(path, stored, layout)
         return cls(connection, layout, path)
+
+    @classmethod
+    def in_memory(cls, layout: BankLayout) -> "MemoryBank":
+        """A bank that lives only as long as this object (validation reads one, through the same
+        readers as a bank on disk)."""
+        connection = sqlite3.connect(":memory:")
+        with connection:
+            connection.executescript(_SCHEMA)
+        cls._write_layout(connection, layout)
+        return cls(connection, layout, Path(":memory:"))
+
+    @staticmethod
+    def _write_layout(connection: sqlite3.Connection, layout: BankLayout) -> None:
+        wanted = {"format_version": str(FORMAT_VERSION), "layout": json.dumps(layout.__dict__, sort_keys=True)}
+        with connection:
+            connection.executemany("INSERT INTO meta VALUES (?, ?)", wanted.items())
 
     @staticmethod
     def _upgrade_from_format_1(connection: sqlite3.Connection) -> str:
@@ -231,8 +228,7 @@ class MemoryBank:
                     "INSERT INTO documents (content_hash, entry, metadata, retrieval_key) VALUES (?, ?, ?, ?)",
                     (digest, blob, note, key_blob))
                 results.append(Added(cursor.lastrowid, True))
-                if self.layout.mode == "mbc":
-                    self._count(counts, np.asarray(entry), +1)
+                self._count(counts, np.asarray(entry), +1)
             self._write_counts(counts)
         self._counts = counts  # only once the transaction has committed
         self.version += any(r.new for r in results)
@@ -246,14 +242,15 @@ class MemoryBank:
         counts = dict(self._counts)
         with self.connection:
             self.connection.execute("DELETE FROM documents WHERE id = ?", (document_id,))
-            if self.layout.mode == "mbc":
-                self._count(counts, self.layout.decode(row[0]), -1)
-                self._write_counts(counts)
+            self._count(counts, self.layout.decode(row[0]), -1)
+            self._write_counts(counts)
         self._counts = counts
         self.version += 1
 
     def _count(self, counts: dict[int, int], entry: np.ndarray, sign: int) -> None:
-        for key in self.layout.vector_keys(entry).tolist():
+        if self.layout.format.vector_keys is None:  # a float (MAC) bank keeps no counts
+            return
+        for key in self.layout.format.vector_keys(entry).tolist():
             counts[key] = counts.get(key, 0) + sign
 
     def _write_counts(self, counts: dict[int, int]) -> None:
@@ -315,7 +312,7 @@ class MemoryBank:
         if self.layout.mode != "mbc":
             raise MBCError("code counts exist only for an MBC (codebook) bank; a MAC bank stores float vectors")
         keys = np.array(sorted(self._counts), dtype=np.int64)
-        return self.layout.codes_of_keys(keys), np.array([self._counts[k] for k in keys.tolist()], dtype=np.int64)
+        return self.layout.format.codes_of_keys(keys), np.array([self._counts[k] for k in keys.tolist()], dtype=np.int64)
 
     def sizes(self) -> dict[str, int]:
         """Bytes: the entries and retrieval keys as stored, the codebook (MBC, stored once with the model), and what
@@ -330,6 +327,8 @@ class MemoryBank:
                 "file_bytes": sum(p.stat().st_size for p in self._files())}
 
     def _files(self) -> list[Path]:
+        if str(self.path) == ":memory:":
+            return []
         return [p for p in (self.path, Path(f"{self.path}-wal")) if p.exists()]
 
     def close(self) -> None:

@@ -48,7 +48,7 @@ class CrossAttentionBlock(nn.Module):
 
     ``memory_log_weight`` adds log(w_m) to the attention logit of memory entry m. With w_m the
     number of times a codebook entry occurs in a bank, attention over the C codes equals attention
-    over the whole bank (see MBC-METHOD.md, "An observation about the compressed bank").
+    over the whole bank (docs/METHOD.md, "Reading a compressed bank").
     """
 
     def __init__(self, dim: int, heads: int, head_dim: int, memory_dim: int | None = None, ffn_dim: int | None = None):
@@ -64,24 +64,30 @@ class CrossAttentionBlock(nn.Module):
         self.norm_ffn = nn.LayerNorm(dim)
         self.ffn = nn.Sequential(nn.Linear(dim, ffn_dim or dim), nn.GELU(), nn.Linear(ffn_dim or dim, dim))
 
-    def _split_heads(self, x: torch.Tensor) -> torch.Tensor:
+    def split_heads(self, x: torch.Tensor) -> torch.Tensor:
+        """[batch, n, heads * head_dim] -> [batch, heads, n, head_dim]."""
         return x.unflatten(-1, (self.heads, -1)).transpose(1, 2)
+
+    def project_queries(self, x: torch.Tensor) -> torch.Tensor:
+        """The attention queries of x [B, Q, dim], heads not yet split: [B, Q, heads * head_dim]."""
+        return self.to_q(self.norm_query(x))
 
     def memory_keys_values(self, memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values of a memory [batch, M, memory_dim], each [batch, heads, M, head_dim]."""
         key, value = self.to_kv(self.norm_memory(memory)).chunk(2, dim=-1)
-        return self._split_heads(key), self._split_heads(value)
+        return self.split_heads(key), self.split_heads(value)
 
-    def forward(
+    def read(
         self,
         x: torch.Tensor,
-        memory: torch.Tensor,
+        memory: torch.Tensor | None,
         memory_mask: torch.Tensor | None = None,
         memory_log_weight: torch.Tensor | None = None,
         keys_values: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        """x: [B, Q, dim]; memory: [B or 1, M, memory_dim]; mask (True = attend) / log weight: [B or 1, M].
-        ``keys_values``: this block's ``memory_keys_values(memory)``, computed once for many questions."""
+        """What the queries x [B, Q, dim] take from the memory [B or 1, M, memory_dim]: [B, Q, dim].
+        mask (True = attend) / log weight: [B or 1, M]. ``keys_values``: this block's
+        ``memory_keys_values(memory)``, computed once for many questions."""
         key, value = keys_values if keys_values is not None else self.memory_keys_values(memory)
         batch = x.shape[0]
         key, value = key.expand(batch, -1, -1, -1), value.expand(batch, -1, -1, -1)
@@ -92,8 +98,13 @@ class CrossAttentionBlock(nn.Module):
             bias = memory_log_weight.to(x.dtype) if bias is None else bias + memory_log_weight
         if bias is not None:
             bias = bias[:, None, None, :].expand(batch, -1, -1, -1)
-        query = self._split_heads(self.to_q(self.norm_query(x)))
+        query = self.split_heads(self.project_queries(x))
         attended = F.scaled_dot_product_attention(query, key, value, attn_mask=bias)
-        self.last_read = self.to_out(attended.transpose(1, 2).flatten(-2))  # what this block took from the memory
-        x = x + self.last_read
+        return self.to_out(attended.transpose(1, 2).flatten(-2))
+
+    def feed_forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.ffn(self.norm_ffn(x))
+
+    def forward(self, x, memory, memory_mask=None, memory_log_weight=None, keys_values=None) -> torch.Tensor:
+        """x + what it reads from the memory, then the feed-forward layer (arguments as ``read``)."""
+        return self.feed_forward(x + self.read(x, memory, memory_mask, memory_log_weight, keys_values))

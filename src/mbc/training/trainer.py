@@ -1,9 +1,10 @@
-"""Meta-training MBC (see MBC-METHOD.md, "Training"), on accelerate.
+"""Meta-training MBC (docs/METHOD.md, "Training"), on accelerate.
 
 Each batch is a set of (document, question, answer) rows; its distinct documents are amortized
 and quantized into the bank that all of its questions read; the loss is the QA negative
-log-likelihood of the answer tokens plus lambda times the VQ loss. Only the adapter trains: the
-base LLM is frozen apart from KV-LoRA.
+log-likelihood of the answer tokens plus lambda times the VQ loss, or what the schedule
+(schedule.py) says for that step (objectives.py). Only the adapter trains: the base LLM is frozen
+apart from KV-LoRA.
 
 Multi-process: every process builds the same model from the same seed, takes every world_size-th
 batch of the same shuffled order, and accelerate averages the gradients; the codebook's usage
@@ -26,13 +27,15 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from .allocator import keep_large_allocations_on_mmap
-from .config import MBCConfig
-from .data import QAExample
-from .errors import MBCError
-from .evaluation import evaluate
-from .model import PROBE_TOKENS, MBCModel
-from .training_state import has_training_state, load_training_state, save_training_state
+from mbc.config import MBCConfig
+from mbc.data import QAExample
+from mbc.errors import MBCError
+from mbc.evaluation.validation import evaluate
+from mbc.model import MBCModel
+from mbc.training.allocator import keep_large_allocations_on_mmap
+from mbc.training.objectives import StepObjective
+from mbc.training.schedule import Schedule
+from mbc.training.state import has_training_state, load_training_state, save_training_state
 
 BEST = {"em": "best-em", "f1": "best-f1", "loss": "best-loss"}
 
@@ -65,7 +68,7 @@ class TrainConfig:
     eval_questions: int | None = 500  # validation questions (all their documents form the bank)
     resume: bool = True
     save_best: bool = True  # also keep best-em / best-f1 / best-loss checkpoints beside last (each a full copy of the trainable weights)
-    return_freed_memory: bool = False  # lower peak memory for some speed (allocator.py: ~5% less peak memory, 15-30% slower on CPU)
+    return_freed_memory: bool = False  # lower peak memory for some speed (training/allocator.py: ~5% less peak memory, 15-30% slower on CPU)
     wandb_project: str | None = None  # also log to Weights & Biases (pip install wandb); off by default
     extra: dict = field(default_factory=dict)  # free-form notes recorded in the run's config
 
@@ -76,7 +79,7 @@ def _batches(examples: list[QAExample], batch_size: int, seed: int, epoch: int) 
     return [order[i : i + batch_size] for i in range(0, len(order) - batch_size + 1, batch_size)]
 
 
-def _parameter_groups(model: MBCModel, config: TrainConfig) -> list[dict]:
+def parameter_groups(model: MBCModel, config: TrainConfig) -> list[dict]:
     # The pretrained encoders may want a gentler rate than the freshly initialised modules, and the
     # codebook a faster one: Adam moves a code by about the learning rate per step, and codes
     # must keep up with the encoder outputs they stand for, or all of them snap to a few codes.
@@ -98,36 +101,12 @@ def _out_of_time(accelerator: Accelerator, config: TrainConfig, seconds: float) 
     return bool(accelerator.reduce(late, reduction="sum") > 0)
 
 
-def _bank_size(config: TrainConfig, step: int, documents: int) -> int | None:
-    if config.bank_curriculum_steps <= 0:
-        return None
-    return min(documents, 1 + int((documents - 1) * step / config.bank_curriculum_steps))
-
-
 SCHEDULES = {"constant": "constant_with_warmup", "cosine": "cosine", "linear": "linear"}  # ours -> transformers' names
 
 
-def _check_schedule(config: TrainConfig, total_steps: int, quantize: bool) -> None:
+def _check_lr_schedule(config: TrainConfig) -> None:
     if config.lr_schedule not in SCHEDULES:
         raise MBCError(f"lr_schedule must be one of {sorted(SCHEDULES)}, got {config.lr_schedule!r}")
-    if quantize and config.float_memory_steps >= total_steps:
-        raise MBCError(f"float_memory_steps={config.float_memory_steps} is not below the run's {total_steps} steps: "
-                       "the codebook would never be fitted; lower float_memory_steps or raise max_steps")
-    if config.probe_tokens not in PROBE_TOKENS:
-        raise MBCError(f"probe_tokens must be one of {PROBE_TOKENS}, got {config.probe_tokens!r}")
-    if config.probe_weight < 0:
-        raise MBCError(f"probe_weight must be >= 0, got {config.probe_weight}")
-    if config.probe_steps >= total_steps:
-        raise MBCError(f"probe_steps={config.probe_steps} is not below the run's {total_steps} steps: "
-                       "the QA loss would never be trained; lower probe_steps or raise max_steps")
-
-
-def _end_float_memory(model: MBCModel, config: TrainConfig, step: int, train_documents: list[str], finished: bool = False) -> None:
-    """At the end of the float-memory warm start, fit the codebook to the encoder's vectors as they are
-    now: the document side learns several times faster without a codebook (bench/reading_parts.py).
-    A run stopped early (max_minutes) fits it before the end, so the saved model has a real codebook."""
-    if model.codebook_bypassed and (step >= config.float_memory_steps or finished):
-        model.fit_codebook(train_documents[: config.codebook_fit_documents])
 
 
 class MetricsLog:
@@ -166,11 +145,12 @@ def train(model_config: MBCConfig, config: TrainConfig, train_rows: list[QAExamp
 
     model = MBCModel.build(model_config)
     parameters = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam(_parameter_groups(model, config), lr=config.learning_rate)
+    optimizer = torch.optim.Adam(parameter_groups(model, config), lr=config.learning_rate)
     world = accelerator.num_processes
     batches_per_epoch = len(_batches(train_rows, config.batch_size, config.seed, 0)) // world
     total_steps = config.max_steps or max(1, config.epochs * batches_per_epoch // config.grad_accumulation)
-    _check_schedule(config, total_steps, model_config.quantize)
+    _check_lr_schedule(config)
+    schedule = Schedule(config, total_steps, model_config.quantize)
     scheduler = get_scheduler(SCHEDULES[config.lr_schedule], optimizer, num_warmup_steps=math.ceil(config.warmup_ratio * total_steps),
                               num_training_steps=total_steps)
 
@@ -184,8 +164,7 @@ def train(model_config: MBCConfig, config: TrainConfig, train_rows: list[QAExamp
     if model.retrieval_keys is not None and not bool(model.retrieval_keys.fitted):
         # Every process fits the same centroids: same documents, same seed.
         model.fit_retrieval_keys(train_documents)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    unwrapped = accelerator.unwrap_model(model)
+    objective, optimizer = accelerator.prepare(StepObjective(model), optimizer)
     log = MetricsLog(out / "metrics.jsonl", accelerator)
 
     def validate_and_save() -> dict:
@@ -193,23 +172,25 @@ def train(model_config: MBCConfig, config: TrainConfig, train_rows: list[QAExamp
         if main:
             rows = validation_rows[: config.eval_questions] if config.eval_questions else validation_rows
             # During the warm start the codebook is not fitted yet: a bank stored through it means nothing.
-            metrics = evaluate(unwrapped, rows).metrics if rows and not unwrapped.codebook_bypassed else {}
+            metrics = evaluate(model, rows).metrics if rows and not float_memory else {}
             log.write(kind="validation", step=progress["step"], **metrics)
             for key, folder in BEST.items():
                 better = metrics and (metrics[key] < progress["best"][key] if key == "loss" else metrics[key] > progress["best"][key])
                 if better:
                     progress["best"][key] = metrics[key]
                     if config.save_best:
-                        unwrapped.save_pretrained(out / folder)
-            unwrapped.save_pretrained(last)
+                        model.save_pretrained(out / folder)
+            model.save_pretrained(last)
             save_training_state(last, optimizer, scheduler, progress)
             accelerator.print(f"step {progress['step']}: validation {json.dumps({k: round(v, 3) for k, v in metrics.items()})}")
         accelerator.wait_for_everyone()
         return metrics
 
     bar = tqdm(total=total_steps, initial=progress["step"], disable=not main, desc="train", dynamic_ncols=True)
-    unwrapped.codebook_bypassed = unwrapped.quantizer is not None and progress["step"] < config.float_memory_steps
-    model.train()
+    # True until the codebook is fitted to the encoder's vectors as they are then: when the
+    # schedule's float-memory steps are done, or before saving a run that stops earlier.
+    float_memory = schedule.float_memory(progress["step"])
+    objective.train()
     started, seconds_before = time.perf_counter(), progress["train_seconds"]
     losses = ("loss", "qa", "vq", "perplexity", "probe")
     window = {**dict.fromkeys(losses, 0.0), "rows": 0, "micro": 0, "time": time.perf_counter()}
@@ -220,11 +201,9 @@ def train(model_config: MBCConfig, config: TrainConfig, train_rows: list[QAExamp
         for batch in mine[progress["batch"] :]:
             documents = list(dict.fromkeys(row.document for row in batch))
             own = [documents.index(row.document) for row in batch]
-            with accelerator.accumulate(model):
-                objective = "probe" if progress["step"] < config.probe_steps else "qa"
-                output = model(documents, [r.question for r in batch], [r.answers[0] for r in batch], config.backprop_keep,
-                               own, _bank_size(config, progress["step"], len(documents)), objective, config.probe_tokens,
-                               config.probe_weight)
+            with accelerator.accumulate(objective):
+                step = schedule.at(progress["step"], len(documents), float_memory)
+                output = objective(documents, [r.question for r in batch], [r.answers[0] for r in batch], own, step)
                 accelerator.backward(output.loss)
                 if accelerator.sync_gradients:
                     accelerator.clip_grad_norm_(parameters, config.max_grad_norm)
@@ -242,19 +221,20 @@ def train(model_config: MBCConfig, config: TrainConfig, train_rows: list[QAExamp
             progress["step"] += 1
             progress["train_seconds"] = seconds_before + time.perf_counter() - started
             bar.update(1)
-            _end_float_memory(unwrapped, config, progress["step"], train_documents)
+            out_of_time = _out_of_time(accelerator, config, progress["train_seconds"])
+            finished = progress["step"] >= total_steps or out_of_time
+            if float_memory and (finished or not schedule.float_memory(progress["step"])):
+                model.fit_codebook(train_documents[: config.codebook_fit_documents])
+                float_memory = False
             if progress["step"] % config.log_every == 0 or progress["step"] == total_steps:
                 rate = window["rows"] / (time.perf_counter() - window["time"])
-                alive = unwrapped.quantizer.fraction_alive() if unwrapped.quantizer is not None else 1.0
+                alive = model.codec.fraction_alive()
                 record = {k: window[k] / window["micro"] for k in losses}
                 log.write(kind="train", step=progress["step"], epoch=progress["epoch"], codes_alive=alive,
                           rows_per_second=rate, seconds=progress["train_seconds"], lr=scheduler.get_last_lr()[0], **record)
                 bar.set_postfix(loss=f"{record['loss']:.3f}", vq=f"{record['vq']:.4f}", codes=f"{alive:.0%}", ex_s=f"{rate:.1f}")
                 window.update(**dict.fromkeys(losses, 0.0), rows=0, micro=0, time=time.perf_counter())
-            out_of_time = _out_of_time(accelerator, config, progress["train_seconds"])
-            finished = progress["step"] >= total_steps or out_of_time
             if finished:
-                _end_float_memory(unwrapped, config, progress["step"], train_documents, finished=True)
                 break
             if progress["step"] % config.eval_every == 0:
                 validate_and_save()

@@ -1,13 +1,13 @@
-"""Online adaptation: documents stream into a durable bank, questions are answered from it.
+"""Readers: a bank (on disk or in memory) -> each question's modulation; and answering through one.
 
-``ingest`` compresses only what the bank does not hold yet and appends it, one transaction per
-batch. A reader turns a bank into each question's modulation:
+Validation, the online evaluation and a user's questions all read a bank through these. A reader
+keeps what it derives from the bank until the bank changes:
 
 - ``FullReader``: attention over every stored vector, as the method defines it. Its cost grows
   with the bank; the reference for the two below.
 - ``CodeCountReader`` (MBC): attention over the distinct stored vectors (at most C codes with one
-  codebook), each weighted by how often it occurs (MBC-METHOD.md, "An observation about the
-  compressed bank"). The same modulation as ``FullReader``, at a cost that does not grow with the
+  codebook), each weighted by how often it occurs (docs/METHOD.md, "Reading a compressed
+  bank"). The same modulation as ``FullReader``, at a cost that does not grow with the
   number of documents.
 - ``WindowedReader`` (MAC, or any bank): the method's memory-bounded aggregation over the top-k
   documents a cheap score preselects: windows of documents are aggregated, then the window
@@ -22,56 +22,22 @@ batch. A reader turns a bank into each question's modulation:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
-from tqdm.auto import tqdm
 
-from .bank import MemoryBank, content_hash
-from .decoding import DecodingConfig
-from .errors import MBCError
-from .model import MBCModel
-
-
-@dataclass
-class IngestReport:
-    added: int  # new documents stored
-    duplicates: int  # texts whose content the bank already held
-    ids: list[int]  # bank id of every text, in order
+from mbc.errors import MBCError
+from mbc.memory.bank import MemoryBank
+from mbc.model import MBCModel
+from mbc.network.decoding import DecodingConfig
 
 
-@torch.no_grad()
-def ingest(model: MBCModel, bank: MemoryBank, texts: list[str], metadata: list[dict] | None = None,
-           batch_size: int = 16, progress: bool = False) -> IngestReport:
-    """Compress and append the texts the bank does not hold yet; a batch is stored atomically."""
-    metadata = metadata if metadata is not None else [{} for _ in texts]
-    hashes = [content_hash(t) for t in texts]
-    ids = bank.ids_of_hashes(hashes)  # content hash -> id, filled in as batches are stored
-    fresh, seen = [], set(ids)
-    for index, digest in enumerate(hashes):
-        if digest not in seen:
-            seen.add(digest)
-            fresh.append(index)
-    was_training = model.training
-    model.eval()  # never reset codes or update SlotNorm statistics while storing
-    for start in tqdm(range(0, len(fresh), batch_size), desc="adapt", unit="batch", disable=not progress):
-        chunk = fresh[start : start + batch_size]
-        chunk_texts = [texts[i] for i in chunk]
-        keys = model.retrieval_keys_of(chunk_texts) if model.retrieval_keys is not None else None
-        for index, added in zip(chunk, bank.add(chunk_texts, model.compress(chunk_texts), [metadata[i] for i in chunk], keys)):
-            ids[hashes[index]] = added.id
-    model.train(was_training)
-    return IngestReport(len(fresh), len(texts) - len(fresh), [ids[h] for h in hashes])
-
-
-class _Reader:
+class Reader:
     """Keeps what it derives from a bank until the bank changes."""
 
     def __init__(self, model: MBCModel, bank: MemoryBank):
         if model.retrieval_keys is not None and not isinstance(self, RetrievalReader):
             raise MBCError(f"this model reads only its top {model.config.retrieval_top_k} documents per question "
                            "(retrieval_top_k): read its bank with RetrievalReader (reader 'auto' or 'retrieval')")
-        if bank.layout.mode != ("mbc" if model.quantizer is not None else "mac"):
+        if bank.layout.mode != model.codec.mode:
             raise MBCError(f"a {bank.layout.mode.upper()} bank cannot be read by a model with quantize={model.config.quantize}")
         self.model, self.bank, self._version = model, bank, None
 
@@ -94,7 +60,7 @@ class _Reader:
         raise NotImplementedError
 
 
-class FullReader(_Reader):
+class FullReader(Reader):
     """Attention over every vector of the bank (cost grows with the bank)."""
 
     def _prepare(self) -> None:
@@ -104,7 +70,7 @@ class FullReader(_Reader):
         return self.model.aggregator(self.model.queries(questions), None, memory_keys_values=self.keys_values)
 
 
-class CodeCountReader(_Reader):
+class CodeCountReader(Reader):
     """MBC: attention over the distinct stored vectors weighted by their counts (cost O(C))."""
 
     def __init__(self, model: MBCModel, bank: MemoryBank):
@@ -123,7 +89,7 @@ class CodeCountReader(_Reader):
                                      memory_keys_values=self.keys_values)
 
 
-class _DocumentKeysReader(_Reader):
+class _DocumentKeysReader(Reader):
     """Keeps one key per stored document, updated incrementally: only documents added since the
     last look are keyed; removed ones are dropped."""
 
@@ -164,13 +130,11 @@ class WindowedReader(_DocumentKeysReader):
         self.window, self.top_k = window, top_k
 
     def _keys(self, ids):
-        means = self._documents_by_id(ids).mean(1)
-        return self.model.aggregator.blocks[0].memory_keys_values(means[None])[0][0].transpose(0, 1).flatten(1)
+        return self.model.aggregator.preselection_keys(self._documents_by_id(ids).mean(1))
 
     def _modulation(self, questions):
         queries = self.model.queries(questions)
-        first = self.model.aggregator.blocks[0]
-        question_keys = first.to_q(first.norm_query(queries)).mean(1)  # [B, heads * head_dim]
+        question_keys = self.model.aggregator.preselection_queries(queries)  # [B, heads * head_dim]
         top = (question_keys @ self.document_keys.T).topk(min(self.top_k, len(self.ids)), dim=1).indices
         return torch.cat([self._hierarchical(queries[b : b + 1], top[b].tolist()) for b in range(len(questions))])
 
@@ -187,8 +151,7 @@ class WindowedReader(_DocumentKeysReader):
 
 class RetrievalReader(_DocumentKeysReader):
     """Each question reads only the top-k documents by their stored retrieval keys (retrieval.py):
-    the same modulation as ``MBCModel.modulation`` over the whole bank, but only the chosen
-    documents are decoded."""
+    only the chosen documents are decoded."""
 
     def __init__(self, model: MBCModel, bank: MemoryBank):
         if model.retrieval_keys is None:
@@ -211,7 +174,7 @@ class RetrievalReader(_DocumentKeysReader):
         return self.model.read_documents(self.model.queries(questions), self._documents(needed)[where])
 
 
-def reader_for(model: MBCModel, bank: MemoryBank, kind: str = "auto", **options) -> _Reader:
+def reader_for(model: MBCModel, bank: MemoryBank, kind: str = "auto", **options) -> Reader:
     """``auto``: retrieval keys when the model has them, else code counts for an MBC bank and
     windows over top-k documents for a MAC bank."""
     kinds = {"full": FullReader, "counts": CodeCountReader, "windowed": WindowedReader, "retrieval": RetrievalReader}
@@ -223,5 +186,6 @@ def reader_for(model: MBCModel, bank: MemoryBank, kind: str = "auto", **options)
 
 
 @torch.no_grad()
-def answer_from_bank(model: MBCModel, reader: _Reader, questions: list[str], decoding: DecodingConfig | None = None) -> list[str]:
+def answer_from_bank(model: MBCModel, reader: Reader, questions: list[str], decoding: DecodingConfig | None = None) -> list[str]:
+    """Answer each question from the bank the reader reads."""
     return model.generate_answers(questions, model.prefix(reader.modulation(questions)), decoding)

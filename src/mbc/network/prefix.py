@@ -24,8 +24,8 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from .layers import SlotMLP
-from .llm_layout import LLMLayout
+from mbc.network.layers import SlotMLP
+from mbc.network.llm_layout import LLMLayout
 
 ATTENTION = "mbc_prefix"
 

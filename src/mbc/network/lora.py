@@ -14,7 +14,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from .llm_layout import LLMLayout
+from mbc.network.llm_layout import LLMLayout
 
 
 class LoRAAdapter(nn.Module):

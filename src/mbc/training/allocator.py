@@ -6,7 +6,7 @@ heap, whose freed space stays counted in the process's resident memory. Fixing t
 large tensors on mmap: measured on the DistilGPT2 preset (bench/train_step.py), peak resident
 memory drops from 4.08 GB to 3.88 GB, and a step takes 15 to 30% longer (page faults on every large
 tensor), so the reference presets switch it on (``TrainConfig.return_freed_memory``) and the CPU
-preset does not (docs/RESULTS.md).
+preset does not (docs/JOURNAL.md).
 """
 
 from __future__ import annotations

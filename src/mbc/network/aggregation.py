@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .layers import CrossAttentionBlock
+from mbc.network.layers import CrossAttentionBlock
 
 
 class Aggregator(nn.Module):
@@ -21,6 +21,16 @@ class Aggregator(nn.Module):
             raise ValueError(f"aggregator output must be 'residual' or 'reads', got {output!r}")
         self.output = output
         self.blocks = nn.ModuleList(CrossAttentionBlock(dim, heads, head_dim) for _ in range(num_blocks))
+
+    def preselection_keys(self, vectors: torch.Tensor) -> torch.Tensor:
+        """Vectors [N, dim] (e.g. each document's mean) -> the first block's attention keys of them,
+        heads side by side [N, heads * head_dim]: a cheap score of what a question would read."""
+        key, _ = self.blocks[0].memory_keys_values(vectors[None])
+        return key[0].transpose(0, 1).flatten(1)
+
+    def preselection_queries(self, queries: torch.Tensor) -> torch.Tensor:
+        """Queries [B, K, dim] -> the first block's attention queries, averaged over the K: [B, heads * head_dim]."""
+        return self.blocks[0].project_queries(queries).mean(1)
 
     def keys_values(self, memory: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Every block's keys and values of a memory [1, M, dim]."""
@@ -40,8 +50,9 @@ class Aggregator(nn.Module):
         x, reads = queries, 0
         cached = memory_keys_values or [None] * len(self.blocks)
         for block, keys_values in zip(self.blocks, cached):
-            x = block(x, memory, memory_mask, memory_log_weight, keys_values)
-            reads = reads + block.last_read
+            read = block.read(x, memory, memory_mask, memory_log_weight, keys_values)
+            x = block.feed_forward(x + read)
+            reads = reads + read
         # "residual" (the paper): the final residual stream, question queries included.
         # "reads": only what the blocks read from the memory (the queries and feed-forward layers
         # still steer each read); the question's own contribution is left to KV-LoRA, which sees

@@ -2,7 +2,7 @@
 
 Not in the paper (``retrieval_top_k = 0`` there): every question attends over every stored
 vector, and with a single codebook that attention only sees the bank's code histogram
-(MBC-METHOD.md, "An observation about the compressed bank"), so the more documents share the
+(docs/METHOD.md, "Reading a compressed bank"), so the more documents share the
 bank, the less any one of them can be read: bench/bank_size.py measured the gain of the right
 bank over an unrelated one vanishing at 50 documents.
 
@@ -24,8 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .codebook import kmeans
-from .errors import MBCError
+from mbc.errors import MBCError
+from mbc.network.codebook import kmeans
 
 
 class SentenceEmbedder(nn.Module):

@@ -6,7 +6,7 @@
   a row's group is its document.
 - ArchivalQA CSV: columns ``question``, ``answer``, ``ans_paragraph``, ``ans_text``, ``doc_id``,
   ``para_num``; the document is ``ans_paragraph`` and the group is ``doc_id``.
-- ``generated[:SEED]``: fictional documents made by ``mbc.generated`` (no file needed).
+- ``generated[:SEED]``: fictional documents made by ``mbc.data.generated`` (no file needed).
 - ``hub:NAME[:SPLIT]``: a SQuAD-format dataset from the Hugging Face hub, when ``datasets`` is
   installed and the hub reachable.
 
@@ -19,22 +19,13 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
-import random
-from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import MBCError
+from mbc.data.examples import QAExample, first_documents, standard_split
+from mbc.data.generated import generate_examples
+from mbc.errors import MBCError
 
 MAX_QUESTION_CHARS = 1000
-
-
-@dataclass(frozen=True)
-class QAExample:
-    document: str
-    question: str
-    answers: tuple[str, ...]
-    group: str  # article / document group: the unit of splitting
-    source: str = ""  # "file:row", for messages
 
 
 def _check(example: QAExample, max_question_chars: int) -> QAExample:
@@ -159,8 +150,6 @@ def load(spec: str, max_question_chars: int = MAX_QUESTION_CHARS) -> list[QAExam
 
 
 def _generated(spec: str) -> list[QAExample]:
-    from .generated import generate_examples
-
     parts = spec.split(":")[1:]
     try:
         seed, count = (int(parts[0]) if parts and parts[0] else 0), (int(parts[1]) if len(parts) > 1 else 1200)
@@ -169,42 +158,6 @@ def _generated(spec: str) -> list[QAExample]:
     if len(parts) > 2 or count < 10:
         raise MBCError(f"data '{spec}': expected generated[:SEED[:DOCUMENTS]] with at least 10 documents")
     return generate_examples(count, seed)
-
-
-def documents(examples: list[QAExample]) -> list[str]:
-    """The distinct documents, in order of first appearance."""
-    return list(dict.fromkeys(e.document for e in examples))
-
-
-def first_documents(examples: list[QAExample], count: int | None) -> list[QAExample]:
-    """Keep every question about the first ``count`` distinct documents (the reference's down-sampling)."""
-    if count is None:
-        return examples
-    kept = set(documents(examples)[:count])
-    return [e for e in examples if e.document in kept]
-
-
-def split_by_group(examples: list[QAExample], fractions: dict[str, float], seed: int = 0) -> dict[str, list[QAExample]]:
-    """Shuffle the groups (articles) with ``seed`` and cut them by ``fractions`` (which sum to 1)."""
-    if abs(sum(fractions.values()) - 1) > 1e-6:
-        raise MBCError(f"split fractions must sum to 1, got {fractions}")
-    groups = list(dict.fromkeys(e.group for e in examples))
-    random.Random(seed).shuffle(groups)
-    splits, start = {}, 0
-    for i, (name, fraction) in enumerate(fractions.items()):
-        end = len(groups) if i == len(fractions) - 1 else start + round(fraction * len(groups))
-        chosen = set(groups[start:end])
-        splits[name] = [e for e in examples if e.group in chosen]
-        start = end
-    return splits
-
-
-STANDARD_SPLIT = {"train": 0.7, "validation": 0.1, "test": 0.2}
-
-
-def standard_split(examples: list[QAExample], seed: int = 0) -> dict[str, list[QAExample]]:
-    """The project's split by group: 70% train, 10% validation, 20% test (issues 3 and 4 share it)."""
-    return split_by_group(examples, STANDARD_SPLIT, seed)
 
 
 def load_splits(spec: str, first: int | None = None) -> dict[str, list[QAExample]]:

@@ -16,10 +16,8 @@ every further ``retention_every`` documents streamed; F1 relative to the first a
 
 from __future__ import annotations
 
-import csv
 import json
 import resource
-import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -28,16 +26,18 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .adaptation import RetrievalReader, answer_from_bank, ingest, reader_for
-from .bank import BankLayout, MemoryBank
-from .data import QAExample, documents
-from .decoding import DecodingConfig
-from .errors import MBCError
-from .evaluation import FEW_SHOT_TEMPLATE, chunks
-from .generated import answer_kinds
-from .metrics import exact_match, f1_score, lenient_exact_match, score, score_by_group
-from .model import MBCModel
-
+from mbc.data import QAExample, documents
+from mbc.data.generated import answer_kinds
+from mbc.errors import MBCError
+from mbc.evaluation.baselines import FEW_SHOT_TEMPLATE, bm25_retriever, context_prompt
+from mbc.evaluation.metrics import score, score_by_group
+from mbc.evaluation.report import write_predictions
+from mbc.evaluation.validation import chunks, retrieval_recall
+from mbc.memory.bank import BankLayout, MemoryBank
+from mbc.memory.ingest import ingest
+from mbc.memory.readers import RetrievalReader, answer_from_bank, reader_for
+from mbc.model import MBCModel
+from mbc.network.decoding import DecodingConfig
 
 ALL_METHODS = ("mbc", "mbc, unrelated bank", "mac", "base, raw question", "base, 3 worked examples",
                "base, gold document", "base, BM25 top-k")
@@ -64,11 +64,6 @@ def peak_memory_gb() -> float:
     """Peak resident memory of this process so far (Linux reports KiB, macOS bytes)."""
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / (1 << 30) if sys.platform == "darwin" else peak / (1 << 20)
-
-
-def context_prompt(context: str, question: str) -> str:
-    """The document(s), then the worked examples that teach the short-answer format, then the question."""
-    return f"Context: {context}\n\n" + FEW_SHOT_TEMPLATE.replace("{question}", question)
 
 
 class _Timer:
@@ -122,19 +117,11 @@ def _stream_into_bank(model: MBCModel, bank_path: Path, stream: list[str], rows:
     curve[-1]["retention_f1"] = score(kept, [list(r.answers) for r in retention_rows])["f1"]
     sizes = bank.sizes()
     if isinstance(reader, RetrievalReader):
-        sizes["retrieval_recall_percent"] = _retrieval_recall(reader, rows, dict(zip(stream, stream_ids)), config.batch_size)
+        sizes["retrieval_recall_percent"] = retrieval_recall(reader, rows, dict(zip(stream, stream_ids)), config.batch_size)
     bank.close()
     result = MethodResult(predictions, sizes["stored_bytes"] / max(sizes["documents"], 1),
                           1000 * answer_timer.seconds / max(len(rows), 1), 1000 * adapt.seconds / max(len(stream), 1))
     return result, curve, sizes
-
-
-def _retrieval_recall(reader: RetrievalReader, rows: list[QAExample], bank_id: dict[str, int], batch_size: int) -> float:
-    """Percent of questions whose own document is among those the model's retriever reads."""
-    found = 0
-    for chunk in chunks(rows, batch_size):
-        found += sum(bank_id[r.document] in top for r, top in zip(chunk, reader.top_ids([r.question for r in chunk])))
-    return 100 * found / max(len(rows), 1)
 
 
 def _unrelated(model: MBCModel, bank_path: Path, unrelated_documents: list[str], rows, config, decoding) -> MethodResult:
@@ -154,29 +141,13 @@ def _base(model: MBCModel, rows, prompt, config, decoding, name: str, bytes_per_
     return MethodResult(predictions, bytes_per_document, 1000 * timer.seconds / max(len(rows), 1))
 
 
-def _bm25(stream: list[str], top_k: int):
-    try:
-        import bm25s
-    except ImportError as error:
-        raise MBCError("the BM25 baseline needs the bm25s package: pip install bm25s") from error
-    retriever = bm25s.BM25()
-    retriever.index(bm25s.tokenize(stream, stopwords="en", show_progress=False), show_progress=False)
-    k = min(top_k, len(stream))
-
-    def retrieve(question: str) -> list[str]:
-        found, _ = retriever.retrieve(bm25s.tokenize([question], stopwords="en", show_progress=False), k=k, show_progress=False)
-        return [stream[int(i)] for i in found[0]]
-
-    return retrieve
-
-
 @torch.no_grad()
 def run_eval(mbc: MBCModel, rows: list[QAExample], unrelated_documents: list[str], output: str | Path,
              config: EvalConfig | None = None, mac: MBCModel | None = None, notes: dict | None = None) -> dict:
     """Run every method of ``config.methods`` on ``rows`` (their documents streamed in order) and
     write ``predictions.csv``, ``summary.json`` (with ``notes`` added) and the plots into ``output``;
     returns the summary."""
-    from .plots import plot_bank_size, plot_retention
+    from mbc.evaluation.plots import plot_bank_size, plot_retention
 
     config = config or EvalConfig()
     unknown = [m for m in config.methods if m not in ALL_METHODS]
@@ -204,7 +175,7 @@ def run_eval(mbc: MBCModel, rows: list[QAExample], unrelated_documents: list[str
         elif method == "base, gold document":
             results[method] = _base(mbc, rows, lambda r: context_prompt(r.document, r.question), config, decoding, method, text_bytes)
         else:  # "base, BM25 top-k"
-            retrieve = _bm25(stream, config.bm25_top_k)
+            retrieve = bm25_retriever(stream, config.bm25_top_k)
             retrieved = {id(r): retrieve(r.question) for r in rows}
             name = f"base, BM25 top-{config.bm25_top_k}"
             results[name] = _base(mbc, rows, lambda r: context_prompt("\n\n".join(retrieved[id(r)]), r.question), config,
@@ -225,44 +196,9 @@ def run_eval(mbc: MBCModel, rows: list[QAExample], unrelated_documents: list[str
         "peak_memory_gb": peak_memory_gb(),
         **(notes or {}),
     }
-    _write_predictions(output / "predictions.csv", rows, results)
+    write_predictions(output / "predictions.csv", rows, results)
     (output / "summary.json").write_text(json.dumps(summary, indent=2))
     if curves:
         plot_retention(summary["retention"], output / "retention.png")
         plot_bank_size(summary["retention"], output / "bank_size.png")
     return summary
-
-
-def _write_predictions(path: Path, rows: list[QAExample], results: dict[str, MethodResult]) -> None:
-    temporary = path.with_suffix(".csv.tmp")
-    with temporary.open("w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["method", "question", "answers", "prediction", "em", "f1", "lenient_em"])
-        for name, result in results.items():
-            for row, prediction in zip(rows, result.predictions):
-                golds = list(row.answers)
-                writer.writerow([name, row.question, " | ".join(golds), prediction, exact_match(prediction, golds),
-                                 round(f1_score(prediction, golds), 4), lenient_exact_match(prediction, golds)])
-    shutil.move(temporary, path)
-
-
-def format_table(summary: dict) -> str:
-    lines = [f"{'method':<28}{'EM':>6}{'F1':>6}{'len.EM':>8}{'bytes/doc':>11}{'adapt ms/doc':>14}{'answer ms/q':>13}"]
-    for name, m in summary["methods"].items():
-        adapt = "-" if m["adapt_ms_per_document"] is None else f"{m['adapt_ms_per_document']:.1f}"
-        lines.append(f"{name:<28}{m['em']:>6.1f}{m['f1']:>6.1f}{m['lenient_em']:>8.1f}{m['bytes_per_document']:>11,.0f}"
-                     f"{adapt:>14}{m['answer_ms_per_question']:>13.1f}")
-    return "\n".join(lines + _kind_table(summary["methods"]))
-
-
-def _kind_table(methods: dict) -> list[str]:
-    """EM / F1 by answer kind (generated data only): which facts the memory carries."""
-    kinds = next((m["by_answer_kind"] for m in methods.values() if "by_answer_kind" in m), None)
-    if kinds is None:
-        return []
-    header = "".join(f"{kind + ' (' + str(s['questions']) + ')':>18}" for kind, s in kinds.items())
-    lines = ["", f"{'EM / F1 by answer kind':<28}{header}"]
-    for name, m in methods.items():
-        cells = [f"{s['em']:.1f} / {s['f1']:.1f}" for s in m["by_answer_kind"].values()]
-        lines.append(f"{name:<28}" + "".join(f"{cell:>18}" for cell in cells))
-    return lines

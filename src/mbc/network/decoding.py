@@ -19,9 +19,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .errors import MBCError
-from .llm_layout import LLMLayout
-from .prefix import prefix_in, repeat_prefix
+from mbc.errors import MBCError
+from mbc.network.llm_layout import LLMLayout
+from mbc.network.prefix import prefix_in, repeat_prefix
 
 STRATEGIES = ("greedy", "beam", "diverse_beam")
 

@@ -7,7 +7,7 @@ bf16). The backbones are hub ids: they load where the hub (or a local copy) is r
 
 from __future__ import annotations
 
-from .errors import MBCError
+from mbc.errors import MBCError
 
 # return_freed_memory: these presets' memory budgets matter more than the 15-30% of speed it costs.
 _REFERENCE_TRAIN = dict(learning_rate=1e-5, warmup_ratio=0.01, max_grad_norm=100.0, epochs=50, mixed_precision="bf16",
@@ -37,10 +37,10 @@ PRESETS: dict[str, dict[str, dict]] = {
     # Bundled SmolLM2-135M + MiniLM on 2 CPU cores. The prefix and LoRA sit on the last 6 of 30
     # layers, so the backward pass stops there; higher learning rates (3e-4 for the new modules,
     # 3e-5 for MiniLM) because a CPU run is hundreds of steps, not 50 epochs. 1e-3 was tried and is
-    # unstable: the training loss swings between 2.4 and 5.2 within 200 steps (docs/RESULTS.md).
+    # unstable: the training loss swings between 2.4 and 5.2 within 200 steps (docs/JOURNAL.md).
     # With the paper's objective alone no CPU run of this preset read its memory: the adapter
     # learned answer priors and scored the same with an unrelated bank. What made it read
-    # (docs/RESULTS.md, sessions 4-6), all departures from the paper: a warm start in which the
+    # (docs/JOURNAL.md, sessions 4-6), all departures from the paper: a warm start in which the
     # document side learns to carry the answer (probe_steps: an answer probe on the modulation
     # instead of the QA loss; float_memory_steps: the bank holds float vectors until the codebook
     # is k-means-fitted to them), a codebook looked up by direction (codebook_metric="cosine"), and

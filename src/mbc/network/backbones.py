@@ -12,7 +12,6 @@ Names understood everywhere a model is named:
 from __future__ import annotations
 
 import importlib.util
-import os
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -22,17 +21,11 @@ import torch
 from torch import nn
 from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
-from .errors import MBCError
+from mbc.config import BUNDLED_ENCODER, BUNDLED_LLM
+from mbc.errors import MBCError
+from mbc.paths import cache_dir
 
-BUNDLED_LLM = "bundled:smollm2"
-BUNDLED_ENCODER = "bundled:minilm"
 _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def cache_dir() -> Path:
-    """Where converted models and trained checkpoints are kept: $MBC_CACHE, else ~/.cache/mbc."""
-    root = os.environ.get("MBC_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "mbc"
-    return Path(root)
 
 
 def _package_folder(package: str, install_hint: str) -> Path:

@@ -11,7 +11,7 @@ second instance of this class over the question encoder.
 
 ``SlotNorm`` (on by default for documents, ``standardize_slots``; not in the paper) standardises
 each slot across documents, as batch normalisation does. In short CPU runs without it (see
-docs/RESULTS.md), each of the K outputs was dominated by a per-slot constant far larger than its
+docs/JOURNAL.md), each of the K outputs was dominated by a per-slot constant far larger than its
 variation between documents, so every slot snapped to the same one or two codes whatever the
 document and the bank held nothing about it. Standardised, only what tells documents apart
 reaches the bank. Training uses the batch's statistics; eval uses running averages, which freeze
@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .layers import CrossAttentionBlock, SlotMLP
+from mbc.network.layers import CrossAttentionBlock, SlotMLP
 
 
 def encoder_width(encoder: nn.Module) -> int:

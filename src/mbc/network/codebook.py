@@ -14,7 +14,7 @@ codes are both scaled to norm sqrt(dim) before the nearest code is found, and th
 the scaled code. With L2 lookup in this high-dimensional space a code near the centre of the
 encoder outputs is the nearest one to nearly every vector, and gradient steps on the codes pull
 the winners further in: in short CPU runs most vectors snapped to a handful of codes and the bank
-carried little about its document (docs/RESULTS.md). The aggregator LayerNorms every memory vector
+carried little about its document (docs/JOURNAL.md). The aggregator LayerNorms every memory vector
 before reading it, so only a vector's direction reaches it anyway.
 
 ``update="ema"`` (not in the paper; van den Oord et al.'s appendix and VQ-VAE-2) moves each code
@@ -22,7 +22,7 @@ to the running mean of the vectors assigned to it instead of by a gradient step:
 term of the VQ loss then carries no gradient and only the commitment term trains the encoder.
 Adam moves a code by about the learning rate per step (3e-4 in the cpu preset) while the vectors
 it stands for are ~1 per coordinate, so with gradient updates a code barely follows the encoder and
-a fitted codebook collapses again once the encoder moves (docs/RESULTS.md, session 4).
+a fitted codebook collapses again once the encoder moves (docs/JOURNAL.md, session 4).
 
 ``ResidualQuantizer`` chains several codebooks (each quantizes what the previous ones left): the
 way to trade more bytes per vector for a more faithful bank. With one stage it is exactly the
@@ -39,6 +39,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mbc.config import METRICS, UPDATES
+
 
 @dataclass
 class QuantizerOutput:
@@ -48,8 +50,6 @@ class QuantizerOutput:
     perplexity: torch.Tensor  # exp(entropy) of the code histogram of this batch (first stage)
 
 
-METRICS = ("l2", "cosine")
-UPDATES = ("gradient", "ema")
 
 
 class VectorQuantizer(nn.Module):

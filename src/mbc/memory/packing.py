@@ -10,7 +10,7 @@ import math
 
 import numpy as np
 
-from .errors import MBCError
+from mbc.errors import MBCError
 
 
 def bits_for(num_codes: int) -> int:

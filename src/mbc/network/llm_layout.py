@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from .errors import MBCError
+from mbc.errors import MBCError
 
 
 @dataclass

@@ -1,0 +1,51 @@
+"""The baselines of the paper's evaluation: the base LLM with no adaptation, and with documents in
+its prompt (the gold document: an upper bound; BM25's top-k: retrieval over the raw text)."""
+
+from __future__ import annotations
+
+import torch
+
+from mbc.data import QAExample
+from mbc.errors import MBCError
+from mbc.evaluation.validation import Evaluation, chunks, scores
+from mbc.model import MBCModel
+from mbc.network.decoding import DecodingConfig
+
+FEW_SHOT_TEMPLATE = (
+    "Question: What is the capital of France?\nAnswer: Paris\n\n"
+    "Question: In what year did the Second World War end?\nAnswer: 1945\n\n"
+    "Question: Who wrote the play Hamlet?\nAnswer: William Shakespeare\n\n"
+    "Question: {question}\nAnswer:"
+)
+
+
+@torch.no_grad()
+def evaluate_base_llm(model: MBCModel, examples: list[QAExample], prompt_template: str | None = None,
+                      batch_size: int = 16, decoding: DecodingConfig | None = None) -> Evaluation:
+    """The base LLM with no adaptation: the raw question (``prompt_template=None``: the model's own
+    template), or a short-answer prompt such as ``FEW_SHOT_TEMPLATE``."""
+    predictions = []
+    for chunk in chunks(examples, batch_size):
+        predictions += model.answer_without_memory([e.question for e in chunk], prompt_template, decoding)
+    return Evaluation(scores(predictions, examples), predictions)
+
+
+def context_prompt(context: str, question: str) -> str:
+    """The document(s), then the worked examples that teach the short-answer format, then the question."""
+    return f"Context: {context}\n\n" + FEW_SHOT_TEMPLATE.replace("{question}", question)
+
+
+def bm25_retriever(stream: list[str], top_k: int):
+    try:
+        import bm25s
+    except ImportError as error:
+        raise MBCError("the BM25 baseline needs the bm25s package: pip install bm25s") from error
+    retriever = bm25s.BM25()
+    retriever.index(bm25s.tokenize(stream, stopwords="en", show_progress=False), show_progress=False)
+    k = min(top_k, len(stream))
+
+    def retrieve(question: str) -> list[str]:
+        found, _ = retriever.retrieve(bm25s.tokenize([question], stopwords="en", show_progress=False), k=k, show_progress=False)
+        return [stream[int(i)] for i in found[0]]
+
+    return retrieve

@@ -1,0 +1,1 @@
+"""Meta-training: the trainer, its schedule of objectives, presets and resumable state."""

@@ -1,0 +1,114 @@
+"""Training objectives: the paper's loss and the schedule's variants of it, around one MBCModel.
+
+``StepObjective`` wraps the model (it is what the accelerator prepares, so that multi-process
+training synchronises its gradients) and computes one step's loss as the ``Step`` of the schedule
+says. With the default ``Step`` it is the model's own loss, QA + lambda * VQ.
+
+The answer probe (``answer_probe_loss``; not in the paper): the modulation read through the LLM's
+frozen output embedding after a LayerNorm, a logit lens, scored against the answer's first token
+(or its first K tokens, one per modulation vector). Why: the QA loss reaches the document side
+only through a prefix that starts at zero and a frozen LLM, and in CPU budgets the adapter learned
+answer priors long before it learned to look in its memory; the LLM side learns to read a memory
+that already carries the answer in about 100 steps (bench/reading_parts.py, docs/JOURNAL.md).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mbc.errors import MBCError
+from mbc.model import IGNORE, MBCModel, pad
+from mbc.training.schedule import OBJECTIVES, PROBE_TOKENS, Step
+
+READING_PATH = ("amortization.", "question_network.", "quantizer.", "aggregator.")  # what the probe trains
+
+
+@dataclass
+class StepOutput:
+    loss: torch.Tensor  # what is minimised: qa (or probe) + probe_weight x probe + vq_weight x vq
+    qa_loss: torch.Tensor  # 0 under the probe objective
+    vq_loss: torch.Tensor
+    perplexity: torch.Tensor  # codebook perplexity of this batch (0 for MAC)
+    probe_loss: torch.Tensor  # 0 unless the step uses the probe
+
+
+class StepObjective(nn.Module):
+    def __init__(self, model: MBCModel):
+        super().__init__()
+        self.model = model
+
+    def forward(self, documents: list[str], questions: list[str], answers: list[str], own: list[int],
+                step: Step = Step()) -> StepOutput:
+        """One step's loss on a batch: ``documents`` form the bank, ``own[i]`` is the index of
+        question i's own document."""
+        if step.objective not in OBJECTIVES:
+            raise MBCError(f"objective must be one of {OBJECTIVES}, got {step.objective!r}")
+        model = self.model
+        contexts = amortize_some_with_grad(model, documents, step.backprop_keep)
+        memory = model.codec.training_memory(contexts)
+        vectors, vq_loss = memory.vectors, memory.vq_loss
+        if step.float_memory:  # the codebook stays in the graph (every process must use every parameter)
+            vectors, vq_loss = contexts, 0.0 * memory.vq_loss
+        visible = None
+        if model.retrieval_keys is None and step.bank_size is not None and step.bank_size < len(documents):
+            visible = bank_mask(own, len(documents), step.bank_size, model.config.num_slots).to(model.device)
+        modulation = model.training_modulation(questions, documents, vectors, own, visible)
+        vq_term = model.config.vq_weight * vq_loss
+        if step.objective == "probe":
+            probe_loss = answer_probe_loss(model, modulation, answers, step.probe_tokens) + _rest_in_graph(model)
+            return StepOutput(probe_loss + vq_term, probe_loss.new_zeros(()), vq_loss, memory.perplexity, probe_loss)
+        qa_loss = model.qa_loss(questions, answers, model.prefix(modulation))
+        probe_loss = (answer_probe_loss(model, modulation, answers, step.probe_tokens) if step.probe_weight > 0
+                      else qa_loss.new_zeros(()))
+        return StepOutput(qa_loss + step.probe_weight * probe_loss + vq_term, qa_loss, vq_loss, memory.perplexity, probe_loss)
+
+
+def amortize_some_with_grad(model: MBCModel, documents: list[str], keep: float) -> torch.Tensor:
+    """The reference's backprop dropout: only ``keep`` of the documents are amortized with
+    gradients, the rest under no_grad, to save memory."""
+    keep_count = max(1, round(keep * len(documents)))
+    if keep_count >= len(documents) or not torch.is_grad_enabled():
+        return model.amortize(documents)
+    order = torch.randperm(len(documents))
+    with_grad = model.amortize([documents[i] for i in order[:keep_count].tolist()])
+    with torch.no_grad():
+        without_grad = model.amortize([documents[i] for i in order[keep_count:].tolist()])
+    return torch.cat([with_grad, without_grad])[torch.argsort(order)]  # back in the documents' order
+
+
+def bank_mask(own: list[int], num_documents: int, bank_size: int, num_slots: int) -> torch.Tensor:
+    """[questions, documents * K]: each question sees its own document and bank_size - 1 random others."""
+    visible = torch.zeros(len(own), num_documents, dtype=torch.bool)
+    for row, document in enumerate(own):
+        others = [d for d in torch.randperm(num_documents).tolist() if d != document][: bank_size - 1]
+        visible[row, [document, *others]] = True
+    return visible.repeat_interleave(num_slots, dim=1)
+
+
+def answer_probe_logits(model: MBCModel, modulation: torch.Tensor, tokens: str = "first") -> torch.Tensor:
+    """The modulation [B, K, dim] through a LayerNorm and the LLM's frozen output embedding.
+    ``first``: its mean over the K vectors -> [B, vocab]; ``all``: each vector -> [B, K, vocab]."""
+    if tokens not in PROBE_TOKENS:
+        raise MBCError(f"probe tokens must be one of {PROBE_TOKENS}, got {tokens!r}")
+    read = modulation.mean(1) if tokens == "first" else modulation
+    return model.llm.get_output_embeddings()(F.layer_norm(read, read.shape[-1:]))
+
+
+def answer_probe_loss(model: MBCModel, modulation: torch.Tensor, answers: list[str], tokens: str = "first") -> torch.Tensor:
+    """Cross-entropy of the answer's first token (``first``) or its first K tokens (``all``, vector k
+    for token k) under ``answer_probe_logits``."""
+    logits = answer_probe_logits(model, modulation, tokens).float()
+    if tokens == "first":
+        return F.cross_entropy(logits, torch.tensor([model.answer_ids(a)[0] for a in answers], device=logits.device))
+    targets = pad([model.answer_ids(a)[:-1][: modulation.shape[1]] for a in answers], IGNORE).to(logits.device)
+    return F.cross_entropy(logits[:, : targets.shape[1]].flatten(0, 1), targets.flatten(), ignore_index=IGNORE)
+
+
+def _rest_in_graph(model: MBCModel) -> torch.Tensor:
+    """0 x every trainable parameter the probe does not use (prefix, KV-LoRA): multi-process
+    training (DDP) needs every parameter in each step's graph."""
+    return 0.0 * sum(p.sum() for name, p in model.named_parameters() if p.requires_grad and not name.startswith(READING_PATH))

@@ -1,0 +1,67 @@
+"""The training schedule: for each optimizer step, which objective, which memory and which bank apply.
+
+The paper trains on one objective throughout (QA + lambda * VQ, every question reading the whole
+batch bank through the codebook). The ``cpu`` preset adds warm starts that made short CPU runs
+read their memory (docs/METHOD.md, "Where this implementation departs"):
+
+- ``probe_steps``: the first N steps train the reading path on an answer probe (objectives.py)
+  instead of the QA loss;
+- ``float_memory_steps`` (MBC): for the first N steps the bank holds the encoder's float vectors,
+  as MAC's does; then the codebook is fitted to them by k-means and training goes on through it;
+- ``bank_curriculum_steps``: each question's bank grows from its own document to the whole batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from mbc.errors import MBCError
+
+PROBE_TOKENS = ("first", "all")
+OBJECTIVES = ("qa", "probe")
+
+
+@dataclass(frozen=True)
+class Step:
+    """What one training step computes (objectives.StepObjective reads it)."""
+
+    objective: str = "qa"  # "qa": QA loss (+ probe_weight x probe); "probe": the answer probe alone
+    float_memory: bool = False  # the bank holds float vectors, not codes (MBC before the codebook fit)
+    bank_size: int | None = None  # documents each question sees (its own first); None = the whole batch
+    probe_tokens: str = "first"
+    probe_weight: float = 0.0
+    backprop_keep: float = 1.0  # the reference's backprop dropout: the share of documents amortized with gradients
+
+
+class Schedule:
+    def __init__(self, config, total_steps: int, quantize: bool):
+        """``config``: a TrainConfig; its settings are checked against the run's ``total_steps``."""
+        if quantize and config.float_memory_steps >= total_steps:
+            raise MBCError(f"float_memory_steps={config.float_memory_steps} is not below the run's {total_steps} steps: "
+                           "the codebook would never be fitted; lower float_memory_steps or raise max_steps")
+        if config.probe_tokens not in PROBE_TOKENS:
+            raise MBCError(f"probe_tokens must be one of {PROBE_TOKENS}, got {config.probe_tokens!r}")
+        if config.probe_weight < 0:
+            raise MBCError(f"probe_weight must be >= 0, got {config.probe_weight}")
+        if config.probe_steps >= total_steps:
+            raise MBCError(f"probe_steps={config.probe_steps} is not below the run's {total_steps} steps: "
+                           "the QA loss would never be trained; lower probe_steps or raise max_steps")
+        self.config, self.total_steps, self.quantize = config, total_steps, quantize
+
+    def float_memory(self, step: int) -> bool:
+        """Whether the codebook is still bypassed at this step (it is fitted once the step count reaches float_memory_steps)."""
+        return self.quantize and step < self.config.float_memory_steps
+
+    def at(self, step: int, documents: int, float_memory: bool) -> Step:
+        """The step about to run (``step`` optimizer steps done) on a batch of ``documents``;
+        ``float_memory``: whether the codebook is still unfitted (the trainer knows: a run stopped
+        early fits it before saving)."""
+        config = self.config
+        return Step("probe" if step < config.probe_steps else "qa", float_memory, self._bank_size(step, documents),
+                    config.probe_tokens, config.probe_weight, config.backprop_keep)
+
+    def _bank_size(self, step: int, documents: int) -> int | None:
+        steps = self.config.bank_curriculum_steps
+        if steps <= 0:
+            return None
+        return min(documents, 1 + int((documents - 1) * step / steps))

@@ -1,0 +1,80 @@
+import pytest
+import torch
+from conftest import ANSWERS, DOCUMENTS, QUESTIONS
+
+from mbc import MBCError
+from mbc.training.objectives import (
+    StepObjective,
+    amortize_some_with_grad,
+    answer_probe_logits,
+    answer_probe_loss,
+    bank_mask,
+)
+from mbc.training.schedule import Step
+
+
+def test_default_step_is_the_models_own_loss(tiny_model):
+    model = tiny_model().eval()  # eval: no dropout or code resets, so the two passes compute the same
+    torch.manual_seed(0)
+    expected = model(DOCUMENTS, QUESTIONS, ANSWERS)
+    torch.manual_seed(0)
+    out = StepObjective(model)(DOCUMENTS, QUESTIONS, ANSWERS, [0, 1], Step())
+    assert torch.equal(out.loss, expected.loss) and torch.equal(out.vq_loss, expected.vq_loss) and out.probe_loss == 0
+
+
+def test_float_memory_step_reads_the_vectors_and_keeps_the_codebook_in_the_graph(tiny_model):
+    model = tiny_model().eval()
+    out = StepObjective(model)(DOCUMENTS, QUESTIONS, ANSWERS, [0, 1], Step(float_memory=True))
+    assert out.vq_loss == 0 and out.loss == out.qa_loss
+    out.loss.backward()
+    assert model.quantizer.stages[0].codebook.grad is not None  # in the graph (DDP), with a zero gradient
+    assert model.quantizer.stages[0].codebook.grad.abs().sum() == 0
+
+
+def test_probe_objective_trains_the_reading_path_and_keeps_the_llm_side_in_the_graph(tiny_model):
+    model = tiny_model().train()
+    out = StepObjective(model)(DOCUMENTS[:2], QUESTIONS, ANSWERS, [0, 1], Step("probe"))
+    assert out.qa_loss == 0 and out.probe_loss > 0
+    out.loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.amortization.slot_mlp.parameters())
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.aggregator.parameters() if p.requires_grad)
+    lora = [p for name, p in model.llm.named_parameters() if p.requires_grad]
+    assert lora and all(p.grad is not None and p.grad.abs().sum() == 0 for p in lora)  # in the graph (DDP), not moved
+    first = torch.tensor([model.answer_ids(a)[0] for a in ANSWERS])
+    modulation = model.modulation(QUESTIONS, model.memory(model.compress(DOCUMENTS[:2])))
+    expected = torch.nn.functional.cross_entropy(answer_probe_logits(model, modulation), first)
+    assert torch.allclose(answer_probe_loss(model, modulation, ANSWERS), expected)
+    with pytest.raises(MBCError, match="objective"):
+        StepObjective(model)(DOCUMENTS[:2], QUESTIONS, ANSWERS, [0, 1], Step("probes"))
+
+
+def test_probe_over_all_tokens_asks_vector_k_for_answer_token_k(tiny_model):
+    model = tiny_model().eval()
+    modulation = torch.randn(2, model.config.num_slots, model.layout.hidden_size)
+    answers = ["a b c d e f g h i j k l m n o", "x"]  # longer than K, and one token
+    logits = answer_probe_logits(model, modulation, "all")
+    assert logits.shape == (2, model.config.num_slots, model.llm.config.vocab_size)
+    targets = [model.answer_ids(a)[:-1][: model.config.num_slots] for a in answers]  # without EOS, at most K
+    assert len(targets[0]) == model.config.num_slots and len(targets[1]) < model.config.num_slots
+    terms = [torch.nn.functional.cross_entropy(logits[i, k], torch.tensor(t)) for i, ids in enumerate(targets) for k, t in enumerate(ids)]
+    assert torch.allclose(answer_probe_loss(model, modulation, answers, "all"), torch.stack(terms).mean(), atol=1e-5)
+    with pytest.raises(MBCError, match="probe tokens"):
+        answer_probe_logits(model, modulation, "last")
+
+
+def test_bank_size_one_lets_each_question_see_only_its_own_document(tiny_model):
+    model = tiny_model().eval()
+    memory = model.memory(model.compress(DOCUMENTS))  # 3 documents x 4 slots
+    mask = bank_mask([2, 0], num_documents=3, bank_size=1, num_slots=4)
+    assert mask.tolist() == [[False] * 8 + [True] * 4, [True] * 4 + [False] * 8]
+    masked = model.modulation(QUESTIONS, memory, memory_mask=mask)
+    alone = [model.modulation([q], memory[4 * d : 4 * d + 4]) for q, d in zip(QUESTIONS, [2, 0])]
+    assert torch.allclose(masked, torch.cat(alone), atol=1e-5)
+    assert bank_mask([1, 1], 3, 2, 4).sum(dim=1).tolist() == [8, 8]
+
+
+def test_backprop_dropout_keeps_document_order(tiny_model):
+    model = tiny_model().eval()  # eval: no dropout, so both paths compute the same vectors
+    split = amortize_some_with_grad(model, DOCUMENTS, 0.34)  # one document with gradients, two without
+    assert split.requires_grad
+    assert torch.allclose(split, model.amortize(DOCUMENTS), atol=1e-5)
