@@ -33,7 +33,13 @@ from pathlib import Path
 from shapes import distilgpt2_shaped_model, save_distilgpt2_shaped_backbones
 
 REFERENCE = {"adapt_ms": 8307, "greedy_ms": 2307, "beam_ms": 7394, "bytes_per_document": 995, "adapt_peak_gb": 3.7}
-TARGET = {"adapt_ms": 830, "greedy_ms": 770, "beam_ms": REFERENCE["beam_ms"] / 3, "bytes_per_document": 16, "adapt_peak_gb": 1.5}
+TARGET = {
+    "adapt_ms": 830,
+    "greedy_ms": 770,
+    "beam_ms": REFERENCE["beam_ms"] / 3,
+    "bytes_per_document": 16,
+    "adapt_peak_gb": 1.5,
+}
 SQUAD = Path(__file__).resolve().parents[2] / "shared" / "data" / "squad" / "squad-v1.1-dev-open.json"
 
 
@@ -69,9 +75,16 @@ def part_adapt(args) -> dict:
         ingest(model, bank, texts, batch_size=16)
         seconds = time.perf_counter() - start
         sizes = bank.sizes()
-    return {"data": spec, "documents": len(texts), "questions": len(rows), "adapt_ms": 1000 * seconds / len(texts),
-            "documents_per_second": len(texts) / seconds, "bytes_per_document": sizes["stored_bytes"] / sizes["documents"],
-            "file_bytes": sizes["file_bytes"], "adapt_peak_gb": _peak_gb()}
+    return {
+        "data": spec,
+        "documents": len(texts),
+        "questions": len(rows),
+        "adapt_ms": 1000 * seconds / len(texts),
+        "documents_per_second": len(texts) / seconds,
+        "bytes_per_document": sizes["stored_bytes"] / sizes["documents"],
+        "file_bytes": sizes["file_bytes"],
+        "adapt_peak_gb": _peak_gb(),
+    }
 
 
 def _time_questions(model, reader, questions: list[str], decoding) -> float:
@@ -134,17 +147,36 @@ def part_scale(args) -> dict:
             reader.modulation(questions[:1])  # the reader's one-off look at the bank (incremental afterwards)
             prepare = time.perf_counter() - start
             ms = _time_questions(model, reader, questions, DecodingConfig("greedy"))
-            results[size] = {"ms_per_question": ms, "reader_setup_s": prepare, "fill_documents_per_second": rate,
-                             "file_bytes": bank.sizes()["file_bytes"]}
+            results[size] = {
+                "ms_per_question": ms,
+                "reader_setup_s": prepare,
+                "fill_documents_per_second": rate,
+                "file_bytes": bank.sizes()["file_bytes"],
+            }
         for file in folder.glob(path.name + "*"):
             file.unlink()
     return {"mode": args.mode, "sizes": results, "peak_gb": _peak_gb()}
 
 
 def _run(part: str, args, **extra) -> dict:
-    command = [sys.executable, __file__, "--part", part, "--backbones", args.backbones, "--documents", str(args.documents),
-               "--questions", str(args.questions), "--beam-questions", str(args.beam_questions), "--large", str(args.large),
-               "--bank", args.bank] + [x for k, v in extra.items() for x in (f"--{k}", str(v))]
+    command = [
+        sys.executable,
+        __file__,
+        "--part",
+        part,
+        "--backbones",
+        args.backbones,
+        "--documents",
+        str(args.documents),
+        "--questions",
+        str(args.questions),
+        "--beam-questions",
+        str(args.beam_questions),
+        "--large",
+        str(args.large),
+        "--bank",
+        args.bank,
+    ] + [x for k, v in extra.items() for x in (f"--{k}", str(v))]
     output = subprocess.run(command, capture_output=True, text=True)
     if output.returncode != 0:
         sys.exit(f"part {part} failed:\n{output.stderr[-3000:]}")
@@ -172,20 +204,28 @@ def main():
     figures = {**adapt, **answer}
     print(f"DistilGPT2 preset (random weights), {adapt['documents']} distinct documents of {adapt['data']}")
     print(f"{'figure':<34}{'this':>12}{'reference':>12}{'target':>12}   ratio to reference")
-    for key, label, lower in (("adapt_ms", "adapt, ms per document", True), ("greedy_ms", "answer greedy, ms per question", True),
-                              ("beam_ms", "answer diverse beam, ms per question", True),
-                              ("bytes_per_document", "bytes per document on disk", True), ("adapt_peak_gb", "peak GB while adapting", True)):
+    for key, label, lower in (
+        ("adapt_ms", "adapt, ms per document", True),
+        ("greedy_ms", "answer greedy, ms per question", True),
+        ("beam_ms", "answer diverse beam, ms per question", True),
+        ("bytes_per_document", "bytes per document on disk", True),
+        ("adapt_peak_gb", "peak GB while adapting", True),
+    ):
         value, reference, target = figures[key], REFERENCE[key], TARGET[key]
         met = "meets" if value <= target else "MISSES"
-        print(f"{label:<34}{value:>12,.1f}{reference:>12,.1f}{target:>12,.1f}   {reference / value:.1f}x less ({met} target)")
+        print(
+            f"{label:<34}{value:>12,.1f}{reference:>12,.1f}{target:>12,.1f}   {reference / value:.1f}x less ({met} target)"
+        )
     print(f"documents per second ingested (with compression): {adapt['documents_per_second']:.1f}")
     for mode, result in scale.items():
         small, large = result["sizes"]["1000"], result["sizes"][str(args.large)]
         ratio = large["ms_per_question"] / small["ms_per_question"]
-        print(f"{mode.upper()} answering, greedy: {small['ms_per_question']:.0f} ms/question with 1,000 documents, "
-              f"{large['ms_per_question']:.0f} ms with {args.large:,} ({ratio:.2f}x; target <= 2x); reader set-up "
-              f"{small['reader_setup_s']:.2f} s and {large['reader_setup_s']:.2f} s once; random entries appended at "
-              f"{large['fill_documents_per_second']:,.0f} documents/s; file {large['file_bytes'] / 1e6:,.1f} MB")
+        print(
+            f"{mode.upper()} answering, greedy: {small['ms_per_question']:.0f} ms/question with 1,000 documents, "
+            f"{large['ms_per_question']:.0f} ms with {args.large:,} ({ratio:.2f}x; target <= 2x); reader set-up "
+            f"{small['reader_setup_s']:.2f} s and {large['reader_setup_s']:.2f} s once; random entries appended at "
+            f"{large['fill_documents_per_second']:,.0f} documents/s; file {large['file_bytes'] / 1e6:,.1f} MB"
+        )
 
 
 if __name__ == "__main__":

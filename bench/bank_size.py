@@ -26,7 +26,9 @@ def main():
     parser.add_argument("--data", default="generated")
     parser.add_argument("--questions", type=int, default=300)
     parser.add_argument("--sizes", default="1,5,50")
-    parser.add_argument("--top-k", type=int, default=None, help="documents each question reads (a retrieval model only)")
+    parser.add_argument(
+        "--top-k", type=int, default=None, help="documents each question reads (a retrieval model only)"
+    )
     args = parser.parse_args()
     model = MBCModel.from_pretrained(args.checkpoint).eval()
     if args.top_k is not None:
@@ -38,16 +40,20 @@ def main():
     documents, unrelated = qa_data.documents(rows), qa_data.documents(splits["train"])
     print(f"{len(rows)} validation questions about {len(documents)} documents")
     recall_column = "   read own document" if model.retrieval_keys is not None else ""
-    print(f"{'bank size':>9}  {'right EM':>8} {'F1':>6} {'loss':>6}   {'unrelated EM':>12} {'F1':>6} {'loss':>6}   answers changed"
-          + recall_column)
+    print(
+        f"{'bank size':>9}  {'right EM':>8} {'F1':>6} {'loss':>6}   {'unrelated EM':>12} {'F1':>6} {'loss':>6}   answers changed"
+        + recall_column
+    )
     for size in (int(s) for s in args.sizes.split(",")):
         totals = {"right": [0.0, 0.0, 0.0], "unrelated": [0.0, 0.0, 0.0]}
         changed, found = 0, 0.0
         for start in range(0, len(documents), size):
             group = documents[start : start + size]
             questions = [r for r in rows if r.document in set(group)]
-            results = {"right": evaluate(model, questions, bank_documents=group),
-                       "unrelated": evaluate(model, questions, bank_documents=unrelated[start : start + len(group)])}
+            results = {
+                "right": evaluate(model, questions, bank_documents=group),
+                "unrelated": evaluate(model, questions, bank_documents=unrelated[start : start + len(group)]),
+            }
             for name, result in results.items():
                 for i, key in enumerate(("em", "f1", "loss")):
                     totals[name][i] += result.metrics[key] * len(questions)
@@ -56,8 +62,10 @@ def main():
                 reader = reader_over(model, group)
                 found += retrieval_recall(reader, questions, dict(zip(group, reader.bank.ids()))) * len(questions) / 100
         right, other = ([v / len(rows) for v in totals[n]] for n in ("right", "unrelated"))
-        print(f"{size:>9}  {right[0]:>8.1f} {right[1]:>6.1f} {right[2]:>6.3f}   {other[0]:>12.1f} {other[1]:>6.1f} {other[2]:>6.3f}"
-              f"   {changed} of {len(rows)}" + (f"   {100 * found / len(rows):.1f}%" if recall_column else ""))
+        print(
+            f"{size:>9}  {right[0]:>8.1f} {right[1]:>6.1f} {right[2]:>6.3f}   {other[0]:>12.1f} {other[1]:>6.1f} {other[2]:>6.3f}"
+            f"   {changed} of {len(rows)}" + (f"   {100 * found / len(rows):.1f}%" if recall_column else "")
+        )
 
 
 if __name__ == "__main__":

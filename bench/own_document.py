@@ -40,16 +40,29 @@ def closed_set_split(held_out_questions: int = 48, closed_only: bool = True):
     return train, {kind: [r for r in test if answer_kind(r.answers[0]) == kind] for kind in ANSWER_KINDS}
 
 
-def train_and_report(model: MBCModel, loss_fn, memory_of, train, test, steps: int, report_every: int,
-                     lr: float, codebook_lr: float | None = None, batch_size: int = 8, after_step=None,
-                     encoder_lr: float | None = None) -> None:
+def train_and_report(
+    model: MBCModel,
+    loss_fn,
+    memory_of,
+    train,
+    test,
+    steps: int,
+    report_every: int,
+    lr: float,
+    codebook_lr: float | None = None,
+    batch_size: int = 8,
+    after_step=None,
+    encoder_lr: float | None = None,
+) -> None:
     """Adam (the encoders at ``encoder_lr``, default lr / 10) on ``loss_fn(model, rows, memory_of(rows)) -> (loss, extras)``,
     each question reading its own memory; every ``report_every`` steps, the held-out loss (and
     extras) with each question's own memory and with another question's: for the ``test`` rows, or
     for each group of them if ``test`` is {label: rows}. ``after_step(step)``, if given, runs after
     each optimizer step."""
-    groups = parameter_groups(model, TrainConfig(learning_rate=lr, encoder_learning_rate=encoder_lr or lr / 10,
-                                                  codebook_learning_rate=codebook_lr))
+    groups = parameter_groups(
+        model,
+        TrainConfig(learning_rate=lr, encoder_learning_rate=encoder_lr or lr / 10, codebook_learning_rate=codebook_lr),
+    )
     optimizer = torch.optim.Adam(groups)
     parameters = [p for group in groups for p in group["params"]]
     tests = test if isinstance(test, dict) else {"": test}
@@ -64,7 +77,9 @@ def train_and_report(model: MBCModel, loss_fn, memory_of, train, test, steps: in
             after_step(step)
         window.append({"loss": loss.item(), **extras})
         if step % report_every == 0:
-            trained = {key: sum(w[key] for w in window if key in w) / sum(key in w for w in window) for key in window[-1]}
+            trained = {
+                key: sum(w[key] for w in window if key in w) / sum(key in w for w in window) for key in window[-1]
+            }
             line = f"step {step}: train loss {trained.pop('loss'):.3f}"
             line += "".join(f", training {k} {v:.1f}" for k, v in trained.items() if k == "perplexity")
             model.eval()
@@ -81,8 +96,10 @@ def _held_out(model: MBCModel, loss_fn, memory_of, label: str, rows) -> str:
     other = own[7:] + own[:7]  # each held-out question gets another's memory
     (own_loss, own_extras), (other_loss, other_extras) = loss_fn(model, rows, own), loss_fn(model, rows, other)
     accuracy = lambda extras: "".join(f" ({k} {v:.2f})" for k, v in extras.items() if k == "accuracy")  # noqa: E731
-    return (f"; {label + ' ' if label else ''}held-out loss with own memory {own_loss.item():.3f}{accuracy(own_extras)}"
-            f", with another's {other_loss.item():.3f}{accuracy(other_extras)}")
+    return (
+        f"; {label + ' ' if label else ''}held-out loss with own memory {own_loss.item():.3f}{accuracy(own_extras)}"
+        f", with another's {other_loss.item():.3f}{accuracy(other_extras)}"
+    )
 
 
 FLOAT_MEMORY = {"on": False}  # reading_parts.py's float-memory warm start: the bank holds the vectors, not their codes
@@ -106,24 +123,45 @@ def qa_loss(model: MBCModel, rows, documents: list[str]):
     return model.qa_loss(questions, [r.answers[0] for r in rows], prefix), {}
 
 
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--set", action="append", default=[], help="model config KEY=VALUE (VALUE as JSON, else a string)"
+    )
+
+
+def bench_model(args) -> MBCModel:
+    """The cpu preset's model without retrieval keys (every bank here holds the documents each
+    question is given: nothing to choose between), with the --set overrides, seed 0."""
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    values = {**preset("cpu")["model"], "retrieval_top_k": 0}
+    apply_overrides(values, args.set)
+    return MBCModel.build(MBCConfig(**values))
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--lr", type=float, default=3e-4, help="new modules; the encoder gets a tenth")
     parser.add_argument("--codebook-lr", type=float, default=None, help="the codebook (default: --lr)")
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--set", action="append", default=[], help="model config KEY=VALUE (VALUE as JSON, else a string)")
+    add_model_arguments(parser)
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    values = preset("cpu")["model"]
-    values["retrieval_top_k"] = 0  # every bank here holds one document: nothing to choose between
-    apply_overrides(values, args.set)
-    model = MBCModel.build(MBCConfig(**values))
+    model = bench_model(args)
     train, test = closed_set_split()
-    train_and_report(model, qa_loss, lambda rows: [r.document for r in rows], train, test, args.steps, 25,
-                     args.lr, args.codebook_lr, args.batch)
+    train_and_report(
+        model,
+        qa_loss,
+        lambda rows: [r.document for r in rows],
+        train,
+        test,
+        args.steps,
+        25,
+        args.lr,
+        args.codebook_lr,
+        args.batch,
+    )
 
 
 if __name__ == "__main__":

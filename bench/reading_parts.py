@@ -1,7 +1,8 @@
 """Which half of MBC's reading path learns slowly? Each half trained on its own.
 
     .venv/bin/python bench/reading_parts.py decoder [--steps 200] [--lr 3e-4] [--set KEY=VALUE ...]
-    .venv/bin/python bench/reading_parts.py encoder [--steps 300] [--lr 3e-4] [--codebook-lr LR] [--encoder-lr LR] [--float-memory-steps N] [--set KEY=VALUE ...]
+    .venv/bin/python bench/reading_parts.py encoder [--steps 300] [--lr 3e-4] [--codebook-lr LR] [--encoder-lr LR]
+        [--float-memory-steps N] [--set KEY=VALUE ...]
     .venv/bin/python bench/reading_parts.py staged [--probe-steps 150] [--steps 400] [--keep-probe W] [...]
 
 decoder: the memory holds the answer itself (the LLM's input embedding of the answer's first
@@ -37,12 +38,18 @@ from functools import partial
 
 import torch
 import torch.nn.functional as F
-from own_document import FLOAT_MEMORY, closed_set_split, qa_loss, train_and_report, training_memory
+from own_document import (
+    FLOAT_MEMORY,
+    add_model_arguments,
+    bench_model,
+    closed_set_split,
+    qa_loss,
+    train_and_report,
+    training_memory,
+)
 
-from mbc import MBCConfig, MBCModel
-from mbc.config import apply_overrides
+from mbc import MBCModel
 from mbc.training.objectives import answer_probe_logits, answer_probe_loss
-from mbc.training.presets import preset
 
 
 def answer_memory(model: MBCModel, answers: list[str]) -> torch.Tensor:
@@ -85,22 +92,34 @@ def main():
     parser.add_argument("--codebook-lr", type=float, default=None, help="the codebook (default: --lr)")
     parser.add_argument("--encoder-lr", type=float, default=None, help="the pretrained encoders (default: --lr / 10)")
     parser.add_argument("--steps", type=int, default=None, help="default: 200 (decoder), 300 (encoder)")
-    parser.add_argument("--float-memory-steps", type=int, default=0, help="encoder, staged: steps before the codebook is used")
-    parser.add_argument("--probe-steps", type=int, default=150, help="staged: steps on the encoder half's objective before the QA loss")
-    parser.add_argument("--keep-probe", type=float, default=0.0,
-                        help="staged: after the switch, add this weight x the probe loss to the QA loss")
-    parser.add_argument("--probe-tokens", choices=["first", "all"], default="first",
-                        help="encoder, staged: the probe's targets (mbc.training.objectives.answer_probe_loss)")
-    parser.add_argument("--open-answers", action="store_true", help="every generated question, not only closed-set answers")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--set", action="append", default=[], help="model config KEY=VALUE (VALUE as JSON, else a string)")
+    parser.add_argument(
+        "--float-memory-steps", type=int, default=0, help="encoder, staged: steps before the codebook is used"
+    )
+    parser.add_argument(
+        "--probe-steps", type=int, default=150, help="staged: steps on the encoder half's objective before the QA loss"
+    )
+    parser.add_argument(
+        "--keep-probe",
+        type=float,
+        default=0.0,
+        help="staged: after the switch, add this weight x the probe loss to the QA loss",
+    )
+    parser.add_argument(
+        "--probe-tokens",
+        choices=["first", "all"],
+        default="first",
+        help="encoder, staged: the probe's targets (mbc.training.objectives.answer_probe_loss)",
+    )
+    parser.add_argument(
+        "--open-answers", action="store_true", help="every generated question, not only closed-set answers"
+    )
+    add_model_arguments(parser)
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    values = {**preset("cpu")["model"], "retrieval_top_k": 0}
-    apply_overrides(values, args.set)
-    model = MBCModel.build(MBCConfig(**values))
-    train, test = closed_set_split(held_out_questions=(96 if args.half == "encoder" else 48) * (3 if args.open_answers else 1), closed_only=not args.open_answers)
+    model = bench_model(args)
+    train, test = closed_set_split(
+        held_out_questions=(96 if args.half == "encoder" else 48) * (3 if args.open_answers else 1),
+        closed_only=not args.open_answers,
+    )
     documents = list(dict.fromkeys(r.document for r in train))
     FLOAT_MEMORY["on"] = args.float_memory_steps > 0
     done = {"steps": 0}
@@ -129,9 +148,19 @@ def main():
     else:
         loss, memory_of = probe_loss if args.half == "encoder" else staged_loss, lambda rows: [r.document for r in rows]
     default_steps = {"decoder": 200, "encoder": 300, "staged": 400}[args.half]
-    train_and_report(model, loss, memory_of, train, test, steps=args.steps or default_steps,
-                     report_every=25 if args.half == "decoder" else 50, lr=args.lr, codebook_lr=args.codebook_lr, encoder_lr=args.encoder_lr,
-                     after_step=after_step)
+    train_and_report(
+        model,
+        loss,
+        memory_of,
+        train,
+        test,
+        steps=args.steps or default_steps,
+        report_every=25 if args.half == "decoder" else 50,
+        lr=args.lr,
+        codebook_lr=args.codebook_lr,
+        encoder_lr=args.encoder_lr,
+        after_step=after_step,
+    )
 
 
 if __name__ == "__main__":

@@ -55,7 +55,13 @@ def main():
             own = torch.tensor([documents.index(r.document) for r in rows])
             lines = [("float32 embedding", 4 * vectors.shape[1], recall(questions @ vectors.T, own))]
             for pieces, quantizer in quantizers.items():
-                lines.append((f"{pieces} pieces x 256 codes", pieces, recall(quantizer.scores(questions, quantizer.encode(vectors)), own)))
+                lines.append(
+                    (
+                        f"{pieces} pieces x 256 codes",
+                        pieces,
+                        recall(quantizer.scores(questions, quantizer.encode(vectors)), own),
+                    )
+                )
             for label, size, (top1, top2) in lines:
                 print(f"{name:<12}{len(documents):>10}{len(rows):>10}   {label:<22}{size:>6}{top1:>9.1f}{top2:>9.1f}")
 

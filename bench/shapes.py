@@ -18,9 +18,13 @@ def save_distilgpt2_shaped_backbones() -> Path:
 
     folder = Path(tempfile.mkdtemp(prefix="mbc-bench-"))
     torch.manual_seed(0)
-    GPT2LMHeadModel(GPT2Config(vocab_size=49152, n_layer=6, n_embd=768, n_head=12, n_positions=1024, bos_token_id=1, eos_token_id=2)).save_pretrained(folder / "gpt2")
+    GPT2LMHeadModel(
+        GPT2Config(vocab_size=49152, n_layer=6, n_embd=768, n_head=12, n_positions=1024, bos_token_id=1, eos_token_id=2)
+    ).save_pretrained(folder / "gpt2")
     AutoTokenizer.from_pretrained(bundled_smollm2_folder()).save_pretrained(folder / "gpt2")
-    T5Model(T5Config(vocab_size=32128, d_model=512, d_ff=2048, d_kv=64, num_layers=6, num_heads=8)).save_pretrained(folder / "t5")
+    T5Model(T5Config(vocab_size=32128, d_model=512, d_ff=2048, d_kv=64, num_layers=6, num_heads=8)).save_pretrained(
+        folder / "t5"
+    )
     AutoTokenizer.from_pretrained(bundled_minilm_folder()).save_pretrained(folder / "t5")
     return folder
 
@@ -30,5 +34,7 @@ def distilgpt2_shaped_model(folder: Path, **overrides):
     from mbc.training.presets import preset
 
     values = preset("distilgpt2")["model"]
-    values.update(llm=str(folder / "gpt2"), document_encoder=str(folder / "t5"), question_encoder=str(folder / "t5"), **overrides)
+    values.update(
+        llm=str(folder / "gpt2"), document_encoder=str(folder / "t5"), question_encoder=str(folder / "t5"), **overrides
+    )
     return MBCModel.build(MBCConfig(**values))

@@ -32,7 +32,7 @@ def _rows(data: str | None, count: int):
 
     spec = data or (str(SQUAD) if SQUAD.exists() else "generated")
     rows = qa_data.load(spec)
-    return spec, rows[:: max(1, len(rows) // (count * 50))][:count * 50]
+    return spec, rows[:: max(1, len(rows) // (count * 50))][: count * 50]
 
 
 def _cpu_preset_model():
@@ -42,7 +42,9 @@ def _cpu_preset_model():
     return MBCModel.build(MBCConfig(**preset("cpu")["model"]))
 
 
-def measure(name: str, batch: int, steps: int, data: str | None, backbones: str | None, glibc_default: bool = False) -> dict:
+def measure(
+    name: str, batch: int, steps: int, data: str | None, backbones: str | None, glibc_default: bool = False
+) -> dict:
     import torch
 
     from mbc.training.allocator import keep_large_allocations_on_mmap
@@ -59,17 +61,25 @@ def measure(name: str, batch: int, steps: int, data: str | None, backbones: str 
         chunk = rows[step * batch : (step + 1) * batch]
         start = time.perf_counter()
         documents = list(dict.fromkeys(r.document for r in chunk))
-        out = model(documents, [r.question for r in chunk], [r.answers[0] for r in chunk],
-                    question_documents=[documents.index(r.document) for r in chunk])
+        out = model(
+            documents,
+            [r.question for r in chunk],
+            [r.answers[0] for r in chunk],
+            question_documents=[documents.index(r.document) for r in chunk],
+        )
         out.loss.backward()
         optimizer.step()
         optimizer.zero_grad()
         times.append(time.perf_counter() - start)
     counts = model.parameter_counts()
     return {
-        "preset": name + (" (glibc default allocator)" if glibc_default else ""), "batch": batch, "data": spec, "seconds_per_step": sum(times[1:]) / steps,
+        "preset": name + (" (glibc default allocator)" if glibc_default else ""),
+        "batch": batch,
+        "data": spec,
+        "seconds_per_step": sum(times[1:]) / steps,
         "peak_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2,
-        "trainable_parameters": counts["trainable"], "frozen_parameters": counts["frozen"],
+        "trainable_parameters": counts["trainable"],
+        "frozen_parameters": counts["frozen"],
     }
 
 
@@ -80,7 +90,9 @@ def main():
     parser.add_argument("--data", default=None)
     parser.add_argument("--only", default=None, help=argparse.SUPPRESS)  # internal: run one preset in this process
     parser.add_argument("--backbones", default=None, help=argparse.SUPPRESS)  # internal: the random backbones' folder
-    parser.add_argument("--glibc-default", action="store_true", help=argparse.SUPPRESS)  # internal: leave malloc's threshold alone
+    parser.add_argument(
+        "--glibc-default", action="store_true", help=argparse.SUPPRESS
+    )  # internal: leave malloc's threshold alone
     args = parser.parse_args()
     if args.only:
         print(json.dumps(measure(args.only, args.batch, args.steps, args.data, args.backbones, args.glibc_default)))
@@ -89,16 +101,29 @@ def main():
     results = []
     # The last run shows what mbc.allocator saves: the same preset with glibc's default threshold.
     for name, glibc_default in (("cpu", False), ("distilgpt2", False), ("distilgpt2", True)):
-        command = [sys.executable, __file__, "--only", name, "--batch", str(args.batch), "--steps", str(args.steps),
-                   "--backbones", str(backbones)] + (["--glibc-default"] if glibc_default else [])
+        command = [
+            sys.executable,
+            __file__,
+            "--only",
+            name,
+            "--batch",
+            str(args.batch),
+            "--steps",
+            str(args.steps),
+            "--backbones",
+            str(backbones),
+        ] + (["--glibc-default"] if glibc_default else [])
         if args.data:
             command += ["--data", args.data]
         output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
         results.append(json.loads(output.strip().splitlines()[-1]))
     print(f"{'preset':<44}{'batch':>6}{'s/step':>10}{'peak GB':>10}{'trainable':>14}   vs reference (49 s, 11.1 GB)")
     for r in results:
-        print(f"{r['preset']:<44}{r['batch']:>6}{r['seconds_per_step']:>10.2f}{r['peak_gb']:>10.2f}{r['trainable_parameters']:>14,}"
-              f"   {REFERENCE['seconds'] / r['seconds_per_step']:.1f}x faster, {r['peak_gb'] / REFERENCE['peak_gb']:.0%} of its memory")
+        print(
+            f"{r['preset']:<44}{r['batch']:>6}{r['seconds_per_step']:>10.2f}{r['peak_gb']:>10.2f}{r['trainable_parameters']:>14,}"
+            f"   {REFERENCE['seconds'] / r['seconds_per_step']:.1f}x faster, "
+            f"{r['peak_gb'] / REFERENCE['peak_gb']:.0%} of its memory"
+        )
     print(f"data: {results[0]['data']}")
 
 

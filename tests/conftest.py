@@ -36,15 +36,58 @@ def byte_tokenizer() -> PreTrainedTokenizerFast:
 
 VOCAB = 3 + 256
 TINY_MODELS = {
-    "gpt2": lambda: GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_positions=256, n_embd=32, n_layer=3, n_head=4, initializer_range=0.2,
-                                               bos_token_id=EOS, eos_token_id=EOS, pad_token_id=PAD)),
-    "llama": lambda: LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-                                                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                                                  bos_token_id=EOS, eos_token_id=EOS, pad_token_id=PAD)),
-    "bert": lambda: BertModel(BertConfig(vocab_size=VOCAB, hidden_size=24, num_hidden_layers=2, num_attention_heads=4,
-                                         intermediate_size=48, max_position_embeddings=256, pad_token_id=PAD)),
-    "t5": lambda: T5Model(T5Config(vocab_size=VOCAB, d_model=24, d_kv=6, d_ff=48, num_layers=2, num_decoder_layers=2,
-                                   num_heads=4, pad_token_id=PAD, eos_token_id=EOS, decoder_start_token_id=PAD)),
+    "gpt2": lambda: GPT2LMHeadModel(
+        GPT2Config(
+            vocab_size=VOCAB,
+            n_positions=256,
+            n_embd=32,
+            n_layer=3,
+            n_head=4,
+            initializer_range=0.2,
+            bos_token_id=EOS,
+            eos_token_id=EOS,
+            pad_token_id=PAD,
+        )
+    ),
+    "llama": lambda: LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=VOCAB,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=256,
+            bos_token_id=EOS,
+            eos_token_id=EOS,
+            pad_token_id=PAD,
+        )
+    ),
+    "bert": lambda: BertModel(
+        BertConfig(
+            vocab_size=VOCAB,
+            hidden_size=24,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=48,
+            max_position_embeddings=256,
+            pad_token_id=PAD,
+        )
+    ),
+    "t5": lambda: T5Model(
+        T5Config(
+            vocab_size=VOCAB,
+            d_model=24,
+            d_kv=6,
+            d_ff=48,
+            num_layers=2,
+            num_decoder_layers=2,
+            num_heads=4,
+            pad_token_id=PAD,
+            eos_token_id=EOS,
+            decoder_start_token_id=PAD,
+        )
+    ),
 }
 
 
@@ -63,10 +106,21 @@ def tiny_paths(tmp_path_factory) -> dict[str, str]:
 
 def tiny_config(paths: dict[str, str], llm: str = "llama", encoder: str = "bert", **overrides) -> MBCConfig:
     values = dict(
-        llm=paths[llm], document_encoder=paths[encoder], question_encoder=paths[encoder],
-        num_slots=4, codebook_size=16, aggregator_blocks=2, aggregator_heads=2, aggregator_head_dim=8,
-        prefix_tokens=2, lora_layers=2, lora_rank=4, lora_dropout=0.0, reader_blocks=1,
-        max_document_tokens=96, max_question_tokens=48,
+        llm=paths[llm],
+        document_encoder=paths[encoder],
+        question_encoder=paths[encoder],
+        num_slots=4,
+        codebook_size=16,
+        aggregator_blocks=2,
+        aggregator_heads=2,
+        aggregator_head_dim=8,
+        prefix_tokens=2,
+        lora_layers=2,
+        lora_rank=4,
+        lora_dropout=0.0,
+        reader_blocks=1,
+        max_document_tokens=96,
+        max_question_tokens=48,
     )
     values.update(overrides)
     return MBCConfig(**values)
@@ -77,6 +131,7 @@ def tiny_model(tiny_paths):
     def make(llm: str = "llama", encoder: str = "bert", seed: int = 0, **overrides) -> MBCModel:
         torch.manual_seed(seed)
         return MBCModel.build(tiny_config(tiny_paths, llm, encoder, **overrides))
+
     return make
 
 

@@ -15,7 +15,9 @@ from mbc.memory.readers import (
     reader_for,
 )
 
-MORE = [f"Document number {i} tells of the {w} harbour of Vell{i}." for i, w in enumerate("old new red far wide".split())]
+MORE = [
+    f"Document number {i} tells of the {w} harbour of Vell{i}." for i, w in enumerate("old new red far wide".split())
+]
 
 
 def trained_codes(model):
@@ -50,14 +52,18 @@ def test_code_counts_give_the_same_modulation_as_the_whole_bank(tiny_model, tmp_
         assert counts.sum() == len(bank) * model.config.num_slots and len(codes) < counts.sum()
         full, compact = FullReader(model, bank), CodeCountReader(model, bank)
         assert torch.allclose(full.modulation(QUESTIONS), compact.modulation(QUESTIONS), atol=1e-5)
-        assert torch.allclose(full.modulation(QUESTIONS), model.modulation(QUESTIONS, model.memory(bank.entries())), atol=1e-5)
+        assert torch.allclose(
+            full.modulation(QUESTIONS), model.modulation(QUESTIONS, model.memory(bank.entries())), atol=1e-5
+        )
 
 
 def test_readers_follow_the_bank_as_it_grows(tiny_model, tmp_path):
     model = codebook_of(trained_codes(tiny_model()), DOCUMENTS + MORE[:1])  # 16 codes for 4 x 4 vectors
     with open_bank(model, tmp_path / "bank.db") as bank:
         ingest(model, bank, DOCUMENTS)
-        assert not set(bank.code_counts()[0].flatten()) & set(model.compress(MORE[:1]).flatten())  # MORE[0] brings new codes
+        assert not set(bank.code_counts()[0].flatten()) & set(
+            model.compress(MORE[:1]).flatten()
+        )  # MORE[0] brings new codes
         reader = reader_for(model, bank)
         before = reader.modulation(QUESTIONS)
         ingest(model, bank, MORE)
@@ -139,7 +145,9 @@ def test_retrieval_reader_equals_the_model_over_the_whole_bank(tiny_model, tmp_p
         bank.remove(first.ids[1])  # the reader keeps its keys up to date: new documents keyed, removed ones dropped
         documents = model.memory(bank.entries()).view(len(bank), model.config.num_slots, -1)
         top = model.top_documents(QUESTIONS, bank.retrieval_keys())
-        expected = model.read_documents(model.queries(QUESTIONS), documents[top])  # decoding every document, then choosing
+        expected = model.read_documents(
+            model.queries(QUESTIONS), documents[top]
+        )  # decoding every document, then choosing
         assert torch.allclose(reader.modulation(QUESTIONS), expected, atol=1e-5)
         assert len(reader.ids) == len(bank) == 7
         top = model.top_documents(QUESTIONS, bank.retrieval_keys())

@@ -5,7 +5,7 @@ from mbc.network.aggregation import Aggregator
 
 
 def test_attention_over_code_counts_equals_attention_over_the_bank():
-    """MBC-METHOD.md: with every stored vector a codebook entry, attending over the C codes with
+    """docs/METHOD.md: with every stored vector a codebook entry, attending over the C codes with
     log-count weights gives the same result as attending over every vector of the bank."""
     torch.manual_seed(0)
     codebook = torch.randn(16, 32)

@@ -100,7 +100,9 @@ def test_sizes_account_for_entries_codebook_and_mac(tmp_path):
     with MemoryBank.open(tmp_path / "bank.db", LAYOUT) as bank:
         bank.add(["a", "b"], random_entries(2))
         sizes = bank.sizes()
-    assert sizes["entry_bytes"] == sizes["stored_bytes"] == 2 * 9  # 8 indices x 9 bits = 72 bits = 9 bytes per document; no keys
+    assert (
+        sizes["entry_bytes"] == sizes["stored_bytes"] == 2 * 9
+    )  # 8 indices x 9 bits = 72 bits = 9 bytes per document; no keys
     assert sizes["codebook_bytes"] == 2 * 512 * 8 * 4
     assert sizes["mac_equivalent_bytes"] == 2 * 4 * 8 * 4
 
@@ -140,7 +142,9 @@ def test_a_process_killed_mid_ingest_leaves_only_whole_documents(tmp_path):
         assert len(bank) == count + 1
 
 
-KEYED = BankLayout("mbc", num_slots=4, stages=1, codebook_size=512, dim=8, fingerprint="abc", key_pieces=8, key_codes=256)
+KEYED = BankLayout(
+    "mbc", num_slots=4, stages=1, codebook_size=512, dim=8, fingerprint="abc", key_pieces=8, key_codes=256
+)
 
 
 def test_retrieval_keys_round_trip_and_are_required_by_a_keyed_bank(tmp_path):

@@ -18,19 +18,29 @@ def bundled():
 @pytest.mark.integration
 def test_bundled_models_encode_two_documents_and_answer(bundled):
     assert bundled.layout.family == "llama" and bundled.layout.num_kv_heads == 3 and bundled.layout.hidden_size == 576
-    entries = bundled.compress([
-        "Mira Okafor founded the Brellin Observatory in 1987.",
-        "The river Tasse flows through the town of Quelmont.",
-    ])
+    entries = bundled.compress(
+        [
+            "Mira Okafor founded the Brellin Observatory in 1987.",
+            "The river Tasse flows through the town of Quelmont.",
+        ]
+    )
     assert entries.shape == (2, 12, 1) and entries.dtype == np.uint16
-    answers = bundled.answer(["Who founded the Brellin Observatory?"], bundled.memory(entries),
-                             DecodingConfig("diverse_beam", max_new_tokens=8))
+    answers = bundled.answer(
+        ["Who founded the Brellin Observatory?"],
+        bundled.memory(entries),
+        DecodingConfig("diverse_beam", max_new_tokens=8),
+    )
     assert len(answers) == 1 and isinstance(answers[0], str) and answers[0]
 
 
 @pytest.mark.integration
 def test_bundled_sizes(bundled):
-    assert bundled.bytes_per_document() == {"mbc": 14, "mac": 12 * 576 * 4, "codebook_total": 512 * 576 * 4, "retrieval_key": 0}
+    assert bundled.bytes_per_document() == {
+        "mbc": 14,
+        "mac": 12 * 576 * 4,
+        "codebook_total": 512 * 576 * 4,
+        "retrieval_key": 0,
+    }
     counts = bundled.parameter_counts()
     assert 134_000_000 < counts["frozen"] < 135_000_000  # SmolLM2's 134.5M (MiniLM is fine-tuned, so trainable)
 

@@ -19,13 +19,22 @@ def _train_a_little(model):
     return model.eval()
 
 
-@pytest.mark.parametrize("llm,encoder,quantize,standardize_modulation,update",
-                         [("llama", "bert", True, False, "gradient"), ("gpt2", "t5", True, False, "gradient"),
-                          ("llama", "bert", False, False, "gradient"), ("llama", "bert", True, True, "gradient"),
-                          ("llama", "bert", True, False, "ema")])
+@pytest.mark.parametrize(
+    "llm,encoder,quantize,standardize_modulation,update",
+    [
+        ("llama", "bert", True, False, "gradient"),
+        ("gpt2", "t5", True, False, "gradient"),
+        ("llama", "bert", False, False, "gradient"),
+        ("llama", "bert", True, True, "gradient"),
+        ("llama", "bert", True, False, "ema"),
+    ],
+)
 def test_save_load_same_outputs(tiny_model, tmp_path, llm, encoder, quantize, standardize_modulation, update):
-    model = _train_a_little(tiny_model(llm, encoder, quantize=quantize, standardize_modulation=standardize_modulation,
-                                       codebook_update=update))
+    model = _train_a_little(
+        tiny_model(
+            llm, encoder, quantize=quantize, standardize_modulation=standardize_modulation, codebook_update=update
+        )
+    )
     model.save_pretrained(tmp_path)
     meta = json.loads((tmp_path / CONFIG_NAME).read_text())
     assert meta["config"]["llm"] == model.config.llm and meta["codebook_fingerprint"] == model.codebook_fingerprint()
@@ -36,10 +45,15 @@ def test_save_load_same_outputs(tiny_model, tmp_path, llm, encoder, quantize, st
     assert torch.equal(loaded.memory(entries), memory)
     assert torch.equal(loaded.modulation(QUESTIONS, memory), model.modulation(QUESTIONS, memory))
     assert loaded.answer(QUESTIONS, memory) == model.answer(QUESTIONS, memory)
-    prefix, loaded_prefix = model.prefix(model.modulation(QUESTIONS, memory)), loaded.prefix(loaded.modulation(QUESTIONS, memory))
+    prefix, loaded_prefix = (
+        model.prefix(model.modulation(QUESTIONS, memory)),
+        loaded.prefix(loaded.modulation(QUESTIONS, memory)),
+    )
     assert all(torch.equal(a[1], b[1]) for a, b in zip(prefix, loaded_prefix))  # modulation statistics included
     with torch.no_grad():
-        assert torch.equal(loaded(DOCUMENTS[:2], QUESTIONS, ANSWERS).loss, model(DOCUMENTS[:2], QUESTIONS, ANSWERS).loss)
+        assert torch.equal(
+            loaded(DOCUMENTS[:2], QUESTIONS, ANSWERS).loss, model(DOCUMENTS[:2], QUESTIONS, ANSWERS).loss
+        )
 
 
 def test_checkpoint_holds_trainable_parts_only(tiny_model, tmp_path):

@@ -8,28 +8,79 @@ runner = CliRunner()
 
 
 def _tiny_sets(paths):
-    values = {"llm": paths["llama"], "document_encoder": paths["bert"], "question_encoder": paths["bert"], "num_slots": 4,
-              "codebook_size": 16, "prefix_layers": 2, "lora_layers": 2, "lora_rank": 4, "aggregator_blocks": 1,
-              "aggregator_heads": 2, "aggregator_head_dim": 8, "retrieval_top_k": 1, "retrieval_subspaces": 4,
-              "retrieval_codes": 4}
+    values = {
+        "llm": paths["llama"],
+        "document_encoder": paths["bert"],
+        "question_encoder": paths["bert"],
+        "num_slots": 4,
+        "codebook_size": 16,
+        "prefix_layers": 2,
+        "lora_layers": 2,
+        "lora_rank": 4,
+        "aggregator_blocks": 1,
+        "aggregator_heads": 2,
+        "aggregator_head_dim": 8,
+        "retrieval_top_k": 1,
+        "retrieval_subspaces": 4,
+        "retrieval_codes": 4,
+    }
     return [arg for key, value in values.items() for arg in ("--set", f"{key}={value}")]
 
 
 def test_train_then_validate_from_the_command_line(tiny_paths, tmp_path):
     out = tmp_path / "run"
-    result = runner.invoke(app, ["train", "--preset", "cpu", "--data", "generated", "--first-documents", "30", "--output", str(out),
-                                 "--max-steps", "3", "--train-set", "batch_size=4", "--train-set", "eval_questions=4",
-                                 "--train-set", "probe_steps=1", "--train-set", "float_memory_steps=2",  # the preset's warm start, shortened
-                                 *_tiny_sets(tiny_paths)])
+    result = runner.invoke(
+        app,
+        [
+            "train",
+            "--preset",
+            "cpu",
+            "--data",
+            "generated",
+            "--first-documents",
+            "30",
+            "--output",
+            str(out),
+            "--max-steps",
+            "3",
+            "--train-set",
+            "batch_size=4",
+            "--train-set",
+            "eval_questions=4",
+            "--train-set",
+            "probe_steps=1",
+            "--train-set",
+            "float_memory_steps=2",  # the preset's warm start, shortened
+            *_tiny_sets(tiny_paths),
+        ],
+    )
     assert result.exit_code == 0, result.output
-    assert json.loads(result.stdout[result.stdout.index("{\n"):])["validation"]["loss"] > 0
+    assert json.loads(result.stdout[result.stdout.index("{\n") :])["validation"]["loss"] > 0
     assert (out / "loss.png").stat().st_size > 1000 and (out / "last" / "mbc_config.json").exists()
     scores = tmp_path / "scores.json"
-    result = runner.invoke(app, ["validate", str(out / "last"), "--data", "generated", "--first-documents", "30",
-                                 "--questions", "6", "--output", str(scores)])
+    result = runner.invoke(
+        app,
+        [
+            "validate",
+            str(out / "last"),
+            "--data",
+            "generated",
+            "--first-documents",
+            "30",
+            "--questions",
+            "6",
+            "--output",
+            str(scores),
+        ],
+    )
     assert result.exit_code == 0, result.output
     methods = json.loads(scores.read_text())["results"]
-    assert set(methods) == {"mbc", "mbc, bank of unrelated documents", "base LLM, raw question", "base LLM, 3 worked examples"}
+    assert set(methods) == {
+        "mbc",
+        "mbc, bank of unrelated documents",
+        "base LLM, raw question",
+        "base LLM, 3 worked examples",
+    }
 
 
 def test_info_and_bad_override(tiny_paths):
@@ -43,24 +94,93 @@ def test_eval_streams_documents_and_compares_methods(tiny_paths, tmp_path):
     checkpoints = {}
     for name, extra in (("mbc", []), ("mac", ["--set", "quantize=false"])):
         out = tmp_path / name
-        result = runner.invoke(app, ["train", "--preset", "cpu", "--data", "generated", "--first-documents", "30", "--output", str(out),
-                                     "--max-steps", "1", "--train-set", "batch_size=4", "--train-set", "eval_questions=4",
-                                     "--train-set", "probe_steps=0", "--train-set", "float_memory_steps=0",
-                                     *_tiny_sets(tiny_paths), *extra])
+        result = runner.invoke(
+            app,
+            [
+                "train",
+                "--preset",
+                "cpu",
+                "--data",
+                "generated",
+                "--first-documents",
+                "30",
+                "--output",
+                str(out),
+                "--max-steps",
+                "1",
+                "--train-set",
+                "batch_size=4",
+                "--train-set",
+                "eval_questions=4",
+                "--train-set",
+                "probe_steps=0",
+                "--train-set",
+                "float_memory_steps=0",
+                *_tiny_sets(tiny_paths),
+                *extra,
+            ],
+        )
         assert result.exit_code == 0, result.output
         checkpoints[name] = out / "last"
-    result = runner.invoke(app, ["eval", str(checkpoints["mbc"]), "--mac", str(checkpoints["mac"]), "--data", "generated",
-                                 "--first-documents", "30", "--documents", "3", "--retention-every", "2",
-                                 "--output", str(tmp_path / "eval")])
+    result = runner.invoke(
+        app,
+        [
+            "eval",
+            str(checkpoints["mbc"]),
+            "--mac",
+            str(checkpoints["mac"]),
+            "--data",
+            "generated",
+            "--first-documents",
+            "30",
+            "--documents",
+            "3",
+            "--retention-every",
+            "2",
+            "--output",
+            str(tmp_path / "eval"),
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert "base, BM25 top-1" in result.output and "mbc F1 retention" in result.output
     assert "mbc retrieval keys found the question's own document for" in result.output
     summary = json.loads((tmp_path / "eval" / "summary.json").read_text())
     assert summary["documents"] == 3 and len(summary["methods"]) == 7
-    result = runner.invoke(app, ["eval", str(checkpoints["mbc"]), "--data", "generated", "--first-documents", "30", "--documents", "2",
-                                 "--methods", "mbc,mbc, unrelated bank", "--output", str(tmp_path / "some")])
+    result = runner.invoke(
+        app,
+        [
+            "eval",
+            str(checkpoints["mbc"]),
+            "--data",
+            "generated",
+            "--first-documents",
+            "30",
+            "--documents",
+            "2",
+            "--methods",
+            "mbc,mbc, unrelated bank",
+            "--output",
+            str(tmp_path / "some"),
+        ],
+    )
     assert result.exit_code == 0, result.output
-    assert set(json.loads((tmp_path / "some" / "summary.json").read_text())["methods"]) == {"mbc", "mbc, unrelated bank"}
-    result = runner.invoke(app, ["eval", str(checkpoints["mbc"]), "--data", "generated", "--first-documents", "30",
-                                 "--methods", "mbc,telepathy", "--output", str(tmp_path / "bad")])
+    assert set(json.loads((tmp_path / "some" / "summary.json").read_text())["methods"]) == {
+        "mbc",
+        "mbc, unrelated bank",
+    }
+    result = runner.invoke(
+        app,
+        [
+            "eval",
+            str(checkpoints["mbc"]),
+            "--data",
+            "generated",
+            "--first-documents",
+            "30",
+            "--methods",
+            "mbc,telepathy",
+            "--output",
+            str(tmp_path / "bad"),
+        ],
+    )
     assert result.exit_code != 0 and "unknown method 'telepathy'" in str(result.exception)

@@ -31,6 +31,7 @@ def test_vq_loss_is_codebook_plus_beta_commitment():
 def test_dead_codes_revived_in_training_only():
     torch.manual_seed(0)
     vq = VectorQuantizer(num_codes=16, dim=4)
+    vq.codebook.data[15] = 1e3  # far from every vector: at least one code this batch does not pick
     z = torch.randn(64, 4) * 3
     vq.eval()
     before = vq.codebook.detach().clone()

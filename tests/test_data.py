@@ -14,8 +14,20 @@ SQUAD = Path(__file__).resolve().parents[2] / "shared" / "data" / "squad" / "squ
 
 
 def _squad_file(tmp_path, context="Paris is the capital of France.", answer="Paris", question="What is the capital?"):
-    data = {"version": "1.1", "data": [{"title": "France", "paragraphs": [
-        {"context": context, "qas": [{"id": "q1", "question": question, "answers": [{"text": answer, "answer_start": 0}]}]}]}]}
+    data = {
+        "version": "1.1",
+        "data": [
+            {
+                "title": "France",
+                "paragraphs": [
+                    {
+                        "context": context,
+                        "qas": [{"id": "q1", "question": question, "answers": [{"text": answer, "answer_start": 0}]}],
+                    }
+                ],
+            }
+        ],
+    }
     path = tmp_path / "squad.json"
     path.write_text(json.dumps(data))
     return path
@@ -32,7 +44,11 @@ def test_shared_squad_open_subset_and_article_split():
     assert len(rows) == 7793 and len(documents(rows)) == 1505 and len({r.group for r in rows}) == 36
     splits = standard_split(rows)
     groups = {name: {r.group for r in part} for name, part in splits.items()}
-    assert not (groups["train"] & groups["validation"]) and not (groups["train"] & groups["test"]) and not (groups["validation"] & groups["test"])
+    assert (
+        not (groups["train"] & groups["validation"])
+        and not (groups["train"] & groups["test"])
+        and not (groups["validation"] & groups["test"])
+    )
     assert sum(len(p) for p in splits.values()) == 7793
 
 
@@ -42,7 +58,10 @@ def test_streamingqa_and_archivalqa_loaders():
     assert streaming[0].group == streaming[1].group != streaming[2].group  # grouped by document
     archival = load(str(FIXTURES / "archivalqa.csv"))
     assert archival[0].document.startswith("The Haddon committee") and archival[0].group == "doc-17"
-    assert load_streamingqa(FIXTURES / "streamingqa.csv") == streaming and load_archivalqa(FIXTURES / "archivalqa.csv") == archival
+    assert (
+        load_streamingqa(FIXTURES / "streamingqa.csv") == streaming
+        and load_archivalqa(FIXTURES / "archivalqa.csv") == archival
+    )
 
 
 def test_first_documents_keeps_all_their_questions():
@@ -62,7 +81,9 @@ def test_bad_input_names_file_and_row(tmp_path):
     empty_answer.write_text("text,question,answers\nsome text,a question?,\n")
     with pytest.raises(MBCError, match=r"empty.csv:row 2: an answer is missing or empty"):
         load(str(empty_answer))
-    with pytest.raises(MBCError, match=r"squad.json:data\[0\]\.paragraphs\[0\]\.qas\[0\]: the document \(context\) is empty"):
+    with pytest.raises(
+        MBCError, match=r"squad.json:data\[0\]\.paragraphs\[0\]\.qas\[0\]: the document \(context\) is empty"
+    ):
         load(str(_squad_file(tmp_path, context="  ")))
     with pytest.raises(MBCError, match="more than the limit of 1000"):
         load(str(_squad_file(tmp_path, question="why? " * 300)))
@@ -80,8 +101,15 @@ def test_generated_data_is_seeded_and_splits_share_no_entity():
     assert rows == generate_examples(90, seed=3) and rows != generate_examples(90, seed=4)
     assert len(documents(rows)) == 90 and all(r.answers[0] for r in rows)
     splits = split_by_group(rows, {"train": 0.5, "test": 0.5}, seed=0)
+
     def entities(part):  # the capitalised words, less the templates' own
-        return {w.strip(".,?") for r in part for w in r.document.split() if w[0].isupper()} - {"The", "Its", "It", *ORGANISATION_KINDS}
+        return {w.strip(".,?") for r in part for w in r.document.split() if w[0].isupper()} - {
+            "The",
+            "Its",
+            "It",
+            *ORGANISATION_KINDS,
+        }
+
     assert not entities(splits["train"]) & entities(splits["test"])
 
 
@@ -114,5 +142,7 @@ def test_answer_kinds_of_generated_data():
 
 def test_scores_by_group():
     by_group = score_by_group(["red", "blue", "cat"], [["red"], ["x"], ["cat"]], ["one", "two", "one"])
-    assert by_group == {"one": {"questions": 2, "em": 100.0, "f1": 100.0, "lenient_em": 100.0},
-                        "two": {"questions": 1, "em": 0.0, "f1": 0.0, "lenient_em": 0.0}}
+    assert by_group == {
+        "one": {"questions": 2, "em": 100.0, "f1": 100.0, "lenient_em": 100.0},
+        "two": {"questions": 1, "em": 0.0, "f1": 0.0, "lenient_em": 0.0},
+    }

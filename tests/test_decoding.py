@@ -19,9 +19,17 @@ def _tiny_llm(family: str):
 
 def _hf(model, ids, mask, eos, **kwargs):
     model.set_attn_implementation("sdpa")
-    out = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=8, pad_token_id=0, eos_token_id=eos, **kwargs)
+    out = model.generate(
+        input_ids=ids,
+        attention_mask=mask,
+        do_sample=False,
+        max_new_tokens=8,
+        pad_token_id=0,
+        eos_token_id=eos,
+        **kwargs,
+    )
     enable_prefix_attention(model)
-    return [row[ids.shape[1]:].tolist() for row in out]
+    return [row[ids.shape[1] :].tolist() for row in out]
 
 
 def _strip(rows, eos):
@@ -63,7 +71,7 @@ def test_greedy_with_prefix_and_cache_equals_recomputing_without_cache(tiny_mode
             position_ids = (m.cumsum(-1) - 1).clamp(min=0)
             nxt = model.llm(input_ids=seq, attention_mask=m, position_ids=position_ids).logits[:, -1].argmax(-1)
             seq, m = torch.cat([seq, nxt[:, None]], 1), torch.cat([m, torch.ones_like(nxt[:, None])], 1)
-        expected = [row[ids.shape[1]:].tolist() for row in seq]
+        expected = [row[ids.shape[1] :].tolist() for row in seq]
     assert cached == _strip(expected, 1)
     with prefix_in(model.layout, prefix):
         prefixed = model.llm(input_ids=ids, attention_mask=mask).logits
@@ -83,7 +91,9 @@ def test_diverse_beam_groups_choose_different_tokens():
 def test_paper_decoding_runs_batched_with_prefix(tiny_model):
     model = tiny_model("gpt2").eval()
     memory = model.memory(model.compress(DOCUMENTS))
-    answers = model.answer(QUESTIONS, memory, DecodingConfig("diverse_beam", max_new_tokens=5, num_beams=12, num_beam_groups=4))
+    answers = model.answer(
+        QUESTIONS, memory, DecodingConfig("diverse_beam", max_new_tokens=5, num_beams=12, num_beam_groups=4)
+    )
     assert len(answers) == 2
 
 

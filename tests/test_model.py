@@ -146,7 +146,9 @@ def test_slot_norm_standardises_across_documents_and_freezes_in_eval():
     for _ in range(20):
         out = norm(offsets + 0.1 * torch.randn(16, 3, 8))
     assert out.mean(0).abs().max() < 1e-2 and torch.allclose(out.pow(2).mean(dim=(0, 2)), torch.ones(3), atol=1e-3)
-    assert torch.allclose(norm.running_mean, offsets, atol=0.1) and torch.allclose(norm.running_std, torch.full((3, 1), 0.1), atol=0.02)
+    assert torch.allclose(norm.running_mean, offsets, atol=0.1) and torch.allclose(
+        norm.running_std, torch.full((3, 1), 0.1), atol=0.02
+    )
     norm.eval()
     z = offsets + 0.1 * torch.randn(4, 3, 8)
     before = norm.running_mean.clone()

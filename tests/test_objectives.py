@@ -56,7 +56,11 @@ def test_probe_over_all_tokens_asks_vector_k_for_answer_token_k(tiny_model):
     assert logits.shape == (2, model.config.num_slots, model.llm.config.vocab_size)
     targets = [model.answer_ids(a)[:-1][: model.config.num_slots] for a in answers]  # without EOS, at most K
     assert len(targets[0]) == model.config.num_slots and len(targets[1]) < model.config.num_slots
-    terms = [torch.nn.functional.cross_entropy(logits[i, k], torch.tensor(t)) for i, ids in enumerate(targets) for k, t in enumerate(ids)]
+    terms = [
+        torch.nn.functional.cross_entropy(logits[i, k], torch.tensor(t))
+        for i, ids in enumerate(targets)
+        for k, t in enumerate(ids)
+    ]
     assert torch.allclose(answer_probe_loss(model, modulation, answers, "all"), torch.stack(terms).mean(), atol=1e-5)
     with pytest.raises(MBCError, match="probe tokens"):
         answer_probe_logits(model, modulation, "last")

@@ -15,8 +15,15 @@ def test_eval_runs_every_method_and_writes_its_outputs(tiny_model, tmp_path):
     summary = run_eval(mbc, rows, unrelated, tmp_path, config, mac)
 
     methods = summary["methods"]
-    assert set(methods) == {"mbc", "mbc, unrelated bank", "mac", "base, raw question", "base, 3 worked examples",
-                            "base, gold document", "base, BM25 top-1"}
+    assert set(methods) == {
+        "mbc",
+        "mbc, unrelated bank",
+        "mac",
+        "base, raw question",
+        "base, 3 worked examples",
+        "base, gold document",
+        "base, BM25 top-1",
+    }
     assert summary["documents"] == 5 and summary["questions"] == 30
     k, dim = mbc.config.num_slots, mbc.layout.hidden_size
     assert methods["mbc"]["bytes_per_document"] == packed_size(k, mbc.config.codebook_size)
@@ -43,7 +50,10 @@ def test_eval_runs_every_method_and_writes_its_outputs(tiny_model, tmp_path):
     assert f"listed ({listed})" in format_table(summary)
 
     again = run_eval(mbc, rows, unrelated, tmp_path, EvalConfig(retention_every=2, batch_size=8, methods=["mbc"]))
-    assert again["methods"]["mbc"] == {**methods["mbc"], **{k: again["methods"]["mbc"][k] for k in ("adapt_ms_per_document", "answer_ms_per_question")}}
+    assert again["methods"]["mbc"] == {
+        **methods["mbc"],
+        **{k: again["methods"]["mbc"][k] for k in ("adapt_ms_per_document", "answer_ms_per_question")},
+    }
 
 
 def test_eval_with_retrieval_keys_counts_their_bytes_and_reports_recall(tiny_model, tmp_path):
@@ -53,10 +63,18 @@ def test_eval_with_retrieval_keys_counts_their_bytes_and_reports_recall(tiny_mod
     for model in (mbc, mac):
         model.fit_retrieval_keys([r.document for r in rows][::6])
         model.eval()
-    summary = run_eval(mbc, rows[:30], [r.document for r in generate_examples(8, seed=4)][::6], tmp_path,
-                       EvalConfig(retention_every=5, batch_size=8, methods=["mbc", "mac", "mbc, unrelated bank"]), mac)
+    summary = run_eval(
+        mbc,
+        rows[:30],
+        [r.document for r in generate_examples(8, seed=4)][::6],
+        tmp_path,
+        EvalConfig(retention_every=5, batch_size=8, methods=["mbc", "mac", "mbc, unrelated bank"]),
+        mac,
+    )
     k, dim = mbc.config.num_slots, mbc.layout.hidden_size
-    assert summary["methods"]["mbc"]["bytes_per_document"] == packed_size(k, mbc.config.codebook_size) + 1  # 4 keys x 2 bits
+    assert (
+        summary["methods"]["mbc"]["bytes_per_document"] == packed_size(k, mbc.config.codebook_size) + 1
+    )  # 4 keys x 2 bits
     assert summary["methods"]["mac"]["bytes_per_document"] == k * dim * 4 + 1
     for name in ("mbc", "mac"):
         assert 0 <= summary["banks"][name]["retrieval_recall_percent"] <= 100

@@ -10,7 +10,9 @@ from mbc.memory.ingest import ingest
 from mbc.memory.readers import reader_for
 from mbc.network.retrieval import ProductQuantizer
 
-MORE = [f"Harbour {i} of the {w} coast keeps {i + 2} lighthouses." for i, w in enumerate("old new red far wide".split())]
+MORE = [
+    f"Harbour {i} of the {w} coast keeps {i + 2} lighthouses." for i, w in enumerate("old new red far wide".split())
+]
 KEYS = dict(retrieval_subspaces=4, retrieval_codes=4)
 
 
@@ -26,7 +28,9 @@ def test_product_quantizer_keys_find_the_nearest_embedding():
     assert keys.shape == (6, 4) and int(keys.max()) < 8
     decoded = torch.stack([torch.cat([quantizer.centroids[s, keys[n, s]] for s in range(4)]) for n in range(6)])
     scores = quantizer.scores(centres, keys)
-    assert torch.allclose(scores, centres @ decoded.T, atol=1e-5)  # asymmetric distance = inner product with the decoded keys
+    assert torch.allclose(
+        scores, centres @ decoded.T, atol=1e-5
+    )  # asymmetric distance = inner product with the decoded keys
     assert torch.equal(scores.argmax(1), torch.arange(6))  # every centre finds its own key
 
 
@@ -64,7 +68,9 @@ def test_each_question_reads_only_its_top_documents(tiny_model):
     top = model.top_documents(QUESTIONS, keys)
     assert top.shape == (2, 2)
     queries = model.queries(QUESTIONS)
-    expected = torch.cat([model.aggregator(queries[b : b + 1], documents[top[b]].reshape(1, -1, documents.shape[-1])) for b in range(2)])
+    expected = torch.cat(
+        [model.aggregator(queries[b : b + 1], documents[top[b]].reshape(1, -1, documents.shape[-1])) for b in range(2)]
+    )
     with MemoryBank.in_memory(BankLayout.of(model)) as bank:
         ingest(model, bank, texts)
         assert torch.allclose(reader_for(model, bank).modulation(QUESTIONS), expected, atol=1e-5)
@@ -89,7 +95,9 @@ def test_retrieval_keys_are_saved_and_fingerprinted(tiny_model, tmp_path):
     before = model.codebook_fingerprint()
     model.save_pretrained(tmp_path / "ckpt")
     loaded = MBCModel.from_pretrained(tmp_path / "ckpt")
-    assert torch.equal(loaded.retrieval_keys.centroids, model.retrieval_keys.centroids) and bool(loaded.retrieval_keys.fitted)
+    assert torch.equal(loaded.retrieval_keys.centroids, model.retrieval_keys.centroids) and bool(
+        loaded.retrieval_keys.fitted
+    )
     np.testing.assert_array_equal(loaded.retrieval_keys_of(DOCUMENTS), model.retrieval_keys_of(DOCUMENTS))
     model.retrieval_keys.centroids += 0.1
     assert model.codebook_fingerprint() != before

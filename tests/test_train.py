@@ -17,13 +17,23 @@ from mbc.model import MBCModel
 from mbc.training.trainer import TrainConfig, train
 
 VALIDATION_KEYS = {"em", "f1", "lenient_em", "loss"}
-KIND_KEYS = {f"{metric}_{kind}" for metric in ("em", "f1") for kind in ANSWER_KINDS}  # generated data: scores by answer kind
+KIND_KEYS = {
+    f"{metric}_{kind}" for metric in ("em", "f1") for kind in ANSWER_KINDS
+}  # generated data: scores by answer kind
 ROWS = split_by_group(generate_examples(30, seed=1), {"train": 0.8, "validation": 0.2})
 
 
 def _train(tiny_paths, out, model_overrides: dict | None = None, **overrides):
-    values = dict(output_dir=str(out), batch_size=4, learning_rate=3e-3, max_steps=4, eval_every=1000, log_every=1,
-                  eval_questions=6, seed=0)
+    values = dict(
+        output_dir=str(out),
+        batch_size=4,
+        learning_rate=3e-3,
+        max_steps=4,
+        eval_every=1000,
+        log_every=1,
+        eval_questions=6,
+        seed=0,
+    )
     values.update(overrides)
     config = tiny_config(tiny_paths, "gpt2", "bert", lora_dropout=0.0, **(model_overrides or {}))
     return train(config, TrainConfig(**values), ROWS["train"], ROWS["validation"])
@@ -49,7 +59,9 @@ def test_save_best_off_keeps_only_the_last_checkpoint(tiny_paths, tmp_path):
 
 def test_training_lowers_the_loss(tiny_paths, tmp_path):
     _train(tiny_paths, tmp_path, max_steps=30, log_every=5, learning_rate=1e-2)
-    losses = [json.loads(line)["qa"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines() if '"train"' in line]
+    losses = [
+        json.loads(line)["qa"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines() if '"train"' in line
+    ]
     assert losses[-1] < 0.9 * losses[0]
 
 
@@ -60,7 +72,9 @@ def test_training_with_retrieval_keys_fits_them_once(tiny_paths, tmp_path):
     first = load_file(tmp_path / "last" / WEIGHTS_NAME)
     assert bool(first["retrieval_keys.fitted"]) and first["retrieval_keys.centroids"].abs().sum() > 0
     _train(tiny_paths, tmp_path, keys, max_steps=4)  # resumed: the centroids come from the checkpoint, not a new fit
-    assert torch.equal(load_file(tmp_path / "last" / WEIGHTS_NAME)["retrieval_keys.centroids"], first["retrieval_keys.centroids"])
+    assert torch.equal(
+        load_file(tmp_path / "last" / WEIGHTS_NAME)["retrieval_keys.centroids"], first["retrieval_keys.centroids"]
+    )
 
 
 def test_float_memory_warm_start_then_a_fitted_codebook(tiny_paths, tmp_path):
@@ -88,7 +102,9 @@ def test_bad_schedules_are_refused_before_training(tiny_paths, tmp_path):
 
 def test_cosine_schedule_decays_to_zero_after_warmup(tiny_paths, tmp_path):
     _train(tiny_paths, tmp_path, max_steps=6, warmup_ratio=0.2, lr_schedule="cosine")
-    rates = [json.loads(line)["lr"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines() if '"train"' in line]
+    rates = [
+        json.loads(line)["lr"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines() if '"train"' in line
+    ]
     # The rate logged at step s is the one step s + 1 will use: warmup ends at step 2.
     assert rates[0] < rates[1] == pytest.approx(3e-3) and rates[-1] == pytest.approx(0.0, abs=1e-12)
     assert all(a > b for a, b in zip(rates[1:], rates[2:]))
@@ -111,7 +127,9 @@ def test_codebook_gets_its_own_learning_rate(tiny_model):
     from mbc.training.trainer import parameter_groups
 
     model = tiny_model()
-    groups = parameter_groups(model, TrainConfig(learning_rate=1e-3, encoder_learning_rate=1e-4, codebook_learning_rate=1e-2))
+    groups = parameter_groups(
+        model, TrainConfig(learning_rate=1e-3, encoder_learning_rate=1e-4, codebook_learning_rate=1e-2)
+    )
     rates = {group["lr"]: group["params"] for group in groups}
     assert set(rates) == {1e-3, 1e-4, 1e-2}
     assert rates[1e-2] == [model.quantizer.stages[0].codebook]
@@ -131,8 +149,23 @@ def test_resume_continues_exactly(tiny_paths, tmp_path):
 def test_two_processes_end_with_identical_weights(tiny_paths, tmp_path):
     script = Path(__file__).parent / "two_process_training.py"
     paths = json.dumps(tiny_paths)
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-               "--mixed_precision", "no", "--dynamo_backend", "no", str(script), paths, str(tmp_path)]
+    command = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        str(script),
+        paths,
+        str(tmp_path),
+    ]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -31,7 +31,16 @@ def build_and_capture(config):
 
 
 training.MBCModel.build = build_and_capture
-config = training.TrainConfig(output_dir=str(out / "run"), batch_size=2, learning_rate=3e-3, max_steps=4, max_minutes=30,
-                              eval_every=1000, eval_questions=4, grad_accumulation=2, seed=0)
+config = training.TrainConfig(
+    output_dir=str(out / "run"),
+    batch_size=2,
+    learning_rate=3e-3,
+    max_steps=4,
+    max_minutes=30,
+    eval_every=1000,
+    eval_questions=4,
+    grad_accumulation=2,
+    seed=0,
+)
 training.train(tiny_config(paths, "llama", "bert", lora_dropout=0.0), config, rows["train"], rows["validation"])
 save_file(captured["model"].trainable_state_dict(), out / f"rank{state.process_index}.safetensors")

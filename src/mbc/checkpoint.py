@@ -52,5 +52,7 @@ def load_state(model, folder: str | Path) -> None:
         raise MBCError(f"checkpoint {folder} does not match its config: missing {missing[:5]}, unexpected {extra[:5]}")
     model.load_state_dict(state, strict=False)
     if model.codebook_fingerprint() != json.loads((folder / CONFIG_NAME).read_text()).get("codebook_fingerprint"):
-        raise MBCError(f"the codebook in {folder / WEIGHTS_NAME} does not match the fingerprint in {CONFIG_NAME}: "
-                       "the checkpoint is corrupted")
+        raise MBCError(
+            f"the codebook in {folder / WEIGHTS_NAME} does not match the fingerprint in {CONFIG_NAME}: "
+            "the checkpoint is corrupted"
+        )

@@ -22,7 +22,6 @@ DEMO_DOCUMENTS = [
 DEMO_QUESTION = "Who founded the Brellin Observatory?"
 
 
-
 def _config(config_file: Optional[Path], overrides: list[str]) -> MBCConfig:
     values = MBCConfig.load(config_file).to_dict() if config_file else {}
     return MBCConfig.from_dict(apply_overrides(values, overrides))
@@ -73,17 +72,23 @@ def demo(config_file: Optional[Path] = ConfigFile, overrides: list[str] = Overri
         out = model(DEMO_DOCUMENTS, [DEMO_QUESTION], ["Mira Okafor"], question_documents=[0])
     typer.echo(f"training loss on one example: QA {out.qa_loss.item():.3f}, VQ {out.vq_loss.item():.4f}")
     if model.retrieval_keys is not None:
-        raise MBCError("the demo's untrained adapter has no fitted retrieval keys (training fits them): run it with retrieval_top_k=0")
+        raise MBCError(
+            "the demo's untrained adapter has no fitted retrieval keys (training fits them): run it with retrieval_top_k=0"
+        )
     with MemoryBank.in_memory(BankLayout.of(model)) as bank:
         start = time.perf_counter()
         ingest(model, bank, DEMO_DOCUMENTS)
-        typer.echo(f"compressed {len(DEMO_DOCUMENTS)} documents into the bank in {1000 * (time.perf_counter() - start):.0f} ms: "
-                   f"entries {bank.entries().reshape(len(DEMO_DOCUMENTS), -1).tolist()[:2]}")
+        typer.echo(
+            f"compressed {len(DEMO_DOCUMENTS)} documents into the bank in {1000 * (time.perf_counter() - start):.0f} ms: "
+            f"entries {bank.entries().reshape(len(DEMO_DOCUMENTS), -1).tolist()[:2]}"
+        )
         reader = reader_for(model, bank)
         for decoding in (DecodingConfig("greedy"), DecodingConfig("diverse_beam")):
             start = time.perf_counter()
             answer = answer_from_bank(model, reader, [DEMO_QUESTION], decoding)[0]
-            typer.echo(f"{decoding.strategy:>12}: {DEMO_QUESTION!r} -> {answer!r} ({1000 * (time.perf_counter() - start):.0f} ms)")
+            typer.echo(
+                f"{decoding.strategy:>12}: {DEMO_QUESTION!r} -> {answer!r} ({1000 * (time.perf_counter() - start):.0f} ms)"
+            )
     typer.echo("(the adapter is untrained; train one with `mbc train`, score it with `mbc validate`)")
 
 
@@ -92,9 +97,13 @@ def train(
     preset: str = typer.Option("cpu", help="cpu, distilgpt2, gpt2-large, gpt2-xl or llama-2-7b"),
     data: str = typer.Option("generated", help="SQuAD .json, StreamingQA / ArchivalQA .csv, or generated[:SEED]"),
     output: Path = typer.Option(Path("runs/mbc"), help="run folder: checkpoints, metrics.jsonl, loss curve"),
-    first_documents: Optional[int] = typer.Option(None, help="keep only the first N distinct documents (and all their questions)"),
+    first_documents: Optional[int] = typer.Option(
+        None, help="keep only the first N distinct documents (and all their questions)"
+    ),
     max_steps: Optional[int] = typer.Option(None, help="optimizer steps (default: the preset's epochs)"),
-    max_minutes: Optional[float] = typer.Option(None, help="stop training after this many minutes, then validate and save"),
+    max_minutes: Optional[float] = typer.Option(
+        None, help="stop training after this many minutes, then validate and save"
+    ),
     model_overrides: list[str] = typer.Option([], "--set", help="override a model config field, KEY=VALUE"),
     train_overrides: list[str] = typer.Option([], "--train-set", help="override a training config field, KEY=VALUE"),
 ):
@@ -111,8 +120,13 @@ def train(
     train_values.update({k: v for k, v in (("max_steps", max_steps), ("max_minutes", max_minutes)) if v is not None})
     train_config = TrainConfig(**train_values)
     splits = qa_data.load_splits(data, first_documents)
-    typer.echo(f"data {data}: " + ", ".join(f"{name} {len(rows)} questions / {len(qa_data.documents(rows))} documents"
-                                              for name, rows in splits.items()), err=True)
+    typer.echo(
+        f"data {data}: "
+        + ", ".join(
+            f"{name} {len(rows)} questions / {len(qa_data.documents(rows))} documents" for name, rows in splits.items()
+        ),
+        err=True,
+    )
     metrics = run_training(model_config, train_config, splits["train"], splits["validation"])
     from accelerate import PartialState
 
@@ -153,14 +167,24 @@ def validate(
     typer.echo(f"{'method':<40}{'EM':>7}{'F1':>7}{'lenient EM':>12}")
     for method, metrics in results.items():
         typer.echo(f"{method:<40}{metrics['em']:>7.1f}{metrics['f1']:>7.1f}{metrics['lenient_em']:>12.1f}")
-    kinds = sorted(k[len("em_"):] for k in next(iter(results.values())) if k.startswith("em_"))
+    kinds = sorted(k[len("em_") :] for k in next(iter(results.values())) if k.startswith("em_"))
     if kinds:  # generated data: what the memory carries differs by answer kind
         typer.echo(f"{'EM by answer kind':<40}" + "".join(f"{k:>9}" for k in kinds))
         for method, metrics in results.items():
             typer.echo(f"{method:<40}" + "".join(f"{metrics['em_' + k]:>9.1f}" for k in kinds))
     if output:
-        output.write_text(json.dumps({"checkpoint": str(checkpoint), "data": data, "split": split, "questions": len(rows),
-                                      "results": results}, indent=2))
+        output.write_text(
+            json.dumps(
+                {
+                    "checkpoint": str(checkpoint),
+                    "data": data,
+                    "split": split,
+                    "questions": len(rows),
+                    "results": results,
+                },
+                indent=2,
+            )
+        )
 
 
 @app.command()
@@ -174,23 +198,36 @@ def run(
     stream held-out documents into durable banks, evaluate every method, print the table, write plots."""
     from mbc.pipeline import MainJobConfig, run_main_job
 
-    job = MainJobConfig(train_minutes=train_minutes, documents=documents, retention_every=retention_every, output=str(output))
+    job = MainJobConfig(
+        train_minutes=train_minutes, documents=documents, retention_every=retention_every, output=str(output)
+    )
     _print_summary(run_main_job(job), output)
 
 
 @app.command("eval")
 def evaluate_online(
     checkpoint: Path = typer.Argument(..., help="a trained MBC checkpoint folder"),
-    mac: Optional[Path] = typer.Option(None, help="a trained MAC checkpoint (quantize=false) to compare, same base LLM"),
+    mac: Optional[Path] = typer.Option(
+        None, help="a trained MAC checkpoint (quantize=false) to compare, same base LLM"
+    ),
     data: str = typer.Option("generated", help="the data the checkpoints were trained on (the same split is rebuilt)"),
     split: str = typer.Option("test", help="test or validation"),
-    documents: Optional[int] = typer.Option(None, help="stream only the first N distinct documents of the split (default: all)"),
-    first_documents: Optional[int] = typer.Option(None, help="as given to `mbc train` (down-sampling before the split)"),
+    documents: Optional[int] = typer.Option(
+        None, help="stream only the first N distinct documents of the split (default: all)"
+    ),
+    first_documents: Optional[int] = typer.Option(
+        None, help="as given to `mbc train` (down-sampling before the split)"
+    ),
     retention_every: int = typer.Option(200, help="documents per retention step"),
     decoding: str = typer.Option("greedy", help="greedy, beam or diverse_beam"),
     bm25_top_k: int = typer.Option(1, help="documents BM25 puts into the prompt"),
-    methods: Optional[str] = typer.Option(None, help="subset of the methods, separated by commas without a space, e.g. 'mbc,mbc, unrelated bank' (default: all)"),
-    output: Path = typer.Option(Path("runs/eval"), help="folder for predictions.csv, summary.json, the plots and the banks"),
+    methods: Optional[str] = typer.Option(
+        None,
+        help="subset of the methods, separated by commas without a space, e.g. 'mbc,mbc, unrelated bank' (default: all)",
+    ),
+    output: Path = typer.Option(
+        Path("runs/eval"), help="folder for predictions.csv, summary.json, the plots and the banks"
+    ),
 ):
     """Stream held-out documents into durable banks and answer every question about them: MBC, MAC,
     and the baselines (base LLM raw / with worked examples / with the gold document / with BM25,
@@ -220,18 +257,34 @@ def _print_summary(summary: dict, output: Path) -> None:
     typer.echo(f"{summary['questions']} questions about {summary['documents']} streamed documents")
     typer.echo(format_table(summary))
     for name, curve in summary["retention"].items():
-        typer.echo(f"{name} F1 retention: " + ", ".join(f"{p['documents']} docs {p['retention_percent']:.0f}%"
-                                                      for p in curve if p.get("retention_percent") is not None))
+        typer.echo(
+            f"{name} F1 retention: "
+            + ", ".join(
+                f"{p['documents']} docs {p['retention_percent']:.0f}%"
+                for p in curve
+                if p.get("retention_percent") is not None
+            )
+        )
     for name, sizes in summary["banks"].items():
         keys = f" + {sizes['key_bytes']:,} of retrieval keys" if sizes.get("key_bytes") else ""
-        typer.echo(f"{name} bank: {sizes['documents']} documents, {sizes['entry_bytes']:,} bytes of entries{keys} "
-                   f"({sizes['file_bytes']:,} bytes SQLite file); codebook {sizes['codebook_bytes']:,} bytes; "
-                   f"MAC float32 would take {sizes['mac_equivalent_bytes']:,} bytes")
+        typer.echo(
+            f"{name} bank: {sizes['documents']} documents, {sizes['entry_bytes']:,} bytes of entries{keys} "
+            f"({sizes['file_bytes']:,} bytes SQLite file); codebook {sizes['codebook_bytes']:,} bytes; "
+            f"MAC float32 would take {sizes['mac_equivalent_bytes']:,} bytes"
+        )
         if sizes.get("retrieval_recall_percent") is not None:
-            typer.echo(f"{name} retrieval keys found the question's own document for {sizes['retrieval_recall_percent']:.1f}% of questions")
+            typer.echo(
+                f"{name} retrieval keys found the question's own document for "
+                f"{sizes['retrieval_recall_percent']:.1f}% of questions"
+            )
     if summary.get("bm25_recall_percent") is not None:
-        typer.echo(f"BM25 put the question's own document into the prompt for {summary['bm25_recall_percent']:.1f}% of questions")
-    typer.echo(f"peak memory {summary['peak_memory_gb']:.2f} GB; written to {output}/ (predictions.csv, summary.json, retention.png, bank_size.png)")
+        typer.echo(
+            f"BM25 put the question's own document into the prompt for {summary['bm25_recall_percent']:.1f}% of questions"
+        )
+    typer.echo(
+        f"peak memory {summary['peak_memory_gb']:.2f} GB; "
+        f"written to {output}/ (predictions.csv, summary.json, retention.png, bank_size.png)"
+    )
 
 
 def main():

@@ -36,7 +36,9 @@ class MBCConfig:
     llm: str = BUNDLED_LLM
     document_encoder: str = BUNDLED_ENCODER
     question_encoder: str = BUNDLED_ENCODER
-    llm_quantization: str | None = None  # "nf4": load the base LLM in 4-bit NF4 (bitsandbytes, GPU), as the reference does for Llama-2
+    llm_quantization: str | None = (
+        None  # "nf4": load the base LLM in 4-bit NF4 (bitsandbytes, GPU), as the reference does for Llama-2
+    )
     train_encoders: bool = True  # the reference fine-tunes its T5 encoders
     reader_blocks: int = 2  # cross-attention blocks reading an encoder-only backbone (unused for T5)
 
@@ -50,9 +52,14 @@ class MBCConfig:
     codebook_size: int = 512
     codebook_stages: int = 1  # > 1: residual quantization, one index per stage per vector
     codebook_metric: str = "l2"  # "l2" (the paper) or "cosine": codes looked up by direction (codebook.py)
-    codebook_update: str = "gradient"  # "gradient" (the paper: the VQ loss trains the codes) or "ema": codes follow the running mean of their vectors (codebook.py)
-    standardize_slots: bool = True  # normalise the networks' outputs (amortization.py: SlotNorm, LayerNorm); False = the paper as written
-    standardize_modulation: bool = False  # SlotNorm on the modulation before the prefix (model.py, prefix); False = the paper as written
+    # "gradient" (the paper: the VQ loss trains the codes) or "ema": codes follow the running mean of their vectors
+    codebook_update: str = "gradient"
+    standardize_slots: bool = (
+        True  # normalise the networks' outputs (amortization.py: SlotNorm, LayerNorm); False = the paper as written
+    )
+    standardize_modulation: bool = (
+        False  # SlotNorm on the modulation before the prefix (model.py, prefix); False = the paper as written
+    )
     beta: float = 0.25
     vq_weight: float = 1.0  # lambda
     ema_decay: float = 0.99
@@ -62,7 +69,9 @@ class MBCConfig:
     aggregator_blocks: int = 4
     aggregator_heads: int = 8
     aggregator_head_dim: int = 96
-    aggregator_output: str = "residual"  # "residual" (the paper) or "reads": only what was read from the bank (aggregation.py)
+    aggregator_output: str = (
+        "residual"  # "residual" (the paper) or "reads": only what was read from the bank (aggregation.py)
+    )
 
     # Retrieval keys (network/retrieval.py; not in the paper): each document also stores its sentence
     # embedding, product-quantized, and each question reads only its top-k documents by it.
@@ -84,14 +93,25 @@ class MBCConfig:
     prompt_template: str = "Question: {question}\nAnswer:"
 
     def __post_init__(self):
-        positive = ("num_slots", "codebook_size", "codebook_stages", "aggregator_blocks", "aggregator_heads",
-                    "aggregator_head_dim", "prefix_tokens", "max_document_tokens", "max_question_tokens")
+        positive = (
+            "num_slots",
+            "codebook_size",
+            "codebook_stages",
+            "aggregator_blocks",
+            "aggregator_heads",
+            "aggregator_head_dim",
+            "prefix_tokens",
+            "max_document_tokens",
+            "max_question_tokens",
+        )
         for name in positive:
             if getattr(self, name) < 1:
                 raise MBCError(f"config '{name}' must be at least 1, got {getattr(self, name)}")
         if self.retrieval_top_k < 0 or self.retrieval_subspaces < 1 or self.retrieval_codes < 2:
-            raise MBCError(f"retrieval_top_k must be >= 0, retrieval_subspaces >= 1 and retrieval_codes >= 2, got "
-                           f"{self.retrieval_top_k}, {self.retrieval_subspaces} and {self.retrieval_codes}")
+            raise MBCError(
+                f"retrieval_top_k must be >= 0, retrieval_subspaces >= 1 and retrieval_codes >= 2, got "
+                f"{self.retrieval_top_k}, {self.retrieval_subspaces} and {self.retrieval_codes}"
+            )
         if self.lora_layers < 0 or (self.lora_layers and self.lora_rank < 1):
             raise MBCError(f"lora_layers must be >= 0 and lora_rank >= 1, got {self.lora_layers} and {self.lora_rank}")
         if self.codebook_metric not in METRICS:

@@ -33,7 +33,7 @@ from mbc.network.backbones import Backbone
 from mbc.network.codebook import ResidualQuantizer, fingerprint
 from mbc.network.decoding import DecodingConfig, generate
 from mbc.network.llm_layout import describe_llm
-from mbc.network.lora import add_kv_lora, lora_disabled
+from mbc.network.lora import add_kv_lora
 from mbc.network.prefix import PrefixExpansion, enable_prefix_attention, prefix_in
 from mbc.network.retrieval import ProductQuantizer, SentenceEmbedder
 
@@ -56,11 +56,21 @@ def pad(sequences: list[list[int]], value: int, side: str = "right") -> torch.Te
 
 
 class MBCModel(nn.Module):
-    def __init__(self, config: MBCConfig, llm: Backbone, document_encoder: Backbone, question_encoder: Backbone,
-                 key_encoder: Backbone | None = None):
+    def __init__(
+        self,
+        config: MBCConfig,
+        llm: Backbone,
+        document_encoder: Backbone,
+        question_encoder: Backbone,
+        key_encoder: Backbone | None = None,
+    ):
         super().__init__()
         self.config = config
-        self.names = {"llm": llm.name, "document_encoder": document_encoder.name, "question_encoder": question_encoder.name}
+        self.names = {
+            "llm": llm.name,
+            "document_encoder": document_encoder.name,
+            "question_encoder": question_encoder.name,
+        }
         self.llm, self.tokenizer = llm.model, llm.tokenizer
         self.document_tokenizer, self.question_tokenizer = document_encoder.tokenizer, question_encoder.tokenizer
         self.layout = describe_llm(self.llm)
@@ -78,32 +88,62 @@ class MBCModel(nn.Module):
 
         dim = self.layout.hidden_size
         norms = ("slot", "layer") if config.standardize_slots else (None, None)
-        self.amortization = AmortizationNetwork(document_encoder.model, config.num_slots, dim, config.reader_blocks,
-                                                config.train_encoders, output_norm=norms[0])
-        self.question_network = AmortizationNetwork(question_encoder.model, config.num_slots, dim, config.reader_blocks,
-                                                    config.train_encoders, output_norm=norms[1])
+        self.amortization = AmortizationNetwork(
+            document_encoder.model,
+            config.num_slots,
+            dim,
+            config.reader_blocks,
+            config.train_encoders,
+            output_norm=norms[0],
+        )
+        self.question_network = AmortizationNetwork(
+            question_encoder.model,
+            config.num_slots,
+            dim,
+            config.reader_blocks,
+            config.train_encoders,
+            output_norm=norms[1],
+        )
         # MBC stores code indices (the codebook, network/codebook.py), MAC (quantize=False) the float
         # vectors; the codec (memory/codecs.py) is the one place that tells them apart.
         self.quantizer = None
         self.codec = FloatCodec()
         if config.quantize:
             self.quantizer = ResidualQuantizer(
-                config.codebook_stages, num_codes=config.codebook_size, dim=dim, beta=config.beta, ema_decay=config.ema_decay,
-                dead_threshold=config.dead_threshold, metric=config.codebook_metric, update=config.codebook_update)
+                config.codebook_stages,
+                num_codes=config.codebook_size,
+                dim=dim,
+                beta=config.beta,
+                ema_decay=config.ema_decay,
+                dead_threshold=config.dead_threshold,
+                metric=config.codebook_metric,
+                update=config.codebook_update,
+            )
             self.codec = CodebookCodec(self.quantizer, config.codebook_size, config.codebook_stages)
-        self.aggregator = Aggregator(dim, config.aggregator_blocks, config.aggregator_heads, config.aggregator_head_dim, config.aggregator_output)
+        self.aggregator = Aggregator(
+            dim, config.aggregator_blocks, config.aggregator_heads, config.aggregator_head_dim, config.aggregator_output
+        )
         self.embedder = self.retrieval_keys = None
         if config.retrieval_top_k:
             if key_encoder is None:
-                raise MBCError("retrieval_top_k > 0 needs a frozen encoder for the retrieval keys (MBCModel.build loads one)")
+                raise MBCError(
+                    "retrieval_top_k > 0 needs a frozen encoder for the retrieval keys (MBCModel.build loads one)"
+                )
             self.embedder = SentenceEmbedder(key_encoder.model, key_encoder.tokenizer, config.max_document_tokens)
-            self.retrieval_keys = ProductQuantizer(self.embedder.dim, config.retrieval_subspaces, config.retrieval_codes)
+            self.retrieval_keys = ProductQuantizer(
+                self.embedder.dim, config.retrieval_subspaces, config.retrieval_codes
+            )
         # Standardised across questions (as SlotNorm does for documents): the prefix then sees how
         # this question and bank differ from others, not a large shared constant (docs/JOURNAL.md).
         self.modulation_norm = SlotNorm(config.num_slots, dim) if config.standardize_modulation else None
         self.prefix_expansion = PrefixExpansion(
-            config.num_slots, dim, config.prefix_tokens, self.prefix_layers,
-            self.layout.num_kv_heads, self.layout.head_dim, config.prefix_hidden or dim,
+            config.num_slots,
+            dim,
+            config.prefix_tokens,
+            self.prefix_layers,
+            self.layout.num_kv_heads,
+            self.layout.head_dim,
+            config.prefix_hidden or dim,
         )
 
     @classmethod
@@ -112,14 +152,23 @@ class MBCModel(nn.Module):
         config = config or MBCConfig()
         document_encoder = backbones.load_encoder(config.document_encoder)
         question_encoder = (
-            document_encoder if config.question_encoder == config.document_encoder and not config.train_encoders
+            document_encoder
+            if config.question_encoder == config.document_encoder and not config.train_encoders
             else backbones.load_encoder(config.question_encoder)
         )
         # The retrieval keys' encoder stays the pretrained one: a trained copy would change what stored keys mean.
         key_encoder = None
         if config.retrieval_top_k:
-            key_encoder = document_encoder if not config.train_encoders else backbones.load_encoder(config.document_encoder)
-        return cls(config, backbones.load_llm(config.llm, config.llm_quantization), document_encoder, question_encoder, key_encoder)
+            key_encoder = (
+                document_encoder if not config.train_encoders else backbones.load_encoder(config.document_encoder)
+            )
+        return cls(
+            config,
+            backbones.load_llm(config.llm, config.llm_quantization),
+            document_encoder,
+            question_encoder,
+            key_encoder,
+        )
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -142,7 +191,9 @@ class MBCModel(nn.Module):
         return self.tokenizer((template or self.config.prompt_template).format(question=question))["input_ids"]
 
     def answer_ids(self, answer: str) -> list[int]:
-        return self.tokenizer(" " + answer.strip(), add_special_tokens=False)["input_ids"] + [self.tokenizer.eos_token_id]
+        return self.tokenizer(" " + answer.strip(), add_special_tokens=False)["input_ids"] + [
+            self.tokenizer.eos_token_id
+        ]
 
     def training_inputs(self, questions: list[str], answers: list[str]):
         """Prompt + answer + EOS, right-padded; labels are IGNORE everywhere but the answer tokens."""
@@ -156,23 +207,36 @@ class MBCModel(nn.Module):
     # ---- the pieces ------------------------------------------------------------------------
     def amortize(self, documents: list[str]) -> torch.Tensor:
         """Documents -> context vectors [N, K, dim] (before quantization)."""
-        return self.amortization(*self._encode_text(self.document_tokenizer, documents, self.config.max_document_tokens))
+        return self.amortization(
+            *self._encode_text(self.document_tokenizer, documents, self.config.max_document_tokens)
+        )
 
     def queries(self, questions: list[str]) -> torch.Tensor:
-        return self.question_network(*self._encode_text(self.question_tokenizer, questions, self.config.max_question_tokens))
+        return self.question_network(
+            *self._encode_text(self.question_tokenizer, questions, self.config.max_question_tokens)
+        )
 
-    def modulation(self, questions: list[str], memory: torch.Tensor, memory_log_weight: torch.Tensor | None = None,
-                   memory_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def modulation(
+        self,
+        questions: list[str],
+        memory: torch.Tensor,
+        memory_log_weight: torch.Tensor | None = None,
+        memory_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Questions and a memory [M, dim] (every vector of a bank, document after document) ->
         modulation [B, K, dim]: the method's reading, attention over the whole memory.
         ``memory_mask`` [B, M] (True = visible) gives each question its own part of it;
         ``memory_log_weight`` [M] weights each vector (a code by its count). A model with retrieval
         keys reads only each question's top documents: read its bank with memory.readers.RetrievalReader."""
         if self.retrieval_keys is not None:
-            raise MBCError("a model with retrieval_top_k > 0 reads only its top documents per question: "
-                           "read its bank with mbc.memory.readers.RetrievalReader (reader_for)")
+            raise MBCError(
+                "a model with retrieval_top_k > 0 reads only its top documents per question: "
+                "read its bank with mbc.memory.readers.RetrievalReader (reader_for)"
+            )
         log_weight = None if memory_log_weight is None else memory_log_weight[None]
-        return self.aggregator(self.queries(questions), memory[None], memory_mask=memory_mask, memory_log_weight=log_weight)
+        return self.aggregator(
+            self.queries(questions), memory[None], memory_mask=memory_mask, memory_log_weight=log_weight
+        )
 
     def read_documents(self, queries: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
         """Queries [B, K, dim] and each question's chosen documents' vectors [B, k, K, dim] -> modulation."""
@@ -184,8 +248,13 @@ class MBCModel(nn.Module):
         return self.prefix_expansion(modulation)
 
     # ---- training: the paper's loss ----------------------------------------------------------
-    def forward(self, documents: list[str], questions: list[str], answers: list[str],
-                question_documents: list[int] | None = None) -> MBCOutput:
+    def forward(
+        self,
+        documents: list[str],
+        questions: list[str],
+        answers: list[str],
+        question_documents: list[int] | None = None,
+    ) -> MBCOutput:
         """The meta-training loss, QA + lambda * VQ: the batch's documents form the bank that every
         question reads (with retrieval keys, ``question_documents``, the index of each question's own
         document, is required). mbc.training's objectives add the training schedule's variants."""
@@ -194,15 +263,23 @@ class MBCModel(nn.Module):
         qa_loss = self.qa_loss(questions, answers, self.prefix(modulation))
         return MBCOutput(qa_loss + self.config.vq_weight * memory.vq_loss, qa_loss, memory.vq_loss, memory.perplexity)
 
-    def training_modulation(self, questions: list[str], documents: list[str], memory: torch.Tensor,
-                            question_documents: list[int] | None = None, visible: torch.Tensor | None = None) -> torch.Tensor:
+    def training_modulation(
+        self,
+        questions: list[str],
+        documents: list[str],
+        memory: torch.Tensor,
+        question_documents: list[int] | None = None,
+        visible: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Each question's modulation from a training batch's bank ``memory`` [N, K, dim]. With
         retrieval keys a question reads its own document and the k - 1 others of the batch its key
         scores highest, as answering from a bank will; otherwise the whole batch bank, or the part
         ``visible`` [questions, N * K] lets it see."""
         if self.retrieval_keys is not None:
             if question_documents is None:
-                raise MBCError("training with retrieval_top_k > 0 needs question_documents (each question's own document)")
+                raise MBCError(
+                    "training with retrieval_top_k > 0 needs question_documents (each question's own document)"
+                )
             chosen = self._training_reads(questions, documents, question_documents)
             return self.read_documents(self.queries(questions), memory[chosen])
         return self.aggregator(self.queries(questions), memory.reshape(1, -1, memory.shape[-1]), memory_mask=visible)
@@ -235,7 +312,9 @@ class MBCModel(nn.Module):
         bank will store them (eval mode): training's float-memory warm start ends with it."""
         mode = self.training
         self.eval()
-        contexts = torch.cat([self.amortize(documents[i : i + batch_size]) for i in range(0, len(documents), batch_size)])
+        contexts = torch.cat(
+            [self.amortize(documents[i : i + batch_size]) for i in range(0, len(documents), batch_size)]
+        )
         self.train(mode)
         self.quantizer.fit(contexts)
 
@@ -276,26 +355,15 @@ class MBCModel(nn.Module):
         return self.generate_answers(questions, self.prefix(self.modulation(questions, memory)), decoding)
 
     @torch.no_grad()
-    def answer_without_memory(self, questions: list[str], prompt_template: str | None = None,
-                              decoding: DecodingConfig | None = None) -> list[str]:
-        """The base LLM alone: no prefix and KV-LoRA switched off (the no-adaptation baseline)."""
-        with lora_disabled(self.llm):
-            return self.generate_answers(questions, None, decoding, prompt_template)
-
-    @torch.no_grad()
-    def generate_answers(self, questions: list[str], prefix, decoding: DecodingConfig | None = None,
-                         prompt_template: str | None = None) -> list[str]:
+    def generate_answers(
+        self, questions: list[str], prefix, decoding: DecodingConfig | None = None, prompt_template: str | None = None
+    ) -> list[str]:
         """Answer each question with an already computed prefix (``prefix(modulation(...))``; None: none)."""
-        return self._generate([self.prompt_ids(q, prompt_template) for q in questions], prefix, decoding)
+        return self.generate([self.prompt_ids(q, prompt_template) for q in questions], prefix, decoding)
 
     @torch.no_grad()
-    def answer_prompts(self, prompts: list[str], decoding: DecodingConfig | None = None) -> list[str]:
-        """The base LLM alone (no prefix, KV-LoRA off) continuing whole prompt texts: the baselines
-        that put documents into the prompt."""
-        with lora_disabled(self.llm):
-            return self._generate([self.tokenizer(p)["input_ids"] for p in prompts], None, decoding)
-
-    def _generate(self, prompts: list[list[int]], prefix, decoding: DecodingConfig | None) -> list[str]:
+    def generate(self, prompts: list[list[int]], prefix=None, decoding: DecodingConfig | None = None) -> list[str]:
+        """Token ids of each prompt (and a prefix, or None) -> the LLM's one-line continuation of each."""
         ids = pad(prompts, self.tokenizer.pad_token_id, side="left").to(self.device)
         mask = pad([[1] * len(p) for p in prompts], 0, side="left").to(self.device)
         tokens = generate(self.llm, self.layout, ids, mask, prefix, self.tokenizer.eos_token_id, decoding)
@@ -315,7 +383,9 @@ class MBCModel(nn.Module):
             "mbc": packed_size(k * self.config.codebook_stages, self.config.codebook_size),
             "mac": k * dim * 4,
             "codebook_total": self.config.codebook_stages * self.config.codebook_size * dim * 4,
-            "retrieval_key": packed_size(self.config.retrieval_subspaces, self.config.retrieval_codes) if self.retrieval_keys is not None else 0,
+            "retrieval_key": packed_size(self.config.retrieval_subspaces, self.config.retrieval_codes)
+            if self.retrieval_keys is not None
+            else 0,
         }
 
     # ---- checkpoints ---------------------------------------------------------------------------
@@ -326,7 +396,9 @@ class MBCModel(nn.Module):
         return {
             name: tensor.detach().cpu().contiguous().clone()
             for name, tensor in self.state_dict().items()
-            if name in trainable or name.startswith(("quantizer.", "modulation_norm.", "retrieval_keys.")) or ".slot_norm." in name
+            if name in trainable
+            or name.startswith(("quantizer.", "modulation_norm.", "retrieval_keys."))
+            or ".slot_norm." in name
         }
 
     def codebook_fingerprint(self) -> str | None:

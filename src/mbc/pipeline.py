@@ -32,9 +32,16 @@ class MainJobConfig:
     output: str = "runs/main"
 
 
-def _train_or_reuse(name: str, model_config: MBCConfig, train_config: TrainConfig, splits: dict, job: MainJobConfig) -> Path:
+def _train_or_reuse(
+    name: str, model_config: MBCConfig, train_config: TrainConfig, splits: dict, job: MainJobConfig
+) -> Path:
     """Train into a cache folder named by a hash of the settings; reuse it when it is complete."""
-    settings = {"model": model_config.to_dict(), "train": asdict(train_config), "data": job.data, "version": __version__}
+    settings = {
+        "model": model_config.to_dict(),
+        "train": asdict(train_config),
+        "data": job.data,
+        "version": __version__,
+    }
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
     folder = cache_dir() / "trained" / f"{name}-{digest}"
     done = folder / "done.json"
@@ -57,11 +64,26 @@ def run_main_job(job: MainJobConfig | None = None) -> dict:
     for name, quantize in (("mbc", True), ("mac", False)):
         model_config = MBCConfig(**{**chosen["model"], "quantize": quantize})
         # Only `last` is used: no best-* copies (370 MB each) in the cache.
-        train_config = TrainConfig(**{**chosen["train"], "max_minutes": job.train_minutes, "max_steps": job.max_steps,
-                                      "eval_every": 10**9, "eval_questions": 60, "save_best": False})
+        train_config = TrainConfig(
+            **{
+                **chosen["train"],
+                "max_minutes": job.train_minutes,
+                "max_steps": job.max_steps,
+                "eval_every": 10**9,
+                "eval_questions": 60,
+                "save_best": False,
+            }
+        )
         checkpoints[name] = _train_or_reuse(name, model_config, train_config, splits, job)
     rows = qa_data.first_documents(splits["test"], job.documents)
     mbc = MBCModel.from_pretrained(checkpoints["mbc"]).eval()
     mac = MBCModel.from_pretrained(checkpoints["mac"]).eval()
-    return run_eval(mbc, rows, qa_data.documents(splits["train"]), job.output, EvalConfig(retention_every=job.retention_every),
-                    mac, notes={"checkpoints": {k: str(v) for k, v in checkpoints.items()}})
+    return run_eval(
+        mbc,
+        rows,
+        qa_data.documents(splits["train"]),
+        job.output,
+        EvalConfig(retention_every=job.retention_every),
+        mac,
+        notes={"checkpoints": {k: str(v) for k, v in checkpoints.items()}},
+    )

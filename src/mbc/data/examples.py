@@ -55,5 +55,3 @@ STANDARD_SPLIT = {"train": 0.7, "validation": 0.1, "test": 0.2}
 def standard_split(examples: list[QAExample], seed: int = 0) -> dict[str, list[QAExample]]:
     """The project's split by group: 70% train, 10% validation, 20% test (issues 3 and 4 share it)."""
     return split_by_group(examples, STANDARD_SPLIT, seed)
-
-

@@ -16,11 +16,43 @@ from mbc.data.examples import QAExample
 _ONSETS = ["b", "br", "c", "d", "dr", "f", "g", "h", "j", "k", "l", "m", "n", "p", "qu", "r", "s", "t", "th", "v", "z"]
 _VOWELS = ["a", "e", "i", "o", "u", "ai", "ei", "ou"]
 _CODAS = ["", "", "n", "r", "l", "s", "th", "m", "x"]
-PROFESSIONS = ["baker", "pilot", "surgeon", "carpenter", "astronomer", "violinist", "librarian", "geologist",
-               "architect", "fisherman", "chemist", "painter", "teacher", "judge", "engineer", "poet"]
+PROFESSIONS = [
+    "baker",
+    "pilot",
+    "surgeon",
+    "carpenter",
+    "astronomer",
+    "violinist",
+    "librarian",
+    "geologist",
+    "architect",
+    "fisherman",
+    "chemist",
+    "painter",
+    "teacher",
+    "judge",
+    "engineer",
+    "poet",
+]
 COLOURS = ["red", "blue", "green", "yellow", "purple", "orange", "white", "black", "silver", "brown"]
-PRODUCTS = ["cheese", "glass", "paper", "salt", "copper", "wool", "clocks", "rope", "honey", "bicycles",
-            "violins", "lamps", "tea", "ink", "boats", "maps"]
+PRODUCTS = [
+    "cheese",
+    "glass",
+    "paper",
+    "salt",
+    "copper",
+    "wool",
+    "clocks",
+    "rope",
+    "honey",
+    "bicycles",
+    "violins",
+    "lamps",
+    "tea",
+    "ink",
+    "boats",
+    "maps",
+]
 ANIMALS = ["cats", "dogs", "goats", "horses", "parrots", "rabbits"]
 NUMBER_WORDS = ["two", "three", "four", "five", "six", "seven", "eight", "nine"]
 DIRECTIONS = ["northern", "southern", "eastern", "western", "central"]
@@ -37,7 +69,9 @@ class _Names:
 
     def _word(self, syllables: int) -> str:
         while True:
-            word = "".join(self.rng.choice(_ONSETS) + self.rng.choice(_VOWELS) + self.rng.choice(_CODAS) for _ in range(syllables)).capitalize()
+            word = "".join(
+                self.rng.choice(_ONSETS) + self.rng.choice(_VOWELS) + self.rng.choice(_CODAS) for _ in range(syllables)
+            ).capitalize()
             if word not in self.used:
                 self.used.add(word)
                 return word
@@ -56,8 +90,10 @@ def _person_document(rng: random.Random, names: _Names):
     person, town, org = names.person(), names.town(), names.organisation()
     year, job, colour = rng.randint(1850, 2005), rng.choice(PROFESSIONS), rng.choice(COLOURS)
     count, animal = rng.choice(NUMBER_WORDS), rng.choice(ANIMALS)
-    text = (f"{person} was born in {year} in the town of {town}. {person} works as a {job} at {org}. "
-            f"The favourite colour of {person} is {colour}, and {person} keeps {count} {animal}.")
+    text = (
+        f"{person} was born in {year} in the town of {town}. {person} works as a {job} at {org}. "
+        f"The favourite colour of {person} is {colour}, and {person} keeps {count} {animal}."
+    )
     qas = [
         (f"In what year was {person} born?", str(year)),
         (f"In which town was {person} born?", town),
@@ -73,8 +109,10 @@ def _town_document(rng: random.Random, names: _Names):
     town, mayor = names.town(), names.person()
     year, direction, product = rng.randint(900, 1900), rng.choice(DIRECTIONS), rng.choice(PRODUCTS)
     colour, bridges = rng.choice(COLOURS), rng.choice(NUMBER_WORDS)
-    text = (f"{town} is a town in the {direction} hills, founded in {year}. Its main export is {product}. "
-            f"The mayor of {town} is {mayor}. The houses of {town} are painted {colour}, and the town has {bridges} bridges.")
+    text = (
+        f"{town} is a town in the {direction} hills, founded in {year}. Its main export is {product}. "
+        f"The mayor of {town} is {mayor}. The houses of {town} are painted {colour}, and the town has {bridges} bridges."
+    )
     qas = [
         (f"When was {town} founded?", str(year)),
         (f"What is the main export of {town}?", product),
@@ -90,9 +128,11 @@ def _organisation_document(rng: random.Random, names: _Names):
     org, founder, town = names.organisation(), names.person(), names.town()
     year, product, colour = rng.randint(1700, 2015), rng.choice(PRODUCTS), rng.choice(COLOURS)
     staff = rng.randint(12, 900)
-    name = org[len("the "):]
-    text = (f"The {name} was founded by {founder} in {year}. It is based in {town} and makes {product}. "
-            f"It employs {staff} people, and its emblem is a {colour} star.")
+    name = org[len("the ") :]
+    text = (
+        f"The {name} was founded by {founder} in {year}. It is based in {town} and makes {product}. "
+        f"It employs {staff} people, and its emblem is a {colour} star."
+    )
     qas = [
         (f"Who founded the {name}?", founder),
         (f"When was the {name} founded?", str(year)),

@@ -37,7 +37,9 @@ def _check(example: QAExample, max_question_chars: int) -> QAExample:
     if not example.answers or any(not a.strip() for a in example.answers):
         raise MBCError(f"{where}: an answer is missing or empty")
     if len(example.question) > max_question_chars:
-        raise MBCError(f"{where}: the question has {len(example.question)} characters, more than the limit of {max_question_chars}")
+        raise MBCError(
+            f"{where}: the question has {len(example.question)} characters, more than the limit of {max_question_chars}"
+        )
     return example
 
 
@@ -49,7 +51,9 @@ def _read_text(path: Path) -> str:
         return raw.decode("utf-8-sig")
     except UnicodeDecodeError as error:
         line = raw[: error.start].count(b"\n") + 1
-        raise MBCError(f"{path}: line {line} (byte {error.start}) is not valid UTF-8; re-save the file as UTF-8") from error
+        raise MBCError(
+            f"{path}: line {line} (byte {error.start}) is not valid UTF-8; re-save the file as UTF-8"
+        ) from error
 
 
 def load_squad(path: str | Path, max_question_chars: int = MAX_QUESTION_CHARS) -> list[QAExample]:
@@ -57,7 +61,9 @@ def load_squad(path: str | Path, max_question_chars: int = MAX_QUESTION_CHARS) -
     try:
         articles = json.loads(_read_text(path))["data"]
     except (json.JSONDecodeError, KeyError, TypeError) as error:
-        raise MBCError(f"{path} is not SQuAD v1.1 JSON (expected {{'data': [{{'title', 'paragraphs': ...}}]}}): {error}") from error
+        raise MBCError(
+            f"{path} is not SQuAD v1.1 JSON (expected {{'data': [{{'title', 'paragraphs': ...}}]}}): {error}"
+        ) from error
     examples = []
     for a, article in enumerate(articles):
         for p, paragraph in enumerate(article.get("paragraphs", [])):
@@ -65,7 +71,9 @@ def load_squad(path: str | Path, max_question_chars: int = MAX_QUESTION_CHARS) -
                 where = f"{path}:data[{a}].paragraphs[{p}].qas[{q}]"
                 try:
                     answers = tuple(answer["text"] for answer in qa["answers"])
-                    example = QAExample(paragraph["context"], qa["question"], answers, article.get("title", str(a)), where)
+                    example = QAExample(
+                        paragraph["context"], qa["question"], answers, article.get("title", str(a)), where
+                    )
                 except (KeyError, TypeError) as error:
                     raise MBCError(f"{where}: missing field {error}") from error
                 examples.append(_check(example, max_question_chars))
@@ -95,7 +103,12 @@ def load_streamingqa(path: str | Path, max_question_chars: int = MAX_QUESTION_CH
     for i, row in enumerate(rows, start=2):  # row 1 is the header
         answers = tuple(a for a in (row["answers"] or "").split("\\"))
         group = hashlib.sha1((row["text"] or "").encode()).hexdigest()[:12]
-        examples.append(_check(QAExample(row["text"] or "", row["question"] or "", answers, group, f"{path}:row {i}"), max_question_chars))
+        examples.append(
+            _check(
+                QAExample(row["text"] or "", row["question"] or "", answers, group, f"{path}:row {i}"),
+                max_question_chars,
+            )
+        )
     return examples
 
 
@@ -105,7 +118,13 @@ def load_archivalqa(path: str | Path, max_question_chars: int = MAX_QUESTION_CHA
     _require(path, columns, ARCHIVALQA_COLUMNS, "ArchivalQA")
     examples = []
     for i, row in enumerate(rows, start=2):
-        example = QAExample(row["ans_paragraph"] or "", row["question"] or "", (row["answer"] or "",), row["doc_id"] or "", f"{path}:row {i}")
+        example = QAExample(
+            row["ans_paragraph"] or "",
+            row["question"] or "",
+            (row["answer"] or "",),
+            row["doc_id"] or "",
+            f"{path}:row {i}",
+        )
         examples.append(_check(example, max_question_chars))
     return examples
 
@@ -115,15 +134,25 @@ def load_hub_squad(name: str, split: str, max_question_chars: int = MAX_QUESTION
     try:
         import datasets
     except ImportError as error:
-        raise MBCError(f"'hub:{name}' needs the datasets package (pip install datasets) and a reachable hub; "
-                       "offline, download the JSON and pass its path instead") from error
+        raise MBCError(
+            f"'hub:{name}' needs the datasets package (pip install datasets) and a reachable hub; "
+            "offline, download the JSON and pass its path instead"
+        ) from error
     try:
         table = datasets.load_dataset(name, split=split)
     except Exception as error:  # datasets raises many types for an unreachable hub or a missing name
         raise MBCError(f"could not load hub dataset '{name}' split '{split}': {error}") from error
     return [
-        _check(QAExample(row["context"], row["question"], tuple(row["answers"]["text"]), row.get("title", ""),
-                         f"hub:{name}/{split}:row {i}"), max_question_chars)
+        _check(
+            QAExample(
+                row["context"],
+                row["question"],
+                tuple(row["answers"]["text"]),
+                row.get("title", ""),
+                f"hub:{name}/{split}:row {i}",
+            ),
+            max_question_chars,
+        )
         for i, row in enumerate(table)
     ]
 

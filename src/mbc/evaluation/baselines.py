@@ -10,6 +10,7 @@ from mbc.errors import MBCError
 from mbc.evaluation.validation import Evaluation, chunks, scores
 from mbc.model import MBCModel
 from mbc.network.decoding import DecodingConfig
+from mbc.network.lora import lora_disabled
 
 FEW_SHOT_TEMPLATE = (
     "Question: What is the capital of France?\nAnswer: Paris\n\n"
@@ -20,13 +21,35 @@ FEW_SHOT_TEMPLATE = (
 
 
 @torch.no_grad()
-def evaluate_base_llm(model: MBCModel, examples: list[QAExample], prompt_template: str | None = None,
-                      batch_size: int = 16, decoding: DecodingConfig | None = None) -> Evaluation:
+def answer_without_memory(
+    model: MBCModel, questions: list[str], prompt_template: str | None = None, decoding: DecodingConfig | None = None
+) -> list[str]:
+    """The base LLM alone, asked each question: no prefix, and KV-LoRA switched off."""
+    with lora_disabled(model.llm):
+        return model.generate_answers(questions, None, decoding, prompt_template)
+
+
+@torch.no_grad()
+def answer_prompts(model: MBCModel, prompts: list[str], decoding: DecodingConfig | None = None) -> list[str]:
+    """The base LLM alone (no prefix, KV-LoRA off) continuing whole prompt texts: the baselines that
+    put documents into the prompt."""
+    with lora_disabled(model.llm):
+        return model.generate([model.tokenizer(p)["input_ids"] for p in prompts], None, decoding)
+
+
+@torch.no_grad()
+def evaluate_base_llm(
+    model: MBCModel,
+    examples: list[QAExample],
+    prompt_template: str | None = None,
+    batch_size: int = 16,
+    decoding: DecodingConfig | None = None,
+) -> Evaluation:
     """The base LLM with no adaptation: the raw question (``prompt_template=None``: the model's own
     template), or a short-answer prompt such as ``FEW_SHOT_TEMPLATE``."""
     predictions = []
     for chunk in chunks(examples, batch_size):
-        predictions += model.answer_without_memory([e.question for e in chunk], prompt_template, decoding)
+        predictions += answer_without_memory(model, [e.question for e in chunk], prompt_template, decoding)
     return Evaluation(scores(predictions, examples), predictions)
 
 
@@ -45,7 +68,9 @@ def bm25_retriever(stream: list[str], top_k: int):
     k = min(top_k, len(stream))
 
     def retrieve(question: str) -> list[str]:
-        found, _ = retriever.retrieve(bm25s.tokenize([question], stopwords="en", show_progress=False), k=k, show_progress=False)
+        found, _ = retriever.retrieve(
+            bm25s.tokenize([question], stopwords="en", show_progress=False), k=k, show_progress=False
+        )
         return [stream[int(i)] for i in found[0]]
 
     return retrieve

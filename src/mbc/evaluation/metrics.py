@@ -58,5 +58,8 @@ def score_by_group(predictions: list[str], golds: list[list[str]], groups: list[
     result = {}
     for group in sorted(set(groups)):
         members = [i for i, g in enumerate(groups) if g == group]
-        result[group] = {"questions": len(members), **score([predictions[i] for i in members], [golds[i] for i in members])}
+        result[group] = {
+            "questions": len(members),
+            **score([predictions[i] for i in members], [golds[i] for i in members]),
+        }
     return result

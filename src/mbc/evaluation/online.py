@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from mbc.data import QAExample, documents
 from mbc.data.generated import answer_kinds
 from mbc.errors import MBCError
-from mbc.evaluation.baselines import FEW_SHOT_TEMPLATE, bm25_retriever, context_prompt
+from mbc.evaluation.baselines import FEW_SHOT_TEMPLATE, answer_prompts, bm25_retriever, context_prompt
 from mbc.evaluation.metrics import score, score_by_group
 from mbc.evaluation.report import write_predictions
 from mbc.evaluation.validation import chunks, retrieval_recall
@@ -39,8 +39,15 @@ from mbc.memory.readers import RetrievalReader, answer_from_bank, reader_for
 from mbc.model import MBCModel
 from mbc.network.decoding import DecodingConfig
 
-ALL_METHODS = ("mbc", "mbc, unrelated bank", "mac", "base, raw question", "base, 3 worked examples",
-               "base, gold document", "base, BM25 top-k")
+ALL_METHODS = (
+    "mbc",
+    "mbc, unrelated bank",
+    "mac",
+    "base, raw question",
+    "base, 3 worked examples",
+    "base, gold document",
+    "base, BM25 top-k",
+)
 
 
 @dataclass
@@ -92,8 +99,16 @@ def _fresh_bank(model: MBCModel, path: Path) -> MemoryBank:
     return MemoryBank.open(path, BankLayout.of(model))
 
 
-def _stream_into_bank(model: MBCModel, bank_path: Path, stream: list[str], rows: list[QAExample],
-                      retention_rows: list[QAExample], config: EvalConfig, decoding: DecodingConfig, name: str):
+def _stream_into_bank(
+    model: MBCModel,
+    bank_path: Path,
+    stream: list[str],
+    rows: list[QAExample],
+    retention_rows: list[QAExample],
+    config: EvalConfig,
+    decoding: DecodingConfig,
+    name: str,
+):
     """Stream documents into a fresh bank in steps of ``retention_every``; after each step answer the
     retention questions again (after the last, every question). Returns the result and the curves."""
     bank = _fresh_bank(model, bank_path)
@@ -103,10 +118,16 @@ def _stream_into_bank(model: MBCModel, bank_path: Path, stream: list[str], rows:
     curve, stream_ids = [], []
     for start in tqdm(range(0, len(stream), config.retention_every), desc=f"{name}: stream", unit="step"):
         with adapt:
-            stream_ids += ingest(model, bank, stream[start : start + config.retention_every], batch_size=config.batch_size).ids
+            stream_ids += ingest(
+                model, bank, stream[start : start + config.retention_every], batch_size=config.batch_size
+            ).ids
         sizes = bank.sizes()
-        point = {"documents": sizes["documents"], "stored_bytes": sizes["stored_bytes"],
-                 "mac_equivalent_bytes": sizes["mac_equivalent_bytes"], "file_bytes": sizes["file_bytes"]}
+        point = {
+            "documents": sizes["documents"],
+            "stored_bytes": sizes["stored_bytes"],
+            "mac_equivalent_bytes": sizes["mac_equivalent_bytes"],
+            "file_bytes": sizes["file_bytes"],
+        }
         if start + config.retention_every < len(stream):
             answers = _answer_rows(ask, retention_rows, config.batch_size, _Timer(), f"{name}: retention")
             point["retention_f1"] = score(answers, [list(r.answers) for r in retention_rows])["f1"]
@@ -117,33 +138,54 @@ def _stream_into_bank(model: MBCModel, bank_path: Path, stream: list[str], rows:
     curve[-1]["retention_f1"] = score(kept, [list(r.answers) for r in retention_rows])["f1"]
     sizes = bank.sizes()
     if isinstance(reader, RetrievalReader):
-        sizes["retrieval_recall_percent"] = retrieval_recall(reader, rows, dict(zip(stream, stream_ids)), config.batch_size)
+        sizes["retrieval_recall_percent"] = retrieval_recall(
+            reader, rows, dict(zip(stream, stream_ids)), config.batch_size
+        )
     bank.close()
-    result = MethodResult(predictions, sizes["stored_bytes"] / max(sizes["documents"], 1),
-                          1000 * answer_timer.seconds / max(len(rows), 1), 1000 * adapt.seconds / max(len(stream), 1))
+    result = MethodResult(
+        predictions,
+        sizes["stored_bytes"] / max(sizes["documents"], 1),
+        1000 * answer_timer.seconds / max(len(rows), 1),
+        1000 * adapt.seconds / max(len(stream), 1),
+    )
     return result, curve, sizes
 
 
-def _unrelated(model: MBCModel, bank_path: Path, unrelated_documents: list[str], rows, config, decoding) -> MethodResult:
+def _unrelated(
+    model: MBCModel, bank_path: Path, unrelated_documents: list[str], rows, config, decoding
+) -> MethodResult:
     with _fresh_bank(model, bank_path) as bank:
         ingest(model, bank, unrelated_documents, batch_size=config.batch_size, progress=True)
         reader, timer = reader_for(model, bank), _Timer()
-        predictions = _answer_rows(lambda c: answer_from_bank(model, reader, [r.question for r in c], decoding),
-                                   rows, config.batch_size, timer, "unrelated bank: answer")
+        predictions = _answer_rows(
+            lambda c: answer_from_bank(model, reader, [r.question for r in c], decoding),
+            rows,
+            config.batch_size,
+            timer,
+            "unrelated bank: answer",
+        )
         per_document = bank.sizes()["stored_bytes"] / max(len(bank), 1)
     return MethodResult(predictions, per_document, 1000 * timer.seconds / max(len(rows), 1))
 
 
 def _base(model: MBCModel, rows, prompt, config, decoding, name: str, bytes_per_document: float = 0.0) -> MethodResult:
     timer = _Timer()
-    predictions = _answer_rows(lambda c: model.answer_prompts([prompt(r) for r in c], decoding), rows,
-                               config.batch_size, timer, name)
+    predictions = _answer_rows(
+        lambda c: answer_prompts(model, [prompt(r) for r in c], decoding), rows, config.batch_size, timer, name
+    )
     return MethodResult(predictions, bytes_per_document, 1000 * timer.seconds / max(len(rows), 1))
 
 
 @torch.no_grad()
-def run_eval(mbc: MBCModel, rows: list[QAExample], unrelated_documents: list[str], output: str | Path,
-             config: EvalConfig | None = None, mac: MBCModel | None = None, notes: dict | None = None) -> dict:
+def run_eval(
+    mbc: MBCModel,
+    rows: list[QAExample],
+    unrelated_documents: list[str],
+    output: str | Path,
+    config: EvalConfig | None = None,
+    mac: MBCModel | None = None,
+    notes: dict | None = None,
+) -> dict:
     """Run every method of ``config.methods`` on ``rows`` (their documents streamed in order) and
     write ``predictions.csv``, ``summary.json`` (with ``notes`` added) and the plots into ``output``;
     returns the summary."""
@@ -165,33 +207,67 @@ def run_eval(mbc: MBCModel, rows: list[QAExample], unrelated_documents: list[str
         if method in ("mbc", "mac"):
             model = mbc if method == "mbc" else mac
             results[method], curves[method], bank_sizes[method] = _stream_into_bank(
-                model, output / "banks" / f"{method}.db", stream, rows, retention_rows, config, decoding, method)
+                model, output / "banks" / f"{method}.db", stream, rows, retention_rows, config, decoding, method
+            )
         elif method == "mbc, unrelated bank":
-            results[method] = _unrelated(mbc, output / "banks" / "unrelated.db", unrelated_documents[: len(stream)], rows, config, decoding)
+            results[method] = _unrelated(
+                mbc, output / "banks" / "unrelated.db", unrelated_documents[: len(stream)], rows, config, decoding
+            )
         elif method == "base, raw question":
-            results[method] = _base(mbc, rows, lambda r: mbc.config.prompt_template.format(question=r.question), config, decoding, method)
+            results[method] = _base(
+                mbc, rows, lambda r: mbc.config.prompt_template.format(question=r.question), config, decoding, method
+            )
         elif method == "base, 3 worked examples":
-            results[method] = _base(mbc, rows, lambda r: FEW_SHOT_TEMPLATE.replace("{question}", r.question), config, decoding, method)
+            results[method] = _base(
+                mbc, rows, lambda r: FEW_SHOT_TEMPLATE.replace("{question}", r.question), config, decoding, method
+            )
         elif method == "base, gold document":
-            results[method] = _base(mbc, rows, lambda r: context_prompt(r.document, r.question), config, decoding, method, text_bytes)
+            results[method] = _base(
+                mbc, rows, lambda r: context_prompt(r.document, r.question), config, decoding, method, text_bytes
+            )
         else:  # "base, BM25 top-k"
             retrieve = bm25_retriever(stream, config.bm25_top_k)
             retrieved = {id(r): retrieve(r.question) for r in rows}
             name = f"base, BM25 top-{config.bm25_top_k}"
-            results[name] = _base(mbc, rows, lambda r: context_prompt("\n\n".join(retrieved[id(r)]), r.question), config,
-                                  decoding, name, text_bytes)
+            results[name] = _base(
+                mbc,
+                rows,
+                lambda r: context_prompt("\n\n".join(retrieved[id(r)]), r.question),
+                config,
+                decoding,
+                name,
+                text_bytes,
+            )
             bm25_recall = 100 * sum(r.document in retrieved[id(r)] for r in rows) / max(len(rows), 1)
 
     golds, kinds = [list(r.answers) for r in rows], answer_kinds(rows)
     summary = {
-        "questions": len(rows), "documents": len(stream), "config": asdict(config),
-        "methods": {name: {**score(r.predictions, golds), "bytes_per_document": r.bytes_per_document,
-                           "answer_ms_per_question": r.answer_ms_per_question, "adapt_ms_per_document": r.adapt_ms_per_document,
-                           **({"by_answer_kind": score_by_group(r.predictions, golds, kinds)} if kinds else {})}
-                    for name, r in results.items()},
+        "questions": len(rows),
+        "documents": len(stream),
+        "config": asdict(config),
+        "methods": {
+            name: {
+                **score(r.predictions, golds),
+                "bytes_per_document": r.bytes_per_document,
+                "answer_ms_per_question": r.answer_ms_per_question,
+                "adapt_ms_per_document": r.adapt_ms_per_document,
+                **({"by_answer_kind": score_by_group(r.predictions, golds, kinds)} if kinds else {}),
+            }
+            for name, r in results.items()
+        },
         "banks": bank_sizes,
-        "retention": {name: [{**p, "retention_percent": 100 * p["retention_f1"] / curve[0]["retention_f1"] if curve[0]["retention_f1"] else None}
-                             for p in curve] for name, curve in curves.items()},
+        "retention": {
+            name: [
+                {
+                    **p,
+                    "retention_percent": 100 * p["retention_f1"] / curve[0]["retention_f1"]
+                    if curve[0]["retention_f1"]
+                    else None,
+                }
+                for p in curve
+            ]
+            for name, curve in curves.items()
+        },
         "bm25_recall_percent": bm25_recall,  # questions whose own document BM25 put into the prompt
         "peak_memory_gb": peak_memory_gb(),
         **(notes or {}),

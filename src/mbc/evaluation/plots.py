@@ -76,5 +76,10 @@ def plot_bank_size(curves: dict[str, list[dict]], png_path: Path) -> None:
         ax.plot([p["documents"] for p in curve], [p["stored_bytes"] for p in curve], "o-", label=f"{name.upper()} bank")
     if "mac" not in curves and curves:
         curve = next(iter(curves.values()))
-        ax.plot([p["documents"] for p in curve], [p["mac_equivalent_bytes"] for p in curve], "s--", label="MAC float32 (same documents)")
+        ax.plot(
+            [p["documents"] for p in curve],
+            [p["mac_equivalent_bytes"] for p in curve],
+            "s--",
+            label="MAC float32 (same documents)",
+        )
     _finish(plt, fig, ax, "documents streamed", "bytes", png_path, log_y=True)

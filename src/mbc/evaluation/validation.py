@@ -68,12 +68,16 @@ def scores(predictions: list[str], examples: list[QAExample]) -> dict[str, float
     kinds = answer_kinds(examples)
     if kinds is not None:
         by_kind = score_by_group(predictions, golds, kinds)
-        metrics.update({f"{metric}_{kind}": values[metric] for kind, values in by_kind.items() for metric in ("em", "f1")})
+        metrics.update(
+            {f"{metric}_{kind}": values[metric] for kind, values in by_kind.items() for metric in ("em", "f1")}
+        )
     return metrics
 
 
 @torch.no_grad()
-def retrieval_recall(reader: RetrievalReader, examples: list[QAExample], bank_id: dict[str, int], batch_size: int = 16) -> float:
+def retrieval_recall(
+    reader: RetrievalReader, examples: list[QAExample], bank_id: dict[str, int], batch_size: int = 16
+) -> float:
     """Percent of questions whose own document (``bank_id[document]``) is among those the reader's
     retrieval keys choose."""
     found = 0

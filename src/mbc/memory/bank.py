@@ -54,8 +54,15 @@ class BankLayout:
     def of(cls, model) -> "BankLayout":
         config = model.config
         keys = (config.retrieval_subspaces, config.retrieval_codes) if config.retrieval_top_k else (0, 0)
-        return cls(model.codec.mode, config.num_slots, config.codebook_stages, config.codebook_size, model.layout.hidden_size,
-                   model.bank_fingerprint(), *keys)
+        return cls(
+            model.codec.mode,
+            config.num_slots,
+            config.codebook_stages,
+            config.codebook_size,
+            model.layout.hidden_size,
+            model.bank_fingerprint(),
+            *keys,
+        )
 
     @property
     def format(self) -> CodeFormat | FloatFormat:
@@ -83,7 +90,9 @@ class BankLayout:
     def encode_key(self, key: np.ndarray | None) -> bytes | None:
         if not self.key_pieces:
             if key is not None:
-                raise MBCError("this bank stores no retrieval keys (its model has retrieval_top_k = 0), but keys were given")
+                raise MBCError(
+                    "this bank stores no retrieval keys (its model has retrieval_top_k = 0), but keys were given"
+                )
             return None
         if key is None:
             raise MBCError("this bank's model reads by retrieval keys (retrieval_top_k > 0): add() needs keys= as well")
@@ -173,7 +182,9 @@ class MemoryBank:
     @staticmethod
     def _check_layout(path: Path, stored: dict, layout: BankLayout) -> None:
         if stored.get("format_version") != str(FORMAT_VERSION):
-            raise MBCError(f"{path} has bank format {stored.get('format_version')}; this version reads format {FORMAT_VERSION}")
+            raise MBCError(
+                f"{path} has bank format {stored.get('format_version')}; this version reads format {FORMAT_VERSION}"
+            )
         theirs = json.loads(stored["layout"])
         if theirs["fingerprint"] != layout.fingerprint:
             raise MBCError(
@@ -198,12 +209,14 @@ class MemoryBank:
         for start in range(0, len(hashes), 500):
             chunk = hashes[start : start + 500]
             rows = self.connection.execute(
-                f"SELECT content_hash, id FROM documents WHERE content_hash IN ({','.join('?' * len(chunk))})", chunk)
+                f"SELECT content_hash, id FROM documents WHERE content_hash IN ({','.join('?' * len(chunk))})", chunk
+            )
             found.update(rows.fetchall())
         return found
 
-    def add(self, texts: list[str], entries: np.ndarray, metadata: list[dict] | None = None,
-            keys: np.ndarray | None = None) -> list[Added]:
+    def add(
+        self, texts: list[str], entries: np.ndarray, metadata: list[dict] | None = None, keys: np.ndarray | None = None
+    ) -> list[Added]:
         """Store each text's entry (as ``model.compress`` returns them) and retrieval key (as
         ``model.retrieval_keys_of`` returns them; only for a model with retrieval keys), all in one
         transaction. A text whose content is already stored (here or earlier in ``texts``) is not
@@ -211,8 +224,10 @@ class MemoryBank:
         metadata = metadata if metadata is not None else [{} for _ in texts]
         key_list = list(keys) if keys is not None else [None] * len(texts)
         if not (len(texts) == len(entries) == len(metadata) == len(key_list)):
-            raise MBCError(f"add() got {len(texts)} texts, {len(entries)} entries, {len(key_list)} keys "
-                           f"and {len(metadata)} metadata records")
+            raise MBCError(
+                f"add() got {len(texts)} texts, {len(entries)} entries, {len(key_list)} keys "
+                f"and {len(metadata)} metadata records"
+            )
         blobs = [self.layout.encode(np.asarray(entry)) for entry in entries]  # every check before the first write
         key_blobs = [self.layout.encode_key(key) for key in key_list]
         notes = [self._metadata_json(m) for m in metadata]
@@ -226,7 +241,8 @@ class MemoryBank:
                     continue
                 cursor = self.connection.execute(
                     "INSERT INTO documents (content_hash, entry, metadata, retrieval_key) VALUES (?, ?, ?, ?)",
-                    (digest, blob, note, key_blob))
+                    (digest, blob, note, key_blob),
+                )
                 results.append(Added(cursor.lastrowid, True))
                 self._count(counts, np.asarray(entry), +1)
             self._write_counts(counts)
@@ -255,8 +271,12 @@ class MemoryBank:
 
     def _write_counts(self, counts: dict[int, int]) -> None:
         changed = [(k, v) for k, v in counts.items() if self._counts.get(k) != v]
-        self.connection.executemany("INSERT OR REPLACE INTO code_counts VALUES (?, ?)", [(k, v) for k, v in changed if v > 0])
-        self.connection.executemany("DELETE FROM code_counts WHERE vector_key = ?", [(k,) for k, v in changed if v <= 0])
+        self.connection.executemany(
+            "INSERT OR REPLACE INTO code_counts VALUES (?, ?)", [(k, v) for k, v in changed if v > 0]
+        )
+        self.connection.executemany(
+            "DELETE FROM code_counts WHERE vector_key = ?", [(k,) for k, v in changed if v <= 0]
+        )
         for key in [k for k, v in counts.items() if v <= 0]:
             del counts[key]
 
@@ -286,7 +306,11 @@ class MemoryBank:
         if not self.layout.key_pieces:
             raise MBCError(f"{self.path} stores no retrieval keys: its model has retrieval_top_k = 0")
         blobs = self._column("retrieval_key", ids)
-        return np.stack([self.layout.decode_key(b) for b in blobs]) if blobs else np.zeros((0, self.layout.key_pieces), np.int64)
+        return (
+            np.stack([self.layout.decode_key(b) for b in blobs])
+            if blobs
+            else np.zeros((0, self.layout.key_pieces), np.int64)
+        )
 
     def _column(self, column: str, ids: list[int] | None) -> list[bytes]:
         if ids is None:
@@ -294,8 +318,11 @@ class MemoryBank:
         found = {}
         for start in range(0, len(ids), 500):
             chunk = ids[start : start + 500]
-            found.update(self.connection.execute(
-                f"SELECT id, {column} FROM documents WHERE id IN ({','.join('?' * len(chunk))})", chunk).fetchall())
+            found.update(
+                self.connection.execute(
+                    f"SELECT id, {column} FROM documents WHERE id IN ({','.join('?' * len(chunk))})", chunk
+                ).fetchall()
+            )
         missing = [i for i in ids if i not in found]
         if missing:
             raise MBCError(f"no documents with ids {missing[:5]} in {self.path}")
@@ -312,19 +339,27 @@ class MemoryBank:
         if self.layout.mode != "mbc":
             raise MBCError("code counts exist only for an MBC (codebook) bank; a MAC bank stores float vectors")
         keys = np.array(sorted(self._counts), dtype=np.int64)
-        return self.layout.format.codes_of_keys(keys), np.array([self._counts[k] for k in keys.tolist()], dtype=np.int64)
+        return self.layout.format.codes_of_keys(keys), np.array(
+            [self._counts[k] for k in keys.tolist()], dtype=np.int64
+        )
 
     def sizes(self) -> dict[str, int]:
         """Bytes: the entries and retrieval keys as stored, the codebook (MBC, stored once with the model), and what
         MAC's float32 bank would take for the same documents."""
         documents, stored, keys = self.connection.execute(
-            "SELECT COUNT(*), COALESCE(SUM(LENGTH(entry)), 0), COALESCE(SUM(LENGTH(retrieval_key)), 0) FROM documents").fetchone()
+            "SELECT COUNT(*), COALESCE(SUM(LENGTH(entry)), 0), COALESCE(SUM(LENGTH(retrieval_key)), 0) FROM documents"
+        ).fetchone()
         layout = self.layout
         codebook = layout.stages * layout.codebook_size * layout.dim * 4 if layout.mode == "mbc" else 0
-        return {"documents": documents, "stored_bytes": stored + keys, "entry_bytes": stored, "key_bytes": keys,
-                "codebook_bytes": codebook,
-                "mac_equivalent_bytes": documents * layout.num_slots * layout.dim * 4,
-                "file_bytes": sum(p.stat().st_size for p in self._files())}
+        return {
+            "documents": documents,
+            "stored_bytes": stored + keys,
+            "entry_bytes": stored,
+            "key_bytes": keys,
+            "codebook_bytes": codebook,
+            "mac_equivalent_bytes": documents * layout.num_slots * layout.dim * 4,
+            "file_bytes": sum(p.stat().st_size for p in self._files()),
+        }
 
     def _files(self) -> list[Path]:
         if str(self.path) == ":memory:":

@@ -51,7 +51,9 @@ class CodebookCodec:
     def decode(self, entries: torch.Tensor) -> torch.Tensor:
         """Entries [..., stages] -> vectors [..., dim]."""
         if entries.shape[-1] != self.stages:
-            raise MBCError(f"bank entries have {entries.shape[-1]} indices per vector; this codebook has {self.stages} stages")
+            raise MBCError(
+                f"bank entries have {entries.shape[-1]} indices per vector; this codebook has {self.stages} stages"
+            )
         return self.quantizer.decode(entries.long())
 
     def entry_bytes(self, num_slots: int, dim: int) -> int:

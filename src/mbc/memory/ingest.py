@@ -23,8 +23,14 @@ class IngestReport:
 
 
 @torch.no_grad()
-def ingest(model: MBCModel, bank: MemoryBank, texts: list[str], metadata: list[dict] | None = None,
-           batch_size: int = 16, progress: bool = False) -> IngestReport:
+def ingest(
+    model: MBCModel,
+    bank: MemoryBank,
+    texts: list[str],
+    metadata: list[dict] | None = None,
+    batch_size: int = 16,
+    progress: bool = False,
+) -> IngestReport:
     """Compress and append the texts the bank does not hold yet; a batch is stored atomically."""
     metadata = metadata if metadata is not None else [{} for _ in texts]
     hashes = [content_hash(t) for t in texts]
@@ -40,7 +46,9 @@ def ingest(model: MBCModel, bank: MemoryBank, texts: list[str], metadata: list[d
         chunk = fresh[start : start + batch_size]
         chunk_texts = [texts[i] for i in chunk]
         keys = model.retrieval_keys_of(chunk_texts) if model.retrieval_keys is not None else None
-        for index, added in zip(chunk, bank.add(chunk_texts, model.compress(chunk_texts), [metadata[i] for i in chunk], keys)):
+        for index, added in zip(
+            chunk, bank.add(chunk_texts, model.compress(chunk_texts), [metadata[i] for i in chunk], keys)
+        ):
             ids[hashes[index]] = added.id
     model.train(was_training)
     return IngestReport(len(fresh), len(texts) - len(fresh), [ids[h] for h in hashes])

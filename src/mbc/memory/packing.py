@@ -51,6 +51,6 @@ def unpack_indices(data: bytes, count: int, num_codes: int) -> np.ndarray:
             f"{packed_size(count, num_codes)}: the data is truncated or was written with another codebook size"
         )
     bit_stream = np.unpackbits(np.frombuffer(data, dtype=np.uint8), bitorder="little")[: count * bits]
-    weights = (np.uint64(1) << np.arange(bits, dtype=np.uint64))
+    weights = np.uint64(1) << np.arange(bits, dtype=np.uint64)
     values = (bit_stream.reshape(count, bits).astype(np.uint64) * weights).sum(axis=1)
     return values.astype(index_dtype(num_codes))

@@ -35,10 +35,14 @@ class Reader:
 
     def __init__(self, model: MBCModel, bank: MemoryBank):
         if model.retrieval_keys is not None and not isinstance(self, RetrievalReader):
-            raise MBCError(f"this model reads only its top {model.config.retrieval_top_k} documents per question "
-                           "(retrieval_top_k): read its bank with RetrievalReader (reader 'auto' or 'retrieval')")
+            raise MBCError(
+                f"this model reads only its top {model.config.retrieval_top_k} documents per question "
+                "(retrieval_top_k): read its bank with RetrievalReader (reader 'auto' or 'retrieval')"
+            )
         if bank.layout.mode != model.codec.mode:
-            raise MBCError(f"a {bank.layout.mode.upper()} bank cannot be read by a model with quantize={model.config.quantize}")
+            raise MBCError(
+                f"a {bank.layout.mode.upper()} bank cannot be read by a model with quantize={model.config.quantize}"
+            )
         self.model, self.bank, self._version = model, bank, None
 
     def modulation(self, questions: list[str]) -> torch.Tensor:
@@ -85,8 +89,9 @@ class CodeCountReader(Reader):
         self.log_counts = torch.as_tensor(counts, dtype=vectors.dtype, device=vectors.device).log()[None]
 
     def _modulation(self, questions):
-        return self.model.aggregator(self.model.queries(questions), None, memory_log_weight=self.log_counts,
-                                     memory_keys_values=self.keys_values)
+        return self.model.aggregator(
+            self.model.queries(questions), None, memory_log_weight=self.log_counts, memory_keys_values=self.keys_values
+        )
 
 
 class _DocumentKeysReader(Reader):
@@ -142,8 +147,10 @@ class WindowedReader(_DocumentKeysReader):
         dim = self.model.layout.hidden_size
         level = self._documents(positions)  # [items, vectors, dim]
         while True:
-            outputs = [self.model.aggregator(queries, level[s : s + self.window].reshape(1, -1, dim))
-                       for s in range(0, len(level), self.window)]
+            outputs = [
+                self.model.aggregator(queries, level[s : s + self.window].reshape(1, -1, dim))
+                for s in range(0, len(level), self.window)
+            ]
             if len(outputs) == 1:
                 return outputs[0]
             level = torch.cat(outputs)  # each window's K aggregated vectors: the next level's items
@@ -179,13 +186,17 @@ def reader_for(model: MBCModel, bank: MemoryBank, kind: str = "auto", **options)
     windows over top-k documents for a MAC bank."""
     kinds = {"full": FullReader, "counts": CodeCountReader, "windowed": WindowedReader, "retrieval": RetrievalReader}
     if kind == "auto":
-        kind = "retrieval" if model.retrieval_keys is not None else "counts" if bank.layout.mode == "mbc" else "windowed"
+        kind = (
+            "retrieval" if model.retrieval_keys is not None else "counts" if bank.layout.mode == "mbc" else "windowed"
+        )
     if kind not in kinds:
         raise MBCError(f"unknown reader '{kind}'; choose auto, {', '.join(kinds)}")
     return kinds[kind](model, bank, **options)
 
 
 @torch.no_grad()
-def answer_from_bank(model: MBCModel, reader: Reader, questions: list[str], decoding: DecodingConfig | None = None) -> list[str]:
+def answer_from_bank(
+    model: MBCModel, reader: Reader, questions: list[str], decoding: DecodingConfig | None = None
+) -> list[str]:
     """Answer each question from the bank the reader reads."""
     return model.generate_answers(questions, model.prefix(reader.modulation(questions)), decoding)

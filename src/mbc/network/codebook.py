@@ -50,8 +50,6 @@ class QuantizerOutput:
     perplexity: torch.Tensor  # exp(entropy) of the code histogram of this batch (first stage)
 
 
-
-
 class VectorQuantizer(nn.Module):
     def __init__(
         self,
@@ -112,7 +110,11 @@ class VectorQuantizer(nn.Module):
     @torch.no_grad()
     def _update_usage_and_reset(self, counts: torch.Tensor, z: torch.Tensor, indices: torch.Tensor) -> None:
         flat = z.detach().reshape(-1, self.dim)
-        sums = torch.zeros_like(self.codebook).index_add_(0, indices.flatten(), flat.to(self.codebook.dtype)) if self.update == "ema" else None
+        sums = (
+            torch.zeros_like(self.codebook).index_add_(0, indices.flatten(), flat.to(self.codebook.dtype))
+            if self.update == "ema"
+            else None
+        )
         if _distributed():
             # Every process must see the same usage, sums and replacements, or their codebooks drift apart.
             torch.distributed.all_reduce(counts)
@@ -159,7 +161,11 @@ def _distributed() -> bool:
 def kmeans(points: torch.Tensor, k: int, iterations: int, generator: torch.Generator) -> torch.Tensor:
     """k centroids [k, dim] of points [N, dim] by Lloyd's algorithm, started from random points
     (distinct when N >= k); an empty cluster keeps its place."""
-    starts = torch.randperm(len(points), generator=generator)[:k] if len(points) >= k else torch.randint(len(points), (k,), generator=generator)
+    starts = (
+        torch.randperm(len(points), generator=generator)[:k]
+        if len(points) >= k
+        else torch.randint(len(points), (k,), generator=generator)
+    )
     centroids = points[starts.to(points.device)].clone()
     for _ in range(iterations):
         nearest = torch.cdist(points, centroids).argmin(1)

@@ -39,7 +39,9 @@ class DecodingConfig:
         if self.strategy not in STRATEGIES:
             raise MBCError(f"unknown decoding strategy '{self.strategy}'; choose one of {', '.join(STRATEGIES)}")
         if self.strategy == "diverse_beam" and self.num_beams % self.num_beam_groups:
-            raise MBCError(f"num_beams ({self.num_beams}) must be a multiple of num_beam_groups ({self.num_beam_groups})")
+            raise MBCError(
+                f"num_beams ({self.num_beams}) must be a multiple of num_beam_groups ({self.num_beam_groups})"
+            )
         if self.max_new_tokens < 1:
             raise MBCError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
 
@@ -47,7 +49,9 @@ class DecodingConfig:
 def _forward(llm: nn.Module, input_ids, attention_mask, cache):
     """Next-token logits [batch, vocab] for the last position, and the updated cache."""
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)[:, -input_ids.shape[1] :]
-    out = llm(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache, use_cache=True)
+    out = llm(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache, use_cache=True
+    )
     return out.logits[:, -1].float(), out.cache
 
 
@@ -76,8 +80,17 @@ def generate(
     groups = config.num_beam_groups if config.strategy == "diverse_beam" else 1
     penalty = config.diversity_penalty if config.strategy == "diverse_beam" else 0.0
     ranked = beam_search(
-        llm, layout, input_ids, attention_mask, prefix, eos_token_id, config.max_new_tokens,
-        config.num_beams, groups, penalty, config.length_penalty,
+        llm,
+        layout,
+        input_ids,
+        attention_mask,
+        prefix,
+        eos_token_id,
+        config.max_new_tokens,
+        config.num_beams,
+        groups,
+        penalty,
+        config.length_penalty,
     )
     return [_cut_at_eos(hypotheses[0][1], eos_token_id) for hypotheses in ranked]
 
@@ -119,8 +132,17 @@ class _Hypotheses:
 
 
 def beam_search(
-    llm, layout, input_ids, attention_mask, prefix, eos_token_id: int, max_new_tokens: int,
-    num_beams: int, num_groups: int = 1, diversity_penalty: float = 0.0, length_penalty: float = 1.0,
+    llm,
+    layout,
+    input_ids,
+    attention_mask,
+    prefix,
+    eos_token_id: int,
+    max_new_tokens: int,
+    num_beams: int,
+    num_groups: int = 1,
+    diversity_penalty: float = 0.0,
+    length_penalty: float = 1.0,
 ) -> list[list[tuple[float, list[int]]]]:
     """Per prompt, every final hypothesis of every group as (score, tokens), best first."""
     batch, device = input_ids.shape[0], input_ids.device
@@ -145,7 +167,9 @@ def beam_search(
             next_scores = beam_scores.clone()
             chosen_so_far = torch.zeros(batch, vocab, device=device)
             for group in range(num_groups):
-                scores = logprobs[:, group] - diversity_penalty * chosen_so_far[:, None, :] + beam_scores[:, group, :, None]
+                scores = (
+                    logprobs[:, group] - diversity_penalty * chosen_so_far[:, None, :] + beam_scores[:, group, :, None]
+                )
                 top_scores, top_ids = scores.view(batch, -1).topk(2 * per_group, dim=1)
                 top_scores, top_ids = top_scores.tolist(), top_ids.tolist()
                 for b in range(batch):
@@ -159,13 +183,27 @@ def beam_search(
                             if rank < per_group:
                                 hypotheses[b][group].add(sequences[row].tolist() + [token], score)
                             continue
-                        next_tokens[b, group, kept], next_beams[b, group, kept], next_scores[b, group, kept] = token, beam, score
+                        next_tokens[b, group, kept], next_beams[b, group, kept], next_scores[b, group, kept] = (
+                            token,
+                            beam,
+                            score,
+                        )
                         kept += 1
                         if kept == per_group:
                             break
                     done[b, group] = hypotheses[b][group].is_done(max(top_scores[b]), step + 1)
-                    chosen_so_far[b].index_add_(0, next_tokens[b, group].to(device), torch.ones(per_group, device=device))
-            rows = (torch.arange(batch)[:, None, None] * num_beams + torch.arange(num_groups)[None, :, None] * per_group + next_beams).flatten().to(device)
+                    chosen_so_far[b].index_add_(
+                        0, next_tokens[b, group].to(device), torch.ones(per_group, device=device)
+                    )
+            rows = (
+                (
+                    torch.arange(batch)[:, None, None] * num_beams
+                    + torch.arange(num_groups)[None, :, None] * per_group
+                    + next_beams
+                )
+                .flatten()
+                .to(device)
+            )
             sequences = torch.cat([sequences[rows], next_tokens.flatten().to(device)[:, None]], dim=1)
             beam_scores = next_scores
             if done.all() or step == max_new_tokens - 1:
@@ -182,6 +220,8 @@ def _ranked(hypotheses, sequences, beam_scores, done, num_beams, per_group):
         for group, hyps in enumerate(groups):
             if not done[b, group]:  # ran out of steps: running beams compete with the finished ones
                 for beam in range(per_group):
-                    hyps.add(sequences[b * num_beams + group * per_group + beam].tolist(), beam_scores[b, group, beam].item())
+                    hyps.add(
+                        sequences[b * num_beams + group * per_group + beam].tolist(), beam_scores[b, group, beam].item()
+                    )
         results.append(sorted((item for hyps in groups for item in hyps.items), key=lambda item: -item[0]))
     return results

@@ -93,7 +93,9 @@ class CrossAttentionBlock(nn.Module):
         key, value = key.expand(batch, -1, -1, -1), value.expand(batch, -1, -1, -1)
         bias = None
         if memory_mask is not None:
-            bias = torch.zeros(memory_mask.shape, dtype=x.dtype, device=x.device).masked_fill(~memory_mask, float("-inf"))
+            bias = torch.zeros(memory_mask.shape, dtype=x.dtype, device=x.device).masked_fill(
+                ~memory_mask, float("-inf")
+            )
         if memory_log_weight is not None:
             bias = memory_log_weight.to(x.dtype) if bias is None else bias + memory_log_weight
         if bias is not None:

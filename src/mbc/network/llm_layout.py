@@ -35,7 +35,9 @@ def describe_llm(model: nn.Module) -> LLMLayout:
     config = model.config
     if hasattr(model, "transformer") and hasattr(model.transformer, "h"):
         heads = config.n_head
-        return LLMLayout("gpt2", [block.attn for block in model.transformer.h], config.n_embd, heads, config.n_embd // heads)
+        return LLMLayout(
+            "gpt2", [block.attn for block in model.transformer.h], config.n_embd, heads, config.n_embd // heads
+        )
     layers = getattr(getattr(model, "model", None), "layers", None)
     if layers is not None and all(hasattr(layer.self_attn, "k_proj") for layer in layers):
         heads = config.num_attention_heads

@@ -92,7 +92,16 @@ class PrefixExpansion(nn.Module):
     vectors, initialised so that block s reads vector s mod K.
     """
 
-    def __init__(self, num_slots: int, dim: int, prefix_tokens: int, num_layers: int, num_kv_heads: int, head_dim: int, hidden_dim: int):
+    def __init__(
+        self,
+        num_slots: int,
+        dim: int,
+        prefix_tokens: int,
+        num_layers: int,
+        num_kv_heads: int,
+        head_dim: int,
+        hidden_dim: int,
+    ):
         super().__init__()
         self.prefix_tokens, self.num_layers = prefix_tokens, num_layers
         self.num_kv_heads, self.head_dim = num_kv_heads, head_dim

@@ -50,8 +50,12 @@ class SentenceEmbedder(nn.Module):
 
     def _embed(self, texts: list[str]) -> torch.Tensor:
         device = next(self.encoder.parameters()).device
-        batch = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_tokens, return_tensors="pt").to(device)
-        encoder = self.encoder.get_encoder() if getattr(self.encoder.config, "is_encoder_decoder", False) else self.encoder  # T5: its encoder half
+        batch = self.tokenizer(
+            texts, padding=True, truncation=True, max_length=self.max_tokens, return_tensors="pt"
+        ).to(device)
+        encoder = (
+            self.encoder.get_encoder() if getattr(self.encoder.config, "is_encoder_decoder", False) else self.encoder
+        )  # T5: its encoder half
         hidden = encoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
         mask = batch["attention_mask"][..., None].to(hidden.dtype)
         return F.normalize((hidden * mask).sum(1) / mask.sum(1).clamp(min=1), dim=-1)
@@ -75,8 +79,10 @@ class ProductQuantizer(nn.Module):
     def fit(self, embeddings: torch.Tensor, iterations: int = 25, seed: int = 0) -> None:
         """k-means in every subspace (Lloyd's algorithm, started from distinct random embeddings)."""
         if len(embeddings) < self.codes:
-            raise MBCError(f"fitting {self.codes} retrieval centroids needs at least {self.codes} training documents, "
-                           f"got {len(embeddings)}; lower retrieval_codes")
+            raise MBCError(
+                f"fitting {self.codes} retrieval centroids needs at least {self.codes} training documents, "
+                f"got {len(embeddings)}; lower retrieval_codes"
+            )
         generator = torch.Generator().manual_seed(seed)
         pieces = self._pieces(embeddings.float())
         for s in range(self.subspaces):
@@ -92,11 +98,15 @@ class ProductQuantizer(nn.Module):
     def scores(self, questions: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
         """Inner product of each question embedding [B, dim] with each decoded key [N, subspaces] -> [B, N]."""
         self._check_fitted()
-        tables = torch.einsum("sbp,scp->bsc", self._pieces(questions.to(self.centroids.dtype)), self.centroids)  # [B, S, codes]
+        tables = torch.einsum(
+            "sbp,scp->bsc", self._pieces(questions.to(self.centroids.dtype)), self.centroids
+        )  # [B, S, codes]
         keys = torch.as_tensor(keys, device=tables.device).long()
         return sum(tables[:, s, keys[:, s]] for s in range(self.subspaces))
 
     def _check_fitted(self) -> None:
         if not bool(self.fitted):
-            raise MBCError("the retrieval keys' centroids are not fitted yet: training fits them on the training documents "
-                           "(MBCModel.fit_retrieval_keys)")
+            raise MBCError(
+                "the retrieval keys' centroids are not fitted yet: training fits them on the training documents "
+                "(MBCModel.fit_retrieval_keys)"
+            )

@@ -41,8 +41,9 @@ class StepObjective(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, documents: list[str], questions: list[str], answers: list[str], own: list[int],
-                step: Step = Step()) -> StepOutput:
+    def forward(
+        self, documents: list[str], questions: list[str], answers: list[str], own: list[int], step: Step = Step()
+    ) -> StepOutput:
         """One step's loss on a batch: ``documents`` form the bank, ``own[i]`` is the index of
         question i's own document."""
         if step.objective not in OBJECTIVES:
@@ -62,9 +63,14 @@ class StepObjective(nn.Module):
             probe_loss = answer_probe_loss(model, modulation, answers, step.probe_tokens) + _rest_in_graph(model)
             return StepOutput(probe_loss + vq_term, probe_loss.new_zeros(()), vq_loss, memory.perplexity, probe_loss)
         qa_loss = model.qa_loss(questions, answers, model.prefix(modulation))
-        probe_loss = (answer_probe_loss(model, modulation, answers, step.probe_tokens) if step.probe_weight > 0
-                      else qa_loss.new_zeros(()))
-        return StepOutput(qa_loss + step.probe_weight * probe_loss + vq_term, qa_loss, vq_loss, memory.perplexity, probe_loss)
+        probe_loss = (
+            answer_probe_loss(model, modulation, answers, step.probe_tokens)
+            if step.probe_weight > 0
+            else qa_loss.new_zeros(())
+        )
+        return StepOutput(
+            qa_loss + step.probe_weight * probe_loss + vq_term, qa_loss, vq_loss, memory.perplexity, probe_loss
+        )
 
 
 def amortize_some_with_grad(model: MBCModel, documents: list[str], keep: float) -> torch.Tensor:
@@ -98,7 +104,9 @@ def answer_probe_logits(model: MBCModel, modulation: torch.Tensor, tokens: str =
     return model.llm.get_output_embeddings()(F.layer_norm(read, read.shape[-1:]))
 
 
-def answer_probe_loss(model: MBCModel, modulation: torch.Tensor, answers: list[str], tokens: str = "first") -> torch.Tensor:
+def answer_probe_loss(
+    model: MBCModel, modulation: torch.Tensor, answers: list[str], tokens: str = "first"
+) -> torch.Tensor:
     """Cross-entropy of the answer's first token (``first``) or its first K tokens (``all``, vector k
     for token k) under ``answer_probe_logits``."""
     logits = answer_probe_logits(model, modulation, tokens).float()
@@ -111,4 +119,6 @@ def answer_probe_loss(model: MBCModel, modulation: torch.Tensor, answers: list[s
 def _rest_in_graph(model: MBCModel) -> torch.Tensor:
     """0 x every trainable parameter the probe does not use (prefix, KV-LoRA): multi-process
     training (DDP) needs every parameter in each step's graph."""
-    return 0.0 * sum(p.sum() for name, p in model.named_parameters() if p.requires_grad and not name.startswith(READING_PATH))
+    return 0.0 * sum(
+        p.sum() for name, p in model.named_parameters() if p.requires_grad and not name.startswith(READING_PATH)
+    )

@@ -10,30 +10,52 @@ from __future__ import annotations
 from mbc.errors import MBCError
 
 # return_freed_memory: these presets' memory budgets matter more than the 15-30% of speed it costs.
-_REFERENCE_TRAIN = dict(learning_rate=1e-5, warmup_ratio=0.01, max_grad_norm=100.0, epochs=50, mixed_precision="bf16",
-                        return_freed_memory=True)
+_REFERENCE_TRAIN = dict(
+    learning_rate=1e-5,
+    warmup_ratio=0.01,
+    max_grad_norm=100.0,
+    epochs=50,
+    mixed_precision="bf16",
+    return_freed_memory=True,
+)
+
+
+def _reference(
+    llm: str,
+    encoders: tuple[str, str],
+    num_slots: int,
+    lora: tuple[int, int],
+    batch: tuple[int, int],
+    backprop_keep: float,
+    **model,
+) -> dict[str, dict]:
+    """One of the reference's configurations: LoRA (rank, last N layers) with alpha = 2 x rank,
+    batch x gradient accumulation, the share of documents amortized with gradients."""
+    rank, layers = lora
+    return {
+        "model": dict(
+            llm=llm,
+            document_encoder=encoders[0],
+            question_encoder=encoders[1],
+            num_slots=num_slots,
+            lora_rank=rank,
+            lora_alpha=2 * rank,
+            lora_layers=layers,
+            max_document_tokens=1022,
+            **model,
+        ),
+        "train": dict(_REFERENCE_TRAIN, batch_size=batch[0], grad_accumulation=batch[1], backprop_keep=backprop_keep),
+    }
+
 
 PRESETS: dict[str, dict[str, dict]] = {
-    "distilgpt2": {
-        "model": dict(llm="distilgpt2", document_encoder="t5-small", question_encoder="t5-small", num_slots=12,
-                      lora_rank=16, lora_alpha=32, lora_layers=6, max_document_tokens=1022),
-        "train": dict(_REFERENCE_TRAIN, batch_size=16, grad_accumulation=4, backprop_keep=1.0),
-    },
-    "gpt2-large": {
-        "model": dict(llm="gpt2-large", document_encoder="t5-base", question_encoder="t5-base", num_slots=24,
-                      lora_rank=32, lora_alpha=64, lora_layers=16, max_document_tokens=1022),
-        "train": dict(_REFERENCE_TRAIN, batch_size=4, grad_accumulation=8, backprop_keep=1.0),
-    },
-    "gpt2-xl": {
-        "model": dict(llm="gpt2-xl", document_encoder="t5-large", question_encoder="t5-base", num_slots=24,
-                      lora_rank=32, lora_alpha=64, lora_layers=16, max_document_tokens=1022),
-        "train": dict(_REFERENCE_TRAIN, batch_size=4, grad_accumulation=8, backprop_keep=0.75),
-    },
-    "llama-2-7b": {
-        "model": dict(llm="meta-llama/Llama-2-7b-hf", document_encoder="t5-large", question_encoder="t5-base", num_slots=24,
-                      lora_rank=32, lora_alpha=64, lora_layers=16, max_document_tokens=1022, llm_quantization="nf4"),
-        "train": dict(_REFERENCE_TRAIN, batch_size=4, grad_accumulation=8, backprop_keep=0.75),
-    },
+    # name: _reference(LLM, (document encoder, question encoder), K, (LoRA r, layers), (batch, accumulation), kept)
+    "distilgpt2": _reference("distilgpt2", ("t5-small", "t5-small"), 12, (16, 6), (16, 4), 1.0),
+    "gpt2-large": _reference("gpt2-large", ("t5-base", "t5-base"), 24, (32, 16), (4, 8), 1.0),
+    "gpt2-xl": _reference("gpt2-xl", ("t5-large", "t5-base"), 24, (32, 16), (4, 8), 0.75),
+    "llama-2-7b": _reference(
+        "meta-llama/Llama-2-7b-hf", ("t5-large", "t5-base"), 24, (32, 16), (4, 8), 0.75, llm_quantization="nf4"
+    ),
     # Bundled SmolLM2-135M + MiniLM on 2 CPU cores. The prefix and LoRA sit on the last 6 of 30
     # layers, so the backward pass stops there; higher learning rates (3e-4 for the new modules,
     # 3e-5 for MiniLM) because a CPU run is hundreds of steps, not 50 epochs. 1e-3 was tried and is
@@ -47,12 +69,33 @@ PRESETS: dict[str, dict[str, dict]] = {
     # retrieval keys so that each question reads its own document in training and its top-1 by
     # key at answer time (retrieval_top_k=1, 32 one-byte pieces per key).
     "cpu": {
-        "model": dict(num_slots=12, prefix_layers=6, lora_layers=6, lora_rank=16, lora_alpha=32,
-                      max_document_tokens=256, max_question_tokens=48, codebook_metric="cosine",
-                      retrieval_top_k=1, retrieval_subspaces=32),
-        "train": dict(learning_rate=3e-4, encoder_learning_rate=3e-5, warmup_ratio=0.05, max_grad_norm=1.0,
-                      batch_size=8, grad_accumulation=1, float_memory_steps=100, probe_steps=200,
-                      epochs=1, backprop_keep=1.0, mixed_precision="no", eval_every=100, eval_questions=300),
+        "model": dict(
+            num_slots=12,
+            prefix_layers=6,
+            lora_layers=6,
+            lora_rank=16,
+            lora_alpha=32,
+            max_document_tokens=256,
+            max_question_tokens=48,
+            codebook_metric="cosine",
+            retrieval_top_k=1,
+            retrieval_subspaces=32,
+        ),
+        "train": dict(
+            learning_rate=3e-4,
+            encoder_learning_rate=3e-5,
+            warmup_ratio=0.05,
+            max_grad_norm=1.0,
+            batch_size=8,
+            grad_accumulation=1,
+            float_memory_steps=100,
+            probe_steps=200,
+            epochs=1,
+            backprop_keep=1.0,
+            mixed_precision="no",
+            eval_every=100,
+            eval_questions=300,
+        ),
     },
 }
 

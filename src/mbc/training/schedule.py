@@ -37,15 +37,19 @@ class Schedule:
     def __init__(self, config, total_steps: int, quantize: bool):
         """``config``: a TrainConfig; its settings are checked against the run's ``total_steps``."""
         if quantize and config.float_memory_steps >= total_steps:
-            raise MBCError(f"float_memory_steps={config.float_memory_steps} is not below the run's {total_steps} steps: "
-                           "the codebook would never be fitted; lower float_memory_steps or raise max_steps")
+            raise MBCError(
+                f"float_memory_steps={config.float_memory_steps} is not below the run's {total_steps} steps: "
+                "the codebook would never be fitted; lower float_memory_steps or raise max_steps"
+            )
         if config.probe_tokens not in PROBE_TOKENS:
             raise MBCError(f"probe_tokens must be one of {PROBE_TOKENS}, got {config.probe_tokens!r}")
         if config.probe_weight < 0:
             raise MBCError(f"probe_weight must be >= 0, got {config.probe_weight}")
         if config.probe_steps >= total_steps:
-            raise MBCError(f"probe_steps={config.probe_steps} is not below the run's {total_steps} steps: "
-                           "the QA loss would never be trained; lower probe_steps or raise max_steps")
+            raise MBCError(
+                f"probe_steps={config.probe_steps} is not below the run's {total_steps} steps: "
+                "the QA loss would never be trained; lower probe_steps or raise max_steps"
+            )
         self.config, self.total_steps, self.quantize = config, total_steps, quantize
 
     def float_memory(self, step: int) -> bool:
@@ -57,8 +61,14 @@ class Schedule:
         ``float_memory``: whether the codebook is still unfitted (the trainer knows: a run stopped
         early fits it before saving)."""
         config = self.config
-        return Step("probe" if step < config.probe_steps else "qa", float_memory, self._bank_size(step, documents),
-                    config.probe_tokens, config.probe_weight, config.backprop_keep)
+        return Step(
+            "probe" if step < config.probe_steps else "qa",
+            float_memory,
+            self._bank_size(step, documents),
+            config.probe_tokens,
+            config.probe_weight,
+            config.backprop_keep,
+        )
 
     def _bank_size(self, step: int, documents: int) -> int | None:
         steps = self.config.bank_curriculum_steps

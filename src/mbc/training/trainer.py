@@ -1,4 +1,4 @@
-"""Meta-training MBC (docs/METHOD.md, "Training"), on accelerate.
+"""Meta-training MBC (docs/METHOD.md), on accelerate.
 
 Each batch is a set of (document, question, answer) rows; its distinct documents are amortized
 and quantized into the bank that all of its questions read; the loss is the QA negative
@@ -49,16 +49,24 @@ class TrainConfig:
     encoder_learning_rate: float | None = None  # for the pretrained encoders; None = learning_rate
     codebook_learning_rate: float | None = None  # for the codebook(s); None = learning_rate
     warmup_ratio: float = 0.01
-    lr_schedule: str = "constant"  # after warmup: "constant" (the reference), "cosine" or "linear" decay to 0 at the last step
+    lr_schedule: str = (
+        "constant"  # after warmup: "constant" (the reference), "cosine" or "linear" decay to 0 at the last step
+    )
     max_grad_norm: float = 100.0
     epochs: int = 50
     max_steps: int | None = None  # optimizer steps; overrides epochs when set
     max_minutes: float | None = None  # stop (then validate and save) after this much training time
     backprop_keep: float = 1.0
-    bank_curriculum_steps: int = 0  # > 0: each question's bank grows from its own document to the whole batch over these steps
-    float_memory_steps: int = 0  # > 0 (MBC): the bank holds float vectors for these steps, then the codebook is k-means-fitted to them
+    bank_curriculum_steps: int = (
+        0  # > 0: each question's bank grows from its own document to the whole batch over these steps
+    )
+    float_memory_steps: int = (
+        0  # > 0 (MBC): the bank holds float vectors for these steps, then the codebook is k-means-fitted to them
+    )
     codebook_fit_documents: int = 1000  # training documents the codebook is fitted on at the end of float_memory_steps
-    probe_steps: int = 0  # > 0: the first N steps train the reading path on the answer probe (MBCModel.answer_probe_loss), not the QA loss
+    probe_steps: int = (
+        0  # > 0: the first N steps train the reading path on the answer probe, not the QA loss (objectives.py)
+    )
     probe_tokens: str = "first"  # the probe's targets: the answer's "first" token, or "all" (vector k -> token k)
     probe_weight: float = 0.0  # after probe_steps: loss = QA + probe_weight x probe (0 = the QA loss alone)
     mixed_precision: str = "no"  # "no", "bf16", "fp16"
@@ -67,8 +75,10 @@ class TrainConfig:
     eval_every: int = 200  # optimizer steps; validation also runs at the end
     eval_questions: int | None = 500  # validation questions (all their documents form the bank)
     resume: bool = True
-    save_best: bool = True  # also keep best-em / best-f1 / best-loss checkpoints beside last (each a full copy of the trainable weights)
-    return_freed_memory: bool = False  # lower peak memory for some speed (training/allocator.py: ~5% less peak memory, 15-30% slower on CPU)
+    save_best: bool = True  # also keep best-em / best-f1 / best-loss checkpoints beside last (each a full copy)
+    return_freed_memory: bool = (
+        False  # lower peak memory for some speed (training/allocator.py: ~5% less peak memory, 15-30% slower on CPU)
+    )
     wandb_project: str | None = None  # also log to Weights & Biases (pip install wandb); off by default
     extra: dict = field(default_factory=dict)  # free-form notes recorded in the run's config
 
@@ -83,8 +93,11 @@ def parameter_groups(model: MBCModel, config: TrainConfig) -> list[dict]:
     # The pretrained encoders may want a gentler rate than the freshly initialised modules, and the
     # codebook a faster one: Adam moves a code by about the learning rate per step, and codes
     # must keep up with the encoder outputs they stand for, or all of them snap to a few codes.
-    rates = {"fresh": config.learning_rate, "encoder": config.encoder_learning_rate or config.learning_rate,
-             "codebook": config.codebook_learning_rate or config.learning_rate}
+    rates = {
+        "fresh": config.learning_rate,
+        "encoder": config.encoder_learning_rate or config.learning_rate,
+        "codebook": config.codebook_learning_rate or config.learning_rate,
+    }
     groups = {name: [] for name in rates}
     for name, parameter in model.named_parameters():
         if parameter.requires_grad:
@@ -124,7 +137,9 @@ class MetricsLog:
         self.accelerator.log(numbers, step=record["step"])
 
 
-def train(model_config: MBCConfig, config: TrainConfig, train_rows: list[QAExample], validation_rows: list[QAExample]) -> dict:
+def train(
+    model_config: MBCConfig, config: TrainConfig, train_rows: list[QAExample], validation_rows: list[QAExample]
+) -> dict:
     """Train, validate and checkpoint into ``config.output_dir``; returns the final validation metrics."""
     if config.return_freed_memory:
         keep_large_allocations_on_mmap()
@@ -132,16 +147,24 @@ def train(model_config: MBCConfig, config: TrainConfig, train_rows: list[QAExamp
         raise MBCError(f"{len(train_rows)} training rows is fewer than one batch of {config.batch_size}")
     # cpu=True without a GPU: processes started by `accelerate launch --multi_gpu` (torchrun) then
     # join one gloo process group instead of each running alone.
-    accelerator = Accelerator(gradient_accumulation_steps=config.grad_accumulation, mixed_precision=config.mixed_precision,
-                              cpu=not torch.cuda.is_available(), log_with="wandb" if config.wandb_project else None)
+    accelerator = Accelerator(
+        gradient_accumulation_steps=config.grad_accumulation,
+        mixed_precision=config.mixed_precision,
+        cpu=not torch.cuda.is_available(),
+        log_with="wandb" if config.wandb_project else None,
+    )
     if config.wandb_project:
-        accelerator.init_trackers(config.wandb_project, config={"model": model_config.to_dict(), "train": asdict(config)})
+        accelerator.init_trackers(
+            config.wandb_project, config={"model": model_config.to_dict(), "train": asdict(config)}
+        )
     set_seed(config.seed)
     out = Path(config.output_dir)
     main = accelerator.is_main_process
     if main:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "run_config.json").write_text(json.dumps({"model": model_config.to_dict(), "train": asdict(config)}, indent=2))
+        (out / "run_config.json").write_text(
+            json.dumps({"model": model_config.to_dict(), "train": asdict(config)}, indent=2)
+        )
 
     model = MBCModel.build(model_config)
     parameters = [p for p in model.parameters() if p.requires_grad]
@@ -151,11 +174,21 @@ def train(model_config: MBCConfig, config: TrainConfig, train_rows: list[QAExamp
     total_steps = config.max_steps or max(1, config.epochs * batches_per_epoch // config.grad_accumulation)
     _check_lr_schedule(config)
     schedule = Schedule(config, total_steps, model_config.quantize)
-    scheduler = get_scheduler(SCHEDULES[config.lr_schedule], optimizer, num_warmup_steps=math.ceil(config.warmup_ratio * total_steps),
-                              num_training_steps=total_steps)
+    scheduler = get_scheduler(
+        SCHEDULES[config.lr_schedule],
+        optimizer,
+        num_warmup_steps=math.ceil(config.warmup_ratio * total_steps),
+        num_training_steps=total_steps,
+    )
 
     train_documents = list(dict.fromkeys(row.document for row in train_rows))  # distinct, in order
-    progress = {"step": 0, "epoch": 0, "batch": 0, "best": {"em": -1.0, "f1": -1.0, "loss": float("inf")}, "train_seconds": 0.0}
+    progress = {
+        "step": 0,
+        "epoch": 0,
+        "batch": 0,
+        "best": {"em": -1.0, "f1": -1.0, "loss": float("inf")},
+        "train_seconds": 0.0,
+    }
     last = out / "last"
     if config.resume and has_training_state(last):
         model.load_trainable_state(last)
@@ -175,14 +208,18 @@ def train(model_config: MBCConfig, config: TrainConfig, train_rows: list[QAExamp
             metrics = evaluate(model, rows).metrics if rows and not float_memory else {}
             log.write(kind="validation", step=progress["step"], **metrics)
             for key, folder in BEST.items():
-                better = metrics and (metrics[key] < progress["best"][key] if key == "loss" else metrics[key] > progress["best"][key])
+                better = metrics and (
+                    metrics[key] < progress["best"][key] if key == "loss" else metrics[key] > progress["best"][key]
+                )
                 if better:
                     progress["best"][key] = metrics[key]
                     if config.save_best:
                         model.save_pretrained(out / folder)
             model.save_pretrained(last)
             save_training_state(last, optimizer, scheduler, progress)
-            accelerator.print(f"step {progress['step']}: validation {json.dumps({k: round(v, 3) for k, v in metrics.items()})}")
+            accelerator.print(
+                f"step {progress['step']}: validation {json.dumps({k: round(v, 3) for k, v in metrics.items()})}"
+            )
         accelerator.wait_for_everyone()
         return metrics
 
@@ -196,7 +233,9 @@ def train(model_config: MBCConfig, config: TrainConfig, train_rows: list[QAExamp
     window = {**dict.fromkeys(losses, 0.0), "rows": 0, "micro": 0, "time": time.perf_counter()}
     finished = False
     while not finished:
-        epoch_batches = _batches(train_rows, config.batch_size, config.seed, progress["epoch"])[: batches_per_epoch * world]
+        epoch_batches = _batches(train_rows, config.batch_size, config.seed, progress["epoch"])[
+            : batches_per_epoch * world
+        ]
         mine = epoch_batches[accelerator.process_index :: world]
         for batch in mine[progress["batch"] :]:
             documents = list(dict.fromkeys(row.document for row in batch))
@@ -230,9 +269,19 @@ def train(model_config: MBCConfig, config: TrainConfig, train_rows: list[QAExamp
                 rate = window["rows"] / (time.perf_counter() - window["time"])
                 alive = model.codec.fraction_alive()
                 record = {k: window[k] / window["micro"] for k in losses}
-                log.write(kind="train", step=progress["step"], epoch=progress["epoch"], codes_alive=alive,
-                          rows_per_second=rate, seconds=progress["train_seconds"], lr=scheduler.get_last_lr()[0], **record)
-                bar.set_postfix(loss=f"{record['loss']:.3f}", vq=f"{record['vq']:.4f}", codes=f"{alive:.0%}", ex_s=f"{rate:.1f}")
+                log.write(
+                    kind="train",
+                    step=progress["step"],
+                    epoch=progress["epoch"],
+                    codes_alive=alive,
+                    rows_per_second=rate,
+                    seconds=progress["train_seconds"],
+                    lr=scheduler.get_last_lr()[0],
+                    **record,
+                )
+                bar.set_postfix(
+                    loss=f"{record['loss']:.3f}", vq=f"{record['vq']:.4f}", codes=f"{alive:.0%}", ex_s=f"{rate:.1f}"
+                )
                 window.update(**dict.fromkeys(losses, 0.0), rows=0, micro=0, time=time.perf_counter())
             if finished:
                 break
