@@ -90,6 +90,15 @@ def test_info_and_bad_override(tiny_paths):
     assert result.exit_code != 0 and "unknown config keys ['no_such_field']" in str(result.exception)
 
 
+def test_demo_runs_the_pipeline_once(tiny_paths):
+    result = runner.invoke(app, ["demo", *_tiny_sets(tiny_paths), "--set", "retrieval_top_k=0"])
+    assert result.exit_code == 0, result.output
+    assert "training loss on one example" in result.output and "compressed 2 documents" in result.output
+    assert "greedy:" in result.output and "diverse_beam:" in result.output
+    result = runner.invoke(app, ["demo", *_tiny_sets(tiny_paths)])  # retrieval keys need training to fit them
+    assert result.exit_code != 0 and "retrieval_top_k=0" in str(result.exception)
+
+
 def test_eval_streams_documents_and_compares_methods(tiny_paths, tmp_path):
     checkpoints = {}
     for name, extra in (("mbc", []), ("mac", ["--set", "quantize=false"])):
