@@ -27,33 +27,18 @@ def _tiny_sets(paths):
     return [arg for key, value in values.items() for arg in ("--set", f"{key}={value}")]
 
 
+def _train(paths, out, steps: int, warm_starts: tuple[str, str], extra: list[str] = ()):
+    """`mbc train` of the cpu preset on 30 generated documents with the tiny backbones."""
+    settings = ["batch_size=4", "eval_questions=4", *warm_starts]
+    arguments = ["train", "--preset", "cpu", "--data", "generated", "--first-documents", "30", "--output", str(out)]
+    arguments += ["--max-steps", str(steps), *[x for s in settings for x in ("--train-set", s)]]
+    return runner.invoke(app, [*arguments, *_tiny_sets(paths), *extra])
+
+
 def test_train_then_validate_from_the_command_line(tiny_paths, tmp_path):
     out = tmp_path / "run"
-    result = runner.invoke(
-        app,
-        [
-            "train",
-            "--preset",
-            "cpu",
-            "--data",
-            "generated",
-            "--first-documents",
-            "30",
-            "--output",
-            str(out),
-            "--max-steps",
-            "3",
-            "--train-set",
-            "batch_size=4",
-            "--train-set",
-            "eval_questions=4",
-            "--train-set",
-            "probe_steps=1",
-            "--train-set",
-            "float_memory_steps=2",  # the preset's warm start, shortened
-            *_tiny_sets(tiny_paths),
-        ],
-    )
+    # the preset's warm start, shortened
+    result = _train(tiny_paths, out, steps=3, warm_starts=("probe_steps=1", "float_memory_steps=2"))
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout[result.stdout.index("{\n") :])["validation"]["loss"] > 0
     assert (out / "loss.png").stat().st_size > 1000 and (out / "last" / "mbc_config.json").exists()
@@ -103,32 +88,7 @@ def test_eval_streams_documents_and_compares_methods(tiny_paths, tmp_path):
     checkpoints = {}
     for name, extra in (("mbc", []), ("mac", ["--set", "quantize=false"])):
         out = tmp_path / name
-        result = runner.invoke(
-            app,
-            [
-                "train",
-                "--preset",
-                "cpu",
-                "--data",
-                "generated",
-                "--first-documents",
-                "30",
-                "--output",
-                str(out),
-                "--max-steps",
-                "1",
-                "--train-set",
-                "batch_size=4",
-                "--train-set",
-                "eval_questions=4",
-                "--train-set",
-                "probe_steps=0",
-                "--train-set",
-                "float_memory_steps=0",
-                *_tiny_sets(tiny_paths),
-                *extra,
-            ],
-        )
+        result = _train(tiny_paths, out, steps=1, warm_starts=("probe_steps=0", "float_memory_steps=0"), extra=extra)
         assert result.exit_code == 0, result.output
         checkpoints[name] = out / "last"
     result = runner.invoke(
