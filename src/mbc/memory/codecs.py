@@ -56,9 +56,6 @@ class CodebookCodec:
             )
         return self.quantizer.decode(entries.long())
 
-    def entry_bytes(self, num_slots: int, dim: int) -> int:
-        return packed_size(num_slots * self.stages, self.codebook_size)
-
     def meaning(self, model) -> list[torch.Tensor]:
         """The tensors a stored index's meaning depends on: the codebooks and the slot
         normalisation statistics the indices were computed under."""
@@ -73,7 +70,6 @@ class FloatCodec:
     """MAC: the context vectors themselves, float32 [N, K, dim]."""
 
     mode = "mac"
-    quantizer = None
 
     def training_memory(self, contexts: torch.Tensor) -> TrainingMemory:
         zero = contexts.new_zeros(())
@@ -84,9 +80,6 @@ class FloatCodec:
 
     def decode(self, entries: torch.Tensor) -> torch.Tensor:
         return entries.float()
-
-    def entry_bytes(self, num_slots: int, dim: int) -> int:
-        return num_slots * dim * 4
 
     def meaning(self, model) -> list[torch.Tensor]:
         return [t for _, t in sorted(model.amortization.state_dict().items())]
