@@ -84,7 +84,7 @@ def test_bank_refuses_another_codebook(tmp_path):
 
 def test_bad_input_gets_clear_errors_and_writes_nothing(tmp_path):
     (tmp_path / "not-a-bank.db").write_bytes(b"this is not sqlite" * 100)
-    with pytest.raises(MBCError, match="not a readable memory bank"):
+    with pytest.raises(MBCError, match="not a memory bank"):
         MemoryBank.open(tmp_path / "not-a-bank.db", LAYOUT)
     with MemoryBank.open(tmp_path / "bank.db", LAYOUT) as bank:
         with pytest.raises(MBCError, match="shape"):
@@ -173,10 +173,11 @@ def test_a_format_1_bank_is_upgraded_on_opening(tmp_path):
     path = tmp_path / "old.db"
     with MemoryBank.open(path, LAYOUT) as bank:
         bank.add(["old doc"], random_entries(1))
-    # What format 1 looked like: no retrieval_key column, no key fields in the stored layout.
+    # What format 1 looked like: no retrieval_key or checksum column, no key fields in the stored layout.
     connection = sqlite3.connect(path)
     with connection:
         connection.execute("ALTER TABLE documents DROP COLUMN retrieval_key")
+        connection.execute("ALTER TABLE documents DROP COLUMN checksum")
         old_layout = {k: v for k, v in LAYOUT.__dict__.items() if not k.startswith("key_")}
         connection.execute("UPDATE meta SET value = ? WHERE key = 'layout'", (json.dumps(old_layout, sort_keys=True),))
         connection.execute("UPDATE meta SET value = '1' WHERE key = 'format_version'")
@@ -185,3 +186,140 @@ def test_a_format_1_bank_is_upgraded_on_opening(tmp_path):
         assert len(bank) == 1
         bank.add(["new doc"], random_entries(1, seed=2))
         assert len(bank.entries()) == 2
+
+
+# ---- several writers, stale objects, foreign and damaged files -------------------------------------
+
+APPENDER = """
+import sys, numpy as np
+from mbc.memory.bank import BankLayout, MemoryBank
+layout = BankLayout("mbc", num_slots=4, stages=2, codebook_size=512, dim=8, fingerprint="abc")
+name, batches = sys.argv[2], int(sys.argv[3])
+rng = np.random.default_rng(abs(hash(name)) % 1000)
+with MemoryBank.open(sys.argv[1], layout) as bank:
+    for i in range(batches):
+        # few distinct codes, so both writers touch the same counts
+        bank.add([f"{name} {i} {j}" for j in range(5)], rng.integers(0, 4, (5, 4, 2)).astype(np.uint16))
+"""
+
+
+def _stored_counts_agree_with_rows(path) -> tuple[int, int]:
+    with MemoryBank.open(path, LAYOUT) as bank:
+        rows = len(bank)
+        tuples, expected = np.unique(bank.entries().reshape(-1, 2), axis=0, return_counts=True)
+        codes, counts = bank.code_counts()
+        assert {tuple(c): n for c, n in zip(codes.tolist(), counts.tolist())} == {
+            tuple(t): n for t, n in zip(tuples.tolist(), expected.tolist())
+        }
+        return rows, int(counts.sum())
+
+
+def test_two_processes_appending_keep_the_code_counts_right(tmp_path):
+    path = tmp_path / "bank.db"
+    MemoryBank.open(path, LAYOUT).close()
+    writers = [
+        subprocess.Popen([sys.executable, "-c", APPENDER, str(path), name, "60"]) for name in ("first", "second")
+    ]
+    assert [w.wait(timeout=120) for w in writers] == [0, 0]
+    rows, vectors = _stored_counts_agree_with_rows(path)
+    assert rows == 2 * 60 * 5 and vectors == rows * 4
+
+
+def test_a_bank_opened_earlier_sees_what_another_writer_added(tmp_path):
+    path = tmp_path / "bank.db"
+    early = MemoryBank.open(path, LAYOUT)
+    early.add(["early"], random_entries(1))
+    version = early.version
+    with MemoryBank.open(path, LAYOUT) as other:
+        other.add([f"other {i}" for i in range(3)], random_entries(3, seed=5))
+    assert early.version != version  # readers rebuild on this
+    assert len(early) == 4 and early.code_counts()[1].sum() == 4 * 4
+    early.add(["early again"], random_entries(1, seed=6))  # must not write its old counts back
+    early.close()
+    assert _stored_counts_agree_with_rows(path) == (5, 5 * 4)
+
+
+def test_a_sqlite_file_that_is_not_a_bank_is_refused_untouched(tmp_path):
+    path = tmp_path / "people.db"
+    with sqlite3.connect(path) as connection:
+        connection.execute("CREATE TABLE people (name TEXT)")
+        connection.execute("INSERT INTO people VALUES ('Ada')")
+    connection.close()
+    before = path.read_bytes()
+    with pytest.raises(MBCError, match="not a memory bank"):
+        MemoryBank.open(path, LAYOUT)
+    assert path.read_bytes() == before
+    tables = sqlite3.connect(path).execute("SELECT name FROM sqlite_master WHERE type = 'table'").fetchall()
+    assert tables == [("people",)]
+
+
+def _bank_with(path, count=3) -> None:
+    with MemoryBank.open(path, LAYOUT) as bank:
+        bank.add([f"doc {i}" for i in range(count)], random_entries(count))
+
+
+def _sql(path, statement: str, *args) -> None:
+    connection = sqlite3.connect(path)
+    with connection:
+        connection.execute(statement, args)
+    connection.close()
+
+
+def test_damaged_banks_are_reported_in_one_line(tmp_path):
+    path = tmp_path / "bank.db"
+    _bank_with(path)
+    # A changed byte inside a stored entry: read as other codes unless the checksum catches it.
+    _sql(path, "UPDATE documents SET entry = ? WHERE id = 2", bytes(9))
+    with MemoryBank.open(path, LAYOUT) as bank:
+        assert len(bank) == 3
+        with pytest.raises(MBCError, match=r"damaged: the stored bytes of documents \[2\] fail their checksum"):
+            bank.entries()
+        bank.remove(2)  # the way out the message names
+        assert bank.entries().shape == (2, 4, 2)
+    _sql(path, "UPDATE meta SET value = '{not json' WHERE key = 'layout'")
+    with pytest.raises(MBCError, match="stored layout is not readable"):
+        MemoryBank.open(path, LAYOUT)
+    _sql(path, "DELETE FROM meta WHERE key = 'layout'")
+    with pytest.raises(MBCError, match="meta table lacks"):
+        MemoryBank.open(path, LAYOUT)
+
+
+def test_a_truncated_bank_file_is_reported_as_damaged(tmp_path):
+    path = tmp_path / "bank.db"
+    with MemoryBank.open(path, LAYOUT) as bank:
+        for i in range(40):
+            bank.add([f"doc {i} {j}" for j in range(50)], random_entries(50, seed=i))
+    _sql(path, "PRAGMA wal_checkpoint(TRUNCATE)")
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) * 2 // 3])
+    with pytest.raises(MBCError, match="damaged"):
+        with MemoryBank.open(path, LAYOUT) as bank:
+            bank.entries()
+
+
+def test_a_full_disk_stores_nothing_and_says_so(tmp_path):
+    path = tmp_path / "bank.db"
+    _bank_with(path)
+    with MemoryBank.open(path, LAYOUT) as bank:
+        pages = bank.connection.execute("PRAGMA page_count").fetchone()[0]
+        bank.connection.execute(f"PRAGMA max_page_count = {pages}")  # the file may not grow: as a full disk
+        texts = [f"big {i}" for i in range(2000)]
+        with pytest.raises(MBCError, match="the disk is full; nothing of this change was stored"):
+            bank.add(texts, random_entries(2000), [{"padding": "x" * 200}] * 2000)
+        assert len(bank) == 3
+    assert _stored_counts_agree_with_rows(path) == (3, 3 * 4)
+
+
+def test_unusable_bank_paths_get_one_line(tmp_path):
+    (tmp_path / "file").write_text("a file, not a folder")
+    with pytest.raises(MBCError, match="cannot create the folder"):
+        MemoryBank.open(tmp_path / "file" / "bank.db", LAYOUT)
+    with pytest.raises(MBCError, match="is a folder"):
+        MemoryBank.open(tmp_path, LAYOUT)
+    if os.geteuid() != 0:  # root writes through file permissions
+        path = tmp_path / "bank.db"
+        _bank_with(path)
+        path.chmod(0o444)
+        with pytest.raises(MBCError, match="cannot be written"):
+            with MemoryBank.open(path, LAYOUT) as bank:
+                bank.add(["new"], random_entries(1))

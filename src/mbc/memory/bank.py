@@ -12,15 +12,22 @@ metadata. Beside the rows the file keeps:
   stages) occurs in the bank, kept in the same transaction as the rows. Answering reads these
   counts, not the rows: its cost depends on the codebook, not on the number of documents.
 
-Durability: every ``add`` is one SQLite transaction (WAL journal, synchronous=FULL). A process
-killed mid-ingest leaves every document whose ``add`` returned, and no part of any other.
+Durability: every ``add`` and ``remove`` is one SQLite transaction (WAL journal, synchronous=FULL)
+that takes the write lock before it reads, and changes the counts by what it adds or removes, so
+several processes may write to one bank. A process killed mid-ingest leaves every document whose
+``add`` returned, and no part of any other. Each row carries a CRC-32 of its stored bytes, checked
+whenever they are read, so a damaged file is reported rather than read as other codes. A bank
+object notices what other processes wrote (``version`` follows SQLite's ``data_version``).
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import sqlite3
+import zlib
+from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -30,7 +37,11 @@ from mbc.errors import MBCError
 from mbc.memory.codecs import CodeFormat, FloatFormat
 from mbc.memory.packing import pack_indices, unpack_indices
 
-FORMAT_VERSION = 2  # 2: documents gained the retrieval_key column (a format-1 file is upgraded on opening)
+# 2: documents gained the retrieval_key column; 3: and a checksum. Older files are upgraded on opening.
+FORMAT_VERSION = 3
+SQLITE_HEADER = b"SQLite format 3\x00"
+BANK_TABLES = {"meta", "documents", "code_counts"}
+LOCK_TIMEOUT_SECONDS = 60
 
 
 def content_hash(text: str) -> str:
@@ -112,16 +123,50 @@ class Added:
 
 
 _SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS documents (
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE documents (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     content_hash TEXT NOT NULL UNIQUE,
     entry BLOB NOT NULL,
     metadata TEXT NOT NULL,
-    retrieval_key BLOB
+    retrieval_key BLOB,
+    checksum INTEGER NOT NULL
 );
-CREATE TABLE IF NOT EXISTS code_counts (vector_key INTEGER PRIMARY KEY, count INTEGER NOT NULL);
+CREATE TABLE code_counts (vector_key INTEGER PRIMARY KEY, count INTEGER NOT NULL);
 """
+
+
+def checksum(entry: bytes, key: bytes | None) -> int:
+    return zlib.crc32(entry + (key or b""))
+
+
+def _explain(path: Path, error: sqlite3.Error) -> str:
+    """One line for what SQLite reports, naming the file and what to do."""
+    text = str(error)
+    if "full" in text:
+        return f"{path}: the disk is full; nothing of this change was stored. Free some space and try again"
+    if "readonly" in text:
+        return f"{path} cannot be written (read-only file or folder): give write permission, or copy the bank elsewhere"
+    if "locked" in text or "busy" in text:
+        return f"{path} stayed locked by another process for over {LOCK_TIMEOUT_SECONDS} s; try again when it is done"
+    if "malformed" in text or "not a database" in text or "corrupt" in text:
+        return f"{path} is damaged ({text}): restore it from a copy, or start a new bank file"
+    if "unable to open" in text:
+        return f"{path} cannot be opened ({text}): check that its folder exists and can be written"
+    return f"{path}: SQLite error: {text}"
+
+
+def _guarded(method):
+    """SQLite's errors reach the caller as one MBCError line naming the bank."""
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        try:
+            return method(self, *args, **kwargs)
+        except sqlite3.Error as error:
+            raise MBCError(_explain(self.path, error)) from error
+
+    return wrapper
 
 
 class MemoryBank:
@@ -129,63 +174,108 @@ class MemoryBank:
 
     def __init__(self, connection: sqlite3.Connection, layout: BankLayout, path: Path):
         self.connection, self.layout, self.path = connection, layout, path
-        self.version = 0  # bumped by every change made through this object: readers rebuild on it
-        self._counts = dict(connection.execute("SELECT vector_key, count FROM code_counts").fetchall())
+        self._changes = 0  # by this object; SQLite's data_version counts the other connections'
 
     @classmethod
     def open(cls, path: str | Path, layout: BankLayout) -> "MemoryBank":
-        """Open the bank at ``path`` (created if missing) for a model of this layout."""
+        """Open the bank at ``path`` (created if missing) for a model of this layout. A file that is
+        not a bank, or a bank written for another model, is refused untouched."""
         path = Path(path)
-        if path.exists() and path.is_dir():
+        if path.is_dir():
             raise MBCError(f"{path} is a folder; a memory bank is a single SQLite file")
-        path.parent.mkdir(parents=True, exist_ok=True)
         try:
-            connection = sqlite3.connect(path)
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise MBCError(f"cannot create the folder for the bank {path}: {error.strerror}") from error
+        if path.exists() and path.stat().st_size and path.open("rb").read(16) != SQLITE_HEADER:
+            raise MBCError(f"{path} is not a memory bank (not an SQLite file); give a new file name for a new bank")
+        try:
+            connection = sqlite3.connect(path, timeout=LOCK_TIMEOUT_SECONDS, isolation_level=None)
+            bank = cls(connection, layout, path)
+            stored = bank._create_or_read_meta()
             connection.execute("PRAGMA journal_mode=WAL")
             connection.execute("PRAGMA synchronous=FULL")
-            with connection:
-                connection.executescript(_SCHEMA)
-            stored = dict(connection.execute("SELECT key, value FROM meta").fetchall())
-            if stored.get("format_version") == "1":
-                stored["format_version"] = cls._upgrade_from_format_1(connection)
-        except sqlite3.DatabaseError as error:
-            raise MBCError(f"{path} is not a readable memory bank ({error})") from error
-        if not stored:
-            cls._write_layout(connection, layout)
-        else:
-            cls._check_layout(path, stored, layout)
-        return cls(connection, layout, path)
+            if stored["format_version"] in ("1", "2"):
+                stored["format_version"] = bank._upgrade(stored["format_version"])
+        except sqlite3.Error as error:
+            raise MBCError(_explain(path, error)) from error
+        cls._check_layout(path, stored, layout)
+        return bank
 
     @classmethod
     def in_memory(cls, layout: BankLayout) -> "MemoryBank":
         """A bank that lives only as long as this object (validation reads one, through the same
         readers as a bank on disk)."""
-        connection = sqlite3.connect(":memory:")
-        with connection:
-            connection.executescript(_SCHEMA)
-        cls._write_layout(connection, layout)
-        return cls(connection, layout, Path(":memory:"))
+        bank = cls(sqlite3.connect(":memory:", isolation_level=None), layout, Path(":memory:"))
+        bank._create_or_read_meta()
+        return bank
 
-    @staticmethod
-    def _write_layout(connection: sqlite3.Connection, layout: BankLayout) -> None:
-        wanted = {"format_version": str(FORMAT_VERSION), "layout": json.dumps(layout.__dict__, sort_keys=True)}
-        with connection:
-            connection.executemany("INSERT INTO meta VALUES (?, ?)", wanted.items())
+    @contextmanager
+    def _transaction(self):
+        # IMMEDIATE: the write lock is taken before anything is read, so no other writer can change
+        # what this transaction's checks and counts are based on.
+        self.connection.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+            self.connection.execute("COMMIT")
+        except BaseException:
+            if self.connection.in_transaction:
+                self.connection.execute("ROLLBACK")
+            raise
 
-    @staticmethod
-    def _upgrade_from_format_1(connection: sqlite3.Connection) -> str:
-        with connection:
-            connection.execute("ALTER TABLE documents ADD COLUMN retrieval_key BLOB")
-            connection.execute("UPDATE meta SET value = ? WHERE key = 'format_version'", (str(FORMAT_VERSION),))
+    def _create_or_read_meta(self) -> dict:
+        """A new (empty) file becomes a bank of this layout; any other SQLite file must already be one."""
+        with self._transaction():
+            tables = {
+                row[0]
+                for row in self.connection.execute(
+                    "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%'"
+                )
+            }
+            if not tables:
+                for statement in _SCHEMA.split(";"):
+                    if statement.strip():
+                        self.connection.execute(statement)
+                wanted = {
+                    "format_version": str(FORMAT_VERSION),
+                    "layout": json.dumps(self.layout.__dict__, sort_keys=True),
+                }
+                self.connection.executemany("INSERT INTO meta VALUES (?, ?)", wanted.items())
+        if not BANK_TABLES <= tables and tables:
+            raise MBCError(
+                f"{self.path} is an SQLite database but not a memory bank (its tables: {', '.join(sorted(tables))}); "
+                "it was left untouched: give a new file name for a new bank"
+            )
+        stored = dict(self.connection.execute("SELECT key, value FROM meta").fetchall())
+        if "format_version" not in stored or "layout" not in stored:
+            raise MBCError(
+                f"{self.path} is damaged: its meta table lacks the bank format or layout; restore it from a copy"
+            )
+        return stored
+
+    def _upgrade(self, version: str) -> str:
+        with self._transaction():
+            if version == "1":
+                self.connection.execute("ALTER TABLE documents ADD COLUMN retrieval_key BLOB")
+            self.connection.execute("ALTER TABLE documents ADD COLUMN checksum INTEGER NOT NULL DEFAULT 0")
+            rows = self.connection.execute("SELECT id, entry, retrieval_key FROM documents").fetchall()
+            self.connection.executemany(
+                "UPDATE documents SET checksum = ? WHERE id = ?", [(checksum(e, k), i) for i, e, k in rows]
+            )
+            self.connection.execute("UPDATE meta SET value = ? WHERE key = 'format_version'", (str(FORMAT_VERSION),))
         return str(FORMAT_VERSION)
 
     @staticmethod
     def _check_layout(path: Path, stored: dict, layout: BankLayout) -> None:
-        if stored.get("format_version") != str(FORMAT_VERSION):
+        if stored["format_version"] != str(FORMAT_VERSION):
             raise MBCError(
-                f"{path} has bank format {stored.get('format_version')}; this version reads format {FORMAT_VERSION}"
+                f"{path} has bank format {stored['format_version']}; this version reads format {FORMAT_VERSION}"
             )
-        theirs = json.loads(stored["layout"])
+        try:
+            theirs = json.loads(stored["layout"])
+            theirs["fingerprint"], theirs["mode"]
+        except (json.JSONDecodeError, TypeError, KeyError) as error:
+            raise MBCError(f"{path} is damaged: its stored layout is not readable ({error}); restore it from a copy")
         if theirs["fingerprint"] != layout.fingerprint:
             raise MBCError(
                 f"{path} was written by a model whose {'codebook' if theirs['mode'] == 'mbc' else 'amortization network'} "
@@ -198,11 +288,18 @@ class MemoryBank:
         if differing:
             raise MBCError(f"{path} was written with another bank layout (stored, this model): {differing}")
 
+    @property
+    @_guarded
+    def version(self) -> tuple[int, int]:
+        """Changes whenever the stored documents change, by this object or any other connection."""
+        return self._changes, self.connection.execute("PRAGMA data_version").fetchone()[0]
+
     # ---- writing ---------------------------------------------------------------------------
     def known(self, texts: list[str]) -> dict[str, int]:
         """content hash -> id, for those of ``texts`` already stored."""
         return self.ids_of_hashes([content_hash(t) for t in texts])
 
+    @_guarded
     def ids_of_hashes(self, hashes: list[str]) -> dict[str, int]:
         """content hash -> id, for those of ``hashes`` already stored."""
         found = {}
@@ -214,6 +311,7 @@ class MemoryBank:
             found.update(rows.fetchall())
         return found
 
+    @_guarded
     def add(
         self, texts: list[str], entries: np.ndarray, metadata: list[dict] | None = None, keys: np.ndarray | None = None
     ) -> list[Added]:
@@ -228,11 +326,13 @@ class MemoryBank:
                 f"add() got {len(texts)} texts, {len(entries)} entries, {len(key_list)} keys "
                 f"and {len(metadata)} metadata records"
             )
+        if not all(isinstance(text, str) for text in texts):
+            raise MBCError("add() takes the documents' texts as strings")
         blobs = [self.layout.encode(np.asarray(entry)) for entry in entries]  # every check before the first write
         key_blobs = [self.layout.encode_key(key) for key in key_list]
         notes = [self._metadata_json(m) for m in metadata]
-        results, counts = [], dict(self._counts)
-        with self.connection:  # one transaction: all of these rows, or (after a crash) none
+        results, deltas = [], {}
+        with self._transaction():  # all of these rows, or (after a crash) none
             for text, entry, blob, key_blob, note in zip(texts, entries, blobs, key_blobs, notes):
                 digest = content_hash(text)
                 row = self.connection.execute("SELECT id FROM documents WHERE content_hash = ?", (digest,)).fetchone()
@@ -240,63 +340,71 @@ class MemoryBank:
                     results.append(Added(row[0], False))
                     continue
                 cursor = self.connection.execute(
-                    "INSERT INTO documents (content_hash, entry, metadata, retrieval_key) VALUES (?, ?, ?, ?)",
-                    (digest, blob, note, key_blob),
+                    "INSERT INTO documents (content_hash, entry, metadata, retrieval_key, checksum) "
+                    "VALUES (?, ?, ?, ?, ?)",
+                    (digest, blob, note, key_blob, checksum(blob, key_blob)),
                 )
                 results.append(Added(cursor.lastrowid, True))
-                self._count(counts, np.asarray(entry), +1)
-            self._write_counts(counts)
-        self._counts = counts  # only once the transaction has committed
-        self.version += any(r.new for r in results)
+                self._count(deltas, np.asarray(entry), +1)
+            self._change_counts(deltas)
+        self._changes += any(r.new for r in results)
         return results
 
+    @_guarded
     def remove(self, document_id: int) -> None:
         """Delete one document (and its codes from the counts)."""
-        row = self.connection.execute("SELECT entry FROM documents WHERE id = ?", (document_id,)).fetchone()
-        if row is None:
-            raise MBCError(f"no document with id {document_id} in {self.path}")
-        counts = dict(self._counts)
-        with self.connection:
+        deltas = {}
+        with self._transaction():
+            row = self.connection.execute(
+                "SELECT entry, retrieval_key, checksum FROM documents WHERE id = ?", (document_id,)
+            ).fetchone()
+            if row is None:
+                raise MBCError(f"no document with id {document_id} in {self.path}")
             self.connection.execute("DELETE FROM documents WHERE id = ?", (document_id,))
-            self._count(counts, self.layout.decode(row[0]), -1)
-            self._write_counts(counts)
-        self._counts = counts
-        self.version += 1
+            if checksum(row[0], row[1]) == row[2]:
+                self._count(deltas, self.layout.decode(row[0]), -1)
+                self._change_counts(deltas)
+            else:  # its damaged bytes cannot say which codes to take away: count the rest again
+                self.connection.execute("DELETE FROM code_counts")
+                for entry in self._rows("entry", None):
+                    self._count(deltas, self.layout.decode(entry), +1)
+                self._change_counts(deltas)
+        self._changes += 1
 
-    def _count(self, counts: dict[int, int], entry: np.ndarray, sign: int) -> None:
+    def _count(self, deltas: dict[int, int], entry: np.ndarray, sign: int) -> None:
         if self.layout.format.vector_keys is None:  # a float (MAC) bank keeps no counts
             return
         for key in self.layout.format.vector_keys(entry).tolist():
-            counts[key] = counts.get(key, 0) + sign
+            deltas[key] = deltas.get(key, 0) + sign
 
-    def _write_counts(self, counts: dict[int, int]) -> None:
-        changed = [(k, v) for k, v in counts.items() if self._counts.get(k) != v]
+    def _change_counts(self, deltas: dict[int, int]) -> None:
+        # By how much, not to what: another writer's counts since this object last looked stay.
         self.connection.executemany(
-            "INSERT OR REPLACE INTO code_counts VALUES (?, ?)", [(k, v) for k, v in changed if v > 0]
+            "INSERT INTO code_counts VALUES (?, ?) "
+            "ON CONFLICT (vector_key) DO UPDATE SET count = count + excluded.count",
+            [(k, v) for k, v in deltas.items() if v],
         )
-        self.connection.executemany(
-            "DELETE FROM code_counts WHERE vector_key = ?", [(k,) for k, v in changed if v <= 0]
-        )
-        for key in [k for k, v in counts.items() if v <= 0]:
-            del counts[key]
+        self.connection.execute("DELETE FROM code_counts WHERE count <= 0")
 
     @staticmethod
     def _metadata_json(record: dict) -> str:
         try:
             return json.dumps(record, sort_keys=True)
-        except TypeError as error:
+        except (TypeError, ValueError) as error:
             raise MBCError(f"document metadata must be JSON (strings, numbers, lists, dicts): {error}") from error
 
     # ---- reading ---------------------------------------------------------------------------
+    @_guarded
     def __len__(self) -> int:
         return self.connection.execute("SELECT COUNT(*) FROM documents").fetchone()[0]
 
+    @_guarded
     def ids(self) -> list[int]:
         return [row[0] for row in self.connection.execute("SELECT id FROM documents ORDER BY id")]
 
     def entries(self, ids: list[int] | None = None) -> np.ndarray:
         """Stored entries [N, K, stages or dim], in id order (or in the order of ``ids``)."""
-        blobs = self._column("entry", ids)
+        blobs = self._rows("entry", ids)
         if not blobs:
             return np.zeros((0, *self.layout.entry_shape), dtype=np.float32)
         return np.stack([self.layout.decode(blob) for blob in blobs])
@@ -305,44 +413,54 @@ class MemoryBank:
         """Stored retrieval keys [N, pieces], in id order (or in the order of ``ids``)."""
         if not self.layout.key_pieces:
             raise MBCError(f"{self.path} stores no retrieval keys: its model has retrieval_top_k = 0")
-        blobs = self._column("retrieval_key", ids)
+        blobs = self._rows("retrieval_key", ids)
         return (
             np.stack([self.layout.decode_key(b) for b in blobs])
             if blobs
             else np.zeros((0, self.layout.key_pieces), np.int64)
         )
 
-    def _column(self, column: str, ids: list[int] | None) -> list[bytes]:
+    @_guarded
+    def _rows(self, column: str, ids: list[int] | None) -> list[bytes]:
+        """``column`` of the given documents (all, in id order, for None), each checked against its checksum."""
+        select = f"SELECT id, {column}, entry, retrieval_key, checksum FROM documents"
         if ids is None:
-            return [row[0] for row in self.connection.execute(f"SELECT {column} FROM documents ORDER BY id")]
-        found = {}
-        for start in range(0, len(ids), 500):
-            chunk = ids[start : start + 500]
-            found.update(
-                self.connection.execute(
-                    f"SELECT id, {column} FROM documents WHERE id IN ({','.join('?' * len(chunk))})", chunk
-                ).fetchall()
+            rows = self.connection.execute(select + " ORDER BY id").fetchall()
+        else:
+            found = {}
+            for start in range(0, len(ids), 500):
+                chunk = ids[start : start + 500]
+                query = f"{select} WHERE id IN ({','.join('?' * len(chunk))})"
+                found.update((row[0], row) for row in self.connection.execute(query, chunk))
+            missing = [i for i in ids if i not in found]
+            if missing:
+                raise MBCError(f"no documents with ids {missing[:5]} in {self.path}")
+            rows = [found[i] for i in ids]
+        damaged = [row[0] for row in rows if checksum(row[2], row[3]) != row[4]]
+        if damaged:
+            raise MBCError(
+                f"{self.path} is damaged: the stored bytes of documents {damaged[:5]} fail their checksum; "
+                "remove them (bank.remove) or restore the file from a copy"
             )
-        missing = [i for i in ids if i not in found]
-        if missing:
-            raise MBCError(f"no documents with ids {missing[:5]} in {self.path}")
-        return [found[i] for i in ids]
+        return [row[1] for row in rows]
 
+    @_guarded
     def metadata(self, document_id: int) -> dict:
         row = self.connection.execute("SELECT metadata FROM documents WHERE id = ?", (document_id,)).fetchone()
         if row is None:
             raise MBCError(f"no document with id {document_id} in {self.path}")
         return json.loads(row[0])
 
+    @_guarded
     def code_counts(self) -> tuple[np.ndarray, np.ndarray]:
         """MBC: the distinct stored vectors as code tuples [n, stages] and how often each occurs [n]."""
         if self.layout.mode != "mbc":
             raise MBCError("code counts exist only for an MBC (codebook) bank; a MAC bank stores float vectors")
-        keys = np.array(sorted(self._counts), dtype=np.int64)
-        return self.layout.format.codes_of_keys(keys), np.array(
-            [self._counts[k] for k in keys.tolist()], dtype=np.int64
-        )
+        rows = self.connection.execute("SELECT vector_key, count FROM code_counts ORDER BY vector_key").fetchall()
+        keys = np.array([k for k, _ in rows], dtype=np.int64)
+        return self.layout.format.codes_of_keys(keys), np.array([c for _, c in rows], dtype=np.int64)
 
+    @_guarded
     def sizes(self) -> dict[str, int]:
         """Bytes: the entries and retrieval keys as stored, the codebook (MBC, stored once with the model), and what
         MAC's float32 bank would take for the same documents."""
