@@ -19,8 +19,8 @@ import time
 import torch
 
 from mbc import MBCConfig, MBCModel
-from mbc.config import apply_overrides
 from mbc.data.generated import ANSWER_KINDS, COLOURS, PRODUCTS, PROFESSIONS, answer_kind, generate_examples
+from mbc.settings import parse_overrides
 from mbc.training.presets import preset
 from mbc.training.trainer import TrainConfig, parameter_groups
 
@@ -136,7 +136,7 @@ def bench_model(args) -> MBCModel:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     values = {**preset("cpu")["model"], "retrieval_top_k": 0}
-    apply_overrides(values, args.set)
+    parse_overrides(MBCConfig, values, args.set)
     return MBCModel.build(MBCConfig(**values))
 
 

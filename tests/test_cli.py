@@ -72,7 +72,7 @@ def test_info_and_bad_override(tiny_paths):
     result = runner.invoke(app, ["info", *_tiny_sets(tiny_paths)])
     assert result.exit_code == 0 and "bank per document: MBC 2 bytes" in result.output
     result = runner.invoke(app, ["info", "--set", "no_such_field=1"])
-    assert result.exit_code != 0 and "unknown config keys ['no_such_field']" in str(result.exception)
+    assert result.exit_code != 0 and "unknown setting 'no_such_field'" in str(result.exception)
 
 
 def test_demo_runs_the_pipeline_once(tiny_paths):

@@ -1,7 +1,9 @@
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -14,6 +16,7 @@ from mbc.checkpoint import WEIGHTS_NAME
 from mbc.data import split_by_group
 from mbc.data.generated import ANSWER_KINDS, generate_examples
 from mbc.model import MBCModel
+from mbc.training.state import saved_progress
 from mbc.training.trainer import TrainConfig, train
 
 VALIDATION_KEYS = {"em", "f1", "lenient_em", "loss"}
@@ -23,7 +26,7 @@ KIND_KEYS = {
 ROWS = split_by_group(generate_examples(30, seed=1), {"train": 0.8, "validation": 0.2})
 
 
-def _train(tiny_paths, out, model_overrides: dict | None = None, **overrides):
+def _values(out, **overrides) -> dict:
     values = dict(
         output_dir=str(out),
         batch_size=4,
@@ -34,9 +37,12 @@ def _train(tiny_paths, out, model_overrides: dict | None = None, **overrides):
         eval_questions=6,
         seed=0,
     )
-    values.update(overrides)
+    return {**values, **overrides}
+
+
+def _train(tiny_paths, out, model_overrides: dict | None = None, **overrides):
     config = tiny_config(tiny_paths, "gpt2", "bert", lora_dropout=0.0, **(model_overrides or {}))
-    return train(config, TrainConfig(**values), ROWS["train"], ROWS["validation"])
+    return train(config, TrainConfig(**_values(out, **overrides)), ROWS["train"], ROWS["validation"])
 
 
 def test_training_writes_metrics_and_checkpoints(tiny_paths, tmp_path):
@@ -193,3 +199,76 @@ def test_probe_weight_keeps_the_probe_beside_the_qa_loss(tiny_paths, tmp_path):
         assert r["loss"] == pytest.approx(r["qa"] + 0.5 * r["probe"] + r["vq"], rel=1e-5)
     with pytest.raises(MBCError, match="probe_weight"):
         _train(tiny_paths, tmp_path / "again", probe_weight=-1.0)
+
+
+# ---- a run that is interrupted or killed loses at most what its last save did not hold -----------
+
+INTERRUPTIBLE = dict(warmup_ratio=0.0, eval_questions=2)  # warmup would depend on max_steps
+
+
+def _start_and_signal(tiny_paths, out, signum, **overrides) -> tuple[subprocess.CompletedProcess, int]:
+    """Start a long run in its own process, send ``signum`` once it has logged 3 steps; the saved step."""
+    script = Path(__file__).parent / "training_to_interrupt.py"
+    values = json.dumps(_values(out, **INTERRUPTIBLE, max_steps=100_000, **overrides))
+    process = subprocess.Popen(
+        [sys.executable, str(script), json.dumps(tiny_paths), values], stderr=subprocess.PIPE, text=True
+    )
+    metrics, deadline = out / "metrics.jsonl", time.time() + 240
+    while time.time() < deadline and process.poll() is None:
+        if metrics.exists() and metrics.read_text().count('"kind": "train"') >= 3:
+            break
+        time.sleep(0.05)
+    process.send_signal(signum)
+    _, stderr = process.communicate(timeout=240)
+    return subprocess.CompletedProcess(process.args, process.returncode, "", stderr), saved_progress(out / "last")[
+        "step"
+    ]
+
+
+def _same_weights(first: Path, second: Path) -> None:
+    a, b = load_file(first / WEIGHTS_NAME), load_file(second / WEIGHTS_NAME)
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.allclose(a[name], b[name], atol=1e-6), name
+
+
+def test_sigint_saves_the_run_and_the_same_command_continues_it(tiny_paths, tmp_path):
+    out = tmp_path / "interrupted"
+    result, saved = _start_and_signal(tiny_paths, out, signal.SIGINT, save_every_minutes=60)
+    assert result.returncode == 130, result.stderr[-2000:]
+    assert f"interrupted by SIGINT at step {saved} of 100000" in result.stderr
+    assert saved >= 3
+    _train(tiny_paths, out, **INTERRUPTIBLE, max_steps=saved + 2)  # continued
+    _train(tiny_paths, tmp_path / "straight", **INTERRUPTIBLE, max_steps=saved + 2)
+    _same_weights(out / "last", tmp_path / "straight" / "last")
+
+
+def test_a_killed_run_continues_from_its_last_periodic_save(tiny_paths, tmp_path):
+    out = tmp_path / "killed"
+    result, saved = _start_and_signal(tiny_paths, out, signal.SIGKILL, save_every_minutes=0.0)  # save every step
+    assert result.returncode == -signal.SIGKILL
+    assert saved >= 1
+    _train(tiny_paths, out, **INTERRUPTIBLE, max_steps=saved + 2)
+    _train(tiny_paths, tmp_path / "straight", **INTERRUPTIBLE, max_steps=saved + 2)
+    _same_weights(out / "last", tmp_path / "straight" / "last")
+
+
+def test_resuming_with_other_settings_or_data_is_refused(tiny_paths, tmp_path):
+    _train(tiny_paths, tmp_path, max_steps=2)
+    with pytest.raises(MBCError, match=r"other settings \(saved -> now\): learning_rate 0.003 -> 0.01"):
+        _train(tiny_paths, tmp_path, max_steps=4, learning_rate=1e-2)
+    with pytest.raises(MBCError, match="num_slots 4 -> 6"):
+        _train(tiny_paths, tmp_path, {"num_slots": 6}, max_steps=4)
+    config = tiny_config(tiny_paths, "gpt2", "bert", lora_dropout=0.0)
+    with pytest.raises(MBCError, match="other training rows"):
+        train(config, TrainConfig(**_values(tmp_path, max_steps=4)), ROWS["train"][1:], ROWS["validation"])
+    _train(tiny_paths, tmp_path, max_steps=3, log_every=1, eval_questions=2)  # these may change
+
+
+def test_rerunning_a_finished_run_trains_no_further(tiny_paths, tmp_path):
+    _train(tiny_paths, tmp_path, max_steps=3)
+    before = load_file(tmp_path / "last" / WEIGHTS_NAME)
+    _train(tiny_paths, tmp_path, max_steps=3)
+    assert saved_progress(tmp_path / "last")["step"] == 3
+    after = load_file(tmp_path / "last" / WEIGHTS_NAME)
+    assert all(torch.equal(before[name], after[name]) for name in before)

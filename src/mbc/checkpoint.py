@@ -2,16 +2,24 @@
 
 A checkpoint folder holds ``model.safetensors`` (every trainable tensor and the codebook's usage
 statistics; the frozen backbones are named in the config instead) and ``mbc_config.json`` (the
-``MBCConfig`` and the codebook fingerprint, checked on loading so that a damaged codebook is
-refused rather than silently giving stored indices another meaning).
+``MBCConfig``, the SHA-256 of the tensor file and the codebook fingerprint). Both are checked on
+loading, so a damaged checkpoint is refused rather than giving stored indices another meaning.
+
+A folder is written whole (``replacing``): its files go into a hidden sibling, which then takes the
+folder's place. A crash leaves either the old folder or the new one, never a mix.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import shutil
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from mbc.config import MBCConfig
@@ -21,37 +29,140 @@ WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "mbc_config.json"
 
 
+def _partial(folder: Path) -> Path:
+    return folder.with_name(f".{folder.name}.partial")
+
+
+def _previous(folder: Path) -> Path:
+    return folder.with_name(f".{folder.name}.previous")
+
+
+def resolve(folder: str | Path) -> Path:
+    """Where the folder's last complete version is: itself, or (after a crash between the two renames
+    of ``replacing``) the previous version beside it."""
+    folder = Path(folder)
+    return _previous(folder) if not folder.exists() and _previous(folder).exists() else folder
+
+
+def _sync(path: Path) -> None:
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+@contextmanager
+def replacing(folder: str | Path) -> Iterator[Path]:
+    """Write the files of ``folder`` into the yielded folder; on success it replaces ``folder`` whole."""
+    folder = Path(folder)
+    partial, previous = _partial(folder), _previous(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir()
+    try:
+        yield partial
+        for path in partial.iterdir():
+            _sync(path)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    if previous.exists():
+        if folder.exists():  # a finished swap's leftover
+            shutil.rmtree(previous)
+        else:  # an unfinished swap: the previous version is the last whole one
+            os.rename(previous, folder)
+    if folder.exists():
+        os.rename(folder, previous)
+    os.rename(partial, folder)  # from here on the new version is the checkpoint
+    _sync(folder.parent)
+    shutil.rmtree(previous, ignore_errors=True)
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write(model, folder: Path) -> None:
+    """The checkpoint's files, into an existing (fresh) folder."""
+    save_file(model.trainable_state_dict(), folder / WEIGHTS_NAME, metadata={"format": "pt"})
+    meta = {
+        "config": model.config.to_dict(),
+        "sha256": {WEIGHTS_NAME: sha256_of(folder / WEIGHTS_NAME)},
+        "codebook_fingerprint": model.codebook_fingerprint(),
+    }
+    (folder / CONFIG_NAME).write_text(json.dumps(meta, indent=2))
+
+
 def save(model, folder: str | Path) -> None:
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    meta = {"config": model.config.to_dict(), "codebook_fingerprint": model.codebook_fingerprint()}
-    # Temporary names + os.replace: a crash mid-save leaves the previous checkpoint whole.
-    save_file(model.trainable_state_dict(), folder / (WEIGHTS_NAME + ".tmp"), metadata={"format": "pt"})
-    (folder / (CONFIG_NAME + ".tmp")).write_text(json.dumps(meta, indent=2))
-    os.replace(folder / (WEIGHTS_NAME + ".tmp"), folder / WEIGHTS_NAME)
-    os.replace(folder / (CONFIG_NAME + ".tmp"), folder / CONFIG_NAME)
+    with replacing(folder) as partial:
+        write(model, partial)
 
 
-def read_config(folder: str | Path) -> MBCConfig:
-    folder = Path(folder)
-    if not (folder / CONFIG_NAME).exists():
-        raise MBCError(f"{folder} is not an MBC checkpoint: {CONFIG_NAME} is missing (save one with save_pretrained)")
-    return MBCConfig.from_dict(json.loads((folder / CONFIG_NAME).read_text())["config"])
+def read_json(path: Path, what: str) -> dict:
+    """A JSON object from a checkpoint file, or one line saying why not."""
+    try:
+        values = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise MBCError(f"{path} is not readable JSON ({error}): the {what} is damaged") from error
+    if not isinstance(values, dict):
+        raise MBCError(f"{path} holds {type(values).__name__}, not a JSON object: the {what} is damaged")
+    return values
 
 
-def load_state(model, folder: str | Path) -> None:
-    """Load a checkpoint's trainable tensors into ``model``, checking names and codebook fingerprint."""
-    folder = Path(folder)
+def _meta(folder: Path) -> dict:
     for name in (CONFIG_NAME, WEIGHTS_NAME):
         if not (folder / name).exists():
             raise MBCError(f"{folder} is not an MBC checkpoint: {name} is missing (save one with save_pretrained)")
-    state = load_file(folder / WEIGHTS_NAME)
-    expected = set(model.trainable_state_dict())
-    if set(state) != expected:
-        missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
+    meta = read_json(folder / CONFIG_NAME, "checkpoint")
+    if not isinstance(meta.get("config"), dict):
+        raise MBCError(f"{folder / CONFIG_NAME} has no 'config' object: the checkpoint is damaged")
+    return meta
+
+
+def read_config(folder: str | Path) -> MBCConfig:
+    folder = resolve(folder)
+    config = _meta(folder)["config"]
+    try:
+        return MBCConfig.from_dict(config)
+    except MBCError as error:
+        raise MBCError(f"{folder / CONFIG_NAME}: {error}") from error
+
+
+def load_tensors(path: Path, expected_sha256: str | None) -> dict:
+    """A safetensors file, checked against the digest recorded when it was written."""
+    if expected_sha256 is not None and sha256_of(path) != expected_sha256:
+        raise MBCError(f"{path} does not match the SHA-256 recorded when it was saved: the file is damaged")
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError, ValueError) as error:
+        raise MBCError(f"{path} is not a readable safetensors file ({error})") from error
+
+
+def load_state(model, folder: str | Path) -> None:
+    """Load a checkpoint's trainable tensors into ``model``, checking digest, names, shapes and codebook."""
+    folder = resolve(folder)
+    meta = _meta(folder)
+    state = load_tensors(folder / WEIGHTS_NAME, (meta.get("sha256") or {}).get(WEIGHTS_NAME))
+    expected = model.trainable_state_dict()
+    if set(state) != set(expected):
+        missing, extra = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
         raise MBCError(f"checkpoint {folder} does not match its config: missing {missing[:5]}, unexpected {extra[:5]}")
+    wrong = [
+        f"{n} {tuple(state[n].shape)} (expected {tuple(t.shape)})"
+        for n, t in expected.items()
+        if state[n].shape != t.shape
+    ]
+    if wrong:
+        raise MBCError(
+            f"checkpoint {folder} does not match its config: tensors of other shapes: {', '.join(wrong[:3])}"
+        )
     model.load_state_dict(state, strict=False)
-    if model.codebook_fingerprint() != json.loads((folder / CONFIG_NAME).read_text()).get("codebook_fingerprint"):
+    if model.codebook_fingerprint() != meta.get("codebook_fingerprint"):
         raise MBCError(
             f"the codebook in {folder / WEIGHTS_NAME} does not match the fingerprint in {CONFIG_NAME}: "
             "the checkpoint is corrupted"

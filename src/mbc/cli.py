@@ -10,8 +10,9 @@ from typing import Optional
 
 import typer
 
-from mbc.config import MBCConfig, apply_overrides
+from mbc.config import MBCConfig
 from mbc.errors import MBCError
+from mbc.settings import from_dict, parse_overrides
 
 app = typer.Typer(add_completion=False, help="MBC: Memory Bank Compression for continual adaptation of LLMs.")
 
@@ -24,7 +25,7 @@ DEMO_QUESTION = "Who founded the Brellin Observatory?"
 
 def _config(config_file: Optional[Path], overrides: list[str]) -> MBCConfig:
     values = MBCConfig.load(config_file).to_dict() if config_file else {}
-    return MBCConfig.from_dict(apply_overrides(values, overrides))
+    return MBCConfig.from_dict(parse_overrides(MBCConfig, values, overrides))
 
 
 ConfigFile = typer.Option(None, "--config", help="JSON file of MBCConfig fields")
@@ -115,10 +116,10 @@ def train(
     from mbc.training.trainer import train as run_training
 
     chosen = load_preset(preset)
-    model_config = MBCConfig.from_dict(apply_overrides(chosen["model"], model_overrides))
-    train_values = apply_overrides(dict(chosen["train"], output_dir=str(output)), train_overrides)
+    model_config = MBCConfig.from_dict(parse_overrides(MBCConfig, chosen["model"], model_overrides))
+    train_values = parse_overrides(TrainConfig, dict(chosen["train"], output_dir=str(output)), train_overrides)
     train_values.update({k: v for k, v in (("max_steps", max_steps), ("max_minutes", max_minutes)) if v is not None})
-    train_config = TrainConfig(**train_values)
+    train_config = from_dict(TrainConfig, train_values, "training config")
     splits = qa_data.load_splits(data, first_documents)
     typer.echo(
         f"data {data}: "
@@ -292,7 +293,10 @@ def main():
         app()
     except MBCError as error:
         typer.echo(f"error: {error}", err=True)
-        raise SystemExit(2)
+        raise SystemExit(getattr(error, "exit_code", 2))
+    except KeyboardInterrupt:
+        typer.echo("interrupted", err=True)
+        raise SystemExit(130)
 
 
 if __name__ == "__main__":

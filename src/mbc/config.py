@@ -8,26 +8,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mbc.errors import MBCError
+from mbc.settings import Range, check, from_dict
 
 # Kept here, not beside the code that uses them, so that reading a config loads no torch.
 BUNDLED_LLM = "bundled:smollm2"  # network/backbones.py
 BUNDLED_ENCODER = "bundled:minilm"
 METRICS = ("l2", "cosine")  # codebook lookup (network/codebook.py)
 UPDATES = ("gradient", "ema")  # how codes move (network/codebook.py)
-
-
-def apply_overrides(values: dict, overrides: list[str]) -> dict:
-    """``KEY=VALUE`` strings into ``values``: VALUE as JSON where it parses (numbers, true, null),
-    else as a bare string (a model path, ``cosine``)."""
-    for item in overrides:
-        key, sep, raw = item.partition("=")
-        if not sep:
-            raise MBCError(f"overrides take KEY=VALUE, got '{item}'")
-        try:
-            values[key] = json.loads(raw)
-        except json.JSONDecodeError:
-            values[key] = raw
-    return values
 
 
 @dataclass
@@ -93,37 +80,9 @@ class MBCConfig:
     prompt_template: str = "Question: {question}\nAnswer:"
 
     def __post_init__(self):
-        positive = (
-            "num_slots",
-            "codebook_size",
-            "codebook_stages",
-            "aggregator_blocks",
-            "aggregator_heads",
-            "aggregator_head_dim",
-            "prefix_tokens",
-            "max_document_tokens",
-            "max_question_tokens",
-        )
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise MBCError(f"config '{name}' must be at least 1, got {getattr(self, name)}")
-        if self.retrieval_top_k < 0 or self.retrieval_subspaces < 1 or self.retrieval_codes < 2:
-            raise MBCError(
-                f"retrieval_top_k must be >= 0, retrieval_subspaces >= 1 and retrieval_codes >= 2, got "
-                f"{self.retrieval_top_k}, {self.retrieval_subspaces} and {self.retrieval_codes}"
-            )
-        if self.lora_layers < 0 or (self.lora_layers and self.lora_rank < 1):
-            raise MBCError(f"lora_layers must be >= 0 and lora_rank >= 1, got {self.lora_layers} and {self.lora_rank}")
-        if self.codebook_metric not in METRICS:
-            raise MBCError(f"codebook_metric must be one of {METRICS}, got {self.codebook_metric!r}")
-        if self.codebook_update not in UPDATES:
-            raise MBCError(f"codebook_update must be one of {UPDATES}, got {self.codebook_update!r}")
+        check(self, LIMITS)
         if self.codebook_metric == "cosine" and self.codebook_stages > 1:
             raise MBCError("codebook_metric 'cosine' works with one codebook stage only (a residual has no fixed norm)")
-        if self.aggregator_output not in ("residual", "reads"):
-            raise MBCError(f"aggregator_output must be 'residual' or 'reads', got {self.aggregator_output!r}")
-        if self.llm_quantization not in (None, "nf4"):
-            raise MBCError(f"llm_quantization must be null or 'nf4', got {self.llm_quantization!r}")
         if "{question}" not in self.prompt_template:
             raise MBCError("prompt_template must contain '{question}'")
 
@@ -132,16 +91,46 @@ class MBCConfig:
 
     @classmethod
     def from_dict(cls, values: dict) -> "MBCConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise MBCError(f"unknown config keys {unknown}; known keys are {sorted(known)}")
-        return cls(**values)
+        return from_dict(cls, values)
 
     @classmethod
     def load(cls, path: str | Path) -> "MBCConfig":
         try:
             values = json.loads(Path(path).read_text())
-        except (OSError, json.JSONDecodeError) as error:
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
             raise MBCError(f"cannot read config {path}: {error}") from error
+        if not isinstance(values, dict):
+            raise MBCError(f"config {path} must be a JSON object of MBCConfig fields")
         return cls.from_dict(values.get("config", values))
+
+
+# Upper ends keep a typo from allocating tens of gigabytes (codebook_size 2**30 would take 137 GB).
+LIMITS = {
+    "llm_quantization": (None, "nf4"),
+    "reader_blocks": Range(1, 64),
+    "num_slots": Range(1, 1024),
+    "max_document_tokens": Range(1, 32768),
+    "max_question_tokens": Range(1, 32768),
+    "codebook_size": Range(2, 65536),
+    "codebook_stages": Range(1, 16),
+    "codebook_metric": METRICS,
+    "codebook_update": UPDATES,
+    "beta": Range(0, None),
+    "vq_weight": Range(0, None),
+    "ema_decay": Range(0, 1),
+    "dead_threshold": Range(0, 1),
+    "aggregator_blocks": Range(1, 64),
+    "aggregator_heads": Range(1, 256),
+    "aggregator_head_dim": Range(1, 4096),
+    "aggregator_output": ("residual", "reads"),
+    "retrieval_top_k": Range(0, None),
+    "retrieval_subspaces": Range(1, 1024),
+    "retrieval_codes": Range(2, 65536),
+    "prefix_tokens": Range(1, 1024),
+    "prefix_layers": Range(1, None),
+    "prefix_hidden": Range(1, 65536),
+    "lora_layers": Range(0, None),
+    "lora_rank": Range(1, 4096),
+    "lora_alpha": Range(0, None),
+    "lora_dropout": Range(0, 1),
+}

@@ -41,10 +41,6 @@ class Schedule:
                 f"float_memory_steps={config.float_memory_steps} is not below the run's {total_steps} steps: "
                 "the codebook would never be fitted; lower float_memory_steps or raise max_steps"
             )
-        if config.probe_tokens not in PROBE_TOKENS:
-            raise MBCError(f"probe_tokens must be one of {PROBE_TOKENS}, got {config.probe_tokens!r}")
-        if config.probe_weight < 0:
-            raise MBCError(f"probe_weight must be >= 0, got {config.probe_weight}")
         if config.probe_steps >= total_steps:
             raise MBCError(
                 f"probe_steps={config.probe_steps} is not below the run's {total_steps} steps: "

@@ -7,57 +7,76 @@ progress (optimizer step, epoch, batch within the epoch, best scores) and the RN
 from __future__ import annotations
 
 import json
-import os
 import random
 from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
+
+from mbc.checkpoint import load_tensors, read_json, resolve, sha256_of
+from mbc.errors import MBCError
 
 STATE_TENSORS = "training_state.safetensors"
 STATE_JSON = "training_state.json"
 
 
 def save_training_state(folder: Path, optimizer, scheduler, progress: dict) -> None:
+    """Into a folder being written (checkpoint.replacing), beside the model's files."""
     state = optimizer.state_dict()
     tensors = {"rng.torch": torch.get_rng_state()}
     for index, slots in state["state"].items():
         for name, value in slots.items():
             tensors[f"optimizer.{index}.{name}"] = torch.as_tensor(value).detach().cpu().contiguous()
+    save_file(tensors, folder / STATE_TENSORS)
     meta = {
+        "sha256": sha256_of(folder / STATE_TENSORS),
         "param_groups": state["param_groups"],
         "scheduler": scheduler.state_dict(),
         "progress": progress,
         "rng_python": repr(random.getstate()),
         "rng_numpy": [x.tolist() if isinstance(x, np.ndarray) else x for x in np.random.get_state()],
     }
-    save_file(tensors, folder / (STATE_TENSORS + ".tmp"))
-    (folder / (STATE_JSON + ".tmp")).write_text(json.dumps(meta))
-    os.replace(folder / (STATE_TENSORS + ".tmp"), folder / STATE_TENSORS)
-    os.replace(folder / (STATE_JSON + ".tmp"), folder / STATE_JSON)
+    (folder / STATE_JSON).write_text(json.dumps(meta))
 
 
 def has_training_state(folder: Path) -> bool:
+    folder = resolve(folder)
     return (folder / STATE_JSON).exists() and (folder / STATE_TENSORS).exists()
+
+
+def saved_progress(folder: Path) -> dict:
+    """The progress recorded with the training state (step, epoch, the run's settings and data)."""
+    meta = read_json(resolve(folder) / STATE_JSON, "training state")
+    if not isinstance(meta.get("progress"), dict):
+        raise MBCError(f"{resolve(folder) / STATE_JSON} has no progress record: the training state is damaged")
+    return meta["progress"]
 
 
 def load_training_state(folder: Path, optimizer, scheduler) -> dict:
     """Restore optimizer, scheduler and RNGs; returns the saved progress."""
-    tensors = load_file(folder / STATE_TENSORS)
-    meta = json.loads((folder / STATE_JSON).read_text())
-    slots: dict[int, dict] = {}
-    for key, value in tensors.items():
-        if key.startswith("optimizer."):
-            _, index, name = key.split(".", 2)
-            slots.setdefault(int(index), {})[name] = value
-    optimizer.load_state_dict({"state": slots, "param_groups": meta["param_groups"]})
-    scheduler.load_state_dict(meta["scheduler"])
-    torch.set_rng_state(tensors["rng.torch"])
-    random.setstate(_python_state(meta["rng_python"]))
-    numpy_state = meta["rng_numpy"]
-    np.random.set_state((numpy_state[0], np.array(numpy_state[1], dtype=np.uint32), *numpy_state[2:]))
-    return meta["progress"]
+    folder = resolve(folder)
+    meta = read_json(folder / STATE_JSON, "training state")
+    tensors = load_tensors(folder / STATE_TENSORS, meta.get("sha256"))
+    try:
+        slots: dict[int, dict] = {}
+        for key, value in tensors.items():
+            if key.startswith("optimizer."):
+                _, index, name = key.split(".", 2)
+                slots.setdefault(int(index), {})[name] = value
+        optimizer.load_state_dict({"state": slots, "param_groups": meta["param_groups"]})
+        scheduler.load_state_dict(meta["scheduler"])
+        torch.set_rng_state(tensors["rng.torch"])
+        random.setstate(_python_state(meta["rng_python"]))
+        numpy_state = meta["rng_numpy"]
+        np.random.set_state((numpy_state[0], np.array(numpy_state[1], dtype=np.uint32), *numpy_state[2:]))
+        return meta["progress"]
+
+    except (KeyError, ValueError, TypeError, RuntimeError, SyntaxError) as error:
+        raise MBCError(
+            f"the training state in {folder} does not fit this run ({type(error).__name__}: {error}); "
+            "train into a new --output folder, or pass --train-set resume=false to start over"
+        ) from error
 
 
 def _python_state(text: str):

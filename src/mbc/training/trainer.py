@@ -14,9 +14,12 @@ process keeps the same codebook.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import random
+import signal
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -27,15 +30,17 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
+from mbc import checkpoint
 from mbc.config import MBCConfig
 from mbc.data import QAExample
 from mbc.errors import MBCError
 from mbc.evaluation.validation import evaluate
 from mbc.model import MBCModel
+from mbc.settings import Range, check
 from mbc.training.allocator import keep_large_allocations_on_mmap
 from mbc.training.objectives import StepObjective
-from mbc.training.schedule import Schedule
-from mbc.training.state import has_training_state, load_training_state, save_training_state
+from mbc.training.schedule import PROBE_TOKENS, Schedule
+from mbc.training.state import has_training_state, load_training_state, save_training_state, saved_progress
 
 BEST = {"em": "best-em", "f1": "best-f1", "loss": "best-loss"}
 
@@ -75,12 +80,45 @@ class TrainConfig:
     eval_every: int = 200  # optimizer steps; validation also runs at the end
     eval_questions: int | None = 500  # validation questions (all their documents form the bank)
     resume: bool = True
+    save_every_minutes: float = 5.0  # also save a resumable state this often (wall time), and on SIGINT / SIGTERM
     save_best: bool = True  # also keep best-em / best-f1 / best-loss checkpoints beside last (each a full copy)
     return_freed_memory: bool = (
         False  # lower peak memory for some speed (training/allocator.py: ~5% less peak memory, 15-30% slower on CPU)
     )
     wandb_project: str | None = None  # also log to Weights & Biases (pip install wandb); off by default
     extra: dict = field(default_factory=dict)  # free-form notes recorded in the run's config
+
+    def __post_init__(self):
+        check(self, TRAIN_LIMITS)
+
+
+SCHEDULES = {"constant": "constant_with_warmup", "cosine": "cosine", "linear": "linear"}  # ours -> transformers' names
+TRAIN_LIMITS = {
+    "batch_size": Range(1, None),
+    "grad_accumulation": Range(1, None),
+    "learning_rate": Range(0, None),
+    "encoder_learning_rate": Range(0, None),
+    "codebook_learning_rate": Range(0, None),
+    "warmup_ratio": Range(0, 1),
+    "lr_schedule": tuple(SCHEDULES),
+    "max_grad_norm": Range(0, None),
+    "epochs": Range(1, None),
+    "max_steps": Range(1, None),
+    "max_minutes": Range(0, None),
+    "save_every_minutes": Range(0, None),
+    "backprop_keep": Range(0, 1),
+    "bank_curriculum_steps": Range(0, None),
+    "float_memory_steps": Range(0, None),
+    "codebook_fit_documents": Range(1, None),
+    "probe_steps": Range(0, None),
+    "probe_tokens": PROBE_TOKENS,
+    "probe_weight": Range(0, None),
+    "mixed_precision": ("no", "bf16", "fp16"),
+    "seed": Range(0, 2**32 - 1),
+    "log_every": Range(1, None),
+    "eval_every": Range(1, None),
+    "eval_questions": Range(1, None),
+}
 
 
 def _batches(examples: list[QAExample], batch_size: int, seed: int, epoch: int) -> list[list[QAExample]]:
@@ -106,20 +144,91 @@ def parameter_groups(model: MBCModel, config: TrainConfig) -> list[dict]:
     return [{"params": params, "lr": rates[kind]} for kind, params in groups.items() if params]
 
 
-def _out_of_time(accelerator: Accelerator, config: TrainConfig, seconds: float) -> bool:
-    if config.max_minutes is None:
-        return False
-    # Every process must stop at the same step, or the others wait forever in the next all-reduce.
-    late = torch.tensor(float(seconds > 60 * config.max_minutes), device=accelerator.device)
-    return bool(accelerator.reduce(late, reduction="sum") > 0)
+def _anywhere(accelerator: Accelerator, *flags: bool) -> list[bool]:
+    """Each flag, true if it is true in any process: every process must stop or save at the same step,
+    or the others wait forever in the next all-reduce."""
+    values = torch.tensor([float(f) for f in flags], device=accelerator.device)
+    return [bool(v > 0) for v in accelerator.reduce(values, reduction="sum")]
 
 
-SCHEDULES = {"constant": "constant_with_warmup", "cosine": "cosine", "linear": "linear"}  # ours -> transformers' names
+# Settings a run may change when it resumes: how long it runs, how it reports, where it logs.
+RESUMABLE = {
+    "output_dir",
+    "epochs",
+    "max_steps",
+    "max_minutes",
+    "eval_every",
+    "log_every",
+    "eval_questions",
+    "resume",
+    "save_best",
+    "save_every_minutes",
+    "return_freed_memory",
+    "wandb_project",
+    "extra",
+}
 
 
-def _check_lr_schedule(config: TrainConfig) -> None:
-    if config.lr_schedule not in SCHEDULES:
-        raise MBCError(f"lr_schedule must be one of {sorted(SCHEDULES)}, got {config.lr_schedule!r}")
+def run_identity(model_config: MBCConfig, config: TrainConfig, rows: list[QAExample]) -> dict:
+    """What a resumed run must share with the run that saved it: every other setting, and the data."""
+    data = json.dumps([(r.document, r.question, list(r.answers)) for r in rows])
+    identity = {
+        "model": model_config.to_dict(),
+        "train": {k: v for k, v in asdict(config).items() if k not in RESUMABLE},
+        "data": hashlib.sha256(data.encode()).hexdigest(),
+    }
+    return json.loads(json.dumps(identity))  # as it reads back from the saved JSON
+
+
+def _check_same_run(folder: Path, saved: dict | None, current: dict) -> None:
+    if saved is None:  # saved before runs recorded what they were
+        return
+    differing = [
+        f"{key} {saved[part].get(key)!r} -> {current[part].get(key)!r}"
+        for part in ("model", "train")
+        for key in sorted(set(saved[part]) | set(current[part]))
+        if saved[part].get(key) != current[part].get(key)
+    ]
+    if saved["data"] != current["data"]:
+        differing.append("other training rows")
+    if differing:
+        raise MBCError(
+            f"{folder} holds a run with other settings (saved -> now): {'; '.join(differing[:6])}. "
+            "Continue it with the same settings and data, train into a new --output folder, "
+            "or pass --train-set resume=false to start over"
+        )
+
+
+class TrainingInterrupted(MBCError):
+    """Training stopped on SIGINT / SIGTERM after saving a resumable state."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.exit_code = 128 + signum  # what a shell reports for a process ended by that signal
+
+
+class StopRequests:
+    """SIGINT and SIGTERM ask training to stop at the end of the current step, saved; a second
+    SIGINT stops at once (KeyboardInterrupt), losing only what the last save did not hold."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.signum, self.previous = None, {}
+
+    def _handle(self, signum, frame) -> None:
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __enter__(self) -> "StopRequests":
+        if threading.current_thread() is threading.main_thread():  # only there can Python take signals
+            self.previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
 
 
 class MetricsLog:
@@ -172,7 +281,6 @@ def train(
     world = accelerator.num_processes
     batches_per_epoch = len(_batches(train_rows, config.batch_size, config.seed, 0)) // world
     total_steps = config.max_steps or max(1, config.epochs * batches_per_epoch // config.grad_accumulation)
-    _check_lr_schedule(config)
     schedule = Schedule(config, total_steps, model_config.quantize)
     scheduler = get_scheduler(
         SCHEDULES[config.lr_schedule],
@@ -190,10 +298,13 @@ def train(
         "train_seconds": 0.0,
     }
     last = out / "last"
+    identity = run_identity(model_config, config, train_rows)
     if config.resume and has_training_state(last):
+        _check_same_run(last, saved_progress(last).get("identity"), identity)
         model.load_trainable_state(last)
         progress = load_training_state(last, optimizer, scheduler)
         accelerator.print(f"resumed from {last} at step {progress['step']}")
+    progress["identity"] = identity
     if model.retrieval_keys is not None and not bool(model.retrieval_keys.fitted):
         # Every process fits the same centroids: same documents, same seed.
         model.fit_retrieval_keys(train_documents)
@@ -215,13 +326,23 @@ def train(
                     progress["best"][key] = metrics[key]
                     if config.save_best:
                         model.save_pretrained(out / folder)
-            model.save_pretrained(last)
-            save_training_state(last, optimizer, scheduler, progress)
             accelerator.print(
                 f"step {progress['step']}: validation {json.dumps({k: round(v, 3) for k, v in metrics.items()})}"
             )
-        accelerator.wait_for_everyone()
+        save_last()
         return metrics
+
+    saved_at = time.perf_counter()
+
+    def save_last() -> None:
+        """The model and everything needed to continue, written whole (checkpoint.replacing)."""
+        nonlocal saved_at
+        if main:
+            with checkpoint.replacing(last) as folder:
+                checkpoint.write(model, folder)
+                save_training_state(folder, optimizer, scheduler, progress)
+        accelerator.wait_for_everyone()
+        saved_at = time.perf_counter()
 
     bar = tqdm(total=total_steps, initial=progress["step"], disable=not main, desc="train", dynamic_ncols=True)
     # True until the codebook is fitted to the encoder's vectors as they are then: when the
@@ -231,65 +352,83 @@ def train(
     started, seconds_before = time.perf_counter(), progress["train_seconds"]
     losses = ("loss", "qa", "vq", "perplexity", "probe")
     window = {**dict.fromkeys(losses, 0.0), "rows": 0, "micro": 0, "time": time.perf_counter()}
-    finished = False
-    while not finished:
-        epoch_batches = _batches(train_rows, config.batch_size, config.seed, progress["epoch"])[
-            : batches_per_epoch * world
-        ]
-        mine = epoch_batches[accelerator.process_index :: world]
-        for batch in mine[progress["batch"] :]:
-            documents = list(dict.fromkeys(row.document for row in batch))
-            own = [documents.index(row.document) for row in batch]
-            with accelerator.accumulate(objective):
-                step = schedule.at(progress["step"], len(documents), float_memory)
-                output = objective(documents, [r.question for r in batch], [r.answers[0] for r in batch], own, step)
-                accelerator.backward(output.loss)
-                if accelerator.sync_gradients:
-                    accelerator.clip_grad_norm_(parameters, config.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad()
-            progress["batch"] += 1
-            values = (output.loss, output.qa_loss, output.vq_loss, output.perplexity, output.probe_loss)
-            for key, value in zip(losses, values):
-                window[key] += float(value.detach())
-            window["rows"] += len(batch) * world
-            window["micro"] += 1
-            if not accelerator.sync_gradients:
-                continue
-            scheduler.step()
-            progress["step"] += 1
-            progress["train_seconds"] = seconds_before + time.perf_counter() - started
-            bar.update(1)
-            out_of_time = _out_of_time(accelerator, config, progress["train_seconds"])
-            finished = progress["step"] >= total_steps or out_of_time
-            if float_memory and (finished or not schedule.float_memory(progress["step"])):
-                model.fit_codebook(train_documents[: config.codebook_fit_documents])
-                float_memory = False
-            if progress["step"] % config.log_every == 0 or progress["step"] == total_steps:
-                rate = window["rows"] / (time.perf_counter() - window["time"])
-                alive = model.codec.fraction_alive()
-                record = {k: window[k] / window["micro"] for k in losses}
-                log.write(
-                    kind="train",
-                    step=progress["step"],
-                    epoch=progress["epoch"],
-                    codes_alive=alive,
-                    rows_per_second=rate,
-                    seconds=progress["train_seconds"],
-                    lr=scheduler.get_last_lr()[0],
-                    **record,
+    finished = progress["step"] >= total_steps
+    if finished:
+        accelerator.print(f"{last} already holds all {total_steps} steps of this run: validating it again")
+    stops = StopRequests()
+    with stops:
+        while not finished:
+            epoch_batches = _batches(train_rows, config.batch_size, config.seed, progress["epoch"])[
+                : batches_per_epoch * world
+            ]
+            mine = epoch_batches[accelerator.process_index :: world]
+            for batch in mine[progress["batch"] :]:
+                documents = list(dict.fromkeys(row.document for row in batch))
+                own = [documents.index(row.document) for row in batch]
+                with accelerator.accumulate(objective):
+                    step = schedule.at(progress["step"], len(documents), float_memory)
+                    output = objective(documents, [r.question for r in batch], [r.answers[0] for r in batch], own, step)
+                    accelerator.backward(output.loss)
+                    if accelerator.sync_gradients:
+                        accelerator.clip_grad_norm_(parameters, config.max_grad_norm)
+                    optimizer.step()
+                    optimizer.zero_grad()
+                progress["batch"] += 1
+                values = (output.loss, output.qa_loss, output.vq_loss, output.perplexity, output.probe_loss)
+                for key, value in zip(losses, values):
+                    window[key] += float(value.detach())
+                window["rows"] += len(batch) * world
+                window["micro"] += 1
+                if not accelerator.sync_gradients:
+                    continue
+                scheduler.step()
+                progress["step"] += 1
+                progress["train_seconds"] = seconds_before + time.perf_counter() - started
+                bar.update(1)
+                late, stop, due = _anywhere(
+                    accelerator,
+                    config.max_minutes is not None and progress["train_seconds"] > 60 * config.max_minutes,
+                    stops.signum is not None,
+                    time.perf_counter() - saved_at > 60 * config.save_every_minutes,
                 )
-                bar.set_postfix(
-                    loss=f"{record['loss']:.3f}", vq=f"{record['vq']:.4f}", codes=f"{alive:.0%}", ex_s=f"{rate:.1f}"
-                )
-                window.update(**dict.fromkeys(losses, 0.0), rows=0, micro=0, time=time.perf_counter())
-            if finished:
-                break
-            if progress["step"] % config.eval_every == 0:
-                validate_and_save()
-        if not finished:
-            progress["epoch"] += 1
-            progress["batch"] = 0
+                finished = progress["step"] >= total_steps or late
+                if float_memory and (finished or not schedule.float_memory(progress["step"])):
+                    model.fit_codebook(train_documents[: config.codebook_fit_documents])
+                    float_memory = False
+                if progress["step"] % config.log_every == 0 or progress["step"] == total_steps:
+                    rate = window["rows"] / (time.perf_counter() - window["time"])
+                    alive = model.codec.fraction_alive()
+                    record = {k: window[k] / window["micro"] for k in losses}
+                    log.write(
+                        kind="train",
+                        step=progress["step"],
+                        epoch=progress["epoch"],
+                        codes_alive=alive,
+                        rows_per_second=rate,
+                        seconds=progress["train_seconds"],
+                        lr=scheduler.get_last_lr()[0],
+                        **record,
+                    )
+                    bar.set_postfix(
+                        loss=f"{record['loss']:.3f}", vq=f"{record['vq']:.4f}", codes=f"{alive:.0%}", ex_s=f"{rate:.1f}"
+                    )
+                    window.update(**dict.fromkeys(losses, 0.0), rows=0, micro=0, time=time.perf_counter())
+                if finished:
+                    break
+                if stop:
+                    save_last()
+                    raise TrainingInterrupted(
+                        f"interrupted by {signal.Signals(stops.signum).name} at step {progress['step']} of "
+                        f"{total_steps}: the run is saved in {last}; run the same command again to continue",
+                        stops.signum,
+                    )
+                if progress["step"] % config.eval_every == 0:
+                    validate_and_save()
+                elif due:
+                    save_last()
+            if not finished:
+                progress["epoch"] += 1
+                progress["batch"] = 0
     bar.close()
     metrics = validate_and_save()
     accelerator.end_training()
