@@ -98,7 +98,7 @@ def test_paper_decoding_runs_batched_with_prefix(tiny_model):
 
 
 def test_decoding_config_rejects_bad_settings():
-    with pytest.raises(MBCError, match="unknown decoding strategy"):
+    with pytest.raises(MBCError, match="strategy must be one of"):
         DecodingConfig("nucleus")
     with pytest.raises(MBCError, match="multiple of num_beam_groups"):
         DecodingConfig("diverse_beam", num_beams=10, num_beam_groups=4)

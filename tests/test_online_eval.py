@@ -1,7 +1,9 @@
 import csv
 import json
 
+from mbc.data import QAExample
 from mbc.data.generated import generate_examples
+from mbc.evaluation.baselines import context_prompt, fitted_context_prompt
 from mbc.evaluation.online import EvalConfig, run_eval
 from mbc.evaluation.report import format_table
 from mbc.memory.packing import packed_size
@@ -79,3 +81,40 @@ def test_eval_with_retrieval_keys_counts_their_bytes_and_reports_recall(tiny_mod
     for name in ("mbc", "mac"):
         assert 0 <= summary["banks"][name]["retrieval_recall_percent"] <= 100
         assert summary["banks"][name]["key_bytes"] == 5
+
+
+def test_eval_deletes_nothing_in_its_output_folder(tiny_model, tmp_path):
+    rows = generate_examples(8, seed=3)[:12]
+    banks = tmp_path / "banks"
+    banks.mkdir()
+    (banks / "mbc.db.bak").write_bytes(b"a user's backup")
+    mbc = tiny_model().eval()
+    config = EvalConfig(retention_every=2, batch_size=8, methods=["mbc"])
+    first = run_eval(mbc, rows, [], tmp_path, config)
+    before = (banks / "mbc.db").read_bytes()
+    second = run_eval(mbc, rows, [], tmp_path, config)  # an earlier evaluation's bank stays too
+    assert (banks / "mbc.db.bak").read_bytes() == b"a user's backup"
+    assert (banks / "mbc.db").read_bytes() == before
+    assert (first["banks"]["mbc"]["path"], second["banks"]["mbc"]["path"]) == (
+        str(banks / "mbc.db"),
+        str(banks / "mbc-2.db"),
+    )
+    assert second["methods"]["mbc"]["em"] == first["methods"]["mbc"]["em"]
+
+
+def test_long_documents_are_cut_to_the_llm_window_and_reported(tiny_model, tmp_path):
+    rows = generate_examples(8, seed=3)[:6]  # one document's questions
+    long = [QAExample(r.document + " filler" * 40_000, r.question, r.answers, r.group) for r in rows]
+    mbc = tiny_model().eval()
+    config = EvalConfig(batch_size=8, methods=["base, gold document", "base, BM25 top-k"])
+    summary = run_eval(mbc, long, [], tmp_path, config)
+    assert summary["prompts_cut_to_fit"] == {"base, gold document": 6, "base, BM25 top-1": 6}
+    prompt, cut = fitted_context_prompt(mbc, "the key is blue. " * 100, "What colour is the key?", 1000)
+    assert cut and len(mbc.tokenizer(prompt)["input_ids"]) <= 1000
+    assert prompt.startswith("Context: the key is blue.") and prompt.endswith(
+        "Question: What colour is the key?\nAnswer:"
+    )
+    assert fitted_context_prompt(mbc, "the key is blue.", "What colour is the key?", 1000) == (
+        context_prompt("the key is blue.", "What colour is the key?"),
+        False,
+    )

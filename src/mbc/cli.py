@@ -99,11 +99,11 @@ def train(
     data: str = typer.Option("generated", help="SQuAD .json, StreamingQA / ArchivalQA .csv, or generated[:SEED]"),
     output: Path = typer.Option(Path("runs/mbc"), help="run folder: checkpoints, metrics.jsonl, loss curve"),
     first_documents: Optional[int] = typer.Option(
-        None, help="keep only the first N distinct documents (and all their questions)"
+        None, min=1, help="keep only the first N distinct documents (and all their questions)"
     ),
-    max_steps: Optional[int] = typer.Option(None, help="optimizer steps (default: the preset's epochs)"),
+    max_steps: Optional[int] = typer.Option(None, min=1, help="optimizer steps (default: the preset's epochs)"),
     max_minutes: Optional[float] = typer.Option(
-        None, help="stop training after this many minutes, then validate and save"
+        None, min=0, help="stop training after this many minutes, then validate and save"
     ),
     model_overrides: list[str] = typer.Option([], "--set", help="override a model config field, KEY=VALUE"),
     train_overrides: list[str] = typer.Option([], "--train-set", help="override a training config field, KEY=VALUE"),
@@ -141,18 +141,21 @@ def validate(
     checkpoint: Path = typer.Argument(..., help="a checkpoint folder (e.g. runs/mbc/best-f1)"),
     data: str = typer.Option("generated", help="the data the checkpoint was trained on (the same split is rebuilt)"),
     split: str = typer.Option("validation", help="validation or test"),
-    first_documents: Optional[int] = typer.Option(None, help="as given to `mbc train`"),
-    questions: Optional[int] = typer.Option(None, help="score only the first N questions of the split"),
+    first_documents: Optional[int] = typer.Option(None, min=1, help="as given to `mbc train`"),
+    questions: Optional[int] = typer.Option(None, min=1, help="score only the first N questions of the split"),
     output: Optional[Path] = typer.Option(None, help="write the scores as JSON here"),
 ):
     """Score a trained checkpoint on a held-out split against the base LLM with no adaptation."""
     from mbc import data as qa_data
     from mbc.evaluation.baselines import FEW_SHOT_TEMPLATE, evaluate_base_llm
+    from mbc.evaluation.online import writable_folder
     from mbc.evaluation.validation import evaluate
     from mbc.model import MBCModel
 
+    if output:
+        writable_folder(output.parent)
     splits = qa_data.load_splits(data, first_documents)
-    rows = splits[split][:questions]
+    rows = _split(splits, split, data)[:questions]
     # Control: the same questions answered from a bank of as many documents from the training split,
     # none of which is about them. What this scores comes from the adapter, not from the memory.
     unrelated = qa_data.documents(splits["train"])[: len(qa_data.documents(rows))]
@@ -191,9 +194,9 @@ def validate(
 @app.command()
 def run(
     output: Path = typer.Option(Path("runs/main"), help="folder for the evaluation's outputs"),
-    train_minutes: float = typer.Option(9.5, help="training time for each of MBC and MAC (when not cached)"),
-    documents: int = typer.Option(50, help="held-out generated documents streamed into the banks"),
-    retention_every: int = typer.Option(25, help="documents per retention step"),
+    train_minutes: float = typer.Option(9.5, min=0, help="training time for each of MBC and MAC (when not cached)"),
+    documents: int = typer.Option(50, min=1, help="held-out generated documents streamed into the banks"),
+    retention_every: int = typer.Option(25, min=1, help="documents per retention step"),
 ):
     """The main job: train (or reuse from the cache) MBC and MAC adapters on generated documents,
     stream held-out documents into durable banks, evaluate every method, print the table, write plots."""
@@ -214,14 +217,17 @@ def evaluate_online(
     data: str = typer.Option("generated", help="the data the checkpoints were trained on (the same split is rebuilt)"),
     split: str = typer.Option("test", help="test or validation"),
     documents: Optional[int] = typer.Option(
-        None, help="stream only the first N distinct documents of the split (default: all)"
+        None, min=1, help="stream only the first N distinct documents of the split (default: all)"
     ),
     first_documents: Optional[int] = typer.Option(
-        None, help="as given to `mbc train` (down-sampling before the split)"
+        None, min=1, help="as given to `mbc train` (down-sampling before the split)"
     ),
-    retention_every: int = typer.Option(200, help="documents per retention step"),
+    retention_every: int = typer.Option(200, min=1, help="documents per retention step"),
     decoding: str = typer.Option("greedy", help="greedy, beam or diverse_beam"),
-    bm25_top_k: int = typer.Option(1, help="documents BM25 puts into the prompt"),
+    bm25_top_k: int = typer.Option(1, min=1, help="documents BM25 puts into the prompt"),
+    max_context_tokens: Optional[int] = typer.Option(
+        None, min=64, help="cut the gold-document and BM25 prompts to this many tokens (default: the LLM's window)"
+    ),
     methods: Optional[str] = typer.Option(
         None,
         help="subset of the methods, separated by commas without a space, e.g. 'mbc,mbc, unrelated bank' (default: all)",
@@ -234,22 +240,34 @@ def evaluate_online(
     and the baselines (base LLM raw / with worked examples / with the gold document / with BM25,
     MBC with a bank of unrelated documents), with sizes, times and retention."""
     from mbc import data as qa_data
-    from mbc.evaluation.online import EvalConfig, run_eval
+    from mbc.evaluation.online import ALL_METHODS, EvalConfig, run_eval, writable_folder
+
+    # Everything that can be checked is checked before the models load and the scoring starts.
+    # Method names hold ", " themselves ("mbc, unrelated bank"): only a comma not followed by a space separates.
+    chosen = [m.strip() for m in re.split(r",(?! )", methods)] if methods else list(ALL_METHODS)
+    config = EvalConfig(
+        retention_every, decoding=decoding, bm25_top_k=bm25_top_k, max_context_tokens=max_context_tokens, methods=chosen
+    )
+    writable_folder(output)
+    splits = qa_data.load_splits(data, first_documents)
+    rows = qa_data.first_documents(_split(splits, split, data), documents)
+    unrelated = qa_data.documents(splits["train"])
     from mbc.model import MBCModel
 
-    splits = qa_data.load_splits(data, first_documents)
-    if split not in splits:
-        raise MBCError(f"unknown split '{split}'; choose one of {', '.join(splits)}")
-    rows = qa_data.first_documents(splits[split], documents)
-    unrelated = qa_data.documents(splits["train"])
-    config = EvalConfig(retention_every=retention_every, decoding=decoding, bm25_top_k=bm25_top_k)
-    if methods:
-        # Method names hold ", " themselves ("mbc, unrelated bank"): only a comma not followed by a space separates.
-        config.methods = [m.strip() for m in re.split(r",(?! )", methods)]
     mbc_model = MBCModel.from_pretrained(checkpoint).eval()
     mac_model = MBCModel.from_pretrained(mac).eval() if mac else None
     summary = run_eval(mbc_model, rows, unrelated, output, config, mac_model)
     _print_summary(summary, output)
+
+
+def _split(splits: dict, name: str, data: str) -> list:
+    if name not in splits:
+        raise MBCError(f"unknown split '{name}'; choose one of {', '.join(splits)}")
+    if not splits[name]:
+        raise MBCError(
+            f"the {name} split of {data} is empty: it has too few articles or documents to split; give more data"
+        )
+    return splits[name]
 
 
 def _print_summary(summary: dict, output: Path) -> None:
@@ -277,6 +295,11 @@ def _print_summary(summary: dict, output: Path) -> None:
             typer.echo(
                 f"{name} retrieval keys found the question's own document for "
                 f"{sizes['retrieval_recall_percent']:.1f}% of questions"
+            )
+    for name, count in (summary.get("prompts_cut_to_fit") or {}).items():
+        if count:
+            typer.echo(
+                f"{name}: {count} of {summary['questions']} prompts had their documents cut to fit the LLM's window"
             )
     if summary.get("bm25_recall_percent") is not None:
         typer.echo(

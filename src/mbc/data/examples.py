@@ -30,6 +30,8 @@ def first_documents(examples: list[QAExample], count: int | None) -> list[QAExam
     """Keep every question about the first ``count`` distinct documents (the reference's down-sampling)."""
     if count is None:
         return examples
+    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+        raise MBCError(f"the number of documents to keep must be a whole number of at least 1, got {count!r}")
     kept = set(documents(examples)[:count])
     return [e for e in examples if e.document in kept]
 

@@ -46,7 +46,12 @@ def _check(example: QAExample, max_question_chars: int) -> QAExample:
 def _read_text(path: Path) -> str:
     if not path.exists():
         raise MBCError(f"data file {path} does not exist")
-    raw = path.read_bytes()
+    if path.is_dir():
+        raise MBCError(f"data file {path} is a folder; give the path of a SQuAD .json or a .csv file")
+    try:
+        raw = path.read_bytes()
+    except OSError as error:
+        raise MBCError(f"cannot read data file {path}: {error.strerror}") from error
     try:
         return raw.decode("utf-8-sig")
     except UnicodeDecodeError as error:
@@ -56,27 +61,40 @@ def _read_text(path: Path) -> str:
         ) from error
 
 
+def _expect(value, kind: type, where: str, what: str):
+    if not isinstance(value, kind) or isinstance(value, bool):
+        words = {list: "a list", dict: "an object", str: "a string"}[kind]
+        raise MBCError(f"{where}: {what} must be {words}, got {type(value).__name__} ({str(value)[:40]!r})")
+    return value
+
+
 def load_squad(path: str | Path, max_question_chars: int = MAX_QUESTION_CHARS) -> list[QAExample]:
     path = Path(path)
     try:
-        articles = json.loads(_read_text(path))["data"]
-    except (json.JSONDecodeError, KeyError, TypeError) as error:
-        raise MBCError(
-            f"{path} is not SQuAD v1.1 JSON (expected {{'data': [{{'title', 'paragraphs': ...}}]}}): {error}"
-        ) from error
+        top = json.loads(_read_text(path))
+    except json.JSONDecodeError as error:
+        raise MBCError(f"{path} is not JSON ({error}); expected SQuAD v1.1: {{'data': [{{'title', 'paragraphs'}}]}}")
+    if not isinstance(top, dict) or "data" not in top:
+        raise MBCError(f"{path} is not SQuAD v1.1 JSON: expected an object with a 'data' list of articles")
     examples = []
-    for a, article in enumerate(articles):
-        for p, paragraph in enumerate(article.get("paragraphs", [])):
-            for q, qa in enumerate(paragraph.get("qas", [])):
+    for a, article in enumerate(_expect(top["data"], list, str(path), "'data'")):
+        where = f"{path}:data[{a}]"
+        _expect(article, dict, where, "an article")
+        title = article.get("title", str(a))
+        for p, paragraph in enumerate(_expect(article.get("paragraphs", []), list, where, "'paragraphs'")):
+            where = f"{path}:data[{a}].paragraphs[{p}]"
+            _expect(paragraph, dict, where, "a paragraph")
+            context = _expect(paragraph.get("context"), str, where, "'context'")
+            for q, qa in enumerate(_expect(paragraph.get("qas", []), list, where, "'qas'")):
                 where = f"{path}:data[{a}].paragraphs[{p}].qas[{q}]"
-                try:
-                    answers = tuple(answer["text"] for answer in qa["answers"])
-                    example = QAExample(
-                        paragraph["context"], qa["question"], answers, article.get("title", str(a)), where
-                    )
-                except (KeyError, TypeError) as error:
-                    raise MBCError(f"{where}: missing field {error}") from error
-                examples.append(_check(example, max_question_chars))
+                _expect(qa, dict, where, "a question")
+                question = _expect(qa.get("question"), str, where, "'question'")
+                answers = _expect(qa.get("answers"), list, where, "'answers'")
+                texts = tuple(
+                    _expect(_expect(answer, dict, where, "an answer").get("text"), str, where, "an answer's 'text'")
+                    for answer in answers
+                )
+                examples.append(_check(QAExample(context, question, texts, str(title), where), max_question_chars))
     return examples
 
 

@@ -58,6 +58,24 @@ def context_prompt(context: str, question: str) -> str:
     return f"Context: {context}\n\n" + FEW_SHOT_TEMPLATE.replace("{question}", question)
 
 
+def llm_window(model: MBCModel) -> int:
+    """Tokens the base LLM can attend over (prompt and answer together)."""
+    config = model.llm.config
+    return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None) or 2048
+
+
+def fitted_context_prompt(model: MBCModel, context: str, question: str, max_tokens: int) -> tuple[str, bool]:
+    """``context_prompt`` in at most ``max_tokens`` tokens, the context cut at its end where needed
+    (a long document would otherwise take minutes per question, or overflow the window); and whether
+    it was cut."""
+    prompt = context_prompt(context, question)
+    if len(model.tokenizer(prompt)["input_ids"]) <= max_tokens:
+        return prompt, False
+    rest = len(model.tokenizer(context_prompt("", question))["input_ids"])
+    kept = model.tokenizer(context)["input_ids"][: max(max_tokens - rest - 8, 0)]  # 8: re-tokenizing may merge less
+    return context_prompt(model.tokenizer.decode(kept), question), True
+
+
 def bm25_retriever(stream: list[str], top_k: int):
     try:
         import bm25s

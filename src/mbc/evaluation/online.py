@@ -17,6 +17,7 @@ every further ``retention_every`` documents streamed; F1 relative to the first a
 from __future__ import annotations
 
 import json
+import os
 import resource
 import sys
 import time
@@ -29,7 +30,13 @@ from tqdm.auto import tqdm
 from mbc.data import QAExample, documents
 from mbc.data.generated import answer_kinds
 from mbc.errors import MBCError
-from mbc.evaluation.baselines import FEW_SHOT_TEMPLATE, answer_prompts, bm25_retriever, context_prompt
+from mbc.evaluation.baselines import (
+    FEW_SHOT_TEMPLATE,
+    answer_prompts,
+    bm25_retriever,
+    fitted_context_prompt,
+    llm_window,
+)
 from mbc.evaluation.metrics import score, score_by_group
 from mbc.evaluation.report import write_predictions
 from mbc.evaluation.validation import chunks, retrieval_recall
@@ -37,7 +44,8 @@ from mbc.memory.bank import BankLayout, MemoryBank
 from mbc.memory.ingest import ingest
 from mbc.memory.readers import RetrievalReader, answer_from_bank, reader_for
 from mbc.model import MBCModel
-from mbc.network.decoding import DecodingConfig
+from mbc.network.decoding import STRATEGIES, DecodingConfig
+from mbc.settings import Range, check
 
 ALL_METHODS = (
     "mbc",
@@ -56,7 +64,25 @@ class EvalConfig:
     batch_size: int = 16
     decoding: str = "greedy"  # greedy, beam or diverse_beam
     bm25_top_k: int = 1
+    max_context_tokens: int | None = None  # the gold-document and BM25 prompts are cut to this; None: the LLM's window
     methods: list[str] = field(default_factory=lambda: list(ALL_METHODS))
+
+    def __post_init__(self):
+        check(
+            self,
+            {
+                "retention_every": Range(1, None),
+                "batch_size": Range(1, None),
+                "decoding": STRATEGIES,
+                "bm25_top_k": Range(1, None),
+                "max_context_tokens": Range(64, None),
+            },
+        )
+        unknown = [m for m in self.methods if m not in ALL_METHODS]
+        if unknown or not self.methods:
+            raise MBCError(
+                f"unknown method {unknown[0]!r}; known: {', '.join(ALL_METHODS)}" if unknown else "no methods"
+            )
 
 
 @dataclass
@@ -65,6 +91,18 @@ class MethodResult:
     bytes_per_document: float
     answer_ms_per_question: float
     adapt_ms_per_document: float | None = None  # methods that stream documents into a bank
+
+
+def writable_folder(path: str | Path) -> Path:
+    """``path`` as a folder that exists and can be written, checked before any work is done."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise MBCError(f"cannot use {path} as the output folder: {error.strerror}") from error
+    if not os.access(path, os.W_OK):
+        raise MBCError(f"cannot write into the output folder {path}")
+    return path
 
 
 def peak_memory_gb() -> float:
@@ -92,16 +130,19 @@ def _answer_rows(answer, rows: list[QAExample], batch_size: int, timer: _Timer, 
     return predictions
 
 
-def _fresh_bank(model: MBCModel, path: Path) -> MemoryBank:
-    """An empty bank at ``path``: a previous evaluation's file (and its WAL) is removed first."""
-    for stale in path.parent.glob(path.name + "*"):
-        stale.unlink()
-    return MemoryBank.open(path, BankLayout.of(model))
+def _fresh_bank(model: MBCModel, folder: Path, name: str) -> MemoryBank:
+    """A new, empty bank in ``folder``: ``name.db``, or ``name-2.db`` and so on where that is taken
+    (an earlier evaluation's bank, or anyone's file: nothing is ever deleted)."""
+    for number in range(1, 10_000):
+        path = folder / (f"{name}.db" if number == 1 else f"{name}-{number}.db")
+        if not any(Path(f"{path}{suffix}").exists() for suffix in ("", "-wal", "-shm", "-journal")):
+            return MemoryBank.open(path, BankLayout.of(model))
+    raise MBCError(f"{folder} holds 10,000 banks named {name}*.db: clear it or give another --output folder")
 
 
 def _stream_into_bank(
     model: MBCModel,
-    bank_path: Path,
+    banks: Path,
     stream: list[str],
     rows: list[QAExample],
     retention_rows: list[QAExample],
@@ -111,7 +152,7 @@ def _stream_into_bank(
 ):
     """Stream documents into a fresh bank in steps of ``retention_every``; after each step answer the
     retention questions again (after the last, every question). Returns the result and the curves."""
-    bank = _fresh_bank(model, bank_path)
+    bank = _fresh_bank(model, banks, name)
     reader = reader_for(model, bank)
     adapt, answer_timer = _Timer(), _Timer()
     ask = lambda chunk: answer_from_bank(model, reader, [r.question for r in chunk], decoding)  # noqa: E731
@@ -136,7 +177,7 @@ def _stream_into_bank(
     first = {id(r) for r in retention_rows}
     kept = [p for p, r in zip(predictions, rows) if id(r) in first]
     curve[-1]["retention_f1"] = score(kept, [list(r.answers) for r in retention_rows])["f1"]
-    sizes = bank.sizes()
+    sizes = {**bank.sizes(), "path": str(bank.path)}
     if isinstance(reader, RetrievalReader):
         sizes["retrieval_recall_percent"] = retrieval_recall(
             reader, rows, dict(zip(stream, stream_ids)), config.batch_size
@@ -151,10 +192,8 @@ def _stream_into_bank(
     return result, curve, sizes
 
 
-def _unrelated(
-    model: MBCModel, bank_path: Path, unrelated_documents: list[str], rows, config, decoding
-) -> MethodResult:
-    with _fresh_bank(model, bank_path) as bank:
+def _unrelated(model: MBCModel, banks: Path, unrelated_documents: list[str], rows, config, decoding) -> MethodResult:
+    with _fresh_bank(model, banks, "unrelated") as bank:
         ingest(model, bank, unrelated_documents, batch_size=config.batch_size, progress=True)
         reader, timer = reader_for(model, bank), _Timer()
         predictions = _answer_rows(
@@ -176,6 +215,14 @@ def _base(model: MBCModel, rows, prompt, config, decoding, name: str, bytes_per_
     return MethodResult(predictions, bytes_per_document, 1000 * timer.seconds / max(len(rows), 1))
 
 
+def _with_context(model: MBCModel, rows, contexts, config, decoding, name: str, text_bytes: float):
+    """The base LLM reading ``contexts[i]`` for row i, each prompt cut to fit; and how many were cut."""
+    budget = min(config.max_context_tokens or llm_window(model), llm_window(model)) - decoding.max_new_tokens
+    fitted = {id(r): fitted_context_prompt(model, c, r.question, budget) for r, c in zip(rows, contexts)}
+    result = _base(model, rows, lambda r: fitted[id(r)][0], config, decoding, name, text_bytes)
+    return result, sum(cut for _, cut in fitted.values())
+
+
 @torch.no_grad()
 def run_eval(
     mbc: MBCModel,
@@ -192,26 +239,27 @@ def run_eval(
     from mbc.evaluation.plots import plot_bank_size, plot_retention
 
     config = config or EvalConfig()
-    unknown = [m for m in config.methods if m not in ALL_METHODS]
-    if unknown:
-        raise MBCError(f"unknown method '{unknown[0]}'; known: {', '.join(ALL_METHODS)}")
-    output = Path(output)
-    (output / "banks").mkdir(parents=True, exist_ok=True)
+    if not rows:
+        raise MBCError("no questions to evaluate: the split (or --documents) selects none")
+    if "mbc, unrelated bank" in config.methods and not unrelated_documents:
+        raise MBCError("the unrelated-bank control needs documents from the training split, and it has none")
+    output = writable_folder(output)
+    (output / "banks").mkdir(exist_ok=True)
     decoding = DecodingConfig(config.decoding)
     stream = documents(rows)
     retention_rows = [r for r in rows if r.document in set(stream[: config.retention_every])]
     text_bytes = sum(len(d.encode("utf-8")) for d in stream) / max(len(stream), 1)
-    results, curves, bank_sizes, bm25_recall = {}, {}, {}, None
+    results, curves, bank_sizes, bm25_recall, cut = {}, {}, {}, None, {}
     methods = [m for m in config.methods if m != "mac" or mac is not None]
     for method in methods:
         if method in ("mbc", "mac"):
             model = mbc if method == "mbc" else mac
             results[method], curves[method], bank_sizes[method] = _stream_into_bank(
-                model, output / "banks" / f"{method}.db", stream, rows, retention_rows, config, decoding, method
+                model, output / "banks", stream, rows, retention_rows, config, decoding, method
             )
         elif method == "mbc, unrelated bank":
             results[method] = _unrelated(
-                mbc, output / "banks" / "unrelated.db", unrelated_documents[: len(stream)], rows, config, decoding
+                mbc, output / "banks", unrelated_documents[: len(stream)], rows, config, decoding
             )
         elif method == "base, raw question":
             results[method] = _base(
@@ -222,22 +270,14 @@ def run_eval(
                 mbc, rows, lambda r: FEW_SHOT_TEMPLATE.replace("{question}", r.question), config, decoding, method
             )
         elif method == "base, gold document":
-            results[method] = _base(
-                mbc, rows, lambda r: context_prompt(r.document, r.question), config, decoding, method, text_bytes
-            )
+            contexts = [r.document for r in rows]
+            results[method], cut[method] = _with_context(mbc, rows, contexts, config, decoding, method, text_bytes)
         else:  # "base, BM25 top-k"
             retrieve = bm25_retriever(stream, config.bm25_top_k)
             retrieved = {id(r): retrieve(r.question) for r in rows}
             name = f"base, BM25 top-{config.bm25_top_k}"
-            results[name] = _base(
-                mbc,
-                rows,
-                lambda r: context_prompt("\n\n".join(retrieved[id(r)]), r.question),
-                config,
-                decoding,
-                name,
-                text_bytes,
-            )
+            contexts = ["\n\n".join(retrieved[id(r)]) for r in rows]
+            results[name], cut[name] = _with_context(mbc, rows, contexts, config, decoding, name, text_bytes)
             bm25_recall = 100 * sum(r.document in retrieved[id(r)] for r in rows) / max(len(rows), 1)
 
     golds, kinds = [list(r.answers) for r in rows], answer_kinds(rows)
@@ -269,6 +309,7 @@ def run_eval(
             for name, curve in curves.items()
         },
         "bm25_recall_percent": bm25_recall,  # questions whose own document BM25 put into the prompt
+        "prompts_cut_to_fit": cut,  # per method: prompts whose documents were cut to the LLM's window
         "peak_memory_gb": peak_memory_gb(),
         **(notes or {}),
     }

@@ -22,6 +22,7 @@ from torch import nn
 from mbc.errors import MBCError
 from mbc.network.llm_layout import LLMLayout
 from mbc.network.prefix import prefix_in, repeat_prefix
+from mbc.settings import Range, check
 
 STRATEGIES = ("greedy", "beam", "diverse_beam")
 
@@ -36,14 +37,18 @@ class DecodingConfig:
     length_penalty: float = 1.0
 
     def __post_init__(self):
-        if self.strategy not in STRATEGIES:
-            raise MBCError(f"unknown decoding strategy '{self.strategy}'; choose one of {', '.join(STRATEGIES)}")
+        limits = {
+            "strategy": STRATEGIES,
+            "max_new_tokens": Range(1, 4096),
+            "num_beams": Range(1, 256),
+            "num_beam_groups": Range(1, 256),
+            "diversity_penalty": Range(0, None),
+        }
+        check(self, limits)
         if self.strategy == "diverse_beam" and self.num_beams % self.num_beam_groups:
             raise MBCError(
                 f"num_beams ({self.num_beams}) must be a multiple of num_beam_groups ({self.num_beam_groups})"
             )
-        if self.max_new_tokens < 1:
-            raise MBCError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
 
 
 def _forward(llm: nn.Module, input_ids, attention_mask, cache):

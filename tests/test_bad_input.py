@@ -1,0 +1,140 @@
+"""Every bad input named in the issue "Nothing lost, every bad input a clear error", as a table:
+the command line, and the one line it must answer with (or click's usage error for a bad flag).
+Each case must fail before any model loads or any scoring starts where it can be checked then."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+from typer.testing import CliRunner
+
+from mbc import MBCError
+from mbc.cli import app
+
+runner = CliRunner()
+USAGE = "Invalid value"  # click's one-line message for a flag out of its range
+
+SQUAD = {
+    "dict-data": {"data": 5},
+    "number-article": {"data": [5]},
+    "dict-paragraphs": {"data": [{"title": "t", "paragraphs": {"context": "c"}}]},
+    "number-context": {"data": [{"title": "t", "paragraphs": [{"context": 5, "qas": []}]}]},
+    "null-question": {
+        "data": [{"title": "t", "paragraphs": [{"context": "c", "qas": [{"question": None, "answers": []}]}]}]
+    },
+    "string-answers": {
+        "data": [{"title": "t", "paragraphs": [{"context": "c", "qas": [{"question": "q", "answers": "x"}]}]}]
+    },
+    "list-top": [1, 2],
+    "one-article": {
+        "data": [
+            {
+                "title": "only",
+                "paragraphs": [{"context": "c d", "qas": [{"question": "q?", "answers": [{"text": "c"}]}]}],
+            }
+        ]
+    },
+}
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("bad")
+    for name, content in SQUAD.items():
+        (folder / f"{name}.json").write_text(json.dumps(content))
+    (folder / "not-json.json").write_text("{not json")
+    (folder / "folder.json").mkdir()
+    (folder / "a-file").write_text("a file where a folder should be")
+    (folder / "list-config.json").write_text("[1]")
+    return folder
+
+
+def _train(data="generated", *extra):
+    return ["train", "--data", data, "--max-steps", "1", *extra]
+
+
+CASES = [
+    # data
+    (lambda f: _train(str(f / "folder.json")), "is a folder"),
+    (lambda f: _train(str(f / "missing.json")), "does not exist"),
+    (lambda f: _train(str(f / "not-json.json")), "is not JSON"),
+    (lambda f: _train(str(f / "list-top.json")), "expected an object with a 'data' list"),
+    (lambda f: _train(str(f / "dict-data.json")), "'data' must be a list"),
+    (lambda f: _train(str(f / "number-article.json")), "data[0]: an article must be an object"),
+    (lambda f: _train(str(f / "dict-paragraphs.json")), "'paragraphs' must be a list"),
+    (lambda f: _train(str(f / "number-context.json")), "paragraphs[0]: 'context' must be a string"),
+    (lambda f: _train(str(f / "null-question.json")), "qas[0]: 'question' must be a string"),
+    (lambda f: _train(str(f / "string-answers.json")), "'answers' must be a list"),
+    (lambda f: _train("generated:abc"), "whole numbers"),
+    (lambda f: ["validate", "missing-checkpoint", "--data", str(f / "one-article.json")], "split of"),
+    # settings: every field checked against its type and range, named in the message
+    (lambda f: _train("generated", "--set", "quantize=maybe"), "quantize must be true or false"),
+    (lambda f: _train("generated", "--set", "num_slots=abc"), "num_slots must be a whole number"),
+    (lambda f: _train("generated", "--set", "num_slots=2.5"), "num_slots must be a whole number"),
+    (lambda f: _train("generated", "--set", "codebook_size=1073741824"), "codebook_size must be between 2 and 65536"),
+    (lambda f: _train("generated", "--set", "lora_dropout=2"), "lora_dropout must be between 0 and 1"),
+    (lambda f: _train("generated", "--set", "beta=-5"), "beta must be at least 0"),
+    (lambda f: _train("generated", "--set", "codebook_metric=dot"), "codebook_metric must be one of"),
+    (lambda f: _train("generated", "--set", "num_slots"), "overrides take KEY=VALUE"),
+    (lambda f: _train("generated", "--set", "no_such=1"), "unknown setting 'no_such'"),
+    (lambda f: _train("generated", "--train-set", "learning_rate=abc"), "learning_rate must be a number"),
+    (lambda f: _train("generated", "--train-set", "learning_rate=nan"), "learning_rate must be a finite number"),
+    (lambda f: _train("generated", "--train-set", "batch_size=0"), "batch_size must be at least 1"),
+    (lambda f: _train("generated", "--train-set", "mixed_precision=foo"), "mixed_precision must be one of"),
+    (lambda f: _train("generated", "--train-set", "no_such=1"), "unknown setting 'no_such'"),
+    (lambda f: _train("generated", "--train-set", "warmup_ratio=2"), "warmup_ratio must be between 0 and 1"),
+    (lambda f: _train("generated", "--preset", "nope"), "unknown preset 'nope'"),
+    (lambda f: ["info", "--config", str(f / "missing-config.json")], "cannot read config"),
+    (lambda f: ["info", "--config", str(f / "list-config.json")], "must be a JSON object"),
+    # flags
+    (lambda f: _train("generated", "--first-documents", "-1"), USAGE),
+    (lambda f: _train("generated", "--first-documents", "0"), USAGE),
+    (lambda f: ["train", "--max-steps", "0"], USAGE),
+    (lambda f: ["train", "--max-minutes", "-1"], USAGE),
+    (lambda f: ["validate", "ckpt", "--questions", "0"], USAGE),
+    (lambda f: ["validate", "ckpt", "--questions", "-1"], USAGE),
+    (lambda f: ["eval", "ckpt", "--documents", "0"], USAGE),
+    (lambda f: ["eval", "ckpt", "--documents", "-1"], USAGE),
+    (lambda f: ["eval", "ckpt", "--retention-every", "0"], USAGE),
+    (lambda f: ["eval", "ckpt", "--bm25-top-k", "0"], USAGE),
+    (lambda f: ["run", "--documents", "0"], USAGE),
+    (lambda f: ["run", "--train-minutes", "-1"], USAGE),
+    # checked before the checkpoint (missing here) is even looked at
+    (lambda f: ["eval", "missing-checkpoint", "--decoding", "foo"], "decoding must be one of"),
+    (lambda f: ["eval", "missing-checkpoint", "--methods", "mbc,foo"], "unknown method 'foo'"),
+    (lambda f: ["eval", "missing-checkpoint", "--output", str(f / "a-file")], "cannot use"),
+    (lambda f: ["eval", "missing-checkpoint", "--split", "nope"], "unknown split 'nope'"),
+    (lambda f: ["validate", "missing-checkpoint", "--output", str(f / "a-file" / "s.json")], "cannot use"),
+    (lambda f: ["validate", "missing-checkpoint"], "not an MBC checkpoint"),
+]
+
+
+@pytest.mark.parametrize("arguments, message", CASES)
+def test_bad_input_gets_one_clear_line(files, arguments, message):
+    result = runner.invoke(app, arguments(files))
+    if message == USAGE:
+        assert result.exit_code == 2 and USAGE in result.output, result.output
+        return
+    assert isinstance(result.exception, MBCError), repr(result.exception)
+    text = str(result.exception)
+    assert message in text and "\n" not in text, text
+
+
+def test_the_command_prints_one_line_and_exits_2():
+    result = subprocess.run(
+        [sys.executable, "-m", "mbc.cli", "train", "--data", "no-such-file.json"], capture_output=True, text=True
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1:] == ["error: data file no-such-file.json does not exist"]
+    assert "Traceback" not in result.stderr
+
+
+def test_boolean_settings_read_as_booleans(files):
+    from mbc.config import MBCConfig
+    from mbc.settings import parse_overrides
+
+    values = parse_overrides(MBCConfig, {}, ["quantize=False", "prefix_layers=null", "lora_alpha=16"])
+    assert values == {"quantize": False, "prefix_layers": None, "lora_alpha": 16.0}
+    with pytest.raises(MBCError, match="quantize must be true or false, got 'False' \\(str\\)"):
+        MBCConfig(quantize="False")  # the Python API takes no strings for booleans either
