@@ -138,3 +138,107 @@ def test_boolean_settings_read_as_booleans(files):
     assert values == {"quantize": False, "prefix_layers": None, "lora_alpha": 16.0}
     with pytest.raises(MBCError, match="quantize must be true or false, got 'False' \\(str\\)"):
         MBCConfig(quantize="False")  # the Python API takes no strings for booleans either
+
+
+# ---- the Python API: the same standard ---------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def api(tiny_paths, tmp_path_factory):
+    from conftest import tiny_config
+
+    from mbc.memory.bank import BankLayout, MemoryBank
+    from mbc.model import MBCModel
+
+    folder = tmp_path_factory.mktemp("api")
+    mbc = MBCModel.build(tiny_config(tiny_paths)).eval()
+    mac = MBCModel.build(tiny_config(tiny_paths, quantize=False)).eval()
+    return {
+        "mbc": mbc,
+        "mac": mac,
+        "bank": MemoryBank.open(folder / "mbc.db", BankLayout.of(mbc)),
+        "mac_bank": MemoryBank.open(folder / "mac.db", BankLayout.of(mac)),
+        "folder": folder,
+    }
+
+
+def _entries(count, value=0):
+    import numpy as np
+
+    return np.full((count, 4, 1), value)
+
+
+def _config(tiny_paths, **changes):
+    from conftest import tiny_config
+
+    return lambda: tiny_config(tiny_paths, **changes)
+
+
+API_CASES = [
+    (lambda a, p: a["bank"].add(["x"], _entries(1, 3.7)), "code indices must be whole numbers"),
+    (lambda a, p: a["bank"].add(["x"], _entries(1, -1)), "must not be negative"),
+    (lambda a, p: a["bank"].add(["x"], _entries(1), [["a list"]]), "metadata must be a dict"),
+    (lambda a, p: a["bank"].add([""], _entries(1)), "must not be empty"),
+    (lambda a, p: a["bank"].add([5], _entries(1)), "must be strings"),
+    (
+        lambda a, p: a["mac_bank"].add(["x"], _entries(1, float("nan")).repeat(a["mac"].layout.hidden_size, 2)),
+        "NaN or infinite",
+    ),
+    (lambda a, p: _ingest(a, "one document, not a list"), "list of strings"),
+    (lambda a, p: _ingest(a, [None]), "item 0 is NoneType"),
+    (lambda a, p: _ingest(a, ["   "]), "must not be empty"),
+    (lambda a, p: _ask(a, [""]), "questions must not be empty"),
+    (lambda a, p: _ask(a, [None]), "questions must be strings"),
+    (lambda a, p: _config(p, prompt_template="{question} {x}")(), "prompt_template may hold only"),
+    (lambda a, p: _config(p, prompt_template="{question} {")(), "prompt_template may hold only"),
+    (lambda a, p: _build(p, max_document_tokens=30000), "window of 256 tokens"),
+    (lambda a, p: _build(p, prefix_layers=1000), "the base LLM has only 3 layers"),
+    (lambda a, p: _eval(a, a["mac"], None), "the MBC model given has quantize=false"),
+    (lambda a, p: _eval(a, a["mbc"], a["mbc"]), "the MAC model given has quantize=true"),
+    (lambda a, p: _train_into(p, a["folder"] / "mbc.db"), "cannot use"),
+]
+
+
+def _ingest(api, texts):
+    from mbc.memory.ingest import ingest
+
+    return ingest(api["mbc"], api["bank"], texts)
+
+
+def _ask(api, questions):
+    from mbc.memory.readers import answer_from_bank, reader_for
+
+    api["bank"].add(["stored so that the bank is not empty"], _entries(1, 2)) if not len(api["bank"]) else None
+    return answer_from_bank(api["mbc"], reader_for(api["mbc"], api["bank"]), questions)
+
+
+def _build(paths, **changes):
+    from mbc.model import MBCModel
+
+    return MBCModel.build(_config(paths, **changes)())
+
+
+def _eval(api, mbc, mac):
+    from mbc.data.generated import generate_examples
+    from mbc.evaluation.online import EvalConfig, run_eval
+
+    return run_eval(mbc, generate_examples(10)[:6], [], api["folder"] / "eval", EvalConfig(methods=["mbc"]), mac)
+
+
+def _train_into(paths, output):
+    from mbc.data.generated import generate_examples
+    from mbc.training.trainer import TrainConfig, train
+
+    rows = generate_examples(10)
+    return train(_config(paths)(), TrainConfig(output_dir=str(output), batch_size=2, max_steps=1), rows, rows)
+
+
+@pytest.mark.parametrize("call, message", API_CASES)
+def test_bad_api_input_gets_one_clear_line(api, tiny_paths, call, message):
+    with pytest.raises(MBCError) as error:
+        call(api, tiny_paths)
+    assert message in str(error.value) and "\n" not in str(error.value), str(error.value)
+
+
+def test_no_questions_get_no_answers(api):
+    assert _ask(api, []) == []

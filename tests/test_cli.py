@@ -23,6 +23,8 @@ def _tiny_sets(paths):
         "retrieval_top_k": 1,
         "retrieval_subspaces": 4,
         "retrieval_codes": 4,
+        "max_document_tokens": 96,  # the tiny encoders' window is 256
+        "max_question_tokens": 48,
     }
     return [arg for key, value in values.items() for arg in ("--set", f"{key}={value}")]
 

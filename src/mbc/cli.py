@@ -148,9 +148,9 @@ def validate(
     """Score a trained checkpoint on a held-out split against the base LLM with no adaptation."""
     from mbc import data as qa_data
     from mbc.evaluation.baselines import FEW_SHOT_TEMPLATE, evaluate_base_llm
-    from mbc.evaluation.online import writable_folder
     from mbc.evaluation.validation import evaluate
     from mbc.model import MBCModel
+    from mbc.paths import writable_folder
 
     if output:
         writable_folder(output.parent)
@@ -240,7 +240,8 @@ def evaluate_online(
     and the baselines (base LLM raw / with worked examples / with the gold document / with BM25,
     MBC with a bank of unrelated documents), with sizes, times and retention."""
     from mbc import data as qa_data
-    from mbc.evaluation.online import ALL_METHODS, EvalConfig, run_eval, writable_folder
+    from mbc.evaluation.online import ALL_METHODS, EvalConfig, run_eval
+    from mbc.paths import writable_folder
 
     # Everything that can be checked is checked before the models load and the scoring starts.
     # Method names hold ", " themselves ("mbc, unrelated bank"): only a comma not followed by a space separates.

@@ -85,6 +85,12 @@ class MBCConfig:
             raise MBCError("codebook_metric 'cosine' works with one codebook stage only (a residual has no fixed norm)")
         if "{question}" not in self.prompt_template:
             raise MBCError("prompt_template must contain '{question}'")
+        try:
+            self.prompt_template.format(question="")
+        except (KeyError, IndexError, ValueError) as error:
+            raise MBCError(
+                f"prompt_template may hold only the field {{question}} (write {{{{ and }}}} for braces): {error!r}"
+            ) from None
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -3,3 +3,15 @@
 
 class MBCError(Exception):
     """A problem with the user's input, models or files, with a message that names the fix."""
+
+
+def check_texts(texts, what: str) -> list[str]:
+    """``texts`` as a list of non-empty strings (documents, questions), or one line saying which is not."""
+    if isinstance(texts, str) or not isinstance(texts, (list, tuple)):
+        raise MBCError(f"{what} must be given as a list of strings, got {type(texts).__name__}")
+    for index, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise MBCError(f"{what} must be strings: item {index} is {type(text).__name__}")
+        if not text.strip():
+            raise MBCError(f"{what} must not be empty: item {index} is {text!r}")
+    return list(texts)

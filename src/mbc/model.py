@@ -78,6 +78,12 @@ class MBCModel(nn.Module):
         for name, layers in (("prefix_layers", self.prefix_layers), ("lora_layers", config.lora_layers)):
             if layers > self.layout.num_layers:
                 raise MBCError(f"{name}={layers} but the base LLM has only {self.layout.num_layers} layers")
+        for name, encoder in (("max_document_tokens", document_encoder), ("max_question_tokens", question_encoder)):
+            window = getattr(encoder.model.config, "max_position_embeddings", None)  # None: relative positions (T5)
+            if window and getattr(config, name) > window:
+                raise MBCError(
+                    f"{name}={getattr(config, name)} is more than {encoder.name}'s window of {window} tokens"
+                )
         if self.tokenizer.eos_token_id is None:
             raise MBCError(f"the tokenizer of '{llm.name}' has no EOS token, which answers must end with")
 

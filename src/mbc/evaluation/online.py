@@ -17,7 +17,6 @@ every further ``retention_every`` documents streamed; F1 relative to the first a
 from __future__ import annotations
 
 import json
-import os
 import resource
 import sys
 import time
@@ -45,6 +44,7 @@ from mbc.memory.ingest import ingest
 from mbc.memory.readers import RetrievalReader, answer_from_bank, reader_for
 from mbc.model import MBCModel
 from mbc.network.decoding import STRATEGIES, DecodingConfig
+from mbc.paths import writable_folder
 from mbc.settings import Range, check
 
 ALL_METHODS = (
@@ -91,18 +91,6 @@ class MethodResult:
     bytes_per_document: float
     answer_ms_per_question: float
     adapt_ms_per_document: float | None = None  # methods that stream documents into a bank
-
-
-def writable_folder(path: str | Path) -> Path:
-    """``path`` as a folder that exists and can be written, checked before any work is done."""
-    path = Path(path)
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise MBCError(f"cannot use {path} as the output folder: {error.strerror}") from error
-    if not os.access(path, os.W_OK):
-        raise MBCError(f"cannot write into the output folder {path}")
-    return path
 
 
 def peak_memory_gb() -> float:
@@ -239,6 +227,12 @@ def run_eval(
     from mbc.evaluation.plots import plot_bank_size, plot_retention
 
     config = config or EvalConfig()
+    if not mbc.config.quantize:
+        raise MBCError("the MBC model given has quantize=false: it is a MAC model (give it as the MAC checkpoint)")
+    if mac is not None and mac.config.quantize:
+        raise MBCError(
+            "the MAC model given has quantize=true: it is an MBC model; a MAC checkpoint is trained with quantize=false"
+        )
     if not rows:
         raise MBCError("no questions to evaluate: the split (or --documents) selects none")
     if "mbc, unrelated bank" in config.methods and not unrelated_documents:

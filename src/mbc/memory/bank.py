@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mbc.errors import MBCError
+from mbc.errors import MBCError, check_texts
 from mbc.memory.codecs import CodeFormat, FloatFormat
 from mbc.memory.packing import pack_indices, unpack_indices
 
@@ -326,8 +326,7 @@ class MemoryBank:
                 f"add() got {len(texts)} texts, {len(entries)} entries, {len(key_list)} keys "
                 f"and {len(metadata)} metadata records"
             )
-        if not all(isinstance(text, str) for text in texts):
-            raise MBCError("add() takes the documents' texts as strings")
+        check_texts(texts, "add()'s documents")
         blobs = [self.layout.encode(np.asarray(entry)) for entry in entries]  # every check before the first write
         key_blobs = [self.layout.encode_key(key) for key in key_list]
         notes = [self._metadata_json(m) for m in metadata]
@@ -388,6 +387,8 @@ class MemoryBank:
 
     @staticmethod
     def _metadata_json(record: dict) -> str:
+        if not isinstance(record, dict):
+            raise MBCError(f"each document's metadata must be a dict, got {type(record).__name__}")
         try:
             return json.dumps(record, sort_keys=True)
         except (TypeError, ValueError) as error:

@@ -128,6 +128,8 @@ class FloatFormat:
         self.bytes = num_slots * dim * 4
 
     def to_bytes(self, entry: np.ndarray) -> bytes:
+        if not np.all(np.isfinite(entry)):
+            raise MBCError("a MAC entry holds NaN or infinite values: the model that made it has diverged")
         return np.ascontiguousarray(entry, dtype="<f4").tobytes()
 
     def from_bytes(self, blob: bytes) -> np.ndarray:

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
+from mbc.errors import MBCError, check_texts
 from mbc.memory.bank import MemoryBank, content_hash
 from mbc.model import MBCModel
 
@@ -32,7 +33,10 @@ def ingest(
     progress: bool = False,
 ) -> IngestReport:
     """Compress and append the texts the bank does not hold yet; a batch is stored atomically."""
+    texts = check_texts(texts, "documents")
     metadata = metadata if metadata is not None else [{} for _ in texts]
+    if len(metadata) != len(texts):
+        raise MBCError(f"ingest() got {len(texts)} documents and {len(metadata)} metadata records")
     hashes = [content_hash(t) for t in texts]
     ids = bank.ids_of_hashes(hashes)  # content hash -> id, filled in as batches are stored
     fresh, seen = [], set(ids)

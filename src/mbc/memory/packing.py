@@ -33,7 +33,12 @@ def packed_size(count: int, num_codes: int) -> int:
 
 def pack_indices(indices: np.ndarray, num_codes: int) -> bytes:
     """Flatten ``indices`` and pack each into bits_for(num_codes) bits (little-endian bit order)."""
-    flat = np.asarray(indices).reshape(-1).astype(np.uint64)
+    given = np.asarray(indices).reshape(-1)
+    if given.dtype.kind not in "iu" and not (given.dtype.kind == "f" and np.all(given == np.floor(given))):
+        raise MBCError(f"code indices must be whole numbers, got {given.dtype} values such as {given[:3].tolist()}")
+    if given.size and given.min() < 0:
+        raise MBCError(f"code indices must not be negative, got {int(given.min())}")
+    flat = given.astype(np.uint64)
     if flat.size and int(flat.max()) >= num_codes:
         raise MBCError(f"index {int(flat.max())} is out of range for a codebook of {num_codes} codes")
     bits = bits_for(num_codes)

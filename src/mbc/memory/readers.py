@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import torch
 
-from mbc.errors import MBCError
+from mbc.errors import MBCError, check_texts
 from mbc.memory.bank import MemoryBank
 from mbc.model import MBCModel
 from mbc.network.decoding import DecodingConfig
@@ -199,4 +199,6 @@ def answer_from_bank(
     model: MBCModel, reader: Reader, questions: list[str], decoding: DecodingConfig | None = None
 ) -> list[str]:
     """Answer each question from the bank the reader reads."""
+    if not check_texts(questions, "questions"):
+        return []
     return model.generate_answers(questions, model.prefix(reader.modulation(questions)), decoding)

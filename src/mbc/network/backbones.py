@@ -90,7 +90,7 @@ def _load(loader, name: str, **kwargs):
     except (OSError, ValueError) as error:  # ValueError: a folder without a recognisable config
         where = "a local folder" if Path(source).exists() else "a Hugging Face hub id"
         raise MBCError(
-            f"could not load '{name}' as {where}: {error}\n"
+            f"could not load '{name}' as {where}: {str(error).strip().splitlines()[0]} "
             f"No model hub is reachable offline. Use {BUNDLED_LLM} / {BUNDLED_ENCODER}, or point to a local "
             "folder holding config.json, the weights and the tokenizer."
         ) from error

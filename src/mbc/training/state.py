@@ -74,8 +74,7 @@ def load_training_state(folder: Path, optimizer, scheduler) -> dict:
 
     except (KeyError, ValueError, TypeError, RuntimeError, SyntaxError) as error:
         raise MBCError(
-            f"the training state in {folder} does not fit this run ({type(error).__name__}: {error}); "
-            "train into a new --output folder, or pass --train-set resume=false to start over"
+            f"the training state in {folder} does not fit this run ({type(error).__name__}: {error})"
         ) from error
 
 

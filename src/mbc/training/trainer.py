@@ -36,6 +36,7 @@ from mbc.data import QAExample
 from mbc.errors import MBCError
 from mbc.evaluation.validation import evaluate
 from mbc.model import MBCModel
+from mbc.paths import writable_folder
 from mbc.settings import Range, check
 from mbc.training.allocator import keep_large_allocations_on_mmap
 from mbc.training.objectives import StepObjective
@@ -180,7 +181,7 @@ def run_identity(model_config: MBCConfig, config: TrainConfig, rows: list[QAExam
     return json.loads(json.dumps(identity))  # as it reads back from the saved JSON
 
 
-def _check_same_run(folder: Path, saved: dict | None, current: dict) -> None:
+def _check_same_run(saved: dict | None, current: dict) -> None:
     if saved is None:  # saved before runs recorded what they were
         return
     differing = [
@@ -193,9 +194,8 @@ def _check_same_run(folder: Path, saved: dict | None, current: dict) -> None:
         differing.append("other training rows")
     if differing:
         raise MBCError(
-            f"{folder} holds a run with other settings (saved -> now): {'; '.join(differing[:6])}. "
-            "Continue it with the same settings and data, train into a new --output folder, "
-            "or pass --train-set resume=false to start over"
+            f"it holds a run with other settings (saved -> now): {'; '.join(differing[:6])}; "
+            "continue it with the same settings and data"
         )
 
 
@@ -270,7 +270,7 @@ def train(
     out = Path(config.output_dir)
     main = accelerator.is_main_process
     if main:
-        out.mkdir(parents=True, exist_ok=True)
+        writable_folder(out)
         (out / "run_config.json").write_text(
             json.dumps({"model": model_config.to_dict(), "train": asdict(config)}, indent=2)
         )
@@ -300,9 +300,15 @@ def train(
     last = out / "last"
     identity = run_identity(model_config, config, train_rows)
     if config.resume and has_training_state(last):
-        _check_same_run(last, saved_progress(last).get("identity"), identity)
-        model.load_trainable_state(last)
-        progress = load_training_state(last, optimizer, scheduler)
+        try:
+            _check_same_run(saved_progress(last).get("identity"), identity)
+            model.load_trainable_state(last)
+            progress = load_training_state(last, optimizer, scheduler)
+        except MBCError as error:
+            raise MBCError(
+                f"cannot resume from {last}: {error}. Train into a new --output folder, "
+                "or pass --train-set resume=false to start over"
+            ) from error
         accelerator.print(f"resumed from {last} at step {progress['step']}")
     progress["identity"] = identity
     if model.retrieval_keys is not None and not bool(model.retrieval_keys.fitted):
