@@ -191,12 +191,16 @@ def test_a_format_1_bank_is_upgraded_on_opening(tmp_path):
 # ---- several writers, stale objects, foreign and damaged files -------------------------------------
 
 APPENDER = """
-import sys, numpy as np
+import sys, time, numpy as np
+from pathlib import Path
 from mbc.memory.bank import BankLayout, MemoryBank
 layout = BankLayout("mbc", num_slots=4, stages=2, codebook_size=512, dim=8, fingerprint="abc")
-name, batches = sys.argv[2], int(sys.argv[3])
+name, batches, go = sys.argv[2], int(sys.argv[3]), Path(sys.argv[4])
 rng = np.random.default_rng(abs(hash(name)) % 1000)
 with MemoryBank.open(sys.argv[1], layout) as bank:
+    print("open", flush=True)
+    while not go.exists():  # both writers hold the bank open before either writes
+        time.sleep(0.01)
     for i in range(batches):
         # few distinct codes, so both writers touch the same counts
         bank.add([f"{name} {i} {j}" for j in range(5)], rng.integers(0, 4, (5, 4, 2)).astype(np.uint16))
@@ -217,9 +221,13 @@ def _stored_counts_agree_with_rows(path) -> tuple[int, int]:
 def test_two_processes_appending_keep_the_code_counts_right(tmp_path):
     path = tmp_path / "bank.db"
     MemoryBank.open(path, LAYOUT).close()
+    go = tmp_path / "go"
     writers = [
-        subprocess.Popen([sys.executable, "-c", APPENDER, str(path), name, "60"]) for name in ("first", "second")
+        subprocess.Popen([sys.executable, "-c", APPENDER, str(path), name, "60", str(go)], stdout=subprocess.PIPE)
+        for name in ("first", "second")
     ]
+    assert [w.stdout.readline() for w in writers] == [b"open\n"] * 2
+    go.touch()
     assert [w.wait(timeout=120) for w in writers] == [0, 0]
     rows, vectors = _stored_counts_agree_with_rows(path)
     assert rows == 2 * 60 * 5 and vectors == rows * 4
