@@ -32,6 +32,7 @@ from mbc.network.amortization import AmortizationNetwork, SlotNorm
 from mbc.network.backbones import Backbone
 from mbc.network.codebook import ResidualQuantizer, fingerprint
 from mbc.network.decoding import DecodingConfig, generate
+from mbc.network.frozen_llm import first_adapted_layer, lower_hidden, upper_hidden
 from mbc.network.llm_layout import describe_llm
 from mbc.network.lora import add_kv_lora
 from mbc.network.prefix import PrefixExpansion, enable_prefix_attention, prefix_in
@@ -78,6 +79,7 @@ class MBCModel(nn.Module):
         for name, layers in (("prefix_layers", self.prefix_layers), ("lora_layers", config.lora_layers)):
             if layers > self.layout.num_layers:
                 raise MBCError(f"{name}={layers} but the base LLM has only {self.layout.num_layers} layers")
+        self.first_adapted_layer = first_adapted_layer(self.layout, self.prefix_layers, config.lora_layers)
         for name, encoder in (("max_document_tokens", document_encoder), ("max_question_tokens", question_encoder)):
             window = getattr(encoder.model.config, "max_position_embeddings", None)  # None: relative positions (T5)
             if window and getattr(config, name) > window:
@@ -201,13 +203,17 @@ class MBCModel(nn.Module):
             self.tokenizer.eos_token_id
         ]
 
+    def training_row(self, question: str, answer: str) -> tuple[list[int], list[int]]:
+        """Prompt + answer + EOS token ids, and labels: IGNORE everywhere but the answer tokens."""
+        prompt, target = self.prompt_ids(question), self.answer_ids(answer)
+        return prompt + target, [IGNORE] * len(prompt) + target
+
     def training_inputs(self, questions: list[str], answers: list[str]):
-        """Prompt + answer + EOS, right-padded; labels are IGNORE everywhere but the answer tokens."""
-        prompts = [self.prompt_ids(q) for q in questions]
-        targets = [self.answer_ids(a) for a in answers]
-        ids = pad([p + t for p, t in zip(prompts, targets)], self.tokenizer.pad_token_id)
-        labels = pad([[IGNORE] * len(p) + t for p, t in zip(prompts, targets)], IGNORE)
-        mask = pad([[1] * (len(p) + len(t)) for p, t in zip(prompts, targets)], 0)
+        """``training_row`` of each question and answer, right-padded: ids, attention mask, labels."""
+        rows = [self.training_row(q, a) for q, a in zip(questions, answers)]
+        ids = pad([i for i, _ in rows], self.tokenizer.pad_token_id)
+        labels = pad([label for _, label in rows], IGNORE)
+        mask = pad([[1] * len(i) for i, _ in rows], 0)
         return ids.to(self.device), mask.to(self.device), labels.to(self.device)
 
     # ---- the pieces ------------------------------------------------------------------------
@@ -307,6 +313,22 @@ class MBCModel(nn.Module):
         ids, mask, labels = self.training_inputs(questions, answers)
         with prefix_in(self.layout, prefix):
             hidden = self.llm.base_model(input_ids=ids, attention_mask=mask).last_hidden_state
+        return self._answer_loss(hidden, labels)
+
+    @torch.no_grad()
+    def lower_hidden(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Training rows' ids [B, T] -> the hidden state entering the first layer with a prefix or KV-LoRA,
+        which depends on the tokens alone (network/frozen_llm.py)."""
+        return lower_hidden(self.llm, self.layout, ids, mask, self.first_adapted_layer)
+
+    def qa_loss_from_lower(self, lower: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor, prefix) -> torch.Tensor:
+        """``qa_loss`` from ``lower_hidden`` of its rows, kept from an earlier step: only the layers
+        that carry a prefix or KV-LoRA run."""
+        with prefix_in(self.layout, prefix):
+            hidden = upper_hidden(self.llm, self.layout, lower, mask, self.first_adapted_layer)
+        return self._answer_loss(hidden, labels)
+
+    def _answer_loss(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         targets = labels[:, 1:]
         predicted = targets != IGNORE
         logits = self.llm.get_output_embeddings()(hidden[:, :-1][predicted]).float()

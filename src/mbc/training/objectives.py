@@ -22,6 +22,7 @@ from torch import nn
 
 from mbc.errors import MBCError
 from mbc.model import IGNORE, MBCModel, pad
+from mbc.training.activations import LowerLayerCache
 from mbc.training.schedule import OBJECTIVES, PROBE_TOKENS, Step
 
 READING_PATH = ("amortization.", "question_network.", "quantizer.", "aggregator.")  # what the probe trains
@@ -37,9 +38,11 @@ class StepOutput:
 
 
 class StepObjective(nn.Module):
-    def __init__(self, model: MBCModel):
+    def __init__(self, model: MBCModel, lower_cache: LowerLayerCache | None = None):
+        """``lower_cache``: keep the frozen LLM layers' hidden states per row (activations.py)."""
         super().__init__()
         self.model = model
+        self.lower_cache = lower_cache if lower_cache is not None and lower_cache.enabled else None
 
     def forward(
         self, documents: list[str], questions: list[str], answers: list[str], own: list[int], step: Step = Step()
@@ -62,7 +65,11 @@ class StepObjective(nn.Module):
         if step.objective == "probe":
             probe_loss = answer_probe_loss(model, modulation, answers, step.probe_tokens) + _rest_in_graph(model)
             return StepOutput(probe_loss + vq_term, probe_loss.new_zeros(()), vq_loss, memory.perplexity, probe_loss)
-        qa_loss = model.qa_loss(questions, answers, model.prefix(modulation))
+        if self.lower_cache is not None:
+            lower = self.lower_cache.inputs(questions, answers)
+            qa_loss = model.qa_loss_from_lower(*lower, model.prefix(modulation))
+        else:
+            qa_loss = model.qa_loss(questions, answers, model.prefix(modulation))
         probe_loss = (
             answer_probe_loss(model, modulation, answers, step.probe_tokens)
             if step.probe_weight > 0

@@ -38,6 +38,7 @@ from mbc.evaluation.validation import evaluate
 from mbc.model import MBCModel
 from mbc.paths import writable_folder
 from mbc.settings import Range, check
+from mbc.training.activations import LowerLayerCache
 from mbc.training.allocator import keep_large_allocations_on_mmap
 from mbc.training.objectives import StepObjective
 from mbc.training.schedule import PROBE_TOKENS, Schedule
@@ -76,6 +77,9 @@ class TrainConfig:
     probe_tokens: str = "first"  # the probe's targets: the answer's "first" token, or "all" (vector k -> token k)
     probe_weight: float = 0.0  # after probe_steps: loss = QA + probe_weight x probe (0 = the QA loss alone)
     mixed_precision: str = "no"  # "no", "bf16", "fp16"
+    # Keep what the frozen LLM layers below the first prefix / KV-LoRA compute per row, for later
+    # epochs (activations.py); off by itself where every layer is adapted.
+    cache_frozen_activations: bool = True
     seed: int = 0
     log_every: int = 10
     eval_every: int = 200  # optimizer steps; validation also runs at the end
@@ -143,6 +147,12 @@ def parameter_groups(model: MBCModel, config: TrainConfig) -> list[dict]:
             kind = "encoder" if ".encoder." in name else "codebook" if name.startswith("quantizer.") else "fresh"
             groups[kind].append(parameter)
     return [{"params": params, "lr": rates[kind]} for kind, params in groups.items() if params]
+
+
+def make_optimizer(model: MBCModel, config: TrainConfig) -> torch.optim.Optimizer:
+    # fused: one kernel over every tensor instead of a loop over 364 of them; on a 2-core CPU the
+    # update of the cpu preset's 92M trainable parameters takes 43 ms instead of 319 (bench/train_step.py).
+    return torch.optim.Adam(parameter_groups(model, config), lr=config.learning_rate, fused=True)
 
 
 def _anywhere(accelerator: Accelerator, *flags: bool) -> list[bool]:
@@ -277,7 +287,7 @@ def train(
 
     model = MBCModel.build(model_config)
     parameters = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam(parameter_groups(model, config), lr=config.learning_rate)
+    optimizer = make_optimizer(model, config)
     world = accelerator.num_processes
     batches_per_epoch = len(_batches(train_rows, config.batch_size, config.seed, 0)) // world
     total_steps = config.max_steps or max(1, config.epochs * batches_per_epoch // config.grad_accumulation)
@@ -314,7 +324,8 @@ def train(
     if model.retrieval_keys is not None and not bool(model.retrieval_keys.fitted):
         # Every process fits the same centroids: same documents, same seed.
         model.fit_retrieval_keys(train_documents)
-    objective, optimizer = accelerator.prepare(StepObjective(model), optimizer)
+    lower_cache = LowerLayerCache(model) if config.cache_frozen_activations else None
+    objective, optimizer = accelerator.prepare(StepObjective(model, lower_cache), optimizer)
     log = MetricsLog(out / "metrics.jsonl", accelerator)
 
     def validate_and_save() -> dict:
