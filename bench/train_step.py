@@ -1,14 +1,19 @@
-"""Seconds per training step and peak memory, CPU preset and DistilGPT2 preset, side by side.
+"""Training examples per second and peak memory, CPU preset and DistilGPT2 preset, with and
+without what training keeps of frozen work, side by side.
 
-    .venv/bin/python bench/train_step.py [--batch 4] [--steps 5] [--data PATH]
+    .venv/bin/python bench/train_step.py [--batch 8] [--batches 6] [--data PATH]
 
-Each preset runs in its own subprocess so that its peak resident memory (ru_maxrss) is its own.
-The DistilGPT2 preset uses a DistilGPT2-shaped GPT-2 (6 layers, 768 wide, 12 heads) and two
-t5-small-shaped T5 encoders (6+6 layers, 512 wide) at random weights (speed does not depend on the
-weights), with the SmolLM2 and MiniLM tokenizers standing in for GPT-2's and T5's. A step is
-forward + backward + Adam update on one batch of SQuAD rows (the shared open subset when present,
-else generated documents). The reference implementation, measured on this machine at the
-DistilGPT2 preset and batch 4: 49 s per forward+backward, 11.1 GB peak (the authors' code measured on this machine, issue 4).
+Each variant runs in its own subprocess so that its peak resident memory (ru_maxrss) is its own,
+through the trainer's own step (StepObjective, the trainer's optimizer, the schedule's QA step):
+- ``before``: Adam's per-tensor loop, every layer of the frozen LLM run in every step (the code of 2026-12-01);
+- ``fused Adam``: the trainer's optimizer, nothing cached;
+- ``fused Adam + cache``: also the frozen LLM layers' hidden states per row (training/activations.py),
+  timed over a second epoch of the same batches (the first fills the cache, as epoch 1 of a run does).
+Every variant times the same ``--batches`` batches after one untimed warm-up batch. The DistilGPT2
+preset puts a prefix in every layer, so nothing lies below it to cache. It uses a DistilGPT2-shaped
+GPT-2 and two t5-small-shaped T5 encoders at random weights (bench/shapes.py). The reference
+implementation, measured on this machine at the DistilGPT2 preset and batch 4: 49 s per
+forward+backward, 11.1 GB peak (the authors' code measured on this machine, issue 4).
 """
 
 from __future__ import annotations
@@ -42,88 +47,104 @@ def _cpu_preset_model():
     return MBCModel.build(MBCConfig(**preset("cpu")["model"]))
 
 
-def measure(
-    name: str, batch: int, steps: int, data: str | None, backbones: str | None, glibc_default: bool = False
-) -> dict:
+VARIANTS = ("before", "fused Adam", "fused Adam + cache")
+
+
+def measure(name: str, variant: str, batch: int, batches: int, data: str | None, backbones: str | None) -> dict:
     import torch
 
+    from mbc.training.activations import LowerLayerCache
     from mbc.training.allocator import keep_large_allocations_on_mmap
+    from mbc.training.objectives import StepObjective
     from mbc.training.presets import preset
+    from mbc.training.schedule import Step
+    from mbc.training.trainer import TrainConfig, make_optimizer, parameter_groups
 
-    if preset(name)["train"].get("return_freed_memory") and not glibc_default:
+    train = TrainConfig(**preset(name)["train"])
+    if train.return_freed_memory:
         keep_large_allocations_on_mmap()  # as mbc.train does for this preset
     torch.manual_seed(0)
     model = (_cpu_preset_model() if name == "cpu" else distilgpt2_shaped_model(Path(backbones))).train()
-    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-5)
-    spec, rows = _rows(data, batch * (steps + 1))
-    times = []
-    for step in range(steps + 1):  # the first step warms up (allocations, one-off setup) and is not timed
-        chunk = rows[step * batch : (step + 1) * batch]
+    if model.retrieval_keys is not None:
+        # centroids need as many documents as codes; with top-1 a training step reads each row's own document
+        model.fit_retrieval_keys([f"document {i}" for i in range(model.config.retrieval_codes)])
+    if variant == "before":
+        optimizer = torch.optim.Adam(parameter_groups(model, train), lr=train.learning_rate)
+    else:
+        optimizer = make_optimizer(model, train)
+    cache = LowerLayerCache(model) if variant.endswith("cache") else None
+    objective = StepObjective(model, cache)
+    spec, rows = _rows(data, batch * (batches + 1))
+    chunks = [rows[i * batch : (i + 1) * batch] for i in range(batches + 1)]
+
+    def step(chunk) -> float:
         start = time.perf_counter()
         documents = list(dict.fromkeys(r.document for r in chunk))
-        out = model(
-            documents,
-            [r.question for r in chunk],
-            [r.answers[0] for r in chunk],
-            question_documents=[documents.index(r.document) for r in chunk],
-        )
+        own = [documents.index(r.document) for r in chunk]
+        out = objective(documents, [r.question for r in chunk], [r.answers[0] for r in chunk], own, Step())
         out.loss.backward()
         optimizer.step()
         optimizer.zero_grad()
-        times.append(time.perf_counter() - start)
+        return time.perf_counter() - start
+
+    epochs = 2 if cache is not None else 1
+    for _ in range(epochs - 1):
+        for chunk in chunks:
+            step(chunk)
+    step(chunks[0])  # warm-up: allocations, one-off setup
+    seconds = sum(step(chunk) for chunk in chunks[1:])
     counts = model.parameter_counts()
+    cached = cache.bytes / max(len(cache.rows), 1) if cache is not None and cache.enabled else None
     return {
-        "preset": name + (" (glibc default allocator)" if glibc_default else ""),
+        "preset": name,
+        "variant": variant + ("" if cache is None or cache.enabled else " (nothing to cache)"),
         "batch": batch,
         "data": spec,
-        "seconds_per_step": sum(times[1:]) / steps,
+        "examples_per_second": batch * batches / seconds,
+        "seconds_per_step": seconds / batches,
         "peak_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2,
+        "cache_bytes_per_row": cached,
         "trainable_parameters": counts["trainable"],
-        "frozen_parameters": counts["frozen"],
     }
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--batches", type=int, default=6)
     parser.add_argument("--data", default=None)
-    parser.add_argument("--only", default=None, help=argparse.SUPPRESS)  # internal: run one preset in this process
+    parser.add_argument("--only", nargs=2, default=None, help=argparse.SUPPRESS)  # internal: one preset and variant
     parser.add_argument("--backbones", default=None, help=argparse.SUPPRESS)  # internal: the random backbones' folder
-    parser.add_argument(
-        "--glibc-default", action="store_true", help=argparse.SUPPRESS
-    )  # internal: leave malloc's threshold alone
     args = parser.parse_args()
     if args.only:
-        print(json.dumps(measure(args.only, args.batch, args.steps, args.data, args.backbones, args.glibc_default)))
+        print(json.dumps(measure(*args.only, args.batch, args.batches, args.data, args.backbones)))
         return
     backbones = save_distilgpt2_shaped_backbones()
     results = []
-    # The last run shows what mbc.allocator saves: the same preset with glibc's default threshold.
-    for name, glibc_default in (("cpu", False), ("distilgpt2", False), ("distilgpt2", True)):
-        command = [
-            sys.executable,
-            __file__,
-            "--only",
-            name,
-            "--batch",
-            str(args.batch),
-            "--steps",
-            str(args.steps),
-            "--backbones",
-            str(backbones),
-        ] + (["--glibc-default"] if glibc_default else [])
-        if args.data:
-            command += ["--data", args.data]
-        output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
-        results.append(json.loads(output.strip().splitlines()[-1]))
-    print(f"{'preset':<44}{'batch':>6}{'s/step':>10}{'peak GB':>10}{'trainable':>14}   vs reference (49 s, 11.1 GB)")
+    for name in ("cpu", "distilgpt2"):
+        for variant in VARIANTS:
+            command = [sys.executable, __file__, "--only", name, variant, "--batch", str(args.batch)]
+            command += ["--batches", str(args.batches), "--backbones", str(backbones)]
+            if args.data:
+                command += ["--data", args.data]
+            output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+            results.append(json.loads(output.strip().splitlines()[-1]))
+    print(
+        f"{'preset':<12}{'variant':<34}{'batch':>6}{'ex/s':>8}{'s/step':>8}{'vs before':>11}{'peak GB':>9}{'KB/row':>8}"
+    )
     for r in results:
+        before = next(b for b in results if b["preset"] == r["preset"] and b["variant"] == "before")
+        per_row = f"{r['cache_bytes_per_row'] / 1024:.0f}" if r["cache_bytes_per_row"] else "-"
         print(
-            f"{r['preset']:<44}{r['batch']:>6}{r['seconds_per_step']:>10.2f}{r['peak_gb']:>10.2f}{r['trainable_parameters']:>14,}"
-            f"   {REFERENCE['seconds'] / r['seconds_per_step']:.1f}x faster, "
-            f"{r['peak_gb'] / REFERENCE['peak_gb']:.0%} of its memory"
+            f"{r['preset']:<12}{r['variant']:<34}{r['batch']:>6}{r['examples_per_second']:>8.2f}"
+            f"{r['seconds_per_step']:>8.2f}{r['examples_per_second'] / before['examples_per_second']:>10.2f}x"
+            f"{r['peak_gb']:>9.2f}{per_row:>8}"
         )
+    distil = [r for r in results if r["preset"] == "distilgpt2"]
+    best = min(r["seconds_per_step"] for r in distil)
+    print(
+        f"distilgpt2 at batch {args.batch}: {best:.2f} s per step; the reference: {REFERENCE['seconds']:.0f} s at batch 4"
+    )
     print(f"data: {results[0]['data']}")
 
 

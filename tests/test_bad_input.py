@@ -99,7 +99,7 @@ CASES = [
     (lambda f: ["eval", "ckpt", "--retention-every", "0"], USAGE),
     (lambda f: ["eval", "ckpt", "--bm25-top-k", "0"], USAGE),
     (lambda f: ["run", "--documents", "0"], USAGE),
-    (lambda f: ["run", "--train-minutes", "-1"], USAGE),
+    (lambda f: ["run", "--steps", "0"], USAGE),
     # checked before the checkpoint (missing here) is even looked at
     (lambda f: ["eval", "missing-checkpoint", "--decoding", "foo"], "decoding must be one of"),
     (lambda f: ["eval", "missing-checkpoint", "--methods", "mbc,foo"], "unknown method 'foo'"),

@@ -194,7 +194,7 @@ def validate(
 @app.command()
 def run(
     output: Path = typer.Option(Path("runs/main"), help="folder for the evaluation's outputs"),
-    train_minutes: float = typer.Option(9.5, min=0, help="training time for each of MBC and MAC (when not cached)"),
+    steps: int = typer.Option(650, min=1, help="training steps of each of MBC and MAC (when not cached)"),
     documents: int = typer.Option(50, min=1, help="held-out generated documents streamed into the banks"),
     retention_every: int = typer.Option(25, min=1, help="documents per retention step"),
 ):
@@ -203,7 +203,7 @@ def run(
     from mbc.pipeline import MainJobConfig, run_main_job
 
     job = MainJobConfig(
-        train_minutes=train_minutes, documents=documents, retention_every=retention_every, output=str(output)
+        max_steps=steps, documents=documents, retention_every=retention_every, output=str(output)
     )
     _print_summary(run_main_job(job), output)
 
