@@ -8,7 +8,9 @@ through the trainer's own step (StepObjective, the trainer's optimizer, the sche
 - ``before``: Adam's per-tensor loop, every layer of the frozen LLM run in every step (the code of 2026-12-01);
 - ``fused Adam``: the trainer's optimizer, nothing cached;
 - ``fused Adam + cache``: also the frozen LLM layers' hidden states per row (training/activations.py),
-  timed over a second epoch of the same batches (the first fills the cache, as epoch 1 of a run does).
+  timed over a second epoch of the same batches (the first fills the cache, as epoch 1 of a run does);
+- ``..., encoders' top 2 train``: and only the top 2 of each encoder's layers train
+  (``encoder_trained_layers=2``, a different recipe), the layers below kept per text.
 Every variant times the same ``--batches`` batches after one untimed warm-up batch. The DistilGPT2
 preset puts a prefix in every layer, so nothing lies below it to cache. It uses a DistilGPT2-shaped
 GPT-2 and two t5-small-shaped T5 encoders at random weights (bench/shapes.py). The reference
@@ -40,20 +42,21 @@ def _rows(data: str | None, count: int):
     return spec, rows[:: max(1, len(rows) // (count * 50))][: count * 50]
 
 
-def _cpu_preset_model():
+def _cpu_preset_model(**overrides):
     from mbc import MBCConfig, MBCModel
     from mbc.training.presets import preset
 
-    return MBCModel.build(MBCConfig(**preset("cpu")["model"]))
+    return MBCModel.build(MBCConfig(**{**preset("cpu")["model"], **overrides}))
 
 
-VARIANTS = ("before", "fused Adam", "fused Adam + cache")
+TOP_LAYERS = 2  # of the encoders' 6 (MiniLM) in the last variant
+VARIANTS = ("before", "fused Adam", "fused Adam + cache", f"fused Adam + cache, encoders' top {TOP_LAYERS} train")
 
 
 def measure(name: str, variant: str, batch: int, batches: int, data: str | None, backbones: str | None) -> dict:
     import torch
 
-    from mbc.training.activations import LowerLayerCache
+    from mbc.training.activations import FrozenActivations
     from mbc.training.allocator import keep_large_allocations_on_mmap
     from mbc.training.objectives import StepObjective
     from mbc.training.presets import preset
@@ -64,7 +67,10 @@ def measure(name: str, variant: str, batch: int, batches: int, data: str | None,
     if train.return_freed_memory:
         keep_large_allocations_on_mmap()  # as mbc.train does for this preset
     torch.manual_seed(0)
-    model = (_cpu_preset_model() if name == "cpu" else distilgpt2_shaped_model(Path(backbones))).train()
+    overrides = {"encoder_trained_layers": TOP_LAYERS} if "top" in variant else {}
+    model = (
+        _cpu_preset_model(**overrides) if name == "cpu" else distilgpt2_shaped_model(Path(backbones), **overrides)
+    ).train()
     if model.retrieval_keys is not None:
         # centroids need as many documents as codes; with top-1 a training step reads each row's own document
         model.fit_retrieval_keys([f"document {i}" for i in range(model.config.retrieval_codes)])
@@ -72,7 +78,7 @@ def measure(name: str, variant: str, batch: int, batches: int, data: str | None,
         optimizer = torch.optim.Adam(parameter_groups(model, train), lr=train.learning_rate)
     else:
         optimizer = make_optimizer(model, train)
-    cache = LowerLayerCache(model) if variant.endswith("cache") else None
+    cache = FrozenActivations(model) if "cache" in variant else None
     objective = StepObjective(model, cache)
     spec, rows = _rows(data, batch * (batches + 1))
     chunks = [rows[i * batch : (i + 1) * batch] for i in range(batches + 1)]
@@ -94,10 +100,11 @@ def measure(name: str, variant: str, batch: int, batches: int, data: str | None,
     step(chunks[0])  # warm-up: allocations, one-off setup
     seconds = sum(step(chunk) for chunk in chunks[1:])
     counts = model.parameter_counts()
-    cached = cache.bytes / max(len(cache.rows), 1) if cache is not None and cache.enabled else None
+    sizes = cache.sizes() if cache is not None else {}
+    cached = {part: size / max(rows, 1) for part, (rows, size) in sizes.items()}
     return {
         "preset": name,
-        "variant": variant + ("" if cache is None or cache.enabled else " (nothing to cache)"),
+        "variant": variant + ("" if cache is None or cache.enabled else " (nothing below to keep)"),
         "batch": batch,
         "data": spec,
         "examples_per_second": batch * batches / seconds,
@@ -130,15 +137,15 @@ def main():
             output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
             results.append(json.loads(output.strip().splitlines()[-1]))
     print(
-        f"{'preset':<12}{'variant':<34}{'batch':>6}{'ex/s':>8}{'s/step':>8}{'vs before':>11}{'peak GB':>9}{'KB/row':>8}"
+        f"{'preset':<12}{'variant':<46}{'batch':>6}{'ex/s':>8}{'s/step':>8}{'vs before':>11}{'peak GB':>9}  kept per row / text"
     )
     for r in results:
         before = next(b for b in results if b["preset"] == r["preset"] and b["variant"] == "before")
-        per_row = f"{r['cache_bytes_per_row'] / 1024:.0f}" if r["cache_bytes_per_row"] else "-"
+        kept = ", ".join(f"{part} {size / 1024:.0f} KB" for part, size in r["cache_bytes_per_row"].items()) or "-"
         print(
-            f"{r['preset']:<12}{r['variant']:<34}{r['batch']:>6}{r['examples_per_second']:>8.2f}"
+            f"{r['preset']:<12}{r['variant']:<46}{r['batch']:>6}{r['examples_per_second']:>8.2f}"
             f"{r['seconds_per_step']:>8.2f}{r['examples_per_second'] / before['examples_per_second']:>10.2f}x"
-            f"{r['peak_gb']:>9.2f}{per_row:>8}"
+            f"{r['peak_gb']:>9.2f}  {kept}"
         )
     distil = [r for r in results if r["preset"] == "distilgpt2"]
     best = min(r["seconds_per_step"] for r in distil)

@@ -202,9 +202,7 @@ def run(
     stream held-out documents into durable banks, evaluate every method, print the table, write plots."""
     from mbc.pipeline import MainJobConfig, run_main_job
 
-    job = MainJobConfig(
-        max_steps=steps, documents=documents, retention_every=retention_every, output=str(output)
-    )
+    job = MainJobConfig(max_steps=steps, documents=documents, retention_every=retention_every, output=str(output))
     _print_summary(run_main_job(job), output)
 
 

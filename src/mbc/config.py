@@ -27,6 +27,9 @@ class MBCConfig:
         None  # "nf4": load the base LLM in 4-bit NF4 (bitsandbytes, GPU), as the reference does for Llama-2
     )
     train_encoders: bool = True  # the reference fine-tunes its T5 encoders
+    # With train_encoders: only the top N layers of each encoder train, their embeddings and lower
+    # layers stay frozen (and training keeps what those make of each text). None: all of it (the reference).
+    encoder_trained_layers: int | None = None
     reader_blocks: int = 2  # cross-attention blocks reading an encoder-only backbone (unused for T5)
 
     # Amortization and question networks
@@ -114,6 +117,7 @@ class MBCConfig:
 LIMITS = {
     "llm_quantization": (None, "nf4"),
     "reader_blocks": Range(1, 64),
+    "encoder_trained_layers": Range(0, None),
     "num_slots": Range(1, 1024),
     "max_document_tokens": Range(1, 32768),
     "max_question_tokens": Range(1, 32768),

@@ -103,6 +103,7 @@ class MBCModel(nn.Module):
             config.reader_blocks,
             config.train_encoders,
             output_norm=norms[0],
+            trained_layers=config.encoder_trained_layers,
         )
         self.question_network = AmortizationNetwork(
             question_encoder.model,
@@ -111,6 +112,7 @@ class MBCModel(nn.Module):
             config.reader_blocks,
             config.train_encoders,
             output_norm=norms[1],
+            trained_layers=config.encoder_trained_layers,
         )
         # MBC stores code indices (the codebook, network/codebook.py), MAC (quantize=False) the float
         # vectors; the codec (memory/codecs.py) is the one place that tells them apart.
@@ -217,16 +219,18 @@ class MBCModel(nn.Module):
         return ids.to(self.device), mask.to(self.device), labels.to(self.device)
 
     # ---- the pieces ------------------------------------------------------------------------
+    def document_tokens(self, documents: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._encode_text(self.document_tokenizer, documents, self.config.max_document_tokens)
+
+    def question_tokens(self, questions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._encode_text(self.question_tokenizer, questions, self.config.max_question_tokens)
+
     def amortize(self, documents: list[str]) -> torch.Tensor:
         """Documents -> context vectors [N, K, dim] (before quantization)."""
-        return self.amortization(
-            *self._encode_text(self.document_tokenizer, documents, self.config.max_document_tokens)
-        )
+        return self.amortization(*self.document_tokens(documents))
 
     def queries(self, questions: list[str]) -> torch.Tensor:
-        return self.question_network(
-            *self._encode_text(self.question_tokenizer, questions, self.config.max_question_tokens)
-        )
+        return self.question_network(*self.question_tokens(questions))
 
     def modulation(
         self,
@@ -282,19 +286,22 @@ class MBCModel(nn.Module):
         memory: torch.Tensor,
         question_documents: list[int] | None = None,
         visible: torch.Tensor | None = None,
+        queries: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Each question's modulation from a training batch's bank ``memory`` [N, K, dim]. With
         retrieval keys a question reads its own document and the k - 1 others of the batch its key
         scores highest, as answering from a bank will; otherwise the whole batch bank, or the part
-        ``visible`` [questions, N * K] lets it see."""
+        ``visible`` [questions, N * K] lets it see. ``queries``: the questions' ``queries`` where
+        the caller has them."""
+        queries = self.queries(questions) if queries is None else queries
         if self.retrieval_keys is not None:
             if question_documents is None:
                 raise MBCError(
                     "training with retrieval_top_k > 0 needs question_documents (each question's own document)"
                 )
             chosen = self._training_reads(questions, documents, question_documents)
-            return self.read_documents(self.queries(questions), memory[chosen])
-        return self.aggregator(self.queries(questions), memory.reshape(1, -1, memory.shape[-1]), memory_mask=visible)
+            return self.read_documents(queries, memory[chosen])
+        return self.aggregator(queries, memory.reshape(1, -1, memory.shape[-1]), memory_mask=visible)
 
     def _training_reads(self, questions: list[str], documents: list[str], own: list[int]) -> torch.Tensor:
         """[B, k] batch documents each question reads: its own first, then the best-keyed others."""

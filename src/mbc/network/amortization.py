@@ -25,13 +25,32 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from transformers.masking_utils import create_bidirectional_mask
 
+from mbc.errors import MBCError
 from mbc.network.layers import CrossAttentionBlock, SlotMLP
 
 
 def encoder_width(encoder: nn.Module) -> int:
     config = encoder.config
     return getattr(config, "d_model", None) or config.hidden_size
+
+
+def _embeddings_and_layers(encoder: nn.Module) -> tuple[nn.Module, nn.ModuleList]:
+    if getattr(encoder.config, "is_encoder_decoder", False):  # T5: its encoder stack (the decoder reads the queries)
+        return encoder.shared, encoder.encoder.block
+    return encoder.embeddings, encoder.encoder.layer  # the BERT family
+
+
+def freeze_below_top(encoder: nn.Module, trained_layers: int) -> list[nn.Module]:
+    """Freeze the embeddings and every layer but the top ``trained_layers``; returns the frozen modules."""
+    embeddings, layers = _embeddings_and_layers(encoder)
+    if trained_layers > len(layers):
+        raise MBCError(f"encoder_trained_layers={trained_layers} but the encoder has only {len(layers)} layers")
+    frozen = [embeddings, *layers[: len(layers) - trained_layers]]
+    for module in frozen:
+        module.requires_grad_(False)
+    return frozen
 
 
 class SlotNorm(nn.Module):
@@ -77,7 +96,9 @@ class AmortizationNetwork(nn.Module):
         reader_blocks: int = 2,
         train_encoder: bool = True,
         output_norm: str | None = None,
+        trained_layers: int | None = None,
     ):
+        """``trained_layers``: with ``train_encoder``, only the encoder's top N layers train (None: all of it)."""
         super().__init__()
         self.encoder = encoder
         if getattr(encoder, "pooler", None) is not None:
@@ -85,6 +106,9 @@ class AmortizationNetwork(nn.Module):
             # parameter in the loss, which distributed training requires.
             encoder.pooler = None
         self.encoder.requires_grad_(train_encoder)
+        # Frozen modules run without dropout, so that what they make of a text depends on the text alone.
+        self._frozen = freeze_below_top(encoder, trained_layers) if train_encoder and trained_layers is not None else []
+        self.frozen_layers = max(len(self._frozen) - 1, 0)
         width = encoder_width(encoder)
         self.queries = nn.Parameter(torch.randn(num_slots, width) * 0.02)
         self.is_encoder_decoder = bool(getattr(encoder.config, "is_encoder_decoder", False))
@@ -102,6 +126,12 @@ class AmortizationNetwork(nn.Module):
         self.slot_norm = SlotNorm(num_slots, out_dim) if output_norm == "slot" else None
         self.layer_norm = nn.LayerNorm(out_dim) if output_norm == "layer" else None
 
+    def train(self, mode: bool = True):
+        super().train(mode)
+        for module in self._frozen:
+            module.eval()
+        return self
+
     def read(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """The K query slots after reading the text: [batch, K, encoder width]."""
         queries = self.queries.expand(input_ids.shape[0], -1, -1)
@@ -111,14 +141,47 @@ class AmortizationNetwork(nn.Module):
                 inputs_embeds=queries, encoder_hidden_states=encoded, encoder_attention_mask=attention_mask
             ).last_hidden_state
         encoded = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        slots, mask = queries, attention_mask.bool()
+        return self._read_encoded(encoded, attention_mask)
+
+    def _read_encoded(self, encoded: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        slots, mask = self.queries.expand(encoded.shape[0], -1, -1), attention_mask.bool()
         for block in self.reader:
             slots = block(slots, encoded, memory_mask=mask)
         return slots
 
+    # ---- in two parts: what the frozen lower layers make of a text, kept by training (activations.py)
+    @property
+    def splits(self) -> bool:
+        """Whether the frozen lower layers can run apart (a BERT-family encoder with some of them frozen)."""
+        return self.frozen_layers > 0 and not self.is_encoder_decoder
+
+    def _bidirectional(self, hidden: torch.Tensor, attention_mask: torch.Tensor):
+        return create_bidirectional_mask(
+            config=self.encoder.config, inputs_embeds=hidden, attention_mask=attention_mask
+        )
+
+    @torch.no_grad()
+    def lower(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Token ids [batch, T] -> the hidden state entering the first trained layer [batch, T, width]."""
+        hidden = self.encoder.embeddings(input_ids=input_ids)
+        mask = self._bidirectional(hidden, attention_mask)
+        for layer in self.encoder.encoder.layer[: self.frozen_layers]:
+            hidden = layer(hidden, mask)
+        return hidden
+
+    def forward_from_lower(self, lower: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """``forward`` from ``lower`` of the same text."""
+        hidden, mask = lower, self._bidirectional(lower, attention_mask)
+        for layer in self.encoder.encoder.layer[self.frozen_layers :]:
+            hidden = layer(hidden, mask)
+        return self._output(self._read_encoded(hidden, attention_mask))
+
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Token ids [batch, T] -> context vectors [batch, K, out_dim]."""
-        vectors = self.slot_mlp(self.read(input_ids, attention_mask))
+        return self._output(self.read(input_ids, attention_mask))
+
+    def _output(self, slots: torch.Tensor) -> torch.Tensor:
+        vectors = self.slot_mlp(slots)
         if self.slot_norm is not None:
             return self.slot_norm(vectors)
         return vectors if self.layer_norm is None else self.layer_norm(vectors)

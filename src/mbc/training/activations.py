@@ -1,10 +1,14 @@
 """Frozen work done once: what a training step would otherwise recompute every epoch.
 
-``LowerLayerCache`` keeps, per training row, the hidden state the frozen LLM brings to its first
-layer with a prefix or KV-LoRA (network/frozen_llm.py). It depends on the row's tokens alone, so
-it is keyed by them: computed the first time a row is trained on, in the same step, and reused in
-every later epoch, when only the adapted layers run. Where every layer is adapted (the paper's
-presets: a prefix in each layer) there is nothing below to keep, and the cache is off.
+``FrozenActivations`` keeps, computed the first time training meets a row or a text and reused in
+every later epoch:
+- per training row (prompt + answer tokens), the hidden state the frozen LLM brings to its first
+  layer with a prefix or KV-LoRA (network/frozen_llm.py); only the adapted layers then run;
+- per document and per question, with ``encoder_trained_layers`` set, the hidden state the
+  encoder's frozen lower layers bring to its first trained one (network/amortization.py).
+Each depends on its tokens alone (frozen weights, no dropout), so each is keyed by them. Where
+nothing lies below (a prefix in every LLM layer, as in the paper's presets; an encoder trained
+whole or a T5 encoder), that part is off and the step computes as without it.
 """
 
 from __future__ import annotations
@@ -14,40 +18,79 @@ import torch
 from mbc.model import IGNORE, MBCModel, pad
 
 
-class LowerLayerCache:
-    def __init__(self, model: MBCModel):
-        self.model = model
-        self.rows: dict[tuple[int, ...], torch.Tensor] = {}  # token ids -> hidden [T, d]
+class _RowCache:
+    """Token ids -> a frozen part's hidden state [T, d] for them, computed in batches of what is missing."""
 
-    @property
-    def enabled(self) -> bool:
-        return self.model.first_adapted_layer > 0
+    def __init__(self, compute):
+        self.compute, self.rows = compute, {}
+
+    def padded(self, keys: list[tuple[int, ...]], device) -> torch.Tensor:
+        """The hidden states of ``keys``, right-padded with zeros (padding is never attended to) [B, T, d]."""
+        missing = [k for k in dict.fromkeys(keys) if k not in self.rows]
+        if missing:
+            ids = pad([list(k) for k in missing], 0).to(device)
+            hidden = self.compute(ids, _mask(missing).to(device))
+            for i, key in enumerate(missing):
+                self.rows[key] = hidden[i, : len(key)].clone()
+        rows = [self.rows[k] for k in keys]
+        out = rows[0].new_zeros(len(rows), max(len(r) for r in rows), rows[0].shape[-1])
+        for i, row in enumerate(rows):
+            out[i, : len(row)] = row
+        return out
 
     @property
     def bytes(self) -> int:
         return sum(h.numel() * h.element_size() for h in self.rows.values())
 
-    def inputs(self, questions: list[str], answers: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """For ``model.qa_loss_from_lower``: the rows' lower hidden states [B, T, d], right-padded with
-        zeros (padding is never attended to), their attention mask and labels."""
+
+def _mask(keys: list[tuple[int, ...]]) -> torch.Tensor:
+    return pad([[1] * len(k) for k in keys], 0)
+
+
+def _token_keys(ids: torch.Tensor, mask: torch.Tensor) -> list[tuple[int, ...]]:
+    return [tuple(row[: int(m.sum())].tolist()) for row, m in zip(ids, mask)]
+
+
+class FrozenActivations:
+    def __init__(self, model: MBCModel):
+        self.model = model
+        self.llm = _RowCache(model.lower_hidden) if model.first_adapted_layer > 0 else None
+        self.documents = _RowCache(model.amortization.lower) if model.amortization.splits else None
+        self.questions = _RowCache(model.question_network.lower) if model.question_network.splits else None
+
+    @property
+    def enabled(self) -> bool:
+        return any(part is not None for part in (self.llm, self.documents, self.questions))
+
+    def sizes(self) -> dict[str, tuple[int, int]]:
+        """Per part: (rows kept, bytes)."""
+        parts = {"llm": self.llm, "documents": self.documents, "questions": self.questions}
+        return {name: (len(part.rows), part.bytes) for name, part in parts.items() if part is not None}
+
+    def qa_loss(self, questions: list[str], answers: list[str], prefix) -> torch.Tensor:
+        """``model.qa_loss``, running only the LLM layers that carry a prefix or KV-LoRA."""
+        if self.llm is None:
+            return self.model.qa_loss(questions, answers, prefix)
         rows = [self.model.training_row(q, a) for q, a in zip(questions, answers)]
         keys = [tuple(ids) for ids, _ in rows]
-        self._compute([k for k in dict.fromkeys(keys) if k not in self.rows])
-        hidden = [self.rows[k] for k in keys]
-        width = max(len(k) for k in keys)
-        lower = hidden[0].new_zeros(len(keys), width, hidden[0].shape[-1])
-        for i, h in enumerate(hidden):
-            lower[i, : len(h)] = h
-        mask = pad([[1] * len(k) for k in keys], 0)
-        labels = pad([label for _, label in rows], IGNORE)
-        return lower, mask.to(lower.device), labels.to(lower.device)
+        lower = self.llm.padded(keys, self.model.device)
+        labels = pad([label for _, label in rows], IGNORE).to(lower.device)
+        return self.model.qa_loss_from_lower(lower, _mask(keys).to(lower.device), labels, prefix)
 
-    def _compute(self, missing: list[tuple[int, ...]]) -> None:
-        if not missing:
-            return
-        device = self.model.device
-        ids = pad([list(k) for k in missing], self.model.tokenizer.pad_token_id).to(device)
-        mask = pad([[1] * len(k) for k in missing], 0).to(device)
-        hidden = self.model.lower_hidden(ids, mask)
-        for i, key in enumerate(missing):
-            self.rows[key] = hidden[i, : len(key)].clone()
+    def amortize(self, documents: list[str]) -> torch.Tensor:
+        """``model.amortize``, running only the encoder's trained layers."""
+        if self.documents is None:
+            return self.model.amortize(documents)
+        return self._from_lower(self.model.amortization, self.documents, self.model.document_tokens(documents))
+
+    def queries(self, questions: list[str]) -> torch.Tensor:
+        """``model.queries``, running only the question encoder's trained layers."""
+        if self.questions is None:
+            return self.model.queries(questions)
+        return self._from_lower(self.model.question_network, self.questions, self.model.question_tokens(questions))
+
+    @staticmethod
+    def _from_lower(network, cache: _RowCache, tokens) -> torch.Tensor:
+        keys = _token_keys(*tokens)
+        lower = cache.padded(keys, tokens[0].device)
+        return network.forward_from_lower(lower, _mask(keys).to(lower.device))

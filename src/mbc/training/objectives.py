@@ -22,7 +22,7 @@ from torch import nn
 
 from mbc.errors import MBCError
 from mbc.model import IGNORE, MBCModel, pad
-from mbc.training.activations import LowerLayerCache
+from mbc.training.activations import FrozenActivations
 from mbc.training.schedule import OBJECTIVES, PROBE_TOKENS, Step
 
 READING_PATH = ("amortization.", "question_network.", "quantizer.", "aggregator.")  # what the probe trains
@@ -38,11 +38,11 @@ class StepOutput:
 
 
 class StepObjective(nn.Module):
-    def __init__(self, model: MBCModel, lower_cache: LowerLayerCache | None = None):
-        """``lower_cache``: keep the frozen LLM layers' hidden states per row (activations.py)."""
+    def __init__(self, model: MBCModel, frozen: FrozenActivations | None = None):
+        """``frozen``: what the frozen layers make of each row and text, kept (activations.py)."""
         super().__init__()
         self.model = model
-        self.lower_cache = lower_cache if lower_cache is not None and lower_cache.enabled else None
+        self.frozen = frozen if frozen is not None and frozen.enabled else None
 
     def forward(
         self, documents: list[str], questions: list[str], answers: list[str], own: list[int], step: Step = Step()
@@ -52,7 +52,8 @@ class StepObjective(nn.Module):
         if step.objective not in OBJECTIVES:
             raise MBCError(f"objective must be one of {OBJECTIVES}, got {step.objective!r}")
         model = self.model
-        contexts = amortize_some_with_grad(model, documents, step.backprop_keep)
+        frozen = self.frozen
+        contexts = amortize_some_with_grad(frozen.amortize if frozen else model.amortize, documents, step.backprop_keep)
         memory = model.codec.training_memory(contexts)
         vectors, vq_loss = memory.vectors, memory.vq_loss
         if step.float_memory:  # the codebook stays in the graph (every process must use every parameter)
@@ -60,16 +61,13 @@ class StepObjective(nn.Module):
         visible = None
         if model.retrieval_keys is None and step.bank_size is not None and step.bank_size < len(documents):
             visible = bank_mask(own, len(documents), step.bank_size, model.config.num_slots).to(model.device)
-        modulation = model.training_modulation(questions, documents, vectors, own, visible)
+        queries = frozen.queries(questions) if frozen else None
+        modulation = model.training_modulation(questions, documents, vectors, own, visible, queries)
         vq_term = model.config.vq_weight * vq_loss
         if step.objective == "probe":
             probe_loss = answer_probe_loss(model, modulation, answers, step.probe_tokens) + _rest_in_graph(model)
             return StepOutput(probe_loss + vq_term, probe_loss.new_zeros(()), vq_loss, memory.perplexity, probe_loss)
-        if self.lower_cache is not None:
-            lower = self.lower_cache.inputs(questions, answers)
-            qa_loss = model.qa_loss_from_lower(*lower, model.prefix(modulation))
-        else:
-            qa_loss = model.qa_loss(questions, answers, model.prefix(modulation))
+        qa_loss = (frozen or model).qa_loss(questions, answers, model.prefix(modulation))
         probe_loss = (
             answer_probe_loss(model, modulation, answers, step.probe_tokens)
             if step.probe_weight > 0
@@ -80,16 +78,16 @@ class StepObjective(nn.Module):
         )
 
 
-def amortize_some_with_grad(model: MBCModel, documents: list[str], keep: float) -> torch.Tensor:
-    """The reference's backprop dropout: only ``keep`` of the documents are amortized with
-    gradients, the rest under no_grad, to save memory."""
+def amortize_some_with_grad(amortize, documents: list[str], keep: float) -> torch.Tensor:
+    """The reference's backprop dropout: only ``keep`` of the documents are amortized (by
+    ``amortize``, e.g. ``model.amortize``) with gradients, the rest under no_grad, to save memory."""
     keep_count = max(1, round(keep * len(documents)))
     if keep_count >= len(documents) or not torch.is_grad_enabled():
-        return model.amortize(documents)
+        return amortize(documents)
     order = torch.randperm(len(documents))
-    with_grad = model.amortize([documents[i] for i in order[:keep_count].tolist()])
+    with_grad = amortize([documents[i] for i in order[:keep_count].tolist()])
     with torch.no_grad():
-        without_grad = model.amortize([documents[i] for i in order[keep_count:].tolist()])
+        without_grad = amortize([documents[i] for i in order[keep_count:].tolist()])
     return torch.cat([with_grad, without_grad])[torch.argsort(order)]  # back in the documents' order
 
 

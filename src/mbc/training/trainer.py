@@ -38,7 +38,7 @@ from mbc.evaluation.validation import evaluate
 from mbc.model import MBCModel
 from mbc.paths import writable_folder
 from mbc.settings import Range, check
-from mbc.training.activations import LowerLayerCache
+from mbc.training.activations import FrozenActivations
 from mbc.training.allocator import keep_large_allocations_on_mmap
 from mbc.training.objectives import StepObjective
 from mbc.training.schedule import PROBE_TOKENS, Schedule
@@ -77,8 +77,8 @@ class TrainConfig:
     probe_tokens: str = "first"  # the probe's targets: the answer's "first" token, or "all" (vector k -> token k)
     probe_weight: float = 0.0  # after probe_steps: loss = QA + probe_weight x probe (0 = the QA loss alone)
     mixed_precision: str = "no"  # "no", "bf16", "fp16"
-    # Keep what the frozen LLM layers below the first prefix / KV-LoRA compute per row, for later
-    # epochs (activations.py); off by itself where every layer is adapted.
+    # Keep what frozen layers make of each row and text for later epochs: the LLM's below the first
+    # prefix / KV-LoRA, the encoders' below encoder_trained_layers (activations.py); off where nothing is below.
     cache_frozen_activations: bool = True
     seed: int = 0
     log_every: int = 10
@@ -324,8 +324,8 @@ def train(
     if model.retrieval_keys is not None and not bool(model.retrieval_keys.fitted):
         # Every process fits the same centroids: same documents, same seed.
         model.fit_retrieval_keys(train_documents)
-    lower_cache = LowerLayerCache(model) if config.cache_frozen_activations else None
-    objective, optimizer = accelerator.prepare(StepObjective(model, lower_cache), optimizer)
+    frozen = FrozenActivations(model) if config.cache_frozen_activations else None
+    objective, optimizer = accelerator.prepare(StepObjective(model, frozen), optimizer)
     log = MetricsLog(out / "metrics.jsonl", accelerator)
 
     def validate_and_save() -> dict:
