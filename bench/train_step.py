@@ -1,7 +1,7 @@
 """Training examples per second and peak memory, CPU preset and DistilGPT2 preset, with and
 without what training keeps of frozen work, side by side.
 
-    .venv/bin/python bench/train_step.py [--batch 8] [--batches 6] [--data PATH]
+    .venv/bin/python bench/train_step.py [--batch 8] [--batches 6] [--presets cpu,distilgpt2] [--repeats 1] [--data PATH]
 
 Each variant runs in its own subprocess so that its peak resident memory (ru_maxrss) is its own,
 through the trainer's own step (StepObjective, the trainer's optimizer, the schedule's QA step):
@@ -128,6 +128,8 @@ def main():
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--batches", type=int, default=6)
     parser.add_argument("--data", default=None)
+    parser.add_argument("--presets", default="cpu,distilgpt2", help="comma-separated")
+    parser.add_argument("--repeats", type=int, default=1, help="rounds over every variant, alternating")
     parser.add_argument("--only", nargs=2, default=None, help=argparse.SUPPRESS)  # internal: one preset and variant
     parser.add_argument("--backbones", default=None, help=argparse.SUPPRESS)  # internal: the random backbones' folder
     args = parser.parse_args()
@@ -136,19 +138,19 @@ def main():
         return
     backbones = save_distilgpt2_shaped_backbones()
     results = []
-    for name in ("cpu", "distilgpt2"):
-        for variant in VARIANTS:
-            command = [sys.executable, __file__, "--only", name, variant, "--batch", str(args.batch)]
-            command += ["--batches", str(args.batches), "--backbones", str(backbones)]
-            if args.data:
-                command += ["--data", args.data]
-            output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
-            results.append(json.loads(output.strip().splitlines()[-1]))
+    rounds = [(name, variant) for _ in range(args.repeats) for name in args.presets.split(",") for variant in VARIANTS]
+    for name, variant in rounds:
+        command = [sys.executable, __file__, "--only", name, variant, "--batch", str(args.batch)]
+        command += ["--batches", str(args.batches), "--backbones", str(backbones)]
+        if args.data:
+            command += ["--data", args.data]
+        output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+        results.append(json.loads(output.strip().splitlines()[-1]))
     print(
         f"{'preset':<12}{'variant':<46}{'batch':>6}{'ex/s':>8}{'s/step':>8}{'vs before':>11}{'peak GB':>9}  kept per row / text"
     )
     for r in results:
-        before = next(b for b in results if b["preset"] == r["preset"] and b["variant"] == "before")
+        before = next(b for b in results if b["preset"] == r["preset"] and b["variant"] == "before")  # its first round
         kept = ", ".join(f"{part} {size / 1024:.0f} KB" for part, size in r["cache_bytes_per_row"].items()) or "-"
         print(
             f"{r['preset']:<12}{r['variant']:<46}{r['batch']:>6}{r['examples_per_second']:>8.2f}"
@@ -156,10 +158,11 @@ def main():
             f"{r['peak_gb']:>9.2f}  {kept}"
         )
     distil = [r for r in results if r["preset"] == "distilgpt2"]
-    best = min(r["seconds_per_step"] for r in distil)
-    print(
-        f"distilgpt2 at batch {args.batch}: {best:.2f} s per step; the reference: {REFERENCE['seconds']:.0f} s at batch 4"
-    )
+    if distil:
+        best = min(r["seconds_per_step"] for r in distil)
+        print(
+            f"distilgpt2 at batch {args.batch}: {best:.2f} s/step; the reference: {REFERENCE['seconds']:.0f} s at batch 4"
+        )
     print(f"data: {results[0]['data']}")
 
 
