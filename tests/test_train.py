@@ -20,6 +20,7 @@ from mbc.training.state import saved_progress
 from mbc.training.trainer import TrainConfig, train
 
 VALIDATION_KEYS = {"em", "f1", "lenient_em", "loss"}
+GAP_KEYS = {"gap_em", "gap_f1", "gap_lenient_em", "gap_loss"}  # own documents minus unrelated ones
 KIND_KEYS = {
     f"{metric}_{kind}" for metric in ("em", "f1") for kind in ANSWER_KINDS
 }  # generated data: scores by answer kind
@@ -47,7 +48,7 @@ def _train(tiny_paths, out, model_overrides: dict | None = None, **overrides):
 
 def test_training_writes_metrics_and_checkpoints(tiny_paths, tmp_path):
     metrics = _train(tiny_paths, tmp_path, max_steps=6, eval_every=3, grad_accumulation=2, backprop_keep=0.5)
-    assert VALIDATION_KEYS <= set(metrics) <= VALIDATION_KEYS | KIND_KEYS
+    assert VALIDATION_KEYS | GAP_KEYS <= set(metrics) <= VALIDATION_KEYS | GAP_KEYS | KIND_KEYS
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     train_records = [r for r in records if r["kind"] == "train"]
     assert [r["step"] for r in train_records] == [1, 2, 3, 4, 5, 6]
@@ -74,7 +75,7 @@ def test_training_lowers_the_loss(tiny_paths, tmp_path):
 def test_training_with_retrieval_keys_fits_them_once(tiny_paths, tmp_path):
     keys = dict(retrieval_top_k=2, retrieval_subspaces=4, retrieval_codes=4)
     metrics = _train(tiny_paths, tmp_path, keys, max_steps=2)
-    assert VALIDATION_KEYS <= set(metrics) <= VALIDATION_KEYS | KIND_KEYS
+    assert VALIDATION_KEYS | GAP_KEYS <= set(metrics) <= VALIDATION_KEYS | GAP_KEYS | KIND_KEYS
     first = load_file(tmp_path / "last" / WEIGHTS_NAME)
     assert bool(first["retrieval_keys.fitted"]) and first["retrieval_keys.centroids"].abs().sum() > 0
     _train(tiny_paths, tmp_path, keys, max_steps=4)  # resumed: the centroids come from the checkpoint, not a new fit

@@ -36,6 +36,10 @@ def plot_loss_curve(metrics_path: Path, png_path: Path) -> None:
         loss_ax.plot([r["step"] for r in validation], [r["loss"] for r in validation], "o-", label="validation QA loss")
         score_ax.plot([r["step"] for r in validation], [r["em"] for r in validation], "o-", label="validation EM")
         score_ax.plot([r["step"] for r in validation], [r["f1"] for r in validation], "o-", label="validation F1")
+        gaps = [r for r in validation if "gap_em" in r]
+        if gaps:  # own documents minus unrelated ones: what the memory carries
+            score_ax.plot([r["step"] for r in gaps], [r["gap_em"] for r in gaps], "s--", label="reading gap, EM")
+            score_ax.plot([r["step"] for r in gaps], [r["gap_f1"] for r in gaps], "s--", label="reading gap, F1")
     loss_ax.set_xlabel("optimizer step")
     loss_ax.set_yscale("log")
     loss_ax.legend()

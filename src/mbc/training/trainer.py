@@ -32,7 +32,7 @@ from transformers import get_scheduler
 
 from mbc import checkpoint
 from mbc.config import MBCConfig
-from mbc.data import QAExample
+from mbc.data import QAExample, documents
 from mbc.errors import MBCError
 from mbc.evaluation.validation import evaluate
 from mbc.model import MBCModel
@@ -84,6 +84,7 @@ class TrainConfig:
     log_every: int = 10
     eval_every: int = 200  # optimizer steps; validation also runs at the end
     eval_questions: int | None = 500  # validation questions (all their documents form the bank)
+    validate_control: bool = True  # also validate with a bank of unrelated training documents: the reading gap
     resume: bool = True
     save_every_minutes: float = 5.0  # also save a resumable state this often (wall time), and on SIGINT / SIGTERM
     save_best: bool = True  # also keep best-em / best-f1 / best-loss checkpoints beside last (each a full copy)
@@ -149,6 +150,18 @@ def parameter_groups(model: MBCModel, config: TrainConfig) -> list[dict]:
     return [{"params": params, "lr": rates[kind]} for kind, params in groups.items() if params]
 
 
+def validation_metrics(model: MBCModel, rows: list[QAExample], unrelated: list[str], config: TrainConfig) -> dict:
+    """EM, F1, lenient EM and QA loss on ``rows`` read from their own documents; with
+    ``validate_control``, also the reading gap: each minus the same read from as many ``unrelated``
+    documents (loss: unrelated minus own). The gap is what says the memory is used."""
+    metrics = evaluate(model, rows).metrics
+    if not config.validate_control:
+        return metrics
+    control = evaluate(model, rows, bank_documents=unrelated[: len(documents(rows))]).metrics
+    gaps = {f"gap_{key}": metrics[key] - control[key] for key in ("em", "f1", "lenient_em")}
+    return {**metrics, **gaps, "gap_loss": control["loss"] - metrics["loss"]}
+
+
 def make_optimizer(model: MBCModel, config: TrainConfig) -> torch.optim.Optimizer:
     # fused: one kernel over every tensor instead of a loop over 364 of them; on a 2-core CPU the
     # update of the cpu preset's 92M trainable parameters takes 43 ms instead of 319 (bench/train_step.py).
@@ -171,6 +184,7 @@ RESUMABLE = {
     "eval_every",
     "log_every",
     "eval_questions",
+    "validate_control",
     "resume",
     "save_best",
     "save_every_minutes",
@@ -333,7 +347,7 @@ def train(
         if main:
             rows = validation_rows[: config.eval_questions] if config.eval_questions else validation_rows
             # During the warm start the codebook is not fitted yet: a bank stored through it means nothing.
-            metrics = evaluate(model, rows).metrics if rows and not float_memory else {}
+            metrics = validation_metrics(model, rows, train_documents, config) if rows and not float_memory else {}
             log.write(kind="validation", step=progress["step"], **metrics)
             for key, folder in BEST.items():
                 better = metrics and (
