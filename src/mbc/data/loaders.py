@@ -62,7 +62,7 @@ def _read_text(path: Path) -> str:
 
 
 def _expect(value, kind: type, where: str, what: str):
-    if not isinstance(value, kind) or isinstance(value, bool):
+    if not isinstance(value, kind):
         words = {list: "a list", dict: "an object", str: "a string"}[kind]
         raise MBCError(f"{where}: {what} must be {words}, got {type(value).__name__} ({str(value)[:40]!r})")
     return value

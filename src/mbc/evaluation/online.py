@@ -79,10 +79,10 @@ class EvalConfig:
             },
         )
         unknown = [m for m in self.methods if m not in ALL_METHODS]
-        if unknown or not self.methods:
-            raise MBCError(
-                f"unknown method {unknown[0]!r}; known: {', '.join(ALL_METHODS)}" if unknown else "no methods"
-            )
+        if unknown:
+            raise MBCError(f"unknown method {unknown[0]!r}; known: {', '.join(ALL_METHODS)}")
+        if not self.methods:
+            raise MBCError(f"choose at least one method; known: {', '.join(ALL_METHODS)}")
 
 
 @dataclass

@@ -362,12 +362,11 @@ class MemoryBank:
             self.connection.execute("DELETE FROM documents WHERE id = ?", (document_id,))
             if checksum(row[0], row[1]) == row[2]:
                 self._count(deltas, self.layout.decode(row[0]), -1)
-                self._change_counts(deltas)
             else:  # its damaged bytes cannot say which codes to take away: count the rest again
                 self.connection.execute("DELETE FROM code_counts")
                 for entry in self._rows("entry", None):
                     self._count(deltas, self.layout.decode(entry), +1)
-                self._change_counts(deltas)
+            self._change_counts(deltas)
         self._changes += 1
 
     def _count(self, deltas: dict[int, int], entry: np.ndarray, sign: int) -> None:

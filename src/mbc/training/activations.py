@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from mbc.model import IGNORE, MBCModel, pad
+from mbc.model import MBCModel, pad
 
 
 class _RowCache:
@@ -48,7 +48,8 @@ def _mask(keys: list[tuple[int, ...]]) -> torch.Tensor:
 
 
 def _token_keys(ids: torch.Tensor, mask: torch.Tensor) -> list[tuple[int, ...]]:
-    return [tuple(row[: int(m.sum())].tolist()) for row, m in zip(ids, mask)]
+    """Each row's real tokens, wherever the tokenizer put its padding."""
+    return [tuple(row[m.bool()].tolist()) for row, m in zip(ids, mask)]
 
 
 class FrozenActivations:
@@ -71,11 +72,8 @@ class FrozenActivations:
         """``model.qa_loss``, running only the LLM layers that carry a prefix or KV-LoRA."""
         if self.llm is None:
             return self.model.qa_loss(questions, answers, prefix)
-        rows = [self.model.training_row(q, a) for q, a in zip(questions, answers)]
-        keys = [tuple(ids) for ids, _ in rows]
-        lower = self.llm.padded(keys, self.model.device)
-        labels = pad([label for _, label in rows], IGNORE).to(lower.device)
-        return self.model.qa_loss_from_lower(lower, _mask(keys).to(lower.device), labels, prefix)
+        ids, mask, labels = self.model.training_inputs(questions, answers)  # right-padded, as ``padded`` pads
+        return self.model.qa_loss_from_lower(self.llm.padded(_token_keys(ids, mask), ids.device), mask, labels, prefix)
 
     def amortize(self, documents: list[str]) -> torch.Tensor:
         """``model.amortize``, running only the encoder's trained layers."""
