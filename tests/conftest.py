@@ -142,3 +142,20 @@ DOCUMENTS = [
 ]
 QUESTIONS = ["Who founded the Brellin Observatory?", "Which river flows through Quelmont?"]
 ANSWERS = ["Mira Okafor", "the Tasse"]
+
+
+MORE_DOCUMENTS = [
+    f"Harbour {i} of the {w} coast keeps {i + 2} lighthouses." for i, w in enumerate("old new red far wide".split())
+]
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tiny_paths, tmp_path_factory) -> str:
+    """A saved tiny model with fitted retrieval keys (each question reads its top-1 document), as
+    `mbc ingest`, `mbc ask` and `mbc serve` load one with --model."""
+    torch.manual_seed(0)
+    model = MBCModel.build(tiny_config(tiny_paths, retrieval_top_k=1, retrieval_subspaces=4, retrieval_codes=4))
+    model.fit_retrieval_keys(DOCUMENTS + MORE_DOCUMENTS)
+    folder = tmp_path_factory.mktemp("checkpoint") / "tiny"
+    model.save_pretrained(folder)
+    return str(folder)

@@ -259,6 +259,145 @@ def evaluate_online(
     _print_summary(summary, output)
 
 
+ModelOption = typer.Option(
+    None, "--model", help="a trained checkpoint folder (default: the MBC adapter `mbc run` trained and cached)"
+)
+
+
+@app.command()
+def ingest(
+    bank: Path = typer.Argument(..., help="the bank file (created if missing)"),
+    paths: list[str] = typer.Argument(..., help="text / Markdown files, folders, .jsonl or .csv files, or - (stdin)"),
+    model: Optional[Path] = ModelOption,
+    text_field: str = typer.Option("text", help="the JSON Lines field / CSV column holding each document's text"),
+    stdin_format: str = typer.Option("lines", help="standard input: lines (a document per line) or jsonl"),
+):
+    """Store documents in a bank: each new one compressed to a few bytes, with its source and time.
+    Content already stored is skipped, so the same command run again continues where it stopped."""
+    from tqdm.auto import tqdm
+
+    from mbc.memory.service import bank_stats
+    from mbc.memory.sources import Sources
+
+    sources = Sources(paths, text_field, stdin_format)  # missing paths are named before the model loads
+    service = _open_service(bank, model)
+    start = time.perf_counter()
+    with tqdm(desc="stored", unit="passage") as progress:
+        report = service.add(sources, progress)
+    stats = bank_stats(service.bank)
+    typer.echo(
+        f"{report.documents} documents read as {report.added + report.duplicates} passages: {report.added} added, "
+        f"{report.duplicates} already stored ({time.perf_counter() - start:.1f} s)"
+    )
+    for skipped in sources.skipped:
+        typer.echo(f"skipped {skipped.path}: {skipped.reason}", err=True)
+    _echo_stats(stats)
+
+
+@app.command()
+def ask(
+    bank: Path = typer.Argument(..., help="a bank made by `mbc ingest`"),
+    questions: list[str] = typer.Argument(..., help="one or more questions"),
+    model: Optional[Path] = ModelOption,
+    decoding: str = typer.Option("greedy", help="greedy, beam or diverse_beam"),
+    as_json: bool = typer.Option(False, "--json", help="print the answers as one JSON object"),
+):
+    """Answer questions from what a bank stores, naming the stored documents each one read."""
+    from mbc.memory.bank import MemoryBank
+    from mbc.network.decoding import DecodingConfig
+
+    config = DecodingConfig(decoding)
+    MemoryBank.open_existing(bank).close()  # a missing bank is named before the model loads
+    result = _open_service(bank, model).ask(questions, config)
+    if as_json:
+        typer.echo(json.dumps(result, indent=2))
+        return
+    for item in result["answers"]:
+        typer.echo(f"Q: {item['question']}\nA: {item['answer']}")
+        for document in item["documents"] or []:
+            typer.echo(f"   read document {document['id']}: {_source(document['metadata'])}")
+        if item["documents"] is None:
+            typer.echo("   read the whole bank (this model has no retrieval keys)")
+    typer.echo(f"({result['seconds']:.2f} s for {len(questions)} question{'s' * (len(questions) > 1)})")
+
+
+@app.command("bank")
+def bank_command(
+    bank: Path = typer.Argument(..., help="a bank made by `mbc ingest`"),
+    list_documents: bool = typer.Option(False, "--list", help="list the stored documents"),
+    offset: int = typer.Option(0, min=0, help="with --list: start at this position"),
+    limit: int = typer.Option(50, min=1, help="with --list: at most this many"),
+    show: Optional[int] = typer.Option(None, help="show one stored document: its metadata and stored codes"),
+    delete: list[int] = typer.Option([], help="delete the document with this id (repeatable)"),
+    as_json: bool = typer.Option(False, "--json", help="print as JSON"),
+):
+    """A bank's sizes and documents: list, show and delete them (no model needed)."""
+    from mbc.memory.bank import MemoryBank
+    from mbc.memory.service import bank_stats
+
+    with MemoryBank.open_existing(bank) as opened:
+        for document_id in delete:
+            opened.remove(document_id)
+            typer.echo(f"deleted document {document_id}")
+        if show is not None:
+            shown = {"id": show, "metadata": opened.metadata(show), "entry": opened.entries([show])[0].tolist()}
+            typer.echo(json.dumps(shown, indent=2 if as_json else None))
+        elif list_documents:
+            listed = opened.listing(offset, limit)
+            if as_json:
+                typer.echo(json.dumps(listed, indent=2))
+            for document in [] if as_json else listed:
+                typer.echo(f"{document['id']:>7}  {document['bytes']:>5} B  {_source(document['metadata'])}")
+        elif as_json:
+            typer.echo(json.dumps(bank_stats(opened), indent=2))
+        else:
+            _echo_stats(bank_stats(opened))
+
+
+@app.command()
+def serve(
+    bank: Path = typer.Argument(..., help="the bank file (created if missing)"),
+    model: Optional[Path] = ModelOption,
+    host: str = typer.Option("127.0.0.1", help="address to listen on (0.0.0.0: every interface)"),
+    port: int = typer.Option(8000, min=1, max=65535),
+    token: Optional[str] = typer.Option(
+        None, envvar="MBC_TOKEN", help="every request must carry 'Authorization: Bearer TOKEN' (default: $MBC_TOKEN)"
+    ),
+    max_request_bytes: int = typer.Option(8 * 1024 * 1024, min=1024, help="larger request bodies are refused (413)"),
+):
+    """An HTTP JSON API over a bank: add, ask, list, get and delete documents, statistics, health;
+    OpenAPI docs at /docs."""
+    from mbc.server import serve as run_server
+
+    run_server(str(bank), str(model) if model else None, host, port, token, max_request_bytes)
+
+
+def _open_service(bank: Path, model: Optional[Path]):
+    from mbc.memory.service import MemoryService
+
+    typer.echo("loading the model ...", err=True)
+    return MemoryService.open(bank, model)
+
+
+def _source(metadata: dict) -> str:
+    where = metadata.get("path", "?")
+    for key in ("line", "row"):
+        if key in metadata:
+            where += f":{metadata[key]}"
+    if "passage" in metadata:
+        where += f" (passage {metadata['passage']} of {metadata['passages']})"
+    return f"{where}, added {metadata['added']}" if "added" in metadata else where
+
+
+def _echo_stats(stats: dict) -> None:
+    codebook = f", codebook {stats['codebook_bytes']:,} bytes once" if stats["codebook_bytes"] else ""
+    typer.echo(
+        f"bank {stats['path']}: {stats['documents']:,} documents, {stats['bytes_per_document']:g} bytes per document "
+        f"({stats['stored_bytes']:,} bytes stored{codebook}; MAC's float vectors would take "
+        f"{stats['mac_equivalent_bytes']:,}); file {stats['file_bytes']:,} bytes"
+    )
+
+
 def _split(splits: dict, name: str, data: str) -> list:
     if name not in splits:
         raise MBCError(f"unknown split '{name}'; choose one of {', '.join(splits)}")

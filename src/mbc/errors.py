@@ -5,6 +5,10 @@ class MBCError(Exception):
     """A problem with the user's input, models or files, with a message that names the fix."""
 
 
+class NotFound(MBCError):
+    """What was asked for (a stored document, by id) is not there."""
+
+
 def check_texts(texts, what: str) -> list[str]:
     """``texts`` as a list of non-empty strings (documents, questions), or one line saying which is not."""
     if isinstance(texts, str) or not isinstance(texts, (list, tuple)):

@@ -33,10 +33,8 @@ class MainJobConfig:
     output: str = "runs/main"
 
 
-def _train_or_reuse(
-    name: str, model_config: MBCConfig, train_config: TrainConfig, splits: dict, job: MainJobConfig
-) -> Path:
-    """Train into a cache folder named by a hash of the settings; reuse it when it is complete."""
+def _adapter_folder(name: str, model_config: MBCConfig, train_config: TrainConfig, job: MainJobConfig):
+    """The cache folder of an adapter, named by a hash of every setting that shapes it."""
     settings = {
         "model": model_config.to_dict(),
         "train": asdict(train_config),
@@ -44,7 +42,32 @@ def _train_or_reuse(
         "version": __version__,
     }
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
-    folder = cache_dir() / "trained" / f"{name}-{digest}"
+    return cache_dir() / "trained" / f"{name}-{digest}", settings
+
+
+def _adapter_settings(quantize: bool, job: MainJobConfig) -> tuple[MBCConfig, TrainConfig]:
+    chosen = preset("cpu")
+    model_config = MBCConfig(**{**chosen["model"], "quantize": quantize})
+    # Only `last` is used: no best-* copies (370 MB each) in the cache.
+    train_config = TrainConfig(
+        **{**chosen["train"], "max_steps": job.max_steps, "eval_every": 10**9, "eval_questions": 60, "save_best": False}
+    )
+    return model_config, train_config
+
+
+def cached_adapter(quantize: bool = True, job: MainJobConfig | None = None) -> Path | None:
+    """The checkpoint of the main job's trained MBC (or, quantize=False, MAC) adapter, if `mbc run` made one."""
+    job = job or MainJobConfig()
+    name = "mbc" if quantize else "mac"
+    folder, _ = _adapter_folder(name, *_adapter_settings(quantize, job), job)
+    return folder / "last" if (folder / "done.json").exists() else None
+
+
+def _train_or_reuse(
+    name: str, model_config: MBCConfig, train_config: TrainConfig, splits: dict, job: MainJobConfig
+) -> Path:
+    """Train into the adapter's cache folder; reuse it when it is complete."""
+    folder, settings = _adapter_folder(name, model_config, train_config, job)
     done = folder / "done.json"
     if not done.exists():
         train_config.output_dir = str(folder)
@@ -60,20 +83,9 @@ def run_main_job(job: MainJobConfig | None = None) -> dict:
 
     job = job or MainJobConfig()
     splits = qa_data.load_splits(job.data)
-    chosen = preset("cpu")
     checkpoints = {}
     for name, quantize in (("mbc", True), ("mac", False)):
-        model_config = MBCConfig(**{**chosen["model"], "quantize": quantize})
-        # Only `last` is used: no best-* copies (370 MB each) in the cache.
-        train_config = TrainConfig(
-            **{
-                **chosen["train"],
-                "max_steps": job.max_steps,
-                "eval_every": 10**9,
-                "eval_questions": 60,
-                "save_best": False,
-            }
-        )
+        model_config, train_config = _adapter_settings(quantize, job)
         checkpoints[name] = _train_or_reuse(name, model_config, train_config, splits, job)
     rows = qa_data.first_documents(splits["test"], job.documents)
     mbc = MBCModel.from_pretrained(checkpoints["mbc"]).eval()

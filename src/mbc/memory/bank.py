@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mbc.errors import MBCError, check_texts
+from mbc.errors import MBCError, NotFound, check_texts
 from mbc.memory.codecs import CodeFormat, FloatFormat
 from mbc.memory.packing import pack_indices, unpack_indices
 
@@ -203,6 +203,31 @@ class MemoryBank:
         return bank
 
     @classmethod
+    def open_existing(cls, path: str | Path) -> "MemoryBank":
+        """Open a bank that exists, in the layout stored in it: for listing, sizes and deleting, which
+        need no model (adding and reading do: open those with ``open(path, BankLayout.of(model))``)."""
+        path = Path(path)
+        if not path.is_file():
+            raise MBCError(f"no memory bank at {path}: make one with `mbc ingest {path} FILES...`")
+        if path.open("rb").read(16) != SQLITE_HEADER:
+            raise MBCError(f"{path} is not a memory bank (not an SQLite file)")
+        try:
+            connection = sqlite3.connect(path, timeout=LOCK_TIMEOUT_SECONDS, isolation_level=None)
+            tables = {row[0] for row in connection.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+            if not BANK_TABLES <= tables:
+                connection.close()
+                raise MBCError(f"{path} is an SQLite database but not a memory bank; it was left untouched")
+            stored = dict(connection.execute("SELECT key, value FROM meta").fetchall())
+            connection.close()
+            layout = json.loads(stored["layout"])
+            layout = BankLayout(**{f.name: layout.get(f.name, f.default) for f in fields(BankLayout)})
+        except sqlite3.Error as error:
+            raise MBCError(_explain(path, error)) from error
+        except (KeyError, TypeError, json.JSONDecodeError) as error:
+            raise MBCError(f"{path} is damaged: its stored layout is not readable ({error}); restore it from a copy")
+        return cls.open(path, layout)
+
+    @classmethod
     def in_memory(cls, layout: BankLayout) -> "MemoryBank":
         """A bank that lives only as long as this object (validation reads one, through the same
         readers as a bank on disk)."""
@@ -358,7 +383,7 @@ class MemoryBank:
                 "SELECT entry, retrieval_key, checksum FROM documents WHERE id = ?", (document_id,)
             ).fetchone()
             if row is None:
-                raise MBCError(f"no document with id {document_id} in {self.path}")
+                raise NotFound(f"no document with id {document_id} in {self.path}")
             self.connection.execute("DELETE FROM documents WHERE id = ?", (document_id,))
             if checksum(row[0], row[1]) == row[2]:
                 self._count(deltas, self.layout.decode(row[0]), -1)
@@ -434,7 +459,7 @@ class MemoryBank:
                 found.update((row[0], row) for row in self.connection.execute(query, chunk))
             missing = [i for i in ids if i not in found]
             if missing:
-                raise MBCError(f"no documents with ids {missing[:5]} in {self.path}")
+                raise NotFound(f"no documents with ids {missing[:5]} in {self.path}")
             rows = [found[i] for i in ids]
         damaged = [row[0] for row in rows if checksum(row[2], row[3]) != row[4]]
         if damaged:
@@ -445,10 +470,20 @@ class MemoryBank:
         return [row[1] for row in rows]
 
     @_guarded
+    def listing(self, offset: int = 0, limit: int = 100) -> list[dict]:
+        """Stored documents in id order from ``offset``: id, metadata and stored bytes of each."""
+        rows = self.connection.execute(
+            "SELECT id, metadata, LENGTH(entry) + COALESCE(LENGTH(retrieval_key), 0) FROM documents "
+            "ORDER BY id LIMIT ? OFFSET ?",
+            (limit, offset),
+        ).fetchall()
+        return [{"id": i, "metadata": json.loads(note), "bytes": size} for i, note, size in rows]
+
+    @_guarded
     def metadata(self, document_id: int) -> dict:
         row = self.connection.execute("SELECT metadata FROM documents WHERE id = ?", (document_id,)).fetchone()
         if row is None:
-            raise MBCError(f"no document with id {document_id} in {self.path}")
+            raise NotFound(f"no document with id {document_id} in {self.path}")
         return json.loads(row[0])
 
     @_guarded

@@ -1,0 +1,166 @@
+"""A trained model and its bank, as a user works with them: add documents, ask, list, delete.
+
+``mbc ingest``, ``mbc ask``, ``mbc bank`` and ``mbc serve`` are thin layers over ``MemoryService``:
+
+    service = MemoryService.open("notes.db", "runs/generated/last")
+    service.add([Document("Mira Okafor founded the Brellin Observatory in 1987.", {"path": "notes.txt"})])
+    service.ask(["Who founded the Brellin Observatory?"])  # answers, the documents read, seconds
+
+Documents longer than the document encoder's window are stored as passages (sources.py); each
+stored passage carries its source, the time it was added and its length as metadata.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Iterable, Iterator
+
+from mbc.errors import MBCError, check_texts
+from mbc.memory.sources import Document, Passages
+
+# How many passages are compressed and stored in one transaction: a kill loses at most this many
+# unreported ones, and a rerun compresses them again.
+BATCH_SIZE = 16
+
+
+def default_model() -> Path:
+    """The MBC adapter the main job (`mbc run`) trained and cached, or a message saying how to get one."""
+    from mbc.pipeline import cached_adapter
+
+    found = cached_adapter()
+    if found is None:
+        raise MBCError(
+            "no trained model given and none cached: pass --model CHECKPOINT (a folder from `mbc train`), "
+            "or run `mbc run` once (about 30 minutes on 2 cores), which trains and caches the default adapter"
+        )
+    return found
+
+
+@dataclass
+class AddReport:
+    added: int = 0  # passages newly stored
+    duplicates: int = 0  # passages whose content the bank already held
+    documents: int = 0  # documents read (before cutting into passages)
+    ids: list[int] | None = None  # bank id of each passage, in order
+
+    def merge(self, other: "AddReport") -> None:
+        self.added += other.added
+        self.duplicates += other.duplicates
+        self.documents += other.documents
+        self.ids = (self.ids or []) + (other.ids or [])
+
+
+class MemoryService:
+    """One model and one bank file. Not safe for use from several threads at once (the server keeps
+    it on one thread); several processes may share the bank file."""
+
+    def __init__(self, model, bank, model_path: Path | None = None):
+        from mbc.memory.readers import reader_for
+
+        self.model, self.bank, self.model_path = model, bank, model_path
+        self.reader = reader_for(model, bank)
+        self.passages = Passages(model.document_tokenizer, self._window(model))
+
+    @classmethod
+    def open(cls, bank_path: str | Path, model_path: str | Path | None = None) -> "MemoryService":
+        """Load the model (default: the main job's cached MBC adapter) and open (or create) its bank."""
+        from mbc.memory.bank import BankLayout, MemoryBank
+        from mbc.model import MBCModel
+
+        model_path = Path(model_path) if model_path else default_model()
+        model = MBCModel.from_pretrained(model_path).eval()
+        return cls(model, MemoryBank.open(bank_path, BankLayout.of(model)), model_path)
+
+    @staticmethod
+    def _window(model) -> int:
+        limit = getattr(model.document_tokenizer, "model_max_length", None) or model.config.max_document_tokens
+        return min(model.config.max_document_tokens, limit)
+
+    # ---- adding ------------------------------------------------------------------------------
+    def add(self, documents: Iterable[Document], progress=None) -> AddReport:
+        """Cut each document into passages and store those the bank does not hold, ``BATCH_SIZE`` per
+        transaction. ``progress`` (a tqdm bar, or None) advances by each stored batch."""
+        report = AddReport(ids=[])
+        for batch, read in self._batches(documents):
+            report.merge(self._store(batch))
+            report.documents += read
+            if progress is not None:
+                progress.update(len(batch))
+                progress.set_postfix(added=report.added, duplicates=report.duplicates)
+        return report
+
+    def _batches(self, documents: Iterable[Document]) -> Iterator[tuple[list[Document], int]]:
+        """Batches of passages, each with how many documents were finished in it."""
+        batch, finished = [], 0
+        for document in documents:
+            batch += self.passages(document)
+            finished += 1
+            while len(batch) >= BATCH_SIZE:
+                yield batch[:BATCH_SIZE], finished
+                batch, finished = batch[BATCH_SIZE:], 0
+        if batch or finished:
+            yield batch, finished
+
+    def _store(self, passages: list[Document]) -> AddReport:
+        from mbc.memory.ingest import ingest
+
+        if not passages:
+            return AddReport(ids=[])
+        texts = check_texts([p.text for p in passages], "documents")
+        now = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        metadata = [{**p.source, "added": now, "characters": len(p.text)} for p in passages]
+        result = ingest(self.model, self.bank, texts, metadata, batch_size=BATCH_SIZE)
+        return AddReport(result.added, result.duplicates, 0, result.ids)
+
+    # ---- asking ------------------------------------------------------------------------------
+    def ask(self, questions: list[str], decoding=None) -> dict:
+        """Each question's answer and the stored documents it read (retrieval keys say which; a
+        model without them reads the whole bank), with the seconds taken."""
+        from mbc.memory.readers import RetrievalReader, answer_from_bank
+
+        questions = check_texts(questions, "questions")
+        start = time.perf_counter()
+        answers = answer_from_bank(self.model, self.reader, questions, decoding)
+        read = self.reader.top_ids(questions) if isinstance(self.reader, RetrievalReader) else [None] * len(questions)
+        seconds = time.perf_counter() - start
+        return {
+            "answers": [
+                {
+                    "question": question,
+                    "answer": answer,
+                    "documents": None if ids is None else [self.document(i) for i in ids],
+                }
+                for question, answer, ids in zip(questions, answers, read)
+            ],
+            "seconds": round(seconds, 3),
+        }
+
+    # ---- the stored documents -----------------------------------------------------------------
+    def document(self, document_id: int) -> dict:
+        return {"id": document_id, "metadata": self.bank.metadata(document_id)}
+
+    def listing(self, offset: int = 0, limit: int = 100) -> list[dict]:
+        return self.bank.listing(offset, limit)
+
+    def delete(self, document_id: int) -> None:
+        self.bank.remove(document_id)
+
+    def stats(self) -> dict:
+        return bank_stats(self.bank) | {"model": str(self.model_path) if self.model_path else None}
+
+
+def bank_stats(bank) -> dict:
+    """Sizes of a bank and what they come to per document."""
+    sizes = bank.sizes()
+    per_document = sizes["stored_bytes"] / sizes["documents"] if sizes["documents"] else 0.0
+    layout = bank.layout
+    return sizes | {
+        "bytes_per_document": round(per_document, 1),
+        "mode": layout.mode,
+        "slots": layout.num_slots,
+        "codebook_size": layout.codebook_size if layout.mode == "mbc" else None,
+        "path": str(bank.path),
+    }

@@ -1,0 +1,212 @@
+"""`mbc serve`: an HTTP JSON API over one model and one bank (FastAPI + uvicorn).
+
+    POST   /documents        {"documents": [{"text": ..., "metadata": {...}}]}   add (a batch)
+    POST   /ask              {"questions": [...], "decoding": "greedy"}         answer (a batch)
+    GET    /documents        ?offset=0&limit=100                                list
+    GET    /documents/{id}                                                      one document's metadata
+    DELETE /documents/{id}
+    GET    /stats, /health;  OpenAPI docs at /docs
+
+An add is acknowledged only after its SQLite transaction has committed, so a killed server keeps
+every acknowledged document. The model and the bank live on one worker thread (torch already
+uses every core for one request, and an SQLite connection belongs to the thread that opened it);
+requests queue for it. Answers read the bank as it is when they run, including what another process
+(`mbc ingest`) appended. Every error is a JSON object {"error": "..."} with a 4xx status (500 only
+for a bug), and none stops the server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
+from typing import Annotated, Any, Callable, Literal
+
+from fastapi import Depends, FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import BaseModel, Field, StringConstraints
+
+from mbc.errors import MBCError, NotFound
+from mbc.memory.sources import Document
+
+TOKEN_VARIABLE = "MBC_TOKEN"
+MAX_REQUEST_BYTES = 8 * 1024 * 1024
+MAX_BATCH = 256
+
+Text = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1)]
+
+
+class DocumentIn(BaseModel):
+    text: Text
+    metadata: dict[str, Any] = Field(default_factory=dict, description="stored beside the codes, returned on listing")
+
+
+class AddRequest(BaseModel):
+    documents: list[DocumentIn] = Field(min_length=1, max_length=MAX_BATCH)
+
+
+class AskRequest(BaseModel):
+    questions: list[Text] = Field(min_length=1, max_length=MAX_BATCH)
+    decoding: Literal["greedy", "beam", "diverse_beam"] = "greedy"
+    max_new_tokens: int = Field(16, ge=1, le=256)
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str):
+        self.status, self.message = status, message
+
+
+def _error(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status)
+
+
+class BodyLimit:
+    """Refuses a request body over ``limit`` bytes with 413, before any of it reaches the app."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > self.limit):
+            return await self._refuse(scope, receive, send)
+        chunks, size, more = [], 0, True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            more = message.get("more_body", False)
+            if size > self.limit:
+                return await self._refuse(scope, receive, send)
+        body, replayed = b"".join(chunks), False
+
+        async def replay():
+            nonlocal replayed
+            if replayed:
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        return await self.app(scope, replay, send)
+
+    async def _refuse(self, scope, receive, send):
+        response = _error(413, f"request body over the limit of {self.limit:,} bytes: send smaller batches")
+        await response(scope, receive, send)
+
+
+def create_app(open_service: Callable[[], Any], token: str | None = None, max_request_bytes: int = MAX_REQUEST_BYTES):
+    """The API over the ``MemoryService`` that ``open_service()`` makes, on a worker thread of its own
+    (opened here, so a bad model or bank fails before the server listens)."""
+    worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mbc-model")
+    service = worker.submit(open_service).result()
+    bearer = HTTPBearer(auto_error=False, description=f"the server's token (--token or ${TOKEN_VARIABLE})")
+
+    def authorize(credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
+        if token is None:
+            return
+        if credentials is None:
+            raise ApiError(401, "this server needs a bearer token: send 'Authorization: Bearer TOKEN'")
+        if not secrets.compare_digest(credentials.credentials.encode(), token.encode()):
+            raise ApiError(401, "wrong bearer token")
+
+    app = FastAPI(
+        title="MBC memory",
+        description="A frozen LLM that answers from a compressed memory of the documents added to it.",
+        dependencies=[Depends(authorize)],
+    )
+    app.add_middleware(BodyLimit, limit=max_request_bytes)
+
+    async def on_worker(function, *args, **kwargs):
+        return await asyncio.get_running_loop().run_in_executor(worker, partial(function, *args, **kwargs))
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, error: ApiError):
+        return _error(error.status, error.message)
+
+    @app.exception_handler(NotFound)
+    async def not_found(request: Request, error: NotFound):
+        return _error(404, str(error))
+
+    @app.exception_handler(MBCError)
+    async def bad_request(request: Request, error: MBCError):
+        return _error(400, str(error))
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, error: RequestValidationError):
+        return _error(*_describe(error.errors()))
+
+    @app.exception_handler(Exception)
+    async def internal(request: Request, error: Exception):
+        return _error(500, f"internal error ({type(error).__name__}: {error}); the bank is unchanged by this request")
+
+    @app.get("/health")
+    async def health() -> dict:
+        return {"status": "ok", "documents": await on_worker(len, service.bank)}
+
+    @app.get("/stats")
+    async def stats() -> dict:
+        return await on_worker(service.stats)
+
+    @app.post("/documents")
+    async def add(request: AddRequest) -> dict:
+        report = await on_worker(service.add, [Document(d.text, d.metadata) for d in request.documents])
+        return {"added": report.added, "duplicates": report.duplicates, "ids": report.ids}
+
+    @app.post("/ask")
+    async def ask(request: AskRequest) -> dict:
+        from mbc.network.decoding import DecodingConfig
+
+        decoding = DecodingConfig(request.decoding, max_new_tokens=request.max_new_tokens)
+        return await on_worker(service.ask, request.questions, decoding)
+
+    @app.get("/documents")
+    async def listing(offset: int = Query(0, ge=0), limit: int = Query(100, ge=1, le=1000)) -> dict:
+        return {"documents": await on_worker(service.listing, offset, limit), "offset": offset}
+
+    @app.get("/documents/{document_id}")
+    async def document(document_id: int) -> dict:
+        return await on_worker(service.document, document_id)
+
+    @app.delete("/documents/{document_id}")
+    async def delete(document_id: int) -> dict:
+        await on_worker(service.delete, document_id)
+        return {"deleted": document_id}
+
+    app.state.worker, app.state.service = worker, service
+    return app
+
+
+def _describe(errors: list[dict]) -> tuple[int, str]:
+    """FastAPI's validation errors as one status and line: 400 for a body that is not JSON, else 422."""
+    first = errors[0]
+    if first.get("type") == "json_invalid":
+        return 400, f"the request body is not valid JSON ({first.get('ctx', {}).get('error', 'parse error')})"
+    where = ".".join(str(part) for part in first.get("loc", ()) if part != "body") or "body"
+    more = f" (and {len(errors) - 1} more problems)" if len(errors) > 1 else ""
+    return 422, f"{where}: {first.get('msg', 'invalid')}{more}"
+
+
+def serve(
+    bank: str,
+    model: str | None,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    token: str | None = None,
+    max_request_bytes: int = MAX_REQUEST_BYTES,
+) -> None:
+    """Run the API until interrupted. The token defaults to ``$MBC_TOKEN``; none: no authentication."""
+    import uvicorn
+
+    from mbc.memory.service import MemoryService
+
+    token = token or os.environ.get(TOKEN_VARIABLE) or None
+    app = create_app(partial(MemoryService.open, bank, model), token, max_request_bytes)
+    uvicorn.run(app, host=host, port=port, log_level="info")
