@@ -20,6 +20,11 @@ from __future__ import annotations
 import asyncio
 import os
 import secrets
+import socket
+import subprocess
+import sys
+import tempfile
+import time
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from typing import Annotated, Any, Callable, Literal
@@ -210,3 +215,31 @@ def serve(
     token = token or os.environ.get(TOKEN_VARIABLE) or None
     app = create_app(partial(MemoryService.open, bank, model), token, max_request_bytes)
     uvicorn.run(app, host=host, port=port, log_level="info")
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def launch(bank, model, port: int, token: str | None = None, timeout: float = 180, extra=()) -> subprocess.Popen:
+    """`mbc serve` in a child process on 127.0.0.1:port, returned once it answers (for tests and benches)."""
+    import httpx
+
+    env = {k: v for k, v in os.environ.items() if k != TOKEN_VARIABLE} | ({TOKEN_VARIABLE: token} if token else {})
+    command = [sys.executable, "-m", "mbc.cli", "serve", str(bank), "--model", str(model), "--port", str(port)]
+    log = tempfile.TemporaryFile()  # not a pipe: a full pipe nobody reads would stall the server
+    process = subprocess.Popen([*command, *extra], env=env, stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            log.seek(0)
+            raise MBCError(f"the server exited: {log.read().decode(errors='replace')[-3000:]}")
+        try:
+            httpx.get(f"http://127.0.0.1:{port}/openapi.json", timeout=1)
+            return process
+        except httpx.TransportError:
+            time.sleep(0.2)
+    process.kill()
+    raise MBCError(f"the server did not answer within {timeout:.0f} s")

@@ -1,0 +1,141 @@
+"""`mbc serve` under load: requests per second, ask and add latency, errors, lost documents.
+
+    .venv/bin/python bench/serve.py [--model CHECKPOINT] [--clients 4] [--seconds 60] [--prefill 50]
+
+Starts the real server (`mbc serve`, uvicorn on a free localhost port) on a new bank with the
+given model (default: the MBC adapter `mbc run` trained and cached), adds ``--prefill`` generated
+documents, then measures, side by side:
+
+1. one client asking, one question per request, for ``--seconds``: ask latency alone;
+2. ``--clients`` clients at once for ``--seconds``, each alternating an add (one new generated
+   document) and an ask: latency of each under load, requests per second, errors.
+
+Afterwards every document whose add was acknowledged is looked up in the bank file: the
+acknowledged-but-missing count must be 0, as must the errors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import httpx
+
+from mbc.data.generated import generate_examples
+from mbc.memory.bank import MemoryBank
+from mbc.memory.service import default_model
+from mbc.server import free_port, launch
+
+
+class Load:
+    """Latencies by request kind, errors, and the ids of acknowledged adds, from several threads."""
+
+    def __init__(self):
+        self.lock, self.latency, self.errors, self.acknowledged = threading.Lock(), {"ask": [], "add": []}, [], {}
+
+    def record(self, kind: str, seconds: float, response: httpx.Response | None, error: str | None = None):
+        with self.lock:
+            if response is not None and response.status_code == 200:
+                self.latency[kind].append(seconds)
+            else:
+                self.errors.append(error or f"{kind}: HTTP {response.status_code} {response.text[:200]}")
+
+    def timed(self, client: httpx.Client, kind: str, path: str, body: dict):
+        start = time.perf_counter()
+        try:
+            response = client.post(path, json=body)
+        except httpx.HTTPError as failure:
+            self.record(kind, 0.0, None, f"{kind}: {type(failure).__name__}: {failure}")
+            return None
+        self.record(kind, time.perf_counter() - start, response)
+        return response if response.status_code == 200 else None
+
+
+def client_loop(url: str, load: Load, deadline: float, documents: list[str], questions: list[str], adds: bool):
+    with httpx.Client(base_url=url, timeout=300) as client:
+        turn = 0
+        while time.monotonic() < deadline:
+            if adds and turn % 2 == 0 and documents:
+                text = documents.pop()
+                response = load.timed(client, "add", "/documents", {"documents": [{"text": text}]})
+                if response is not None:
+                    with load.lock:
+                        load.acknowledged.update(dict.fromkeys(response.json()["ids"], text))
+            else:
+                load.timed(client, "ask", "/ask", {"questions": [questions[turn % len(questions)]]})
+            turn += 1
+
+
+def run_phase(url: str, clients: int, seconds: float, documents: list[str], questions: list[str], adds: bool):
+    load, deadline = Load(), time.monotonic() + seconds
+    threads = [
+        threading.Thread(target=client_loop, args=(url, load, deadline, documents, questions, adds))
+        for _ in range(clients)
+    ]
+    start = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return load, time.perf_counter() - start
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    return statistics.quantiles(values, n=100, method="inclusive")[q - 1] if len(values) > 1 else values[0]
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", type=Path, default=None)
+    parser.add_argument("--clients", type=int, default=4)
+    parser.add_argument("--seconds", type=float, default=60)
+    parser.add_argument("--prefill", type=int, default=50)
+    args = parser.parse_args()
+    model = args.model or default_model()
+    examples = generate_examples(2000, seed=7)
+    texts = list(dict.fromkeys(e.document for e in examples))
+    questions = [e.question for e in examples[: 6 * args.prefill]]
+    prefill, stream = texts[: args.prefill], texts[args.prefill :][::-1]
+
+    with tempfile.TemporaryDirectory() as folder:
+        bank, port = Path(folder) / "bank.db", free_port()
+        url = f"http://127.0.0.1:{port}"
+        process = launch(bank, model, port)
+        try:
+            httpx.post(f"{url}/documents", json={"documents": [{"text": t} for t in prefill]}, timeout=600)
+            alone, alone_seconds = run_phase(url, 1, args.seconds, stream, questions, adds=False)
+            loaded, loaded_seconds = run_phase(url, args.clients, args.seconds, stream, questions, adds=True)
+        finally:
+            process.terminate()
+            process.wait(60)
+        with MemoryBank.open_existing(bank) as opened:
+            stored = set(opened.ids())
+            missing = [i for i in loaded.acknowledged if i not in stored]
+
+    print(f"model {model}; bank prefilled with {args.prefill} documents; {args.seconds:.0f} s per phase")
+    print(f"{'phase':<28}{'requests/s':>11}{'ask p50':>9}{'ask p95':>9}{'add p50':>9}{'add p95':>9}{'errors':>8}")
+    for name, load, seconds in (
+        ("1 client, ask only", alone, alone_seconds),
+        (f"{args.clients} clients, add + ask", loaded, loaded_seconds),
+    ):
+        count = sum(len(v) for v in load.latency.values()) + len(load.errors)
+        ask, add = load.latency["ask"], load.latency["add"]
+        print(
+            f"{name:<28}{count / seconds:>11.2f}{percentile(ask, 50):>8.2f}s{percentile(ask, 95):>8.2f}s"
+            f"{percentile(add, 50):>8.2f}s{percentile(add, 95):>8.2f}s{len(load.errors):>8}"
+        )
+    print(f"acknowledged adds: {len(loaded.acknowledged)}; acknowledged but missing from the bank: {len(missing)}")
+    ratio = percentile(loaded.latency["ask"], 50) / percentile(alone.latency["ask"], 50)
+    print(f"ask p50 under load / alone: {ratio:.2f}x")
+    for error in (alone.errors + loaded.errors)[:5]:
+        print(f"error: {error}")
+
+
+if __name__ == "__main__":
+    main()
