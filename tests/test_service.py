@@ -2,6 +2,10 @@
 retrieval keys (conftest.tiny_checkpoint)."""
 
 import json
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 from conftest import DOCUMENTS, MORE_DOCUMENTS, QUESTIONS
@@ -122,3 +126,22 @@ def test_the_commands_name_bad_input(tiny_checkpoint, tmp_path, monkeypatch):
     result = runner.invoke(app, ["bank", bank, "--delete", "99"])
     assert isinstance(result.exception, NotFound) and "no document with id 99" in str(result.exception)
     assert len(MemoryBank.open_existing(bank)) == 1
+
+
+def test_a_killed_ingest_is_continued_by_the_same_command(tiny_checkpoint, tmp_path):
+    bank = tmp_path / "bank.db"
+    lines = "".join(f"Note {i}: the lamp of room {i % 50} is {i % 7} years old.\n" for i in range(1000))
+    command = [sys.executable, "-m", "mbc.cli", "ingest", str(bank), "-", "--model", tiny_checkpoint]
+    process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process.stdin.write(lines.encode())
+    process.stdin.close()
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and not (bank.exists() and len(MemoryBank.open_existing(bank)) >= 32):
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait(30)
+    with MemoryBank.open_existing(bank) as opened:
+        stored = len(opened)
+        assert 32 <= stored < 1000 and opened.entries().shape[0] == stored  # whole batches, every checksum good
+    result = runner.invoke(app, ["ingest", str(bank), "-", "--model", tiny_checkpoint], input=lines)
+    assert f"1000 documents read as 1000 passages: {1000 - stored} added, {stored} already stored" in result.stdout

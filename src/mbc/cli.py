@@ -283,7 +283,15 @@ def ingest(
     service = _open_service(bank, model)
     start = time.perf_counter()
     with tqdm(desc="stored", unit="passage") as progress:
-        report = service.add(sources, progress)
+        try:
+            report = service.add(sources, progress)
+        except KeyboardInterrupt:
+            typer.echo(
+                f"interrupted: the first {progress.n} passages read are in the bank; "
+                "the same command continues from there",
+                err=True,
+            )
+            raise SystemExit(130)
     stats = bank_stats(service.bank)
     typer.echo(
         f"{report.documents} documents read as {report.added + report.duplicates} passages: {report.added} added, "
