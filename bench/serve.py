@@ -84,10 +84,14 @@ def run_phase(url: str, clients: int, seconds: float, documents: list[str], ques
     return load, time.perf_counter() - start
 
 
-def percentile(values: list[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    return statistics.quantiles(values, n=100, method="inclusive")[q - 1] if len(values) > 1 else values[0]
+def percentile(values: list[float], q: int) -> float:
+    if len(values) < 2:
+        return values[0] if values else float("nan")
+    return statistics.quantiles(values, n=100, method="inclusive")[q - 1]
+
+
+def seconds(values: list[float], q: int) -> str:
+    return f"{percentile(values, q):.2f}s" if values else "-"
 
 
 def main():
@@ -120,16 +124,14 @@ def main():
 
     print(f"model {model}; bank prefilled with {args.prefill} documents; {args.seconds:.0f} s per phase")
     print(f"{'phase':<28}{'requests/s':>11}{'ask p50':>9}{'ask p95':>9}{'add p50':>9}{'add p95':>9}{'errors':>8}")
-    for name, load, seconds in (
+    for name, load, elapsed in (
         ("1 client, ask only", alone, alone_seconds),
         (f"{args.clients} clients, add + ask", loaded, loaded_seconds),
     ):
         count = sum(len(v) for v in load.latency.values()) + len(load.errors)
         ask, add = load.latency["ask"], load.latency["add"]
-        print(
-            f"{name:<28}{count / seconds:>11.2f}{percentile(ask, 50):>8.2f}s{percentile(ask, 95):>8.2f}s"
-            f"{percentile(add, 50):>8.2f}s{percentile(add, 95):>8.2f}s{len(load.errors):>8}"
-        )
+        latencies = "".join(f"{seconds(values, q):>9}" for values in (ask, add) for q in (50, 95))
+        print(f"{name:<28}{count / elapsed:>11.2f}{latencies}{len(load.errors):>8}")
     print(f"acknowledged adds: {len(loaded.acknowledged)}; acknowledged but missing from the bank: {len(missing)}")
     ratio = percentile(loaded.latency["ask"], 50) / percentile(alone.latency["ask"], 50)
     print(f"ask p50 under load / alone: {ratio:.2f}x")
