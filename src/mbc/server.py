@@ -12,7 +12,8 @@ every acknowledged document. The model and the bank live on one worker thread (t
 uses every core for one request, and an SQLite connection belongs to the thread that opened it);
 requests queue for it. Answers read the bank as it is when they run, including what another process
 (`mbc ingest`) appended. Every error is a JSON object {"error": "..."} with a 4xx status (500 only
-for a bug), and none stops the server.
+for a bug), and none stops the server. With a token, every route but the documentation (/docs,
+/openapi.json: no data) needs it.
 """
 
 from __future__ import annotations
