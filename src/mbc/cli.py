@@ -354,8 +354,9 @@ def bank_command(
             listed = opened.listing(offset, limit)
             if as_json:
                 typer.echo(json.dumps(listed, indent=2))
-            for document in [] if as_json else listed:
-                typer.echo(f"{document['id']:>7}  {document['bytes']:>5} B  {_source(document['metadata'])}")
+            else:
+                for document in listed:
+                    typer.echo(f"{document['id']:>7}  {document['bytes']:>5} B  {_source(document['metadata'])}")
         elif as_json:
             typer.echo(json.dumps(bank_stats(opened), indent=2))
         else:

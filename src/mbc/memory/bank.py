@@ -28,7 +28,7 @@ import json
 import sqlite3
 import zlib
 from contextlib import contextmanager
-from dataclasses import dataclass, fields
+from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -177,10 +177,13 @@ class MemoryBank:
         self._changes = 0  # by this object; SQLite's data_version counts the other connections'
 
     @classmethod
-    def open(cls, path: str | Path, layout: BankLayout) -> "MemoryBank":
+    def open(cls, path: str | Path, layout: BankLayout | None) -> "MemoryBank":
         """Open the bank at ``path`` (created if missing) for a model of this layout. A file that is
-        not a bank, or a bank written for another model, is refused untouched."""
+        not a bank, or a bank written for another model, is refused untouched. ``layout=None``: an
+        existing bank in the layout stored in it (listing, sizes and deleting need no model)."""
         path = Path(path)
+        if layout is None and not path.is_file():
+            raise MBCError(f"no memory bank at {path}: make one with `mbc ingest {path} FILES...`")
         if path.is_dir():
             raise MBCError(f"{path} is a folder; a memory bank is a single SQLite file")
         try:
@@ -199,33 +202,16 @@ class MemoryBank:
                 stored["format_version"] = bank._upgrade(stored["format_version"])
         except sqlite3.Error as error:
             raise MBCError(_explain(path, error)) from error
-        cls._check_layout(path, stored, layout)
+        if layout is None:
+            bank.layout = cls._stored_layout(path, stored)
+        else:
+            cls._check_layout(path, stored, layout)
         return bank
 
     @classmethod
     def open_existing(cls, path: str | Path) -> "MemoryBank":
-        """Open a bank that exists, in the layout stored in it: for listing, sizes and deleting, which
-        need no model (adding and reading do: open those with ``open(path, BankLayout.of(model))``)."""
-        path = Path(path)
-        if not path.is_file():
-            raise MBCError(f"no memory bank at {path}: make one with `mbc ingest {path} FILES...`")
-        if path.open("rb").read(16) != SQLITE_HEADER:
-            raise MBCError(f"{path} is not a memory bank (not an SQLite file)")
-        try:
-            connection = sqlite3.connect(path, timeout=LOCK_TIMEOUT_SECONDS, isolation_level=None)
-            tables = {row[0] for row in connection.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-            if not BANK_TABLES <= tables:
-                connection.close()
-                raise MBCError(f"{path} is an SQLite database but not a memory bank; it was left untouched")
-            stored = dict(connection.execute("SELECT key, value FROM meta").fetchall())
-            connection.close()
-            layout = json.loads(stored["layout"])
-            layout = BankLayout(**{f.name: layout.get(f.name, f.default) for f in fields(BankLayout)})
-        except sqlite3.Error as error:
-            raise MBCError(_explain(path, error)) from error
-        except (KeyError, TypeError, json.JSONDecodeError) as error:
-            raise MBCError(f"{path} is damaged: its stored layout is not readable ({error}); restore it from a copy")
-        return cls.open(path, layout)
+        """An existing bank, in the layout stored in it (``open(path, None)``)."""
+        return cls.open(path, None)
 
     @classmethod
     def in_memory(cls, layout: BankLayout) -> "MemoryBank":
@@ -257,6 +243,8 @@ class MemoryBank:
                     "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%'"
                 )
             }
+            if not tables and self.layout is None:
+                raise MBCError(f"no memory bank at {self.path}: make one with `mbc ingest {self.path} FILES...`")
             if not tables:
                 for statement in _SCHEMA.split(";"):
                     if statement.strip():
@@ -291,25 +279,34 @@ class MemoryBank:
         return str(FORMAT_VERSION)
 
     @staticmethod
-    def _check_layout(path: Path, stored: dict, layout: BankLayout) -> None:
+    def _stored_layout(path: Path, stored: dict) -> BankLayout:
+        """The layout a bank file records (fields added since it was written take their defaults)."""
         if stored["format_version"] != str(FORMAT_VERSION):
             raise MBCError(
                 f"{path} has bank format {stored['format_version']}; this version reads format {FORMAT_VERSION}"
             )
         try:
             theirs = json.loads(stored["layout"])
-            theirs["fingerprint"], theirs["mode"]
-        except (json.JSONDecodeError, TypeError, KeyError) as error:
+            return BankLayout(
+                **{
+                    f.name: theirs[f.name] if f.default is MISSING else theirs.get(f.name, f.default)
+                    for f in fields(BankLayout)
+                }
+            )
+        except (json.JSONDecodeError, TypeError, KeyError, AttributeError) as error:
             raise MBCError(f"{path} is damaged: its stored layout is not readable ({error}); restore it from a copy")
-        if theirs["fingerprint"] != layout.fingerprint:
+
+    @classmethod
+    def _check_layout(cls, path: Path, stored: dict, layout: BankLayout) -> None:
+        theirs = cls._stored_layout(path, stored)
+        if theirs.fingerprint != layout.fingerprint:
             raise MBCError(
-                f"{path} was written by a model whose {'codebook' if theirs['mode'] == 'mbc' else 'amortization network'} "
-                f"has fingerprint {str(theirs['fingerprint'])[:16]}, but this model's is {str(layout.fingerprint)[:16]}: "
+                f"{path} was written by a model whose {'codebook' if theirs.mode == 'mbc' else 'amortization network'} "
+                f"has fingerprint {str(theirs.fingerprint)[:16]}, but this model's is {str(layout.fingerprint)[:16]}: "
                 "its entries would be read as other vectors. Open it with the checkpoint that wrote it, or start a new bank file."
             )
-        mine = layout.__dict__
-        defaults = {f.name: f.default for f in fields(BankLayout)}  # fields added since the file was written
-        differing = {k: (theirs.get(k, defaults[k]), mine[k]) for k in mine if theirs.get(k, defaults[k]) != mine[k]}
+        stored_fields, mine = theirs.__dict__, layout.__dict__
+        differing = {k: (stored_fields[k], mine[k]) for k in mine if stored_fields[k] != mine[k]}
         if differing:
             raise MBCError(f"{path} was written with another bank layout (stored, this model): {differing}")
 

@@ -46,8 +46,12 @@ class Reader:
         self.model, self.bank, self._version = model, bank, None
 
     def modulation(self, questions: list[str]) -> torch.Tensor:
+        return self.read(questions)[0]
+
+    def read(self, questions: list[str]) -> tuple[torch.Tensor, list[list[int]] | None]:
+        """Each question's modulation, and the bank ids of the documents it read (None: the whole bank)."""
         self._refresh()
-        return self._modulation(questions)
+        return self._modulation(questions), None
 
     def _refresh(self) -> None:
         """Rederive from the bank if it changed since the last look."""
@@ -171,10 +175,20 @@ class RetrievalReader(_DocumentKeysReader):
     def top_ids(self, questions: list[str]) -> list[list[int]]:
         """Bank ids of the documents each question reads, best first."""
         self._refresh()
-        return [[self.ids[p] for p in row] for row in self.model.top_documents(questions, self.document_keys).tolist()]
+        return self._ids(self.model.top_documents(questions, self.document_keys))
+
+    def read(self, questions):
+        self._refresh()
+        top = self.model.top_documents(questions, self.document_keys)  # once, for the reading and the ids
+        return self._read_top(questions, top), self._ids(top)
+
+    def _ids(self, top: torch.Tensor) -> list[list[int]]:
+        return [[self.ids[p] for p in row] for row in top.tolist()]
 
     def _modulation(self, questions):
-        top = self.model.top_documents(questions, self.document_keys)
+        return self._read_top(questions, self.model.top_documents(questions, self.document_keys))
+
+    def _read_top(self, questions: list[str], top: torch.Tensor) -> torch.Tensor:
         needed = sorted(set(top.flatten().tolist()))
         position = {p: j for j, p in enumerate(needed)}
         where = torch.as_tensor([position[p] for p in top.flatten().tolist()], device=self.model.device).view_as(top)

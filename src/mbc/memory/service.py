@@ -13,7 +13,7 @@ stored passage carries its source, the time it was added and its length as metad
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -44,13 +44,13 @@ class AddReport:
     added: int = 0  # passages newly stored
     duplicates: int = 0  # passages whose content the bank already held
     documents: int = 0  # documents read (before cutting into passages)
-    ids: list[int] | None = None  # bank id of each passage, in order
+    ids: list[int] = field(default_factory=list)  # bank id of each passage, in order
 
     def merge(self, other: "AddReport") -> None:
         self.added += other.added
         self.duplicates += other.duplicates
         self.documents += other.documents
-        self.ids = (self.ids or []) + (other.ids or [])
+        self.ids += other.ids
 
 
 class MemoryService:
@@ -83,7 +83,7 @@ class MemoryService:
     def add(self, documents: Iterable[Document], progress=None) -> AddReport:
         """Cut each document into passages and store those the bank does not hold, ``BATCH_SIZE`` per
         transaction. ``progress`` (a tqdm bar, or None) advances by each stored batch."""
-        report = AddReport(ids=[])
+        report = AddReport()
         for batch, read in self._batches(documents):
             report.merge(self._store(batch))
             report.documents += read
@@ -108,8 +108,8 @@ class MemoryService:
         from mbc.memory.ingest import ingest
 
         if not passages:
-            return AddReport(ids=[])
-        texts = check_texts([p.text for p in passages], "documents")
+            return AddReport()
+        texts = [p.text for p in passages]  # ingest() checks them
         now = datetime.now(timezone.utc).isoformat(timespec="seconds")
         metadata = [{**p.source, "added": now, "characters": len(p.text)} for p in passages]
         result = ingest(self.model, self.bank, texts, metadata, batch_size=BATCH_SIZE)
@@ -119,12 +119,14 @@ class MemoryService:
     def ask(self, questions: list[str], decoding=None) -> dict:
         """Each question's answer and the stored documents it read (retrieval keys say which; a
         model without them reads the whole bank), with the seconds taken."""
-        from mbc.memory.readers import RetrievalReader, answer_from_bank
+        import torch
 
         questions = check_texts(questions, "questions")
         start = time.perf_counter()
-        answers = answer_from_bank(self.model, self.reader, questions, decoding)
-        read = self.reader.top_ids(questions) if isinstance(self.reader, RetrievalReader) else [None] * len(questions)
+        with torch.no_grad():
+            modulation, read = self.reader.read(questions)
+            answers = self.model.generate_answers(questions, self.model.prefix(modulation), decoding)
+        read = read or [None] * len(questions)
         seconds = time.perf_counter() - start
         return {
             "answers": [

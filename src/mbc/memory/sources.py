@@ -1,6 +1,6 @@
 """A user's documents, read from files, folders or standard input, cut to the encoder's window.
 
-``read_sources`` yields one ``Document`` (text + where it came from) per text file, Markdown file,
+``Sources`` yields one ``Document`` (text + where it came from) per text file, Markdown file,
 JSON Lines object or CSV row, walking folders recursively in name order. ``Passages`` cuts a
 document longer than the document encoder's window into passages that fit it, at sentence
 boundaries where it can: the encoder would otherwise silently read only the first window.
