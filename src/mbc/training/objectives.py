@@ -35,6 +35,9 @@ class StepOutput:
     vq_loss: torch.Tensor
     perplexity: torch.Tensor  # codebook perplexity of this batch (0 for MAC)
     probe_loss: torch.Tensor  # 0 unless the step uses the probe
+    reading_gap: (
+        torch.Tensor
+    )  # step.measure_gap: the step's loss (probe or QA) reading another batch document minus its own
 
 
 class StepObjective(nn.Module):
@@ -61,21 +64,43 @@ class StepObjective(nn.Module):
         visible = None
         if model.retrieval_keys is None and step.bank_size is not None and step.bank_size < len(documents):
             visible = bank_mask(own, len(documents), step.bank_size, model.config.num_slots).to(model.device)
-        queries = frozen.queries(questions) if frozen else None
+        queries = frozen.queries(questions) if frozen else model.queries(questions)
         modulation = model.training_modulation(questions, documents, vectors, own, visible, queries)
         vq_term = model.config.vq_weight * vq_loss
+        # The control for the reading gap: each question reads the next batch document, not its own.
+        other = [(document + 1) % len(documents) for document in own] if self._can_swap(documents) else None
         if step.objective == "probe":
-            probe_loss = answer_probe_loss(model, modulation, answers, step.probe_tokens) + _rest_in_graph(model)
-            return StepOutput(probe_loss + vq_term, probe_loss.new_zeros(()), vq_loss, memory.perplexity, probe_loss)
-        qa_loss = (frozen or model).qa_loss(questions, answers, model.prefix(modulation))
+            probe_loss = answer_probe_loss(model, modulation, answers, step.probe_tokens)
+            gap = probe_loss.new_zeros(())
+            if step.measure_gap and other is not None:
+                with torch.no_grad():
+                    control = model.training_modulation(questions, documents, vectors, other, None, queries)
+                    gap = answer_probe_loss(model, control, answers, step.probe_tokens) - probe_loss.detach()
+            probe_loss = probe_loss + _rest_in_graph(model)
+            return StepOutput(
+                probe_loss + vq_term, probe_loss.new_zeros(()), vq_loss, memory.perplexity, probe_loss, gap
+            )
+        scorer = frozen or model
+        qa_loss = scorer.qa_loss(questions, answers, model.prefix(modulation))
+        gap = qa_loss.new_zeros(())
+        if step.measure_gap and other is not None:
+            with torch.no_grad():
+                control = model.training_modulation(questions, documents, vectors, other, None, queries)
+                gap = scorer.qa_loss(questions, answers, model.prefix(control)) - qa_loss.detach()
         probe_loss = (
             answer_probe_loss(model, modulation, answers, step.probe_tokens)
             if step.probe_weight > 0
             else qa_loss.new_zeros(())
         )
         return StepOutput(
-            qa_loss + step.probe_weight * probe_loss + vq_term, qa_loss, vq_loss, memory.perplexity, probe_loss
+            qa_loss + step.probe_weight * probe_loss + vq_term, qa_loss, vq_loss, memory.perplexity, probe_loss, gap
         )
+
+    def _can_swap(self, documents: list[str]) -> bool:
+        """Whether a question can be made to read another document in place of its own: with
+        retrieval keys reading one document each, and two documents or more in the batch."""
+        config = self.model.config
+        return self.model.retrieval_keys is not None and config.retrieval_top_k == 1 and len(documents) > 1
 
 
 def amortize_some_with_grad(amortize, documents: list[str], keep: float) -> torch.Tensor:

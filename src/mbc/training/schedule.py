@@ -31,6 +31,7 @@ class Step:
     probe_tokens: str = "first"
     probe_weight: float = 0.0
     backprop_keep: float = 1.0  # the reference's backprop dropout: the share of documents amortized with gradients
+    measure_gap: bool = False  # also compute the loss with each question reading another document (no gradient)
 
 
 class Schedule:
@@ -64,6 +65,7 @@ class Schedule:
             config.probe_tokens,
             config.probe_weight,
             config.backprop_keep,
+            config.gap_every > 0 and (step + 1) % config.gap_every == 0,
         )
 
     def _bank_size(self, step: int, documents: int) -> int | None:

@@ -76,6 +76,10 @@ class TrainConfig:
     )
     probe_tokens: str = "first"  # the probe's targets: the answer's "first" token, or "all" (vector k -> token k)
     probe_weight: float = 0.0  # after probe_steps: loss = QA + probe_weight x probe (0 = the QA loss alone)
+    # Every N steps also compute the step's loss with each question reading another batch document
+    # (no gradient; needs retrieval keys with top-1) and log "reading_gap", the difference: a rise
+    # says the memory is being read long before validation can. 0: never.
+    gap_every: int = 5
     mixed_precision: str = "no"  # "no", "bf16", "fp16"
     # Keep what frozen layers make of each row and text for later epochs: the LLM's below the first
     # prefix / KV-LoRA, the encoders' below encoder_trained_layers (activations.py); off where nothing is below.
@@ -119,6 +123,7 @@ TRAIN_LIMITS = {
     "probe_steps": Range(0, None),
     "probe_tokens": PROBE_TOKENS,
     "probe_weight": Range(0, None),
+    "gap_every": Range(0, None),
     "mixed_precision": ("no", "bf16", "fp16"),
     "seed": Range(0, 2**32 - 1),
     "log_every": Range(1, None),
@@ -382,7 +387,14 @@ def train(
     objective.train()
     started, seconds_before = time.perf_counter(), progress["train_seconds"]
     losses = ("loss", "qa", "vq", "perplexity", "probe")
-    window = {**dict.fromkeys(losses, 0.0), "rows": 0, "micro": 0, "time": time.perf_counter()}
+    window = {
+        **dict.fromkeys(losses, 0.0),
+        "reading_gap": 0.0,
+        "gaps": 0,
+        "rows": 0,
+        "micro": 0,
+        "time": time.perf_counter(),
+    }
     finished = progress["step"] >= total_steps
     if finished:
         accelerator.print(f"{last} already holds all {total_steps} steps of this run: validating it again")
@@ -408,6 +420,9 @@ def train(
                 values = (output.loss, output.qa_loss, output.vq_loss, output.perplexity, output.probe_loss)
                 for key, value in zip(losses, values):
                     window[key] += float(value.detach())
+                if step.measure_gap:
+                    window["reading_gap"] += float(output.reading_gap)
+                    window["gaps"] += 1
                 window["rows"] += len(batch) * world
                 window["micro"] += 1
                 if not accelerator.sync_gradients:
@@ -430,6 +445,8 @@ def train(
                     rate = window["rows"] / (time.perf_counter() - window["time"])
                     alive = model.codec.fraction_alive()
                     record = {k: window[k] / window["micro"] for k in losses}
+                    if window["gaps"]:
+                        record["reading_gap"] = window["reading_gap"] / window["gaps"]
                     log.write(
                         kind="train",
                         step=progress["step"],
@@ -440,10 +457,17 @@ def train(
                         lr=scheduler.get_last_lr()[0],
                         **record,
                     )
+                    gap = {"gap": f"{record['reading_gap']:.3f}"} if "reading_gap" in record else {}
                     bar.set_postfix(
-                        loss=f"{record['loss']:.3f}", vq=f"{record['vq']:.4f}", codes=f"{alive:.0%}", ex_s=f"{rate:.1f}"
+                        loss=f"{record['loss']:.3f}",
+                        vq=f"{record['vq']:.4f}",
+                        codes=f"{alive:.0%}",
+                        **gap,
+                        ex_s=f"{rate:.1f}",
                     )
-                    window.update(**dict.fromkeys(losses, 0.0), rows=0, micro=0, time=time.perf_counter())
+                    window.update(
+                        **dict.fromkeys(losses, 0.0), reading_gap=0.0, gaps=0, rows=0, micro=0, time=time.perf_counter()
+                    )
                 if finished:
                     break
                 if stop:
