@@ -10,8 +10,8 @@ through the trainer's own step (StepObjective, the trainer's optimizer, the sche
 - ``fused Adam + cache``: also the frozen LLM layers' hidden states per row (training/activations.py),
   timed over a second epoch of the same batches (the first fills the cache, as epoch 1 of a run does);
 - ``..., encoders' top N train``: and only the top N of each encoder's layers train
-  (``encoder_trained_layers=N``, a different recipe; 0: only the reader blocks above the encoder),
-  the layers below kept per text.
+  (``encoder_trained_layers=N``; 0, the cpu preset's since 2026-12-02: only the reader blocks above
+  the encoder), the layers below kept per text. The other variants train the encoders whole.
 Every variant times the same ``--batches`` batches after one untimed warm-up batch. The DistilGPT2
 preset puts a prefix in every layer, so nothing lies below it to cache. It uses a DistilGPT2-shaped
 GPT-2 and two t5-small-shaped T5 encoders at random weights (bench/shapes.py). The reference
@@ -75,7 +75,8 @@ def measure(name: str, variant: str, batch: int, batches: int, data: str | None,
     if train.return_freed_memory:
         keep_large_allocations_on_mmap()  # as mbc.train does for this preset
     torch.manual_seed(0)
-    overrides = {"encoder_trained_layers": int(variant.split("top ")[1][0])} if "top" in variant else {}
+    # The encoders train whole unless the variant says otherwise (the cpu preset now freezes them).
+    overrides = {"encoder_trained_layers": int(variant.split("top ")[1][0]) if "top" in variant else None}
     model = (
         _cpu_preset_model(**overrides) if name == "cpu" else distilgpt2_shaped_model(Path(backbones), **overrides)
     ).train()

@@ -25,9 +25,9 @@ from mbc.training.trainer import TrainConfig, train
 @dataclass
 class MainJobConfig:
     data: str = "generated"
-    # Each of MBC and MAC: the cpu preset's warm start (200 steps) and 450 QA steps. A number of steps,
-    # not minutes, so that the result is the same on a slower machine.
-    max_steps: int = 650
+    # Each of MBC and MAC: the cpu preset's warm start (600 probe steps) and 300 QA steps. A number
+    # of steps, not minutes, so that the result is the same on a slower machine.
+    max_steps: int = 900
     documents: int = 50  # test documents streamed (6 questions each)
     retention_every: int = 25
     output: str = "runs/main"
