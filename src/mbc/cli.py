@@ -194,7 +194,9 @@ def validate(
 @app.command()
 def run(
     output: Path = typer.Option(Path("runs/main"), help="folder for the evaluation's outputs"),
-    steps: int = typer.Option(650, min=1, help="training steps of each of MBC and MAC (when not cached)"),
+    steps: Optional[int] = typer.Option(
+        None, min=1, help="training steps of each of MBC and MAC when not cached (default: MainJobConfig's)"
+    ),
     documents: int = typer.Option(50, min=1, help="held-out generated documents streamed into the banks"),
     retention_every: int = typer.Option(25, min=1, help="documents per retention step"),
 ):
@@ -202,7 +204,9 @@ def run(
     stream held-out documents into durable banks, evaluate every method, print the table, write plots."""
     from mbc.pipeline import MainJobConfig, run_main_job
 
-    job = MainJobConfig(max_steps=steps, documents=documents, retention_every=retention_every, output=str(output))
+    job = MainJobConfig(documents=documents, retention_every=retention_every, output=str(output))
+    if steps is not None:
+        job.max_steps = steps
     _print_summary(run_main_job(job), output)
 
 
