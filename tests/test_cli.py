@@ -40,8 +40,10 @@ def _train(paths, out, steps: int, warm_starts: tuple[str, str], extra: list[str
 def test_train_then_validate_from_the_command_line(tiny_paths, tmp_path):
     out = tmp_path / "run"
     # the preset's warm start, shortened
-    result = _train(tiny_paths, out, steps=3, warm_starts=("probe_steps=1", "float_memory_steps=2"))
+    result = _train(tiny_paths, out, steps=3, warm_starts=("probe_steps=1", "float_memory_steps=2", "gap_every=1"))
     assert result.exit_code == 0, result.output
+    logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert any("reading_gap" in record for record in logged if record["kind"] == "train")
     assert json.loads(result.stdout[result.stdout.index("{\n") :])["validation"]["loss"] > 0
     assert (out / "loss.png").stat().st_size > 1000 and (out / "last" / "mbc_config.json").exists()
     scores = tmp_path / "scores.json"

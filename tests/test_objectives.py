@@ -4,13 +4,15 @@ from conftest import ANSWERS, DOCUMENTS, QUESTIONS
 
 from mbc import MBCError
 from mbc.training.objectives import (
+    READING_PATH,
     StepObjective,
     amortize_some_with_grad,
     answer_probe_logits,
     answer_probe_loss,
     bank_mask,
 )
-from mbc.training.schedule import Step
+from mbc.training.schedule import Schedule, Step
+from mbc.training.trainer import TrainConfig
 
 
 def test_default_step_is_the_models_own_loss(tiny_model):
@@ -82,3 +84,51 @@ def test_backprop_dropout_keeps_document_order(tiny_model):
     split = amortize_some_with_grad(model.amortize, DOCUMENTS, 0.34)  # one document with gradients, two without
     assert split.requires_grad
     assert torch.allclose(split, model.amortize(DOCUMENTS), atol=1e-5)
+
+
+@pytest.mark.parametrize("objective", ["qa", "probe"])
+def test_reading_gap_is_the_loss_with_the_next_document_minus_with_its_own(tiny_model, objective):
+    model = tiny_model(retrieval_top_k=1, retrieval_subspaces=4, retrieval_codes=3).eval()  # eval: deterministic
+    model.fit_retrieval_keys(DOCUMENTS)
+    with torch.no_grad():  # an untrained prefix starts at zero, which no memory would change
+        for parameter in model.prefix_expansion.parameters():
+            parameter.normal_(0, 0.5)
+    objective_of = StepObjective(model)
+    # float memory: an untrained codebook gives every document the same code
+    measured = objective_of(DOCUMENTS, QUESTIONS, ANSWERS, [0, 1], Step(objective, True, measure_gap=True))
+    own = objective_of(DOCUMENTS, QUESTIONS, ANSWERS, [0, 1], Step(objective, True))
+    swapped = objective_of(DOCUMENTS, QUESTIONS, ANSWERS, [1, 2], Step(objective, True))
+    assert torch.equal(measured.loss, own.loss)  # measuring changes nothing that trains
+    assert not measured.reading_gap.requires_grad and own.reading_gap == 0
+    loss = "probe_loss" if objective == "probe" else "qa_loss"
+    expected = getattr(swapped, loss) - getattr(own, loss)
+    assert expected.abs() > 1e-4 and torch.allclose(measured.reading_gap, expected, atol=1e-5)
+
+
+def test_reading_gap_is_not_measured_where_questions_read_the_whole_bank(tiny_model):
+    model = tiny_model().eval()  # no retrieval keys: every question reads every document
+    out = StepObjective(model)(DOCUMENTS, QUESTIONS, ANSWERS, [0, 1], Step(measure_gap=True))
+    assert out.reading_gap == 0
+
+
+def test_held_reading_path_gets_no_gradient_and_the_llm_side_does(tiny_model):
+    model = tiny_model().eval()
+    with torch.no_grad():  # a prefix that is not zero, so that the LLM side has a gradient to show
+        for parameter in model.prefix_expansion.parameters():
+            parameter.normal_(0, 0.5)
+    free = StepObjective(model)(DOCUMENTS, QUESTIONS, ANSWERS, [0, 1], Step())
+    held = StepObjective(model)(DOCUMENTS, QUESTIONS, ANSWERS, [0, 1], Step(hold_reading=True))
+    assert torch.allclose(held.qa_loss, free.qa_loss) and held.loss == held.qa_loss  # no VQ term while held
+    held.loss.backward()
+    reading = [p for n, p in model.named_parameters() if p.requires_grad and n.startswith(READING_PATH)]
+    assert reading and all(p.grad is not None and p.grad.abs().sum() == 0 for p in reading)  # in the graph (DDP)
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.prefix_expansion.parameters())
+
+
+def test_schedule_holds_the_reading_path_for_the_first_qa_steps_and_measures_the_gap_every_n():
+    config = TrainConfig(probe_steps=3, hold_reading_steps=2, gap_every=4)
+    schedule = Schedule(config, total_steps=10, quantize=True)
+    steps = [schedule.at(step, 8, float_memory=False) for step in range(10)]
+    assert [s.objective for s in steps] == ["probe"] * 3 + ["qa"] * 7
+    assert [s.hold_reading for s in steps] == [False] * 3 + [True] * 2 + [False] * 5
+    assert [s.measure_gap for s in steps] == [(step + 1) % 4 == 0 for step in range(10)]

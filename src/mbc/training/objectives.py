@@ -80,6 +80,8 @@ class StepObjective(nn.Module):
             return StepOutput(
                 probe_loss + vq_term, probe_loss.new_zeros(()), vq_loss, memory.perplexity, probe_loss, gap
             )
+        if step.hold_reading:  # the same values, no gradient, every parameter still in the graph (DDP)
+            modulation, vq_term = modulation.detach() + 0.0 * modulation, 0.0 * vq_term
         scorer = frozen or model
         qa_loss = scorer.qa_loss(questions, answers, model.prefix(modulation))
         gap = qa_loss.new_zeros(())

@@ -8,6 +8,9 @@ read their memory (docs/METHOD.md, "Where this implementation departs"):
   instead of the QA loss;
 - ``float_memory_steps`` (MBC): for the first N steps the bank holds the encoder's float vectors,
   as MAC's does; then the codebook is fitted to them by k-means and training goes on through it;
+- ``hold_reading_steps``: the first N QA steps after the probe train only the LLM side (prefix,
+  KV-LoRA); the reading path is held, so that a QA loss still far from any answer does not scramble
+  the memory the probe taught to carry answers before the LLM side has learned to read it;
 - ``bank_curriculum_steps``: each question's bank grows from its own document to the whole batch.
 """
 
@@ -31,6 +34,7 @@ class Step:
     probe_tokens: str = "first"
     probe_weight: float = 0.0
     backprop_keep: float = 1.0  # the reference's backprop dropout: the share of documents amortized with gradients
+    hold_reading: bool = False  # the reading path (and the codebook) get no gradient this step
     measure_gap: bool = False  # also compute the loss with each question reading another document (no gradient)
 
 
@@ -65,6 +69,7 @@ class Schedule:
             config.probe_tokens,
             config.probe_weight,
             config.backprop_keep,
+            config.probe_steps <= step < config.probe_steps + config.hold_reading_steps,
             config.gap_every > 0 and (step + 1) % config.gap_every == 0,
         )
 
