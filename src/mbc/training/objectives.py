@@ -67,15 +67,21 @@ class StepObjective(nn.Module):
         queries = frozen.queries(questions) if frozen else model.queries(questions)
         modulation = model.training_modulation(questions, documents, vectors, own, visible, queries)
         vq_term = model.config.vq_weight * vq_loss
-        # The control for the reading gap: each question reads the next batch document, not its own.
-        other = [(document + 1) % len(documents) for document in own] if self._can_swap(documents) else None
+
+        def reading_gap(loss_of, loss: torch.Tensor) -> torch.Tensor:
+            """``loss_of`` the modulation with each question reading the next batch document instead
+            of its own, minus ``loss``: what the memory is worth to this step's objective."""
+            if not step.measure_gap or not self._can_swap(documents):
+                return loss.new_zeros(())
+            other = [(document + 1) % len(documents) for document in own]
+            with torch.no_grad():
+                return loss_of(model.training_modulation(questions, documents, vectors, other, None, queries)) - loss
+
         if step.objective == "probe":
             probe_loss = answer_probe_loss(model, modulation, answers, step.probe_tokens)
-            gap = probe_loss.new_zeros(())
-            if step.measure_gap and other is not None:
-                with torch.no_grad():
-                    control = model.training_modulation(questions, documents, vectors, other, None, queries)
-                    gap = answer_probe_loss(model, control, answers, step.probe_tokens) - probe_loss.detach()
+            gap = reading_gap(
+                lambda read: answer_probe_loss(model, read, answers, step.probe_tokens), probe_loss.detach()
+            )
             probe_loss = probe_loss + _rest_in_graph(model)
             return StepOutput(
                 probe_loss + vq_term, probe_loss.new_zeros(()), vq_loss, memory.perplexity, probe_loss, gap
@@ -84,11 +90,7 @@ class StepObjective(nn.Module):
             modulation, vq_term = modulation.detach() + 0.0 * modulation, 0.0 * vq_term
         scorer = frozen or model
         qa_loss = scorer.qa_loss(questions, answers, model.prefix(modulation))
-        gap = qa_loss.new_zeros(())
-        if step.measure_gap and other is not None:
-            with torch.no_grad():
-                control = model.training_modulation(questions, documents, vectors, other, None, queries)
-                gap = scorer.qa_loss(questions, answers, model.prefix(control)) - qa_loss.detach()
+        gap = reading_gap(lambda read: scorer.qa_loss(questions, answers, model.prefix(read)), qa_loss.detach())
         probe_loss = (
             answer_probe_loss(model, modulation, answers, step.probe_tokens)
             if step.probe_weight > 0
