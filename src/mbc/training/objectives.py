@@ -35,9 +35,7 @@ class StepOutput:
     vq_loss: torch.Tensor
     perplexity: torch.Tensor  # codebook perplexity of this batch (0 for MAC)
     probe_loss: torch.Tensor  # 0 unless the step uses the probe
-    reading_gap: (
-        torch.Tensor
-    )  # step.measure_gap: the step's loss (probe or QA) reading another batch document minus its own
+    reading_gap: torch.Tensor  # measure_gap: the loss reading another batch document minus its own
 
 
 class StepObjective(nn.Module):

@@ -389,14 +389,19 @@ def train(
     objective.train()
     started, seconds_before = time.perf_counter(), progress["train_seconds"]
     losses = ("loss", "qa", "vq", "perplexity", "probe")
-    window = {
-        **dict.fromkeys(losses, 0.0),
-        "reading_gap": 0.0,
-        "gaps": 0,
-        "rows": 0,
-        "micro": 0,
-        "time": time.perf_counter(),
-    }
+
+    def empty_window() -> dict:
+        """What is summed between two log lines: each loss, the measured reading gaps, rows and micro-steps."""
+        return {
+            **dict.fromkeys(losses, 0.0),
+            "reading_gap": 0.0,
+            "gaps": 0,
+            "rows": 0,
+            "micro": 0,
+            "time": time.perf_counter(),
+        }
+
+    window = empty_window()
     finished = progress["step"] >= total_steps
     if finished:
         accelerator.print(f"{last} already holds all {total_steps} steps of this run: validating it again")
@@ -467,9 +472,7 @@ def train(
                         **gap,
                         ex_s=f"{rate:.1f}",
                     )
-                    window.update(
-                        **dict.fromkeys(losses, 0.0), reading_gap=0.0, gaps=0, rows=0, micro=0, time=time.perf_counter()
-                    )
+                    window = empty_window()
                 if finished:
                     break
                 if stop:
