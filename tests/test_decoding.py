@@ -3,7 +3,7 @@ import torch
 from conftest import DOCUMENTS, QUESTIONS, TINY_MODELS
 
 from mbc import DecodingConfig, MBCError
-from mbc.network.decoding import beam_search, generate, greedy
+from mbc.network.decoding import FirstLine, beam_search, generate, greedy
 from mbc.network.llm_layout import describe_llm
 from mbc.network.prefix import enable_prefix_attention, prefix_in
 
@@ -102,3 +102,40 @@ def test_decoding_config_rejects_bad_settings():
         DecodingConfig("nucleus")
     with pytest.raises(MBCError, match="multiple of num_beam_groups"):
         DecodingConfig("diverse_beam", num_beams=10, num_beam_groups=4)
+
+
+def test_first_line_ends_a_row_at_its_first_newline_after_some_text(tiny_model):
+    tokenizer = tiny_model().tokenizer  # byte-level: one token per byte
+    first_line = FirstLine(tokenizer, len(tokenizer) + 3)  # an output layer padded past the vocabulary
+
+    def end_of(text: str) -> int | None:
+        rows = first_line.start(1)
+        for index, token in enumerate(tokenizer(text)["input_ids"]):
+            if rows.ended(torch.tensor([token]))[0]:
+                return index
+        return None
+
+    assert end_of("ab\ncd\n") == 2
+    assert end_of("\n \n ab\nc") == 6  # leading blank lines are not the answer's line
+    assert end_of(" abc") is None
+    assert end_of("<eos>\nab\n") == 4  # a special token is no text (it is not shown)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_ending_at_the_first_line_changes_no_answer(tiny_model, family):
+    model = tiny_model(family).eval()
+    prompts = [model.tokenizer(p)["input_ids"] for p in ["Q: a\nA:", "x\n\ny", "hello", "1\n2\n3"]]
+    torch.manual_seed(0)
+    answers = []
+    for first_line in (None, FirstLine(model.tokenizer, model.llm.get_output_embeddings().weight.shape[0])):
+        model._first_line = first_line if first_line is not None else _NeverEnds()
+        answers.append(model.generate(prompts, None, DecodingConfig(max_new_tokens=16)))
+    assert answers[0] == answers[1]
+
+
+class _NeverEnds:
+    def start(self, rows):
+        return self
+
+    def ended(self, tokens):
+        return torch.zeros(len(tokens), dtype=torch.bool)

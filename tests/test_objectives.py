@@ -10,6 +10,7 @@ from mbc.training.objectives import (
     answer_probe_logits,
     answer_probe_loss,
     bank_mask,
+    with_answer_hint,
 )
 from mbc.training.schedule import Schedule, Step
 from mbc.training.trainer import TrainConfig
@@ -132,3 +133,40 @@ def test_schedule_holds_the_reading_path_for_the_first_qa_steps_and_measures_the
     assert [s.objective for s in steps] == ["probe"] * 3 + ["qa"] * 7
     assert [s.hold_reading for s in steps] == [False] * 3 + [True] * 2 + [False] * 5
     assert [s.measure_gap for s in steps] == [(step + 1) % 4 == 0 for step in range(10)]
+
+
+def test_taught_probe_step_trains_the_llm_side_on_the_hinted_qa_loss_and_the_reading_path_on_the_probe(tiny_model):
+    model = tiny_model().eval()
+    with torch.no_grad():  # a prefix that is not zero, so that the LLM side has a gradient to show
+        for parameter in model.prefix_expansion.parameters():
+            parameter.normal_(0, 0.5)
+    plain = StepObjective(model)(DOCUMENTS[:2], QUESTIONS, ANSWERS, [0, 1], Step("probe"))
+    taught = StepObjective(model)(DOCUMENTS[:2], QUESTIONS, ANSWERS, [0, 1], Step("probe", teach_reading=1.0))
+    assert torch.allclose(taught.probe_loss, plain.probe_loss) and taught.qa_loss > 0
+    assert torch.allclose(taught.loss, taught.probe_loss + taught.qa_loss + taught.vq_loss * model.config.vq_weight)
+    # the reading path's gradient is the probe's alone: the hinted QA loss does not reach it
+    plain.loss.backward()
+    probe_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    taught.loss.backward()
+    for name, parameter in model.named_parameters():
+        if parameter.requires_grad and name.startswith(READING_PATH):
+            assert torch.allclose(parameter.grad, probe_grads[name], atol=1e-6), name
+    assert any(p.grad.abs().sum() > 0 for p in model.prefix_expansion.parameters())
+
+
+def test_answer_hint_adds_the_first_answer_tokens_direction_at_the_slots_norm(tiny_model):
+    model = tiny_model().eval()
+    modulation = torch.randn(2, model.config.num_slots, model.layout.hidden_size)
+    hinted = with_answer_hint(model, modulation, ANSWERS, 0.5)
+    hint = hinted - modulation
+    embedding = model.llm.get_output_embeddings().weight[model.answer_ids(ANSWERS[1])[0]]
+    assert torch.allclose(hint.norm(dim=-1), 0.5 * modulation.norm(dim=-1), atol=1e-5)
+    assert torch.allclose(torch.cosine_similarity(hint[1], embedding[None], dim=-1), torch.ones(1), atol=1e-5)
+
+
+def test_schedule_teaches_reading_over_the_last_probe_steps_with_a_falling_hint():
+    schedule = Schedule(TrainConfig(probe_steps=6, teach_reading_steps=4), total_steps=10, quantize=True)
+    assert [schedule.at(step, 8, False).teach_reading for step in range(10)] == [0, 0, 1, 0.75, 0.5, 0.25, 0, 0, 0, 0]
+    with pytest.raises(MBCError, match="teach_reading_steps"):
+        Schedule(TrainConfig(probe_steps=2, teach_reading_steps=3), total_steps=10, quantize=True)

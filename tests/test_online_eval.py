@@ -84,7 +84,7 @@ def test_eval_with_retrieval_keys_counts_their_bytes_and_reports_recall(tiny_mod
 
 
 def test_eval_deletes_nothing_in_its_output_folder(tiny_model, tmp_path):
-    rows = generate_examples(8, seed=3)[:12]
+    rows = list(generate_examples(8, seed=3))[:12]
     banks = tmp_path / "banks"
     banks.mkdir()
     (banks / "mbc.db.bak").write_bytes(b"a user's backup")
@@ -118,3 +118,27 @@ def test_long_documents_are_cut_to_the_llm_window_and_reported(tiny_model, tmp_p
         context_prompt("the key is blue.", "What colour is the key?"),
         False,
     )
+
+
+def test_a_prompt_is_answered_once_however_many_methods_put_it(tiny_model, tmp_path, monkeypatch):
+    from mbc.evaluation import online
+
+    rows = list(generate_examples(8, seed=3))[:12]
+    asked = []
+    answer = online.answer_prompts
+    monkeypatch.setattr(
+        online,
+        "answer_prompts",
+        lambda model, prompts, decoding: asked.extend(prompts) or answer(model, prompts, decoding),
+    )
+    methods = ["base, gold document", "base, BM25 top-k"]
+    summary = run_eval(tiny_model().eval(), rows, [], tmp_path, EvalConfig(batch_size=5, methods=methods))
+    assert summary["bm25_recall_percent"] == 100  # so every BM25 prompt is its gold-document prompt
+    assert len(asked) == len(set(asked)) == len({r.question for r in rows})
+    gold, bm25 = summary["methods"]["base, gold document"], summary["methods"]["base, BM25 top-1"]
+    assert gold == bm25  # the same answers, and each charged what its prompts took
+    with (tmp_path / "predictions.csv").open() as f:
+        by_method = {}
+        for record in csv.DictReader(f):
+            by_method.setdefault(record["method"], []).append(record["prediction"])
+    assert by_method["base, gold document"] == by_method["base, BM25 top-1"]

@@ -31,7 +31,7 @@ from mbc.network.aggregation import Aggregator
 from mbc.network.amortization import AmortizationNetwork, SlotNorm
 from mbc.network.backbones import Backbone
 from mbc.network.codebook import ResidualQuantizer, fingerprint
-from mbc.network.decoding import DecodingConfig, generate
+from mbc.network.decoding import DecodingConfig, FirstLine, generate
 from mbc.network.frozen_llm import first_adapted_layer, lower_hidden, upper_hidden
 from mbc.network.llm_layout import describe_llm
 from mbc.network.lora import add_kv_lora
@@ -73,6 +73,7 @@ class MBCModel(nn.Module):
             "question_encoder": question_encoder.name,
         }
         self.llm, self.tokenizer = llm.model, llm.tokenizer
+        self._first_line = None  # built on the first generate: a table over the vocabulary (decoding.FirstLine)
         self.document_tokenizer, self.question_tokenizer = document_encoder.tokenizer, question_encoder.tokenizer
         self.layout = describe_llm(self.llm)
         self.prefix_layers = config.prefix_layers or self.layout.num_layers
@@ -401,7 +402,10 @@ class MBCModel(nn.Module):
         """Token ids of each prompt (and a prefix, or None) -> the LLM's one-line continuation of each."""
         ids = pad(prompts, self.tokenizer.pad_token_id, side="left").to(self.device)
         mask = pad([[1] * len(p) for p in prompts], 0, side="left").to(self.device)
-        tokens = generate(self.llm, self.layout, ids, mask, prefix, self.tokenizer.eos_token_id, decoding)
+        if self._first_line is None:
+            self._first_line = FirstLine(self.tokenizer, self.llm.get_output_embeddings().weight.shape[0])
+        eos = self.tokenizer.eos_token_id
+        tokens = generate(self.llm, self.layout, ids, mask, prefix, eos, decoding, self._first_line)
         # Answers are one line: a model that runs on (a few-shot prompt's next "Question:") is cut there.
         return [self.tokenizer.decode(t, skip_special_tokens=True).strip().split("\n")[0].strip() for t in tokens]
 

@@ -195,19 +195,38 @@ def _unrelated(model: MBCModel, banks: Path, unrelated_documents: list[str], row
     return MethodResult(predictions, per_document, 1000 * timer.seconds / max(len(rows), 1))
 
 
-def _base(model: MBCModel, rows, prompt, config, decoding, name: str, bytes_per_document: float = 0.0) -> MethodResult:
-    timer = _Timer()
-    predictions = _answer_rows(
-        lambda c: answer_prompts(model, [prompt(r) for r in c], decoding), rows, config.batch_size, timer, name
-    )
-    return MethodResult(predictions, bytes_per_document, 1000 * timer.seconds / max(len(rows), 1))
+class _PromptAnswers:
+    """The base LLM's greedy answer to each prompt text, generated once: where BM25 puts a question's
+    own document into the prompt, its prompt is the gold-document prompt, token for token."""
+
+    def __init__(self, model: MBCModel, decoding: DecodingConfig, batch_size: int):
+        self.model, self.decoding, self.batch_size = model, decoding, batch_size
+        self.answers: dict[str, tuple[str, float]] = {}  # prompt -> (answer, ms it took)
+
+    def __call__(self, prompts: list[str], name: str) -> tuple[list[str], float]:
+        """The answers to ``prompts`` and the mean ms per prompt they took (when first generated)."""
+        new = list(dict.fromkeys(p for p in prompts if p not in self.answers))
+        for chunk in tqdm(list(chunks(new, self.batch_size)), desc=name, unit="batch", leave=False):
+            start = time.perf_counter()
+            answers = answer_prompts(self.model, chunk, self.decoding)
+            ms = 1000 * (time.perf_counter() - start) / len(chunk)
+            self.answers.update((prompt, (answer, ms)) for prompt, answer in zip(chunk, answers))
+        answered = [self.answers[p] for p in prompts]
+        return [answer for answer, _ in answered], sum(ms for _, ms in answered) / max(len(prompts), 1)
 
 
-def _with_context(model: MBCModel, rows, contexts, config, decoding, name: str, text_bytes: float):
+def _base(prompt_answers: _PromptAnswers, rows, prompt, name: str, bytes_per_document: float = 0.0) -> MethodResult:
+    predictions, ms = prompt_answers([prompt(r) for r in rows], name)
+    return MethodResult(predictions, bytes_per_document, ms)
+
+
+def _with_context(prompt_answers: _PromptAnswers, rows, contexts, config, name: str, text_bytes: float):
     """The base LLM reading ``contexts[i]`` for row i, each prompt cut to fit; and how many were cut."""
-    budget = min(config.max_context_tokens or llm_window(model), llm_window(model)) - decoding.max_new_tokens
+    model = prompt_answers.model
+    budget = min(config.max_context_tokens or llm_window(model), llm_window(model))
+    budget -= prompt_answers.decoding.max_new_tokens
     fitted = {id(r): fitted_context_prompt(model, c, r.question, budget) for r, c in zip(rows, contexts)}
-    result = _base(model, rows, lambda r: fitted[id(r)][0], config, decoding, name, text_bytes)
+    result = _base(prompt_answers, rows, lambda r: fitted[id(r)][0], name, text_bytes)
     return result, sum(cut for _, cut in fitted.values())
 
 
@@ -245,6 +264,7 @@ def run_eval(
     text_bytes = sum(len(d.encode("utf-8")) for d in stream) / max(len(stream), 1)
     results, curves, bank_sizes, bm25_recall, cut = {}, {}, {}, None, {}
     methods = [m for m in config.methods if m != "mac" or mac is not None]
+    prompt_answers = _PromptAnswers(mbc, decoding, config.batch_size)
     for method in methods:
         if method in ("mbc", "mac"):
             model = mbc if method == "mbc" else mac
@@ -256,22 +276,21 @@ def run_eval(
                 mbc, output / "banks", unrelated_documents[: len(stream)], rows, config, decoding
             )
         elif method == "base, raw question":
-            results[method] = _base(
-                mbc, rows, lambda r: mbc.config.prompt_template.format(question=r.question), config, decoding, method
-            )
+            template = mbc.config.prompt_template
+            results[method] = _base(prompt_answers, rows, lambda r: template.format(question=r.question), method)
         elif method == "base, 3 worked examples":
             results[method] = _base(
-                mbc, rows, lambda r: FEW_SHOT_TEMPLATE.replace("{question}", r.question), config, decoding, method
+                prompt_answers, rows, lambda r: FEW_SHOT_TEMPLATE.replace("{question}", r.question), method
             )
         elif method == "base, gold document":
             contexts = [r.document for r in rows]
-            results[method], cut[method] = _with_context(mbc, rows, contexts, config, decoding, method, text_bytes)
+            results[method], cut[method] = _with_context(prompt_answers, rows, contexts, config, method, text_bytes)
         else:  # "base, BM25 top-k"
             retrieve = bm25_retriever(stream, config.bm25_top_k)
             retrieved = {id(r): retrieve(r.question) for r in rows}
             name = f"base, BM25 top-{config.bm25_top_k}"
             contexts = ["\n\n".join(retrieved[id(r)]) for r in rows]
-            results[name], cut[name] = _with_context(mbc, rows, contexts, config, decoding, name, text_bytes)
+            results[name], cut[name] = _with_context(prompt_answers, rows, contexts, config, name, text_bytes)
             bm25_recall = 100 * sum(r.document in retrieved[id(r)] for r in rows) / max(len(rows), 1)
 
     golds, kinds = [list(r.answers) for r in rows], answer_kinds(rows)

@@ -68,6 +68,38 @@ def _cut_at_eos(tokens: list[int], eos_token_id: int) -> list[int]:
     return tokens[: tokens.index(eos_token_id)] if eos_token_id in tokens else tokens
 
 
+class FirstLine:
+    """Ends a row at the end of its first line of text: answers are one line (MBCModel.generate cuts
+    them at the first newline after leading whitespace), so what comes after it is never read, and a
+    few-shot prompt would otherwise run on to its next "Question:" until max_new_tokens.
+
+    A row stops at a token holding a newline once some text other than whitespace came before the
+    newline (in the row or in that token); special tokens count as no text, as they are not shown.
+    """
+
+    def __init__(self, tokenizer, vocab_size: int):
+        known = min(vocab_size, len(tokenizer))  # an output layer may be padded past the tokenizer's vocabulary
+        texts = tokenizer.batch_decode([[i] for i in range(known)], skip_special_tokens=True)
+        texts += [""] * (vocab_size - known)
+        self.newline = torch.tensor(["\n" in t for t in texts])
+        self.text_before_newline = torch.tensor([t.split("\n")[0].strip() != "" for t in texts])
+        self.text = torch.tensor([t.strip() != "" for t in texts])
+
+    def start(self, rows: int) -> "FirstLine.Rows":
+        return FirstLine.Rows(self, rows)
+
+    class Rows:
+        def __init__(self, table: "FirstLine", rows: int):
+            self.table, self.seen_text = table, torch.zeros(rows, dtype=torch.bool)
+
+        def ended(self, tokens: torch.Tensor) -> torch.Tensor:
+            """Which rows' first line ends with ``tokens`` (each row's next token)."""
+            tokens, table = tokens.cpu(), self.table
+            ended = table.newline[tokens] & (self.seen_text | table.text_before_newline[tokens])
+            self.seen_text |= table.text[tokens]
+            return ended
+
+
 @torch.no_grad()
 def generate(
     llm: nn.Module,
@@ -77,11 +109,13 @@ def generate(
     prefix: list[tuple[torch.Tensor, torch.Tensor]] | None,
     eos_token_id: int,
     config: DecodingConfig | None = None,
+    first_line: FirstLine | None = None,
 ) -> list[list[int]]:
-    """Generated token ids per prompt, without the EOS token."""
+    """Generated token ids per prompt, without the EOS token; greedy rows also end where
+    ``first_line`` says their first line does (beam search ranks whole continuations: not cut)."""
     config = config or DecodingConfig()
     if config.strategy == "greedy":
-        return greedy(llm, layout, input_ids, attention_mask, prefix, eos_token_id, config.max_new_tokens)
+        return greedy(llm, layout, input_ids, attention_mask, prefix, eos_token_id, config.max_new_tokens, first_line)
     groups = config.num_beam_groups if config.strategy == "diverse_beam" else 1
     penalty = config.diversity_penalty if config.strategy == "diverse_beam" else 0.0
     ranked = beam_search(
@@ -100,8 +134,11 @@ def generate(
     return [_cut_at_eos(hypotheses[0][1], eos_token_id) for hypotheses in ranked]
 
 
-def greedy(llm, layout, input_ids, attention_mask, prefix, eos_token_id: int, max_new_tokens: int) -> list[list[int]]:
+def greedy(
+    llm, layout, input_ids, attention_mask, prefix, eos_token_id: int, max_new_tokens: int, first_line=None
+) -> list[list[int]]:
     finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+    lines = first_line.start(input_ids.shape[0]) if first_line is not None else None
     steps = []
     with prefix_in(layout, prefix):
         logits, cache = _forward(llm, input_ids, attention_mask, None)
@@ -109,6 +146,8 @@ def greedy(llm, layout, input_ids, attention_mask, prefix, eos_token_id: int, ma
             tokens = logits.argmax(dim=-1).masked_fill(finished, eos_token_id)
             steps.append(tokens)
             finished |= tokens == eos_token_id
+            if lines is not None:
+                finished |= lines.ended(tokens).to(finished.device)
             if finished.all():
                 break
             attention_mask = _extend(attention_mask)

@@ -80,12 +80,17 @@ class StepObjective(nn.Module):
             gap = reading_gap(
                 lambda read: answer_probe_loss(model, read, answers, step.probe_tokens), probe_loss.detach()
             )
+            taught = probe_loss.new_zeros(())
+            if (
+                step.teach_reading > 0
+            ):  # the LLM side learns to read the answer's direction; the reading path gets no QA gradient
+                hinted = with_answer_hint(model, modulation.detach(), answers, step.teach_reading)
+                taught = (frozen or model).qa_loss(questions, answers, model.prefix(hinted))
             probe_loss = probe_loss + _rest_in_graph(model)
-            return StepOutput(
-                probe_loss + vq_term, probe_loss.new_zeros(()), vq_loss, memory.perplexity, probe_loss, gap
-            )
+            return StepOutput(probe_loss + taught + vq_term, taught, vq_loss, memory.perplexity, probe_loss, gap)
         if step.hold_reading:  # the same values, no gradient, every parameter still in the graph (DDP)
             modulation, vq_term = modulation.detach() + 0.0 * modulation, 0.0 * vq_term
+
         scorer = frozen or model
         qa_loss = scorer.qa_loss(questions, answers, model.prefix(modulation))
         gap = reading_gap(lambda read: scorer.qa_loss(questions, answers, model.prefix(read)), qa_loss.detach())
@@ -146,6 +151,14 @@ def answer_probe_loss(
         return F.cross_entropy(logits, torch.tensor([model.answer_ids(a)[0] for a in answers], device=logits.device))
     targets = pad([model.answer_ids(a)[:-1][: modulation.shape[1]] for a in answers], IGNORE).to(logits.device)
     return F.cross_entropy(logits[:, : targets.shape[1]].flatten(0, 1), targets.flatten(), ignore_index=IGNORE)
+
+
+def with_answer_hint(model: MBCModel, modulation: torch.Tensor, answers: list[str], strength: float) -> torch.Tensor:
+    """The modulation [B, K, dim] plus, in every slot, the direction of the answer's first token in
+    the LLM's output embedding (the probe's target) at ``strength`` times the slot's norm."""
+    first = torch.tensor([model.answer_ids(a)[0] for a in answers], device=modulation.device)
+    direction = F.normalize(model.llm.get_output_embeddings().weight[first].to(modulation.dtype), dim=-1)
+    return modulation + strength * modulation.norm(dim=-1, keepdim=True) * direction[:, None]
 
 
 def _rest_in_graph(model: MBCModel) -> torch.Tensor:

@@ -11,6 +11,11 @@ read their memory (docs/METHOD.md, "Where this implementation departs"):
 - ``hold_reading_steps``: the first N QA steps after the probe train only the LLM side (prefix,
   KV-LoRA); the reading path is held, so that a QA loss still far from any answer does not scramble
   the memory the probe taught to carry answers before the LLM side has learned to read it;
+- ``teach_reading_steps``: over the last N probe steps the LLM side (prefix, KV-LoRA) also trains on
+  the QA loss, reading the modulation (no gradient back) plus a hint: the direction of the answer's
+  first token in the LLM's output embedding, the probe's target, at a strength falling from the
+  modulation's own norm to 0. The LLM side thus learns to read the direction in which the probe
+  puts the answer before the QA loss reaches the reading path;
 - ``bank_curriculum_steps``: each question's bank grows from its own document to the whole batch.
 """
 
@@ -36,6 +41,7 @@ class Step:
     backprop_keep: float = 1.0  # the reference's backprop dropout: the share of documents amortized with gradients
     hold_reading: bool = False  # the reading path (and the codebook) get no gradient this step
     measure_gap: bool = False  # also compute the loss with each question reading another document (no gradient)
+    teach_reading: float = 0.0  # probe steps: also train the LLM side on the QA loss with this much answer hint
 
 
 class Schedule:
@@ -50,6 +56,11 @@ class Schedule:
             raise MBCError(
                 f"probe_steps={config.probe_steps} is not below the run's {total_steps} steps: "
                 "the QA loss would never be trained; lower probe_steps or raise max_steps"
+            )
+        if config.teach_reading_steps > config.probe_steps:
+            raise MBCError(
+                f"teach_reading_steps={config.teach_reading_steps} is more than probe_steps={config.probe_steps}: "
+                "the LLM side is taught during the probe steps; lower teach_reading_steps or raise probe_steps"
             )
         self.config, self.total_steps, self.quantize = config, total_steps, quantize
 
@@ -71,6 +82,7 @@ class Schedule:
             config.backprop_keep,
             config.probe_steps <= step < config.probe_steps + config.hold_reading_steps,
             config.gap_every > 0 and (step + 1) % config.gap_every == 0,
+            self._teach_reading(step),
         )
 
     def _bank_size(self, step: int, documents: int) -> int | None:

@@ -77,6 +77,7 @@ class TrainConfig:
     probe_tokens: str = "first"  # the probe's targets: the answer's "first" token, or "all" (vector k -> token k)
     probe_weight: float = 0.0  # after probe_steps: loss = QA + probe_weight x probe (0 = the QA loss alone)
     hold_reading_steps: int = 0  # the first N QA steps after probe_steps train only the LLM side (schedule.py)
+    teach_reading_steps: int = 0  # the last N probe steps also teach the LLM side to read the answer (schedule.py)
     # Every N steps also compute the step's loss with each question reading another batch document
     # (no gradient; needs retrieval keys with top-1) and log "reading_gap", the difference: a rise
     # says the memory is being read long before validation can. 0: never.
@@ -126,6 +127,7 @@ TRAIN_LIMITS = {
     "probe_weight": Range(0, None),
     "gap_every": Range(0, None),
     "hold_reading_steps": Range(0, None),
+    "teach_reading_steps": Range(0, None),
     "mixed_precision": ("no", "bf16", "fp16"),
     "seed": Range(0, 2**32 - 1),
     "log_every": Range(1, None),
