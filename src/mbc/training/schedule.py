@@ -85,6 +85,13 @@ class Schedule:
             self._teach_reading(step),
         )
 
+    def _teach_reading(self, step: int) -> float:
+        """The answer hint's strength over the last teach_reading_steps probe steps: 1 falling to 0."""
+        steps, end = self.config.teach_reading_steps, self.config.probe_steps
+        if not end - steps <= step < end:
+            return 0.0
+        return (end - step) / steps
+
     def _bank_size(self, step: int, documents: int) -> int | None:
         steps = self.config.bank_curriculum_steps
         if steps <= 0:
