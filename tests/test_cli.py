@@ -40,7 +40,12 @@ def _train(paths, out, steps: int, warm_starts: tuple[str, str], extra: list[str
 def test_train_then_validate_from_the_command_line(tiny_paths, tmp_path):
     out = tmp_path / "run"
     # the preset's warm start, shortened
-    result = _train(tiny_paths, out, steps=3, warm_starts=("probe_steps=1", "float_memory_steps=2", "gap_every=1"))
+    result = _train(
+        tiny_paths,
+        out,
+        steps=3,
+        warm_starts=("probe_steps=1", "teach_reading_steps=1", "float_memory_steps=2", "gap_every=1"),
+    )
     assert result.exit_code == 0, result.output
     logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert any("reading_gap" in record for record in logged if record["kind"] == "train")
@@ -92,7 +97,13 @@ def test_eval_streams_documents_and_compares_methods(tiny_paths, tmp_path):
     checkpoints = {}
     for name, extra in (("mbc", []), ("mac", ["--set", "quantize=false"])):
         out = tmp_path / name
-        result = _train(tiny_paths, out, steps=1, warm_starts=("probe_steps=0", "float_memory_steps=0"), extra=extra)
+        result = _train(
+            tiny_paths,
+            out,
+            steps=1,
+            warm_starts=("probe_steps=0", "teach_reading_steps=0", "float_memory_steps=0"),
+            extra=extra,
+        )
         assert result.exit_code == 0, result.output
         checkpoints[name] = out / "last"
     result = runner.invoke(

@@ -81,9 +81,12 @@ class FirstLine:
         known = min(vocab_size, len(tokenizer))  # an output layer may be padded past the tokenizer's vocabulary
         texts = tokenizer.batch_decode([[i] for i in range(known)], skip_special_tokens=True)
         texts += [""] * (vocab_size - known)
+        # A byte-level token holding part of a character decodes to U+FFFD alone; it may be part of a
+        # space (U+00A0), so it counts as no text: a row then ends later, never at a different answer.
+        shown = [t if "\ufffd" not in t else "" for t in texts]
         self.newline = torch.tensor(["\n" in t for t in texts])
-        self.text_before_newline = torch.tensor([t.split("\n")[0].strip() != "" for t in texts])
-        self.text = torch.tensor([t.strip() != "" for t in texts])
+        self.text_before_newline = torch.tensor([t.split("\n")[0].strip() != "" for t in shown])
+        self.text = torch.tensor([t.strip() != "" for t in shown])
 
     def start(self, rows: int) -> "FirstLine.Rows":
         return FirstLine.Rows(self, rows)

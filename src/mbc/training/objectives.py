@@ -10,6 +10,10 @@ frozen output embedding after a LayerNorm, a logit lens, scored against the answ
 only through a prefix that starts at zero and a frozen LLM, and in CPU budgets the adapter learned
 answer priors long before it learned to look in its memory; the LLM side learns to read a memory
 that already carries the answer in about 100 steps (bench/reading_parts.py, docs/JOURNAL.md).
+
+Teaching the LLM side to read (``with_answer_hint``; not in the paper): in the last probe steps the
+prefix and KV-LoRA also learn the QA loss from the modulation plus the probe's target direction, so
+that at the switch to the QA loss they already read the direction in which the memory holds answers.
 """
 
 from __future__ import annotations

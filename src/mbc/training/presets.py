@@ -62,16 +62,18 @@ PRESETS: dict[str, dict[str, dict]] = {
     # unstable: the training loss swings between 2.4 and 5.2 within 200 steps (docs/JOURNAL.md).
     # With the paper's objective alone no CPU run of this preset read its memory: the adapter
     # learned answer priors and scored the same with an unrelated bank. What makes it read
-    # (docs/JOURNAL.md, sessions 4-6 and 10), all departures from the paper: a warm start in which
+    # (docs/JOURNAL.md, sessions 4-6, 10 and 11), all departures from the paper: a warm start in which
     # the document side learns to carry the answer (probe_steps: an answer probe on the modulation
     # instead of the QA loss; float_memory_steps: the bank holds float vectors until the codebook
     # is k-means-fitted to them, late enough that they carry answers: fitted at step 100 the
-    # codebook collapsed and the recipe read with one seed in three), a codebook looked up by
-    # direction (codebook_metric="cosine"), and retrieval keys so that each question reads its own
-    # document in training and its top-1 by key at answer time (retrieval_top_k=1, 32 one-byte
-    # pieces per key). The MiniLM encoders stay frozen (encoder_trained_layers=0): their outputs
-    # are kept per text, a step is 2-5x faster, and the slot reader above them learns to read.
-    # This recipe read with two training seeds of three (1 and 2; seed 0 barely): not yet robust.
+    # codebook collapsed), the LLM side taught to read the probe's direction over the last probe
+    # steps (teach_reading_steps), the probe kept beside the QA loss afterwards (probe_weight: without
+    # it the QA loss scrambled the memory in some draws, the codebook's perplexity falling from 80 to
+    # 50), a codebook looked up by direction (codebook_metric="cosine"), and retrieval keys so that
+    # each question reads its own document in training and its top-1 by key at answer time
+    # (retrieval_top_k=1, 32 one-byte pieces per key). The MiniLM encoders stay frozen
+    # (encoder_trained_layers=0): their outputs are kept per text, a step is 2-5x faster, and the
+    # slot reader above them learns to read.
     "cpu": {
         "model": dict(
             num_slots=12,
@@ -95,6 +97,8 @@ PRESETS: dict[str, dict[str, dict]] = {
             grad_accumulation=1,
             float_memory_steps=400,
             probe_steps=600,
+            teach_reading_steps=100,
+            probe_weight=1.0,
             epochs=1,
             backprop_keep=1.0,
             mixed_precision="no",
