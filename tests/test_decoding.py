@@ -3,7 +3,7 @@ import torch
 from conftest import DOCUMENTS, QUESTIONS, TINY_MODELS
 
 from mbc import DecodingConfig, MBCError
-from mbc.network.decoding import FirstLine, beam_search, generate, greedy
+from mbc.network.decoding import FirstLine, beam_search, generate, greedy, shared_length
 from mbc.network.llm_layout import describe_llm
 from mbc.network.prefix import enable_prefix_attention, prefix_in
 
@@ -139,3 +139,28 @@ class _NeverEnds:
 
     def ended(self, tokens):
         return torch.zeros(len(tokens), dtype=torch.bool)
+
+
+def test_shared_length_leaves_every_prompt_a_token_of_its_own():
+    assert shared_length([[1, 2, 3, 4], [1, 2, 5], [1, 2, 3]]) == 2
+    assert shared_length([[1, 2, 3], [1, 2, 3]]) == 2
+    assert shared_length([[7], [7, 8]]) == 0
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_prompts_that_start_alike_give_the_same_answers_with_their_start_run_once(tiny_model, family, monkeypatch):
+    from mbc import model as model_module
+
+    model = tiny_model(family).eval()
+    start = "Question: what? Answer: this.\n\nQuestion: and? Answer: that.\n\n"
+    prompts = [model.tokenizer(start + q)["input_ids"] for q in ["Question: a b?", "Question: c?", "Q: defgh ij?"]]
+    assert shared_length(prompts) >= model_module.SHARED_START_TOKENS
+    runs = []
+    forward = model.llm.forward
+    monkeypatch.setattr(model.llm, "forward", lambda *a, **k: runs.append(k["input_ids"].shape) or forward(*a, **k))
+    shared = model.generate(prompts, None, DecodingConfig(max_new_tokens=6))
+    assert runs[0] == (1, shared_length(prompts))  # the common start, for one row
+    monkeypatch.setattr(model_module, "SHARED_START_TOKENS", 10**6)  # never shared
+    runs.clear()
+    assert model.generate(prompts, None, DecodingConfig(max_new_tokens=6)) == shared
+    assert runs[0] == (3, max(len(p) for p in prompts))

@@ -31,7 +31,7 @@ from mbc.network.aggregation import Aggregator
 from mbc.network.amortization import AmortizationNetwork, SlotNorm
 from mbc.network.backbones import Backbone
 from mbc.network.codebook import ResidualQuantizer, fingerprint
-from mbc.network.decoding import DecodingConfig, FirstLine, generate
+from mbc.network.decoding import DecodingConfig, FirstLine, generate, shared_length
 from mbc.network.frozen_llm import first_adapted_layer, lower_hidden, upper_hidden
 from mbc.network.llm_layout import describe_llm
 from mbc.network.lora import add_kv_lora
@@ -39,6 +39,7 @@ from mbc.network.prefix import PrefixExpansion, enable_prefix_attention, prefix_
 from mbc.network.retrieval import ProductQuantizer, SentenceEmbedder
 
 IGNORE = -100  # label of tokens that carry no loss (the prompt, padding)
+SHARED_START_TOKENS = 16  # prompts sharing at least this many first tokens run them once (decoding.greedy)
 
 
 @dataclass
@@ -400,12 +401,20 @@ class MBCModel(nn.Module):
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], prefix=None, decoding: DecodingConfig | None = None) -> list[str]:
         """Token ids of each prompt (and a prefix, or None) -> the LLM's one-line continuation of each."""
-        ids = pad(prompts, self.tokenizer.pad_token_id, side="left").to(self.device)
-        mask = pad([[1] * len(p) for p in prompts], 0, side="left").to(self.device)
+        decoding = decoding or DecodingConfig()
+        # Prompts that start alike (a few-shot prompt's worked examples) run their common start once.
+        shared = shared_length(prompts) if prefix is None and decoding.strategy == "greedy" and len(prompts) > 1 else 0
+        shared = shared if shared >= SHARED_START_TOKENS else 0
+        rests = [p[shared:] for p in prompts]
+        ids = pad(rests, self.tokenizer.pad_token_id, side="left")
+        mask = pad([[1] * len(p) for p in rests], 0, side="left")
+        ids = torch.cat([torch.tensor(prompts[0][:shared], dtype=ids.dtype).expand(len(prompts), -1), ids], 1)
+        mask = torch.cat([mask.new_ones(len(prompts), shared), mask], 1)
         if self._first_line is None:
             self._first_line = FirstLine(self.tokenizer, self.llm.get_output_embeddings().weight.shape[0])
         eos = self.tokenizer.eos_token_id
-        tokens = generate(self.llm, self.layout, ids, mask, prefix, eos, decoding, self._first_line)
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        tokens = generate(self.llm, self.layout, ids, mask, prefix, eos, decoding, self._first_line, shared)
         # Answers are one line: a model that runs on (a few-shot prompt's next "Question:") is cut there.
         return [self.tokenizer.decode(t, skip_special_tokens=True).strip().split("\n")[0].strip() for t in tokens]
 

@@ -113,12 +113,18 @@ def generate(
     eos_token_id: int,
     config: DecodingConfig | None = None,
     first_line: FirstLine | None = None,
+    shared: int = 0,
 ) -> list[list[int]]:
     """Generated token ids per prompt, without the EOS token; greedy rows also end where
-    ``first_line`` says their first line does (beam search ranks whole continuations: not cut)."""
+    ``first_line`` says their first line does (beam search ranks whole continuations: not cut).
+    ``shared``: as ``greedy``'s (beam search takes 0)."""
     config = config or DecodingConfig()
     if config.strategy == "greedy":
-        return greedy(llm, layout, input_ids, attention_mask, prefix, eos_token_id, config.max_new_tokens, first_line)
+        return greedy(
+            llm, layout, input_ids, attention_mask, prefix, eos_token_id, config.max_new_tokens, first_line, shared
+        )
+    if shared:
+        raise MBCError("beam search runs whole prompts: give shared=0")
     groups = config.num_beam_groups if config.strategy == "diverse_beam" else 1
     penalty = config.diversity_penalty if config.strategy == "diverse_beam" else 0.0
     ranked = beam_search(
@@ -137,14 +143,40 @@ def generate(
     return [_cut_at_eos(hypotheses[0][1], eos_token_id) for hypotheses in ranked]
 
 
+def shared_length(prompts: list[list[int]]) -> int:
+    """How many first tokens every prompt shares (each keeps at least one of its own)."""
+    shortest = min(len(p) for p in prompts)
+    for index in range(shortest - 1):
+        if any(p[index] != prompts[0][index] for p in prompts):
+            return index
+    return max(shortest - 1, 0)
+
+
 def greedy(
-    llm, layout, input_ids, attention_mask, prefix, eos_token_id: int, max_new_tokens: int, first_line=None
+    llm,
+    layout,
+    input_ids,
+    attention_mask,
+    prefix,
+    eos_token_id: int,
+    max_new_tokens: int,
+    first_line=None,
+    shared: int = 0,
 ) -> list[list[int]]:
+    """``shared``: the first ``shared`` columns hold the same tokens in every row, unpadded (the rest
+    of each prompt follows them, left-padded): they run once, for one row, and every row attends to
+    their keys and values. A few-shot prompt's worked examples are then not run once per question."""
     finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
     lines = first_line.start(input_ids.shape[0]) if first_line is not None else None
     steps = []
     with prefix_in(layout, prefix):
-        logits, cache = _forward(llm, input_ids, attention_mask, None)
+        cache = None
+        if shared > 0:
+            if prefix is not None:
+                raise MBCError("a shared prompt start is run for one row: it cannot carry per-row soft prefixes")
+            _, cache = _forward(llm, input_ids[:1, :shared], attention_mask[:1, :shared], None)
+            cache.batch_repeat_interleave(input_ids.shape[0])
+        logits, cache = _forward(llm, input_ids[:, shared:], attention_mask, cache)
         for _ in range(max_new_tokens):
             tokens = logits.argmax(dim=-1).masked_fill(finished, eos_token_id)
             steps.append(tokens)
