@@ -77,6 +77,7 @@ PRESETS: dict[str, dict[str, dict]] = {
     "cpu": {
         "model": dict(
             num_slots=12,
+            codebook_size=2048,
             prefix_layers=6,
             lora_layers=6,
             lora_rank=16,
