@@ -152,18 +152,10 @@ def shared_length(prompts: list[list[int]]) -> int:
     return max(shortest - 1, 0)
 
 
-def greedy(
-    llm,
-    layout,
-    input_ids,
-    attention_mask,
-    prefix,
-    eos_token_id: int,
-    max_new_tokens: int,
-    first_line=None,
-    shared: int = 0,
-) -> list[list[int]]:
-    """``shared``: the first ``shared`` columns hold the same tokens in every row, unpadded (the rest
+def greedy(llm, layout, input_ids, attention_mask, prefix, eos_token_id, max_new_tokens, first_line=None, shared=0):
+    """Generated token ids per prompt (a list of lists), without the EOS token.
+
+    ``shared``: the first ``shared`` columns hold the same tokens in every row, unpadded (the rest
     of each prompt follows them, left-padded): they run once, for one row, and every row attends to
     their keys and values. A few-shot prompt's worked examples are then not run once per question."""
     finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
