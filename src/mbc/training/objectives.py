@@ -85,9 +85,8 @@ class StepObjective(nn.Module):
                 lambda read: answer_probe_loss(model, read, answers, step.probe_tokens), probe_loss.detach()
             )
             taught = probe_loss.new_zeros(())
-            if (
-                step.teach_reading > 0
-            ):  # the LLM side learns to read the answer's direction; the reading path gets no QA gradient
+            # Teaching: the LLM side learns to read the answer's direction; the reading path gets no QA gradient.
+            if step.teach_reading > 0:
                 hinted = with_answer_hint(model, modulation.detach(), answers, step.teach_reading)
                 taught = (frozen or model).qa_loss(questions, answers, model.prefix(hinted))
             probe_loss = probe_loss + _rest_in_graph(model)
