@@ -4,7 +4,7 @@ import pytest
 import torch
 from conftest import ANSWERS, DOCUMENTS, QUESTIONS
 
-from mbc.training.activations import FrozenActivations
+from mbc.training.activations import FrozenActivations, FrozenStore
 from mbc.training.objectives import StepObjective
 
 
@@ -67,3 +67,29 @@ def test_nothing_is_kept_where_nothing_lies_below(tiny_model):
     assert StepObjective(model, frozen).frozen is None
     t5 = tiny_model(encoder="t5", prefix_layers=None, encoder_trained_layers=1)  # frozen, but not run apart
     assert not t5.amortization.splits and not FrozenActivations(t5).enabled
+
+
+def test_a_shared_store_serves_a_second_model_on_the_same_backbones(tiny_model, monkeypatch):
+    # The main job's case: MBC trains, then MAC on the same rows and the same frozen LLM and encoders.
+    store = FrozenStore()
+    first = tiny_model(prefix_layers=2, lora_layers=2, encoder_trained_layers=1).eval()
+    StepObjective(first, FrozenActivations(first, store))(DOCUMENTS, QUESTIONS, ANSWERS, [0, 1])
+    second = tiny_model(prefix_layers=2, lora_layers=2, encoder_trained_layers=1, quantize=False).eval()
+    torch.nn.init.normal_(second.prefix_expansion.blocks.w2, std=0.02)
+    plain = StepObjective(second)(DOCUMENTS, QUESTIONS, ANSWERS, [0, 1]).qa_loss
+
+    def computed_again(*args):
+        raise AssertionError("a kept row was computed again")
+
+    monkeypatch.setattr(second, "lower_hidden", computed_again)
+    monkeypatch.setattr(second.amortization, "lower", computed_again)
+    monkeypatch.setattr(second.question_network, "lower", computed_again)
+    kept = StepObjective(second, FrozenActivations(second, store))(DOCUMENTS, QUESTIONS, ANSWERS, [0, 1]).qa_loss
+    torch.testing.assert_close(kept, plain, rtol=1e-5, atol=1e-6)
+
+
+def test_a_store_keeps_apart_what_different_layers_make(tiny_model):
+    store = FrozenStore()
+    one = FrozenActivations(tiny_model(prefix_layers=2, lora_layers=2), store)  # layer 0 below the split
+    two = FrozenActivations(tiny_model(prefix_layers=1, lora_layers=1), store)  # layers 0-1 below
+    assert one.llm is not None and two.llm is not None and one.llm is not two.llm

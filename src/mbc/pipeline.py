@@ -18,6 +18,7 @@ from mbc import data as qa_data
 from mbc.config import MBCConfig
 from mbc.evaluation.online import EvalConfig, run_eval
 from mbc.paths import cache_dir
+from mbc.training.activations import FrozenStore
 from mbc.training.presets import preset
 from mbc.training.trainer import TrainConfig, train
 
@@ -64,14 +65,14 @@ def cached_adapter(quantize: bool = True, job: MainJobConfig | None = None) -> P
 
 
 def _train_or_reuse(
-    name: str, model_config: MBCConfig, train_config: TrainConfig, splits: dict, job: MainJobConfig
+    name: str, model_config: MBCConfig, train_config: TrainConfig, splits: dict, job: MainJobConfig, store: FrozenStore
 ) -> Path:
     """Train into the adapter's cache folder; reuse it when it is complete."""
     folder, settings = _adapter_folder(name, model_config, train_config, job)
     done = folder / "done.json"
     if not done.exists():
         train_config.output_dir = str(folder)
-        metrics = train(model_config, train_config, splits["train"], splits["validation"])
+        metrics = train(model_config, train_config, splits["train"], splits["validation"], store)
         done.write_text(json.dumps({"validation": metrics, "settings": settings}, indent=2))
     else:
         print(f"reusing the trained {name.upper()} adapter in {folder}")
@@ -83,10 +84,10 @@ def run_main_job(job: MainJobConfig | None = None) -> dict:
 
     job = job or MainJobConfig()
     splits = qa_data.load_splits(job.data)
-    checkpoints = {}
+    checkpoints, store = {}, FrozenStore()  # MAC reuses what the frozen LLM and encoders made of MBC's rows
     for name, quantize in (("mbc", True), ("mac", False)):
         model_config, train_config = _adapter_settings(quantize, job)
-        checkpoints[name] = _train_or_reuse(name, model_config, train_config, splits, job)
+        checkpoints[name] = _train_or_reuse(name, model_config, train_config, splits, job, store)
     rows = qa_data.first_documents(splits["test"], job.documents)
     mbc = MBCModel.from_pretrained(checkpoints["mbc"]).eval()
     mac = MBCModel.from_pretrained(checkpoints["mac"]).eval()

@@ -9,6 +9,10 @@ every later epoch:
 Each depends on its tokens alone (frozen weights, no dropout), so each is keyed by them. Where
 nothing lies below (a prefix in every LLM layer, as in the paper's presets; an encoder trained
 whole or a T5 encoder), that part is off and the step computes as without it.
+
+``FrozenStore`` holds what is kept, by part and by what the part depends on (backbone, layers
+below the split, dtype), so that trainings of different adapters over the same frozen backbones
+share it: the main job trains MBC and then MAC on the same rows, and MAC computes none of it again.
 """
 
 from __future__ import annotations
@@ -21,15 +25,16 @@ from mbc.model import MBCModel, pad
 class _RowCache:
     """Token ids -> a frozen part's hidden state [T, d] for them, computed in batches of what is missing."""
 
-    def __init__(self, compute):
-        self.compute, self.rows = compute, {}
+    def __init__(self):
+        self.rows: dict[tuple[int, ...], torch.Tensor] = {}
 
-    def padded(self, keys: list[tuple[int, ...]], device) -> torch.Tensor:
-        """The hidden states of ``keys``, right-padded with zeros (padding is never attended to) [B, T, d]."""
+    def padded(self, keys: list[tuple[int, ...]], device, compute) -> torch.Tensor:
+        """The hidden states of ``keys``, right-padded with zeros (padding is never attended to) [B, T, d];
+        ``compute(ids, mask)`` makes those not kept yet."""
         missing = [k for k in dict.fromkeys(keys) if k not in self.rows]
         if missing:
             ids = pad([list(k) for k in missing], 0).to(device)
-            hidden = self.compute(ids, _mask(missing).to(device))
+            hidden = compute(ids, _mask(missing).to(device))
             for i, key in enumerate(missing):
                 self.rows[key] = hidden[i, : len(key)].clone()
         rows = [self.rows[k] for k in keys]
@@ -43,6 +48,17 @@ class _RowCache:
         return sum(h.numel() * h.element_size() for h in self.rows.values())
 
 
+class FrozenStore:
+    """What frozen parts made of rows and texts, by the part's signature: the backbone it runs,
+    how many of its layers, and in which dtype. Models whose signatures agree share the rows."""
+
+    def __init__(self):
+        self._parts: dict[tuple, _RowCache] = {}
+
+    def part(self, *signature) -> _RowCache:
+        return self._parts.setdefault(signature, _RowCache())
+
+
 def _mask(keys: list[tuple[int, ...]]) -> torch.Tensor:
     return pad([[1] * len(k) for k in keys], 0)
 
@@ -53,11 +69,18 @@ def _token_keys(ids: torch.Tensor, mask: torch.Tensor) -> list[tuple[int, ...]]:
 
 
 class FrozenActivations:
-    def __init__(self, model: MBCModel):
-        self.model = model
-        self.llm = _RowCache(model.lower_hidden) if model.first_adapted_layer > 0 else None
-        self.documents = _RowCache(model.amortization.lower) if model.amortization.splits else None
-        self.questions = _RowCache(model.question_network.lower) if model.question_network.splits else None
+    def __init__(self, model: MBCModel, store: FrozenStore | None = None):
+        """``store``: where the kept rows live; pass one store to several trainings to share them."""
+        self.model, store = model, store or FrozenStore()
+        config, dtype = model.config, str(next(model.llm.parameters()).dtype)
+        amortization, question_network = model.amortization, model.question_network
+        self.llm = self.documents = self.questions = None
+        if model.first_adapted_layer > 0:
+            self.llm = store.part("llm", config.llm, config.llm_quantization, model.first_adapted_layer, dtype)
+        if amortization.splits:
+            self.documents = store.part("documents", config.document_encoder, amortization.frozen_layers, dtype)
+        if question_network.splits:
+            self.questions = store.part("questions", config.question_encoder, question_network.frozen_layers, dtype)
 
     @property
     def enabled(self) -> bool:
@@ -73,22 +96,24 @@ class FrozenActivations:
         if self.llm is None:
             return self.model.qa_loss(questions, answers, prefix)
         ids, mask, labels = self.model.training_inputs(questions, answers)  # right-padded, as ``padded`` pads
-        return self.model.qa_loss_from_lower(self.llm.padded(_token_keys(ids, mask), ids.device), mask, labels, prefix)
+        lower = self.llm.padded(_token_keys(ids, mask), ids.device, self.model.lower_hidden)
+        return self.model.qa_loss_from_lower(lower, mask, labels, prefix)
 
     def amortize(self, documents: list[str]) -> torch.Tensor:
         """``model.amortize``, running only the encoder's trained layers."""
         if self.documents is None:
             return self.model.amortize(documents)
-        return self._from_lower(self.model.amortization, self.documents, self.model.document_tokens(documents))
+        return _from_lower(self.model.amortization, self.documents, self.model.document_tokens(documents))
 
     def queries(self, questions: list[str]) -> torch.Tensor:
         """``model.queries``, running only the question encoder's trained layers."""
         if self.questions is None:
             return self.model.queries(questions)
-        return self._from_lower(self.model.question_network, self.questions, self.model.question_tokens(questions))
+        return _from_lower(self.model.question_network, self.questions, self.model.question_tokens(questions))
 
-    @staticmethod
-    def _from_lower(network, cache: _RowCache, tokens) -> torch.Tensor:
-        keys = _token_keys(*tokens)
-        lower = cache.padded(keys, tokens[0].device)
-        return network.forward_from_lower(lower, _mask(keys).to(lower.device))
+
+def _from_lower(network, cache: _RowCache, tokens) -> torch.Tensor:
+    """``network`` (an encoder with its reader) on ``tokens``, its frozen lower layers' output kept in ``cache``."""
+    keys = _token_keys(*tokens)
+    lower = cache.padded(keys, tokens[0].device, network.lower)
+    return network.forward_from_lower(lower, _mask(keys).to(lower.device))

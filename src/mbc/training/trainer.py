@@ -38,7 +38,7 @@ from mbc.evaluation.validation import evaluate
 from mbc.model import MBCModel
 from mbc.paths import writable_folder
 from mbc.settings import Range, check
-from mbc.training.activations import FrozenActivations
+from mbc.training.activations import FrozenActivations, FrozenStore
 from mbc.training.allocator import keep_large_allocations_on_mmap
 from mbc.training.objectives import StepObjective
 from mbc.training.schedule import PROBE_TOKENS, Schedule
@@ -280,9 +280,14 @@ class MetricsLog:
 
 
 def train(
-    model_config: MBCConfig, config: TrainConfig, train_rows: list[QAExample], validation_rows: list[QAExample]
+    model_config: MBCConfig,
+    config: TrainConfig,
+    train_rows: list[QAExample],
+    validation_rows: list[QAExample],
+    frozen_store: FrozenStore | None = None,
 ) -> dict:
-    """Train, validate and checkpoint into ``config.output_dir``; returns the final validation metrics."""
+    """Train, validate and checkpoint into ``config.output_dir``; returns the final validation metrics.
+    ``frozen_store``: frozen work kept by an earlier training on the same backbones, to reuse (activations.py)."""
     if config.return_freed_memory:
         keep_large_allocations_on_mmap()
     if len(train_rows) < config.batch_size:
@@ -347,7 +352,7 @@ def train(
     if model.retrieval_keys is not None and not bool(model.retrieval_keys.fitted):
         # Every process fits the same centroids: same documents, same seed.
         model.fit_retrieval_keys(train_documents)
-    frozen = FrozenActivations(model) if config.cache_frozen_activations else None
+    frozen = FrozenActivations(model, frozen_store) if config.cache_frozen_activations else None
     objective, optimizer = accelerator.prepare(StepObjective(model, frozen), optimizer)
     log = MetricsLog(out / "metrics.jsonl", accelerator)
 
