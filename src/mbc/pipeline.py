@@ -65,7 +65,12 @@ def cached_adapter(quantize: bool = True, job: MainJobConfig | None = None) -> P
 
 
 def _train_or_reuse(
-    name: str, model_config: MBCConfig, train_config: TrainConfig, splits: dict, job: MainJobConfig, store: FrozenStore
+    name: str,
+    model_config: MBCConfig,
+    train_config: TrainConfig,
+    splits: dict,
+    job: MainJobConfig,
+    store: FrozenStore | None = None,
 ) -> Path:
     """Train into the adapter's cache folder; reuse it when it is complete."""
     folder, settings = _adapter_folder(name, model_config, train_config, job)
