@@ -269,6 +269,37 @@ ModelOption = typer.Option(
 
 
 @app.command()
+def retention(
+    model: Optional[Path] = ModelOption,
+    mac: Optional[Path] = typer.Option(None, help="a trained MAC checkpoint to measure beside it"),
+    data: str = typer.Option(
+        "generated:1:2000", help="the documents to stream, all of them (default: 2,000 generated ones no run trains on)"
+    ),
+    every: int = typer.Option(200, min=1, help="documents per step; the questions about the first step are asked"),
+    output: Path = typer.Option(Path("runs/retention"), help="folder for retention.json, retention.png and the banks"),
+):
+    """Retention as the paper measures it: stream many documents into one bank and, after every
+    further step, answer again the questions about the first step's documents."""
+    from mbc import data as qa_data
+    from mbc.evaluation.retention import check_stream, format_retention, measure_retention, write_retention
+    from mbc.memory.service import default_model
+    from mbc.model import MBCModel
+    from mbc.paths import writable_folder
+
+    output = writable_folder(output)
+    (output / "banks").mkdir(exist_ok=True)
+    rows = qa_data.load(data)
+    check_stream(rows, every)  # before the models load
+    checkpoints = {"mbc": model or default_model(), **({"mac": mac} if mac else {})}
+    curves = {}
+    for name, checkpoint in checkpoints.items():
+        curves[name] = measure_retention(MBCModel.from_pretrained(checkpoint).eval(), rows, output / "banks", every)
+    write_retention(curves, output, {"data": data, "checkpoints": {k: str(v) for k, v in checkpoints.items()}})
+    typer.echo(format_retention(curves))
+    typer.echo(f"written to {output}/ (retention.json, retention.png)")
+
+
+@app.command()
 def ingest(
     bank: Path = typer.Argument(..., help="the bank file (created if missing)"),
     paths: list[str] = typer.Argument(..., help="text / Markdown files, folders, .jsonl or .csv files, or - (stdin)"),

@@ -123,7 +123,7 @@ def _answer_rows(answer, rows: list[QAExample], batch_size: int, timer: _Timer, 
     return predictions
 
 
-def _fresh_bank(model: MBCModel, folder: Path, name: str) -> MemoryBank:
+def fresh_bank(model: MBCModel, folder: Path, name: str) -> MemoryBank:
     """A new, empty bank in ``folder``: ``name.db``, or ``name-2.db`` and so on where that is taken
     (an earlier evaluation's bank, or anyone's file: nothing is ever deleted)."""
     for number in range(1, 10_000):
@@ -145,7 +145,7 @@ def _stream_into_bank(
 ):
     """Stream documents into a fresh bank in steps of ``retention_every``; after each step answer the
     retention questions again (after the last, every question). Returns the result and the curves."""
-    bank = _fresh_bank(model, banks, name)
+    bank = fresh_bank(model, banks, name)
     reader = reader_for(model, bank)
     adapt, answer_timer = _Timer(), _Timer()
     ask = lambda chunk: answer_from_bank(model, reader, [r.question for r in chunk], decoding)  # noqa: E731
@@ -186,7 +186,7 @@ def _stream_into_bank(
 
 
 def _unrelated(model: MBCModel, banks: Path, unrelated_documents: list[str], rows, config, decoding) -> MethodResult:
-    with _fresh_bank(model, banks, "unrelated") as bank:
+    with fresh_bank(model, banks, "unrelated") as bank:
         ingest(model, bank, unrelated_documents, batch_size=config.batch_size, progress=True)
         reader, timer = reader_for(model, bank), _Timer()
         predictions = _answer_rows(

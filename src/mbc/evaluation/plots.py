@@ -87,3 +87,17 @@ def plot_bank_size(curves: dict[str, list[dict]], png_path: Path) -> None:
             label="MAC float32 (same documents)",
         )
     _finish(plt, fig, ax, "documents streamed", "bytes", png_path, log_y=True)
+
+
+def plot_retention_and_recall(curves: dict[str, list[dict]], png_path: Path) -> None:
+    """F1 retention (solid) and the retrieval keys' recall of the own document (dashed) on the
+    first documents' questions, against documents streamed."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, curve in curves.items():
+        documents = [p["documents"] for p in curve]
+        line = ax.plot(documents, [p["retention_percent"] for p in curve], "o-", label=f"{name.upper()} F1 retention")
+        if all(p["recall_percent"] is not None for p in curve):
+            recall = [p["recall_percent"] for p in curve]
+            ax.plot(documents, recall, "s--", color=line[0].get_color(), label=f"{name.upper()} keys' recall")
+    _finish(plt, fig, ax, "documents streamed", "percent", png_path)

@@ -1,0 +1,96 @@
+"""Retention as the paper measures it: how well questions about the first documents of a long
+stream are still answered as the bank grows.
+
+The documents of ``rows`` stream into one bank, ``every`` at a time. After each step the questions
+about the first ``every`` documents are answered again: F1, F1 relative to right after those
+documents were stored (retention, percent), and, for a model with retrieval keys, the share of
+those questions whose own document the keys still put first (recall). A bank entry never
+changes once stored, so with keys what the stream can take away is the right document's place.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from mbc.data import QAExample, documents
+from mbc.errors import MBCError
+from mbc.evaluation.metrics import score
+from mbc.evaluation.online import fresh_bank
+from mbc.evaluation.validation import chunks, retrieval_recall
+from mbc.memory.ingest import ingest
+from mbc.memory.readers import RetrievalReader, answer_from_bank, reader_for
+from mbc.model import MBCModel
+from mbc.network.decoding import DecodingConfig
+
+
+def check_stream(rows: list[QAExample], every: int) -> list[str]:
+    """The distinct documents of ``rows``, in order, when they make at least two steps of ``every``."""
+    stream = documents(rows)
+    if len(stream) < 2 * every:
+        raise MBCError(
+            f"{len(stream)} documents make fewer than two steps of {every}: stream more documents or lower --every"
+        )
+    return stream
+
+
+def measure_retention(
+    model: MBCModel,
+    rows: list[QAExample],
+    banks: str | Path,
+    every: int = 200,
+    batch_size: int = 64,
+    decoding: DecodingConfig | None = None,
+) -> list[dict]:
+    """Stream into a new bank in the folder ``banks``. One point per step of ``every`` documents:
+    documents stored, EM, F1, retention and recall (percent; recall None without retrieval keys)
+    on the questions about the first ``every``."""
+    stream = check_stream(rows, every)
+    first = set(stream[:every])
+    probe = [r for r in rows if r.document in first]
+    golds = [list(r.answers) for r in probe]
+    bank = fresh_bank(model, Path(banks), f"retention-{every}")
+    reader, bank_ids, curve = reader_for(model, bank), {}, []
+    try:
+        for start in tqdm(range(0, len(stream), every), desc="retention: stream", unit="step"):
+            added = stream[start : start + every]
+            bank_ids.update(zip(added, ingest(model, bank, added, batch_size=batch_size).ids))
+            answers = []
+            for chunk in chunks(probe, batch_size):
+                answers += answer_from_bank(model, reader, [r.question for r in chunk], decoding)
+            scores = score(answers, golds)
+            point = {"documents": len(bank), "em": scores["em"], "f1": scores["f1"]}
+            point["retention_percent"] = 100 * point["f1"] / curve[0]["f1"] if curve and curve[0]["f1"] else 100.0
+            recall = None
+            if isinstance(reader, RetrievalReader):
+                recall = retrieval_recall(reader, probe, bank_ids, batch_size)
+            curve.append({**point, "recall_percent": recall})
+    finally:
+        bank.close()
+    return curve
+
+
+def write_retention(curves: dict[str, list[dict]], output: str | Path, notes: dict | None = None) -> None:
+    """``retention.json`` (the curves and ``notes``) and ``retention.png`` into ``output``."""
+    from mbc.evaluation.plots import plot_retention_and_recall
+
+    output = Path(output)
+    (output / "retention.json").write_text(json.dumps({"curves": curves, **(notes or {})}, indent=2))
+    plot_retention_and_recall(curves, output / "retention.png")
+
+
+def format_retention(curves: dict[str, list[dict]]) -> str:
+    """A table: one line per point, F1 / retention / recall of each model."""
+    names = list(curves)
+    head = f"{'documents':>10}" + "".join(f"{n + ' F1':>12}{'retention':>11}{'recall':>8}" for n in names)
+    lines = [head]
+    for i, point in enumerate(curves[names[0]]):
+        line = f"{point['documents']:>10,}"
+        for name in names:
+            p = curves[name][i]
+            recall = "-" if p["recall_percent"] is None else f"{p['recall_percent']:.1f}"
+            line += f"{p['f1']:>12.1f}{p['retention_percent']:>10.1f}%{recall:>8}"
+        lines.append(line)
+    return "\n".join(lines)

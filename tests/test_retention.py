@@ -1,0 +1,41 @@
+"""Retention over a stream: the questions about the first documents asked again as the bank grows."""
+
+import json
+
+from conftest import DOCUMENTS, MORE_DOCUMENTS
+from typer.testing import CliRunner
+
+from mbc.cli import app
+from mbc.data import QAExample
+from mbc.evaluation.retention import format_retention, measure_retention
+from mbc.model import MBCModel
+
+STREAM = DOCUMENTS + MORE_DOCUMENTS  # 8 documents
+ROWS = [QAExample(d, f"What does document {i} say?", (d.split()[0],), f"d{i}", "test") for i, d in enumerate(STREAM)]
+
+
+def test_retention_asks_the_first_documents_again_after_every_step(tiny_checkpoint, tmp_path):
+    model = MBCModel.from_pretrained(tiny_checkpoint).eval()
+    curve = measure_retention(model, ROWS, tmp_path, every=3, batch_size=2)
+    assert [p["documents"] for p in curve] == [3, 6, 8]
+    assert curve[0]["retention_percent"] == 100.0
+    for point in curve:  # the model reads its top-1 document by key: recall is measured at every point
+        assert 0.0 <= point["recall_percent"] <= 100.0 and 0.0 <= point["f1"] <= 100.0
+        if curve[0]["f1"]:
+            assert abs(point["retention_percent"] - 100 * point["f1"] / curve[0]["f1"]) < 1e-9
+    assert list(tmp_path.glob("retention-3*.db"))  # the bank is kept, named, never overwritten
+    assert measure_retention(model, ROWS, tmp_path, every=3, batch_size=2) == curve  # a second bank, same result
+    assert len(list(tmp_path.glob("retention-3*.db"))) == 2
+    assert "documents" in format_retention({"mbc": curve}).splitlines()[0]
+
+
+def test_retention_command_writes_the_curve_and_the_plot(tiny_checkpoint, tmp_path):
+    runner = CliRunner()
+    out = tmp_path / "out"
+    args = ["retention", "--model", tiny_checkpoint, "--data", "generated:3:20", "--every", "8", "--output", str(out)]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    saved = json.loads((out / "retention.json").read_text())
+    assert [p["documents"] for p in saved["curves"]["mbc"]] == [8, 16, 20] and (out / "retention.png").exists()
+    too_few = runner.invoke(app, [*args[:-2], "--every", "11", "--output", str(out)])
+    assert too_few.exit_code != 0 and "fewer than two steps of 11" in str(too_few.exception)
