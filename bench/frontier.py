@@ -1,0 +1,183 @@
+"""The bytes-accuracy frontier: MBC at several sizes of memory per document, each with its own
+documents and with unrelated ones, against MAC, BM25 top-1 (the text in the prompt) and the text
+itself, raw and zstd-compressed.
+
+    .venv/bin/python bench/frontier.py train [--points NAME,...]   # trains each point into runs/frontier/NAME (resumable)
+    .venv/bin/python bench/frontier.py table [--questions 300]     # the table and docs/figures/frontier.png
+
+Every point is the cpu preset (900 steps on generated documents, seed 0) with the settings below
+changed; bytes per document = the bit-packed codes (slots x bits per code) + the retrieval key.
+Scored on the validation split (choose settings there; the test split is for final models):
+EM / F1 with each question reading its own document's bank, the same with as many unrelated
+training documents, and the retrieval keys' recall of the own document. A memory larger than the
+zstd-compressed text is a worse way to store what it stores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RUNS = ROOT / "runs" / "frontier"
+FIGURE = ROOT / "docs" / "figures" / "frontier.png"
+
+# name: model settings changed from the cpu preset (slots K, codebook size, key pieces)
+POINTS = {
+    "k8-c512-key5": {"num_slots": 8, "codebook_size": 512, "retrieval_subspaces": 5},  # 9 + 5 = 14 bytes
+    "k12-c2048-key32": {},  # the preset: 17 + 32 = 49 bytes
+    "k48-c2048-key32": {"num_slots": 48},  # 66 + 32 = 98 bytes
+    "k192-c2048-key32": {"num_slots": 192},  # 264 + 32 = 296 bytes
+    "k704-c2048-key32": {"num_slots": 704},  # 968 + 32 = 1,000 bytes
+}
+TRAIN_SETTINGS = ["seed=0", "eval_every=1000000", "save_best=false", "eval_questions=300"]
+
+
+def train(names: list[str]) -> None:
+    for name in names:
+        metrics = RUNS / name / "metrics.jsonl"
+        if metrics.exists() and '"kind": "validation", "step": 900' in metrics.read_text():
+            print(f"{name}: trained ({metrics})")
+            continue
+        command = [str(ROOT / ".venv" / "bin" / "mbc"), "train", "--preset", "cpu", "--data", "generated"]
+        command += ["--output", str(RUNS / name), "--max-steps", "900"]
+        for key, value in POINTS[name].items():
+            command += ["--set", f"{key}={value}"]
+        for setting in TRAIN_SETTINGS:
+            command += ["--train-set", setting]
+        print(" ".join(command), flush=True)
+        subprocess.run(command, check=True)
+
+
+def text_sizes(texts: list[str]) -> tuple[float, float]:
+    """Mean bytes per document: UTF-8, and zstd (level 19) of each document alone."""
+    import zstandard
+
+    compressor = zstandard.ZstdCompressor(level=19)
+    raw = [t.encode("utf-8") for t in texts]
+    return sum(map(len, raw)) / len(raw), sum(len(compressor.compress(r)) for r in raw) / len(raw)
+
+
+def score_point(checkpoint: Path, rows, unrelated: list[str]) -> dict:
+    from mbc.data import documents
+    from mbc.evaluation.validation import evaluate, reader_over, retrieval_recall
+    from mbc.model import MBCModel
+
+    model = MBCModel.from_pretrained(checkpoint).eval()
+    own, control = evaluate(model, rows).metrics, evaluate(model, rows, bank_documents=unrelated).metrics
+    sizes = model.bytes_per_document()
+    recall = None
+    if model.retrieval_keys is not None:
+        stream = documents(rows)
+        reader = reader_over(model, stream)
+        recall = retrieval_recall(reader, rows, dict(zip(stream, reader.bank.ids())))
+        reader.bank.close()
+    stored = sizes["mbc"] if model.config.quantize else sizes["mac"]
+    return {
+        "bytes": stored + sizes["retrieval_key"],
+        "em": own["em"],
+        "f1": own["f1"],
+        "control_em": control["em"],
+        "control_f1": control["f1"],
+        "recall": recall,
+    }
+
+
+def base_with_text(rows) -> dict:
+    """The base LLM with BM25's top-1 document (over the validation documents) in the prompt."""
+    from mbc import MBCConfig, MBCModel
+    from mbc.data import documents
+    from mbc.evaluation.baselines import answer_prompts, bm25_retriever, context_prompt
+    from mbc.evaluation.validation import chunks, scores
+
+    model = MBCModel.build(MBCConfig()).eval()
+    retrieve = bm25_retriever(documents(rows), 1)
+    predictions = []
+    for chunk in chunks(rows, 16):
+        predictions += answer_prompts(model, [context_prompt(retrieve(r.question)[0], r.question) for r in chunk])
+    metrics = scores(predictions, rows)
+    recall = 100 * sum(retrieve(r.question)[0] == r.document for r in rows) / len(rows)
+    return {"em": metrics["em"], "f1": metrics["f1"], "recall": recall}
+
+
+def table(questions: int, mac: str | None) -> None:
+    from mbc import data as qa_data
+    from mbc.pipeline import cached_adapter
+
+    splits = qa_data.load_splits("generated")
+    rows = splits["validation"][:questions]
+    unrelated = qa_data.documents(splits["train"])[: len(qa_data.documents(rows))]
+    raw, zstd = text_sizes(qa_data.documents(rows))
+    results = {}
+    for name in POINTS:
+        checkpoint = RUNS / name / "last"
+        if (checkpoint / "model.safetensors").exists():
+            results[f"mbc {name}"] = score_point(checkpoint, rows, unrelated)
+        else:
+            print(f"{name}: not trained yet ({checkpoint} missing): bench/frontier.py train --points {name}")
+    mac_checkpoint = Path(mac) if mac else cached_adapter(quantize=False)
+    if mac_checkpoint is not None:
+        results["mac (main job's)"] = score_point(mac_checkpoint, rows, unrelated)
+    text = base_with_text(rows)
+    print(f"{len(rows)} validation questions about {len(qa_data.documents(rows))} generated documents")
+    print(f"{'memory':<26}{'bytes/doc':>10}{'EM':>7}{'F1':>7}{'EM unrel.':>11}{'F1 unrel.':>11}{'recall':>8}")
+    for name, r in results.items():
+        recall = "-" if r["recall"] is None else f"{r['recall']:.1f}"
+        print(
+            f"{name:<26}{r['bytes']:>10,.0f}{r['em']:>7.1f}{r['f1']:>7.1f}"
+            f"{r['control_em']:>11.1f}{r['control_f1']:>11.1f}{recall:>8}"
+        )
+    print(
+        f"{'base LLM + BM25 top-1':<26}{raw:>10,.0f}{text['em']:>7.1f}{text['f1']:>7.1f}{'':>22}{text['recall']:>8.1f}"
+    )
+    print(f"document text: {raw:,.0f} bytes raw, {zstd:,.0f} bytes zstd -19 (each document alone)")
+    plot(results, text, raw, zstd)
+    print(f"written {FIGURE}")
+
+
+def plot(results: dict, text: dict, raw: float, zstd: float) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    mbc = sorted((r for n, r in results.items() if n.startswith("mbc")), key=lambda r: r["bytes"])
+    ax.plot([r["bytes"] for r in mbc], [r["em"] for r in mbc], "o-", label="MBC, own documents")
+    ax.plot([r["bytes"] for r in mbc], [r["control_em"] for r in mbc], "o--", label="MBC, unrelated documents")
+    for name, r in results.items():
+        if not name.startswith("mbc"):
+            ax.plot([r["bytes"]], [r["em"]], "s", label=f"MAC, own ({r['control_em']:.1f} unrelated)")
+    ax.plot([raw], [text["em"]], "^", label="base LLM + BM25 top-1 (the text)")
+    ax.axvline(raw, color="grey", linestyle=":", label="document text, raw")
+    ax.axvline(zstd, color="black", linestyle=":", label="document text, zstd")
+    ax.set_xscale("log")
+    ax.set_xlabel("bytes stored per document")
+    ax.set_ylabel("EM (validation questions)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    FIGURE.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(FIGURE, dpi=100)
+    plt.close(fig)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("command", choices=["train", "table"])
+    parser.add_argument("--points", default=",".join(POINTS), help="comma-separated names (train)")
+    parser.add_argument("--questions", type=int, default=300, help="validation questions scored (table)")
+    parser.add_argument("--mac", default=None, help="a MAC checkpoint (default: the one `mbc run` cached)")
+    args = parser.parse_args()
+    if args.command == "train":
+        unknown = [n for n in args.points.split(",") if n not in POINTS]
+        if unknown:
+            sys.exit(f"unknown point {unknown[0]!r}; known: {', '.join(POINTS)}")
+        train(args.points.split(","))
+    else:
+        table(args.questions, args.mac)
+
+
+if __name__ == "__main__":
+    main()
