@@ -26,7 +26,8 @@ FIGURE = ROOT / "docs" / "figures" / "frontier.png"
 
 # name: model settings changed from the cpu preset (slots K, codebook size, key pieces)
 POINTS = {
-    "k8-c512-key5": {"num_slots": 8, "codebook_size": 512, "retrieval_subspaces": 5},  # 9 + 5 = 14 bytes
+    # key pieces must divide MiniLM's 384 dimensions
+    "k8-c2048-key3": {"num_slots": 8, "retrieval_subspaces": 3},  # 11 + 3 = 14 bytes
     "k12-c2048-key32": {},  # the preset: 17 + 32 = 49 bytes
     "k48-c2048-key32": {"num_slots": 48},  # 66 + 32 = 98 bytes
     "k192-c2048-key32": {"num_slots": 192},  # 264 + 32 = 296 bytes
