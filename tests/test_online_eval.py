@@ -1,8 +1,11 @@
 import csv
 import json
 
-from mbc.data import QAExample
+import pytest
+
+from mbc.data import QAExample, documents
 from mbc.data.generated import generate_examples
+from mbc.errors import MBCError
 from mbc.evaluation.baselines import context_prompt, fitted_context_prompt
 from mbc.evaluation.online import EvalConfig, run_eval
 from mbc.evaluation.report import format_table
@@ -142,3 +145,26 @@ def test_a_prompt_is_answered_once_however_many_methods_put_it(tiny_model, tmp_p
         for record in csv.DictReader(f):
             by_method.setdefault(record["method"], []).append(record["prediction"])
     assert by_method["base, gold document"] == by_method["base, BM25 top-1"]
+
+
+def test_memory_on_top_of_bm25_reads_the_mbc_bank_with_the_document_in_the_prompt(tiny_model, tmp_path, monkeypatch):
+    rows = list(generate_examples(8, seed=3))[:12]
+    mbc = tiny_model(retrieval_top_k=1, retrieval_subspaces=4, retrieval_codes=2).eval()
+    mbc.fit_retrieval_keys(documents(rows))
+    calls = []
+    generate = mbc.generate
+    monkeypatch.setattr(
+        mbc,
+        "generate",
+        lambda prompts, prefix=None, decoding=None: (
+            calls.append((prompts, prefix)) or generate(prompts, prefix, decoding)
+        ),
+    )
+    config = EvalConfig(batch_size=8, methods=["mbc", "mbc + BM25 top-k"])
+    summary = run_eval(mbc, rows, [], tmp_path, config)
+    both = summary["methods"]["mbc + BM25 top-1"]
+    assert both["bytes_per_document"] > summary["methods"]["mbc"]["bytes_per_document"]  # the codes and the text
+    with_context = [(p, prefix) for p, prefix in calls if mbc.tokenizer.decode(p[0]).startswith("Context:")]
+    assert sum(len(p) for p, _ in with_context) == len(rows) and all(prefix is not None for _, prefix in with_context)
+    with pytest.raises(MBCError, match="reads the bank the method 'mbc' streams"):
+        EvalConfig(methods=["mbc + BM25 top-k"])

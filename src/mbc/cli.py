@@ -232,7 +232,8 @@ def evaluate_online(
     ),
     methods: Optional[str] = typer.Option(
         None,
-        help="subset of the methods, separated by commas without a space, e.g. 'mbc,mbc, unrelated bank' (default: all)",
+        help="the methods, separated by commas without a space, e.g. 'mbc,mbc, unrelated bank' (default: all but "
+        "'mbc + BM25 top-k', the adapter's memory on top of BM25's document in the prompt)",
     ),
     output: Path = typer.Option(
         Path("runs/eval"), help="folder for predictions.csv, summary.json, the plots and the banks"
@@ -242,12 +243,12 @@ def evaluate_online(
     and the baselines (base LLM raw / with worked examples / with the gold document / with BM25,
     MBC with a bank of unrelated documents), with sizes, times and retention."""
     from mbc import data as qa_data
-    from mbc.evaluation.online import ALL_METHODS, EvalConfig, run_eval
+    from mbc.evaluation.online import DEFAULT_METHODS, EvalConfig, run_eval
     from mbc.paths import writable_folder
 
     # Everything that can be checked is checked before the models load and the scoring starts.
     # Method names hold ", " themselves ("mbc, unrelated bank"): only a comma not followed by a space separates.
-    chosen = [m.strip() for m in re.split(r",(?! )", methods)] if methods else list(ALL_METHODS)
+    chosen = [m.strip() for m in re.split(r",(?! )", methods)] if methods else list(DEFAULT_METHODS)
     config = EvalConfig(
         retention_every, decoding=decoding, bm25_top_k=bm25_top_k, max_context_tokens=max_context_tokens, methods=chosen
     )
