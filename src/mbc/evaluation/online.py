@@ -9,6 +9,8 @@ Methods (each scored with EM, F1 and lenient EM, with its memory per document an
 - ``base, raw question`` and ``base, 3 worked examples``: the base LLM with no adaptation;
 - ``base, gold document`` (an upper bound) and ``base, BM25 top-k``: documents in the prompt,
   after the same worked examples.
+- ``mbc + BM25 top-k`` (when named): BM25's documents in the prompt as for ``base, BM25 top-k``,
+  and the adapter's prefix read from the ``mbc`` bank: whether the memory adds to the text.
 
 Retention: the questions about the first ``retention_every`` documents are answered again after
 every further ``retention_every`` documents streamed; F1 relative to the first answers, in percent.
