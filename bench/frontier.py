@@ -36,11 +36,16 @@ POINTS = {
 TRAIN_SETTINGS = ["seed=0", "eval_every=1000000", "save_best=false", "eval_questions=300"]
 
 
+def trained(name: str) -> bool:
+    """Whether the point's run finished its 900 steps (its last/ may hold a run stopped halfway)."""
+    metrics = RUNS / name / "metrics.jsonl"
+    return metrics.exists() and '"kind": "validation", "step": 900' in metrics.read_text()
+
+
 def train(names: list[str]) -> None:
     for name in names:
-        metrics = RUNS / name / "metrics.jsonl"
-        if metrics.exists() and '"kind": "validation", "step": 900' in metrics.read_text():
-            print(f"{name}: trained ({metrics})")
+        if trained(name):
+            print(f"{name}: trained ({RUNS / name})")
             continue
         command = [str(ROOT / ".venv" / "bin" / "mbc"), "train", "--preset", "cpu", "--data", "generated"]
         command += ["--output", str(RUNS / name), "--max-steps", "900"]
@@ -113,11 +118,10 @@ def table(questions: int, mac: str | None) -> None:
     raw, zstd = text_sizes(qa_data.documents(rows))
     results = {}
     for name in POINTS:
-        checkpoint = RUNS / name / "last"
-        if (checkpoint / "model.safetensors").exists():
-            results[f"mbc {name}"] = score_point(checkpoint, rows, unrelated)
+        if trained(name):
+            results[f"mbc {name}"] = score_point(RUNS / name / "last", rows, unrelated)
         else:
-            print(f"{name}: not trained yet ({checkpoint} missing): bench/frontier.py train --points {name}")
+            print(f"{name}: not trained to its end yet: bench/frontier.py train --points {name}")
     mac_checkpoint = Path(mac) if mac else cached_adapter(quantize=False)
     if mac_checkpoint is not None:
         results["mac (main job's)"] = score_point(mac_checkpoint, rows, unrelated)
