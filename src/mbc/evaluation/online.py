@@ -235,21 +235,24 @@ def _base(
     return MethodResult(predictions, bytes_per_document, ms)
 
 
-def _with_context(prompt_answers: _PromptAnswers, rows, contexts, config, name: str, text_bytes: float):
-    """The base LLM reading ``contexts[i]`` for row i, each prompt cut to fit; and how many were cut."""
-    model = prompt_answers.model
-    budget = min(config.max_context_tokens or llm_window(model), llm_window(model))
-    budget -= prompt_answers.decoding.max_new_tokens
-    fitted = {id(r): fitted_context_prompt(model, c, r.question, budget) for r, c in zip(rows, contexts)}
-    result = _base(prompt_answers, rows, lambda r: fitted[id(r)][0], name, config.context_batch_size, text_bytes)
-    return result, sum(cut for _, cut in fitted.values())
-
-
-def _memory_and_text(model: MBCModel, bank_path: Path, rows, contexts, config, decoding, name, text_bytes):
-    """The adapter's prefix, read from its bank, on the base LLM's prompt with ``contexts[i]`` in it
-    (the gold-document prompt's layout): the memory on top of retrieval."""
+def _fitted_prompts(model: MBCModel, rows, contexts, config, decoding: DecodingConfig) -> list[tuple[str, bool]]:
+    """Row i's context prompt with ``contexts[i]``, cut to fit the LLM's window (or
+    ``max_context_tokens``) with room for the answer; and whether it was cut."""
     budget = min(config.max_context_tokens or llm_window(model), llm_window(model)) - decoding.max_new_tokens
-    prompts = [fitted_context_prompt(model, c, r.question, budget)[0] for r, c in zip(rows, contexts)]
+    return [fitted_context_prompt(model, c, r.question, budget) for r, c in zip(rows, contexts)]
+
+
+def _with_context(prompt_answers: _PromptAnswers, rows, fitted, config, name: str, text_bytes: float):
+    """The base LLM reading row i's ``fitted`` prompt (``_fitted_prompts``); and how many were cut."""
+    prompts = {id(r): prompt for r, (prompt, _) in zip(rows, fitted)}
+    result = _base(prompt_answers, rows, lambda r: prompts[id(r)], name, config.context_batch_size, text_bytes)
+    return result, sum(cut for _, cut in fitted)
+
+
+def _memory_and_text(model: MBCModel, bank_path: Path, rows, fitted, config, decoding, name, text_bytes):
+    """The adapter's prefix, read from its bank, on row i's ``fitted`` prompt (the gold-document
+    prompt's layout, with retrieved documents): the memory on top of retrieval."""
+    prompts = [prompt for prompt, _ in fitted]
     predictions, timer = [], _Timer()
     with MemoryBank.open_existing(bank_path) as bank:
         reader, per_document = reader_for(model, bank), bank.sizes()["stored_bytes"] / max(len(bank), 1)
@@ -299,7 +302,7 @@ def run_eval(
     if any("BM25" in m for m in methods):
         retrieve = bm25_retriever(stream, config.bm25_top_k)
         retrieved = {id(r): retrieve(r.question) for r in rows}
-        bm25_contexts = ["\n\n".join(retrieved[id(r)]) for r in rows]
+        bm25_prompts = _fitted_prompts(mbc, rows, ["\n\n".join(retrieved[id(r)]) for r in rows], config, decoding)
         bm25_recall = 100 * sum(r.document in retrieved[id(r)] for r in rows) / max(len(rows), 1)
     for method in methods:
         if method in ("mbc", "mac"):
@@ -319,15 +322,15 @@ def run_eval(
             ask = lambda r: FEW_SHOT_TEMPLATE.replace("{question}", r.question)  # noqa: E731
             results[method] = _base(prompt_answers, rows, ask, method, config.batch_size)
         elif method == "base, gold document":
-            contexts = [r.document for r in rows]
-            results[method], cut[method] = _with_context(prompt_answers, rows, contexts, config, method, text_bytes)
+            gold = _fitted_prompts(mbc, rows, [r.document for r in rows], config, decoding)
+            results[method], cut[method] = _with_context(prompt_answers, rows, gold, config, method, text_bytes)
         elif method == "base, BM25 top-k":
             name = f"base, {bm25}"
-            results[name], cut[name] = _with_context(prompt_answers, rows, bm25_contexts, config, name, text_bytes)
+            results[name], cut[name] = _with_context(prompt_answers, rows, bm25_prompts, config, name, text_bytes)
         else:  # "mbc + BM25 top-k"
             bank = Path(bank_sizes["mbc"]["path"])
             name = f"mbc + {bm25}"
-            results[name] = _memory_and_text(mbc, bank, rows, bm25_contexts, config, decoding, name, text_bytes)
+            results[name] = _memory_and_text(mbc, bank, rows, bm25_prompts, config, decoding, name, text_bytes)
 
     golds, kinds = [list(r.answers) for r in rows], answer_kinds(rows)
     summary = {

@@ -59,6 +59,10 @@ class FrozenStore:
         return self._parts.setdefault(signature, _RowCache())
 
 
+def _dtype(module) -> str:
+    return str(next(module.parameters()).dtype)
+
+
 def _mask(keys: list[tuple[int, ...]]) -> torch.Tensor:
     return pad([[1] * len(k) for k in keys], 0)
 
@@ -72,15 +76,17 @@ class FrozenActivations:
     def __init__(self, model: MBCModel, store: FrozenStore | None = None):
         """``store``: where the kept rows live; pass one store to several trainings to share them."""
         self.model, store = model, store or FrozenStore()
-        config, dtype = model.config, str(next(model.llm.parameters()).dtype)
-        amortization, question_network = model.amortization, model.question_network
+        config, amortization, question_network = model.config, model.amortization, model.question_network
         self.llm = self.documents = self.questions = None
         if model.first_adapted_layer > 0:
-            self.llm = store.part("llm", config.llm, config.llm_quantization, model.first_adapted_layer, dtype)
+            llm = (config.llm, config.llm_quantization, model.first_adapted_layer, _dtype(model.llm))
+            self.llm = store.part("llm", *llm)
         if amortization.splits:
-            self.documents = store.part("documents", config.document_encoder, amortization.frozen_layers, dtype)
+            encoder = (config.document_encoder, amortization.frozen_layers, _dtype(amortization.encoder))
+            self.documents = store.part("documents", *encoder)
         if question_network.splits:
-            self.questions = store.part("questions", config.question_encoder, question_network.frozen_layers, dtype)
+            encoder = (config.question_encoder, question_network.frozen_layers, _dtype(question_network.encoder))
+            self.questions = store.part("questions", *encoder)
 
     @property
     def enabled(self) -> bool:
