@@ -1,9 +1,11 @@
+import json
+
 from conftest import tiny_config
 
 from mbc import data as qa_data
 from mbc.paths import cache_dir
 from mbc.pipeline import MainJobConfig, _train_or_reuse
-from mbc.training.trainer import TrainConfig
+from mbc.training.trainer import FLOAT_MEMORY_STATE, TrainConfig
 
 
 def test_main_job_trains_once_then_reuses_the_cached_adapter(tiny_paths, tmp_path, monkeypatch):
@@ -21,3 +23,22 @@ def test_main_job_trains_once_then_reuses_the_cached_adapter(tiny_paths, tmp_pat
     assert again == first and (first.parent / "metrics.jsonl").read_text() == metrics  # reused, not retrained
     other = _train_or_reuse("mbc", tiny_config(tiny_paths, num_slots=2), train_config(), splits, MainJobConfig())
     assert other != first  # another setting, another adapter
+
+
+def test_main_job_mac_starts_where_mbc_left_its_float_memory(tiny_paths, tmp_path, monkeypatch):
+    monkeypatch.setenv("MBC_CACHE", str(tmp_path / "cache"))
+    splits = qa_data.standard_split(qa_data.first_documents(qa_data.load("generated"), 30))
+
+    def train_config(quantize):
+        return TrainConfig(
+            batch_size=4, max_steps=3, float_memory_steps=2, eval_questions=0, keep_float_memory_state=quantize
+        )
+
+    mbc = _train_or_reuse("mbc", tiny_config(tiny_paths), train_config(True), splits, MainJobConfig())
+    start = mbc.parent / FLOAT_MEMORY_STATE
+    mac_config = tiny_config(tiny_paths, quantize=False)
+    mac = _train_or_reuse("mac", mac_config, train_config(False), splits, MainJobConfig(), start_from=start)
+    steps = [json.loads(line)["step"] for line in (mac.parent / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [3]  # steps 1-2 were MBC's
+    alone = _train_or_reuse("mac", mac_config, train_config(False), splits, MainJobConfig())
+    assert alone != mac  # the state it starts from is part of what names it

@@ -273,3 +273,43 @@ def test_rerunning_a_finished_run_trains_no_further(tiny_paths, tmp_path):
     assert saved_progress(tmp_path / "last")["step"] == 3
     after = load_file(tmp_path / "last" / WEIGHTS_NAME)
     assert all(torch.equal(before[name], after[name]) for name in before)
+
+
+def test_mac_started_from_a_mbc_float_memory_state_computes_what_mbc_did(tiny_paths, tmp_path):
+    # Until its codebook is fitted MBC computes what MAC does: a MAC run started from MBC's state at
+    # step 1 reaches, at step 3, the weights a MBC run with 3 float-memory steps keeps at its step 3.
+    _train(tiny_paths, tmp_path / "mbc1", max_steps=4, float_memory_steps=1, keep_float_memory_state=True)
+    _train(tiny_paths, tmp_path / "mbc3", max_steps=4, float_memory_steps=3, keep_float_memory_state=True)
+    assert saved_progress(tmp_path / "mbc3" / "float-memory")["step"] == 3
+    mac = tiny_config(tiny_paths, "gpt2", "bert", lora_dropout=0.0, quantize=False)
+    settings = TrainConfig(**_values(tmp_path / "mac", max_steps=3, float_memory_steps=1, eval_questions=0))
+    metrics = train(mac, settings, ROWS["train"], ROWS["validation"], start_from=tmp_path / "mbc1" / "float-memory")
+    assert metrics == {}  # eval_questions=0: no validation
+    records = [json.loads(line) for line in (tmp_path / "mac" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["kind"] == "train"] == [2, 3]
+    assert not [r for r in records if r["kind"] == "validation"]
+    branched = load_file(tmp_path / "mac" / "last" / WEIGHTS_NAME)
+    straight = load_file(tmp_path / "mbc3" / "float-memory" / WEIGHTS_NAME)
+    assert set(straight) - set(branched) == {n for n in straight if n.startswith("quantizer.")}
+    for name in branched:
+        assert torch.allclose(branched[name], straight[name], atol=1e-6), name
+    start = load_file(tmp_path / "mbc1" / "float-memory" / WEIGHTS_NAME)
+    assert any(not torch.allclose(branched[name], start[name]) for name in branched)  # it did train
+
+
+def test_only_mac_starts_from_a_float_memory_state_with_the_same_settings(tiny_paths, tmp_path):
+    _train(tiny_paths, tmp_path / "mbc", max_steps=3, float_memory_steps=1, keep_float_memory_state=True)
+    start = tmp_path / "mbc" / "float-memory"
+
+    def start_mac(quantize=False, **overrides):
+        config = tiny_config(tiny_paths, "gpt2", "bert", lora_dropout=0.0, quantize=quantize)
+        settings = TrainConfig(**_values(tmp_path / "mac", max_steps=3, float_memory_steps=1, **overrides))
+        train(config, settings, ROWS["train"], ROWS["validation"], start_from=start)
+
+    with pytest.raises(MBCError, match="only a MAC run"):
+        start_mac(quantize=True)
+    with pytest.raises(MBCError, match="learning_rate 0.003 -> 0.01"):
+        start_mac(learning_rate=1e-2)
+    with pytest.raises(MBCError, match="holds no float-memory state"):
+        start = tmp_path / "nowhere"
+        start_mac()

@@ -143,11 +143,13 @@ def load_tensors(path: Path, expected_sha256: str | None) -> dict:
         raise MBCError(f"{path} is not a readable safetensors file ({error})") from error
 
 
-def load_state(model, folder: str | Path) -> None:
-    """Load a checkpoint's trainable tensors into ``model``, checking digest, names, shapes and codebook."""
+def load_state(model, folder: str | Path, leave_out: tuple[str, ...] = ()) -> None:
+    """Load a checkpoint's trainable tensors into ``model``, checking digest, names, shapes and codebook.
+    ``leave_out``: prefixes of tensor names not to load (a MAC model started from a MBC state: "quantizer.")."""
     folder = resolve(folder)
     meta = _meta(folder)
     state = load_tensors(folder / WEIGHTS_NAME, (meta.get("sha256") or {}).get(WEIGHTS_NAME))
+    state = {name: tensor for name, tensor in state.items() if not name.startswith(leave_out)}
     expected = model.trainable_state_dict()
     if set(state) != set(expected):
         missing, extra = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
@@ -162,7 +164,7 @@ def load_state(model, folder: str | Path) -> None:
             f"checkpoint {folder} does not match its config: tensors of other shapes: {', '.join(wrong[:3])}"
         )
     model.load_state_dict(state, strict=False)
-    if model.codebook_fingerprint() != meta.get("codebook_fingerprint"):
+    if not leave_out and model.codebook_fingerprint() != meta.get("codebook_fingerprint"):
         raise MBCError(
             f"the codebook in {folder / WEIGHTS_NAME} does not match the fingerprint in {CONFIG_NAME}: "
             "the checkpoint is corrupted"

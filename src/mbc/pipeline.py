@@ -3,7 +3,9 @@
 Everything it needs ships with the package: the bundled SmolLM2 and MiniLM, and fictional
 documents generated on the spot. Trained adapters are cached under ``$MBC_CACHE/trained/`` (default
 ``~/.cache/mbc``), keyed by a hash of every setting that shapes them, so a second run reuses them;
-an interrupted training resumes from its last checkpoint.
+an interrupted training resumes from its last checkpoint. MAC starts from MBC's state at the end of
+its float-memory warm start (the two compute the same until MBC's codebook is fitted), and both
+reuse what the frozen LLM and encoders made of the training rows.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from mbc.evaluation.online import EvalConfig, run_eval
 from mbc.paths import cache_dir
 from mbc.training.activations import FrozenStore
 from mbc.training.presets import preset
-from mbc.training.trainer import TrainConfig, train
+from mbc.training.trainer import FLOAT_MEMORY_STATE, TrainConfig, train
 
 
 @dataclass
@@ -34,13 +36,17 @@ class MainJobConfig:
     output: str = "runs/main"
 
 
-def _adapter_folder(name: str, model_config: MBCConfig, train_config: TrainConfig, job: MainJobConfig):
-    """The cache folder of an adapter, named by a hash of every setting that shapes it."""
+def _adapter_folder(
+    name: str, model_config: MBCConfig, train_config: TrainConfig, job: MainJobConfig, start_from: Path | None = None
+):
+    """The cache folder of an adapter, named by a hash of every setting that shapes it (and of the
+    state it started from)."""
     settings = {
         "model": model_config.to_dict(),
         "train": asdict(train_config),
         "data": job.data,
         "version": __version__,
+        "start_from": start_from and start_from.parent.name,
     }
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
     return cache_dir() / "trained" / f"{name}-{digest}", settings
@@ -49,18 +55,33 @@ def _adapter_folder(name: str, model_config: MBCConfig, train_config: TrainConfi
 def _adapter_settings(quantize: bool, job: MainJobConfig) -> tuple[MBCConfig, TrainConfig]:
     chosen = preset("cpu")
     model_config = MBCConfig(**{**chosen["model"], "quantize": quantize})
-    # Only `last` is used: no best-* copies (370 MB each) in the cache.
+    # Only `last` is used: no best-* copies (370 MB each) in the cache. No validation of its own:
+    # the main job evaluates both adapters on its test documents.
     train_config = TrainConfig(
-        **{**chosen["train"], "max_steps": job.max_steps, "eval_every": 10**9, "eval_questions": 60, "save_best": False}
+        **{
+            **chosen["train"],
+            "max_steps": job.max_steps,
+            "eval_every": 10**9,
+            "eval_questions": 0,
+            "save_best": False,
+            "keep_float_memory_state": quantize,
+        }
     )
     return model_config, train_config
+
+
+def _mac_start(job: MainJobConfig) -> Path:
+    """Where MAC starts: MBC's float-memory state."""
+    folder, _ = _adapter_folder("mbc", *_adapter_settings(True, job), job)
+    return folder / FLOAT_MEMORY_STATE
 
 
 def cached_adapter(quantize: bool = True, job: MainJobConfig | None = None) -> Path | None:
     """The checkpoint of the main job's trained MBC (or, quantize=False, MAC) adapter, if `mbc run` made one."""
     job = job or MainJobConfig()
     name = "mbc" if quantize else "mac"
-    folder, _ = _adapter_folder(name, *_adapter_settings(quantize, job), job)
+    start = None if quantize else _mac_start(job)
+    folder, _ = _adapter_folder(name, *_adapter_settings(quantize, job), job, start)
     return folder / "last" if (folder / "done.json").exists() else None
 
 
@@ -71,13 +92,14 @@ def _train_or_reuse(
     splits: dict,
     job: MainJobConfig,
     store: FrozenStore | None = None,
+    start_from: Path | None = None,
 ) -> Path:
     """Train into the adapter's cache folder; reuse it when it is complete."""
-    folder, settings = _adapter_folder(name, model_config, train_config, job)
+    folder, settings = _adapter_folder(name, model_config, train_config, job, start_from)
     done = folder / "done.json"
     if not done.exists():
         train_config.output_dir = str(folder)
-        metrics = train(model_config, train_config, splits["train"], splits["validation"], store)
+        metrics = train(model_config, train_config, splits["train"], splits["validation"], store, start_from)
         done.write_text(json.dumps({"validation": metrics, "settings": settings}, indent=2))
     else:
         print(f"reusing the trained {name.upper()} adapter in {folder}")
@@ -92,7 +114,8 @@ def run_main_job(job: MainJobConfig | None = None) -> dict:
     checkpoints, store = {}, FrozenStore()  # MAC reuses what the frozen LLM and encoders made of MBC's rows
     for name, quantize in (("mbc", True), ("mac", False)):
         model_config, train_config = _adapter_settings(quantize, job)
-        checkpoints[name] = _train_or_reuse(name, model_config, train_config, splits, job, store)
+        start = None if quantize else _mac_start(job)
+        checkpoints[name] = _train_or_reuse(name, model_config, train_config, splits, job, store, start)
     rows = qa_data.first_documents(splits["test"], job.documents)
     mbc = MBCModel.from_pretrained(checkpoints["mbc"]).eval()
     mac = MBCModel.from_pretrained(checkpoints["mac"]).eval()

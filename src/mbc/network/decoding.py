@@ -52,10 +52,17 @@ class DecodingConfig:
 
 
 def _forward(llm: nn.Module, input_ids, attention_mask, cache):
-    """Next-token logits [batch, vocab] for the last position, and the updated cache."""
+    """Next-token logits [batch, vocab] for the last position, and the updated cache. Only the last
+    position is projected onto the vocabulary: over a 130-token prompt, projecting every position
+    cost a fifth of the prefill (SmolLM2's output layer is a fifth of its weights)."""
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)[:, -input_ids.shape[1] :]
     out = llm(
-        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache, use_cache=True
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        cache=cache,
+        use_cache=True,
+        logits_to_keep=1,
     )
     return out.logits[:, -1].float(), out.cache
 

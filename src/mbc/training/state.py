@@ -53,19 +53,23 @@ def saved_progress(folder: Path) -> dict:
     return meta["progress"]
 
 
-def load_training_state(folder: Path, optimizer, scheduler) -> dict:
-    """Restore optimizer, scheduler and RNGs; returns the saved progress."""
+def load_training_state(folder: Path, optimizer, scheduler, groups: int | None = None) -> dict:
+    """Restore optimizer, scheduler and RNGs; returns the saved progress. ``groups``: restore only
+    the optimizer's first parameter groups (a MAC run started from a MBC state leaves the codebook's)."""
     folder = resolve(folder)
     meta = read_json(folder / STATE_JSON, "training state")
     tensors = load_tensors(folder / STATE_TENSORS, meta.get("sha256"))
     try:
+        param_groups = meta["param_groups"][:groups]
+        kept = {index for group in param_groups for index in group["params"]}
         slots: dict[int, dict] = {}
         for key, value in tensors.items():
             if key.startswith("optimizer."):
                 _, index, name = key.split(".", 2)
-                slots.setdefault(int(index), {})[name] = value
-        optimizer.load_state_dict({"state": slots, "param_groups": meta["param_groups"]})
-        scheduler.load_state_dict(meta["scheduler"])
+                if int(index) in kept:
+                    slots.setdefault(int(index), {})[name] = value
+        optimizer.load_state_dict({"state": slots, "param_groups": param_groups})
+        scheduler.load_state_dict(_first_groups(meta["scheduler"], len(meta["param_groups"]), groups))
         torch.set_rng_state(tensors["rng.torch"])
         random.setstate(_python_state(meta["rng_python"]))
         numpy_state = meta["rng_numpy"]
@@ -76,6 +80,15 @@ def load_training_state(folder: Path, optimizer, scheduler) -> dict:
         raise MBCError(
             f"the training state in {folder} does not fit this run ({type(error).__name__}: {error})"
         ) from error
+
+
+def _first_groups(scheduler_state: dict, saved_groups: int, groups: int | None) -> dict:
+    """The scheduler's state for the first ``groups`` parameter groups: its per-group lists (base and
+    last rates, rate functions) cut to them."""
+    return {
+        key: value[:groups] if isinstance(value, list) and len(value) == saved_groups else value
+        for key, value in scheduler_state.items()
+    }
 
 
 def _python_state(text: str):

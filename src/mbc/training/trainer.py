@@ -89,11 +89,17 @@ class TrainConfig:
     seed: int = 0
     log_every: int = 10
     eval_every: int = 200  # optimizer steps; validation also runs at the end
-    eval_questions: int | None = 500  # validation questions (all their documents form the bank)
+    eval_questions: int | None = (
+        500  # validation questions (all their documents form the bank); None: all, 0: no validation
+    )
     validate_control: bool = True  # also validate with a bank of unrelated training documents: the reading gap
     resume: bool = True
     save_every_minutes: float = 5.0  # also save a resumable state this often (wall time), and on SIGINT / SIGTERM
     save_best: bool = True  # also keep best-em / best-f1 / best-loss checkpoints beside last (each a full copy)
+    # MBC: also keep the state at the end of the float-memory warm start, before the codebook is
+    # fitted, in <output_dir>/float-memory: until then MBC computes what MAC does, so a MAC run with
+    # the same settings can start there (train's start_from) instead of repeating those steps.
+    keep_float_memory_state: bool = False
     return_freed_memory: bool = (
         False  # lower peak memory for some speed (training/allocator.py: ~5% less peak memory, 15-30% slower on CPU)
     )
@@ -132,7 +138,7 @@ TRAIN_LIMITS = {
     "seed": Range(0, 2**32 - 1),
     "log_every": Range(1, None),
     "eval_every": Range(1, None),
-    "eval_questions": Range(1, None),
+    "eval_questions": Range(0, None),
 }
 
 
@@ -196,6 +202,7 @@ RESUMABLE = {
     "validate_control",
     "resume",
     "save_best",
+    "keep_float_memory_state",
     "save_every_minutes",
     "return_freed_memory",
     "wandb_project",
@@ -212,6 +219,44 @@ def run_identity(model_config: MBCConfig, config: TrainConfig, rows: list[QAExam
         "data": hashlib.sha256(data.encode()).hexdigest(),
     }
     return json.loads(json.dumps(identity))  # as it reads back from the saved JSON
+
+
+# What only a codebook uses: a MAC run may start from a MBC run's float-memory state whatever these are.
+CODEBOOK_SETTINGS = {
+    "quantize",
+    "codebook_size",
+    "codebook_stages",
+    "codebook_metric",
+    "codebook_update",
+    "beta",
+    "vq_weight",
+    "ema_decay",
+    "dead_threshold",
+}
+FLOAT_MEMORY_STATE = "float-memory"  # the folder keep_float_memory_state writes
+
+
+def _without_codebook(identity: dict) -> dict:
+    return {**identity, "model": {k: v for k, v in identity["model"].items() if k not in CODEBOOK_SETTINGS}}
+
+
+def _start_from_float_memory(folder: Path, model: MBCModel, optimizer, scheduler, identity: dict) -> dict:
+    """Continue a MBC run's float-memory state as a MAC run: every tensor but the codebook's, the
+    optimizer without the codebook's group (the last), the scheduler, RNGs and progress."""
+    if model.config.quantize:
+        raise MBCError("only a MAC run (quantize=false) can start from a MBC run's float-memory state")
+    if not has_training_state(folder):
+        raise MBCError(
+            f"{folder} holds no float-memory state to start from: train the MBC run with "
+            "keep_float_memory_state=true first"
+        )
+    saved = saved_progress(folder).get("identity")
+    try:
+        _check_same_run(saved and _without_codebook(saved), _without_codebook(identity))
+        checkpoint.load_state(model, folder, leave_out=("quantizer.",))
+        return load_training_state(folder, optimizer, scheduler, groups=len(optimizer.param_groups))
+    except MBCError as error:
+        raise MBCError(f"cannot start from {folder}: {error}") from error
 
 
 def _check_same_run(saved: dict | None, current: dict) -> None:
@@ -285,9 +330,12 @@ def train(
     train_rows: list[QAExample],
     validation_rows: list[QAExample],
     frozen_store: FrozenStore | None = None,
+    start_from: Path | None = None,
 ) -> dict:
     """Train, validate and checkpoint into ``config.output_dir``; returns the final validation metrics.
-    ``frozen_store``: frozen work kept by an earlier training on the same backbones, to reuse (activations.py)."""
+    ``frozen_store``: frozen work kept by an earlier training on the same backbones, to reuse (activations.py).
+    ``start_from`` (MAC): a MBC run's float-memory state (keep_float_memory_state) to begin at when
+    this run has no state of its own to resume."""
     if config.return_freed_memory:
         keep_large_allocations_on_mmap()
     if len(train_rows) < config.batch_size:
@@ -348,6 +396,9 @@ def train(
                 "or pass --train-set resume=false to start over"
             ) from error
         accelerator.print(f"resumed from {last} at step {progress['step']}")
+    elif start_from is not None:
+        progress = _start_from_float_memory(Path(start_from), model, optimizer, scheduler, identity)
+        accelerator.print(f"started from the float-memory state in {start_from} at step {progress['step']}")
     progress["identity"] = identity
     if model.retrieval_keys is not None and not bool(model.retrieval_keys.fitted):
         # Every process fits the same centroids: same documents, same seed.
@@ -358,10 +409,10 @@ def train(
 
     def validate_and_save() -> dict:
         metrics = {}
-        if main:
-            rows = validation_rows[: config.eval_questions] if config.eval_questions else validation_rows
+        rows = validation_rows if config.eval_questions is None else validation_rows[: config.eval_questions]
+        if main and rows:
             # During the warm start the codebook is not fitted yet: a bank stored through it means nothing.
-            metrics = validation_metrics(model, rows, train_documents, config) if rows and not float_memory else {}
+            metrics = validation_metrics(model, rows, train_documents, config) if not float_memory else {}
             log.write(kind="validation", step=progress["step"], **metrics)
             for key, folder in BEST.items():
                 better = metrics and (
@@ -379,14 +430,17 @@ def train(
 
     saved_at = time.perf_counter()
 
-    def save_last() -> None:
+    def save_state(into: Path) -> None:
         """The model and everything needed to continue, written whole (checkpoint.replacing)."""
-        nonlocal saved_at
         if main:
-            with checkpoint.replacing(last) as folder:
+            with checkpoint.replacing(into) as folder:
                 checkpoint.write(model, folder)
                 save_training_state(folder, optimizer, scheduler, progress)
         accelerator.wait_for_everyone()
+
+    def save_last() -> None:
+        nonlocal saved_at
+        save_state(last)
         saved_at = time.perf_counter()
 
     bar = tqdm(total=total_steps, initial=progress["step"], disable=not main, desc="train", dynamic_ncols=True)
@@ -453,6 +507,8 @@ def train(
                 )
                 finished = progress["step"] >= total_steps or late
                 if float_memory and (finished or not schedule.float_memory(progress["step"])):
+                    if config.keep_float_memory_state and not schedule.float_memory(progress["step"]):
+                        save_state(out / FLOAT_MEMORY_STATE)
                     model.fit_codebook(train_documents[: config.codebook_fit_documents])
                     float_memory = False
                 if progress["step"] % config.log_every == 0 or progress["step"] == total_steps:
