@@ -313,23 +313,3 @@ def test_only_mac_starts_from_a_float_memory_state_with_the_same_settings(tiny_p
     with pytest.raises(MBCError, match="holds no float-memory state"):
         start = tmp_path / "nowhere"
         start_mac()
-
-
-def test_the_llm_part_of_the_rows_ahead_is_computed_once_when_the_first_step_needs_it(
-    tiny_paths, tmp_path, monkeypatch
-):
-    from mbc.training.trainer import _batches
-
-    batches = []
-    original = MBCModel.lower_hidden
-
-    def counting(self, ids, mask):
-        batches.append(ids.shape[0])
-        return original(self, ids, mask)
-
-    monkeypatch.setattr(MBCModel, "lower_hidden", counting)
-    config = tiny_config(tiny_paths, "gpt2", "bert", lora_dropout=0.0, prefix_layers=1, lora_layers=1)
-    settings = TrainConfig(**_values(tmp_path, max_steps=5, probe_steps=2, eval_questions=0))
-    train(config, settings, ROWS["train"], ROWS["validation"])
-    met = [row for batch in _batches(ROWS["train"], 4, 0, 0)[2:5] for row in batch]  # steps 3-5 read with the LLM
-    assert batches == [len({(row.question, row.answers[0]) for row in met})]  # one pass, nothing computed later

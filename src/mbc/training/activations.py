@@ -18,7 +18,6 @@ share it: the main job trains MBC and then MAC on the same rows, and MAC compute
 from __future__ import annotations
 
 import torch
-from tqdm.auto import tqdm
 
 from mbc.model import MBCModel, pad
 
@@ -29,19 +28,15 @@ class _RowCache:
     def __init__(self):
         self.rows: dict[tuple[int, ...], torch.Tensor] = {}
 
-    def fill(self, keys: list[tuple[int, ...]], device, compute) -> None:
-        """Keep the hidden states of those ``keys`` not kept yet; ``compute(ids, mask)`` makes them."""
+    def padded(self, keys: list[tuple[int, ...]], device, compute) -> torch.Tensor:
+        """The hidden states of ``keys``, right-padded with zeros (padding is never attended to) [B, T, d];
+        ``compute(ids, mask)`` makes those not kept yet."""
         missing = [k for k in dict.fromkeys(keys) if k not in self.rows]
         if missing:
             ids = pad([list(k) for k in missing], 0).to(device)
             hidden = compute(ids, _mask(missing).to(device))
             for i, key in enumerate(missing):
                 self.rows[key] = hidden[i, : len(key)].clone()
-
-    def padded(self, keys: list[tuple[int, ...]], device, compute) -> torch.Tensor:
-        """The hidden states of ``keys``, right-padded with zeros (padding is never attended to) [B, T, d];
-        ``compute(ids, mask)`` makes those not kept yet."""
-        self.fill(keys, device, compute)
         rows = [self.rows[k] for k in keys]
         out = rows[0].new_zeros(len(rows), max(len(r) for r in rows), rows[0].shape[-1])
         for i, row in enumerate(rows):
@@ -101,18 +96,6 @@ class FrozenActivations:
         """Per part: (rows kept, bytes)."""
         parts = {"llm": self.llm, "documents": self.documents, "questions": self.questions}
         return {name: (len(part.rows), part.bytes) for name, part in parts.items() if part is not None}
-
-    def keep_llm_rows(self, questions: list[str], answers: list[str], batch_size: int = 64) -> None:
-        """Compute now the LLM part of the training rows a run will meet, those not kept yet, sorted
-        by length in batches of ``batch_size``: on a 2-core CPU a quarter less time than meeting them
-        eight at a time in shuffled batches (less padding, larger products)."""
-        if self.llm is None:
-            return
-        keys = [tuple(self.model.training_row(q, a)[0]) for q, a in zip(questions, answers)]
-        missing = sorted((k for k in dict.fromkeys(keys) if k not in self.llm.rows), key=len)
-        device = self.model.device
-        for start in tqdm(range(0, len(missing), batch_size), desc="frozen LLM rows", unit="batch", leave=False):
-            self.llm.fill(missing[start : start + batch_size], device, self.model.lower_hidden)
 
     def qa_loss(self, questions: list[str], answers: list[str], prefix) -> torch.Tensor:
         """``model.qa_loss``, running only the LLM layers that carry a prefix or KV-LoRA."""

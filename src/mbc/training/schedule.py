@@ -68,10 +68,6 @@ class Schedule:
         """Whether the codebook is still bypassed at this step (it is fitted once the step count reaches float_memory_steps)."""
         return self.quantize and step < self.config.float_memory_steps
 
-    def reads_with_llm(self, step: int) -> bool:
-        """Whether the step runs the LLM on its rows: QA steps, and probe steps that teach reading."""
-        return step >= self.config.probe_steps or self._teach_reading(step) > 0
-
     def at(self, step: int, documents: int, float_memory: bool) -> Step:
         """The step about to run (``step`` optimizer steps done) on a batch of ``documents``;
         ``float_memory``: whether the codebook is still unfitted (the trainer knows: a run stopped

@@ -148,19 +148,6 @@ def _batches(examples: list[QAExample], batch_size: int, seed: int, epoch: int) 
     return [order[i : i + batch_size] for i in range(0, len(order) - batch_size + 1, batch_size)]
 
 
-def _rows_of_steps(
-    rows: list[QAExample], config: TrainConfig, per_epoch: int, world: int, rank: int, steps: range
-) -> list[QAExample]:
-    """The rows this process meets in these optimizer steps, epoch by epoch as the training loop walks them."""
-    met, epochs = [], {}
-    for index in range(steps.start * config.grad_accumulation, steps.stop * config.grad_accumulation):
-        epoch, batch = divmod(index, per_epoch)
-        if epoch not in epochs:
-            epochs[epoch] = _batches(rows, config.batch_size, config.seed, epoch)[: per_epoch * world][rank::world]
-        met += epochs[epoch][batch]
-    return met
-
-
 def parameter_groups(model: MBCModel, config: TrainConfig) -> list[dict]:
     # The pretrained encoders may want a gentler rate than the freshly initialised modules, and the
     # codebook a faster one: Adam moves a code by about the learning rate per step, and codes
@@ -476,7 +463,6 @@ def train(
         }
 
     window = empty_window()
-    rows_kept = frozen is None  # the LLM part of the rows ahead, computed when the first step needs it
     finished = progress["step"] >= total_steps
     if finished:
         accelerator.print(f"{last} already holds all {total_steps} steps of this run: validating it again")
@@ -490,13 +476,6 @@ def train(
             for batch in mine[progress["batch"] :]:
                 documents = list(dict.fromkeys(row.document for row in batch))
                 own = [documents.index(row.document) for row in batch]
-                if not rows_kept and schedule.reads_with_llm(progress["step"]):
-                    steps = range(progress["step"], total_steps)
-                    ahead = _rows_of_steps(
-                        train_rows, config, batches_per_epoch, world, accelerator.process_index, steps
-                    )
-                    frozen.keep_llm_rows([r.question for r in ahead], [r.answers[0] for r in ahead])
-                    rows_kept = True
                 with accelerator.accumulate(objective):
                     step = schedule.at(progress["step"], len(documents), float_memory)
                     output = objective(documents, [r.question for r in batch], [r.answers[0] for r in batch], own, step)
