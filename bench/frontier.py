@@ -5,6 +5,9 @@ itself, raw and zstd-compressed.
     .venv/bin/python bench/frontier.py train [--points NAME,...]   # trains each point into runs/frontier/NAME (resumable)
     .venv/bin/python bench/frontier.py table [--questions 300]     # the table and docs/figures/frontier.png
 
+Each checkpoint's scores are kept in runs/frontier/scores.json by its weights' digest and the
+number of questions: a second `table` scores only checkpoints it has not scored.
+
 Every point is the cpu preset (900 steps on generated documents, seed 0) with the settings below
 changed; bytes per document = the bit-packed codes (slots x bits per code) + the retrieval key.
 Scored on the validation split (choose settings there; the test split is for final models):
@@ -22,6 +25,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RUNS = ROOT / "runs" / "frontier"
+SCORES = RUNS / "scores.json"  # each checkpoint's scores, by its weights' digest and the questions scored
 FIGURE = ROOT / "docs" / "figures" / "frontier.png"
 
 # name: model settings changed from the cpu preset (slots K, codebook size, key pieces)
@@ -64,6 +68,26 @@ def text_sizes(texts: list[str]) -> tuple[float, float]:
     compressor = zstandard.ZstdCompressor(level=19)
     raw = [t.encode("utf-8") for t in texts]
     return sum(map(len, raw)) / len(raw), sum(len(compressor.compress(r)) for r in raw) / len(raw)
+
+
+def kept_score(key: str, compute) -> dict:
+    """``compute()``, or what it gave before for the same key (a checkpoint's digest and the questions)."""
+    import json
+
+    scores = json.loads(SCORES.read_text()) if SCORES.exists() else {}
+    if key not in scores:
+        scores[key] = compute()
+        SCORES.parent.mkdir(parents=True, exist_ok=True)
+        SCORES.write_text(json.dumps(scores, indent=1))
+    return scores[key]
+
+
+def weights_digest(checkpoint: Path) -> str:
+    import json
+
+    from mbc.checkpoint import CONFIG_NAME, WEIGHTS_NAME
+
+    return json.loads((checkpoint / CONFIG_NAME).read_text())["sha256"][WEIGHTS_NAME]
 
 
 def score_point(checkpoint: Path, rows, unrelated: list[str]) -> dict:
@@ -119,13 +143,16 @@ def table(questions: int, mac: str | None) -> None:
     results = {}
     for name in POINTS:
         if trained(name):
-            results[f"mbc {name}"] = score_point(RUNS / name / "last", rows, unrelated)
+            last = RUNS / name / "last"
+            key = f"{weights_digest(last)} {len(rows)}"
+            results[f"mbc {name}"] = kept_score(key, lambda: score_point(last, rows, unrelated))
         else:
             print(f"{name}: not trained to its end yet: bench/frontier.py train --points {name}")
     mac_checkpoint = Path(mac) if mac else cached_adapter(quantize=False)
     if mac_checkpoint is not None:
-        results["mac (main job's)"] = score_point(mac_checkpoint, rows, unrelated)
-    text = base_with_text(rows)
+        key = f"{weights_digest(mac_checkpoint)} {len(rows)}"
+        results["mac (main job's)"] = kept_score(key, lambda: score_point(mac_checkpoint, rows, unrelated))
+    text = kept_score(f"base LLM + BM25 top-1 {len(rows)}", lambda: base_with_text(rows))
     print(f"{len(rows)} validation questions about {len(qa_data.documents(rows))} generated documents")
     print(f"{'memory':<26}{'bytes/doc':>10}{'EM':>7}{'F1':>7}{'EM unrel.':>11}{'F1 unrel.':>11}{'recall':>8}")
     for name, r in results.items():
