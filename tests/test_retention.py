@@ -7,6 +7,7 @@ from typer.testing import CliRunner
 
 from mbc.cli import app
 from mbc.data import QAExample
+from mbc.evaluation.metrics import retention_percent
 from mbc.evaluation.retention import format_retention, measure_retention
 from mbc.model import MBCModel
 
@@ -18,11 +19,12 @@ def test_retention_asks_the_first_documents_again_after_every_step(tiny_checkpoi
     model = MBCModel.from_pretrained(tiny_checkpoint).eval()
     curve = measure_retention(model, ROWS, tmp_path, every=3, batch_size=2)
     assert [p["documents"] for p in curve] == [3, 6, 8]
-    assert curve[0]["retention_percent"] == 100.0
     for point in curve:  # the model reads its top-1 document by key: recall is measured at every point
         assert 0.0 <= point["recall_percent"] <= 100.0 and 0.0 <= point["f1"] <= 100.0
         if curve[0]["f1"]:
             assert abs(point["retention_percent"] - 100 * point["f1"] / curve[0]["f1"]) < 1e-9
+        else:  # nothing right at first: nothing to retain, no percent
+            assert point["retention_percent"] is None
     assert list(tmp_path.glob("retention-3*.db"))  # the bank is kept, named, never overwritten
     assert measure_retention(model, ROWS, tmp_path, every=3, batch_size=2) == curve  # a second bank, same result
     assert len(list(tmp_path.glob("retention-3*.db"))) == 2
@@ -39,3 +41,10 @@ def test_retention_command_writes_the_curve_and_the_plot(tiny_checkpoint, tmp_pa
     assert [p["documents"] for p in saved["curves"]["mbc"]] == [8, 16, 20] and (out / "retention.png").exists()
     too_few = runner.invoke(app, [*args[:-2], "--every", "11", "--output", str(out)])
     assert too_few.exit_code != 0 and "fewer than two steps of 11" in str(too_few.exception)
+
+
+def test_retention_is_a_percent_of_the_first_f1_and_none_without_one():
+    assert retention_percent(20.0, 25.0) == 80.0 and retention_percent(25.0, 25.0) == 100.0
+    assert retention_percent(0.0, 0.0) is None and retention_percent(5.0, 0.0) is None
+    curve = [{"documents": 3, "f1": 0.0, "retention_percent": None, "recall_percent": None}]
+    assert "-" in format_retention({"mbc": curve}).splitlines()[1]

@@ -43,6 +43,12 @@ def lenient_exact_match(prediction: str, golds: list[str]) -> float:
     return float(normalize(prediction)[: len(gold)] == gold)
 
 
+def retention_percent(f1: float, first_f1: float) -> float | None:
+    """F1 on the first documents' questions now, as a percent of their F1 when they were streamed;
+    None where that first F1 was 0 (nothing to retain)."""
+    return 100 * f1 / first_f1 if first_f1 else None
+
+
 def score(predictions: list[str], golds: list[list[str]]) -> dict[str, float]:
     """Mean EM, F1 and lenient EM in percent."""
     n = max(len(predictions), 1)

@@ -38,7 +38,7 @@ from mbc.evaluation.baselines import (
     fitted_context_prompt,
     llm_window,
 )
-from mbc.evaluation.metrics import score, score_by_group
+from mbc.evaluation.metrics import retention_percent, score, score_by_group
 from mbc.evaluation.report import write_predictions
 from mbc.evaluation.validation import chunks, retrieval_recall
 from mbc.memory.bank import BankLayout, MemoryBank
@@ -352,9 +352,7 @@ def run_eval(
             name: [
                 {
                     **p,
-                    "retention_percent": 100 * p["retention_f1"] / curve[0]["retention_f1"]
-                    if curve[0]["retention_f1"]
-                    else None,
+                    "retention_percent": retention_percent(p["retention_f1"], curve[0]["retention_f1"]),
                 }
                 for p in curve
             ]

@@ -96,7 +96,13 @@ def plot_retention_and_recall(curves: dict[str, list[dict]], png_path: Path) -> 
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, curve in curves.items():
         documents = [p["documents"] for p in curve]
-        line = ax.plot(documents, [p["retention_percent"] for p in curve], "o-", label=f"{name.upper()} F1 retention")
+        kept = [p for p in curve if p["retention_percent"] is not None]  # none where the first F1 was 0
+        line = ax.plot(
+            [p["documents"] for p in kept],
+            [p["retention_percent"] for p in kept],
+            "o-",
+            label=f"{name.upper()} F1 retention",
+        )
         if all(p["recall_percent"] is not None for p in curve):
             recall = [p["recall_percent"] for p in curve]
             ax.plot(documents, recall, "s--", color=line[0].get_color(), label=f"{name.upper()} keys' recall")

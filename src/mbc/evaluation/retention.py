@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from mbc.data import QAExample, documents
 from mbc.errors import MBCError
-from mbc.evaluation.metrics import score
+from mbc.evaluation.metrics import retention_percent, score
 from mbc.evaluation.online import fresh_bank
 from mbc.evaluation.validation import chunks, retrieval_recall
 from mbc.memory.ingest import ingest
@@ -62,7 +62,7 @@ def measure_retention(
                 answers += answer_from_bank(model, reader, [r.question for r in chunk], decoding)
             scores = score(answers, golds)
             point = {"documents": len(bank), "em": scores["em"], "f1": scores["f1"]}
-            point["retention_percent"] = 100 * point["f1"] / curve[0]["f1"] if curve and curve[0]["f1"] else 100.0
+            point["retention_percent"] = retention_percent(point["f1"], (curve[0] if curve else point)["f1"])
             recall = None
             if isinstance(reader, RetrievalReader):
                 recall = retrieval_recall(reader, probe, bank_ids, batch_size)
@@ -91,6 +91,7 @@ def format_retention(curves: dict[str, list[dict]]) -> str:
         for name in names:
             p = curves[name][i]
             recall = "-" if p["recall_percent"] is None else f"{p['recall_percent']:.1f}"
-            line += f"{p['f1']:>12.1f}{p['retention_percent']:>10.1f}%{recall:>8}"
+            kept = "-" if p["retention_percent"] is None else f"{p['retention_percent']:.1f}%"
+            line += f"{p['f1']:>12.1f}{kept:>11}{recall:>8}"
         lines.append(line)
     return "\n".join(lines)
