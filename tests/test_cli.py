@@ -168,3 +168,15 @@ def test_eval_streams_documents_and_compares_methods(tiny_paths, tmp_path):
         ],
     )
     assert result.exit_code != 0 and "unknown method 'telepathy'" in str(result.exception)
+
+
+def test_mac_trains_from_a_mbc_run_float_memory_state(tiny_paths, tmp_path):
+    warm = ("probe_steps=1", "teach_reading_steps=1", "float_memory_steps=2", "eval_questions=0")
+    mbc = _train(tiny_paths, tmp_path / "mbc", 3, warm, ["--train-set", "keep_float_memory_state=true"])
+    assert mbc.exit_code == 0, mbc.output
+    mac_args = ["--set", "quantize=false", "--start-from", str(tmp_path / "mbc" / "float-memory")]
+    mac = _train(tiny_paths, tmp_path / "mac", 3, warm, mac_args)
+    assert mac.exit_code == 0, mac.output
+    assert [json.loads(line)["step"] for line in (tmp_path / "mac" / "metrics.jsonl").read_text().splitlines()] == [3]
+    missing = _train(tiny_paths, tmp_path / "mac2", 3, warm, [*mac_args[:2], "--start-from", str(tmp_path)])
+    assert missing.exit_code != 0 and "holds no float-memory state" in str(missing.exception)

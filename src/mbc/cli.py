@@ -107,6 +107,11 @@ def train(
     ),
     model_overrides: list[str] = typer.Option([], "--set", help="override a model config field, KEY=VALUE"),
     train_overrides: list[str] = typer.Option([], "--train-set", help="override a training config field, KEY=VALUE"),
+    start_from: Optional[Path] = typer.Option(
+        None,
+        help="MAC (--set quantize=false): start from a MBC run's float-memory state, <run>/float-memory "
+        "(that run trained with --train-set keep_float_memory_state=true and the same settings)",
+    ),
 ):
     """Meta-train MBC on the train split (by article / document group) and validate on the validation split."""
     from mbc import data as qa_data
@@ -128,7 +133,7 @@ def train(
         ),
         err=True,
     )
-    metrics = run_training(model_config, train_config, splits["train"], splits["validation"])
+    metrics = run_training(model_config, train_config, splits["train"], splits["validation"], start_from=start_from)
     from accelerate import PartialState
 
     if PartialState().is_main_process:  # under `accelerate launch`, one process writes the results
