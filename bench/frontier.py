@@ -37,7 +37,7 @@ POINTS = {
     "k192-c2048-key32": {"num_slots": 192},  # 264 + 32 = 296 bytes
     "k704-c2048-key32": {"num_slots": 704},  # 968 + 32 = 1,000 bytes
 }
-# Saves every 15 minutes: the large points' checkpoints are GBs (K=192: 3.9 GB, K=704: ~9 GB).
+# Saves every 15 minutes: the large points' checkpoints are GBs (K=192: 3.9 GB, K=704: 13 GB).
 TRAIN_SETTINGS = ["seed=0", "eval_every=1000000", "save_best=false", "eval_questions=300", "save_every_minutes=15"]
 
 
