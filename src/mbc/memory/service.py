@@ -34,7 +34,7 @@ def default_model() -> Path:
     if found is None:
         raise MBCError(
             "no trained model given and none cached: pass --model CHECKPOINT (a folder from `mbc train`), "
-            "or run `mbc run` once (about 18 minutes on 2 cores), which trains and caches the default adapter"
+            "or run `mbc run` once (about 15 minutes on 2 cores), which trains and caches the default adapter"
         )
     return found
 

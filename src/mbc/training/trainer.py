@@ -89,9 +89,8 @@ class TrainConfig:
     seed: int = 0
     log_every: int = 10
     eval_every: int = 200  # optimizer steps; validation also runs at the end
-    eval_questions: int | None = (
-        500  # validation questions (all their documents form the bank); None: all, 0: no validation
-    )
+    # Validation questions (all their documents form the bank); None: all, 0: no validation.
+    eval_questions: int | None = 500
     validate_control: bool = True  # also validate with a bank of unrelated training documents: the reading gap
     resume: bool = True
     save_every_minutes: float = 5.0  # also save a resumable state this often (wall time), and on SIGINT / SIGTERM
