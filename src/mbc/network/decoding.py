@@ -53,8 +53,8 @@ class DecodingConfig:
 
 def _forward(llm: nn.Module, input_ids, attention_mask, cache):
     """Next-token logits [batch, vocab] for the last position, and the updated cache. Only the last
-    position is projected onto the vocabulary: over a 130-token prompt, projecting every position
-    cost a fifth of the prefill (SmolLM2's output layer is a fifth of its weights)."""
+    position is projected onto the vocabulary (SmolLM2's output layer is a fifth of its weights):
+    the main job's gold-document prompts took 345 instead of 281 ms per question projecting every one."""
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)[:, -input_ids.shape[1] :]
     out = llm(
         input_ids=input_ids,
