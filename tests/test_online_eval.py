@@ -6,6 +6,7 @@ import pytest
 from mbc.data import QAExample, documents
 from mbc.data.generated import generate_examples
 from mbc.errors import MBCError
+from mbc.evaluation import online
 from mbc.evaluation.baselines import context_prompt, fitted_context_prompt
 from mbc.evaluation.online import EvalConfig, run_eval
 from mbc.evaluation.report import format_table
@@ -59,6 +60,30 @@ def test_eval_runs_every_method_and_writes_its_outputs(tiny_model, tmp_path):
         **methods["mbc"],
         **{k: again["methods"]["mbc"][k] for k in ("adapt_ms_per_document", "answer_ms_per_question")},
     }
+
+
+def test_a_stream_of_one_step_asks_nothing_again_and_draws_no_retention_plot(tiny_model, tmp_path):
+    rows = generate_examples(8, seed=3)[:12]  # 2 documents, streamed in one step
+    summary = run_eval(tiny_model().eval(), rows, [], tmp_path, EvalConfig(retention_every=2, methods=["mbc"]))
+    assert [p["documents"] for p in summary["retention"]["mbc"]] == [2]
+    assert not (tmp_path / "retention.png").exists() and not (tmp_path / "bank_size.png").exists()
+
+
+def test_prompts_about_one_document_are_answered_in_batches_of_their_own(monkeypatch):
+    batches = []
+
+    def answer(model, prompts, decoding):
+        batches.append(prompts)
+        return [p.upper() for p in prompts]
+
+    monkeypatch.setattr(online, "answer_prompts", answer)
+    answers = online._PromptAnswers(model=None, decoding=None)
+    prompts = ["a1", "a2", "b1", "a3", "b2", "a1"]
+    predictions, _ = answers(prompts, "gold", batch_size=2, groups=["A", "A", "B", "A", "B", "A"])
+    assert predictions == [p.upper() for p in prompts]
+    assert batches == [["a1", "a2"], ["a3"], ["b1", "b2"]]  # each prompt once, one document per batch
+    answers(["c1", "c2", "c3", "b1"], "few-shot", batch_size=2)  # no groups: in order; b1 answered already
+    assert batches[3:] == [["c1", "c2"], ["c3"]]
 
 
 def test_eval_with_retrieval_keys_counts_their_bytes_and_reports_recall(tiny_model, tmp_path):

@@ -216,10 +216,19 @@ class _PromptAnswers:
         self.model, self.decoding = model, decoding
         self.answers: dict[str, tuple[str, float]] = {}  # prompt -> (answer, ms it took)
 
-    def __call__(self, prompts: list[str], name: str, batch_size: int) -> tuple[list[str], float]:
-        """The answers to ``prompts`` and the mean ms per prompt they took (when first generated)."""
+    def __call__(
+        self, prompts: list[str], name: str, batch_size: int, groups: list[str] | None = None
+    ) -> tuple[list[str], float]:
+        """The answers to ``prompts`` and the mean ms per prompt they took (when first generated).
+        Prompts of one group (the same document in front of different questions) are answered in
+        batches of their own, so that ``MBCModel.generate`` runs their common start once."""
         new = list(dict.fromkeys(p for p in prompts if p not in self.answers))
-        for chunk in tqdm(list(chunks(new, batch_size)), desc=name, unit="batch", leave=False):
+        group_of = dict(zip(prompts, groups)) if groups else {}
+        by_group: dict[str, list[str]] = {}
+        for prompt in new:
+            by_group.setdefault(group_of.get(prompt, ""), []).append(prompt)
+        batches = [batch for members in by_group.values() for batch in chunks(members, batch_size)]
+        for chunk in tqdm(batches, desc=name, unit="batch", leave=False):
             start = time.perf_counter()
             answers = answer_prompts(self.model, chunk, self.decoding)
             ms = 1000 * (time.perf_counter() - start) / len(chunk)
@@ -228,11 +237,9 @@ class _PromptAnswers:
         return [answer for answer, _ in answered], sum(ms for _, ms in answered) / max(len(prompts), 1)
 
 
-def _base(
-    prompt_answers: _PromptAnswers, rows, prompt, name: str, batch_size: int, bytes_per_document: float = 0.0
-) -> MethodResult:
+def _base(prompt_answers: _PromptAnswers, rows, prompt, name: str, batch_size: int) -> MethodResult:
     predictions, ms = prompt_answers([prompt(r) for r in rows], name, batch_size)
-    return MethodResult(predictions, bytes_per_document, ms)
+    return MethodResult(predictions, 0.0, ms)
 
 
 def _fitted_prompts(model: MBCModel, rows, contexts, config, decoding: DecodingConfig) -> list[tuple[str, bool]]:
@@ -242,11 +249,12 @@ def _fitted_prompts(model: MBCModel, rows, contexts, config, decoding: DecodingC
     return [fitted_context_prompt(model, c, r.question, budget) for r, c in zip(rows, contexts)]
 
 
-def _with_context(prompt_answers: _PromptAnswers, rows, fitted, config, name: str, text_bytes: float):
-    """The base LLM reading row i's ``fitted`` prompt (``_fitted_prompts``); and how many were cut."""
-    prompts = {id(r): prompt for r, (prompt, _) in zip(rows, fitted)}
-    result = _base(prompt_answers, rows, lambda r: prompts[id(r)], name, config.context_batch_size, text_bytes)
-    return result, sum(cut for _, cut in fitted)
+def _with_context(prompt_answers: _PromptAnswers, rows, contexts, fitted, config, name: str, text_bytes: float):
+    """The base LLM reading row i's ``fitted`` prompt (``_fitted_prompts``, with ``contexts[i]``);
+    and how many were cut."""
+    prompts = [prompt for prompt, _ in fitted]
+    predictions, ms = prompt_answers(prompts, name, config.context_batch_size, groups=contexts)
+    return MethodResult(predictions, text_bytes, ms), sum(cut for _, cut in fitted)
 
 
 def _memory_and_text(model: MBCModel, bank_path: Path, rows, fitted, config, decoding, name, text_bytes):
@@ -302,7 +310,8 @@ def run_eval(
     if any("BM25" in m for m in methods):
         retrieve = bm25_retriever(stream, config.bm25_top_k)
         retrieved = {id(r): retrieve(r.question) for r in rows}
-        bm25_prompts = _fitted_prompts(mbc, rows, ["\n\n".join(retrieved[id(r)]) for r in rows], config, decoding)
+        bm25_contexts = ["\n\n".join(retrieved[id(r)]) for r in rows]
+        bm25_prompts = _fitted_prompts(mbc, rows, bm25_contexts, config, decoding)
         bm25_recall = 100 * sum(r.document in retrieved[id(r)] for r in rows) / max(len(rows), 1)
     for method in methods:
         if method in ("mbc", "mac"):
@@ -322,11 +331,14 @@ def run_eval(
             ask = lambda r: FEW_SHOT_TEMPLATE.replace("{question}", r.question)  # noqa: E731
             results[method] = _base(prompt_answers, rows, ask, method, config.batch_size)
         elif method == "base, gold document":
-            gold = _fitted_prompts(mbc, rows, [r.document for r in rows], config, decoding)
-            results[method], cut[method] = _with_context(prompt_answers, rows, gold, config, method, text_bytes)
+            own = [r.document for r in rows]
+            gold = _fitted_prompts(mbc, rows, own, config, decoding)
+            results[method], cut[method] = _with_context(prompt_answers, rows, own, gold, config, method, text_bytes)
         elif method == "base, BM25 top-k":
             name = f"base, {bm25}"
-            results[name], cut[name] = _with_context(prompt_answers, rows, bm25_prompts, config, name, text_bytes)
+            results[name], cut[name] = _with_context(
+                prompt_answers, rows, bm25_contexts, bm25_prompts, config, name, text_bytes
+            )
         else:  # "mbc + BM25 top-k"
             bank = Path(bank_sizes["mbc"]["path"])
             name = f"mbc + {bm25}"
@@ -365,7 +377,7 @@ def run_eval(
     }
     write_predictions(output / "predictions.csv", rows, results)
     (output / "summary.json").write_text(json.dumps(summary, indent=2))
-    if curves:
+    if any(len(curve) > 1 for curve in curves.values()):  # one step: nothing was asked again
         plot_retention(summary["retention"], output / "retention.png")
         plot_bank_size(summary["retention"], output / "bank_size.png")
     return summary
