@@ -78,6 +78,33 @@ def test_greedy_with_prefix_and_cache_equals_recomputing_without_cache(tiny_mode
     assert not torch.allclose(prefixed, model.llm(input_ids=ids, attention_mask=mask).logits)  # the prefix matters
 
 
+def test_rows_that_finish_leave_the_batch_and_the_others_keep_their_own_prefix(tiny_model):
+    model = tiny_model("llama").eval()
+    torch.nn.init.normal_(model.prefix_expansion.blocks.w2)
+    prefix = model.prefix(model.modulation(QUESTIONS, model.memory(model.compress(DOCUMENTS))))
+
+    def run(ids, eos, rows=(0, 1)):
+        mask = (ids != 0).long()
+        rows_prefix = [(k[list(rows)], v[list(rows)]) for k, v in prefix]
+        return greedy(model.llm, model.layout, ids, mask, rows_prefix, eos_token_id=eos, max_new_tokens=6)
+
+    # A second prompt such that some token is in one row's answer and not the other's: with that
+    # token as EOS, one row ends mid-way and the other runs on alone.
+    ids = torch.tensor([[0, 0, 40, 41, 42], [50, 51, 52, 53, 54]])
+    for start in range(50, 250, 5):
+        ids[1] = torch.arange(start, start + 5)
+        first = run(ids, eos=1)
+        only = [(token, row) for row in (0, 1) for token in first[row][:5] if token not in first[1 - row]]
+        if only:
+            break
+    else:
+        pytest.fail("no pair of prompts whose answers differ in a token")
+    eos, ends = only[0]
+    batched = run(ids, eos)
+    alone = [run(ids[i : i + 1], eos, rows=(i,))[0] for i in range(2)]
+    assert batched == alone and len(batched[ends]) < 5 and len(batched[1 - ends]) == 6
+
+
 def test_diverse_beam_groups_choose_different_tokens():
     model, ids, mask = _tiny_llm("llama")
     layout = describe_llm(model)

@@ -21,7 +21,7 @@ from torch import nn
 
 from mbc.errors import MBCError
 from mbc.network.llm_layout import LLMLayout
-from mbc.network.prefix import prefix_in, repeat_prefix
+from mbc.network.prefix import keep_prefix_rows, prefix_in, repeat_prefix
 from mbc.settings import Range, check
 
 STRATEGIES = ("greedy", "beam", "diverse_beam")
@@ -165,8 +165,10 @@ def greedy(llm, layout, input_ids, attention_mask, prefix, eos_token_id, max_new
     ``shared``: the first ``shared`` columns hold the same tokens in every row, unpadded (the rest
     of each prompt follows them, left-padded): they run once, for one row, and every row attends to
     their keys and values. A few-shot prompt's worked examples are then not run once per question."""
-    finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-    lines = first_line.start(input_ids.shape[0]) if first_line is not None else None
+    rows, device = input_ids.shape[0], input_ids.device
+    finished = torch.zeros(rows, dtype=torch.bool, device=device)
+    running = torch.arange(rows, device=device)  # the rows still in the LLM's batch
+    lines = first_line.start(rows) if first_line is not None else None
     steps = []
     with prefix_in(layout, prefix):
         cache = None
@@ -174,18 +176,26 @@ def greedy(llm, layout, input_ids, attention_mask, prefix, eos_token_id, max_new
             if prefix is not None:
                 raise MBCError("a shared prompt start is run for one row: it cannot carry per-row soft prefixes")
             _, cache = _forward(llm, input_ids[:1, :shared], attention_mask[:1, :shared], None)
-            cache.batch_repeat_interleave(input_ids.shape[0])
+            cache.batch_repeat_interleave(rows)
         logits, cache = _forward(llm, input_ids[:, shared:], attention_mask, cache)
         for _ in range(max_new_tokens):
-            tokens = logits.argmax(dim=-1).masked_fill(finished, eos_token_id)
+            tokens = torch.full((rows,), eos_token_id, dtype=torch.long, device=device)
+            tokens[running] = logits.argmax(dim=-1)
             steps.append(tokens)
             finished |= tokens == eos_token_id
             if lines is not None:
-                finished |= lines.ended(tokens).to(finished.device)
+                finished |= lines.ended(tokens).to(device)
             if finished.all():
                 break
+            # Finished rows leave the batch (cache, mask and prefix rows): most answers end within a
+            # few tokens, and the rows still running need not carry a batch of finished ones.
+            keep = (~finished[running]).nonzero().squeeze(1)
+            if len(keep) < len(running):
+                running, attention_mask = running[keep], attention_mask[keep]
+                cache.batch_select_indices(keep)
+                keep_prefix_rows(layout, keep)
             attention_mask = _extend(attention_mask)
-            logits, cache = _forward(llm, tokens[:, None], attention_mask, cache)
+            logits, cache = _forward(llm, tokens[running, None], attention_mask, cache)
     generated = torch.stack(steps, dim=1).tolist()
     return [_cut_at_eos(row, eos_token_id) for row in generated]
 

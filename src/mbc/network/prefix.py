@@ -79,6 +79,15 @@ def prefix_in(layout: LLMLayout, prefix: list[tuple[torch.Tensor, torch.Tensor]]
             attention.mbc_prefix = None
 
 
+def keep_prefix_rows(layout: LLMLayout, rows: torch.Tensor) -> None:
+    """Inside ``prefix_in``: keep only ``rows`` of every prefixed layer's prefix (greedy decoding
+    drops the rows that have finished)."""
+    for attention in layout.attentions:
+        if getattr(attention, "mbc_prefix", None) is not None:
+            keys, values = attention.mbc_prefix
+            attention.mbc_prefix = (keys[rows], values[rows])
+
+
 def repeat_prefix(prefix: list[tuple[torch.Tensor, torch.Tensor]], times: int):
     """Each question's prefix repeated for each of its beams (batch b -> rows b*times .. b*times+times-1)."""
     return [(k.repeat_interleave(times, dim=0), v.repeat_interleave(times, dim=0)) for k, v in prefix]
