@@ -62,7 +62,7 @@ def test_eval_runs_every_method_and_writes_its_outputs(tiny_model, tmp_path):
     }
 
 
-def test_a_stream_of_one_step_asks_nothing_again_and_draws_no_retention_plot(tiny_model, tmp_path):
+def test_a_stream_of_one_step_has_one_retention_point_and_no_retention_plot(tiny_model, tmp_path):
     rows = generate_examples(8, seed=3)[:12]  # 2 documents, streamed in one step
     summary = run_eval(tiny_model().eval(), rows, [], tmp_path, EvalConfig(retention_every=2, methods=["mbc"]))
     assert [p["documents"] for p in summary["retention"]["mbc"]] == [2]
