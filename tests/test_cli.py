@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 from typer.testing import CliRunner
 
@@ -35,6 +36,23 @@ def _train(paths, out, steps: int, warm_starts: tuple[str, str], extra: list[str
     arguments = ["train", "--preset", "cpu", "--data", "generated", "--first-documents", "30", "--output", str(out)]
     arguments += ["--max-steps", str(steps), *[x for s in settings for x in ("--train-set", s)]]
     return runner.invoke(app, [*arguments, *_tiny_sets(paths), *extra])
+
+
+def test_a_training_stopped_midway_still_gets_its_loss_plot(tiny_paths, tmp_path, monkeypatch):
+    from mbc.errors import MBCError
+    from mbc.training import trainer
+
+    def stopped(model_config, config, *args, **kwargs):
+        step = {"kind": "train", "step": 10, "loss": 3.0, "qa": 3.0, "vq": 0.1, "probe": 0.0}
+        (Path(config.output_dir) / "metrics.jsonl").write_text(json.dumps(step) + "\n")
+        raise MBCError("interrupted by SIGTERM at step 10 of 20: the run is saved")
+
+    monkeypatch.setattr(trainer, "train", stopped)
+    out = tmp_path / "run"
+    out.mkdir()
+    result = _train(tiny_paths, out, steps=20, warm_starts=())
+    assert isinstance(result.exception, MBCError)  # `mbc` turns it into one line (test_bad_input.py)
+    assert (out / "loss.png").stat().st_size > 1000
 
 
 def test_train_then_validate_from_the_command_line(tiny_paths, tmp_path):

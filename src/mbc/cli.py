@@ -133,11 +133,15 @@ def train(
         ),
         err=True,
     )
-    metrics = run_training(model_config, train_config, splits["train"], splits["validation"], start_from=start_from)
     from accelerate import PartialState
 
-    if PartialState().is_main_process:  # under `accelerate launch`, one process writes the results
-        plot_loss_curve(output / "metrics.jsonl", output / "loss.png")
+    main = PartialState().is_main_process  # under `accelerate launch`, one process writes the results
+    try:
+        metrics = run_training(model_config, train_config, splits["train"], splits["validation"], start_from=start_from)
+    finally:  # a run stopped midway (SIGTERM, Ctrl-C) gets the curve of the steps it made too
+        if main and (output / "metrics.jsonl").exists():
+            plot_loss_curve(output / "metrics.jsonl", output / "loss.png")
+    if main:
         typer.echo(json.dumps({"validation": metrics, "output": str(output)}, indent=2))
 
 
