@@ -48,6 +48,7 @@ def test_eval_runs_every_method_and_writes_its_outputs(tiny_model, tmp_path):
     assert len(records) == 7 * 30 and {r["method"] for r in records} == set(methods)
     assert json.loads((tmp_path / "summary.json").read_text())["questions"] == 30
     assert (tmp_path / "retention.png").stat().st_size > 0 and (tmp_path / "bank_size.png").stat().st_size > 0
+    assert summary["files"] == ["predictions.csv", "summary.json", "retention.png", "bank_size.png"]
     assert "mbc, unrelated bank" in format_table(summary)
     by_kind = methods["mbc"]["by_answer_kind"]  # generated data: scored by answer kind too
     assert sum(s["questions"] for s in by_kind.values()) == 30 and set(by_kind) <= {"listed", "number", "name"}
@@ -67,6 +68,7 @@ def test_a_stream_of_one_step_has_one_retention_point_and_no_retention_plot(tiny
     summary = run_eval(tiny_model().eval(), rows, [], tmp_path, EvalConfig(retention_every=2, methods=["mbc"]))
     assert [p["documents"] for p in summary["retention"]["mbc"]] == [2]
     assert not (tmp_path / "retention.png").exists() and not (tmp_path / "bank_size.png").exists()
+    assert summary["files"] == ["predictions.csv", "summary.json"]
 
 
 def test_prompts_about_one_document_are_answered_in_batches_of_their_own(monkeypatch):

@@ -504,8 +504,7 @@ def _print_summary(summary: dict, output: Path) -> None:
         typer.echo(
             f"BM25 put the question's own document into the prompt for {summary['bm25_recall_percent']:.1f}% of questions"
         )
-    files = [f for f in ("predictions.csv", "summary.json", "retention.png", "bank_size.png") if (output / f).exists()]
-    typer.echo(f"peak memory {summary['peak_memory_gb']:.2f} GB; written to {output}/ ({', '.join(files)})")
+    typer.echo(f"peak memory {summary['peak_memory_gb']:.2f} GB; written to {output}/ ({', '.join(summary['files'])})")
 
 
 def main():

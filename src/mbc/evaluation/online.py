@@ -375,9 +375,11 @@ def run_eval(
         "peak_memory_gb": peak_memory_gb(),
         **(notes or {}),
     }
+    plots = any(len(curve) > 1 for curve in curves.values())  # one step: nothing was asked again
+    summary["files"] = ["predictions.csv", "summary.json"] + (["retention.png", "bank_size.png"] if plots else [])
     write_predictions(output / "predictions.csv", rows, results)
     (output / "summary.json").write_text(json.dumps(summary, indent=2))
-    if any(len(curve) > 1 for curve in curves.values()):  # one step: nothing was asked again
+    if plots:
         plot_retention(summary["retention"], output / "retention.png")
         plot_bank_size(summary["retention"], output / "bank_size.png")
     return summary
