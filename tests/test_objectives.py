@@ -106,6 +106,20 @@ def test_reading_gap_is_the_loss_with_the_next_document_minus_with_its_own(tiny_
     assert expected.abs() > 1e-4 and torch.allclose(measured.reading_gap, expected, atol=1e-5)
 
 
+def test_measuring_the_reading_gap_leaves_the_dropout_generator_as_it_was(tiny_model):
+    """Training must draw the same dropout masks whether or how often the gap is measured."""
+    after = {}
+    for measure in (False, True):  # a fresh model each: a training step updates codebook statistics
+        model = tiny_model(retrieval_top_k=1, retrieval_subspaces=4, retrieval_codes=3, lora_dropout=0.5)
+        model.fit_retrieval_keys(DOCUMENTS)
+        objective_of = StepObjective(model.train())
+        torch.manual_seed(1)
+        loss = objective_of(DOCUMENTS, QUESTIONS, ANSWERS, [0, 1], Step("qa", True, measure_gap=measure)).loss
+        after[measure] = (loss, torch.rand(4))
+    assert torch.equal(after[True][0], after[False][0])
+    assert torch.equal(after[True][1], after[False][1])  # the next draw: the generator was not moved
+
+
 def test_reading_gap_is_not_measured_where_questions_read_the_whole_bank(tiny_model):
     model = tiny_model().eval()  # no retrieval keys: every question reads every document
     out = StepObjective(model)(DOCUMENTS, QUESTIONS, ANSWERS, [0, 1], Step(measure_gap=True))

@@ -42,3 +42,14 @@ def test_main_job_mac_starts_where_mbc_left_its_float_memory(tiny_paths, tmp_pat
     assert steps == [3]  # steps 1-2 were MBC's
     alone = _train_or_reuse("mac", mac_config, train_config(False), splits, MainJobConfig())
     assert alone != mac  # the state it starts from is part of what names it
+
+
+def test_main_job_evaluates_its_methods_and_trains_without_the_in_training_gap():
+    from mbc.evaluation.online import DEFAULT_METHODS, EvalConfig
+    from mbc.pipeline import _adapter_settings
+
+    job = MainJobConfig()
+    methods = EvalConfig(methods=list(job.methods)).methods  # each a known method
+    assert "base, raw question" not in methods and set(methods) == set(DEFAULT_METHODS) - {"base, raw question"}
+    for quantize in (True, False):
+        assert _adapter_settings(quantize, job)[1].gap_every == 0

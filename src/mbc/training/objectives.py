@@ -76,7 +76,9 @@ class StepObjective(nn.Module):
             if not step.measure_gap or not self._can_swap(documents):
                 return loss.new_zeros(())
             other = [(document + 1) % len(documents) for document in own]
-            with torch.no_grad():
+            # The measurement runs the LoRA dropout too: on a forked generator, so that training
+            # draws the same masks whether or how often the gap is measured.
+            with torch.no_grad(), torch.random.fork_rng(devices=_cuda_devices(model)):
                 return loss_of(model.training_modulation(questions, documents, vectors, other, None, queries)) - loss
 
         if step.objective == "probe":
@@ -111,6 +113,11 @@ class StepObjective(nn.Module):
         retrieval keys reading one document each, and two documents or more in the batch."""
         config = self.model.config
         return self.model.retrieval_keys is not None and config.retrieval_top_k == 1 and len(documents) > 1
+
+
+def _cuda_devices(model: MBCModel) -> list[int]:
+    """The CUDA device whose generator ``fork_rng`` must also keep (none on a CPU)."""
+    return [model.device.index or 0] if model.device.type == "cuda" else []
 
 
 def amortize_some_with_grad(amortize, documents: list[str], keep: float) -> torch.Tensor:
