@@ -42,7 +42,7 @@ def _package_folder(package: str, install_hint: str) -> Path:
 @contextmanager
 def _gguf_read_once():
     """transformers parses a GGUF file anew for the config, the weights and the tokenizer, and builds
-    gguf's tensor-name table once per module (~400 times): ~13 of the conversion's ~19 s here. Within
+    gguf's tensor-name table once per module (~400 times): ~15 of the conversion's ~25 s here. Within
     this block each is built once; both are looked up on the ``gguf`` module at call time."""
     import gguf
 
