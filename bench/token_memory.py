@@ -107,20 +107,14 @@ def kept_ids(scorer: nn.Linear, tokens, keep: int) -> list[int]:
 def answer_with(model, rows, memory: dict[str, str], keys, stream: list[str]) -> tuple[list[str], float]:
     """Each row answered by the base LLM reading its top-1 document's memory text; and the keys'
     recall of the row's own document (percent)."""
-    from mbc.evaluation.baselines import answer_prompts, context_prompt
-    from mbc.evaluation.validation import chunks
+    from mbc.evaluation.baselines import context_prompt
+    from mbc.evaluation.online import _PromptAnswers  # one document's prompts batched together: a shared start
+    from mbc.network.decoding import DecodingConfig
 
     chosen = model.top_documents([r.question for r in rows], keys)[:, 0].tolist()
     read = [stream[i] for i in chosen]
-    by_document: dict[str, list[int]] = {}
-    for index, document in enumerate(read):
-        by_document.setdefault(document, []).append(index)
-    predictions = [""] * len(rows)
-    for document, indices in by_document.items():  # one document's prompts together: a shared start
-        for chunk in chunks(indices, 16):
-            prompts = [context_prompt(memory[document], rows[i].question) for i in chunk]
-            for i, answer in zip(chunk, answer_prompts(model, prompts)):
-                predictions[i] = answer
+    prompts = [context_prompt(memory[document], row.question) for document, row in zip(read, rows)]
+    predictions, _ = _PromptAnswers(model, DecodingConfig())(prompts, "answer", 16, groups=read)
     recall = 100 * sum(d == r.document for d, r in zip(read, rows)) / max(len(rows), 1)
     return predictions, recall
 
