@@ -124,9 +124,19 @@ def _meta(folder: Path) -> dict:
     return meta
 
 
+def read_config_dict(folder: str | Path) -> dict:
+    """The config a checkpoint was saved with, as stored (an MBC config, or a token memory's)."""
+    return _meta(resolve(folder))["config"]
+
+
 def read_config(folder: str | Path) -> MBCConfig:
     folder = resolve(folder)
     config = _meta(folder)["config"]
+    if config.get("kind") == "token_memory":
+        raise MBCError(
+            f"{folder} holds a token memory, not an MBC adapter: load it with TokenMemory.from_pretrained "
+            "(in `mbc eval`, give it as --tokens)"
+        )
     try:
         return MBCConfig.from_dict(config)
     except MBCError as error:

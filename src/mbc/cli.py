@@ -145,6 +145,34 @@ def train(
         typer.echo(json.dumps({"validation": metrics, "output": str(output)}, indent=2))
 
 
+@app.command("train-tokens")
+def train_tokens(
+    data: str = typer.Option("generated", help="SQuAD .json, StreamingQA / ArchivalQA .csv, or generated[:SEED]"),
+    output: Path = typer.Option(Path("runs/tokens"), help="checkpoint folder of the token memory"),
+    keep: int = typer.Option(48, min=1, help="tokens kept per document (2 bytes each)"),
+    before: int = typer.Option(2, min=0, help="also learn to keep this many tokens ahead of each answer"),
+    first_documents: Optional[int] = typer.Option(
+        None, min=1, help="keep only the first N distinct documents (and all their questions)"
+    ),
+):
+    """Fit a token memory (token_memory.py) on the train split: the retrieval keys and the scorer that
+    chooses which of a document's own tokens it keeps. No adapter trains: minutes on a CPU."""
+    from mbc import data as qa_data
+    from mbc.paths import writable_folder
+    from mbc.token_memory import TokenMemoryConfig, train_token_memory
+
+    writable_folder(output.parent)
+    splits = qa_data.load_splits(data, first_documents)
+    start = time.perf_counter()
+    model = train_token_memory(splits["train"], TokenMemoryConfig(keep=keep), before)
+    model.save_pretrained(output)
+    sizes = model.bytes_per_document()
+    typer.echo(
+        f"token memory fitted on {len(qa_data.documents(splits['train']))} documents in {time.perf_counter() - start:.0f} s: "
+        f"{sizes['tokens']} bytes of tokens + {sizes['retrieval_key']} of retrieval key per document; saved to {output}"
+    )
+
+
 @app.command()
 def validate(
     checkpoint: Path = typer.Argument(..., help="a checkpoint folder (e.g. runs/mbc/best-f1)"),
@@ -230,6 +258,7 @@ def evaluate_online(
     mac: Optional[Path] = typer.Option(
         None, help="a trained MAC checkpoint (quantize=false) to compare, same base LLM"
     ),
+    tokens: Optional[Path] = typer.Option(None, help="a token memory (`mbc train-tokens`) to compare"),
     data: str = typer.Option("generated", help="the data the checkpoints were trained on (the same split is rebuilt)"),
     split: str = typer.Option("test", help="test or validation"),
     documents: Optional[int] = typer.Option(
@@ -254,7 +283,7 @@ def evaluate_online(
     ),
 ):
     """Stream held-out documents into durable banks and answer every question about them: MBC, MAC,
-    and the baselines (base LLM raw / with worked examples / with the gold document / with BM25,
+    a token memory, and the baselines (base LLM raw / with worked examples / with the gold document / with BM25,
     MBC with a bank of unrelated documents), with sizes, times and retention."""
     from mbc import data as qa_data
     from mbc.evaluation.online import DEFAULT_METHODS, EvalConfig, run_eval
@@ -274,7 +303,12 @@ def evaluate_online(
 
     mbc_model = MBCModel.from_pretrained(checkpoint).eval()
     mac_model = MBCModel.from_pretrained(mac).eval() if mac else None
-    summary = run_eval(mbc_model, rows, unrelated, output, config, mac_model)
+    token_model = None
+    if tokens:
+        from mbc.token_memory import TokenMemory
+
+        token_model = TokenMemory.from_pretrained(tokens)
+    summary = run_eval(mbc_model, rows, unrelated, output, config, mac_model, tokens=token_model)
     _print_summary(summary, output)
 
 

@@ -392,6 +392,13 @@ class MBCModel(nn.Module):
         return self.generate_answers(questions, self.prefix(self.modulation(questions, memory)), decoding)
 
     @torch.no_grad()
+    def answer_read(self, reader, questions: list[str], decoding: DecodingConfig | None = None):
+        """Each question answered from what a reader over a bank (memory/readers.py) gives it; and
+        the bank ids of the documents each read (None: the whole bank)."""
+        modulation, read = reader.read(questions)
+        return self.generate_answers(questions, self.prefix(modulation), decoding), read
+
+    @torch.no_grad()
     def generate_answers(
         self, questions: list[str], prefix, decoding: DecodingConfig | None = None, prompt_template: str | None = None
     ) -> list[str]:

@@ -11,6 +11,9 @@ Methods (each scored with EM, F1 and lenient EM, with its memory per document an
   after the same worked examples.
 - ``mbc + BM25 top-k`` (when named): BM25's documents in the prompt as for ``base, BM25 top-k``,
   and the adapter's prefix read from the ``mbc`` bank: whether the memory adds to the text.
+- ``tokens`` and ``tokens, unrelated bank`` (when a token memory is given, token_memory.py): each
+  document kept as K of its own token ids, the base LLM reading the top-1 document's; and the
+  same with a bank of unrelated documents.
 
 Retention: the questions about the first ``retention_every`` documents are answered again after
 every further ``retention_every`` documents streamed; F1 relative to the first answers, in percent.
@@ -58,10 +61,13 @@ ALL_METHODS = (
     "base, gold document",
     "base, BM25 top-k",
     "mbc + BM25 top-k",
+    "tokens",
+    "tokens, unrelated bank",
 )
+NEEDS = {"mac": "mac", "tokens": "tokens", "tokens, unrelated bank": "tokens"}  # methods run only with that model
 # The main job's: "mbc + BM25 top-k" (the memory on top of retrieval, as MAC's paper reports MAC +
 # BM25) costs as much as the gold document's prompts again; `mbc eval --methods` adds it.
-DEFAULT_METHODS = ALL_METHODS[:-1]
+DEFAULT_METHODS = tuple(m for m in ALL_METHODS if m != "mbc + BM25 top-k")
 
 
 @dataclass
@@ -193,8 +199,8 @@ def _stream_into_bank(
     return result, curve, sizes
 
 
-def _unrelated(model: MBCModel, banks: Path, unrelated_documents: list[str], rows, config, decoding) -> MethodResult:
-    with fresh_bank(model, banks, "unrelated") as bank:
+def _unrelated(model, banks: Path, unrelated_documents: list[str], rows, config, decoding, name: str) -> MethodResult:
+    with fresh_bank(model, banks, name) as bank:
         ingest(model, bank, unrelated_documents, batch_size=config.batch_size, progress=True)
         reader, timer = reader_for(model, bank), _Timer()
         predictions = _answer_rows(
@@ -202,7 +208,7 @@ def _unrelated(model: MBCModel, banks: Path, unrelated_documents: list[str], row
             rows,
             config.batch_size,
             timer,
-            "unrelated bank: answer",
+            f"{name}: answer",
         )
         per_document = bank.sizes()["stored_bytes"] / max(len(bank), 1)
     return MethodResult(predictions, per_document, 1000 * timer.seconds / max(len(rows), 1))
@@ -280,10 +286,12 @@ def run_eval(
     config: EvalConfig | None = None,
     mac: MBCModel | None = None,
     notes: dict | None = None,
+    tokens=None,
 ) -> dict:
     """Run every method of ``config.methods`` on ``rows`` (their documents streamed in order) and
     write ``predictions.csv``, ``summary.json`` (with ``notes`` added) and the plots into ``output``;
-    returns the summary."""
+    returns the summary. ``mac`` and ``tokens`` (a ``TokenMemory``): the models of those methods,
+    which are left out when not given."""
     from mbc.evaluation.plots import plot_bank_size, plot_retention
 
     config = config or EvalConfig()
@@ -295,7 +303,7 @@ def run_eval(
         )
     if not rows:
         raise MBCError("no questions to evaluate: the split (or --documents) selects none")
-    if "mbc, unrelated bank" in config.methods and not unrelated_documents:
+    if any(m.endswith("unrelated bank") for m in config.methods) and not unrelated_documents:
         raise MBCError("the unrelated-bank control needs documents from the training split, and it has none")
     output = writable_folder(output)
     (output / "banks").mkdir(exist_ok=True)
@@ -304,7 +312,8 @@ def run_eval(
     retention_rows = [r for r in rows if r.document in set(stream[: config.retention_every])]
     text_bytes = sum(len(d.encode("utf-8")) for d in stream) / max(len(stream), 1)
     results, curves, bank_sizes, bm25_recall, cut = {}, {}, {}, None, {}
-    methods = [m for m in ALL_METHODS if m in config.methods and (m != "mac" or mac is not None)]
+    given = {"mac": mac, "tokens": tokens}
+    methods = [m for m in ALL_METHODS if m in config.methods and (m not in NEEDS or given[NEEDS[m]] is not None)]
     prompt_answers = _PromptAnswers(mbc, decoding)
     bm25 = f"BM25 top-{config.bm25_top_k}"
     if any("BM25" in m for m in methods):
@@ -314,14 +323,15 @@ def run_eval(
         bm25_prompts = _fitted_prompts(mbc, rows, bm25_contexts, config, decoding)
         bm25_recall = 100 * sum(r.document in retrieved[id(r)] for r in rows) / max(len(rows), 1)
     for method in methods:
-        if method in ("mbc", "mac"):
-            model = mbc if method == "mbc" else mac
+        if method in ("mbc", "mac", "tokens"):
+            model = {"mbc": mbc, **given}[method]
             results[method], curves[method], bank_sizes[method] = _stream_into_bank(
                 model, output / "banks", stream, rows, retention_rows, config, decoding, method
             )
-        elif method == "mbc, unrelated bank":
+        elif method in ("mbc, unrelated bank", "tokens, unrelated bank"):
+            model, name = (mbc, "unrelated") if method.startswith("mbc") else (tokens, "tokens-unrelated")
             results[method] = _unrelated(
-                mbc, output / "banks", unrelated_documents[: len(stream)], rows, config, decoding
+                model, output / "banks", unrelated_documents[: len(stream)], rows, config, decoding, name
             )
         elif method == "base, raw question":
             template = mbc.config.prompt_template

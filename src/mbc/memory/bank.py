@@ -44,6 +44,9 @@ BANK_TABLES = {"meta", "documents", "code_counts"}
 LOCK_TIMEOUT_SECONDS = 60
 
 
+_MEANING = {"mbc": "codebook", "mac": "amortization network", "tokens": "token scorer"}  # fixes what an entry means
+
+
 def content_hash(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
@@ -52,7 +55,7 @@ def content_hash(text: str) -> str:
 class BankLayout:
     """What a stored entry is: MBC indices [K, stages] from ``codebook_size`` codes, or MAC vectors [K, dim]."""
 
-    mode: str  # "mbc" or "mac"
+    mode: str  # "mbc", "mac" or "tokens" (token_memory.py: LLM token ids)
     num_slots: int
     stages: int
     codebook_size: int
@@ -63,6 +66,8 @@ class BankLayout:
 
     @classmethod
     def of(cls, model) -> "BankLayout":
+        if model.codec.mode == "tokens":  # a token memory (token_memory.py) says its own
+            return model.bank_layout()
         config = model.config
         keys = (config.retrieval_subspaces, config.retrieval_codes) if config.retrieval_top_k else (0, 0)
         return cls(
@@ -78,7 +83,7 @@ class BankLayout:
     @property
     def format(self) -> CodeFormat | FloatFormat:
         """How an entry is laid out in bytes (memory/codecs.py)."""
-        if self.mode == "mbc":
+        if self.mode in ("mbc", "tokens"):  # tokens: LLM token ids, bit-packed as code indices are
             return CodeFormat(self.num_slots, self.stages, self.codebook_size)
         return FloatFormat(self.num_slots, self.dim)
 
@@ -301,7 +306,7 @@ class MemoryBank:
         theirs = cls._stored_layout(path, stored)
         if theirs.fingerprint != layout.fingerprint:
             raise MBCError(
-                f"{path} was written by a model whose {'codebook' if theirs.mode == 'mbc' else 'amortization network'} "
+                f"{path} was written by a model whose {_MEANING.get(theirs.mode, 'model')} "
                 f"has fingerprint {str(theirs.fingerprint)[:16]}, but this model's is {str(layout.fingerprint)[:16]}: "
                 "its entries would be read as other vectors. Open it with the checkpoint that wrote it, or start a new bank file."
             )
@@ -392,7 +397,7 @@ class MemoryBank:
         self._changes += 1
 
     def _count(self, deltas: dict[int, int], entry: np.ndarray, sign: int) -> None:
-        if self.layout.format.vector_keys is None:  # a float (MAC) bank keeps no counts
+        if self.layout.mode != "mbc":  # only reading an MBC bank counts its codes
             return
         for key in self.layout.format.vector_keys(entry).tolist():
             deltas[key] = deltas.get(key, 0) + sign

@@ -17,7 +17,11 @@ keeps what it derives from the bank until the bank changes:
 - ``RetrievalReader`` (a model with ``retrieval_top_k`` > 0, retrieval.py): each question reads
   only the top-k documents by their stored retrieval keys. The keys are kept in memory (a few
   bytes per document), so a question costs one table lookup per key piece and document, plus
-  attention over k documents.
+  attention over k documents. A token memory (token_memory.py) is read through it too: its
+  ``top_ids`` say which document's kept tokens a question reads.
+
+A model answers through a reader with ``answer_read(reader, questions, decoding)``: MBC from the
+modulation, a token memory from the kept tokens' text.
 """
 
 from __future__ import annotations
@@ -215,4 +219,4 @@ def answer_from_bank(
     """Answer each question from the bank the reader reads."""
     if not check_texts(questions, "questions"):
         return []
-    return model.generate_answers(questions, model.prefix(reader.modulation(questions)), decoding)
+    return model.answer_read(reader, questions, decoding)[0]

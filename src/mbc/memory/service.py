@@ -39,6 +39,14 @@ def default_model() -> Path:
     return found
 
 
+def load_model(folder: str | Path):
+    """A checkpoint folder's model: an MBC or MAC adapter, or a token memory (token_memory.py)."""
+    from mbc.model import MBCModel
+    from mbc.token_memory import TokenMemory, is_token_memory
+
+    return (TokenMemory if is_token_memory(folder) else MBCModel).from_pretrained(folder).eval()
+
+
 @dataclass
 class AddReport:
     added: int = 0  # passages newly stored
@@ -68,10 +76,9 @@ class MemoryService:
     def open(cls, bank_path: str | Path, model_path: str | Path | None = None) -> "MemoryService":
         """Load the model (default: the main job's cached MBC adapter) and open (or create) its bank."""
         from mbc.memory.bank import BankLayout, MemoryBank
-        from mbc.model import MBCModel
 
         model_path = Path(model_path) if model_path else default_model()
-        model = MBCModel.from_pretrained(model_path).eval()
+        model = load_model(model_path)
         return cls(model, MemoryBank.open(bank_path, BankLayout.of(model)), model_path)
 
     @staticmethod
@@ -124,8 +131,7 @@ class MemoryService:
         questions = check_texts(questions, "questions")
         start = time.perf_counter()
         with torch.no_grad():
-            modulation, read = self.reader.read(questions)
-            answers = self.model.generate_answers(questions, self.model.prefix(modulation), decoding)
+            answers, read = self.model.answer_read(self.reader, questions, decoding)
         read = read or [None] * len(questions)
         seconds = time.perf_counter() - start
         return {

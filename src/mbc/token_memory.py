@@ -1,0 +1,301 @@
+"""Token memory: each document kept as K of its own LLM token ids, read by the base LLM as text.
+
+A memory variant beside MBC's (model.py), for the lever "a codebook the LLM can already read" at
+its simplest. The codebook is the base LLM's own token table, so a 16-bit index names a token of
+the document and the memory enters input-side, as text, where MBC's code vectors enter as a prefix
+the adapter must learn to decode (and never learned to decode into a name or number):
+
+    document --frozen LLM, hidden states entering `layer`--> a score per token --top K, in order--> K token ids (the bank)
+    question --retrieval key (network/retrieval.py)--> its top-1 document --> the kept tokens as the
+    context of the worked-example prompt (evaluation/baselines.py) --> frozen base LLM --> answer
+
+Which tokens a document keeps is learned: a linear scorer reads each token's hidden state beside
+its successor's (a causal LLM sees no right context), trained on the training documents to flag the
+tokens of an answer to one of their questions, and the ``before`` tokens ahead of each answer (the
+words that say what it is). Nothing else trains: the scorer takes seconds, the frozen LLM's hidden
+states minutes. A document shorter than K tokens is kept whole, padded with an index past the
+vocabulary. Bytes per document: 2 per kept token plus the retrieval key.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from mbc import checkpoint
+from mbc.config import MBCConfig
+from mbc.errors import MBCError, check_texts
+from mbc.network.codebook import fingerprint
+from mbc.network.decoding import DecodingConfig
+from mbc.network.frozen_llm import lower_hidden
+from mbc.network.lora import lora_disabled
+
+KIND = "token_memory"  # the checkpoint's "kind", which tells it from an MBC checkpoint
+
+
+def _cpu_preset() -> dict:
+    from mbc.training.presets import preset
+
+    return preset("cpu")["model"]
+
+
+@dataclass
+class TokenMemoryConfig:
+    keep: int = 48  # tokens kept per document (2 bytes each); chosen on validation (docs/RESULTS.md)
+    layer: int = 20  # the scorer reads the LLM's hidden state entering this layer (SmolLM2: of 30)
+    max_document_tokens: int = 512  # longer documents are stored as passages of this many LLM tokens
+    # The base LLM, tokenizer and retrieval keys: an MBC config (only those parts of it are used)
+    base: dict = field(default_factory=_cpu_preset)
+
+    def __post_init__(self):
+        if self.keep < 1 or self.layer < 1 or self.max_document_tokens < 16:
+            raise MBCError(
+                f"a token memory needs keep >= 1, layer >= 1 and max_document_tokens >= 16, got "
+                f"{self.keep}, {self.layer} and {self.max_document_tokens}"
+            )
+        if not self.base.get("retrieval_top_k"):
+            raise MBCError(
+                "a token memory reads its top-1 document by retrieval keys: its base needs retrieval_top_k > 0"
+            )
+
+    def to_dict(self) -> dict:
+        return {"kind": KIND, **asdict(self)}
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "TokenMemoryConfig":
+        values = {k: v for k, v in values.items() if k != "kind"}
+        try:
+            return cls(**values)
+        except TypeError as error:
+            raise MBCError(f"not a token memory config: {error}") from error
+
+
+class TokenCodec:
+    """Kept token ids <-> bank entries [K, 1] (one "stage"), padded with ``pad`` past the vocabulary."""
+
+    mode = "tokens"
+
+    def __init__(self, vocabulary: int, keep: int):
+        self.pad, self.keep = vocabulary, keep
+        self.codebook_size = vocabulary + 1  # the pad index too: still 16 bits for SmolLM2's 49,152
+
+    def encode(self, kept: list[list[int]]) -> np.ndarray:
+        entries = np.full((len(kept), self.keep, 1), self.pad, dtype=np.uint32)
+        for row, ids in enumerate(kept):
+            entries[row, : len(ids), 0] = ids
+        return entries
+
+    def decode(self, entries: np.ndarray) -> list[list[int]]:
+        return [[int(i) for i in entry[:, 0] if i != self.pad] for entry in np.asarray(entries)]
+
+
+class TokenMemory(nn.Module):
+    def __init__(self, config: TokenMemoryConfig, base):
+        super().__init__()
+        if not 1 <= config.layer <= base.layout.num_layers:
+            raise MBCError(f"layer={config.layer} is outside the base LLM's {base.layout.num_layers} layers")
+        self.config, self.base = config, base
+        self.scorer = nn.Linear(2 * base.layout.hidden_size, 1)
+        self.codec = TokenCodec(len(base.tokenizer), config.keep)
+
+    @classmethod
+    def build(cls, config: TokenMemoryConfig | None = None) -> "TokenMemory":
+        from mbc.model import MBCModel
+
+        config = config or TokenMemoryConfig()
+        return cls(config, MBCModel.build(MBCConfig.from_dict(config.base))).eval()
+
+    @property
+    def tokenizer(self):
+        return self.base.tokenizer
+
+    document_tokenizer = tokenizer  # what memory/service.py cuts long documents into passages by
+
+    @property
+    def retrieval_keys(self):
+        return self.base.retrieval_keys
+
+    def retrieval_keys_of(self, documents: list[str]) -> np.ndarray:
+        return self.base.retrieval_keys_of(documents)
+
+    def top_documents(self, questions: list[str], document_keys) -> torch.Tensor:
+        return self.base.top_documents(questions, document_keys)[:, :1]  # the top-1 document's tokens are read
+
+    # ---- which tokens a document keeps ---------------------------------------------------------
+    @torch.no_grad()
+    def token_features(self, texts: list[str], batch_size: int = 16, progress: bool = False):
+        """Per text: its token ids, their character spans, and features [tokens, 2 x hidden] (each
+        token's hidden state entering ``layer`` beside its successor's). Texts of similar length run
+        together, padded on the right (which causal attention keeps from every real token)."""
+        from mbc.model import pad
+
+        encoded = [
+            self.tokenizer(t, return_offsets_mapping=True, truncation=True, max_length=self.config.max_document_tokens)
+            for t in texts
+        ]
+        order = sorted(range(len(texts)), key=lambda i: len(encoded[i]["input_ids"]))
+        out: list = [None] * len(texts)
+        with lora_disabled(self.base.llm):
+            for first in tqdm(range(0, len(order), batch_size), desc="LLM hidden states", disable=not progress):
+                members = order[first : first + batch_size]
+                ids = [encoded[i]["input_ids"] for i in members]
+                mask = pad([[1] * len(t) for t in ids], 0, side="right").to(self.base.device)
+                tokens = pad(ids, 0, side="right").to(self.base.device)
+                hidden = lower_hidden(self.base.llm, self.base.layout, tokens, mask, self.config.layer).float()
+                for row, i in enumerate(members):
+                    states = hidden[row, : len(ids[row])]
+                    following = torch.cat([states[1:], states.new_zeros(1, states.shape[1])])
+                    out[i] = (ids[row], encoded[i]["offset_mapping"], torch.cat([states, following], dim=1))
+        return out
+
+    @torch.no_grad()
+    def kept_ids(self, texts: list[str]) -> list[list[int]]:
+        """Each text's ``keep`` best-scored token ids, in document order (all of a shorter text's)."""
+        kept = []
+        for ids, _, features in self.token_features(texts):
+            if len(ids) <= self.config.keep:
+                kept.append(list(ids))
+                continue
+            best = self.scorer(features.to(self.scorer.weight.dtype)).squeeze(1).topk(self.config.keep).indices
+            kept.append([ids[i] for i in best.sort().values.tolist()])
+        return kept
+
+    def compress(self, documents: list[str]) -> np.ndarray:
+        """Documents -> bank entries [N, keep, 1] (what ``memory/ingest.py`` stores)."""
+        return self.codec.encode(self.kept_ids(check_texts(documents, "documents")))
+
+    def texts(self, entries: np.ndarray) -> list[str]:
+        """Bank entries -> the kept tokens of each document, as text."""
+        return [self.tokenizer.decode(ids) for ids in self.codec.decode(entries)]
+
+    # ---- answering (through a RetrievalReader over a bank: memory/readers.py) -----------------
+    @torch.no_grad()
+    def answer_read(self, reader, questions: list[str], decoding: DecodingConfig | None = None):
+        """Each question answered by the base LLM reading its top-1 document's kept tokens; and the
+        bank ids it read."""
+        from mbc.evaluation.baselines import answer_prompts, context_prompt
+
+        read = reader.top_ids(questions)
+        contexts = self.texts(reader.bank.entries([ids[0] for ids in read]))
+        by_context: dict[str, list[int]] = {}
+        for i, context in enumerate(contexts):
+            by_context.setdefault(context, []).append(i)
+        # One document's prompts run together, so that their common start runs once; documents read
+        # by one question each run together in one batch.
+        batches = [members for members in by_context.values() if len(members) > 1]
+        batches.append([members[0] for members in by_context.values() if len(members) == 1])
+        answers: list = [None] * len(questions)
+        for members in filter(None, batches):
+            prompts = [context_prompt(contexts[i], questions[i]) for i in members]
+            for i, answer in zip(members, answer_prompts(self.base, prompts, decoding)):
+                answers[i] = answer
+        return answers, read
+
+    # ---- the bank it writes, and saving ------------------------------------------------------
+    def bank_layout(self):
+        from mbc.memory.bank import BankLayout
+
+        base = self.base.config
+        return BankLayout(
+            self.codec.mode,
+            self.config.keep,
+            1,
+            self.codec.codebook_size,
+            self.base.layout.hidden_size,
+            self.bank_fingerprint(),
+            base.retrieval_subspaces,
+            base.retrieval_codes,
+        )
+
+    def bytes_per_document(self) -> dict[str, float]:
+        return {"tokens": 2 * self.config.keep, "retrieval_key": self.base.bytes_per_document()["retrieval_key"]}
+
+    def bank_fingerprint(self) -> str:
+        """What a stored entry's meaning depends on: the scorer that chose the tokens (the tokenizer
+        is fixed by the base LLM the config names) and the retrieval keys' centroids."""
+        return fingerprint([self.scorer.weight, self.scorer.bias, self.retrieval_keys.centroids])
+
+    codebook_fingerprint = bank_fingerprint  # what checkpoint.py records and checks
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        keys = {f"base.retrieval_keys.{k}": v for k, v in self.retrieval_keys.state_dict().items()}
+        return {**{f"scorer.{k}": v for k, v in self.scorer.state_dict().items()}, **keys}
+
+    def save_pretrained(self, folder: str | Path) -> None:
+        checkpoint.save(self, folder)
+
+    @classmethod
+    def from_pretrained(cls, folder: str | Path) -> "TokenMemory":
+        model = cls.build(TokenMemoryConfig.from_dict(checkpoint.read_config_dict(folder)))
+        checkpoint.load_state(model, folder)
+        return model.eval()
+
+
+def is_token_memory(folder: str | Path) -> bool:
+    """Whether a checkpoint folder holds a token memory (rather than an MBC or MAC adapter)."""
+    return checkpoint.read_config_dict(folder).get("kind") == KIND
+
+
+# ---- training: fit the retrieval keys and the scorer on training documents ---------------------
+def answer_labels(text: str, spans, answers: set[str], before: int = 0) -> torch.Tensor:
+    """1 for each token whose characters overlap an occurrence of one of ``answers`` in ``text``,
+    and for the ``before`` tokens ahead of each such run."""
+    covered = [False] * len(text)
+    for answer in answers:
+        for found in re.finditer(re.escape(answer), text):
+            covered[found.start() : found.end()] = [True] * (found.end() - found.start())
+    labels = [float(any(covered[start:end])) for start, end in spans]
+    for i in [i for i, label in enumerate(labels) if label and (i == 0 or not labels[i - 1])]:
+        for j in range(max(i - before, 0), i):
+            labels[j] = 1.0
+    return torch.tensor(labels)
+
+
+def fit_scorer(scorer: nn.Linear, features: torch.Tensor, labels: torch.Tensor, steps: int = 600, seed: int = 0):
+    """Logistic regression on standardised features, both classes weighted alike (answers are a few
+    percent of the tokens); the standardisation is folded into the layer afterwards."""
+    generator = torch.Generator().manual_seed(seed)
+    nn.init.zeros_(scorer.weight)
+    nn.init.zeros_(scorer.bias)
+    optimizer = torch.optim.AdamW(scorer.parameters(), lr=1e-3, weight_decay=0.01)
+    positive = labels.mean().clamp(1e-3, 1 - 1e-3)
+    loss_of = nn.BCEWithLogitsLoss(pos_weight=(1 - positive) / positive)
+    mean, std = features.mean(0), features.std(0) + 1e-5
+    with torch.enable_grad():
+        for _ in range(steps):
+            batch = torch.randint(0, len(features), (4096,), generator=generator)
+            loss = loss_of(scorer((features[batch] - mean) / std).squeeze(1), labels[batch])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    with torch.no_grad():  # score = w . (x - mean) / std + b
+        weight = scorer.weight / std
+        scorer.bias -= (weight * mean).sum()
+        scorer.weight.copy_(weight)
+
+
+def train_token_memory(rows, config: TokenMemoryConfig | None = None, before: int = 2, steps: int = 600):
+    """A token memory fitted on training questions (``QAExample`` rows): the retrieval keys'
+    centroids on their documents, the scorer on their documents' tokens, labelled by the answers."""
+    from mbc.data import documents as distinct_documents
+
+    model = TokenMemory.build(config)
+    texts = distinct_documents(rows)
+    if not texts:
+        raise MBCError("no training documents: a token memory learns which tokens to keep from training questions")
+    model.base.fit_retrieval_keys(texts)
+    answers_of: dict[str, set[str]] = {}
+    for row in rows:
+        answers_of.setdefault(row.document, set()).update(row.answers)
+    tokens = model.token_features(texts, progress=True)
+    labels = torch.cat([answer_labels(t, spans, answers_of[t], before) for t, (_, spans, _) in zip(texts, tokens)])
+    if not labels.any():
+        raise MBCError("no answer occurs in its document's text: the scorer has no token to learn to keep")
+    fit_scorer(model.scorer, torch.cat([f for _, _, f in tokens]), labels, steps)
+    return model
