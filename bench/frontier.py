@@ -1,6 +1,6 @@
 """The bytes-accuracy frontier: MBC at several sizes of memory per document, each with its own
-documents and with unrelated ones, against MAC, BM25 top-1 (the text in the prompt) and the text
-itself, raw and zstd-compressed.
+documents and with unrelated ones, against MAC, the token memory (token_memory.py) at several K,
+BM25 top-1 (the text in the prompt) and the text itself, raw and zstd-compressed.
 
     .venv/bin/python bench/frontier.py train [--points NAME,...]   # trains each point into runs/frontier/NAME (resumable)
     .venv/bin/python bench/frontier.py table [--questions 300]     # the table and docs/figures/frontier.png
@@ -39,12 +39,16 @@ POINTS = {
     # (~1 KB through slots alone, K=704, is ~800M trainable parameters, 16 GB and ~9 s per step.)
     "k48x16-c2048-key32": {"num_slots": 48, "codebook_stages": 16, "codebook_metric": "l2"},  # 1,056 + 32 bytes
 }
+# name: tokens kept per document by a token memory (`mbc train-tokens --before 2`; 2 bytes a token + the 32-byte key)
+TOKEN_POINTS = {"tokens-k24": 24, "tokens-k32": 32, "tokens-k40": 40, "tokens-k48": 48}
 # Saves every 15 minutes: the large points' checkpoints are GBs (K=192: 3.9 GB).
 TRAIN_SETTINGS = ["seed=0", "eval_every=1000000", "save_best=false", "eval_questions=300", "save_every_minutes=15"]
 
 
 def trained(name: str) -> bool:
     """Whether the point's run finished its 900 steps (its last/ may hold a run stopped halfway)."""
+    if name in TOKEN_POINTS:
+        return (RUNS / name / "last" / "mbc_config.json").exists()  # written whole, at the end
     metrics = RUNS / name / "metrics.jsonl"
     return metrics.exists() and '"kind": "validation", "step": 900' in metrics.read_text()
 
@@ -54,7 +58,14 @@ def train(names: list[str]) -> None:
         if trained(name):
             print(f"{name}: trained ({RUNS / name})")
             continue
-        command = [str(ROOT / ".venv" / "bin" / "mbc"), "train", "--preset", "cpu", "--data", "generated"]
+        mbc = str(ROOT / ".venv" / "bin" / "mbc")
+        if name in TOKEN_POINTS:
+            keep = str(TOKEN_POINTS[name])
+            command = [mbc, "train-tokens", "--data", "generated", "--keep", keep, "--before", "2"]
+            print(" ".join(command + ["--output", str(RUNS / name / "last")]), flush=True)
+            subprocess.run(command + ["--output", str(RUNS / name / "last")], check=True)
+            continue
+        command = [mbc, "train", "--preset", "cpu", "--data", "generated"]
         command += ["--output", str(RUNS / name), "--max-steps", "900"]
         for key, value in POINTS[name].items():
             command += ["--set", f"{key}={value}"]
@@ -93,11 +104,36 @@ def weights_digest(checkpoint: Path) -> str:
     return json.loads((checkpoint / CONFIG_NAME).read_text())["sha256"][WEIGHTS_NAME]
 
 
+def score_tokens(checkpoint: Path, rows, unrelated: list[str]) -> dict:
+    """A token memory: each question answered from a bank of its documents, and of unrelated ones."""
+    from mbc.data import documents
+    from mbc.evaluation.validation import chunks, reader_over, retrieval_recall, scores
+    from mbc.memory.readers import answer_from_bank
+    from mbc.token_memory import TokenMemory
+
+    model = TokenMemory.from_pretrained(checkpoint)
+    result, stream = {}, documents(rows)
+    for name, texts in (("", stream), ("control_", unrelated)):
+        reader = reader_over(model, texts)
+        predictions = [a for c in chunks(rows, 64) for a in answer_from_bank(model, reader, [r.question for r in c])]
+        metrics = scores(predictions, rows)
+        result |= {f"{name}em": metrics["em"], f"{name}f1": metrics["f1"]}
+        if not name:
+            result["recall"] = retrieval_recall(reader, rows, dict(zip(stream, reader.bank.ids())))
+            result |= {f"em_{kind}": metrics[f"em_{kind}"] for kind in ("name", "number") if f"em_{kind}" in metrics}
+        reader.bank.close()
+    sizes = model.bytes_per_document()
+    return {"bytes": sizes["tokens"] + sizes["retrieval_key"], **result}
+
+
 def score_point(checkpoint: Path, rows, unrelated: list[str]) -> dict:
     from mbc.data import documents
     from mbc.evaluation.validation import evaluate, reader_over, retrieval_recall
     from mbc.model import MBCModel
+    from mbc.token_memory import is_token_memory
 
+    if is_token_memory(checkpoint):
+        return score_tokens(checkpoint, rows, unrelated)
     model = MBCModel.from_pretrained(checkpoint).eval()
     own, control = evaluate(model, rows).metrics, evaluate(model, rows, bank_documents=unrelated).metrics
     sizes = model.bytes_per_document()
@@ -144,11 +180,12 @@ def table(questions: int, mac: str | None) -> None:
     unrelated = qa_data.documents(splits["train"])[: len(qa_data.documents(rows))]
     raw, zstd = text_sizes(qa_data.documents(rows))
     results = {}
-    for name in POINTS:
+    for name in [*POINTS, *TOKEN_POINTS]:
         if trained(name):
             last = RUNS / name / "last"
             key = f"{weights_digest(last)} {len(rows)}"
-            results[f"mbc {name}"] = kept_score(key, lambda: score_point(last, rows, unrelated))
+            label = name if name in TOKEN_POINTS else f"mbc {name}"
+            results[label] = kept_score(key, lambda: score_point(last, rows, unrelated))
         else:
             print(f"{name}: not trained to its end yet: bench/frontier.py train --points {name}")
     mac_checkpoint = Path(mac) if mac else cached_adapter(quantize=False)
@@ -182,8 +219,12 @@ def plot(results: dict, text: dict, raw: float, zstd: float) -> None:
     mbc = sorted((r for n, r in results.items() if n.startswith("mbc")), key=lambda r: r["bytes"])
     ax.plot([r["bytes"] for r in mbc], [r["em"] for r in mbc], "o-", label="MBC, own documents")
     ax.plot([r["bytes"] for r in mbc], [r["control_em"] for r in mbc], "o--", label="MBC, unrelated documents")
+    tokens = sorted((r for n, r in results.items() if n.startswith("tokens")), key=lambda r: r["bytes"])
+    if tokens:
+        ax.plot([r["bytes"] for r in tokens], [r["em"] for r in tokens], "D-", label="token memory, own documents")
+        ax.plot([r["bytes"] for r in tokens], [r["control_em"] for r in tokens], "D--", label="token memory, unrelated")
     for name, r in results.items():
-        if not name.startswith("mbc"):
+        if name.startswith("mac"):
             ax.plot([r["bytes"]], [r["em"]], "s", label=f"MAC, own ({r['control_em']:.1f} unrelated)")
     ax.plot([raw], [text["em"]], "^", label="base LLM + BM25 top-1 (the text)")
     ax.axvline(raw, color="grey", linestyle=":", label="document text, raw")
@@ -201,14 +242,14 @@ def plot(results: dict, text: dict, raw: float, zstd: float) -> None:
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("command", choices=["train", "table"])
-    parser.add_argument("--points", default=",".join(POINTS), help="comma-separated names (train)")
+    parser.add_argument("--points", default=",".join([*POINTS, *TOKEN_POINTS]), help="comma-separated names (train)")
     parser.add_argument("--questions", type=int, default=300, help="validation questions scored (table)")
     parser.add_argument("--mac", default=None, help="a MAC checkpoint (default: the one `mbc run` cached)")
     args = parser.parse_args()
     if args.command == "train":
-        unknown = [n for n in args.points.split(",") if n not in POINTS]
+        unknown = [n for n in args.points.split(",") if n not in POINTS and n not in TOKEN_POINTS]
         if unknown:
-            sys.exit(f"unknown point {unknown[0]!r}; known: {', '.join(POINTS)}")
+            sys.exit(f"unknown point {unknown[0]!r}; known: {', '.join([*POINTS, *TOKEN_POINTS])}")
         train(args.points.split(","))
     else:
         table(args.questions, args.mac)

@@ -314,6 +314,11 @@ def run_eval(
     results, curves, bank_sizes, bm25_recall, cut = {}, {}, {}, None, {}
     given = {"mac": mac, "tokens": tokens}
     methods = [m for m in ALL_METHODS if m in config.methods and (m not in NEEDS or given[NEEDS[m]] is not None)]
+    if not methods:
+        raise MBCError(
+            f"none of the methods {config.methods} can run without its model: 'mac' needs a MAC checkpoint "
+            "(--mac), 'tokens' a token memory (--tokens)"
+        )
     prompt_answers = _PromptAnswers(mbc, decoding)
     bm25 = f"BM25 top-{config.bm25_top_k}"
     if any("BM25" in m for m in methods):

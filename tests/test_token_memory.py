@@ -1,0 +1,151 @@
+"""The token memory (token_memory.py): which tokens a document keeps, the bank it writes, reading it
+back, saving, and its methods in the online evaluation and the memory service, on tiny models."""
+
+import numpy as np
+import pytest
+import torch
+from conftest import tiny_config
+from torch import nn
+
+from mbc.data import documents
+from mbc.data.generated import generate_examples
+from mbc.errors import MBCError
+from mbc.evaluation.baselines import context_prompt
+from mbc.evaluation.online import EvalConfig, run_eval
+from mbc.memory.bank import BankLayout, MemoryBank
+from mbc.memory.ingest import ingest
+from mbc.memory.packing import packed_size
+from mbc.memory.readers import reader_for
+from mbc.memory.service import MemoryService
+from mbc.memory.sources import Document
+from mbc.model import MBCModel
+from mbc.token_memory import (
+    TokenMemory,
+    TokenMemoryConfig,
+    answer_labels,
+    fit_scorer,
+    is_token_memory,
+    train_token_memory,
+)
+
+KEYS = dict(retrieval_top_k=1, retrieval_subspaces=4, retrieval_codes=4)
+
+
+@pytest.fixture(scope="module")
+def rows():
+    return generate_examples(8, seed=3)  # 8 documents, 6 questions each
+
+
+@pytest.fixture(scope="module")
+def token_memory(tiny_paths, rows):
+    config = TokenMemoryConfig(keep=12, layer=2, base=tiny_config(tiny_paths, **KEYS).to_dict())
+    torch.manual_seed(0)
+    return train_token_memory(rows, config, before=1, steps=50)
+
+
+def test_labels_mark_answer_tokens_and_the_tokens_just_before_them():
+    text = "Mira Okafor founded it in 1987."
+    spans = [(0, 4), (4, 11), (11, 19), (19, 22), (22, 25), (25, 30), (30, 31)]  # words as tokens
+    assert answer_labels(text, spans, {"1987"}).tolist() == [0, 0, 0, 0, 0, 1, 0]
+    assert answer_labels(text, spans, {"1987", "Okafor"}, before=2).tolist() == [1, 1, 0, 1, 1, 1, 0]
+
+
+def test_the_scorer_learns_a_separable_label_and_folds_the_standardisation_into_its_weights():
+    generator = torch.Generator().manual_seed(0)
+    features = torch.randn(2000, 6, generator=generator) * 5 + 3  # far from standardised
+    labels = (features[:, 2] > 4).float()
+    scorer = nn.Linear(6, 1)
+    fit_scorer(scorer, features, labels, steps=300)
+    with torch.no_grad():
+        scores = scorer(features).squeeze(1)  # on the raw features: the standardisation is in the weights
+    # What keeping the top K needs is the order: nearly every answer token above every other one.
+    ordered = (scores[labels == 1][:, None] > scores[labels == 0][None]).float().mean()
+    assert ordered > 0.95  # (unfolded or unlearned: about 0.5)
+
+
+def test_a_document_keeps_its_best_tokens_in_order_and_a_short_one_keeps_all(token_memory, rows):
+    long_text, short_text = rows[0].document, "Tam 42."
+    entries = token_memory.compress([long_text, short_text])
+    assert entries.shape == (2, 12, 1)
+    ids = token_memory.tokenizer(long_text)["input_ids"]
+    kept = token_memory.codec.decode(entries)[0]
+    assert len(kept) == 12
+    position = 0
+    for token in kept:  # a subsequence of the document's own tokens
+        position = ids.index(token, position) + 1
+    assert token_memory.texts(entries)[1] == short_text  # padded, and the padding dropped again
+
+
+def test_a_token_bank_stores_2_bytes_a_token_at_most_and_no_code_counts(token_memory, rows):
+    layout = BankLayout.of(token_memory)
+    assert layout.mode == "tokens" and layout.entry_bytes == packed_size(12, len(token_memory.tokenizer) + 1)
+    with MemoryBank.in_memory(layout) as bank:
+        ingest(token_memory, bank, documents(rows))
+        assert bank.sizes()["codebook_bytes"] == 0
+        assert bank.connection.execute("SELECT COUNT(*) FROM code_counts").fetchone()[0] == 0
+        with pytest.raises(MBCError, match="code counts exist only"):
+            bank.code_counts()
+
+
+def test_a_question_reads_the_kept_tokens_of_its_top_document(token_memory, rows, monkeypatch):
+    from mbc.evaluation import baselines
+
+    prompts = []
+    answer = baselines.answer_prompts
+    monkeypatch.setattr(baselines, "answer_prompts", lambda m, p, d=None: prompts.extend(p) or answer(m, p, d))
+    with MemoryBank.in_memory(BankLayout.of(token_memory)) as bank:
+        ingest(token_memory, bank, documents(rows))
+        reader = reader_for(token_memory, bank)
+        questions = [r.question for r in rows[:6]]
+        answers, read = token_memory.answer_read(reader, questions)
+        assert len(answers) == 6 and all(len(ids) == 1 for ids in read)
+        expected = [context_prompt(token_memory.texts(bank.entries(ids))[0], q) for ids, q in zip(read, questions)]
+    assert sorted(prompts) == sorted(expected)
+
+
+def test_saved_and_loaded_it_keeps_the_same_tokens_and_is_refused_as_an_mbc_adapter(token_memory, rows, tmp_path):
+    token_memory.save_pretrained(tmp_path / "tokens")
+    assert is_token_memory(tmp_path / "tokens")
+    loaded = TokenMemory.from_pretrained(tmp_path / "tokens")
+    assert loaded.bank_fingerprint() == token_memory.bank_fingerprint()
+    assert np.array_equal(loaded.compress(documents(rows)), token_memory.compress(documents(rows)))
+    with pytest.raises(MBCError, match="holds a token memory"):
+        MBCModel.from_pretrained(tmp_path / "tokens")
+
+
+def test_a_bank_written_by_one_token_memory_is_refused_by_another(token_memory, tmp_path):
+    with MemoryBank.open(tmp_path / "bank.db", BankLayout.of(token_memory)):
+        pass
+    other = TokenMemory(token_memory.config, token_memory.base)
+    nn.init.ones_(other.scorer.weight)
+    with pytest.raises(MBCError, match="token scorer"):
+        MemoryBank.open(tmp_path / "bank.db", BankLayout.of(other))
+
+
+def test_eval_runs_the_token_memory_and_its_unrelated_control(token_memory, tiny_model, rows, tmp_path):
+    unrelated = documents(generate_examples(8, seed=4))
+    config = EvalConfig(batch_size=8, methods=["tokens", "tokens, unrelated bank"])
+    summary = run_eval(tiny_model().eval(), rows[:30], unrelated, tmp_path, config, tokens=token_memory)
+    stored = packed_size(12, len(token_memory.tokenizer) + 1) + packed_size(4, 4)  # tokens and retrieval key
+    for name in ("tokens", "tokens, unrelated bank"):
+        assert summary["methods"][name]["bytes_per_document"] == stored
+    assert 0 <= summary["banks"]["tokens"]["retrieval_recall_percent"] <= 100
+    with pytest.raises(MBCError, match="'tokens' a token memory"):
+        run_eval(tiny_model().eval(), rows[:6], unrelated, tmp_path / "none", config)  # and none given
+
+
+def test_the_memory_service_adds_to_and_answers_from_a_token_memory(token_memory, rows, tmp_path):
+    token_memory.save_pretrained(tmp_path / "tokens")
+    service = MemoryService.open(tmp_path / "bank.db", tmp_path / "tokens")
+    report = service.add([Document(text, {"path": f"doc{i}"}) for i, text in enumerate(documents(rows))])
+    assert report.added == 8
+    result = service.ask([rows[0].question])
+    assert result["answers"][0]["documents"][0]["metadata"]["path"].startswith("doc")
+    assert service.stats()["mode"] == "tokens"
+
+
+def test_a_token_memory_needs_retrieval_keys_and_a_layer_of_its_llm(tiny_paths):
+    with pytest.raises(MBCError, match="retrieval_top_k > 0"):
+        TokenMemoryConfig(base=tiny_config(tiny_paths).to_dict())
+    with pytest.raises(MBCError, match="outside the base LLM"):
+        TokenMemory.build(TokenMemoryConfig(layer=9, base=tiny_config(tiny_paths, **KEYS).to_dict()))
