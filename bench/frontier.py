@@ -106,24 +106,14 @@ def weights_digest(checkpoint: Path) -> str:
 
 def score_tokens(checkpoint: Path, rows, unrelated: list[str]) -> dict:
     """A token memory: each question answered from a bank of its documents, and of unrelated ones."""
-    from mbc.data import documents
-    from mbc.evaluation.validation import chunks, reader_over, retrieval_recall, scores
-    from mbc.memory.readers import answer_from_bank
+    from token_memory import score_token_memory  # bench/, beside this script
+
     from mbc.token_memory import TokenMemory
 
-    model = TokenMemory.from_pretrained(checkpoint)
-    result, stream = {}, documents(rows)
-    for name, texts in (("", stream), ("control_", unrelated)):
-        reader = reader_over(model, texts)
-        predictions = [a for c in chunks(rows, 64) for a in answer_from_bank(model, reader, [r.question for r in c])]
-        metrics = scores(predictions, rows)
-        result |= {f"{name}em": metrics["em"], f"{name}f1": metrics["f1"]}
-        if not name:
-            result["recall"] = retrieval_recall(reader, rows, dict(zip(stream, reader.bank.ids())))
-            result |= {f"em_{kind}": metrics[f"em_{kind}"] for kind in ("name", "number") if f"em_{kind}" in metrics}
-        reader.bank.close()
-    sizes = model.bytes_per_document()
-    return {"bytes": sizes["tokens"] + sizes["retrieval_key"], **result}
+    result = score_token_memory(TokenMemory.from_pretrained(checkpoint), rows, unrelated)
+    for kind in ("name", "number"):  # what MBC never read
+        result[f"em_{kind}"] = result["by_kind"][kind]["em"]
+    return {k: v for k, v in result.items() if "by_kind" not in k and k != "example"}
 
 
 def score_point(checkpoint: Path, rows, unrelated: list[str]) -> dict:
@@ -205,6 +195,9 @@ def table(questions: int, mac: str | None) -> None:
         f"{'base LLM + BM25 top-1':<26}{raw:>10,.0f}{text['em']:>7.1f}{text['f1']:>7.1f}{'':>22}{text['recall']:>8.1f}"
     )
     print(f"document text: {raw:,.0f} bytes raw, {zstd:,.0f} bytes zstd -19 (each document alone)")
+    for name, r in results.items():
+        if "em_name" in r:
+            print(f"{name}: invented names {r['em_name']:.1f} EM, numbers {r['em_number']:.1f} EM")
     plot(results, text, raw, zstd)
     print(f"written {FIGURE}")
 

@@ -149,3 +149,14 @@ def test_a_token_memory_needs_retrieval_keys_and_a_layer_of_its_llm(tiny_paths):
         TokenMemoryConfig(base=tiny_config(tiny_paths).to_dict())
     with pytest.raises(MBCError, match="outside the base LLM"):
         TokenMemory.build(TokenMemoryConfig(layer=9, base=tiny_config(tiny_paths, **KEYS).to_dict()))
+
+
+def test_keeping_fewer_tokens_keeps_the_best_of_those_kept_before(token_memory, rows):
+    texts = documents(rows)
+    fewer = token_memory.keeping(4)
+    assert fewer.compress(texts).shape == (len(texts), 4, 1)
+    for small, large in zip(fewer.kept_ids(texts), token_memory.kept_ids(texts)):
+        position = 0
+        for token in small:  # top 4 of the same scores: a subsequence of the top 12
+            position = large.index(token, position) + 1
+    assert BankLayout.of(fewer) != BankLayout.of(token_memory)  # a bank of one refuses the other

@@ -20,7 +20,7 @@ vocabulary. Bytes per document: 2 per kept token plus the retrieval key.
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -110,6 +110,12 @@ class TokenMemory(nn.Module):
 
         config = config or TokenMemoryConfig()
         return cls(config, MBCModel.build(MBCConfig.from_dict(config.base))).eval()
+
+    def keeping(self, keep: int) -> "TokenMemory":
+        """The same memory keeping ``keep`` tokens per document (scorer and retrieval keys shared)."""
+        other = TokenMemory(replace(self.config, keep=keep), self.base)
+        other.scorer = self.scorer
+        return other.eval()
 
     @property
     def tokenizer(self):
