@@ -96,6 +96,9 @@ class TokenCodec:
 
 
 class TokenMemory(nn.Module):
+    """The scorer, and the base model whose frozen LLM, tokenizer and retrieval keys it uses (an
+    ``MBCModel`` of ``config.base``; its adapter is never trained or read)."""
+
     def __init__(self, config: TokenMemoryConfig, base):
         super().__init__()
         if not 1 <= config.layer <= base.layout.num_layers:
