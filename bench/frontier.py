@@ -174,6 +174,8 @@ def table(questions: int, mac: str | None) -> None:
         if trained(name):
             last = RUNS / name / "last"
             key = f"{weights_digest(last)} {len(rows)}"
+            if name in TOKEN_POINTS:  # one scorer and one set of keys, whatever K: the same weights
+                key += f" keep={TOKEN_POINTS[name]}"
             label = name if name in TOKEN_POINTS else f"mbc {name}"
             results[label] = kept_score(key, lambda: score_point(last, rows, unrelated))
         else:
