@@ -198,3 +198,9 @@ def test_mac_trains_from_a_mbc_run_float_memory_state(tiny_paths, tmp_path):
     assert [json.loads(line)["step"] for line in (tmp_path / "mac" / "metrics.jsonl").read_text().splitlines()] == [3]
     missing = _train(tiny_paths, tmp_path / "mac2", 3, warm, [*mac_args[:2], "--start-from", str(tmp_path)])
     assert missing.exit_code != 0 and "holds no float-memory state" in str(missing.exception)
+
+
+def test_eval_refuses_methods_whose_model_is_not_given_before_loading_anything(tmp_path):
+    result = runner.invoke(app, ["eval", str(tmp_path / "nowhere"), "--methods", "tokens,tokens, unrelated bank"])
+    assert result.exit_code != 0
+    assert "'tokens' a token memory (--tokens)" in str(result.exception)  # not "nowhere is not a checkpoint"

@@ -286,7 +286,7 @@ def evaluate_online(
     a token memory, and the baselines (base LLM raw / with worked examples / with the gold document / with BM25,
     MBC with a bank of unrelated documents), with sizes, times and retention."""
     from mbc import data as qa_data
-    from mbc.evaluation.online import DEFAULT_METHODS, EvalConfig, run_eval
+    from mbc.evaluation.online import DEFAULT_METHODS, EvalConfig, run_eval, runnable_methods
     from mbc.paths import writable_folder
 
     # Everything that can be checked is checked before the models load and the scoring starts.
@@ -295,6 +295,7 @@ def evaluate_online(
     config = EvalConfig(
         retention_every, decoding=decoding, bm25_top_k=bm25_top_k, max_context_tokens=max_context_tokens, methods=chosen
     )
+    runnable_methods(chosen, {name for name, given in (("mac", mac), ("tokens", tokens)) if given})
     writable_folder(output)
     splits = qa_data.load_splits(data, first_documents)
     rows = qa_data.first_documents(_split(splits, split, data), documents)

@@ -104,6 +104,18 @@ class EvalConfig:
             raise MBCError("the method 'mbc + BM25 top-k' reads the bank the method 'mbc' streams: choose both")
 
 
+def runnable_methods(methods: list[str], given: set[str]) -> list[str]:
+    """The chosen methods that can run with the models ``given`` ("mac", "tokens"), in table order;
+    one line saying what is missing when none can."""
+    runnable = [m for m in ALL_METHODS if m in methods and (m not in NEEDS or NEEDS[m] in given)]
+    if not runnable:
+        raise MBCError(
+            f"none of the methods {methods} can run without its model: 'mac' needs a MAC checkpoint "
+            "(--mac), 'tokens' a token memory (--tokens)"
+        )
+    return runnable
+
+
 @dataclass
 class MethodResult:
     predictions: list[str]
@@ -313,12 +325,7 @@ def run_eval(
     text_bytes = sum(len(d.encode("utf-8")) for d in stream) / max(len(stream), 1)
     results, curves, bank_sizes, bm25_recall, cut = {}, {}, {}, None, {}
     given = {"mac": mac, "tokens": tokens}
-    methods = [m for m in ALL_METHODS if m in config.methods and (m not in NEEDS or given[NEEDS[m]] is not None)]
-    if not methods:
-        raise MBCError(
-            f"none of the methods {config.methods} can run without its model: 'mac' needs a MAC checkpoint "
-            "(--mac), 'tokens' a token memory (--tokens)"
-        )
+    methods = runnable_methods(config.methods, {name for name, model in given.items() if model is not None})
     prompt_answers = _PromptAnswers(mbc, decoding)
     bm25 = f"BM25 top-{config.bm25_top_k}"
     if any("BM25" in m for m in methods):
