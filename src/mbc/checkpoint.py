@@ -131,7 +131,7 @@ def read_config_dict(folder: str | Path) -> dict:
 
 def read_config(folder: str | Path) -> MBCConfig:
     folder = resolve(folder)
-    config = _meta(folder)["config"]
+    config = read_config_dict(folder)
     if config.get("kind") == "token_memory":
         raise MBCError(
             f"{folder} holds a token memory, not an MBC adapter: load it with TokenMemory.from_pretrained "

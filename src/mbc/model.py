@@ -24,6 +24,7 @@ from torch import nn
 from mbc import checkpoint
 from mbc.config import MBCConfig
 from mbc.errors import MBCError
+from mbc.memory.bank import BankLayout
 from mbc.memory.codecs import CodebookCodec, FloatCodec
 from mbc.memory.packing import index_dtype, packed_size
 from mbc.network import backbones
@@ -461,6 +462,20 @@ class MBCModel(nn.Module):
         normalisation statistics the indices were computed under and the retrieval keys'
         centroids. None in MAC mode."""
         return self.bank_fingerprint() if self.codec.mode == "mbc" else None
+
+    def bank_layout(self) -> BankLayout:
+        """What this model's bank entries are: its codec's mode, K x stages, and its retrieval keys."""
+        config = self.config
+        keys = (config.retrieval_subspaces, config.retrieval_codes) if config.retrieval_top_k else (0, 0)
+        return BankLayout(
+            self.codec.mode,
+            config.num_slots,
+            config.codebook_stages,
+            config.codebook_size,
+            self.layout.hidden_size,
+            self.bank_fingerprint(),
+            *keys,
+        )
 
     def bank_fingerprint(self) -> str:
         """What a stored bank entry's meaning depends on: the codebook (MBC), or the whole

@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 from mbc import checkpoint
 from mbc.config import MBCConfig
 from mbc.errors import MBCError, check_texts
+from mbc.memory.packing import packed_size
 from mbc.network.codebook import fingerprint
 from mbc.network.decoding import DecodingConfig
 from mbc.network.frozen_llm import lower_hidden
@@ -223,7 +224,8 @@ class TokenMemory(nn.Module):
         )
 
     def bytes_per_document(self) -> dict[str, float]:
-        return {"tokens": 2 * self.config.keep, "retrieval_key": self.base.bytes_per_document()["retrieval_key"]}
+        tokens = packed_size(self.config.keep, self.codec.codebook_size)  # 2 bytes a token for SmolLM2
+        return {"tokens": tokens, "retrieval_key": self.base.bytes_per_document()["retrieval_key"]}
 
     def bank_fingerprint(self) -> str:
         """What a stored entry's meaning depends on: the scorer that chose the tokens (the tokenizer

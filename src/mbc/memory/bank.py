@@ -66,19 +66,8 @@ class BankLayout:
 
     @classmethod
     def of(cls, model) -> "BankLayout":
-        if model.codec.mode == "tokens":  # a token memory (token_memory.py) says its own
-            return model.bank_layout()
-        config = model.config
-        keys = (config.retrieval_subspaces, config.retrieval_codes) if config.retrieval_top_k else (0, 0)
-        return cls(
-            model.codec.mode,
-            config.num_slots,
-            config.codebook_stages,
-            config.codebook_size,
-            model.layout.hidden_size,
-            model.bank_fingerprint(),
-            *keys,
-        )
+        """The layout of the entries ``model`` writes (``MBCModel`` or ``TokenMemory``: each says its own)."""
+        return model.bank_layout()
 
     @property
     def format(self) -> CodeFormat | FloatFormat:

@@ -136,5 +136,3 @@ class FloatFormat:
         if len(blob) != self.bytes:
             raise MBCError(f"a stored MAC entry has {len(blob)} bytes, expected {self.bytes}: the bank is damaged")
         return np.frombuffer(blob, dtype="<f4").reshape(self.shape).astype(np.float32)
-
-    vector_keys = None  # a float bank keeps no code counts
