@@ -104,6 +104,14 @@ def weights_digest(checkpoint: Path) -> str:
     return json.loads((checkpoint / CONFIG_NAME).read_text())["sha256"][WEIGHTS_NAME]
 
 
+def lexical_weight(checkpoint: Path) -> float:
+    """How much a token memory's choice of document leans on BM25 over its kept tokens."""
+    from mbc.checkpoint import read_config_dict
+    from mbc.token_memory import TokenMemoryConfig
+
+    return TokenMemoryConfig.from_dict(read_config_dict(checkpoint)).lexical_weight
+
+
 def score_tokens(checkpoint: Path, rows, unrelated: list[str]) -> dict:
     """A token memory: each question answered from a bank of its documents, and of unrelated ones."""
     from token_memory import score_token_memory  # bench/, beside this script
@@ -175,7 +183,7 @@ def table(questions: int, mac: str | None) -> None:
             last = RUNS / name / "last"
             key = f"{weights_digest(last)} {len(rows)}"
             if name in TOKEN_POINTS:  # one scorer and one set of keys, whatever K: the same weights
-                key += f" keep={TOKEN_POINTS[name]}"
+                key += f" keep={TOKEN_POINTS[name]} lexical={lexical_weight(last)}"
             label = name if name in TOKEN_POINTS else f"mbc {name}"
             results[label] = kept_score(key, lambda: score_point(last, rows, unrelated))
         else:

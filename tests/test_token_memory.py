@@ -1,6 +1,8 @@
 """The token memory (token_memory.py): which tokens a document keeps, the bank it writes, reading it
 back, saving, and its methods in the online evaluation and the memory service, on tiny models."""
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -160,3 +162,21 @@ def test_keeping_fewer_tokens_keeps_the_best_of_those_kept_before(token_memory, 
         for token in small:  # top 4 of the same scores: a subsequence of the top 12
             position = large.index(token, position) + 1
     assert BankLayout.of(fewer) != BankLayout.of(token_memory)  # a bank of one refuses the other
+
+
+def test_a_question_reads_the_document_that_shares_its_rare_tokens_when_the_lexical_weight_leads(token_memory):
+    # The tiny LLM's tokens are bytes. Shorter than the 12 kept tokens, each document is kept whole
+    # whatever the scorer learned; only its first two letters tell it from the others.
+    names = ["Zq", "Xj", "Vw", "Kb", "Yf", "Gp"]
+    texts = [f"{name} lamp." for name in names]
+    questions = [f"{name}?" for name in names]
+    lexical = TokenMemory(replace(token_memory.config, lexical_weight=10.0), token_memory.base)
+    lexical.scorer = token_memory.scorer
+    keyed = TokenMemory(replace(token_memory.config, lexical_weight=0.0), token_memory.base)
+    keyed.scorer = token_memory.scorer
+    with MemoryBank.in_memory(BankLayout.of(lexical)) as bank:
+        ids = ingest(lexical, bank, texts).ids
+        assert reader_for(lexical, bank).top_ids(questions) == [[i] for i in ids]
+        by_key = reader_for(keyed, bank).top_ids(questions)
+        key_alone = token_memory.base.top_documents(questions, torch.as_tensor(bank.retrieval_keys(ids)).long())
+        assert by_key == [[ids[p] for p in row] for row in key_alone[:, :1].tolist()]

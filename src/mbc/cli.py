@@ -151,6 +151,9 @@ def train_tokens(
     output: Path = typer.Option(Path("runs/tokens"), help="checkpoint folder of the token memory"),
     keep: int = typer.Option(48, min=1, help="tokens kept per document (2 bytes each)"),
     before: int = typer.Option(2, min=0, help="also learn to keep this many tokens ahead of each answer"),
+    lexical_weight: float = typer.Option(
+        0.3, min=0.0, help="weight of BM25 over the kept tokens beside the retrieval key (0: the key alone)"
+    ),
     first_documents: Optional[int] = typer.Option(
         None, min=1, help="keep only the first N distinct documents (and all their questions)"
     ),
@@ -164,7 +167,7 @@ def train_tokens(
     writable_folder(output.parent)
     splits = qa_data.load_splits(data, first_documents)
     start = time.perf_counter()
-    model = train_token_memory(splits["train"], TokenMemoryConfig(keep=keep), before)
+    model = train_token_memory(splits["train"], TokenMemoryConfig(keep=keep, lexical_weight=lexical_weight), before)
     model.save_pretrained(output)
     sizes = model.bytes_per_document()
     typer.echo(

@@ -368,6 +368,11 @@ class MBCModel(nn.Module):
         codes = self.retrieval_keys.encode(self.embedder(documents))
         return codes.cpu().numpy().astype(index_dtype(self.config.retrieval_codes))
 
+    def stored_keys(self, bank, ids: list[int]) -> torch.Tensor:
+        """What a reader keeps of each stored document to choose among them (``top_documents``'s
+        ``document_keys``): its retrieval key [n, subspaces]."""
+        return torch.as_tensor(bank.retrieval_keys(ids)).long()
+
     @torch.no_grad()
     def top_documents(self, questions: list[str], document_keys) -> torch.Tensor:
         """[B, k] positions in ``document_keys`` [N, subspaces] of each question's best-scored documents."""

@@ -174,7 +174,7 @@ class RetrievalReader(_DocumentKeysReader):
         super().__init__(model, bank)
 
     def _keys(self, ids):
-        return torch.as_tensor(self.bank.retrieval_keys(ids)).long()
+        return self.model.stored_keys(self.bank, ids)
 
     def top_ids(self, questions: list[str]) -> list[list[int]]:
         """Bank ids of the documents each question reads, best first."""
