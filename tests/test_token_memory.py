@@ -21,12 +21,14 @@ from mbc.memory.readers import reader_for
 from mbc.memory.service import MemoryService
 from mbc.memory.sources import Document
 from mbc.model import MBCModel
+from mbc.network.lora import lora_disabled
 from mbc.token_memory import (
     TokenMemory,
     TokenMemoryConfig,
     answer_labels,
     fit_scorer,
     is_token_memory,
+    train_reader,
     train_token_memory,
 )
 
@@ -180,3 +182,38 @@ def test_a_question_reads_the_document_that_shares_its_rare_tokens_when_the_lexi
         by_key = reader_for(keyed, bank).top_ids(questions)
         key_alone = token_memory.base.top_documents(questions, torch.as_tensor(bank.retrieval_keys(ids)).long())
         assert by_key == [[ids[p] for p in row] for row in key_alone[:, :1].tolist()]
+
+
+@pytest.fixture(scope="module")
+def with_reader(tiny_paths, rows):
+    config = TokenMemoryConfig(keep=12, layer=2, base=tiny_config(tiny_paths, **KEYS).to_dict())
+    torch.manual_seed(0)
+    model = train_token_memory(rows, config, before=1, steps=50)
+    untrained = {k: v.clone() for k, v in model.base.state_dict().items()}
+    losses = train_reader(model, rows[:8], steps=100, learning_rate=2e-2)  # one batch, learned by heart
+    return model, untrained, losses
+
+
+def test_training_the_reader_moves_only_the_llms_kv_lora_and_lowers_its_loss(with_reader):
+    model, untrained, losses = with_reader
+    assert model.config.trained_reader
+    moved = {k for k, v in model.base.state_dict().items() if not torch.equal(v, untrained[k])}
+    assert moved and all(".lora_" in k for k in moved)  # the scorer, keys and LLM as they were
+    assert any(".lora_B." in k for k in moved)  # B starts at zero: the reader did change the LLM
+    assert np.mean(losses[-8:]) < np.mean(losses[:8]) - 0.2  # ~5.5 -> ~5.2 nats on the tiny LLM
+
+
+def test_a_trained_reader_reads_its_own_prompt_and_is_saved_with_the_memory(with_reader, rows, tmp_path):
+    model, _, _ = with_reader
+    assert model.prompt("kept words", "Who?") == "Context: kept words\nQuestion: Who?\nAnswer:"
+    model.save_pretrained(tmp_path / "tokens")
+    loaded = TokenMemory.from_pretrained(tmp_path / "tokens")
+    assert loaded.config.trained_reader
+    prompts = [model.prompt(t, r.question) for t, r in zip(model.texts(model.compress(documents(rows)[:2])), rows)]
+    assert loaded.continue_prompts(prompts) == model.continue_prompts(prompts)
+    ids = torch.tensor([model.tokenizer(prompts[0])["input_ids"]])
+    with torch.no_grad():
+        read = model.base.llm(input_ids=ids).logits
+        with lora_disabled(model.base.llm):  # the answers come through the trained KV-LoRA
+            bare = model.base.llm(input_ids=ids).logits
+    assert not torch.allclose(read, bare)

@@ -154,12 +154,16 @@ def train_tokens(
     lexical_weight: float = typer.Option(
         0.3, min=0.0, help="weight of BM25 over the kept tokens beside the retrieval key (0: the key alone)"
     ),
+    reader_steps: int = typer.Option(
+        0, min=0, help="then train the LLM's KV-LoRA this many steps to answer from kept tokens (0: the LLM as it is)"
+    ),
     first_documents: Optional[int] = typer.Option(
         None, min=1, help="keep only the first N distinct documents (and all their questions)"
     ),
 ):
     """Fit a token memory (token_memory.py) on the train split: the retrieval keys and the scorer that
-    chooses which of a document's own tokens it keeps. No adapter trains: minutes on a CPU."""
+    chooses which of a document's own tokens it keeps; minutes on a CPU. With --reader-steps, also a
+    reader: the base LLM's KV-LoRA trained to answer from the kept tokens."""
     from mbc import data as qa_data
     from mbc.paths import writable_folder
     from mbc.token_memory import TokenMemoryConfig, train_token_memory
@@ -167,7 +171,8 @@ def train_tokens(
     writable_folder(output.parent)
     splits = qa_data.load_splits(data, first_documents)
     start = time.perf_counter()
-    model = train_token_memory(splits["train"], TokenMemoryConfig(keep=keep, lexical_weight=lexical_weight), before)
+    config = TokenMemoryConfig(keep=keep, lexical_weight=lexical_weight)
+    model = train_token_memory(splits["train"], config, before, reader_steps=reader_steps)
     model.save_pretrained(output)
     sizes = model.bytes_per_document()
     typer.echo(

@@ -22,6 +22,7 @@ SQuAD paragraph for ~60% of questions, the key and BM25 over the kept tokens for
 
 from __future__ import annotations
 
+import random
 import re
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -42,6 +43,7 @@ from mbc.network.lexical import bm25, combined
 from mbc.network.lora import lora_disabled
 
 KIND = "token_memory"  # the checkpoint's "kind", which tells it from an MBC checkpoint
+READER_PROMPT = "Context: {context}\nQuestion: {question}\nAnswer:"  # what a trained reader reads
 
 
 def _cpu_preset() -> dict:
@@ -58,6 +60,9 @@ class TokenMemoryConfig:
     # Which document a question reads: its retrieval key's score plus this times BM25 over the kept
     # tokens, each standardised over the bank (0: the key alone). Chosen on SQuAD validation (docs/RESULTS.md).
     lexical_weight: float = 0.3
+    # True: the base LLM's KV-LoRA was trained to answer from kept tokens (``train_reader``) and reads
+    # them in READER_PROMPT; False: the base LLM reads them unchanged, after worked examples.
+    trained_reader: bool = False
     # The base LLM, tokenizer and retrieval keys: an MBC config (only those parts of it are used)
     base: dict = field(default_factory=_cpu_preset)
 
@@ -191,14 +196,15 @@ class TokenMemory(nn.Module):
     @torch.no_grad()
     def kept_ids(self, texts: list[str]) -> list[list[int]]:
         """Each text's ``keep`` best-scored token ids, in document order (all of a shorter text's)."""
-        kept = []
-        for ids, _, features in self.token_features(texts):
-            if len(ids) <= self.config.keep:
-                kept.append(list(ids))
-                continue
-            best = self.scorer(features.to(self.scorer.weight.dtype)).squeeze(1).topk(self.config.keep).indices
-            kept.append([ids[i] for i in best.sort().values.tolist()])
-        return kept
+        return [self.keep_best(ids, features) for ids, _, features in self.token_features(texts)]
+
+    @torch.no_grad()
+    def keep_best(self, ids: list[int], features: torch.Tensor) -> list[int]:
+        """Of one text's token ids and their ``token_features``, the ``keep`` best-scored, in order."""
+        if len(ids) <= self.config.keep:
+            return list(ids)
+        best = self.scorer(features.to(self.scorer.weight.dtype)).squeeze(1).topk(self.config.keep).indices
+        return [ids[i] for i in best.sort().values.tolist()]
 
     def compress(self, documents: list[str]) -> np.ndarray:
         """Documents -> bank entries [N, keep, 1] (what ``memory/ingest.py`` stores)."""
@@ -213,8 +219,6 @@ class TokenMemory(nn.Module):
     def answer_read(self, reader, questions: list[str], decoding: DecodingConfig | None = None):
         """Each question answered by the base LLM reading its top-1 document's kept tokens; and the
         bank ids it read."""
-        from mbc.evaluation.baselines import answer_prompts, context_prompt
-
         read = reader.top_ids(questions)
         contexts = self.texts(reader.bank.entries([ids[0] for ids in read]))
         by_context: dict[str, list[int]] = {}
@@ -226,10 +230,26 @@ class TokenMemory(nn.Module):
         batches.append([members[0] for members in by_context.values() if len(members) == 1])
         answers: list = [None] * len(questions)
         for members in filter(None, batches):
-            prompts = [context_prompt(contexts[i], questions[i]) for i in members]
-            for i, answer in zip(members, answer_prompts(self.base, prompts, decoding)):
+            prompts = [self.prompt(contexts[i], questions[i]) for i in members]
+            for i, answer in zip(members, self.continue_prompts(prompts, decoding)):
                 answers[i] = answer
         return answers, read
+
+    def prompt(self, context: str, question: str) -> str:
+        """What the LLM reads: kept tokens as context, then the question."""
+        if self.config.trained_reader:
+            return READER_PROMPT.format(context=context, question=question)
+        from mbc.evaluation.baselines import context_prompt
+
+        return context_prompt(context, question)  # worked examples teach the untrained LLM the format
+
+    def continue_prompts(self, prompts: list[str], decoding: DecodingConfig | None = None) -> list[str]:
+        """The LLM's answer to each prompt text: with the trained reader's KV-LoRA, or the base LLM alone."""
+        if self.config.trained_reader:
+            return self.base.generate([self.tokenizer(p)["input_ids"] for p in prompts], None, decoding)
+        from mbc.evaluation.baselines import answer_prompts
+
+        return answer_prompts(self.base, prompts, decoding)
 
     # ---- the bank it writes, and saving ------------------------------------------------------
     def bank_layout(self):
@@ -260,7 +280,10 @@ class TokenMemory(nn.Module):
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         keys = {f"base.retrieval_keys.{k}": v for k, v in self.retrieval_keys.state_dict().items()}
-        return {**{f"scorer.{k}": v for k, v in self.scorer.state_dict().items()}, **keys}
+        reader = {}
+        if self.config.trained_reader:  # the base LLM's KV-LoRA, trained to read kept tokens
+            reader = {f"base.{k}": v.detach().cpu().clone() for k, v in self.base.state_dict().items() if ".lora_" in k}
+        return {**{f"scorer.{k}": v for k, v in self.scorer.state_dict().items()}, **keys, **reader}
 
     def save_pretrained(self, folder: str | Path) -> None:
         checkpoint.save(self, folder)
@@ -315,9 +338,12 @@ def fit_scorer(scorer: nn.Linear, features: torch.Tensor, labels: torch.Tensor, 
         scorer.weight.copy_(weight)
 
 
-def train_token_memory(rows, config: TokenMemoryConfig | None = None, before: int = 2, steps: int = 600):
+def train_token_memory(
+    rows, config: TokenMemoryConfig | None = None, before: int = 2, steps: int = 600, reader_steps: int = 0
+):
     """A token memory fitted on training questions (``QAExample`` rows): the retrieval keys'
-    centroids on their documents, the scorer on their documents' tokens, labelled by the answers."""
+    centroids on their documents, the scorer on their documents' tokens, labelled by the answers;
+    with ``reader_steps``, then a reader trained on what it keeps (``train_reader``)."""
     from mbc.data import documents as distinct_documents
 
     model = TokenMemory.build(config)
@@ -333,4 +359,59 @@ def train_token_memory(rows, config: TokenMemoryConfig | None = None, before: in
     if not labels.any():
         raise MBCError("no answer occurs in its document's text: the scorer has no token to learn to keep")
     fit_scorer(model.scorer, torch.cat([f for _, _, f in tokens]), labels, steps)
+    if reader_steps:
+        kept = {text: model.tokenizer.decode(model.keep_best(ids, f)) for text, (ids, _, f) in zip(texts, tokens)}
+        del tokens, labels  # the features: ~1 GB on SQuAD's training paragraphs
+        train_reader(model, rows, reader_steps, kept_texts=kept)
     return model
+
+
+def train_reader(
+    model: TokenMemory,
+    rows,
+    steps: int,
+    batch_size: int = 8,
+    learning_rate: float = 3e-4,
+    seed: int = 0,
+    kept_texts: dict[str, str] | None = None,
+) -> list[float]:
+    """Train the base LLM's KV-LoRA to answer from kept tokens: each training question asked in
+    READER_PROMPT after its own document's kept tokens (``kept_texts``: document -> what the bank
+    gives back for it), the loss on the answer tokens alone. The frozen layers below the first with
+    KV-LoRA run once per row (training/activations.py). Returns the loss of every step."""
+    from mbc.data import documents as distinct_documents
+    from mbc.model import IGNORE, pad
+    from mbc.training.activations import FrozenStore
+
+    base = model.base
+    adapters = [p for name, p in base.llm.named_parameters() if ".lora_" in name]
+    if not adapters:
+        raise MBCError("the token memory's base LLM carries no KV-LoRA to train: give its base config lora_layers > 0")
+    if kept_texts is None:
+        texts = distinct_documents(rows)
+        kept_texts = dict(zip(texts, model.texts(model.compress(texts))))
+    model.config = replace(model.config, trained_reader=True)
+    examples = [
+        (model.tokenizer(model.prompt(kept_texts[r.document], r.question))["input_ids"], base.answer_ids(r.answers[0]))
+        for r in rows
+    ]
+    optimizer = torch.optim.Adam(adapters, lr=learning_rate)
+    lower_rows, order, shuffle = FrozenStore().part("reader rows"), [], random.Random(seed)
+    losses = []
+    model.train()
+    with torch.enable_grad():
+        for _ in tqdm(range(steps), desc="reader"):
+            if len(order) < batch_size:  # epoch after epoch, each in its own order
+                order += shuffle.sample(range(len(examples)), len(examples))
+            batch, order = [examples[i] for i in order[:batch_size]], order[batch_size:]
+            ids = [prompt + answer for prompt, answer in batch]
+            mask = pad([[1] * len(i) for i in ids], 0).to(base.device)
+            labels = pad([[IGNORE] * len(prompt) + answer for prompt, answer in batch], IGNORE).to(base.device)
+            lower = lower_rows.padded([tuple(i) for i in ids], base.device, base.lower_hidden)
+            loss = base.qa_loss_from_lower(lower, mask, labels, None)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+    model.eval()
+    return losses
