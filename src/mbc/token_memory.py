@@ -43,7 +43,6 @@ from mbc.network.lexical import bm25, combined
 from mbc.network.lora import lora_disabled
 
 KIND = "token_memory"  # the checkpoint's "kind", which tells it from an MBC checkpoint
-READER_PROMPT = "Context: {context}\nQuestion: {question}\nAnswer:"  # what a trained reader reads
 
 
 def _cpu_preset() -> dict:
@@ -60,8 +59,8 @@ class TokenMemoryConfig:
     # Which document a question reads: its retrieval key's score plus this times BM25 over the kept
     # tokens, each standardised over the bank (0: the key alone). Chosen on SQuAD validation (docs/RESULTS.md).
     lexical_weight: float = 0.3
-    # True: the base LLM's KV-LoRA was trained to answer from kept tokens (``train_reader``) and reads
-    # them in READER_PROMPT; False: the base LLM reads them unchanged, after worked examples.
+    # True: the base LLM's KV-LoRA was trained to answer from kept tokens (``train_reader``); False:
+    # the base LLM reads them unchanged. Either reads them in the same worked-example prompt.
     trained_reader: bool = False
     # The base LLM, tokenizer and retrieval keys: an MBC config (only those parts of it are used)
     base: dict = field(default_factory=_cpu_preset)
@@ -236,12 +235,11 @@ class TokenMemory(nn.Module):
         return answers, read
 
     def prompt(self, context: str, question: str) -> str:
-        """What the LLM reads: kept tokens as context, then the question."""
-        if self.config.trained_reader:
-            return READER_PROMPT.format(context=context, question=question)
+        """What the LLM reads: the kept tokens as context, worked examples (which teach the
+        untrained LLM the short-answer format; a reader starts training from there), the question."""
         from mbc.evaluation.baselines import context_prompt
 
-        return context_prompt(context, question)  # worked examples teach the untrained LLM the format
+        return context_prompt(context, question)
 
     def continue_prompts(self, prompts: list[str], decoding: DecodingConfig | None = None) -> list[str]:
         """The LLM's answer to each prompt text: with the trained reader's KV-LoRA, or the base LLM alone."""
@@ -376,7 +374,7 @@ def train_reader(
     kept_texts: dict[str, str] | None = None,
 ) -> list[float]:
     """Train the base LLM's KV-LoRA to answer from kept tokens: each training question asked in
-    READER_PROMPT after its own document's kept tokens (``kept_texts``: document -> what the bank
+    ``prompt`` after its own document's kept tokens (``kept_texts``: document -> what the bank
     gives back for it), the loss on the answer tokens alone. The frozen layers below the first with
     KV-LoRA run once per row (training/activations.py). Returns the loss of every step."""
     from mbc.data import documents as distinct_documents
@@ -400,7 +398,8 @@ def train_reader(
     losses = []
     model.train()
     with torch.enable_grad():
-        for _ in tqdm(range(steps), desc="reader"):
+        bar = tqdm(range(steps), desc="reader")
+        for step in bar:
             if len(order) < batch_size:  # epoch after epoch, each in its own order
                 order += shuffle.sample(range(len(examples)), len(examples))
             batch, order = [examples[i] for i in order[:batch_size]], order[batch_size:]
@@ -413,5 +412,7 @@ def train_reader(
             loss.backward()
             optimizer.step()
             losses.append(loss.item())
+            if step % 10 == 9:
+                bar.set_postfix(loss=f"{np.mean(losses[-10:]):.3f}")
     model.eval()
     return losses
