@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import random
 import re
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -110,7 +111,8 @@ class TokenCodec:
 
 class TokenMemory(nn.Module):
     """The scorer, and the base model whose frozen LLM, tokenizer and retrieval keys it uses (an
-    ``MBCModel`` of ``config.base``; its adapter is never trained or read)."""
+    ``MBCModel`` of ``config.base``; of its adapter only the KV-LoRA is ever trained or read, by a
+    trained reader)."""
 
     def __init__(self, config: TokenMemoryConfig, base):
         super().__init__()
@@ -243,11 +245,8 @@ class TokenMemory(nn.Module):
 
     def continue_prompts(self, prompts: list[str], decoding: DecodingConfig | None = None) -> list[str]:
         """The LLM's answer to each prompt text: with the trained reader's KV-LoRA, or the base LLM alone."""
-        if self.config.trained_reader:
+        with nullcontext() if self.config.trained_reader else lora_disabled(self.base.llm):
             return self.base.generate([self.tokenizer(p)["input_ids"] for p in prompts], None, decoding)
-        from mbc.evaluation.baselines import answer_prompts
-
-        return answer_prompts(self.base, prompts, decoding)
 
     # ---- the bank it writes, and saving ------------------------------------------------------
     def bank_layout(self):
@@ -388,7 +387,6 @@ def train_reader(
     if kept_texts is None:
         texts = distinct_documents(rows)
         kept_texts = dict(zip(texts, model.texts(model.compress(texts))))
-    model.config = replace(model.config, trained_reader=True)
     examples = [
         (model.tokenizer(model.prompt(kept_texts[r.document], r.question))["input_ids"], base.answer_ids(r.answers[0]))
         for r in rows
@@ -414,5 +412,6 @@ def train_reader(
             losses.append(loss.item())
             if step % 10 == 9:
                 bar.set_postfix(loss=f"{np.mean(losses[-10:]):.3f}")
+    model.config = replace(model.config, trained_reader=True)
     model.eval()
     return losses
