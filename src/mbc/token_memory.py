@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import random
 import re
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -245,8 +244,11 @@ class TokenMemory(nn.Module):
 
     def continue_prompts(self, prompts: list[str], decoding: DecodingConfig | None = None) -> list[str]:
         """The LLM's answer to each prompt text: with the trained reader's KV-LoRA, or the base LLM alone."""
-        with nullcontext() if self.config.trained_reader else lora_disabled(self.base.llm):
+        if self.config.trained_reader:
             return self.base.generate([self.tokenizer(p)["input_ids"] for p in prompts], None, decoding)
+        from mbc.evaluation.baselines import answer_prompts
+
+        return answer_prompts(self.base, prompts, decoding)
 
     # ---- the bank it writes, and saving ------------------------------------------------------
     def bank_layout(self):
