@@ -147,7 +147,7 @@ def test_eval_streams_documents_and_compares_methods(tiny_paths, tmp_path):
     assert "base, BM25 top-1" in result.output and "mbc F1 retention" in result.output
     assert "mbc retrieval keys found the question's own document for" in result.output
     summary = json.loads((tmp_path / "eval" / "summary.json").read_text())
-    assert summary["documents"] == 3 and len(summary["methods"]) == 7
+    assert summary["documents"] == 3 and len(summary["methods"]) == 8
     result = runner.invoke(
         app,
         [

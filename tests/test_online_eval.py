@@ -25,6 +25,7 @@ def test_eval_runs_every_method_and_writes_its_outputs(tiny_model, tmp_path):
         "mbc",
         "mbc, unrelated bank",
         "mac",
+        "mac, unrelated bank",
         "base, raw question",
         "base, 3 worked examples",
         "base, gold document",
@@ -45,7 +46,7 @@ def test_eval_runs_every_method_and_writes_its_outputs(tiny_model, tmp_path):
 
     with (tmp_path / "predictions.csv").open() as f:
         records = list(csv.DictReader(f))
-    assert len(records) == 7 * 30 and {r["method"] for r in records} == set(methods)
+    assert len(records) == 8 * 30 and {r["method"] for r in records} == set(methods)
     assert json.loads((tmp_path / "summary.json").read_text())["questions"] == 30
     assert (tmp_path / "retention.png").stat().st_size > 0 and (tmp_path / "bank_size.png").stat().st_size > 0
     assert summary["files"] == ["predictions.csv", "summary.json", "retention.png", "bank_size.png"]
@@ -100,7 +101,7 @@ def test_eval_with_retrieval_keys_counts_their_bytes_and_reports_recall(tiny_mod
         rows[:30],
         [r.document for r in generate_examples(8, seed=4)][::6],
         tmp_path,
-        EvalConfig(retention_every=5, batch_size=8, methods=["mbc", "mac", "mbc, unrelated bank"]),
+        EvalConfig(retention_every=5, batch_size=8, methods=["mbc", "mac", "mbc, unrelated bank", "mac, unrelated bank"]),
         mac,
     )
     k, dim = mbc.config.num_slots, mbc.layout.hidden_size
@@ -108,6 +109,9 @@ def test_eval_with_retrieval_keys_counts_their_bytes_and_reports_recall(tiny_mod
         summary["methods"]["mbc"]["bytes_per_document"] == packed_size(k, mbc.config.codebook_size) + 1
     )  # 4 keys x 2 bits
     assert summary["methods"]["mac"]["bytes_per_document"] == k * dim * 4 + 1
+    # MAC's control: the MAC model itself, reading a bank of its own (a float bank, not MBC's codes)
+    assert summary["methods"]["mac, unrelated bank"]["bytes_per_document"] == k * dim * 4 + 1
+    assert (tmp_path / "banks" / "mac-unrelated.db").exists()
     for name in ("mbc", "mac"):
         assert 0 <= summary["banks"][name]["retrieval_recall_percent"] <= 100
         assert summary["banks"][name]["key_bytes"] == 5

@@ -5,7 +5,8 @@ Methods (each scored with EM, F1 and lenient EM, with its memory per document an
 - ``mbc``: the trained MBC adapter, answering from a durable codebook bank (code-count reading);
 - ``mbc, unrelated bank``: the same adapter answering from a bank of as many documents about
   something else; what it scores comes from the adapter, not from the stored documents;
-- ``mac``: a MAC checkpoint (float bank, windowed reading), when one is given;
+- ``mac`` and ``mac, unrelated bank``: a MAC checkpoint (float bank, windowed reading), when one
+  is given, and its control as for MBC;
 - ``base, raw question`` and ``base, 3 worked examples``: the base LLM with no adaptation;
 - ``base, gold document`` (an upper bound) and ``base, BM25 top-k``: documents in the prompt,
   after the same worked examples.
@@ -56,6 +57,7 @@ ALL_METHODS = (
     "mbc",
     "mbc, unrelated bank",
     "mac",
+    "mac, unrelated bank",
     "base, raw question",
     "base, 3 worked examples",
     "base, gold document",
@@ -64,7 +66,7 @@ ALL_METHODS = (
     "tokens",
     "tokens, unrelated bank",
 )
-NEEDS = {"mac": "mac", "tokens": "tokens", "tokens, unrelated bank": "tokens"}  # methods run only with that model
+NEEDS = {"mac": "mac", "mac, unrelated bank": "mac", "tokens": "tokens", "tokens, unrelated bank": "tokens"}  # methods run only with that model
 # The main job's: "mbc + BM25 top-k" (the memory on top of retrieval, as MAC's paper reports MAC +
 # BM25) costs as much as the gold document's prompts again; `mbc eval --methods` adds it.
 DEFAULT_METHODS = tuple(m for m in ALL_METHODS if m != "mbc + BM25 top-k")
@@ -340,8 +342,9 @@ def run_eval(
             results[method], curves[method], bank_sizes[method] = _stream_into_bank(
                 model, output / "banks", stream, rows, retention_rows, config, decoding, method
             )
-        elif method in ("mbc, unrelated bank", "tokens, unrelated bank"):
-            model, name = (mbc, "unrelated") if method.startswith("mbc") else (tokens, "tokens-unrelated")
+        elif method.endswith(", unrelated bank"):
+            adapter = method.split(",")[0]
+            model, name = {"mbc": mbc, **given}[adapter], "unrelated" if adapter == "mbc" else f"{adapter}-unrelated"
             results[method] = _unrelated(
                 model, output / "banks", unrelated_documents[: len(stream)], rows, config, decoding, name
             )
