@@ -101,7 +101,9 @@ def test_eval_with_retrieval_keys_counts_their_bytes_and_reports_recall(tiny_mod
         rows[:30],
         [r.document for r in generate_examples(8, seed=4)][::6],
         tmp_path,
-        EvalConfig(retention_every=5, batch_size=8, methods=["mbc", "mac", "mbc, unrelated bank", "mac, unrelated bank"]),
+        EvalConfig(
+            retention_every=5, batch_size=8, methods=["mbc", "mac", "mbc, unrelated bank", "mac, unrelated bank"]
+        ),
         mac,
     )
     k, dim = mbc.config.num_slots, mbc.layout.hidden_size

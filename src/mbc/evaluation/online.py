@@ -66,7 +66,8 @@ ALL_METHODS = (
     "tokens",
     "tokens, unrelated bank",
 )
-NEEDS = {"mac": "mac", "mac, unrelated bank": "mac", "tokens": "tokens", "tokens, unrelated bank": "tokens"}  # methods run only with that model
+# methods run only with that model
+NEEDS = {"mac": "mac", "mac, unrelated bank": "mac", "tokens": "tokens", "tokens, unrelated bank": "tokens"}
 # The main job's: "mbc + BM25 top-k" (the memory on top of retrieval, as MAC's paper reports MAC +
 # BM25) costs as much as the gold document's prompts again; `mbc eval --methods` adds it.
 DEFAULT_METHODS = tuple(m for m in ALL_METHODS if m != "mbc + BM25 top-k")
