@@ -203,6 +203,18 @@ def test_training_the_reader_moves_only_the_llms_kv_lora_and_lowers_its_loss(wit
     assert np.mean(losses[-8:]) < np.mean(losses[:8]) - 0.2  # ~5.5 -> ~5.2 nats on the tiny LLM
 
 
+def test_the_reader_trains_under_bf16_autocast_and_keeps_float32_weights(tiny_paths, rows):
+    config = TokenMemoryConfig(keep=12, layer=2, base=tiny_config(tiny_paths, **KEYS).to_dict())
+    torch.manual_seed(0)
+    model = train_token_memory(rows, config, before=1, steps=50)
+    losses = train_reader(model, rows[:8], steps=100, learning_rate=2e-2, mixed_precision="bf16")
+    adapters = [p for name, p in model.base.llm.named_parameters() if ".lora_" in name]
+    assert adapters and all(p.dtype == torch.float32 for p in adapters)
+    assert np.mean(losses[-8:]) < np.mean(losses[:8]) - 0.2
+    with pytest.raises(MBCError, match="mixed_precision='fp16'"):
+        train_reader(model, rows[:8], steps=1, mixed_precision="fp16")
+
+
 def test_a_trained_reader_is_saved_with_the_memory_and_answers_through_its_kv_lora(with_reader, rows, tmp_path):
     model, _, _ = with_reader
     model.save_pretrained(tmp_path / "tokens")

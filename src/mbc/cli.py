@@ -157,6 +157,9 @@ def train_tokens(
     reader_steps: int = typer.Option(
         0, min=0, help="then train the LLM's KV-LoRA this many steps to answer from kept tokens (0: the LLM as it is)"
     ),
+    reader_precision: str = typer.Option(
+        "no", help="'bf16': train the reader under bf16 autocast (fast on CPUs with AMX, slow elsewhere)"
+    ),
     first_documents: Optional[int] = typer.Option(
         None, min=1, help="keep only the first N distinct documents (and all their questions)"
     ),
@@ -172,7 +175,9 @@ def train_tokens(
     splits = qa_data.load_splits(data, first_documents)
     start = time.perf_counter()
     config = TokenMemoryConfig(keep=keep, lexical_weight=lexical_weight)
-    model = train_token_memory(splits["train"], config, before, reader_steps=reader_steps)
+    model = train_token_memory(
+        splits["train"], config, before, reader_steps=reader_steps, mixed_precision=reader_precision
+    )
     model.save_pretrained(output)
     sizes = model.bytes_per_document()
     typer.echo(

@@ -338,11 +338,17 @@ def fit_scorer(scorer: nn.Linear, features: torch.Tensor, labels: torch.Tensor, 
 
 
 def train_token_memory(
-    rows, config: TokenMemoryConfig | None = None, before: int = 2, steps: int = 600, reader_steps: int = 0
+    rows,
+    config: TokenMemoryConfig | None = None,
+    before: int = 2,
+    steps: int = 600,
+    reader_steps: int = 0,
+    mixed_precision: str = "no",
 ):
     """A token memory fitted on training questions (``QAExample`` rows): the retrieval keys'
     centroids on their documents, the scorer on their documents' tokens, labelled by the answers;
-    with ``reader_steps``, then a reader trained on what it keeps (``train_reader``)."""
+    with ``reader_steps``, then a reader trained on what it keeps (``train_reader``, in
+    ``mixed_precision``)."""
     from mbc.data import documents as distinct_documents
 
     model = TokenMemory.build(config)
@@ -361,7 +367,7 @@ def train_token_memory(
     if reader_steps:
         kept = {text: model.tokenizer.decode(model.keep_best(ids, f)) for text, (ids, _, f) in zip(texts, tokens)}
         del tokens, labels  # the features: ~1 GB on SQuAD's training paragraphs
-        train_reader(model, rows, reader_steps, kept_texts=kept)
+        train_reader(model, rows, reader_steps, kept_texts=kept, mixed_precision=mixed_precision)
     return model
 
 
@@ -373,11 +379,14 @@ def train_reader(
     learning_rate: float = 3e-4,
     seed: int = 0,
     kept_texts: dict[str, str] | None = None,
+    mixed_precision: str = "no",
 ) -> list[float]:
     """Train the base LLM's KV-LoRA to answer from kept tokens: each training question asked in
     ``prompt`` after its own document's kept tokens (``kept_texts``: document -> what the bank
     gives back for it), the loss on the answer tokens alone. The frozen layers below the first with
-    KV-LoRA run once per row (training/activations.py). Returns the loss of every step."""
+    KV-LoRA run once per row (training/activations.py). ``mixed_precision="bf16"``: the forward
+    passes under bf16 autocast (the KV-LoRA and Adam stay float32), fast on CPUs with bf16 matrix
+    units (AMX), slow where they are emulated. Returns the loss of every step."""
     from mbc.data import documents as distinct_documents
     from mbc.model import IGNORE, pad
     from mbc.training.activations import FrozenStore
@@ -386,6 +395,8 @@ def train_reader(
     adapters = [p for name, p in base.llm.named_parameters() if ".lora_" in name]
     if not adapters:
         raise MBCError("the token memory's base LLM carries no KV-LoRA to train: give its base config lora_layers > 0")
+    if mixed_precision not in ("no", "bf16"):
+        raise MBCError(f"mixed_precision={mixed_precision!r}: choose 'no' or 'bf16'")
     if kept_texts is None:
         texts = distinct_documents(rows)
         kept_texts = dict(zip(texts, model.texts(model.compress(texts))))
@@ -406,8 +417,9 @@ def train_reader(
             ids = [prompt + answer for prompt, answer in batch]
             mask = pad([[1] * len(i) for i in ids], 0).to(base.device)
             labels = pad([[IGNORE] * len(prompt) + answer for prompt, answer in batch], IGNORE).to(base.device)
-            lower = lower_rows.padded([tuple(i) for i in ids], base.device, base.lower_hidden)
-            loss = base.qa_loss_from_lower(lower, mask, labels, None)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=mixed_precision == "bf16"):
+                lower = lower_rows.padded([tuple(i) for i in ids], base.device, base.lower_hidden)
+                loss = base.qa_loss_from_lower(lower, mask, labels, None).float()
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
