@@ -1,6 +1,8 @@
 """The token memory (token_memory.py): which tokens a document keeps, the bank it writes, reading it
 back, saving, and its methods in the online evaluation and the memory service, on tiny models."""
 
+import os
+import signal
 from dataclasses import replace
 
 import numpy as np
@@ -31,6 +33,8 @@ from mbc.token_memory import (
     train_reader,
     train_token_memory,
 )
+from mbc.training.state import saved_progress
+from mbc.training.trainer import TrainingInterrupted
 
 KEYS = dict(retrieval_top_k=1, retrieval_subspaces=4, retrieval_codes=4)
 
@@ -213,6 +217,49 @@ def test_the_reader_trains_under_bf16_autocast_and_keeps_float32_weights(tiny_pa
     assert np.mean(losses[-8:]) < np.mean(losses[:8]) - 0.2
     with pytest.raises(MBCError, match="mixed_precision='fp16'"):
         train_reader(model, rows[:8], steps=1, mixed_precision="fp16")
+
+
+def _fitted(tiny_paths, rows) -> TokenMemory:
+    torch.manual_seed(0)
+    config = TokenMemoryConfig(keep=12, layer=2, base=tiny_config(tiny_paths, **KEYS).to_dict())
+    return train_token_memory(rows, config, before=1, steps=50)
+
+
+def test_a_reader_saved_midway_continues_to_the_weights_of_an_unbroken_run(tiny_paths, rows, tmp_path):
+    unbroken = _fitted(tiny_paths, rows)
+    train_reader(unbroken, rows[:16], steps=6, learning_rate=2e-2)
+    train_reader(_fitted(tiny_paths, rows), rows[:16], steps=3, learning_rate=2e-2, save_to=tmp_path / "reader")
+    resumed = TokenMemory.from_pretrained(tmp_path / "reader")  # a usable memory, trained 3 steps
+    assert resumed.config.trained_reader
+    losses = train_reader(resumed, rows[:16], steps=6, learning_rate=2e-2, save_to=tmp_path / "reader")
+    assert len(losses) == 6  # the 3 saved steps' losses and 3 more
+    reloaded = TokenMemory.from_pretrained(tmp_path / "reader").trainable_state_dict()
+    for name, tensor in unbroken.trainable_state_dict().items():
+        # the frozen rows are recomputed after the break, in other batches: equal up to rounding
+        assert torch.allclose(tensor, reloaded[name], atol=1e-4), name
+    with pytest.raises(MBCError, match="learning_rate 0.02 -> 0.01"):
+        train_reader(resumed, rows[:16], steps=8, learning_rate=1e-2, save_to=tmp_path / "reader")
+    with pytest.raises(MBCError, match="keep 12 -> 10"):
+        train_token_memory(
+            rows, replace(unbroken.config, keep=10), before=1, reader_steps=8, save_to=tmp_path / "reader"
+        )
+
+
+def test_sigterm_stops_the_reader_at_the_end_of_its_step_saved(tiny_paths, rows, tmp_path, monkeypatch):
+    model, steps_begun = _fitted(tiny_paths, rows), []
+    loss_of = model.base.qa_loss_from_lower
+
+    def loss_then_sigterm_in_step_2(*args):
+        steps_begun.append(1)
+        if len(steps_begun) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)  # what `kill` or a session's end sends
+        return loss_of(*args)
+
+    monkeypatch.setattr(model.base, "qa_loss_from_lower", loss_then_sigterm_in_step_2)
+    with pytest.raises(TrainingInterrupted, match="SIGTERM at reader step 2 of 6") as stopped:
+        train_reader(model, rows[:16], steps=6, learning_rate=2e-2, save_to=tmp_path / "reader")
+    assert stopped.value.exit_code == 128 + signal.SIGTERM
+    assert saved_progress(tmp_path / "reader")["step"] == 2 and len(steps_begun) == 2
 
 
 def test_a_trained_reader_is_saved_with_the_memory_and_answers_through_its_kv_lora(with_reader, rows, tmp_path):

@@ -166,7 +166,8 @@ def train_tokens(
 ):
     """Fit a token memory (token_memory.py) on the train split: the retrieval keys and the scorer that
     chooses which of a document's own tokens it keeps; minutes on a CPU. With --reader-steps, also a
-    reader: the base LLM's KV-LoRA trained to answer from the kept tokens."""
+    reader: the base LLM's KV-LoRA trained to answer from the kept tokens, saved into --output every
+    10 minutes and on Ctrl-C or SIGTERM; the same command continues it (a larger --reader-steps trains on)."""
     from mbc import data as qa_data
     from mbc.paths import writable_folder
     from mbc.token_memory import TokenMemoryConfig, train_token_memory
@@ -176,9 +177,8 @@ def train_tokens(
     start = time.perf_counter()
     config = TokenMemoryConfig(keep=keep, lexical_weight=lexical_weight)
     model = train_token_memory(
-        splits["train"], config, before, reader_steps=reader_steps, mixed_precision=reader_precision
+        splits["train"], config, before, reader_steps=reader_steps, mixed_precision=reader_precision, save_to=output
     )
-    model.save_pretrained(output)
     sizes = model.bytes_per_document()
     typer.echo(
         f"token memory fitted on {len(qa_data.documents(splits['train']))} documents in {time.perf_counter() - start:.0f} s: "

@@ -71,7 +71,7 @@ def load_training_state(folder: Path, optimizer, scheduler, groups: int | None =
         optimizer.load_state_dict({"state": slots, "param_groups": param_groups})
         scheduler.load_state_dict(_first_groups(meta["scheduler"], len(meta["param_groups"]), groups))
         torch.set_rng_state(tensors["rng.torch"])
-        random.setstate(_python_state(meta["rng_python"]))
+        random.setstate(python_rng_state(meta["rng_python"]))
         numpy_state = meta["rng_numpy"]
         np.random.set_state((numpy_state[0], np.array(numpy_state[1], dtype=np.uint32), *numpy_state[2:]))
         return meta["progress"]
@@ -91,7 +91,7 @@ def _first_groups(scheduler_state: dict, saved_groups: int, groups: int | None) 
     }
 
 
-def _python_state(text: str):
+def python_rng_state(text: str):
     # random.getstate() is a tuple of ints and a tuple; ast.literal_eval reads its repr safely.
     import ast
 
