@@ -25,7 +25,8 @@ def measure(precision: str, steps: int, data: str) -> dict:
     import torch
 
     from mbc import data as qa_data
-    from mbc.token_memory import TokenMemory, train_reader
+    from mbc.token_memory import TokenMemory
+    from mbc.training.token_memory import train_reader
 
     torch.manual_seed(0)
     model = TokenMemory.build()

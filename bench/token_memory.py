@@ -60,7 +60,8 @@ def main() -> None:
     from frontier import text_sizes  # bench/, beside this script
 
     from mbc import data as qa_data
-    from mbc.token_memory import TokenMemoryConfig, train_token_memory
+    from mbc.token_memory import TokenMemoryConfig
+    from mbc.training.token_memory import train_token_memory
 
     start = time.perf_counter()
     splits = qa_data.load_splits(args.data)

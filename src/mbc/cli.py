@@ -170,7 +170,8 @@ def train_tokens(
     10 minutes and on Ctrl-C or SIGTERM; the same command continues it (a larger --reader-steps trains on)."""
     from mbc import data as qa_data
     from mbc.paths import writable_folder
-    from mbc.token_memory import TokenMemoryConfig, train_token_memory
+    from mbc.token_memory import TokenMemoryConfig
+    from mbc.training.token_memory import train_token_memory
 
     writable_folder(output.parent)
     splits = qa_data.load_splits(data, first_documents)

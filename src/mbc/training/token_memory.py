@@ -1,0 +1,272 @@
+"""Fitting a token memory (token_memory.py) on training questions, and training its reader.
+
+- ``train_token_memory``: the retrieval keys' centroids on the training documents, and the scorer
+  that chooses which tokens a document keeps, fitted to flag the tokens of answers (``answer_labels``,
+  ``fit_scorer``: logistic regression; seconds), over the frozen LLM's hidden states (minutes);
+- ``train_reader``: the base LLM's KV-LoRA trained on the QA loss to answer from kept tokens, in the
+  worked-example prompt the untrained LLM reads; saved as it trains and continued where it stopped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import re
+import signal
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from mbc import checkpoint
+from mbc.errors import MBCError
+from mbc.token_memory import TokenMemory, TokenMemoryConfig
+from mbc.training.state import (
+    has_training_state,
+    load_training_state,
+    python_rng_state,
+    save_training_state,
+    saved_progress,
+)
+
+
+def answer_labels(text: str, spans, answers: set[str], before: int = 0) -> torch.Tensor:
+    """1 for each token whose characters overlap an occurrence of one of ``answers`` in ``text``,
+    and for the ``before`` tokens ahead of each such run."""
+    covered = [False] * len(text)
+    for answer in answers:
+        for found in re.finditer(re.escape(answer), text):
+            covered[found.start() : found.end()] = [True] * (found.end() - found.start())
+    labels = [float(any(covered[start:end])) for start, end in spans]
+    for i in [i for i, label in enumerate(labels) if label and (i == 0 or not labels[i - 1])]:
+        for j in range(max(i - before, 0), i):
+            labels[j] = 1.0
+    return torch.tensor(labels)
+
+
+def fit_scorer(scorer: nn.Linear, features: torch.Tensor, labels: torch.Tensor, steps: int = 600, seed: int = 0):
+    """Logistic regression on standardised features, both classes weighted alike (answers are a few
+    percent of the tokens); the standardisation is folded into the layer afterwards."""
+    generator = torch.Generator().manual_seed(seed)
+    nn.init.zeros_(scorer.weight)
+    nn.init.zeros_(scorer.bias)
+    optimizer = torch.optim.AdamW(scorer.parameters(), lr=1e-3, weight_decay=0.01)
+    positive = labels.mean().clamp(1e-3, 1 - 1e-3)
+    loss_of = nn.BCEWithLogitsLoss(pos_weight=(1 - positive) / positive)
+    mean, std = features.mean(0), features.std(0) + 1e-5
+    with torch.enable_grad():
+        for _ in range(steps):
+            batch = torch.randint(0, len(features), (4096,), generator=generator)
+            loss = loss_of(scorer((features[batch] - mean) / std).squeeze(1), labels[batch])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    with torch.no_grad():  # score = w . (x - mean) / std + b
+        weight = scorer.weight / std
+        scorer.bias -= (weight * mean).sum()
+        scorer.weight.copy_(weight)
+
+
+def train_token_memory(
+    rows,
+    config: TokenMemoryConfig | None = None,
+    before: int = 2,
+    steps: int = 600,
+    reader_steps: int = 0,
+    mixed_precision: str = "no",
+    save_to: str | Path | None = None,
+):
+    """A token memory fitted on training questions (``QAExample`` rows): the retrieval keys'
+    centroids on their documents, the scorer on their documents' tokens, labelled by the answers;
+    with ``reader_steps``, then a reader trained on what it keeps (``train_reader``, in
+    ``mixed_precision``). ``save_to``: the reader's progress is saved there as it trains (and the
+    memory when it is done), and where a saved reader is found the fit is not repeated: training
+    continues from it (to ``reader_steps`` in all)."""
+    from mbc.data import documents as distinct_documents
+
+    _check_precision(mixed_precision)  # before minutes of fitting
+    texts = distinct_documents(rows)
+    if not texts:
+        raise MBCError("no training documents: a token memory learns which tokens to keep from training questions")
+    fitted_with = {"before": before, "steps": steps}
+    if reader_steps and save_to is not None and has_training_state(Path(save_to)):
+        model = TokenMemory.from_pretrained(save_to)
+        _check_same_memory(model.config, config or TokenMemoryConfig(), save_to)
+        train_reader(
+            model, rows, reader_steps, mixed_precision=mixed_precision, save_to=save_to, fitted_with=fitted_with
+        )
+        return model
+    model = TokenMemory.build(config)
+    model.base.fit_retrieval_keys(texts)
+    answers_of: dict[str, set[str]] = {}
+    for row in rows:
+        answers_of.setdefault(row.document, set()).update(row.answers)
+    tokens = model.token_features(texts, progress=True)
+    labels = torch.cat([answer_labels(t, spans, answers_of[t], before) for t, (_, spans, _) in zip(texts, tokens)])
+    if not labels.any():
+        raise MBCError("no answer occurs in its document's text: the scorer has no token to learn to keep")
+    fit_scorer(model.scorer, torch.cat([f for _, _, f in tokens]), labels, steps)
+    if reader_steps:
+        kept = {text: model.tokenizer.decode(model.keep_best(ids, f)) for text, (ids, _, f) in zip(texts, tokens)}
+        del tokens, labels  # the features: ~1 GB on SQuAD's training paragraphs
+        train_reader(
+            model,
+            rows,
+            reader_steps,
+            kept_texts=kept,
+            mixed_precision=mixed_precision,
+            save_to=save_to,
+            fitted_with=fitted_with,
+        )
+    elif save_to is not None:
+        model.save_pretrained(save_to)
+    return model
+
+
+def _check_precision(mixed_precision: str) -> None:
+    if mixed_precision not in ("no", "bf16"):
+        raise MBCError(f"mixed_precision={mixed_precision!r}: choose 'no' or 'bf16'")
+
+
+def _check_same_memory(saved: TokenMemoryConfig, asked: TokenMemoryConfig, folder) -> None:
+    saved_values, asked_values = asdict(replace(saved, trained_reader=False)), asdict(asked)
+    differ = [f"{k} {saved_values[k]!r} -> {v!r}" for k, v in asked_values.items() if saved_values[k] != v]
+    if differ:
+        raise MBCError(
+            f"{folder} holds a token memory with other settings ({'; '.join(differ)}): train into a new --output "
+            "folder, or continue it with the same settings"
+        )
+
+
+def train_reader(
+    model: TokenMemory,
+    rows,
+    steps: int,
+    batch_size: int = 8,
+    learning_rate: float = 3e-4,
+    seed: int = 0,
+    kept_texts: dict[str, str] | None = None,
+    mixed_precision: str = "no",
+    save_to: str | Path | None = None,
+    save_every_minutes: float = 10.0,
+    fitted_with: dict | None = None,
+) -> list[float]:
+    """Train the base LLM's KV-LoRA to answer from kept tokens: each training question asked in
+    ``prompt`` after its own document's kept tokens (``kept_texts``: document -> what the bank
+    gives back for it), the loss on the answer tokens alone. The frozen layers below the first with
+    KV-LoRA run once per row (training/activations.py). ``mixed_precision="bf16"``: the forward
+    passes under bf16 autocast (the KV-LoRA and Adam stay float32), fast on CPUs with bf16 matrix
+    units (AMX), slow where they are emulated. ``save_to``: the memory and the reader's training
+    state are saved there every ``save_every_minutes``, on SIGINT / SIGTERM (then
+    ``TrainingInterrupted``) and at the end; a state found there is continued, to ``steps`` in all,
+    when this run's settings (``fitted_with`` too: how the memory was fitted) are the saved run's.
+    Returns the loss of every step (the saved ones included)."""
+    from mbc.data import documents as distinct_documents
+    from mbc.model import IGNORE, pad
+    from mbc.training.activations import FrozenStore
+    from mbc.training.trainer import StopRequests
+
+    base = model.base
+    adapters = [p for name, p in base.llm.named_parameters() if ".lora_" in name]
+    if not adapters:
+        raise MBCError("the token memory's base LLM carries no KV-LoRA to train: give its base config lora_layers > 0")
+    _check_precision(mixed_precision)
+    if kept_texts is None:
+        texts = distinct_documents(rows)
+        kept_texts = dict(zip(texts, model.texts(model.compress(texts))))
+    examples = [
+        (model.tokenizer(model.prompt(kept_texts[r.document], r.question))["input_ids"], base.answer_ids(r.answers[0]))
+        for r in rows
+    ]
+    optimizer = torch.optim.Adam(adapters, lr=learning_rate)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)  # constant; saved with the state
+    settings = {
+        "rows": len(rows),
+        "batch_size": batch_size,
+        "learning_rate": learning_rate,
+        "seed": seed,
+        "mixed_precision": mixed_precision,
+        "fitted_with": fitted_with or {},
+        "kept": _fingerprint_texts(kept_texts[r.document] + "\n" + r.question for r in rows),
+    }
+    shuffle = random.Random(seed)
+    progress = {"step": 0, "order": [], "losses": [], "shuffle": repr(shuffle.getstate()), "settings": settings}
+    if save_to is not None and has_training_state(Path(save_to)):
+        progress = _resumed_reader(Path(save_to), optimizer, schedule, settings)
+        shuffle.setstate(python_rng_state(progress["shuffle"]))
+    lower_rows, order, losses = FrozenStore().part("reader rows"), progress["order"], progress["losses"]
+
+    def save() -> None:
+        model.config = replace(model.config, trained_reader=True)
+        with checkpoint.replacing(save_to) as partial:
+            checkpoint.write(model, partial)
+            save_training_state(partial, optimizer, schedule, {**progress, "shuffle": repr(shuffle.getstate())})
+
+    model.train()
+    saved_at = time.perf_counter()
+    # Ctrl-C and SIGTERM stop at the end of a step, saved, where there is somewhere to save to.
+    with torch.enable_grad(), StopRequests() if save_to is not None else nullcontext() as stops:
+        bar = tqdm(range(progress["step"], steps), desc="reader", initial=progress["step"], total=steps)
+        for step in bar:
+            if len(order) < batch_size:  # epoch after epoch, each in its own order
+                order += shuffle.sample(range(len(examples)), len(examples))
+            batch, order[:] = [examples[i] for i in order[:batch_size]], order[batch_size:]
+            ids = [prompt + answer for prompt, answer in batch]
+            mask = pad([[1] * len(i) for i in ids], 0).to(base.device)
+            labels = pad([[IGNORE] * len(prompt) + answer for prompt, answer in batch], IGNORE).to(base.device)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=mixed_precision == "bf16"):
+                lower = lower_rows.padded([tuple(i) for i in ids], base.device, base.lower_hidden)
+                loss = base.qa_loss_from_lower(lower, mask, labels, None).float()
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+            progress["step"] = step + 1
+            if step % 10 == 9:
+                bar.set_postfix(loss=f"{np.mean(losses[-10:]):.3f}")
+            if stops is not None and stops.signum is not None:
+                save()
+                raise _reader_interrupted(progress["step"], steps, save_to, stops.signum)
+            if save_to is not None and time.perf_counter() - saved_at > 60 * save_every_minutes:
+                save()
+                saved_at = time.perf_counter()
+    model.config = replace(model.config, trained_reader=progress["step"] > 0 or model.config.trained_reader)
+    if save_to is not None:
+        save()
+    model.eval()
+    return losses
+
+
+def _fingerprint_texts(texts) -> str:
+    digest = hashlib.sha256()
+    for text in texts:
+        digest.update(text.encode("utf-8") + b"\0")
+    return digest.hexdigest()[:16]
+
+
+def _resumed_reader(folder: Path, optimizer, schedule, settings: dict) -> dict:
+    """The saved reader's progress, its optimizer and RNG states restored; one line naming what
+    differs when the run's settings (or the rows and kept tokens it reads) are not the saved run's."""
+    saved = saved_progress(folder).get("settings", {})
+    differ = [f"{key} {saved.get(key)!r} -> {value!r}" for key, value in settings.items() if saved.get(key) != value]
+    if differ:
+        raise MBCError(
+            f"{folder} holds a reader trained with other settings ({'; '.join(differ)}): train into a new --output "
+            "folder, or continue it with the same settings and data"
+        )
+    return load_training_state(folder, optimizer, schedule)
+
+
+def _reader_interrupted(step: int, steps: int, folder, signum: int):
+    from mbc.training.trainer import TrainingInterrupted
+
+    return TrainingInterrupted(
+        f"interrupted by {signal.Signals(signum).name} at reader step {step} of {steps}: the memory and its reader "
+        f"are saved in {folder}; run the same command again to continue",
+        signum,
+    )
