@@ -181,11 +181,15 @@ def test_a_question_reads_the_document_that_shares_its_rare_tokens_when_the_lexi
         assert by_key == [[ids[p] for p in row] for row in key_alone[:, :1].tolist()]
 
 
+def _fitted(tiny_paths, rows) -> TokenMemory:
+    torch.manual_seed(0)
+    config = TokenMemoryConfig(keep=12, layer=2, base=tiny_config(tiny_paths, **KEYS).to_dict())
+    return train_token_memory(rows, config, before=1, steps=50)
+
+
 @pytest.fixture(scope="module")
 def with_reader(tiny_paths, rows):
-    config = TokenMemoryConfig(keep=12, layer=2, base=tiny_config(tiny_paths, **KEYS).to_dict())
-    torch.manual_seed(0)
-    model = train_token_memory(rows, config, before=1, steps=50)
+    model = _fitted(tiny_paths, rows)
     untrained = {k: v.clone() for k, v in model.base.state_dict().items()}
     losses = train_reader(model, rows[:8], steps=100, learning_rate=2e-2)  # one batch, learned by heart
     return model, untrained, losses
@@ -201,21 +205,13 @@ def test_training_the_reader_moves_only_the_llms_kv_lora_and_lowers_its_loss(wit
 
 
 def test_the_reader_trains_under_bf16_autocast_and_keeps_float32_weights(tiny_paths, rows):
-    config = TokenMemoryConfig(keep=12, layer=2, base=tiny_config(tiny_paths, **KEYS).to_dict())
-    torch.manual_seed(0)
-    model = train_token_memory(rows, config, before=1, steps=50)
+    model = _fitted(tiny_paths, rows)
     losses = train_reader(model, rows[:8], steps=100, learning_rate=2e-2, mixed_precision="bf16")
     adapters = [p for name, p in model.base.llm.named_parameters() if ".lora_" in name]
     assert adapters and all(p.dtype == torch.float32 for p in adapters)
     assert np.mean(losses[-8:]) < np.mean(losses[:8]) - 0.2
     with pytest.raises(MBCError, match="mixed_precision='fp16'"):
         train_reader(model, rows[:8], steps=1, mixed_precision="fp16")
-
-
-def _fitted(tiny_paths, rows) -> TokenMemory:
-    torch.manual_seed(0)
-    config = TokenMemoryConfig(keep=12, layer=2, base=tiny_config(tiny_paths, **KEYS).to_dict())
-    return train_token_memory(rows, config, before=1, steps=50)
 
 
 def test_a_reader_saved_midway_continues_to_the_weights_of_an_unbroken_run(tiny_paths, rows, tmp_path):

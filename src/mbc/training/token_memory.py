@@ -134,12 +134,16 @@ def _check_precision(mixed_precision: str) -> None:
 
 
 def _check_same_memory(saved: TokenMemoryConfig, asked: TokenMemoryConfig, folder) -> None:
-    saved_values, asked_values = asdict(replace(saved, trained_reader=False)), asdict(asked)
-    differ = [f"{k} {saved_values[k]!r} -> {v!r}" for k, v in asked_values.items() if saved_values[k] != v]
+    _refuse_other_settings(folder, "a token memory", asdict(replace(saved, trained_reader=False)), asdict(asked))
+
+
+def _refuse_other_settings(folder, what: str, saved: dict, asked: dict) -> None:
+    """One line naming each setting that differs (saved -> asked), where a saved run is to be continued."""
+    differ = [f"{key} {saved.get(key)!r} -> {value!r}" for key, value in asked.items() if saved.get(key) != value]
     if differ:
         raise MBCError(
-            f"{folder} holds a token memory with other settings ({'; '.join(differ)}): train into a new --output "
-            "folder, or continue it with the same settings"
+            f"{folder} holds {what} with other settings ({'; '.join(differ)}): train into a new --output "
+            "folder, or continue it with the same settings and data"
         )
 
 
@@ -252,13 +256,7 @@ def _fingerprint_texts(texts) -> str:
 def _resumed_reader(folder: Path, optimizer, schedule, settings: dict) -> dict:
     """The saved reader's progress, its optimizer and RNG states restored; one line naming what
     differs when the run's settings (or the rows and kept tokens it reads) are not the saved run's."""
-    saved = saved_progress(folder).get("settings", {})
-    differ = [f"{key} {saved.get(key)!r} -> {value!r}" for key, value in settings.items() if saved.get(key) != value]
-    if differ:
-        raise MBCError(
-            f"{folder} holds a reader trained with other settings ({'; '.join(differ)}): train into a new --output "
-            "folder, or continue it with the same settings and data"
-        )
+    _refuse_other_settings(folder, "a reader trained", saved_progress(folder).get("settings", {}), settings)
     return load_training_state(folder, optimizer, schedule)
 
 
