@@ -105,6 +105,8 @@ CASES = [
     (lambda f: ["eval", "missing-checkpoint", "--methods", "mbc,foo"], "unknown method 'foo'"),
     (lambda f: ["eval", "missing-checkpoint", "--output", str(f / "a-file")], "cannot use"),
     (lambda f: ["eval", "missing-checkpoint", "--split", "nope"], "unknown split 'nope'"),
+    (lambda f: ["eval", "--methods", "mbc,mac"], "need a model that was not given"),
+    (lambda f: ["eval", "--methods", "base, 3 worked examples"], "need a model that was not given"),
     (lambda f: ["validate", "missing-checkpoint", "--output", str(f / "a-file" / "s.json")], "cannot use"),
     (lambda f: ["validate", "missing-checkpoint"], "not an MBC checkpoint"),
 ]

@@ -170,6 +170,15 @@ def test_eval_streams_documents_and_compares_methods(tiny_paths, tmp_path):
         "mbc",
         "mbc, unrelated bank",
     }
+    mac_only = ["--mac", str(checkpoints["mac"]), "--methods", "mac,mac, unrelated bank,base, 3 worked examples"]
+    common = ["--data", "generated", "--first-documents", "30", "--documents", "2"]
+    result = runner.invoke(app, ["eval", *mac_only, *common, "--output", str(tmp_path / "mac-only")])
+    assert result.exit_code == 0, result.output  # no MBC checkpoint needed where no MBC method runs
+    assert set(json.loads((tmp_path / "mac-only" / "summary.json").read_text())["methods"]) == {
+        "mac",
+        "mac, unrelated bank",
+        "base, 3 worked examples",
+    }
     result = runner.invoke(
         app,
         [

@@ -268,7 +268,9 @@ def run(
 
 @app.command("eval")
 def evaluate_online(
-    checkpoint: Path = typer.Argument(..., help="a trained MBC checkpoint folder"),
+    checkpoint: Optional[Path] = typer.Argument(
+        None, help="a trained MBC checkpoint folder (leave it out to score only MAC or a token memory)"
+    ),
     mac: Optional[Path] = typer.Option(
         None, help="a trained MAC checkpoint (quantize=false) to compare, same base LLM"
     ),
@@ -309,14 +311,14 @@ def evaluate_online(
     config = EvalConfig(
         retention_every, decoding=decoding, bm25_top_k=bm25_top_k, max_context_tokens=max_context_tokens, methods=chosen
     )
-    runnable_methods(chosen, {name for name, given in (("mac", mac), ("tokens", tokens)) if given})
+    runnable_methods(chosen, {name for name, given in (("mbc", checkpoint), ("mac", mac), ("tokens", tokens)) if given})
     writable_folder(output)
     splits = qa_data.load_splits(data, first_documents)
     rows = qa_data.first_documents(_split(splits, split, data), documents)
     unrelated = qa_data.documents(splits["train"])
     from mbc.model import MBCModel
 
-    mbc_model = MBCModel.from_pretrained(checkpoint).eval()
+    mbc_model = MBCModel.from_pretrained(checkpoint).eval() if checkpoint else None
     mac_model = MBCModel.from_pretrained(mac).eval() if mac else None
     token_model = None
     if tokens:

@@ -66,8 +66,16 @@ ALL_METHODS = (
     "tokens",
     "tokens, unrelated bank",
 )
-# methods run only with that model
-NEEDS = {"mac": "mac", "mac, unrelated bank": "mac", "tokens": "tokens", "tokens, unrelated bank": "tokens"}
+# methods run only with that model; the base LLM's methods with any of them
+NEEDS = {
+    "mbc": "mbc",
+    "mbc, unrelated bank": "mbc",
+    "mbc + BM25 top-k": "mbc",
+    "mac": "mac",
+    "mac, unrelated bank": "mac",
+    "tokens": "tokens",
+    "tokens, unrelated bank": "tokens",
+}
 # The main job's: "mbc + BM25 top-k" (the memory on top of retrieval, as MAC's paper reports MAC +
 # BM25) costs as much as the gold document's prompts again; `mbc eval --methods` adds it.
 DEFAULT_METHODS = tuple(m for m in ALL_METHODS if m != "mbc + BM25 top-k")
@@ -108,13 +116,13 @@ class EvalConfig:
 
 
 def runnable_methods(methods: list[str], given: set[str]) -> list[str]:
-    """The chosen methods that can run with the models ``given`` ("mac", "tokens"), in table order;
-    one line saying what is missing when none can."""
+    """The chosen methods that can run with the models ``given`` ("mbc", "mac", "tokens"), in table
+    order; one line saying what is missing when none can, or when no model is given at all."""
     runnable = [m for m in ALL_METHODS if m in methods and (m not in NEEDS or NEEDS[m] in given)]
-    if not runnable:
+    if not runnable or not given:
         raise MBCError(
-            f"none of the methods {methods} can run without its model: 'mac' needs a MAC checkpoint "
-            "(--mac), 'tokens' a token memory (--tokens)"
+            f"the methods {methods} need a model that was not given: 'mbc' needs an MBC checkpoint, 'mac' a MAC "
+            "checkpoint (--mac), 'tokens' a token memory (--tokens); the base LLM's methods run with any of them"
         )
     return runnable
 
@@ -294,7 +302,7 @@ def _memory_and_text(model: MBCModel, bank_path: Path, rows, fitted, config, dec
 
 @torch.no_grad()
 def run_eval(
-    mbc: MBCModel,
+    mbc: MBCModel | None,
     rows: list[QAExample],
     unrelated_documents: list[str],
     output: str | Path,
@@ -305,12 +313,14 @@ def run_eval(
 ) -> dict:
     """Run every method of ``config.methods`` on ``rows`` (their documents streamed in order) and
     write ``predictions.csv``, ``summary.json`` (with ``notes`` added) and the plots into ``output``;
-    returns the summary. ``mac`` and ``tokens`` (a ``TokenMemory``): the models of those methods,
-    which are left out when not given."""
+    returns the summary. ``mbc``, ``mac`` and ``tokens`` (a ``TokenMemory``): the models of those
+    methods, which are left out when not given; the base LLM's methods run on whichever is given."""
     from mbc.evaluation.plots import plot_bank_size, plot_retention
 
     config = config or EvalConfig()
-    if not mbc.config.quantize:
+    given = {name: model for name, model in (("mbc", mbc), ("mac", mac), ("tokens", tokens)) if model is not None}
+    methods = runnable_methods(config.methods, set(given))
+    if mbc is not None and not mbc.config.quantize:
         raise MBCError("the MBC model given has quantize=false: it is a MAC model (give it as the MAC checkpoint)")
     if mac is not None and mac.config.quantize:
         raise MBCError(
@@ -327,30 +337,29 @@ def run_eval(
     retention_rows = [r for r in rows if r.document in set(stream[: config.retention_every])]
     text_bytes = sum(len(d.encode("utf-8")) for d in stream) / max(len(stream), 1)
     results, curves, bank_sizes, bm25_recall, cut = {}, {}, {}, None, {}
-    given = {"mac": mac, "tokens": tokens}
-    methods = runnable_methods(config.methods, {name for name, model in given.items() if model is not None})
-    prompt_answers = _PromptAnswers(mbc, decoding)
+    base = mbc or mac or tokens.base  # the frozen LLM, read without a memory by the base methods
+    prompt_answers = _PromptAnswers(base, decoding)
     bm25 = f"BM25 top-{config.bm25_top_k}"
     if any("BM25" in m for m in methods):
         retrieve = bm25_retriever(stream, config.bm25_top_k)
         retrieved = {id(r): retrieve(r.question) for r in rows}
         bm25_contexts = ["\n\n".join(retrieved[id(r)]) for r in rows]
-        bm25_prompts = _fitted_prompts(mbc, rows, bm25_contexts, config, decoding)
+        bm25_prompts = _fitted_prompts(base, rows, bm25_contexts, config, decoding)
         bm25_recall = 100 * sum(r.document in retrieved[id(r)] for r in rows) / max(len(rows), 1)
     for method in methods:
         if method in ("mbc", "mac", "tokens"):
-            model = {"mbc": mbc, **given}[method]
+            model = given[method]
             results[method], curves[method], bank_sizes[method] = _stream_into_bank(
                 model, output / "banks", stream, rows, retention_rows, config, decoding, method
             )
         elif method.endswith(", unrelated bank"):
             adapter = method.split(",")[0]
-            model, name = {"mbc": mbc, **given}[adapter], "unrelated" if adapter == "mbc" else f"{adapter}-unrelated"
+            model, name = given[adapter], "unrelated" if adapter == "mbc" else f"{adapter}-unrelated"
             results[method] = _unrelated(
                 model, output / "banks", unrelated_documents[: len(stream)], rows, config, decoding, name
             )
         elif method == "base, raw question":
-            template = mbc.config.prompt_template
+            template = base.config.prompt_template
             ask = lambda r: template.format(question=r.question)  # noqa: E731
             results[method] = _base(prompt_answers, rows, ask, method, config.batch_size)
         elif method == "base, 3 worked examples":
@@ -358,7 +367,7 @@ def run_eval(
             results[method] = _base(prompt_answers, rows, ask, method, config.batch_size)
         elif method == "base, gold document":
             own = [r.document for r in rows]
-            gold = _fitted_prompts(mbc, rows, own, config, decoding)
+            gold = _fitted_prompts(base, rows, own, config, decoding)
             results[method], cut[method] = _with_context(prompt_answers, rows, own, gold, config, method, text_bytes)
         elif method == "base, BM25 top-k":
             name = f"base, {bm25}"
