@@ -45,7 +45,10 @@ def plot_loss_curve(metrics_path: Path, png_path: Path) -> None:
     loss_ax.legend()
     score_ax.set_xlabel("optimizer step")
     score_ax.set_ylabel("percent")
-    score_ax.legend()
+    if validation:
+        score_ax.legend()
+    else:  # a run without validation (the main job's adapters): say so instead of an empty legend
+        score_ax.text(0.5, 0.5, "no validation in this run", ha="center", va="center", transform=score_ax.transAxes)
     fig.tight_layout()
     fig.savefig(png_path, dpi=100)
     plt.close(fig)
