@@ -337,7 +337,8 @@ def run_eval(
     retention_rows = [r for r in rows if r.document in set(stream[: config.retention_every])]
     text_bytes = sum(len(d.encode("utf-8")) for d in stream) / max(len(stream), 1)
     results, curves, bank_sizes, bm25_recall, cut = {}, {}, {}, None, {}
-    base = mbc or mac or tokens.base  # the frozen LLM, read without a memory by the base methods
+    # the frozen LLM, read without a memory by the base methods
+    base = next(model for model in (mbc, mac, tokens.base if tokens is not None else None) if model is not None)
     prompt_answers = _PromptAnswers(base, decoding)
     bm25 = f"BM25 top-{config.bm25_top_k}"
     if any("BM25" in m for m in methods):
