@@ -125,11 +125,13 @@ def test_a_bank_written_by_one_token_memory_is_refused_by_another(token_memory, 
 
 def test_eval_runs_the_token_memory_and_its_unrelated_control(token_memory, tiny_model, rows, tmp_path):
     unrelated = documents(generate_examples(8, seed=4))
-    config = EvalConfig(batch_size=8, methods=["tokens", "tokens, unrelated bank"])
-    summary = run_eval(tiny_model().eval(), rows[:30], unrelated, tmp_path, config, tokens=token_memory)
+    config = EvalConfig(batch_size=8, methods=["tokens", "tokens, unrelated bank", "base, 3 worked examples"])
+    summary = run_eval(None, rows[:30], unrelated, tmp_path, config, tokens=token_memory)  # no MBC adapter needed
+    assert list(summary["methods"]) == ["base, 3 worked examples", "tokens", "tokens, unrelated bank"]
     stored = packed_size(12, len(token_memory.tokenizer) + 1) + packed_size(4, 4)  # tokens and retrieval key
     for name in ("tokens", "tokens, unrelated bank"):
         assert summary["methods"][name]["bytes_per_document"] == stored
+    config = EvalConfig(batch_size=8, methods=["tokens", "tokens, unrelated bank"])
     assert 0 <= summary["banks"]["tokens"]["retrieval_recall_percent"] <= 100
     with pytest.raises(MBCError, match="'tokens' a token memory"):
         run_eval(tiny_model().eval(), rows[:6], unrelated, tmp_path / "none", config)  # and none given
