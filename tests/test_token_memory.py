@@ -131,8 +131,8 @@ def test_eval_runs_the_token_memory_and_its_unrelated_control(token_memory, tiny
     stored = packed_size(12, len(token_memory.tokenizer) + 1) + packed_size(4, 4)  # tokens and retrieval key
     for name in ("tokens", "tokens, unrelated bank"):
         assert summary["methods"][name]["bytes_per_document"] == stored
-    config = EvalConfig(batch_size=8, methods=["tokens", "tokens, unrelated bank"])
     assert 0 <= summary["banks"]["tokens"]["retrieval_recall_percent"] <= 100
+    config = EvalConfig(batch_size=8, methods=["tokens", "tokens, unrelated bank"])
     with pytest.raises(MBCError, match="'tokens' a token memory"):
         run_eval(tiny_model().eval(), rows[:6], unrelated, tmp_path / "none", config)  # and none given
 
