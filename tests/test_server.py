@@ -13,16 +13,16 @@ from typer.testing import CliRunner
 
 from mbc.cli import app
 from mbc.memory.bank import MemoryBank
-from mbc.server import free_port, launch
+from mbc.server import _host_name, free_port, launch
 
 STARTUP_SECONDS = 180
 
 
 class Server:
-    def __init__(self, bank, checkpoint, token=None):
+    def __init__(self, bank, checkpoint, token=None, extra=()):
         self.port, self.bank = free_port(), bank
         self.url = f"http://127.0.0.1:{self.port}"
-        self.process = launch(bank, checkpoint, self.port, token, STARTUP_SECONDS)
+        self.process = launch(bank, checkpoint, self.port, token, STARTUP_SECONDS, extra)
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         self.client = httpx.Client(base_url=self.url, timeout=60, headers=headers)
 
@@ -40,8 +40,8 @@ def server(tiny_checkpoint, tmp_path):
     running.stop()
 
 
-def _add(client, texts, **extra):
-    return client.post("/documents", json={"documents": [{"text": t, **extra} for t in texts]})
+def _add(client, texts, headers=None, **extra):
+    return client.post("/documents", json={"documents": [{"text": t, **extra} for t in texts]}, headers=headers)
 
 
 def test_add_ask_list_get_delete_stats(server):
@@ -158,3 +158,33 @@ def test_a_killed_server_keeps_every_acknowledged_add(tiny_checkpoint, tmp_path)
         assert restarted.client.get("/health").json()["documents"] == len(ids)
     finally:
         restarted.stop()
+
+
+def test_a_rebound_name_is_refused_and_changes_nothing(tiny_checkpoint, tmp_path):
+    """DNS rebinding: a web page reaches 127.0.0.1 under a name of its own, which the server refuses."""
+    running = Server(tmp_path / "bank.db", tiny_checkpoint, extra=["--allowed-host", "memory.internal"])
+    try:
+        client = running.client
+        for host in ["attacker.example", f"attacker.example:{running.port}", "127.0.0.1.attacker.example", "", "[::1"]:
+            listed = client.get("/documents", headers={"Host": host})
+            assert listed.status_code == 400 and "--allowed-host" in listed.json()["error"], (host, listed.text)
+            assert _add(client, DOCUMENTS[:1], headers={"Host": host}).status_code == 400
+        assert client.get("/health").json()["documents"] == 0  # nothing a refused request sent was stored
+        for host in ["127.0.0.1", f"localhost:{running.port}", f"LOCALHOST:{running.port}", "[::1]:80", "memory.internal"]:
+            assert client.get("/health", headers={"Host": host}).status_code == 200, host
+    finally:
+        running.stop()
+
+
+@pytest.mark.parametrize("given", [["--token", ""], ["--token", "   "], []])
+def test_an_empty_token_is_refused(given, tiny_checkpoint, tmp_path, monkeypatch):
+    monkeypatch.setenv("MBC_TOKEN", "  ")  # read when --token is left out
+    result = CliRunner().invoke(app, ["serve", str(tmp_path / "bank.db"), "--model", tiny_checkpoint, *given])
+    assert result.exit_code != 0 and "is empty" in str(result.exception), result.output
+    assert not (tmp_path / "bank.db").exists()  # refused before anything was opened
+
+
+def test_host_names_are_read_without_their_port():
+    assert [_host_name(h) for h in ["a.b:80", "A.B", "[::1]:8000", "[::1]", "x:y", "", ":80", "[::1"]] == [
+        "a.b", "a.b", "::1", "::1", None, None, None, None,
+    ]

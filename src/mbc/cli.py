@@ -474,12 +474,15 @@ def serve(
         None, envvar="MBC_TOKEN", help="every request must carry 'Authorization: Bearer TOKEN' (default: $MBC_TOKEN)"
     ),
     max_request_bytes: int = typer.Option(8 * 1024 * 1024, min=1024, help="larger request bodies are refused (413)"),
+    allowed_host: list[str] = typer.Option(
+        [], help="a name clients reach the server by, beside its addresses and localhost (repeatable; '*': any)"
+    ),
 ):
     """An HTTP JSON API over a bank: add, ask, list, get and delete documents, statistics, health;
     OpenAPI docs at /docs."""
     from mbc.server import serve as run_server
 
-    run_server(str(bank), str(model) if model else None, host, port, token, max_request_bytes)
+    run_server(str(bank), str(model) if model else None, host, port, token, max_request_bytes, allowed_host)
 
 
 def _open_service(bank: Path, model: Optional[Path]):

@@ -14,11 +14,16 @@ requests queue for it. Answers read the bank as it is when they run, including w
 (`mbc ingest`) appended. Every error is a JSON object {"error": "..."} with a 4xx status (500 only
 for a bug), and none stops the server. With a token, every route but the documentation (/docs,
 /openapi.json: no data) needs it.
+
+Every request must name this server in its Host header (an IP address, localhost, the address it
+listens on, or a name given with --allowed-host): a web page the user visits could otherwise read
+and write the bank through DNS rebinding, a name of the attacker's that resolves to 127.0.0.1.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import os
 import secrets
 import socket
@@ -108,9 +113,76 @@ class BodyLimit:
         await response(scope, receive, send)
 
 
-def create_app(open_service: Callable[[], Any], token: str | None = None, max_request_bytes: int = MAX_REQUEST_BYTES):
+class HostCheck:
+    """Refuses (400) a request whose Host header names none of ``allowed`` and is no IP address. A
+    DNS-rebinding page reaches the server only under a name of its own, never as an address, so
+    addresses pass whatever the interface; ``"*"`` in ``allowed`` turns the check off (behind a proxy
+    that checks hosts itself)."""
+
+    def __init__(self, app, allowed: frozenset[str]):
+        self.app, self.allowed = app, allowed
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or "*" in self.allowed:
+            return await self.app(scope, receive, send)
+        host = dict(scope["headers"]).get(b"host", b"").decode("latin-1")
+        name = _host_name(host)
+        if name is None or not (name in self.allowed or _is_address(name)):
+            names = ", ".join(sorted(self.allowed))
+            response = _error(
+                400,
+                f"Host header {host[:100]!r} names no address or name this server answers to ({names}); "
+                "start it with --allowed-host NAME to accept that name",
+            )
+            return await response(scope, receive, send)
+        return await self.app(scope, receive, send)
+
+
+def _host_name(host: str) -> str | None:
+    """The name or address of a Host header without its port, lower case; None if it is malformed."""
+    host = host.strip().lower()
+    if host.startswith("["):  # an IPv6 address, as in [::1]:8000
+        name, closed, port = host[1:].partition("]")
+        if not closed:
+            return None
+        port = port.removeprefix(":")
+    else:
+        name, _, port = host.partition(":")
+    return name if name and (not port or port.isdigit()) else None
+
+
+def _is_address(name: str) -> bool:
+    try:
+        ipaddress.ip_address(name)
+        return True
+    except ValueError:
+        return False
+
+
+def allowed_hosts(bind_host: str, extra=()) -> frozenset[str]:
+    """The names a server bound to ``bind_host`` answers to: localhost, the bind address or name, and ``extra``."""
+    return frozenset({"localhost", bind_host.strip().lower(), *(h.strip().lower() for h in extra)} - {""})
+
+
+def check_token(token: str | None) -> str | None:
+    """The token as given; an empty or blank one is refused rather than quietly serving without one."""
+    if token is not None and not token.strip():
+        raise MBCError(
+            f"the token (--token or ${TOKEN_VARIABLE}) is empty: give a secret, e.g. $(openssl rand -hex 16), "
+            f"or leave both out to serve without authentication"
+        )
+    return token
+
+
+def create_app(
+    open_service: Callable[[], Any],
+    token: str | None = None,
+    max_request_bytes: int = MAX_REQUEST_BYTES,
+    hosts: frozenset[str] = allowed_hosts("127.0.0.1"),
+):
     """The API over the ``MemoryService`` that ``open_service()`` makes, on a worker thread of its own
     (opened here, so a bad model or bank fails before the server listens)."""
+    token = check_token(token)
     worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mbc-model")
     service = worker.submit(open_service).result()
     bearer = HTTPBearer(auto_error=False, description=f"the server's token (--token or ${TOKEN_VARIABLE})")
@@ -129,6 +201,7 @@ def create_app(open_service: Callable[[], Any], token: str | None = None, max_re
         dependencies=[Depends(authorize)],
     )
     app.add_middleware(BodyLimit, limit=max_request_bytes)
+    app.add_middleware(HostCheck, allowed=hosts)
 
     async def on_worker(function, *args, **kwargs):
         return await asyncio.get_running_loop().run_in_executor(worker, partial(function, *args, **kwargs))
@@ -207,14 +280,16 @@ def serve(
     port: int = 8000,
     token: str | None = None,
     max_request_bytes: int = MAX_REQUEST_BYTES,
+    extra_hosts=(),
 ) -> None:
     """Run the API until interrupted. The token defaults to ``$MBC_TOKEN``; none: no authentication."""
     import uvicorn
 
     from mbc.memory.service import MemoryService
 
-    token = token or os.environ.get(TOKEN_VARIABLE) or None
-    app = create_app(partial(MemoryService.open, bank, model), token, max_request_bytes)
+    token = check_token(token if token is not None else os.environ.get(TOKEN_VARIABLE))
+    hosts = allowed_hosts(host, extra_hosts)
+    app = create_app(partial(MemoryService.open, bank, model), token, max_request_bytes, hosts)
     uvicorn.run(app, host=host, port=port, log_level="info")
 
 
