@@ -170,7 +170,8 @@ def test_a_rebound_name_is_refused_and_changes_nothing(tiny_checkpoint, tmp_path
             assert listed.status_code == 400 and "--allowed-host" in listed.json()["error"], (host, listed.text)
             assert _add(client, DOCUMENTS[:1], headers={"Host": host}).status_code == 400
         assert client.get("/health").json()["documents"] == 0  # nothing a refused request sent was stored
-        for host in ["127.0.0.1", f"localhost:{running.port}", f"LOCALHOST:{running.port}", "[::1]:80", "memory.internal"]:
+        port = running.port
+        for host in ["127.0.0.1", f"localhost:{port}", f"LOCALHOST:{port}", "[::1]:80", "memory.internal"]:
             assert client.get("/health", headers={"Host": host}).status_code == 200, host
     finally:
         running.stop()
@@ -185,6 +186,5 @@ def test_an_empty_token_is_refused(given, tiny_checkpoint, tmp_path, monkeypatch
 
 
 def test_host_names_are_read_without_their_port():
-    assert [_host_name(h) for h in ["a.b:80", "A.B", "[::1]:8000", "[::1]", "x:y", "", ":80", "[::1"]] == [
-        "a.b", "a.b", "::1", "::1", None, None, None, None,
-    ]
+    hosts = ["a.b:80", "A.B", "[::1]:8000", "[::1]", "x:y", "", ":80", "[::1"]
+    assert [_host_name(h) for h in hosts] == ["a.b", "a.b", "::1", "::1", None, None, None, None]
