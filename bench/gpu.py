@@ -319,8 +319,11 @@ def shaped_model(preset_name: str, device: str, smoke: bool, nf4: bool):
             llm = GPT2LMHeadModel(GPT2Config(n_positions=1024, bos_token_id=1, eos_token_id=1, pad_token_id=0, **shape))
             held = "float32 weights" + (", bf16 autocast" if device != "cpu" else "")
         else:
-            dtype = torch.bfloat16 if device != "cpu" else torch.float32
-            llm = LlamaForCausalLM(LlamaConfig(bos_token_id=1, eos_token_id=1, pad_token_id=0, **shape)).to(dtype)
+            torch.set_default_dtype(torch.bfloat16 if device != "cpu" else torch.float32)  # 7B in float32: 27 GB
+            try:
+                llm = LlamaForCausalLM(LlamaConfig(bos_token_id=1, eos_token_id=1, pad_token_id=0, **shape))
+            finally:
+                torch.set_default_dtype(torch.float32)
             held = "bf16 weights (no bitsandbytes)" if device != "cpu" else "float32 (smoke)"
             if nf4:
                 held = f"4-bit NF4 ({_to_nf4(llm)} linear layers), bf16 compute"
@@ -348,27 +351,26 @@ def _to_nf4(llm) -> int:
     import torch
     from torch import nn
 
-    replaced = 0
-    for layer in llm.model.layers:
-        for parent in layer.modules():
-            for child_name, child in list(parent.named_children()):
-                if type(child) is nn.Linear:
-                    quantized = bnb.nn.Linear4bit(
-                        child.in_features,
-                        child.out_features,
-                        bias=child.bias is not None,
-                        compute_dtype=torch.bfloat16,
-                        quant_type="nf4",
-                        device="meta",
-                    )
-                    weight = bnb.nn.Params4bit(
-                        child.weight.data, requires_grad=False, quant_type="nf4", module=quantized
-                    )
-                    quantized.weight = weight.to("cuda")  # quantizes it
-                    setattr(parent, child_name, quantized)
-                    replaced += 1
+    linears = [
+        (parent, name, child)
+        for parent in llm.model.layers.modules()
+        for name, child in parent.named_children()
+        if type(child) is nn.Linear
+    ]
+    for parent, name, child in linears:
+        quantized = bnb.nn.Linear4bit(
+            child.in_features,
+            child.out_features,
+            bias=child.bias is not None,
+            compute_dtype=torch.bfloat16,
+            quant_type="nf4",
+            device="meta",
+        )
+        weight = bnb.nn.Params4bit(child.weight.data, requires_grad=False, quant_type="nf4", module=quantized)
+        quantized.weight = weight.to("cuda")  # quantizes it
+        setattr(parent, name, quantized)
     torch.cuda.empty_cache()
-    return replaced
+    return len(linears)
 
 
 def time_training(preset_name: str, device: str, smoke: bool, nf4: bool, steps: int) -> dict:
@@ -380,10 +382,10 @@ def time_training(preset_name: str, device: str, smoke: bool, nf4: bool, steps: 
     from mbc.training.schedule import Step
     from mbc.training.trainer import TrainConfig, make_optimizer
 
-    _reset_peak(device)
     start = time.perf_counter()
     model, held = shaped_model(preset_name, device, smoke, nf4)
     built = time.perf_counter() - start
+    _reset_peak(device)  # the peak of training, not of building the random weights
     train = TrainConfig(**preset(preset_name)["train"])
     batch = 2 if smoke else train.batch_size
     model.train()
@@ -439,6 +441,7 @@ def time_serving(preset_name: str, device: str, smoke: bool, nf4: bool, sizes: t
 
     model, held = shaped_model(preset_name, device, smoke, nf4)
     model.eval()
+    _reset_peak(device)
     results = []
     folder = Path(tempfile.mkdtemp(prefix="mbc-gpu-bank-"))
     with MemoryBank.open(folder / "bank.db", BankLayout.of(model)) as bank:
@@ -572,10 +575,16 @@ def main() -> None:
     sections = args.sections.split(",")
     report = {"device": device, "machine": machine(), "versions": versions, "command": " ".join(sys.argv)}
     started = time.perf_counter()
+
+    def save() -> None:  # after every piece: a run stopped at its time limit keeps what it measured
+        report["seconds"] = time.perf_counter() - started
+        Path(args.out).write_text(json.dumps(report, indent=2))
+
     if "parity" in sections:
         checks = _guarded(parity, device, nf4)
         report["parity"] = checks if isinstance(checks, list) else [_check("all", "parity", 1.0, 0.0, checks["error"])]
         print(f"parity done at {time.perf_counter() - started:.0f} s", flush=True)
+        save()
     if "shapes" in sections:
         report["shapes"] = []
         for name in args.presets.split(","):
@@ -584,6 +593,7 @@ def main() -> None:
                 result |= {"preset": name, "llm": "-", "batch": "-", "accumulation": "-"}
             report["shapes"].append(result)
             print(f"shapes {name} done at {time.perf_counter() - started:.0f} s", flush=True)
+            save()
             _free(device)
     if "serving" in sections:
         report["serving"] = []
@@ -592,8 +602,8 @@ def main() -> None:
             rows = _guarded(time_serving, name, device, args.smoke, nf4 and name == "llama-2-7b", sizes)
             report["serving"] += rows if isinstance(rows, list) else [rows | {"preset": name}]
             print(f"serving {name} done at {time.perf_counter() - started:.0f} s", flush=True)
-    report["seconds"] = time.perf_counter() - started
-    Path(args.out).write_text(json.dumps(report, indent=2))
+            save()
+    save()
     print_table(report)
     failed = [c for c in report.get("parity", []) if not c["passed"]]
     failed += [r for r in report.get("shapes", []) + report.get("serving", []) if "error" in r]
