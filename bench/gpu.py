@@ -145,10 +145,15 @@ def parity(device: str, nf4: bool) -> list[dict]:
         for options in ({}, retrieval):
             config = tiny_config(paths, llm, encoder, **options)
             checks += _parity_of_answers(pair, config, device, documents, QUESTIONS, folder)
-    checks.append(_trainer_on(device, paths, folder))
+    checks.append(_guarded_check("gpt2+bert", "trainer: 4 steps, save, load", _trainer_on, device, paths, folder))
     if nf4:
-        checks.append(_nf4_load(paths["llama"], QUESTIONS))
+        checks.append(_guarded_check("llama", "NF4 load (bitsandbytes)", _nf4_load, paths["llama"], QUESTIONS))
     return checks
+
+
+def _guarded_check(pair: str, what: str, function, *args) -> dict:
+    result = _guarded(function, *args)
+    return _check(pair, what, 1.0, 0.0, result["error"]) if "error" in result else result
 
 
 def _twins(config, device: str):
@@ -424,9 +429,19 @@ def time_training(preset_name: str, device: str, smoke: bool, nf4: bool, steps: 
         "peak_gb": _peak_gb(device),
         "build_seconds": built,
         "trainable_parameters": counts["trainable"],
+        "trainable_by_part": _trainable_by_part(model),
         "losses": [loss for _, loss in timed],
     }
     return result
+
+
+def _trainable_by_part(model) -> dict[str, int]:
+    parts: dict[str, int] = {}
+    for name, parameter in model.named_parameters():
+        if parameter.requires_grad:
+            part = "llm (KV-LoRA)" if name.startswith("llm.") else name.split(".")[0]
+            parts[part] = parts.get(part, 0) + parameter.numel()
+    return parts
 
 
 # ---- 3. serving: adapting into a bank, answering from it -----------------------------------------

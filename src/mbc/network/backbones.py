@@ -104,6 +104,11 @@ def resolve(name: str) -> str:
 
 def _load(loader, name: str, **kwargs):
     source = resolve(name)
+    if loader is not AutoTokenizer:
+        # transformers >= 5.2x swaps layers for the `kernels` package's hub kernels by default where
+        # that package is installed, fetching them at the first train()/eval() on a GPU: a run here
+        # must never reach a hub, and the layers must stay the ones this project patches.
+        kwargs["use_kernels"] = False
     try:
         return loader.from_pretrained(source, **kwargs)
     except (OSError, ValueError) as error:  # ValueError: a folder without a recognisable config
