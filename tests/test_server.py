@@ -188,3 +188,88 @@ def test_an_empty_token_is_refused(given, tiny_checkpoint, tmp_path, monkeypatch
 def test_host_names_are_read_without_their_port():
     hosts = ["a.b:80", "A.B", "[::1]:8000", "[::1]", "x:y", "", ":80", "[::1"]
     assert [_host_name(h) for h in hosts] == ["a.b", "a.b", "::1", "::1", None, None, None, None]
+
+
+def test_hostile_requests_get_4xx_and_change_nothing(server):
+    client = server.client
+    _add(client, DOCUMENTS)
+    json_headers = {"Content-Type": "application/json"}
+    deep = '{"documents": [{"text": "x", "metadata": ' + '{"a": ' * 500 + "1" + "}" * 500 + "}]}"
+    cases = [
+        (client.get("/documents/" + "9" * 30), 422, "document_id"),
+        (client.delete("/documents/" + "9" * 30), 422, "document_id"),
+        (client.get("/documents", params={"offset": 10**30}), 422, "offset"),
+        (client.post("/documents", content=deep, headers=json_headers), 422, "nested more than 32 levels"),
+        (client.post("/documents", content="[" * 100_000 + "]" * 100_000, headers=json_headers), 400, "not valid JSON"),
+        (
+            client.post(
+                "/documents", content=b'{"documents": [{"text": "x", "metadata": {"v": NaN}}]}', headers=json_headers
+            ),
+            422,
+            "finite numbers",
+        ),
+        (
+            client.post("/documents", content=b'{"documents": [{"text": "a \\ud800 b"}]}', headers=json_headers),
+            422,
+            "documents.0.text",  # pydantic refuses a lone surrogate while parsing
+        ),
+        (client.post("/ask", content=b'{"questions": ["a \\udfff b"]}', headers=json_headers), 422, "questions.0"),
+        (client.post("/ask", json={"questions": ["x" * 5000]}), 422, "questions.0"),
+        (client.post("/ask", json={"questions": ["x" * 1000]}), 400, "at most 256 tokens"),
+    ]
+    for response, status, message in cases:
+        assert response.status_code == status, (response.request.url, response.text[:300])
+        assert message in response.json().get("error", ""), (response.request.url, response.json())
+    assert client.get("/health").json() == {"status": "ok", "documents": 3}
+    listed = client.get("/documents").json()["documents"]
+    assert [d["metadata"].get("v") for d in listed] == [None] * 3
+
+
+def test_a_bug_answers_500_and_keeps_the_connection(tmp_path):
+    """A request that fails inside (a bug) gets a JSON 500; the same keep-alive connection then
+    answers the next request (uvicorn closed it after Starlette's own 500 handler re-raised)."""
+    import socket
+
+    import uvicorn
+
+    from mbc.server import create_app
+
+    class Broken:
+        bank = []
+
+        def stats(self):
+            raise RuntimeError("a bug")
+
+    port = free_port()
+    config = uvicorn.Config(create_app(Broken), host="127.0.0.1", port=port, log_level="critical")
+    running = uvicorn.Server(config)
+    thread = threading.Thread(target=running.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not running.started and time.monotonic() < deadline:
+            time.sleep(0.05)
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as connection:
+            replies = []
+            for path in ("/stats", "/health"):
+                connection.sendall(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode())
+                replies.append(_read_response(connection))
+        assert replies[0].startswith(b"HTTP/1.1 500") and b'"error":"internal error (RuntimeError: a bug)' in replies[0]
+        assert b"connection: close" not in replies[0].lower()
+        assert replies[1].startswith(b"HTTP/1.1 200") and b'"documents":0' in replies[1]
+    finally:
+        running.should_exit = True
+        thread.join(10)
+
+
+def _read_response(connection) -> bytes:
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += connection.recv(65536)
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = int(
+        next(line.split(b":")[1] for line in head.split(b"\r\n") if line.lower().startswith(b"content-length"))
+    )
+    while len(body) < length:
+        body += connection.recv(65536)
+    return head + b"\r\n\r\n" + body

@@ -377,19 +377,20 @@ def ingest(
     Content already stored is skipped, so the same command run again continues where it stopped."""
     from tqdm.auto import tqdm
 
-    from mbc.memory.service import bank_stats
+    from mbc.memory.service import AddReport, bank_stats
     from mbc.memory.sources import Sources
 
     sources = Sources(paths, text_field, stdin_format)  # missing paths are named before the model loads
     service = _open_service(bank, model)
     start = time.perf_counter()
+    report = AddReport()  # filled in batch by batch: after Ctrl-C it holds what is stored
     with tqdm(desc="stored", unit="passage") as progress:
         try:
-            report = service.add(sources, progress)
+            service.add(sources, progress, report)
         except KeyboardInterrupt:
             typer.echo(
-                f"interrupted: the first {progress.n} passages read are in the bank; "
-                "the same command continues from there",
+                f"interrupted: the first {report.added + report.duplicates} passages read are in the bank "
+                f"({report.added} added by this run); the same command continues from there",
                 err=True,
             )
             raise SystemExit(130)

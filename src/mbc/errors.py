@@ -18,4 +18,18 @@ def check_texts(texts, what: str) -> list[str]:
             raise MBCError(f"{what} must be strings: item {index} is {type(text).__name__}")
         if not text.strip():
             raise MBCError(f"{what} must not be empty: item {index} is {text!r}")
+        check_encodable(text, f"{what}: item {index}")
     return list(texts)
+
+
+def check_encodable(text: str, where: str) -> str:
+    """``text`` if it is valid Unicode; a lone surrogate (as JSON's "\\ud800" decodes to) is no
+    character any tokenizer or file can hold, so it is named here rather than failing deep inside one."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise MBCError(
+            f"{where} holds a lone surrogate ({text[error.start]!r} at character {error.start}), which is not text: "
+            "remove it or replace it with the character it stood for"
+        ) from None
+    return text

@@ -31,29 +31,52 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from typing import Annotated, Any, Callable, Literal
 
-from fastapi import Depends, FastAPI, Query, Request
+from fastapi import Depends, FastAPI, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from pydantic import BaseModel, Field, StringConstraints
+from pydantic import AfterValidator, BaseModel, Field, StringConstraints
+from starlette.exceptions import HTTPException
 
-from mbc.errors import MBCError, NotFound
+from mbc.errors import MBCError, NotFound, check_encodable
+from mbc.memory.bank import MAX_ID, metadata_json
+from mbc.memory.service import MAX_QUESTION_CHARACTERS
 from mbc.memory.sources import Document
 
 TOKEN_VARIABLE = "MBC_TOKEN"
 MAX_REQUEST_BYTES = 8 * 1024 * 1024
 MAX_BATCH = 256
 
-Text = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1)]
+
+def _valid(check):
+    """A check of mbc's (raising MBCError) as a pydantic validator: its line becomes the 422's."""
+
+    def validate(value):
+        try:
+            check(value)
+        except MBCError as error:
+            raise ValueError(str(error)) from None
+        return value
+
+    return AfterValidator(validate)
+
+
+Text = Annotated[
+    str, StringConstraints(strip_whitespace=True, min_length=1), _valid(lambda t: check_encodable(t, "text"))
+]
+Question = Annotated[Text, StringConstraints(max_length=MAX_QUESTION_CHARACTERS)]
+Metadata = Annotated[dict[str, Any], _valid(metadata_json)]  # finite numbers, nested at most 32 deep
+DocumentId = Annotated[int, Path(ge=0, le=MAX_ID)]
 
 
 class DocumentIn(BaseModel):
     text: Text
-    metadata: dict[str, Any] = Field(default_factory=dict, description="stored beside the codes, returned on listing")
+    metadata: Metadata = Field(default_factory=dict, description="stored beside the codes, returned on listing")
 
 
 class AddRequest(BaseModel):
@@ -61,7 +84,7 @@ class AddRequest(BaseModel):
 
 
 class AskRequest(BaseModel):
-    questions: list[Text] = Field(min_length=1, max_length=MAX_BATCH)
+    questions: list[Question] = Field(min_length=1, max_length=MAX_BATCH)
     decoding: Literal["greedy", "beam", "diverse_beam"] = "greedy"
     max_new_tokens: int = Field(16, ge=1, le=256)
 
@@ -111,6 +134,34 @@ class BodyLimit:
     async def _refuse(self, scope, receive, send):
         response = _error(413, f"request body over the limit of {self.limit:,} bytes: send smaller batches")
         await response(scope, receive, send)
+
+
+class InternalErrors:
+    """A bug's exception as a 500 JSON answer on a connection that stays open. (Starlette's own
+    handler for ``Exception`` answers and then re-raises, and uvicorn then closes the connection: a
+    client's next request on it was reset.)"""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = False
+
+        async def tracking_send(message):
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking_send)
+        except Exception as error:  # noqa: BLE001 - any bug: answered, logged, the server goes on
+            traceback.print_exc()
+            if started:  # too late for another answer: the client sees the cut response
+                raise
+            message = f"internal error ({type(error).__name__}: {error}); the bank is unchanged by this request"
+            await _error(500, message[:1000])(scope, receive, send)
 
 
 class HostCheck:
@@ -200,6 +251,7 @@ def create_app(
         description="A frozen LLM that answers from a compressed memory of the documents added to it.",
         dependencies=[Depends(authorize)],
     )
+    app.add_middleware(InternalErrors)
     app.add_middleware(BodyLimit, limit=max_request_bytes)
     app.add_middleware(HostCheck, allowed=hosts)
 
@@ -218,13 +270,17 @@ def create_app(
     async def bad_request(request: Request, error: MBCError):
         return _error(400, str(error))
 
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, error: HTTPException):
+        # FastAPI's own refusals (no such route, a body it could not parse) in this API's one shape
+        message = str(error.detail)
+        if error.status_code == 400 and "parsing the body" in message:
+            message = "the request body is not valid JSON (malformed, or nested too deeply to parse)"
+        return _error(error.status_code, message)
+
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, error: RequestValidationError):
         return _error(*_describe(error.errors()))
-
-    @app.exception_handler(Exception)
-    async def internal(request: Request, error: Exception):
-        return _error(500, f"internal error ({type(error).__name__}: {error}); the bank is unchanged by this request")
 
     @app.get("/health")
     async def health() -> dict:
@@ -247,15 +303,15 @@ def create_app(
         return await on_worker(service.ask, request.questions, decoding)
 
     @app.get("/documents")
-    async def listing(offset: int = Query(0, ge=0), limit: int = Query(100, ge=1, le=1000)) -> dict:
+    async def listing(offset: int = Query(0, ge=0, le=MAX_ID), limit: int = Query(100, ge=1, le=1000)) -> dict:
         return {"documents": await on_worker(service.listing, offset, limit), "offset": offset}
 
     @app.get("/documents/{document_id}")
-    async def document(document_id: int) -> dict:
+    async def document(document_id: DocumentId) -> dict:
         return await on_worker(service.document, document_id)
 
     @app.delete("/documents/{document_id}")
-    async def delete(document_id: int) -> dict:
+    async def delete(document_id: DocumentId) -> dict:
         await on_worker(service.delete, document_id)
         return {"deleted": document_id}
 

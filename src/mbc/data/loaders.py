@@ -74,6 +74,8 @@ def load_squad(path: str | Path, max_question_chars: int = MAX_QUESTION_CHARS) -
         top = json.loads(_read_text(path))
     except json.JSONDecodeError as error:
         raise MBCError(f"{path} is not JSON ({error}); expected SQuAD v1.1: {{'data': [{{'title', 'paragraphs'}}]}}")
+    except RecursionError:
+        raise MBCError(f"{path} is nested too deeply to read; SQuAD v1.1 is five levels deep") from None
     if not isinstance(top, dict) or "data" not in top:
         raise MBCError(f"{path} is not SQuAD v1.1 JSON: expected an object with a 'data' list of articles")
     examples = []

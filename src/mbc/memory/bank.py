@@ -25,7 +25,9 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import os
 import sqlite3
+import time
 import zlib
 from contextlib import contextmanager
 from dataclasses import MISSING, dataclass, fields
@@ -130,8 +132,74 @@ CREATE TABLE code_counts (vector_key INTEGER PRIMARY KEY, count INTEGER NOT NULL
 """
 
 
+MAX_ID = 2**63 - 1  # SQLite's largest integer: a larger id or offset names no row
+MAX_METADATA_DEPTH = 32  # nesting of lists and objects in a document's metadata
+
+
 def checksum(entry: bytes, key: bytes | None) -> int:
+    """CRC-32 of a row's stored bytes; -1 (never a CRC) for a column that no longer holds bytes."""
+    if not isinstance(entry, bytes) or not isinstance(key, (bytes, type(None))):
+        return -1
     return zlib.crc32(entry + (key or b""))
+
+
+def check_metadata(record) -> dict:
+    """A document's metadata as the bank stores it: a JSON object of finite numbers, strings,
+    lists and objects nested at most ``MAX_METADATA_DEPTH`` deep; anything else one line."""
+    if not isinstance(record, dict):
+        raise MBCError(f"each document's metadata must be a dict, got {type(record).__name__}")
+    level, depth = [record], 1
+    while level:
+        if depth > MAX_METADATA_DEPTH:
+            raise MBCError(f"document metadata is nested more than {MAX_METADATA_DEPTH} levels deep; flatten it")
+        children = []
+        for value in level:
+            items = value.values() if isinstance(value, dict) else value
+            children += [v for v in items if isinstance(v, (dict, list, tuple))]
+        level, depth = children, depth + 1
+    return record
+
+
+def metadata_json(record) -> str:
+    """``record`` as the bank stores it (``check_metadata``), refusing NaN and infinities, which
+    JSON cannot hold (they would come back as something else)."""
+    try:
+        return json.dumps(check_metadata(record), sort_keys=True, allow_nan=False)
+    except (TypeError, ValueError) as error:
+        raise MBCError(f"document metadata must be JSON (strings, finite numbers, lists, dicts): {error}") from error
+
+
+def _refuse_truncated(path: Path, looks: int = 3) -> None:
+    """A file shorter than the pages its SQLite header counts was cut (a copy or a disk that ran
+    out): SQLite reads the missing pages as absent rows without a word, so it is refused here. A
+    checkpoint of another process writes the header's page before the pages that extend the file,
+    so the shortfall must still be there after a few looks 0.1 s apart."""
+    for look in range(looks):
+        shortfall = _missing_bytes(path)
+        if not shortfall:
+            return
+        if look < looks - 1:
+            time.sleep(0.1)
+    raise MBCError(
+        f"{path} is damaged: it is {shortfall:,} bytes shorter than its SQLite header says (it was cut short); "
+        "restore it from a copy"
+    )
+
+
+def _missing_bytes(path: Path) -> int:
+    try:
+        with path.open("rb") as handle:
+            header, size = handle.read(100), os.fstat(handle.fileno()).st_size
+    except OSError:
+        return 0  # nothing to check: opening it will say what is wrong
+    if len(header) < 100:
+        return 0
+    page_size = int.from_bytes(header[16:18], "big")
+    page_size = 65536 if page_size == 1 else page_size
+    pages, counter, valid_for = (int.from_bytes(header[i : i + 4], "big") for i in (28, 24, 92))
+    if counter != valid_for:  # an old writer left the count stale: it says nothing
+        return 0
+    return max(0, pages * page_size - size)
 
 
 def _explain(path: Path, error: sqlite3.Error) -> str:
@@ -186,6 +254,7 @@ class MemoryBank:
             raise MBCError(f"cannot create the folder for the bank {path}: {error.strerror}") from error
         if path.exists() and path.stat().st_size and path.open("rb").read(16) != SQLITE_HEADER:
             raise MBCError(f"{path} is not a memory bank (not an SQLite file); give a new file name for a new bank")
+        _refuse_truncated(path)
         try:
             connection = sqlite3.connect(path, timeout=LOCK_TIMEOUT_SECONDS, isolation_level=None)
             bank = cls(connection, layout, path)
@@ -345,7 +414,7 @@ class MemoryBank:
         check_texts(texts, "add()'s documents")
         blobs = [self.layout.encode(np.asarray(entry)) for entry in entries]  # every check before the first write
         key_blobs = [self.layout.encode_key(key) for key in key_list]
-        notes = [self._metadata_json(m) for m in metadata]
+        notes = [metadata_json(m) for m in metadata]
         results, deltas = [], {}
         with self._transaction():  # all of these rows, or (after a crash) none
             for text, entry, blob, key_blob, note in zip(texts, entries, blobs, key_blobs, notes):
@@ -369,6 +438,7 @@ class MemoryBank:
     def remove(self, document_id: int) -> None:
         """Delete one document (and its codes from the counts)."""
         deltas = {}
+        self._known_id(document_id)
         with self._transaction():
             row = self.connection.execute(
                 "SELECT entry, retrieval_key, checksum FROM documents WHERE id = ?", (document_id,)
@@ -400,14 +470,22 @@ class MemoryBank:
         )
         self.connection.execute("DELETE FROM code_counts WHERE count <= 0")
 
-    @staticmethod
-    def _metadata_json(record: dict) -> str:
-        if not isinstance(record, dict):
-            raise MBCError(f"each document's metadata must be a dict, got {type(record).__name__}")
+    def _metadata_of(self, document_id: int, note) -> dict:
         try:
-            return json.dumps(record, sort_keys=True)
-        except (TypeError, ValueError) as error:
-            raise MBCError(f"document metadata must be JSON (strings, numbers, lists, dicts): {error}") from error
+            record = json.loads(note)
+        except (TypeError, ValueError, RecursionError):
+            record = None
+        if not isinstance(record, dict):
+            raise MBCError(
+                f"{self.path} is damaged: the metadata of document {document_id} is not a JSON object; "
+                "delete the document (mbc bank --delete) or restore the file from a copy"
+            )
+        return record
+
+    def _known_id(self, document_id: int) -> int:
+        if not isinstance(document_id, int) or not 0 <= document_id <= MAX_ID:
+            raise NotFound(f"no document with id {document_id} in {self.path}")
+        return document_id
 
     # ---- reading ---------------------------------------------------------------------------
     @_guarded
@@ -463,19 +541,23 @@ class MemoryBank:
     @_guarded
     def listing(self, offset: int = 0, limit: int = 100) -> list[dict]:
         """Stored documents in id order from ``offset``: id, metadata and stored bytes of each."""
+        if offset < 0 or limit < 0:
+            raise MBCError(f"offset and limit must not be negative, got {offset} and {limit}")
+        offset, limit = min(offset, MAX_ID), min(limit, MAX_ID)  # beyond SQLite's integers there are no rows anyway
         rows = self.connection.execute(
             "SELECT id, metadata, LENGTH(entry) + COALESCE(LENGTH(retrieval_key), 0) FROM documents "
             "ORDER BY id LIMIT ? OFFSET ?",
             (limit, offset),
         ).fetchall()
-        return [{"id": i, "metadata": json.loads(note), "bytes": size} for i, note, size in rows]
+        return [{"id": i, "metadata": self._metadata_of(i, note), "bytes": size} for i, note, size in rows]
 
     @_guarded
     def metadata(self, document_id: int) -> dict:
+        self._known_id(document_id)
         row = self.connection.execute("SELECT metadata FROM documents WHERE id = ?", (document_id,)).fetchone()
         if row is None:
             raise NotFound(f"no document with id {document_id} in {self.path}")
-        return json.loads(row[0])
+        return self._metadata_of(document_id, row[0])
 
     @_guarded
     def code_counts(self) -> tuple[np.ndarray, np.ndarray]:

@@ -24,6 +24,10 @@ from mbc.memory.sources import Document, Passages
 # How many passages are compressed and stored in one transaction: a kill loses at most this many
 # unreported ones, and a rerun compresses them again.
 BATCH_SIZE = 16
+# A question's length in the LLM's tokens: the prompt is never cut, and a 100 KB question took
+# gigabytes. Longer ones are refused before any model work (a question is a line, not a document).
+MAX_QUESTION_TOKENS = 256
+MAX_QUESTION_CHARACTERS = 16 * MAX_QUESTION_TOKENS  # refused without tokenizing: no token is this long
 
 
 def default_model() -> Path:
@@ -87,10 +91,11 @@ class MemoryService:
         return min(model.config.max_document_tokens, limit)
 
     # ---- adding ------------------------------------------------------------------------------
-    def add(self, documents: Iterable[Document], progress=None) -> AddReport:
+    def add(self, documents: Iterable[Document], progress=None, report: AddReport | None = None) -> AddReport:
         """Cut each document into passages and store those the bank does not hold, ``BATCH_SIZE`` per
-        transaction. ``progress`` (a tqdm bar, or None) advances by each stored batch."""
-        report = AddReport()
+        transaction. ``progress`` (a tqdm bar, or None) advances by each stored batch. ``report``,
+        if given, is filled in as batches are stored: after an interruption it says what is stored."""
+        report = report if report is not None else AddReport()
         for batch, read in self._batches(documents):
             report.merge(self._store(batch))
             report.documents += read
@@ -128,7 +133,7 @@ class MemoryService:
         model without them reads the whole bank), with the seconds taken."""
         import torch
 
-        questions = check_texts(questions, "questions")
+        questions = self.check_questions(questions)
         start = time.perf_counter()
         with torch.no_grad():
             answers, read = self.model.answer_read(self.reader, questions, decoding)
@@ -145,6 +150,23 @@ class MemoryService:
             ],
             "seconds": round(seconds, 3),
         }
+
+    def check_questions(self, questions: list[str]) -> list[str]:
+        """The questions, or one line naming the first over ``MAX_QUESTION_TOKENS``."""
+        questions = check_texts(questions, "questions")
+        for index, question in enumerate(questions):
+            if len(question) > MAX_QUESTION_CHARACTERS:
+                length = f"{len(question):,} characters"
+            else:
+                tokens = len(self.model.tokenizer(question, add_special_tokens=False)["input_ids"])
+                if tokens <= MAX_QUESTION_TOKENS:
+                    continue
+                length = f"{tokens:,} tokens"
+            raise MBCError(
+                f"question {index} is {length} long; a question may have at most {MAX_QUESTION_TOKENS} tokens: "
+                "ask it shorter (documents go into the bank with add / mbc ingest)"
+            )
+        return questions
 
     # ---- the stored documents -----------------------------------------------------------------
     def document(self, document_id: int) -> dict:
