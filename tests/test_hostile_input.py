@@ -109,6 +109,20 @@ def test_symlinked_folders_are_followed_once(tmp_path):
     assert [reason for _, reason in skipped] == ["a link to a folder already read (a loop): read once"]
 
 
+def test_passages_are_bounded_in_characters_where_a_long_word_is_one_token():
+    """A WordPiece tokenizer reads a word over 100 characters as one unknown token: a 1 MB word
+    would otherwise make passages of 254 x its pieces, each re-tokenized as it grew."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = Tokenizer(models.WordLevel({"[UNK]": 0}, unk_token="[UNK]"))
+    words.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    passages = Passages(PreTrainedTokenizerFast(tokenizer_object=words, unk_token="[UNK]"), max_tokens=64)
+    cut = passages(Document("x" * 1_000_000))
+    assert max(len(p.text) for p in cut) <= passages.piece_characters
+    assert sum(len(p.text) for p in cut) == 1_000_000
+
+
 def test_cutting_passages_is_linear_in_the_text():
     """A 1 MB line without a sentence end: the tokenizer sees bounded pieces, about the text once."""
     seen = []

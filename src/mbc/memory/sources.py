@@ -200,10 +200,11 @@ class Passages:
     Hugging Face tokenizer): whole sentences where they fit, a sentence longer than the window
     cut at token boundaries.
 
-    Time and memory are linear in the text: the tokenizer only ever sees pieces of at most
-    ``CHARACTERS_PER_TOKEN`` x the window (a sentence longer than that is cut at its last space
-    within the bound, or at the bound), never the whole text, whose tokenization on a 20 MB line
-    took minutes and gigabytes."""
+    Time and memory are linear in the text: a passage is also at most ``CHARACTERS_PER_TOKEN`` x
+    the window long (a sentence longer than that is cut at its last space within the bound, or at
+    the bound), so the tokenizer only ever sees two such pieces at once, never the whole text, whose
+    tokenization on a 20 MB line took minutes and gigabytes. (The character bound matters too: a
+    WordPiece tokenizer reads any word over 100 characters as one unknown token.)"""
 
     CHARACTERS_PER_TOKEN = 8  # more than English text takes per token: a piece holds at least a window
 
@@ -219,7 +220,7 @@ class Passages:
         texts, current = [], ""
         for sentence in self._sentences(text):
             joined = f"{current} {sentence}" if current else sentence
-            if self._length(joined) <= self.budget:
+            if len(joined) <= self.piece_characters and self._length(joined) <= self.budget:
                 current = joined
                 continue
             if current:
