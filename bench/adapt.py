@@ -63,7 +63,7 @@ def _model(backbones: str, **overrides):
 
 def part_adapt(args) -> dict:
     from mbc import data as qa_data
-    from mbc.memory.bank import BankLayout, MemoryBank
+    from mbc.bank import BankLayout, MemoryBank
     from mbc.memory.ingest import ingest
 
     model = _model(args.backbones)
@@ -98,7 +98,7 @@ def _time_questions(model, reader, questions: list[str], decoding) -> float:
 
 
 def part_answer(args) -> dict:
-    from mbc.memory.bank import BankLayout, MemoryBank
+    from mbc.bank import BankLayout, MemoryBank
     from mbc.memory.readers import reader_for
     from mbc.network.decoding import DecodingConfig
 
@@ -129,7 +129,7 @@ def _fill(bank, count: int, seed: int) -> float:
 
 
 def part_scale(args) -> dict:
-    from mbc.memory.bank import BankLayout, MemoryBank
+    from mbc.bank import BankLayout, MemoryBank
     from mbc.memory.readers import reader_for
     from mbc.network.decoding import DecodingConfig
 

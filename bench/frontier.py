@@ -156,8 +156,9 @@ def base_with_text(rows) -> dict:
     """The base LLM with BM25's top-1 document (over the validation documents) in the prompt."""
     from mbc import MBCConfig, MBCModel
     from mbc.data import documents
-    from mbc.evaluation.baselines import answer_prompts, bm25_retriever, context_prompt
+    from mbc.evaluation.baselines import bm25_retriever
     from mbc.evaluation.validation import chunks, scores
+    from mbc.prompts import answer_prompts, context_prompt
 
     model = MBCModel.build(MBCConfig()).eval()
     retrieve = bm25_retriever(documents(rows), 1)

@@ -8,7 +8,7 @@
    puts it on the GPU) for a few steps, its checkpoint saved and loaded; ingest into a bank; answers
    with greedy and diverse beam search, through the code-count and the retrieval readers; and the
    NF4 load path (bitsandbytes) on a tiny Llama. GPU against CPU: max differences and equal counts.
-2. shapes: each reference preset (training/presets.py) at its shapes with random weights:
+2. shapes: each reference preset (presets.py) at its shapes with random weights:
    DistilGPT2 + T5-small, GPT2-Large + T5-base, GPT2-XL + T5-large / T5-base, Llama-2-7B + T5-large /
    T5-base with the LLM in 4-bit NF4 (bf16 where bitsandbytes is missing; the table says which).
    The reference's batch size, bf16 autocast, backprop dropout; seconds per step, tokens per
@@ -198,7 +198,7 @@ def _parity_of_steps(pair, config, device, documents, questions, answers) -> lis
 def _parity_of_answers(pair, config, device, documents, questions, folder: Path) -> list[dict]:
     """Save / load on the device, ingest into a bank, answer by greedy and diverse beam search."""
     from mbc import DecodingConfig, MBCModel
-    from mbc.memory.bank import BankLayout, MemoryBank
+    from mbc.bank import BankLayout, MemoryBank
     from mbc.memory.ingest import ingest
     from mbc.memory.readers import answer_from_bank, reader_for
 
@@ -313,7 +313,7 @@ def shaped_model(preset_name: str, device: str, smoke: bool, nf4: bool):
 
     from mbc import MBCConfig, MBCModel
     from mbc.network.backbones import Backbone
-    from mbc.training.presets import preset
+    from mbc.presets import preset
 
     values = preset(preset_name)["model"]
     family, shape = LLM_SHAPES[preset_name]
@@ -383,8 +383,8 @@ def time_training(preset_name: str, device: str, smoke: bool, nf4: bool, steps: 
     """Seconds per training step at the preset's batch size (bf16 autocast on a GPU), peak memory."""
     import torch
 
+    from mbc.presets import preset
     from mbc.training.objectives import StepObjective
-    from mbc.training.presets import preset
     from mbc.training.schedule import Step
     from mbc.training.trainer import TrainConfig, make_optimizer
 
@@ -451,7 +451,7 @@ def time_serving(preset_name: str, device: str, smoke: bool, nf4: bool, sizes: t
     import torch
 
     from mbc import DecodingConfig
-    from mbc.memory.bank import BankLayout, MemoryBank
+    from mbc.bank import BankLayout, MemoryBank
     from mbc.memory.ingest import ingest
     from mbc.memory.readers import answer_from_bank, reader_for
 

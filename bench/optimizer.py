@@ -14,7 +14,7 @@ import time
 import torch
 
 from mbc import MBCConfig, MBCModel
-from mbc.training.presets import preset
+from mbc.presets import preset
 from mbc.training.trainer import TrainConfig, parameter_groups
 
 

@@ -20,8 +20,8 @@ import torch
 
 from mbc import MBCConfig, MBCModel
 from mbc.data.generated import ANSWER_KINDS, COLOURS, PRODUCTS, PROFESSIONS, answer_kind, generate_examples
+from mbc.presets import preset
 from mbc.settings import parse_overrides
-from mbc.training.presets import preset
 from mbc.training.trainer import TrainConfig, parameter_groups
 
 

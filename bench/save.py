@@ -21,7 +21,7 @@ from transformers import get_scheduler
 
 from mbc import MBCConfig, MBCModel, checkpoint
 from mbc.data.generated import generate_examples
-from mbc.training.presets import preset
+from mbc.presets import preset
 from mbc.training.state import load_training_state, save_training_state
 from mbc.training.trainer import TrainConfig, parameter_groups
 

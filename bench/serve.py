@@ -25,9 +25,9 @@ from pathlib import Path
 
 import httpx
 
+from mbc.bank import MemoryBank
 from mbc.data.generated import generate_examples
-from mbc.memory.bank import MemoryBank
-from mbc.memory.service import default_model
+from mbc.pipeline import default_model
 from mbc.server import free_port, launch
 
 

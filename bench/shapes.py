@@ -31,7 +31,7 @@ def save_distilgpt2_shaped_backbones() -> Path:
 
 def distilgpt2_shaped_model(folder: Path, **overrides):
     from mbc import MBCConfig, MBCModel
-    from mbc.training.presets import preset
+    from mbc.presets import preset
 
     values = preset("distilgpt2")["model"]
     values.update(

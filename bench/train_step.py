@@ -50,7 +50,7 @@ def _rows(data: str | None, count: int):
 
 def _cpu_preset_model(**overrides):
     from mbc import MBCConfig, MBCModel
-    from mbc.training.presets import preset
+    from mbc.presets import preset
 
     return MBCModel.build(MBCConfig(**{**preset("cpu")["model"], **overrides}))
 
@@ -72,10 +72,10 @@ VARIANTS = (
 def measure(name: str, variant: str, batch: int, batches: int, data: str | None, backbones: str | None) -> dict:
     import torch
 
+    from mbc.presets import preset
     from mbc.training.activations import FrozenActivations
     from mbc.training.allocator import keep_large_allocations_on_mmap
     from mbc.training.objectives import StepObjective
-    from mbc.training.presets import preset
     from mbc.training.schedule import Step
     from mbc.training.trainer import TrainConfig, make_optimizer, parameter_groups
 

@@ -4,7 +4,7 @@ import torch
 from conftest import DOCUMENTS, QUESTIONS
 
 from mbc import MBCError
-from mbc.memory.bank import BankLayout, MemoryBank
+from mbc.bank import BankLayout, MemoryBank
 from mbc.memory.ingest import ingest
 from mbc.memory.readers import (
     CodeCountReader,

@@ -2,8 +2,8 @@ import sys
 
 import pytest
 
+from mbc.presets import preset
 from mbc.training.allocator import keep_large_allocations_on_mmap
-from mbc.training.presets import preset
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt exists on Linux only")

@@ -149,7 +149,7 @@ def test_boolean_settings_read_as_booleans(files):
 def api(tiny_paths, tmp_path_factory):
     from conftest import tiny_config
 
-    from mbc.memory.bank import BankLayout, MemoryBank
+    from mbc.bank import BankLayout, MemoryBank
     from mbc.model import MBCModel
 
     folder = tmp_path_factory.mktemp("api")

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from mbc import MBCError
-from mbc.memory.bank import BankLayout, MemoryBank, content_hash
+from mbc.bank import BankLayout, MemoryBank, content_hash
 
 LAYOUT = BankLayout("mbc", num_slots=4, stages=2, codebook_size=512, dim=8, fingerprint="abc")
 MAC = BankLayout("mac", num_slots=4, stages=1, codebook_size=512, dim=8, fingerprint="def")
@@ -109,7 +109,7 @@ def test_sizes_account_for_entries_codebook_and_mac(tmp_path):
 
 WRITER = """
 import sys, numpy as np
-from mbc.memory.bank import BankLayout, MemoryBank
+from mbc.bank import BankLayout, MemoryBank
 layout = BankLayout("mbc", num_slots=4, stages=2, codebook_size=512, dim=8, fingerprint="abc")
 bank = MemoryBank.open(sys.argv[1], layout)
 rng = np.random.default_rng(0)
@@ -193,7 +193,7 @@ def test_a_format_1_bank_is_upgraded_on_opening(tmp_path):
 APPENDER = """
 import sys, time, numpy as np
 from pathlib import Path
-from mbc.memory.bank import BankLayout, MemoryBank
+from mbc.bank import BankLayout, MemoryBank
 layout = BankLayout("mbc", num_slots=4, stages=2, codebook_size=512, dim=8, fingerprint="abc")
 name, batches, go = sys.argv[2], int(sys.argv[3]), Path(sys.argv[4])
 rng = np.random.default_rng(abs(hash(name)) % 1000)

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from mbc import MBCError, ResidualQuantizer, VectorQuantizer
-from mbc.memory.packing import bits_for, index_dtype, pack_indices, packed_size, unpack_indices
+from mbc.bank.packing import bits_for, index_dtype, pack_indices, packed_size, unpack_indices
 from mbc.network.codebook import fingerprint, kmeans
 
 

@@ -14,8 +14,8 @@ from conftest import DOCUMENTS, byte_tokenizer
 from typer.testing import CliRunner
 
 from mbc import MBCError
+from mbc.bank import MAX_METADATA_DEPTH, BankLayout, MemoryBank
 from mbc.cli import app
-from mbc.memory.bank import MAX_METADATA_DEPTH, BankLayout, MemoryBank
 from mbc.memory.service import MAX_QUESTION_TOKENS, AddReport, MemoryService
 from mbc.memory.sources import Document, Passages, Sources
 

@@ -3,14 +3,15 @@ import json
 
 import pytest
 
+from mbc.bank.packing import packed_size
 from mbc.data import QAExample, documents
 from mbc.data.generated import generate_examples
 from mbc.errors import MBCError
 from mbc.evaluation import online
-from mbc.evaluation.baselines import context_prompt, fitted_context_prompt
+from mbc.evaluation.baselines import fitted_context_prompt
 from mbc.evaluation.online import EvalConfig, run_eval
 from mbc.evaluation.report import format_table
-from mbc.memory.packing import packed_size
+from mbc.prompts import context_prompt
 
 
 def test_eval_runs_every_method_and_writes_its_outputs(tiny_model, tmp_path):

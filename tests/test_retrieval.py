@@ -4,8 +4,8 @@ import torch
 from conftest import ANSWERS, DOCUMENTS, QUESTIONS
 
 from mbc import MBCModel
+from mbc.bank import BankLayout, MemoryBank
 from mbc.errors import MBCError
-from mbc.memory.bank import BankLayout, MemoryBank
 from mbc.memory.ingest import ingest
 from mbc.memory.readers import reader_for
 from mbc.network.retrieval import ProductQuantizer

@@ -11,8 +11,8 @@ import pytest
 from conftest import DOCUMENTS, QUESTIONS
 from typer.testing import CliRunner
 
+from mbc.bank import MemoryBank
 from mbc.cli import app
-from mbc.memory.bank import MemoryBank
 from mbc.server import _host_name, free_port, launch
 
 STARTUP_SECONDS = 180

@@ -11,10 +11,10 @@ import pytest
 from conftest import DOCUMENTS, MORE_DOCUMENTS, QUESTIONS
 from typer.testing import CliRunner
 
+from mbc.bank import MemoryBank
 from mbc.cli import app
 from mbc.errors import MBCError, NotFound
 from mbc.memory import service as service_module
-from mbc.memory.bank import MemoryBank
 from mbc.memory.service import MemoryService
 from mbc.memory.sources import Document
 

@@ -11,19 +11,19 @@ import torch
 from conftest import tiny_config
 from torch import nn
 
+from mbc.bank import BankLayout, MemoryBank
+from mbc.bank.packing import packed_size
 from mbc.data import documents
 from mbc.data.generated import generate_examples
 from mbc.errors import MBCError
-from mbc.evaluation.baselines import context_prompt
 from mbc.evaluation.online import EvalConfig, run_eval
-from mbc.memory.bank import BankLayout, MemoryBank
 from mbc.memory.ingest import ingest
-from mbc.memory.packing import packed_size
 from mbc.memory.readers import reader_for
 from mbc.memory.service import MemoryService
 from mbc.memory.sources import Document
 from mbc.model import MBCModel
 from mbc.network.lora import lora_disabled
+from mbc.prompts import context_prompt
 from mbc.token_memory import TokenMemory, TokenMemoryConfig, is_token_memory
 from mbc.training.state import saved_progress
 from mbc.training.token_memory import answer_labels, fit_scorer, train_reader, train_token_memory
@@ -89,11 +89,11 @@ def test_a_token_bank_stores_2_bytes_a_token_at_most_and_no_code_counts(token_me
 
 
 def test_a_question_reads_the_kept_tokens_of_its_top_document(token_memory, rows, monkeypatch):
-    from mbc.evaluation import baselines
+    from mbc import prompts as prompt_module
 
     prompts = []
-    answer = baselines.answer_prompts
-    monkeypatch.setattr(baselines, "answer_prompts", lambda m, p, d=None: prompts.extend(p) or answer(m, p, d))
+    answer = prompt_module.answer_prompts
+    monkeypatch.setattr(prompt_module, "answer_prompts", lambda m, p, d=None: prompts.extend(p) or answer(m, p, d))
     with MemoryBank.in_memory(BankLayout.of(token_memory)) as bank:
         ingest(token_memory, bank, documents(rows))
         reader = reader_for(token_memory, bank)

@@ -19,7 +19,7 @@ _LAZY = {
     "DecodingConfig": "mbc.network.decoding",
     "VectorQuantizer": "mbc.network.codebook",
     "ResidualQuantizer": "mbc.network.codebook",
-    "MemoryBank": "mbc.memory.bank",
+    "MemoryBank": "mbc.bank",
 }
 __all__ = ["MBCError", *_LAZY]
 

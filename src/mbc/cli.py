@@ -61,7 +61,7 @@ def demo(config_file: Optional[Path] = ConfigFile, overrides: list[str] = Overri
     training loss, one question answered greedily and with the paper's diverse beam search."""
     import torch
 
-    from mbc.memory.bank import BankLayout, MemoryBank
+    from mbc.bank import BankLayout, MemoryBank
     from mbc.memory.ingest import ingest
     from mbc.memory.readers import answer_from_bank, reader_for
     from mbc.network.decoding import DecodingConfig
@@ -116,7 +116,7 @@ def train(
     """Meta-train MBC on the train split (by article / document group) and validate on the validation split."""
     from mbc import data as qa_data
     from mbc.evaluation.plots import plot_loss_curve
-    from mbc.training.presets import preset as load_preset
+    from mbc.presets import preset as load_preset
     from mbc.training.trainer import TrainConfig
     from mbc.training.trainer import train as run_training
 
@@ -198,10 +198,11 @@ def validate(
 ):
     """Score a trained checkpoint on a held-out split against the base LLM with no adaptation."""
     from mbc import data as qa_data
-    from mbc.evaluation.baselines import FEW_SHOT_TEMPLATE, evaluate_base_llm
+    from mbc.evaluation.baselines import evaluate_base_llm
     from mbc.evaluation.validation import evaluate
     from mbc.model import MBCModel
     from mbc.paths import writable_folder
+    from mbc.prompts import FEW_SHOT_TEMPLATE
 
     if output:
         writable_folder(output.parent)
@@ -348,9 +349,9 @@ def retention(
     further step, answer again the questions about the first step's documents."""
     from mbc import data as qa_data
     from mbc.evaluation.retention import check_stream, format_retention, measure_retention, write_retention
-    from mbc.memory.service import default_model
     from mbc.model import MBCModel
     from mbc.paths import writable_folder
+    from mbc.pipeline import default_model
 
     output = writable_folder(output)
     (output / "banks").mkdir(exist_ok=True)
@@ -413,7 +414,7 @@ def ask(
     as_json: bool = typer.Option(False, "--json", help="print the answers as one JSON object"),
 ):
     """Answer questions from what a bank stores, naming the stored documents each one read."""
-    from mbc.memory.bank import MemoryBank
+    from mbc.bank import MemoryBank
     from mbc.network.decoding import DecodingConfig
 
     config = DecodingConfig(decoding)
@@ -442,7 +443,7 @@ def bank_command(
     as_json: bool = typer.Option(False, "--json", help="print as JSON"),
 ):
     """A bank's sizes and documents: list, show and delete them (no model needed)."""
-    from mbc.memory.bank import MemoryBank
+    from mbc.bank import MemoryBank
     from mbc.memory.service import bank_stats
 
     with MemoryBank.open_existing(bank) as opened:
@@ -490,6 +491,10 @@ def _open_service(bank: Path, model: Optional[Path]):
     from mbc.memory.service import MemoryService
 
     typer.echo("loading the model ...", err=True)
+    if model is None:
+        from mbc.pipeline import default_model
+
+        model = default_model()
     return MemoryService.open(bank, model)
 
 

@@ -22,16 +22,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from mbc import checkpoint
+from mbc.bank import BankLayout
+from mbc.bank.packing import index_dtype, packed_size
 from mbc.config import MBCConfig
 from mbc.errors import MBCError
-from mbc.memory.bank import BankLayout
-from mbc.memory.codecs import CodebookCodec, FloatCodec
-from mbc.memory.packing import index_dtype, packed_size
 from mbc.network import backbones
 from mbc.network.aggregation import Aggregator
 from mbc.network.amortization import AmortizationNetwork, SlotNorm
 from mbc.network.backbones import Backbone
 from mbc.network.codebook import ResidualQuantizer, fingerprint
+from mbc.network.codecs import CodebookCodec, FloatCodec
 from mbc.network.decoding import DecodingConfig, FirstLine, generate, shared_length
 from mbc.network.frozen_llm import first_adapted_layer, lower_hidden, upper_hidden
 from mbc.network.llm_layout import describe_llm
@@ -118,7 +118,7 @@ class MBCModel(nn.Module):
             trained_layers=config.encoder_trained_layers,
         )
         # MBC stores code indices (the codebook, network/codebook.py), MAC (quantize=False) the float
-        # vectors; the codec (memory/codecs.py) is the one place that tells them apart.
+        # vectors; the codec (network/codecs.py) is the one place that tells them apart.
         self.quantizer = None
         self.codec = FloatCodec()
         if config.quantize:

@@ -18,10 +18,11 @@ from pathlib import Path
 from mbc import __version__
 from mbc import data as qa_data
 from mbc.config import MBCConfig
+from mbc.errors import MBCError
 from mbc.evaluation.online import DEFAULT_METHODS, EvalConfig, run_eval
 from mbc.paths import cache_dir
+from mbc.presets import preset
 from mbc.training.activations import FrozenStore
-from mbc.training.presets import preset
 from mbc.training.trainer import FLOAT_MEMORY_STATE, TrainConfig, train
 
 
@@ -137,3 +138,14 @@ def run_main_job(job: MainJobConfig | None = None) -> dict:
         mac,
         notes={"checkpoints": {k: str(v) for k, v in checkpoints.items()}},
     )
+
+
+def default_model() -> Path:
+    """The MBC adapter the main job (`mbc run`) trained and cached, or a message saying how to get one."""
+    found = cached_adapter()
+    if found is None:
+        raise MBCError(
+            "no trained model given and none cached: pass --model CHECKPOINT (a folder from `mbc train`), "
+            "or run `mbc run` once (about 15 minutes on 2 cores), which trains and caches the default adapter"
+        )
+    return found

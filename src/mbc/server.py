@@ -43,8 +43,8 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import AfterValidator, BaseModel, Field, StringConstraints
 from starlette.exceptions import HTTPException
 
+from mbc.bank import MAX_ID, metadata_json
 from mbc.errors import MBCError, NotFound, check_encodable
-from mbc.memory.bank import MAX_ID, metadata_json
 from mbc.memory.service import MAX_QUESTION_CHARACTERS
 from mbc.memory.sources import Document
 
@@ -345,6 +345,10 @@ def serve(
 
     token = check_token(token if token is not None else os.environ.get(TOKEN_VARIABLE))
     hosts = allowed_hosts(host, extra_hosts)
+    if model is None:
+        from mbc.pipeline import default_model
+
+        model = default_model()
     app = create_app(partial(MemoryService.open, bank, model), token, max_request_bytes, hosts)
     uvicorn.run(app, host=host, port=port, log_level="info")
 

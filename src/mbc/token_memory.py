@@ -8,7 +8,7 @@ the adapter must learn to decode (and never learned to decode into a name or num
     document --frozen LLM, hidden states entering `layer`--> a score per token --top K, in order--> K token ids (the bank)
     question --retrieval key (network/retrieval.py) + BM25 over the kept tokens (network/lexical.py)-->
     its top-1 document --> the kept tokens as the context of the worked-example prompt
-    (evaluation/baselines.py) --> frozen base LLM --> answer
+    (prompts.py) --> frozen base LLM --> answer
 
 Which tokens a document keeps is learned: a linear scorer reads each token's hidden state beside
 its successor's (a causal LLM sees no right context), trained on the training documents to flag the
@@ -31,10 +31,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from mbc import checkpoint
+from mbc import checkpoint, prompts
+from mbc.bank.packing import packed_size
 from mbc.config import MBCConfig
 from mbc.errors import MBCError, check_texts
-from mbc.memory.packing import packed_size
 from mbc.network.codebook import fingerprint
 from mbc.network.decoding import DecodingConfig
 from mbc.network.frozen_llm import lower_hidden
@@ -45,7 +45,7 @@ KIND = "token_memory"  # the checkpoint's "kind", which tells it from an MBC che
 
 
 def _cpu_preset() -> dict:
-    from mbc.training.presets import preset
+    from mbc.presets import preset
 
     return preset("cpu")["model"]
 
@@ -229,29 +229,25 @@ class TokenMemory(nn.Module):
         batches.append([members[0] for members in by_context.values() if len(members) == 1])
         answers: list = [None] * len(questions)
         for members in filter(None, batches):
-            prompts = [self.prompt(contexts[i], questions[i]) for i in members]
-            for i, answer in zip(members, self.continue_prompts(prompts, decoding)):
+            texts = [self.prompt(contexts[i], questions[i]) for i in members]
+            for i, answer in zip(members, self.continue_prompts(texts, decoding)):
                 answers[i] = answer
         return answers, read
 
     def prompt(self, context: str, question: str) -> str:
         """What the LLM reads: the kept tokens as context, worked examples (which teach the
         untrained LLM the short-answer format; a reader starts training from there), the question."""
-        from mbc.evaluation.baselines import context_prompt
+        return prompts.context_prompt(context, question)
 
-        return context_prompt(context, question)
-
-    def continue_prompts(self, prompts: list[str], decoding: DecodingConfig | None = None) -> list[str]:
+    def continue_prompts(self, texts: list[str], decoding: DecodingConfig | None = None) -> list[str]:
         """The LLM's answer to each prompt text: with the trained reader's KV-LoRA, or the base LLM alone."""
         if self.config.trained_reader:
-            return self.base.generate([self.tokenizer(p)["input_ids"] for p in prompts], None, decoding)
-        from mbc.evaluation.baselines import answer_prompts
-
-        return answer_prompts(self.base, prompts, decoding)
+            return self.base.generate([self.tokenizer(p)["input_ids"] for p in texts], None, decoding)
+        return prompts.answer_prompts(self.base, texts, decoding)
 
     # ---- the bank it writes, and saving ------------------------------------------------------
     def bank_layout(self):
-        from mbc.memory.bank import BankLayout
+        from mbc.bank import BankLayout
 
         base = self.base.config
         return BankLayout(

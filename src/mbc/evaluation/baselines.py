@@ -11,13 +11,7 @@ from mbc.evaluation.validation import Evaluation, chunks, scores
 from mbc.model import MBCModel
 from mbc.network.decoding import DecodingConfig
 from mbc.network.lora import lora_disabled
-
-FEW_SHOT_TEMPLATE = (
-    "Question: What is the capital of France?\nAnswer: Paris\n\n"
-    "Question: In what year did the Second World War end?\nAnswer: 1945\n\n"
-    "Question: Who wrote the play Hamlet?\nAnswer: William Shakespeare\n\n"
-    "Question: {question}\nAnswer:"
-)
+from mbc.prompts import context_prompt
 
 
 @torch.no_grad()
@@ -30,14 +24,6 @@ def answer_without_memory(
 
 
 @torch.no_grad()
-def answer_prompts(model: MBCModel, prompts: list[str], decoding: DecodingConfig | None = None) -> list[str]:
-    """The base LLM alone (no prefix, KV-LoRA off) continuing whole prompt texts: the baselines that
-    put documents into the prompt."""
-    with lora_disabled(model.llm):
-        return model.generate([model.tokenizer(p)["input_ids"] for p in prompts], None, decoding)
-
-
-@torch.no_grad()
 def evaluate_base_llm(
     model: MBCModel,
     examples: list[QAExample],
@@ -46,16 +32,11 @@ def evaluate_base_llm(
     decoding: DecodingConfig | None = None,
 ) -> Evaluation:
     """The base LLM with no adaptation: the raw question (``prompt_template=None``: the model's own
-    template), or a short-answer prompt such as ``FEW_SHOT_TEMPLATE``."""
+    template), or a short-answer prompt such as ``mbc.prompts.FEW_SHOT_TEMPLATE``."""
     predictions = []
     for chunk in chunks(examples, batch_size):
         predictions += answer_without_memory(model, [e.question for e in chunk], prompt_template, decoding)
     return Evaluation(scores(predictions, examples), predictions)
-
-
-def context_prompt(context: str, question: str) -> str:
-    """The document(s), then the worked examples that teach the short-answer format, then the question."""
-    return f"Context: {context}\n\n" + FEW_SHOT_TEMPLATE.replace("{question}", question)
 
 
 def llm_window(model: MBCModel) -> int:

@@ -32,25 +32,20 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from mbc.bank import BankLayout, MemoryBank
 from mbc.data import QAExample, documents
 from mbc.data.generated import answer_kinds
 from mbc.errors import MBCError
-from mbc.evaluation.baselines import (
-    FEW_SHOT_TEMPLATE,
-    answer_prompts,
-    bm25_retriever,
-    fitted_context_prompt,
-    llm_window,
-)
+from mbc.evaluation.baselines import bm25_retriever, fitted_context_prompt, llm_window
 from mbc.evaluation.metrics import retention_percent, score, score_by_group
 from mbc.evaluation.report import write_predictions
 from mbc.evaluation.validation import chunks, retrieval_recall
-from mbc.memory.bank import BankLayout, MemoryBank
 from mbc.memory.ingest import ingest
 from mbc.memory.readers import RetrievalReader, answer_from_bank, reader_for
 from mbc.model import MBCModel
 from mbc.network.decoding import STRATEGIES, DecodingConfig
 from mbc.paths import writable_folder
+from mbc.prompts import FEW_SHOT_TEMPLATE, answer_prompts
 from mbc.settings import Range, check
 
 ALL_METHODS = (

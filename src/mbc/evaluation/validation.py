@@ -6,10 +6,10 @@ from dataclasses import dataclass
 
 import torch
 
+from mbc.bank import BankLayout, MemoryBank
 from mbc.data import QAExample, documents
 from mbc.data.generated import answer_kinds
 from mbc.evaluation.metrics import score, score_by_group
-from mbc.memory.bank import BankLayout, MemoryBank
 from mbc.memory.ingest import ingest
 from mbc.memory.readers import Reader, RetrievalReader, reader_for
 from mbc.model import MBCModel

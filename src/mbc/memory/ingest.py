@@ -11,8 +11,8 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
+from mbc.bank import MemoryBank, content_hash
 from mbc.errors import MBCError, check_texts
-from mbc.memory.bank import MemoryBank, content_hash
 from mbc.model import MBCModel
 
 

@@ -28,8 +28,8 @@ from __future__ import annotations
 
 import torch
 
+from mbc.bank import MemoryBank
 from mbc.errors import MBCError, check_texts
-from mbc.memory.bank import MemoryBank
 from mbc.model import MBCModel
 from mbc.network.decoding import DecodingConfig
 

@@ -30,19 +30,6 @@ MAX_QUESTION_TOKENS = 256
 MAX_QUESTION_CHARACTERS = 16 * MAX_QUESTION_TOKENS  # refused without tokenizing: no token is this long
 
 
-def default_model() -> Path:
-    """The MBC adapter the main job (`mbc run`) trained and cached, or a message saying how to get one."""
-    from mbc.pipeline import cached_adapter
-
-    found = cached_adapter()
-    if found is None:
-        raise MBCError(
-            "no trained model given and none cached: pass --model CHECKPOINT (a folder from `mbc train`), "
-            "or run `mbc run` once (about 15 minutes on 2 cores), which trains and caches the default adapter"
-        )
-    return found
-
-
 def load_model(folder: str | Path):
     """A checkpoint folder's model: an MBC or MAC adapter, or a token memory (token_memory.py)."""
     from mbc.model import MBCModel
@@ -77,11 +64,12 @@ class MemoryService:
         self.passages = Passages(model.document_tokenizer, self._window(model))
 
     @classmethod
-    def open(cls, bank_path: str | Path, model_path: str | Path | None = None) -> "MemoryService":
-        """Load the model (default: the main job's cached MBC adapter) and open (or create) its bank."""
-        from mbc.memory.bank import BankLayout, MemoryBank
+    def open(cls, bank_path: str | Path, model_path: str | Path) -> "MemoryService":
+        """Load the model (a checkpoint folder; the main job's: ``mbc.pipeline.default_model()``)
+        and open (or create) its bank."""
+        from mbc.bank import BankLayout, MemoryBank
 
-        model_path = Path(model_path) if model_path else default_model()
+        model_path = Path(model_path)
         model = load_model(model_path)
         return cls(model, MemoryBank.open(bank_path, BankLayout.of(model)), model_path)
 

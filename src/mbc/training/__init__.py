@@ -1,1 +1,1 @@
-"""Meta-training: the trainer, its schedule of objectives, presets and resumable state."""
+"""Meta-training: the trainer, its schedule of objectives and resumable state (the presets: mbc.presets)."""

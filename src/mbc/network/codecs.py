@@ -9,8 +9,9 @@ A codec turns a document's K context vectors into its bank entry and back:
 - ``FloatCodec`` (MAC): the vectors themselves, float32. What they mean is fixed by the whole
   amortization network that made them.
 
-The model holds one codec (``MBCModel.codec``) and the bank one entry format (``EntryFormat``, from
-the bank's stored layout), so neither asks "MBC or MAC?" again.
+The model holds one codec (``MBCModel.codec``) and the bank one entry format (bank/formats.py, from
+the bank's stored layout), so neither asks "MBC or MAC?" again. Codecs need torch and the model;
+the formats need neither.
 """
 
 from __future__ import annotations
@@ -20,8 +21,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from mbc.bank.packing import index_dtype
 from mbc.errors import MBCError
-from mbc.memory.packing import index_dtype, pack_indices, packed_size, unpack_indices
 
 
 @dataclass
@@ -86,53 +87,3 @@ class FloatCodec:
 
     def fraction_alive(self) -> float:
         return 1.0
-
-
-# ---- the bank side: entries as bytes, no model needed -------------------------------------------
-class CodeFormat:
-    """MBC entries on disk: K x stages indices among ``codebook_size`` codes, bit-packed."""
-
-    def __init__(self, num_slots: int, stages: int, codebook_size: int):
-        self.num_slots, self.stages, self.codebook_size = num_slots, stages, codebook_size
-        self.shape = (num_slots, stages)
-        self.bytes = packed_size(num_slots * stages, codebook_size)
-
-    def to_bytes(self, entry: np.ndarray) -> bytes:
-        return pack_indices(entry, self.codebook_size)
-
-    def from_bytes(self, blob: bytes) -> np.ndarray:
-        return unpack_indices(blob, self.num_slots * self.stages, self.codebook_size).reshape(self.shape)
-
-    def vector_keys(self, entry: np.ndarray) -> np.ndarray:
-        """One integer per stored vector (its code tuple, in base ``codebook_size``): what the bank's code counts count."""
-        keys = np.zeros(entry.shape[0], dtype=np.int64)
-        for stage in reversed(range(self.stages)):
-            keys = keys * self.codebook_size + entry[:, stage].astype(np.int64)
-        return keys
-
-    def codes_of_keys(self, keys: np.ndarray) -> np.ndarray:
-        """Inverse of ``vector_keys``: [n] keys -> [n, stages] indices."""
-        codes = np.empty((len(keys), self.stages), dtype=index_dtype(self.codebook_size))
-        rest = keys.astype(np.int64)
-        for stage in range(self.stages):
-            codes[:, stage] = rest % self.codebook_size
-            rest = rest // self.codebook_size
-        return codes
-
-
-class FloatFormat:
-    """MAC entries on disk: K x dim little-endian float32. Float vectors are not counted (no code counts)."""
-
-    def __init__(self, num_slots: int, dim: int):
-        self.shape = (num_slots, dim)
-        self.bytes = num_slots * dim * 4
-
-    def to_bytes(self, entry: np.ndarray) -> bytes:
-        if not np.all(np.isfinite(entry)):
-            raise MBCError("a MAC entry holds NaN or infinite values: the model that made it has diverged")
-        return np.ascontiguousarray(entry, dtype="<f4").tobytes()
-
-    def from_bytes(self, blob: bytes) -> np.ndarray:
-        if len(blob) != self.bytes:
-            raise MBCError(f"a stored MAC entry has {len(blob)} bytes, expected {self.bytes}: the bank is damaged")
-        return np.frombuffer(blob, dtype="<f4").reshape(self.shape).astype(np.float32)

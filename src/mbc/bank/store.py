@@ -35,9 +35,8 @@ from pathlib import Path
 
 import numpy as np
 
+from mbc.bank.layout import BankLayout
 from mbc.errors import MBCError, NotFound, check_texts
-from mbc.memory.codecs import CodeFormat, FloatFormat
-from mbc.memory.packing import pack_indices, unpack_indices
 
 # 2: documents gained the retrieval_key column; 3: and a checksum. Older files are upgraded on opening.
 FORMAT_VERSION = 3
@@ -51,65 +50,6 @@ _MEANING = {"mbc": "codebook", "mac": "amortization network", "tokens": "token s
 
 def content_hash(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
-
-
-@dataclass(frozen=True)
-class BankLayout:
-    """What a stored entry is: MBC indices [K, stages] from ``codebook_size`` codes, or MAC vectors [K, dim]."""
-
-    mode: str  # "mbc", "mac" or "tokens" (token_memory.py: LLM token ids)
-    num_slots: int
-    stages: int
-    codebook_size: int
-    dim: int
-    fingerprint: str | None  # of the model that gives the entries their meaning
-    key_pieces: int = 0  # retrieval key: indices per document (0: the model has no retrieval keys)
-    key_codes: int = 0  # ... each among this many centroids
-
-    @classmethod
-    def of(cls, model) -> "BankLayout":
-        """The layout of the entries ``model`` writes (``MBCModel`` or ``TokenMemory``: each says its own)."""
-        return model.bank_layout()
-
-    @property
-    def format(self) -> CodeFormat | FloatFormat:
-        """How an entry is laid out in bytes (memory/codecs.py)."""
-        if self.mode in ("mbc", "tokens"):  # tokens: LLM token ids, bit-packed as code indices are
-            return CodeFormat(self.num_slots, self.stages, self.codebook_size)
-        return FloatFormat(self.num_slots, self.dim)
-
-    @property
-    def entry_shape(self) -> tuple[int, int]:
-        return self.format.shape
-
-    @property
-    def entry_bytes(self) -> int:
-        return self.format.bytes
-
-    def encode(self, entry: np.ndarray) -> bytes:
-        if entry.shape != self.entry_shape:
-            raise MBCError(f"a bank entry must have shape {self.entry_shape}, got {tuple(entry.shape)}")
-        return self.format.to_bytes(entry)
-
-    def decode(self, blob: bytes) -> np.ndarray:
-        return self.format.from_bytes(blob)
-
-    def encode_key(self, key: np.ndarray | None) -> bytes | None:
-        if not self.key_pieces:
-            if key is not None:
-                raise MBCError(
-                    "this bank stores no retrieval keys (its model has retrieval_top_k = 0), but keys were given"
-                )
-            return None
-        if key is None:
-            raise MBCError("this bank's model reads by retrieval keys (retrieval_top_k > 0): add() needs keys= as well")
-        key = np.asarray(key)
-        if key.shape != (self.key_pieces,):
-            raise MBCError(f"a retrieval key must have shape ({self.key_pieces},), got {tuple(key.shape)}")
-        return pack_indices(key, self.key_codes)
-
-    def decode_key(self, blob: bytes) -> np.ndarray:
-        return unpack_indices(blob, self.key_pieces, self.key_codes)
 
 
 @dataclass
