@@ -9,7 +9,9 @@ environment's packages and one after the other:
 - three 14-step training runs on generated documents, logging every step: the ``cpu`` preset
   (retrieval keys, probe and float-memory warm starts, validation through the codebook), MAC, and
   the preset without retrieval keys with a bank curriculum and backprop dropout;
-- ``mbc validate`` of the first run's checkpoint, and ``mbc eval`` of it with the MAC checkpoint.
+- a token memory (``mbc train-tokens``: its scorer and 4 steps of its reader, on the first 40 documents);
+- ``mbc validate`` of the first run's checkpoint, and ``mbc eval`` of it with the MAC checkpoint and
+  the token memory.
 
 It prints, for each, whether every logged loss and metric (times left out) and every prediction
 is identical, and the first difference where one is not.
@@ -81,6 +83,13 @@ def run_all(tree: Path, out: Path) -> None:
     for name, extra in RUNS.items():
         print(f"{tree}: training '{name}'", flush=True)
         mbc("train", *TRAIN, "--output", str(out / name), *extra, log=f"{name}.log")
+    print(f"{tree}: fitting the token memory", flush=True)
+    mbc(
+        "train-tokens",
+        *("--data", DATA, "--output", str(out / "tokens"), "--keep", "16"),
+        *("--reader-steps", "4", "--first-documents", "40"),
+        log="tokens.log",
+    )
     mbc(
         "validate",
         str(out / "mbc" / "last"),
@@ -97,6 +106,8 @@ def run_all(tree: Path, out: Path) -> None:
         str(out / "mbc" / "last"),
         "--mac",
         str(out / "mac" / "last"),
+        "--tokens",
+        str(out / "tokens"),
         "--data",
         DATA,
         "--documents",
