@@ -9,7 +9,7 @@ environment's packages and one after the other:
 - three 14-step training runs on generated documents, logging every step: the ``cpu`` preset
   (retrieval keys, probe and float-memory warm starts, validation through the codebook), MAC, and
   the preset without retrieval keys with a bank curriculum and backprop dropout;
-- a token memory (``mbc train-tokens``: its scorer and 4 steps of its reader, on the first 40 documents);
+- a token memory (``mbc train-tokens``: its scorer, its retrieval keys and 4 steps of its reader);
 - ``mbc validate`` of the first run's checkpoint, and ``mbc eval`` of it with the MAC checkpoint and
   the token memory.
 
@@ -41,6 +41,7 @@ TRAIN = [
         x
         for s in (
             "probe_steps=4",
+            "teach_reading_steps=2",
             "float_memory_steps=2",
             "eval_every=7",
             "eval_questions=24",
@@ -87,7 +88,7 @@ def run_all(tree: Path, out: Path) -> None:
     mbc(
         "train-tokens",
         *("--data", DATA, "--output", str(out / "tokens"), "--keep", "16"),
-        *("--reader-steps", "4", "--first-documents", "40"),
+        *("--reader-steps", "4"),
         log="tokens.log",
     )
     mbc(
