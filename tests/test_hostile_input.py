@@ -277,3 +277,14 @@ def test_ctrl_c_in_mbc_ingest_without_progress_bars_says_how_many_are_stored(tin
     with MemoryBank.open_existing(tmp_path / "bank.db") as bank:
         assert f"the first {len(bank)} passages read are in the bank ({len(bank)} added" in result.output
         assert len(bank) == 32
+
+
+def test_a_training_csv_keeps_quoted_newlines_and_names_a_malformed_row(tmp_path):
+    from mbc.data.loaders import load
+
+    (tmp_path / "streaming.csv").write_text('text,question,answers\n"First line.\nSecond line.",What?,"[""x""]"\n')
+    (row,) = load(str(tmp_path / "streaming.csv"))
+    assert row.document == "First line.\nSecond line."
+    (tmp_path / "open.csv").write_text('text,question,answers\n"never closed,q,a\n')
+    with pytest.raises(MBCError, match=r"open.csv, line \d+: malformed CSV"):
+        load(str(tmp_path / "open.csv"))

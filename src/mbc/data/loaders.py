@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
 from pathlib import Path
 
@@ -26,6 +27,7 @@ from mbc.data.generated import generate_examples
 from mbc.errors import MBCError
 
 MAX_QUESTION_CHARS = 1000
+MAX_CSV_FIELD = 16 * 1024 * 1024  # characters: Python's csv stops at 131,072 by default, less than a long document
 
 
 def _check(example: QAExample, max_question_chars: int) -> QAExample:
@@ -105,8 +107,14 @@ ARCHIVALQA_COLUMNS = ("question", "answer", "ans_paragraph", "ans_text", "doc_id
 
 
 def _csv_rows(path: Path) -> tuple[list[str], list[dict]]:
-    reader = csv.DictReader(_read_text(path).splitlines())
-    return list(reader.fieldnames or []), list(reader)
+    """The columns and rows of a CSV file; a quoted field may hold newlines and be up to 16 MiB
+    characters long, and a malformed row (a quote left open) is named by its line."""
+    csv.field_size_limit(max(csv.field_size_limit(), MAX_CSV_FIELD))
+    reader = csv.DictReader(io.StringIO(_read_text(path), newline=""), strict=True)
+    try:
+        return list(reader.fieldnames or []), list(reader)
+    except csv.Error as error:
+        raise MBCError(f"{path}, line {reader.line_num}: malformed CSV ({error}); fix its quoting") from None
 
 
 def _require(path: Path, columns: list[str], needed: tuple[str, ...], kind: str) -> None:

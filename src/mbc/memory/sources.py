@@ -20,12 +20,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
 
+from mbc.data.loaders import MAX_CSV_FIELD
 from mbc.errors import MBCError, check_encodable
 
 TEXT_SUFFIXES = {".txt", ".text", ".md", ".markdown", ".rst"}
 RECORD_SUFFIXES = {".jsonl", ".ndjson", ".csv"}
 STDIN = "-"
-MAX_CSV_FIELD = 16 * 1024 * 1024  # characters: Python's csv stops at 131,072 by default, less than a long document
 # A file is text unless its first block holds a NUL or more than this share of other control bytes
 # (tab, newline, carriage return and form feed are text).
 BINARY_SNIFF_BYTES, MAX_CONTROL_SHARE = 8192, 0.1
