@@ -1,2 +1,3 @@
-"""The memory: bank entries (codecs, bit-packing), the durable SQLite bank, ingesting documents into it
-and the readers that turn a bank into each question's modulation."""
+"""The memory as a model uses it: reading a user's documents (sources), ingesting them into a bank
+(mbc.bank, below every model), the readers that turn a bank into each question's modulation, and
+the service that holds one model and one bank for the commands and the server."""
