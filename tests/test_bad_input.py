@@ -103,10 +103,12 @@ CASES = [
     # checked before the checkpoint (missing here) is even looked at
     (lambda f: ["eval", "missing-checkpoint", "--decoding", "foo"], "decoding must be one of"),
     (lambda f: ["eval", "missing-checkpoint", "--methods", "mbc,foo"], "unknown method 'foo'"),
+    (lambda f: ["eval", "missing-checkpoint", "--method", "mbc", "--method", "foo"], "unknown method 'foo'"),
     (lambda f: ["eval", "missing-checkpoint", "--output", str(f / "a-file")], "cannot use"),
     (lambda f: ["eval", "missing-checkpoint", "--split", "nope"], "unknown split 'nope'"),
     (lambda f: ["eval", "--methods", "mbc,mac"], "need a model that was not given"),
     (lambda f: ["eval", "--methods", "base, 3 worked examples"], "need a model that was not given"),
+    (lambda f: ["eval", "--method", "base-examples"], "need a model that was not given"),
     (lambda f: ["validate", "missing-checkpoint", "--output", str(f / "a-file" / "s.json")], "cannot use"),
     (lambda f: ["validate", "missing-checkpoint"], "not an MBC checkpoint"),
 ]

@@ -202,3 +202,15 @@ def test_memory_on_top_of_bm25_reads_the_mbc_bank_with_the_document_in_the_promp
     assert sum(len(p) for p, _ in with_context) == len(rows) and all(prefix is not None for _, prefix in with_context)
     with pytest.raises(MBCError, match="reads the bank the method 'mbc' streams"):
         EvalConfig(methods=["mbc + BM25 top-k"])
+
+
+def test_the_methods_are_named_by_key_or_name_and_the_help_lists_every_key():
+    from mbc.cli import METHOD_KEYS
+    from mbc.evaluation.online import METHODS, EvalConfig, method_named
+
+    assert METHOD_KEYS == tuple(m.key for m in METHODS)
+    assert EvalConfig(methods=["mbc-unrelated", "base, gold document"]).methods == [
+        "mbc, unrelated bank",
+        "base, gold document",
+    ]
+    assert [method_named(m.key) for m in METHODS] == [method_named(m.name) for m in METHODS]

@@ -21,6 +21,20 @@ DEMO_DOCUMENTS = [
     "The river Tasse flows through the town of Quelmont, where the annual lantern fair is held in May.",
 ]
 DEMO_QUESTION = "Who founded the Brellin Observatory?"
+# `mbc eval --method`'s keys, for its help (evaluation/online.py's METHODS: importing it loads torch)
+METHOD_KEYS = (
+    "mbc",
+    "mbc-unrelated",
+    "mac",
+    "mac-unrelated",
+    "base-raw",
+    "base-examples",
+    "base-gold",
+    "base-bm25",
+    "mbc-bm25",
+    "tokens",
+    "tokens-unrelated",
+)
 
 
 def _config(config_file: Optional[Path], overrides: list[str]) -> MBCConfig:
@@ -290,10 +304,13 @@ def evaluate_online(
     max_context_tokens: Optional[int] = typer.Option(
         None, min=64, help="cut the gold-document and BM25 prompts to this many tokens (default: the LLM's window)"
     ),
+    method: list[str] = typer.Option(
+        [],
+        help="a method to run, by key or full name (repeatable; default: all but mbc-bm25, the adapter's memory on "
+        f"top of BM25's document in the prompt); the keys: {', '.join(METHOD_KEYS)}",
+    ),
     methods: Optional[str] = typer.Option(
-        None,
-        help="the methods, separated by commas without a space, e.g. 'mbc,mbc, unrelated bank' (default: all but "
-        "'mbc + BM25 top-k', the adapter's memory on top of BM25's document in the prompt)",
+        None, hidden=True, help="the older form: full names separated by a comma without a space"
     ),
     output: Path = typer.Option(
         Path("runs/eval"), help="folder for predictions.csv, summary.json, the plots and the banks"
@@ -307,8 +324,9 @@ def evaluate_online(
     from mbc.paths import writable_folder
 
     # Everything that can be checked is checked before the models load and the scoring starts.
-    # Method names hold ", " themselves ("mbc, unrelated bank"): only a comma not followed by a space separates.
-    chosen = [m.strip() for m in re.split(r",(?! )", methods)] if methods else list(DEFAULT_METHODS)
+    # The older --methods: full names hold ", " themselves ("mbc, unrelated bank"), so only a comma
+    # not followed by a space separates them.
+    chosen = method + (re.split(r",(?! )", methods) if methods else []) or list(DEFAULT_METHODS)
     config = EvalConfig(
         retention_every, decoding=decoding, bm25_top_k=bm25_top_k, max_context_tokens=max_context_tokens, methods=chosen
     )

@@ -28,6 +28,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 from tqdm.auto import tqdm
@@ -47,33 +48,6 @@ from mbc.network.decoding import STRATEGIES, DecodingConfig
 from mbc.paths import writable_folder
 from mbc.prompts import FEW_SHOT_TEMPLATE, answer_prompts
 from mbc.settings import Range, check
-
-ALL_METHODS = (
-    "mbc",
-    "mbc, unrelated bank",
-    "mac",
-    "mac, unrelated bank",
-    "base, raw question",
-    "base, 3 worked examples",
-    "base, gold document",
-    "base, BM25 top-k",
-    "mbc + BM25 top-k",
-    "tokens",
-    "tokens, unrelated bank",
-)
-# methods run only with that model; the base LLM's methods with any of them
-NEEDS = {
-    "mbc": "mbc",
-    "mbc, unrelated bank": "mbc",
-    "mbc + BM25 top-k": "mbc",
-    "mac": "mac",
-    "mac, unrelated bank": "mac",
-    "tokens": "tokens",
-    "tokens, unrelated bank": "tokens",
-}
-# The main job's: "mbc + BM25 top-k" (the memory on top of retrieval, as MAC's paper reports MAC +
-# BM25) costs as much as the gold document's prompts again; `mbc eval --methods` adds it.
-DEFAULT_METHODS = tuple(m for m in ALL_METHODS if m != "mbc + BM25 top-k")
 
 
 @dataclass
@@ -101,11 +75,9 @@ class EvalConfig:
                 "max_context_tokens": Range(64, None),
             },
         )
-        unknown = [m for m in self.methods if m not in ALL_METHODS]
-        if unknown:
-            raise MBCError(f"unknown method {unknown[0]!r}; known: {', '.join(ALL_METHODS)}")
+        self.methods = [method_named(m) for m in self.methods]
         if not self.methods:
-            raise MBCError(f"choose at least one method; known: {', '.join(ALL_METHODS)}")
+            raise MBCError(f"choose at least one method; known: {', '.join(m.key for m in METHODS)}")
         if "mbc + BM25 top-k" in self.methods and "mbc" not in self.methods:
             raise MBCError("the method 'mbc + BM25 top-k' reads the bank the method 'mbc' streams: choose both")
 
@@ -113,7 +85,7 @@ class EvalConfig:
 def runnable_methods(methods: list[str], given: set[str]) -> list[str]:
     """The chosen methods that can run with the models ``given`` ("mbc", "mac", "tokens"), in table
     order; one line saying what is missing when none can, or when no model is given at all."""
-    runnable = [m for m in ALL_METHODS if m in methods and (m not in NEEDS or NEEDS[m] in given)]
+    runnable = [m.name for m in METHODS if m.name in methods and (m.needs is None or m.needs in given)]
     if not runnable or not given:
         raise MBCError(
             f"the methods {methods} need a model that was not given: 'mbc' needs an MBC checkpoint, 'mac' a MAC "
@@ -295,6 +267,137 @@ def _memory_and_text(model: MBCModel, bank_path: Path, rows, fitted, config, dec
     return MethodResult(predictions, per_document + text_bytes, 1000 * timer.seconds / max(len(rows), 1))
 
 
+# ---- the methods: what each needs, how it runs ---------------------------------------------------
+class EvalRun:
+    """What every method of one evaluation reads, and where each leaves its result (by its name)."""
+
+    def __init__(self, rows, stream, unrelated, output: Path, config, decoding, given: dict, base, text_bytes: float):
+        self.rows, self.stream, self.unrelated, self.output = rows, stream, unrelated, output
+        self.config, self.decoding, self.given, self.base, self.text_bytes = config, decoding, given, base, text_bytes
+        self.retention_rows = [r for r in rows if r.document in set(stream[: config.retention_every])]
+        self.prompt_answers = _PromptAnswers(base, decoding)
+        self.results: dict[str, MethodResult] = {}
+        self.curves, self.bank_sizes, self.cut = {}, {}, {}
+        self.bm25_recall = None  # questions whose own document BM25 retrieved, in percent
+        self._bm25 = None
+
+    def bm25(self) -> tuple[list[str], list[tuple[str, bool]]]:
+        """Each row's BM25 context and its fitted prompt, retrieved once for every method that reads them."""
+        if self._bm25 is None:
+            retrieve = bm25_retriever(self.stream, self.config.bm25_top_k)
+            retrieved = {id(r): retrieve(r.question) for r in self.rows}
+            contexts = ["\n\n".join(retrieved[id(r)]) for r in self.rows]
+            self._bm25 = contexts, _fitted_prompts(self.base, self.rows, contexts, self.config, self.decoding)
+            self.bm25_recall = 100 * sum(r.document in retrieved[id(r)] for r in self.rows) / max(len(self.rows), 1)
+        return self._bm25
+
+    @property
+    def bm25_label(self) -> str:
+        return f"BM25 top-{self.config.bm25_top_k}"
+
+
+def _streamed(adapter: str):
+    def run(ev: EvalRun) -> None:
+        result, curve, sizes = _stream_into_bank(
+            ev.given[adapter],
+            ev.output / "banks",
+            ev.stream,
+            ev.rows,
+            ev.retention_rows,
+            ev.config,
+            ev.decoding,
+            adapter,
+        )
+        ev.results[adapter], ev.curves[adapter], ev.bank_sizes[adapter] = result, curve, sizes
+
+    return run
+
+
+def _with_unrelated_bank(adapter: str):
+    def run(ev: EvalRun) -> None:
+        bank_name = "unrelated" if adapter == "mbc" else f"{adapter}-unrelated"
+        unrelated = ev.unrelated[: len(ev.stream)]
+        ev.results[f"{adapter}, unrelated bank"] = _unrelated(
+            ev.given[adapter], ev.output / "banks", unrelated, ev.rows, ev.config, ev.decoding, bank_name
+        )
+
+    return run
+
+
+def _raw_question(ev: EvalRun) -> None:
+    template = ev.base.config.prompt_template
+    name = "base, raw question"
+    ev.results[name] = _base(
+        ev.prompt_answers, ev.rows, lambda r: template.format(question=r.question), name, ev.config.batch_size
+    )
+
+
+def _worked_examples(ev: EvalRun) -> None:
+    name = "base, 3 worked examples"
+    ask = lambda r: FEW_SHOT_TEMPLATE.replace("{question}", r.question)  # noqa: E731
+    ev.results[name] = _base(ev.prompt_answers, ev.rows, ask, name, ev.config.batch_size)
+
+
+def _gold_document(ev: EvalRun) -> None:
+    name, own = "base, gold document", [r.document for r in ev.rows]
+    gold = _fitted_prompts(ev.base, ev.rows, own, ev.config, ev.decoding)
+    ev.results[name], ev.cut[name] = _with_context(
+        ev.prompt_answers, ev.rows, own, gold, ev.config, name, ev.text_bytes
+    )
+
+
+def _bm25_documents(ev: EvalRun) -> None:
+    name, (contexts, prompts) = f"base, {ev.bm25_label}", ev.bm25()
+    ev.results[name], ev.cut[name] = _with_context(
+        ev.prompt_answers, ev.rows, contexts, prompts, ev.config, name, ev.text_bytes
+    )
+
+
+def _memory_on_bm25(ev: EvalRun) -> None:
+    name, (_, prompts) = f"mbc + {ev.bm25_label}", ev.bm25()
+    bank = Path(ev.bank_sizes["mbc"]["path"])  # the bank the method 'mbc' streamed (it runs first)
+    ev.results[name] = _memory_and_text(
+        ev.given["mbc"], bank, ev.rows, prompts, ev.config, ev.decoding, name, ev.text_bytes
+    )
+
+
+@dataclass(frozen=True)
+class Method:
+    key: str  # what `mbc eval --method` takes
+    name: str  # its row in the tables, predictions.csv and summary.json ("top-k" there: the k used)
+    needs: str | None  # the model it runs ("mbc", "mac" or "tokens"); None: the base LLM of whichever is given
+    run: Callable[[EvalRun], None]
+    default: bool = True  # run when no method is named
+
+
+METHODS = (  # in table order; a method reading another's bank comes after it
+    Method("mbc", "mbc", "mbc", _streamed("mbc")),
+    Method("mbc-unrelated", "mbc, unrelated bank", "mbc", _with_unrelated_bank("mbc")),
+    Method("mac", "mac", "mac", _streamed("mac")),
+    Method("mac-unrelated", "mac, unrelated bank", "mac", _with_unrelated_bank("mac")),
+    Method("base-raw", "base, raw question", None, _raw_question),
+    Method("base-examples", "base, 3 worked examples", None, _worked_examples),
+    Method("base-gold", "base, gold document", None, _gold_document),
+    Method("base-bm25", "base, BM25 top-k", None, _bm25_documents),
+    # The memory on top of retrieval, as MAC's paper reports MAC + BM25: it costs as much as the gold
+    # document's prompts again, so it runs only when named.
+    Method("mbc-bm25", "mbc + BM25 top-k", "mbc", _memory_on_bm25, default=False),
+    Method("tokens", "tokens", "tokens", _streamed("tokens")),
+    Method("tokens-unrelated", "tokens, unrelated bank", "tokens", _with_unrelated_bank("tokens")),
+)
+METHODS_BY_NAME = {m.name: m for m in METHODS}
+ALL_METHODS = tuple(METHODS_BY_NAME)
+DEFAULT_METHODS = tuple(m.name for m in METHODS if m.default)
+
+
+def method_named(text: str) -> str:
+    """The method a user named, by its key (``mbc-unrelated``) or its full name (``mbc, unrelated bank``)."""
+    for method in METHODS:
+        if text.strip() in (method.key, method.name):
+            return method.name
+    raise MBCError(f"unknown method {text!r}; choose among {', '.join(m.key for m in METHODS)}")
+
+
 @torch.no_grad()
 def run_eval(
     mbc: MBCModel | None,
@@ -329,51 +432,14 @@ def run_eval(
     (output / "banks").mkdir(exist_ok=True)
     decoding = DecodingConfig(config.decoding)
     stream = documents(rows)
-    retention_rows = [r for r in rows if r.document in set(stream[: config.retention_every])]
     text_bytes = sum(len(d.encode("utf-8")) for d in stream) / max(len(stream), 1)
-    results, curves, bank_sizes, bm25_recall, cut = {}, {}, {}, None, {}
     # the frozen LLM, read without a memory by the base methods
     base = next(model for model in (mbc, mac, tokens.base if tokens is not None else None) if model is not None)
-    prompt_answers = _PromptAnswers(base, decoding)
-    bm25 = f"BM25 top-{config.bm25_top_k}"
-    if any("BM25" in m for m in methods):
-        retrieve = bm25_retriever(stream, config.bm25_top_k)
-        retrieved = {id(r): retrieve(r.question) for r in rows}
-        bm25_contexts = ["\n\n".join(retrieved[id(r)]) for r in rows]
-        bm25_prompts = _fitted_prompts(base, rows, bm25_contexts, config, decoding)
-        bm25_recall = 100 * sum(r.document in retrieved[id(r)] for r in rows) / max(len(rows), 1)
-    for method in methods:
-        if method in ("mbc", "mac", "tokens"):
-            model = given[method]
-            results[method], curves[method], bank_sizes[method] = _stream_into_bank(
-                model, output / "banks", stream, rows, retention_rows, config, decoding, method
-            )
-        elif method.endswith(", unrelated bank"):
-            adapter = method.split(",")[0]
-            model, name = given[adapter], "unrelated" if adapter == "mbc" else f"{adapter}-unrelated"
-            results[method] = _unrelated(
-                model, output / "banks", unrelated_documents[: len(stream)], rows, config, decoding, name
-            )
-        elif method == "base, raw question":
-            template = base.config.prompt_template
-            ask = lambda r: template.format(question=r.question)  # noqa: E731
-            results[method] = _base(prompt_answers, rows, ask, method, config.batch_size)
-        elif method == "base, 3 worked examples":
-            ask = lambda r: FEW_SHOT_TEMPLATE.replace("{question}", r.question)  # noqa: E731
-            results[method] = _base(prompt_answers, rows, ask, method, config.batch_size)
-        elif method == "base, gold document":
-            own = [r.document for r in rows]
-            gold = _fitted_prompts(base, rows, own, config, decoding)
-            results[method], cut[method] = _with_context(prompt_answers, rows, own, gold, config, method, text_bytes)
-        elif method == "base, BM25 top-k":
-            name = f"base, {bm25}"
-            results[name], cut[name] = _with_context(
-                prompt_answers, rows, bm25_contexts, bm25_prompts, config, name, text_bytes
-            )
-        else:  # "mbc + BM25 top-k"
-            bank = Path(bank_sizes["mbc"]["path"])
-            name = f"mbc + {bm25}"
-            results[name] = _memory_and_text(mbc, bank, rows, bm25_prompts, config, decoding, name, text_bytes)
+    run = EvalRun(rows, stream, unrelated_documents, output, config, decoding, given, base, text_bytes)
+    for name in methods:
+        METHODS_BY_NAME[name].run(run)
+    results, curves, bank_sizes, cut = run.results, run.curves, run.bank_sizes, run.cut
+    bm25_recall = run.bm25_recall
 
     golds, kinds = [list(r.answers) for r in rows], answer_kinds(rows)
     summary = {
