@@ -1,20 +1,22 @@
 """The paper's headline experiment: stream test documents into a bank, answer every question about
 them, and compare with the baselines on the same documents and questions.
 
-Methods (each scored with EM, F1 and lenient EM, with its memory per document and its time):
-- ``mbc``: the trained MBC adapter, answering from a durable codebook bank (code-count reading);
-- ``mbc, unrelated bank``: the same adapter answering from a bank of as many documents about
-  something else; what it scores comes from the adapter, not from the stored documents;
-- ``mac`` and ``mac, unrelated bank``: a MAC checkpoint (float bank, windowed reading), when one
-  is given, and its control as for MBC;
-- ``base, raw question`` and ``base, 3 worked examples``: the base LLM with no adaptation;
-- ``base, gold document`` (an upper bound) and ``base, BM25 top-k``: documents in the prompt,
-  after the same worked examples.
-- ``mbc + BM25 top-k`` (when named): BM25's documents in the prompt as for ``base, BM25 top-k``,
-  and the adapter's prefix read from the ``mbc`` bank: whether the memory adds to the text.
-- ``tokens`` and ``tokens, unrelated bank`` (when a token memory is given, token_memory.py): each
-  document kept as K of its own token ids, the base LLM reading the top-1 document's; and the
-  same with a bank of unrelated documents.
+Methods (``METHODS`` below: each scored with EM, F1 and lenient EM, with its memory per document
+and its time; ``--method`` takes the key in brackets):
+- ``mbc`` [mbc]: the trained MBC adapter, answering from a durable codebook bank (code-count reading);
+- ``mbc, unrelated bank`` [mbc-unrelated]: the same adapter answering from a bank of as many
+  documents about something else; what it scores comes from the adapter, not from the stored documents;
+- ``mac`` and ``mac, unrelated bank`` [mac, mac-unrelated]: a MAC checkpoint (float bank, windowed
+  reading), when one is given, and its control as for MBC;
+- ``base, raw question`` and ``base, 3 worked examples`` [base-raw, base-examples]: the base LLM
+  with no adaptation;
+- ``base, gold document`` (an upper bound) and ``base, BM25 top-k`` [base-gold, base-bm25]:
+  documents in the prompt, after the same worked examples.
+- ``mbc + BM25 top-k`` [mbc-bm25] (when named): BM25's documents in the prompt as for ``base, BM25
+  top-k``, and the adapter's prefix read from the ``mbc`` bank: whether the memory adds to the text.
+- ``tokens`` and ``tokens, unrelated bank`` [tokens, tokens-unrelated] (when a token memory is
+  given, token_memory.py): each document kept as K of its own token ids, the base LLM reading the
+  top-1 document's; and the same with a bank of unrelated documents.
 
 Retention: the questions about the first ``retention_every`` documents are answered again after
 every further ``retention_every`` documents streamed; F1 relative to the first answers, in percent.
