@@ -404,7 +404,7 @@ def time_training(preset_name: str, device: str, smoke: bool, nf4: bool, steps: 
         questions, answers = texts(batch, QUESTION_TOKENS, seed + 1), texts(batch, ANSWER_TOKENS, seed + 2)
         _sync(device)
         began = time.perf_counter()
-        with torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=device != "cpu"):
+        with _bf16(device):
             out = objective(documents, questions, answers, list(range(batch)), step_kind)
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], train.max_grad_norm)
@@ -448,7 +448,6 @@ def _trainable_by_part(model) -> dict[str, int]:
 # ---- 3. serving: adapting into a bank, answering from it -----------------------------------------
 def time_serving(preset_name: str, device: str, smoke: bool, nf4: bool, sizes: tuple[int, ...]) -> list[dict]:
     import numpy as np
-    import torch
 
     from mbc import DecodingConfig
     from mbc.bank import BankLayout, MemoryBank
@@ -462,7 +461,7 @@ def time_serving(preset_name: str, device: str, smoke: bool, nf4: bool, sizes: t
     folder = Path(tempfile.mkdtemp(prefix="mbc-gpu-bank-"))
     with MemoryBank.open(folder / "bank.db", BankLayout.of(model)) as bank:
         adapted = sizes[0]
-        with torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=device != "cpu"):
+        with _bf16(device):
             ingest(model, bank, texts(64, DOC_TOKENS, 6), batch_size=64)  # warm-up at the timed batch size
             _sync(device)
             start = time.perf_counter()
@@ -483,7 +482,7 @@ def time_serving(preset_name: str, device: str, smoke: bool, nf4: bool, sizes: t
             for kind in ("greedy", "diverse_beam"):
                 decoding = DecodingConfig(kind, max_new_tokens=8)
                 rounds = []
-                with torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=device != "cpu"):
+                with _bf16(device):
                     for _ in range(1 + ANSWER_ROUNDS):  # the first: warm-up, and the reader's preparation
                         _sync(device)
                         start = time.perf_counter()
@@ -496,6 +495,13 @@ def time_serving(preset_name: str, device: str, smoke: bool, nf4: bool, sizes: t
     del model
     _free(device)
     return results
+
+
+def _bf16(device: str):
+    """bf16 autocast on a GPU, as the reference presets train; nothing on the CPU (--smoke)."""
+    import torch
+
+    return torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=device != "cpu")
 
 
 def _sync(device: str) -> None:

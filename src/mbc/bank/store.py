@@ -84,8 +84,8 @@ def checksum(entry: bytes, key: bytes | None) -> int:
 
 
 def check_metadata(record) -> dict:
-    """A document's metadata as the bank stores it: a JSON object of finite numbers, strings,
-    lists and objects nested at most ``MAX_METADATA_DEPTH`` deep; anything else one line."""
+    """``record`` if it is an object nested at most ``MAX_METADATA_DEPTH`` deep (lists and objects
+    inside it), else one line; ``metadata_json`` then refuses what JSON cannot hold."""
     if not isinstance(record, dict):
         raise MBCError(f"each document's metadata must be a dict, got {type(record).__name__}")
     level, depth = [record], 1
