@@ -3,6 +3,12 @@ the tests exercise the same loading path (by folder) as real checkpoints, in mil
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
 import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
@@ -159,3 +165,39 @@ def tiny_checkpoint(tiny_paths, tmp_path_factory) -> str:
     folder = tmp_path_factory.mktemp("checkpoint") / "tiny"
     model.save_pretrained(folder)
     return str(folder)
+
+
+# ---- PostgreSQL, for the bank tests that run on both storages -------------------------------------
+# A real server from the pgserver wheel's binaries (scripts/local_postgres.py), one per session.
+# Where it cannot start the tests that need it skip, except under MBC_REQUIRE_POSTGRES=1 (.ci/run),
+# where they fail: CI must not be such a place.
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+
+
+def start_postgres(folder):
+    from local_postgres import LocalPostgres
+
+    try:
+        return LocalPostgres(folder).start()
+    except (RuntimeError, OSError, ImportError, subprocess.SubprocessError) as error:
+        if os.environ.get("MBC_REQUIRE_POSTGRES") == "1":
+            raise
+        pytest.skip(f"no PostgreSQL server could start here ({error}); install the test extra (pgserver)")
+
+
+@pytest.fixture(scope="session")
+def postgres_server(tmp_path_factory):
+    server = start_postgres(tmp_path_factory.mktemp("postgres"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def bank_address(request, tmp_path):
+    """A function giving new bank addresses: files in tmp_path, or banks (schemas) on the session's server."""
+    if request.param == "sqlite":
+        return lambda name="bank": str(tmp_path / f"{name}.db")
+    server = request.getfixturevalue("postgres_server")
+    prefix = f"t{uuid.uuid4().hex[:12]}"
+    return lambda name="bank": f"{server.url}?bank={prefix}_{name}"

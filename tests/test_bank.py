@@ -23,21 +23,21 @@ def random_entries(count: int, layout: BankLayout = LAYOUT, seed: int = 0) -> np
     return rng.integers(0, layout.codebook_size, (count, *layout.entry_shape)).astype(np.uint16)
 
 
-def test_entries_round_trip_and_survive_reopening(tmp_path):
+def test_entries_round_trip_and_survive_reopening(bank_address):
     entries = random_entries(5)
-    with MemoryBank.open(tmp_path / "bank.db", LAYOUT) as bank:
+    with MemoryBank.open(bank_address("bank"), LAYOUT) as bank:
         added = bank.add([f"doc {i}" for i in range(5)], entries, [{"source": i} for i in range(5)])
         assert [a.new for a in added] == [True] * 5
-    with MemoryBank.open(tmp_path / "bank.db", LAYOUT) as bank:
+    with MemoryBank.open(bank_address("bank"), LAYOUT) as bank:
         assert len(bank) == 5
         np.testing.assert_array_equal(bank.entries(), entries)
         np.testing.assert_array_equal(bank.entries([added[3].id, added[1].id]), entries[[3, 1]])
         assert bank.metadata(added[2].id) == {"source": 2}
 
 
-def test_mac_entries_round_trip(tmp_path):
+def test_mac_entries_round_trip(bank_address):
     entries = random_entries(3, MAC)
-    with MemoryBank.open(tmp_path / "mac.db", MAC) as bank:
+    with MemoryBank.open(bank_address("mac"), MAC) as bank:
         bank.add(["a", "b", "c"], entries)
         np.testing.assert_array_equal(bank.entries(), entries)
         assert bank.sizes()["entry_bytes"] == 3 * 4 * 8 * 4
@@ -45,8 +45,8 @@ def test_mac_entries_round_trip(tmp_path):
             bank.code_counts()
 
 
-def test_same_content_is_stored_once(tmp_path):
-    with MemoryBank.open(tmp_path / "bank.db", LAYOUT) as bank:
+def test_same_content_is_stored_once(bank_address):
+    with MemoryBank.open(bank_address("bank"), LAYOUT) as bank:
         first = bank.add(["alpha", "beta", "alpha"], random_entries(3))
         again = bank.add(["beta"], random_entries(1, seed=1))
         assert [a.new for a in first] == [True, True, False] and first[2].id == first[0].id
@@ -55,9 +55,9 @@ def test_same_content_is_stored_once(tmp_path):
         assert bank.known(["alpha", "gamma"]) == {content_hash("alpha"): first[0].id}
 
 
-def test_code_counts_follow_adds_and_removes(tmp_path):
+def test_code_counts_follow_adds_and_removes(bank_address):
     entries = random_entries(6)
-    with MemoryBank.open(tmp_path / "bank.db", LAYOUT) as bank:
+    with MemoryBank.open(bank_address("bank"), LAYOUT) as bank:
         ids = [a.id for a in bank.add([str(i) for i in range(6)], entries)]
         bank.remove(ids[2])
 
@@ -67,19 +67,19 @@ def test_code_counts_follow_adds_and_removes(tmp_path):
 
         codes, counts = bank.code_counts()
         assert {tuple(c): n for c, n in zip(codes.tolist(), counts.tolist())} == expected(entries[[0, 1, 3, 4, 5]])
-    with MemoryBank.open(tmp_path / "bank.db", LAYOUT) as bank:  # the counts are on disk too
+    with MemoryBank.open(bank_address("bank"), LAYOUT) as bank:  # the counts are on disk too
         codes, counts = bank.code_counts()
         assert counts.sum() == 5 * 4
 
 
-def test_bank_refuses_another_codebook(tmp_path):
-    MemoryBank.open(tmp_path / "bank.db", LAYOUT).close()
+def test_bank_refuses_another_codebook(bank_address):
+    MemoryBank.open(bank_address("bank"), LAYOUT).close()
     other = BankLayout(**{**LAYOUT.__dict__, "fingerprint": "xyz"})
     with pytest.raises(MBCError, match="fingerprint"):
-        MemoryBank.open(tmp_path / "bank.db", other)
+        MemoryBank.open(bank_address("bank"), other)
     wider = BankLayout(**{**LAYOUT.__dict__, "num_slots": 6})
     with pytest.raises(MBCError, match="layout"):
-        MemoryBank.open(tmp_path / "bank.db", wider)
+        MemoryBank.open(bank_address("bank"), wider)
 
 
 def test_bad_input_gets_clear_errors_and_writes_nothing(tmp_path):
@@ -96,8 +96,8 @@ def test_bad_input_gets_clear_errors_and_writes_nothing(tmp_path):
         assert len(bank) == 0
 
 
-def test_sizes_account_for_entries_codebook_and_mac(tmp_path):
-    with MemoryBank.open(tmp_path / "bank.db", LAYOUT) as bank:
+def test_sizes_account_for_entries_codebook_and_mac(bank_address):
+    with MemoryBank.open(bank_address("bank"), LAYOUT) as bank:
         bank.add(["a", "b"], random_entries(2))
         sizes = bank.sizes()
     assert (
@@ -120,8 +120,8 @@ for i in range(100000):
 """
 
 
-def test_a_process_killed_mid_ingest_leaves_only_whole_documents(tmp_path):
-    path = tmp_path / "bank.db"
+def test_a_process_killed_mid_ingest_leaves_only_whole_documents(bank_address):
+    path = bank_address("bank")
     writer = subprocess.Popen([sys.executable, "-c", WRITER, str(path)], stdout=subprocess.PIPE, text=True)
     committed = -1
     deadline = time.time() + 60
@@ -130,7 +130,8 @@ def test_a_process_killed_mid_ingest_leaves_only_whole_documents(tmp_path):
     os.kill(writer.pid, signal.SIGKILL)
     writer.wait()
     assert committed >= 30
-    assert sqlite3.connect(path).execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    if not path.startswith("postgresql://"):
+        assert sqlite3.connect(path).execute("PRAGMA integrity_check").fetchone()[0] == "ok"
     with MemoryBank.open(path, LAYOUT) as bank:
         count = len(bank)
         assert count % 20 == 0 and count >= 20 * (committed + 1)  # whole batches only, every reported one kept
@@ -147,10 +148,10 @@ KEYED = BankLayout(
 )
 
 
-def test_retrieval_keys_round_trip_and_are_required_by_a_keyed_bank(tmp_path):
+def test_retrieval_keys_round_trip_and_are_required_by_a_keyed_bank(bank_address):
     keys = np.random.default_rng(1).integers(0, 256, (4, 8)).astype(np.uint8)
     texts = [f"doc {i}" for i in range(4)]
-    with MemoryBank.open(tmp_path / "keyed.db", KEYED) as bank:
+    with MemoryBank.open(bank_address("keyed"), KEYED) as bank:
         with pytest.raises(MBCError, match="needs keys="):
             bank.add(texts, random_entries(4, KEYED))
         with pytest.raises(MBCError, match=r"shape \(8,\)"):
@@ -160,13 +161,13 @@ def test_retrieval_keys_round_trip_and_are_required_by_a_keyed_bank(tmp_path):
         np.testing.assert_array_equal(bank.retrieval_keys(), keys)
         np.testing.assert_array_equal(bank.retrieval_keys([added[2].id, added[0].id]), keys[[2, 0]])
         assert bank.sizes()["key_bytes"] == 4 * 8
-    with MemoryBank.open(tmp_path / "plain.db", LAYOUT) as bank:
+    with MemoryBank.open(bank_address("plain"), LAYOUT) as bank:
         with pytest.raises(MBCError, match="stores no retrieval keys"):
             bank.add(texts, random_entries(4), keys=keys)
         with pytest.raises(MBCError, match="stores no retrieval keys"):
             bank.retrieval_keys()
     with pytest.raises(MBCError, match="another bank layout"):
-        MemoryBank.open(tmp_path / "keyed.db", BankLayout(**{**KEYED.__dict__, "key_pieces": 4}))
+        MemoryBank.open(bank_address("keyed"), BankLayout(**{**KEYED.__dict__, "key_pieces": 4}))
 
 
 def test_a_format_1_bank_is_upgraded_on_opening(tmp_path):
@@ -218,8 +219,8 @@ def _stored_counts_agree_with_rows(path) -> tuple[int, int]:
         return rows, int(counts.sum())
 
 
-def test_two_processes_appending_keep_the_code_counts_right(tmp_path):
-    path = tmp_path / "bank.db"
+def test_two_processes_appending_keep_the_code_counts_right(bank_address, tmp_path):
+    path = bank_address("bank")
     MemoryBank.open(path, LAYOUT).close()
     go = tmp_path / "go"
     writers = [
@@ -233,8 +234,8 @@ def test_two_processes_appending_keep_the_code_counts_right(tmp_path):
     assert rows == 2 * 60 * 5 and vectors == rows * 4
 
 
-def test_a_bank_opened_earlier_sees_what_another_writer_added(tmp_path):
-    path = tmp_path / "bank.db"
+def test_a_bank_opened_earlier_sees_what_another_writer_added(bank_address):
+    path = bank_address("bank")
     early = MemoryBank.open(path, LAYOUT)
     early.add(["early"], random_entries(1))
     version = early.version
@@ -266,15 +267,25 @@ def _bank_with(path, count=3) -> None:
         bank.add([f"doc {i}" for i in range(count)], random_entries(count))
 
 
-def _sql(path, statement: str, *args) -> None:
-    connection = sqlite3.connect(path)
+def _sql(address, statement: str, *args) -> None:
+    """A statement run on the bank's storage behind its back (``?`` placeholders on either)."""
+    if str(address).startswith("postgresql://"):
+        import psycopg
+
+        from mbc.bank.postgres import split_url
+
+        url, schema, _ = split_url(address)
+        with psycopg.connect(url, autocommit=True, options=f"-c search_path={schema}") as connection:
+            connection.execute(statement.replace("?", "%s"), args)
+        return
+    connection = sqlite3.connect(address)
     with connection:
         connection.execute(statement, args)
     connection.close()
 
 
-def test_damaged_banks_are_reported_in_one_line(tmp_path):
-    path = tmp_path / "bank.db"
+def test_damaged_banks_are_reported_in_one_line(bank_address):
+    path = bank_address("bank")
     _bank_with(path)
     # A changed byte inside a stored entry: read as other codes unless the checksum catches it.
     _sql(path, "UPDATE documents SET entry = ? WHERE id = 2", bytes(9))
@@ -309,8 +320,8 @@ def test_a_full_disk_stores_nothing_and_says_so(tmp_path):
     path = tmp_path / "bank.db"
     _bank_with(path)
     with MemoryBank.open(path, LAYOUT) as bank:
-        pages = bank.connection.execute("PRAGMA page_count").fetchone()[0]
-        bank.connection.execute(f"PRAGMA max_page_count = {pages}")  # the file may not grow: as a full disk
+        pages = bank.storage.execute("PRAGMA page_count").fetchone()[0]
+        bank.storage.execute(f"PRAGMA max_page_count = {pages}")  # the file may not grow: as a full disk
         texts = [f"big {i}" for i in range(2000)]
         with pytest.raises(MBCError, match="the disk is full; nothing of this change was stored"):
             bank.add(texts, random_entries(2000), [{"padding": "x" * 200}] * 2000)

@@ -207,7 +207,7 @@ def test_a_row_with_a_retyped_entry_can_be_deleted(tmp_path):
 
 def test_a_bank_cut_short_gets_one_line_on_every_command(tmp_path):
     bank = _bank(tmp_path / "bank.db", count=400)
-    bank.connection.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    bank.storage.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     bank.close()
     data = (tmp_path / "bank.db").read_bytes()
     (tmp_path / "bank.db").write_bytes(data[: int(len(data) * 0.99)])

@@ -83,7 +83,7 @@ def test_a_token_bank_stores_2_bytes_a_token_at_most_and_no_code_counts(token_me
     with MemoryBank.in_memory(layout) as bank:
         ingest(token_memory, bank, documents(rows))
         assert bank.sizes()["codebook_bytes"] == 0
-        assert bank.connection.execute("SELECT COUNT(*) FROM code_counts").fetchone()[0] == 0
+        assert bank.storage.execute("SELECT COUNT(*) FROM code_counts").fetchone()[0] == 0
         with pytest.raises(MBCError, match="code counts exist only"):
             bank.code_counts()
 

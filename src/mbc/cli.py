@@ -348,6 +348,7 @@ def evaluate_online(
     _print_summary(summary, output)
 
 
+BANK_HELP = "a bank: a file path, or postgresql://USER:PASSWORD@HOST/DATABASE?bank=NAME"
 ModelOption = typer.Option(
     None, "--model", help="a trained checkpoint folder (default: the MBC adapter `mbc run` trained and cached)"
 )
@@ -386,7 +387,7 @@ def retention(
 
 @app.command()
 def ingest(
-    bank: Path = typer.Argument(..., help="the bank file (created if missing)"),
+    bank: str = typer.Argument(..., help=BANK_HELP + " (created if missing)"),
     paths: list[str] = typer.Argument(..., help="text / Markdown files, folders, .jsonl or .csv files, or - (stdin)"),
     model: Optional[Path] = ModelOption,
     text_field: str = typer.Option("text", help="the JSON Lines field / CSV column holding each document's text"),
@@ -425,7 +426,7 @@ def ingest(
 
 @app.command()
 def ask(
-    bank: Path = typer.Argument(..., help="a bank made by `mbc ingest`"),
+    bank: str = typer.Argument(..., help=BANK_HELP + ", made by `mbc ingest`"),
     questions: list[str] = typer.Argument(..., help="one or more questions"),
     model: Optional[Path] = ModelOption,
     decoding: str = typer.Option("greedy", help="greedy, beam or diverse_beam"),
@@ -452,19 +453,25 @@ def ask(
 
 @app.command("bank")
 def bank_command(
-    bank: Path = typer.Argument(..., help="a bank made by `mbc ingest`"),
+    bank: str = typer.Argument(..., help=BANK_HELP + ", made by `mbc ingest`"),
     list_documents: bool = typer.Option(False, "--list", help="list the stored documents"),
     offset: int = typer.Option(0, min=0, help="with --list: start at this position"),
     limit: int = typer.Option(50, min=1, help="with --list: at most this many"),
     show: Optional[int] = typer.Option(None, help="show one stored document: its metadata and stored codes"),
     delete: list[int] = typer.Option([], help="delete the document with this id (repeatable)"),
+    copy_to: Optional[str] = typer.Option(
+        None, help="copy every document, under the same ids, into a new bank (a file or a postgresql:// URL)"
+    ),
     as_json: bool = typer.Option(False, "--json", help="print as JSON"),
 ):
-    """A bank's sizes and documents: list, show and delete them (no model needed)."""
+    """A bank's sizes and documents: list, show, delete and copy them (no model needed)."""
     from mbc.bank import MemoryBank
     from mbc.memory.service import bank_stats
 
     with MemoryBank.open_existing(bank) as opened:
+        if copy_to is not None:
+            _copy(opened, copy_to)
+            return
         for document_id in delete:
             opened.remove(document_id)
             typer.echo(f"deleted document {document_id}")
@@ -486,7 +493,7 @@ def bank_command(
 
 @app.command()
 def serve(
-    bank: Path = typer.Argument(..., help="the bank file (created if missing)"),
+    bank: str = typer.Argument(..., help=BANK_HELP + " (created if missing)"),
     model: Optional[Path] = ModelOption,
     host: str = typer.Option("127.0.0.1", help="address to listen on (0.0.0.0: every interface)"),
     port: int = typer.Option(8000, min=1, max=65535),
@@ -502,10 +509,10 @@ def serve(
     OpenAPI docs at /docs."""
     from mbc.server import serve as run_server
 
-    run_server(str(bank), str(model) if model else None, host, port, token, max_request_bytes, allowed_host)
+    run_server(bank, str(model) if model else None, host, port, token, max_request_bytes, allowed_host)
 
 
-def _open_service(bank: Path, model: Optional[Path]):
+def _open_service(bank: str, model: Optional[Path]):
     from mbc.memory.service import MemoryService
 
     typer.echo("loading the model ...", err=True)
@@ -514,6 +521,15 @@ def _open_service(bank: Path, model: Optional[Path]):
 
         model = default_model()
     return MemoryService.open(bank, model)
+
+
+def _copy(source, address: str) -> None:
+    from tqdm.auto import tqdm
+
+    with tqdm(total=len(source), desc="copied", unit="document") as progress:
+        copied = source.copy_to(address, progress)
+    with copied:
+        typer.echo(f"copied {len(copied)} documents to {copied.address}; both banks' digests are {copied.digest()[:16]}")
 
 
 def _source(metadata: dict) -> str:

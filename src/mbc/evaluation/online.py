@@ -176,7 +176,7 @@ def _stream_into_bank(
     first = {id(r) for r in retention_rows}
     kept = [p for p, r in zip(predictions, rows) if id(r) in first]
     curve[-1]["retention_f1"] = score(kept, [list(r.answers) for r in retention_rows])["f1"]
-    sizes = {**bank.sizes(), "path": str(bank.path)}
+    sizes = {**bank.sizes(), "path": bank.address}
     if isinstance(reader, RetrievalReader):
         sizes["retrieval_recall_percent"] = retrieval_recall(
             reader, rows, dict(zip(stream, stream_ids)), config.batch_size

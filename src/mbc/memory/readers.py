@@ -60,7 +60,7 @@ class Reader:
     def _refresh(self) -> None:
         """Rederive from the bank if it changed since the last look."""
         if len(self.bank) == 0:
-            raise MBCError(f"the bank {self.bank.path} is empty: add documents before asking questions")
+            raise MBCError(f"the bank {self.bank.address} is empty: add documents before asking questions")
         if self._version != self.bank.version:
             self._prepare()
             self._version = self.bank.version

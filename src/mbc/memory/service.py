@@ -53,8 +53,8 @@ class AddReport:
 
 
 class MemoryService:
-    """One model and one bank file. Not safe for use from several threads at once (the server keeps
-    it on one thread); several processes may share the bank file."""
+    """One model and one bank. Not safe for use from several threads at once (the server keeps
+    it on one thread); several processes may share the bank."""
 
     def __init__(self, model, bank, model_path: Path | None = None):
         from mbc.memory.readers import reader_for
@@ -64,14 +64,14 @@ class MemoryService:
         self.passages = Passages(model.document_tokenizer, self._window(model))
 
     @classmethod
-    def open(cls, bank_path: str | Path, model_path: str | Path) -> "MemoryService":
+    def open(cls, bank_address: str | Path, model_path: str | Path) -> "MemoryService":
         """Load the model (a checkpoint folder; the main job's: ``mbc.pipeline.default_model()``)
-        and open (or create) its bank."""
+        and open (or create) its bank (a file path or a ``postgresql://`` URL)."""
         from mbc.bank import BankLayout, MemoryBank
 
         model_path = Path(model_path)
         model = load_model(model_path)
-        return cls(model, MemoryBank.open(bank_path, BankLayout.of(model)), model_path)
+        return cls(model, MemoryBank.open(bank_address, BankLayout.of(model)), model_path)
 
     @staticmethod
     def _window(model) -> int:
@@ -180,5 +180,5 @@ def bank_stats(bank) -> dict:
         "mode": layout.mode,
         "slots": layout.num_slots,
         "codebook_size": layout.codebook_size if layout.mode == "mbc" else None,
-        "path": str(bank.path),
+        "path": bank.address,
     }
