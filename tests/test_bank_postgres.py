@@ -7,7 +7,6 @@ import sys
 import time
 from urllib.parse import urlsplit
 
-import numpy as np
 import psycopg
 import pytest
 from conftest import start_postgres

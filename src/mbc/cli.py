@@ -529,7 +529,9 @@ def _copy(source, address: str) -> None:
     with tqdm(total=len(source), desc="copied", unit="document") as progress:
         copied = source.copy_to(address, progress)
     with copied:
-        typer.echo(f"copied {len(copied)} documents to {copied.address}; both banks' digests are {copied.digest()[:16]}")
+        typer.echo(
+            f"copied {len(copied)} documents to {copied.address}; both banks' digests are {copied.digest()[:16]}"
+        )
 
 
 def _source(metadata: dict) -> str:

@@ -5,6 +5,10 @@ class MBCError(Exception):
     """A problem with the user's input, models or files, with a message that names the fix."""
 
 
+class Unavailable(MBCError):
+    """The bank's server cannot be reached or dropped the connection: the same call may work later."""
+
+
 class NotFound(MBCError):
     """What was asked for (a stored document, by id) is not there."""
 

@@ -7,12 +7,13 @@
     DELETE /documents/{id}
     GET    /stats, /health;  OpenAPI docs at /docs
 
-An add is acknowledged only after its SQLite transaction has committed, so a killed server keeps
-every acknowledged document. The model and the bank live on one worker thread (torch already
-uses every core for one request, and an SQLite connection belongs to the thread that opened it);
-requests queue for it. Answers read the bank as it is when they run, including what another process
-(`mbc ingest`) appended. Every error is a JSON object {"error": "..."} with a 4xx status (500 only
-for a bug), and none stops the server. With a token, every route but the documentation (/docs,
+An add is acknowledged only after its transaction has committed, so a killed server keeps every
+acknowledged document. The model and the bank live on one worker thread (torch already uses every
+core for one request, and an SQLite connection belongs to the thread that opened it); requests
+queue for it. Answers read the bank as it is when they run, including what another process
+(`mbc ingest`, another replica on a PostgreSQL bank) appended. Every error is a JSON object
+{"error": "..."} with a 4xx status (503 while a PostgreSQL bank's server is unreachable: try again;
+500 only for a bug), and none stops the server. With a token, every route but the documentation (/docs,
 /openapi.json: no data) needs it.
 
 Every request must name this server in its Host header (an IP address, localhost, the address it
@@ -44,7 +45,7 @@ from pydantic import AfterValidator, BaseModel, Field, StringConstraints
 from starlette.exceptions import HTTPException
 
 from mbc.bank import MAX_ID, metadata_json
-from mbc.errors import MBCError, NotFound, check_encodable
+from mbc.errors import MBCError, NotFound, Unavailable, check_encodable
 from mbc.memory.service import MAX_QUESTION_CHARACTERS
 from mbc.memory.sources import Document
 
@@ -265,6 +266,10 @@ def create_app(
     @app.exception_handler(NotFound)
     async def not_found(request: Request, error: NotFound):
         return _error(404, str(error))
+
+    @app.exception_handler(Unavailable)
+    async def unavailable(request: Request, error: Unavailable):
+        return _error(503, str(error))
 
     @app.exception_handler(MBCError)
     async def bad_request(request: Request, error: MBCError):

@@ -24,7 +24,7 @@ import re
 from contextlib import contextmanager
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-from mbc.errors import MBCError
+from mbc.errors import MBCError, Unavailable
 
 DEFAULT_BANK = "mbc"
 CONNECT_TIMEOUT_SECONDS = 10
@@ -103,7 +103,7 @@ class PostgresStorage:
                 options=f"-c search_path={self.schema}",
             )
         except psycopg.Error as error:
-            raise MBCError(self.explain(error)) from error
+            raise self.explain(error) from error
 
     def _live(self):
         """The connection, opened again if the last one was lost between calls."""
@@ -170,25 +170,28 @@ class PostgresStorage:
         ).fetchone()
         return int(row[0])
 
-    def explain(self, error) -> str:
-        """One line for what the server or the client library reports, and what to do."""
+    def explain(self, error) -> MBCError:
+        """One line for what the server or the client library reports, and what to do; ``Unavailable``
+        where the same call may work once the server is back."""
         text = " ".join(str(error).split())
         lower = text.lower()
         where = self.address
         if "password authentication failed" in lower or "no password supplied" in lower:
-            return f"{where}: the server refused the user name or password ({text}); check the URL's user and password"
+            return MBCError(f"{where}: the server refused the user name or password ({text}); check the URL's")
         if "does not exist" in lower and "database" in lower:
-            return f"{where}: {text}; create it (createdb) or name an existing database in the URL"
-        if "connection refused" in lower or "could not connect" in lower or "timeout" in lower or "resolve" in lower:
-            return f"cannot reach the PostgreSQL server of {where} ({text}): is it running, and are host and port right?"
+            return MBCError(f"{where}: {text}; create it (createdb) or name an existing database in the URL")
+        if any(words in lower for words in ("connection refused", "could not connect", "timeout", "resolve")):
+            return Unavailable(
+                f"cannot reach the PostgreSQL server of {where} ({text}): is it running, and are host and port right?"
+            )
         if self.connection is not None and (self.connection.closed or self.connection.broken):
-            return (
+            return Unavailable(
                 f"lost the connection to the PostgreSQL server of {where} ({text}): a change it did not acknowledge "
                 "was not stored; try again (the next call reconnects)"
             )
         if "permission denied" in lower:
-            return f"{where}: {text}; grant the URL's user the rights to this database and schema"
-        return f"{where}: PostgreSQL error: {text}"
+            return MBCError(f"{where}: {text}; grant the URL's user the rights to this database and schema")
+        return MBCError(f"{where}: PostgreSQL error: {text}")
 
     def close(self) -> None:
         if self.connection is not None:

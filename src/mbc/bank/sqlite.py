@@ -117,8 +117,8 @@ class SQLiteStorage:
             return 0
         return sum(p.stat().st_size for p in (self.path, Path(f"{self.path}-wal")) if p.exists())
 
-    def explain(self, error: sqlite3.Error) -> str:
-        return explain(self.path, error)
+    def explain(self, error: sqlite3.Error) -> MBCError:
+        return MBCError(explain(self.path, error))
 
     def close(self) -> None:
         self.connection.close()
