@@ -214,3 +214,21 @@ def test_the_methods_are_named_by_key_or_name_and_the_help_lists_every_key():
         "base, gold document",
     ]
     assert [method_named(m.key) for m in METHODS] == [method_named(m.name) for m in METHODS]
+
+
+def test_eval_on_postgres_banks_answers_as_on_files(tiny_model, tmp_path, postgres_server):
+    rows = list(generate_examples(8, seed=3))[:12]
+    unrelated = [r.document for r in generate_examples(8, seed=4)][::6]
+    mbc = tiny_model(retrieval_top_k=1, retrieval_subspaces=4, retrieval_codes=2).eval()
+    mbc.fit_retrieval_keys(documents(rows))
+    config = EvalConfig(batch_size=8, methods=["mbc", "mbc, unrelated bank", "mbc + BM25 top-k"])
+    on_files = run_eval(mbc, rows, unrelated, tmp_path / "files", config)
+    url = f"{postgres_server.url}?bank=eval"
+    on_server = run_eval(mbc, rows, unrelated, tmp_path / "server", config, banks=url)
+    for name, scores in on_files["methods"].items():
+        assert {k: on_server["methods"][name][k] for k in ("em", "f1", "bytes_per_document")} == {
+            k: scores[k] for k in ("em", "f1", "bytes_per_document")
+        }
+    assert on_server["banks"]["mbc"]["path"].endswith("?bank=eval_mbc") and ":***@" in on_server["banks"]["mbc"]["path"]
+    again = run_eval(mbc, rows, unrelated, tmp_path / "again", EvalConfig(batch_size=8, methods=["mbc"]), banks=url)
+    assert again["banks"]["mbc"]["path"].endswith("?bank=eval_mbc_2")  # a new bank: nothing is overwritten

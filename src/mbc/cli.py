@@ -63,6 +63,25 @@ def _report_sizes(model) -> None:
     )
 
 
+BANK_HELP = "a bank: a file path, or postgresql://USER:PASSWORD@HOST/DATABASE?bank=NAME"
+BanksOption = typer.Option(
+    None, help="where the new banks go: a folder (default: OUTPUT/banks) or a postgresql:// URL (a new bank each)"
+)
+
+
+def _check_banks(banks: str | None):
+    """``banks`` as given, once a folder is known writable or a server known reachable (before any model loads)."""
+    from mbc.bank.postgres import free_bank_url, is_postgres_url
+    from mbc.paths import writable_folder
+
+    if banks is None:
+        return None
+    if not is_postgres_url(banks):
+        return writable_folder(banks)
+    free_bank_url(banks, "check")  # connects: an unreachable server or a wrong password is named now
+    return banks
+
+
 @app.command()
 def info(config_file: Optional[Path] = ConfigFile, overrides: list[str] = Overrides):
     """Parameter counts and bytes per stored document of a configuration (default: the bundled one)."""
@@ -315,6 +334,7 @@ def evaluate_online(
     output: Path = typer.Option(
         Path("runs/eval"), help="folder for predictions.csv, summary.json, the plots and the banks"
     ),
+    banks: Optional[str] = BanksOption,
 ):
     """Stream held-out documents into durable banks and answer every question about them: MBC, MAC,
     a token memory, and the baselines (base LLM raw / with worked examples / with the gold document / with BM25,
@@ -332,6 +352,7 @@ def evaluate_online(
     )
     runnable_methods(chosen, {name for name, given in (("mbc", checkpoint), ("mac", mac), ("tokens", tokens)) if given})
     writable_folder(output)
+    _check_banks(banks)
     splits = qa_data.load_splits(data, first_documents)
     rows = qa_data.first_documents(_split(splits, split, data), documents)
     unrelated = qa_data.documents(splits["train"])
@@ -344,11 +365,10 @@ def evaluate_online(
         from mbc.token_memory import TokenMemory
 
         token_model = TokenMemory.from_pretrained(tokens)
-    summary = run_eval(mbc_model, rows, unrelated, output, config, mac_model, tokens=token_model)
+    summary = run_eval(mbc_model, rows, unrelated, output, config, mac_model, tokens=token_model, banks=banks)
     _print_summary(summary, output)
 
 
-BANK_HELP = "a bank: a file path, or postgresql://USER:PASSWORD@HOST/DATABASE?bank=NAME"
 ModelOption = typer.Option(
     None, "--model", help="a trained checkpoint folder (default: the MBC adapter `mbc run` trained and cached)"
 )
@@ -363,6 +383,7 @@ def retention(
     ),
     every: int = typer.Option(200, min=1, help="documents per step; the questions about the first step are asked"),
     output: Path = typer.Option(Path("runs/retention"), help="folder for retention.json, retention.png and the banks"),
+    banks: Optional[str] = BanksOption,
 ):
     """Retention as the paper measures it: stream many documents into one bank and, after every
     further step, answer again the questions about the first step's documents."""
@@ -373,13 +394,13 @@ def retention(
     from mbc.pipeline import default_model
 
     output = writable_folder(output)
-    (output / "banks").mkdir(exist_ok=True)
+    banks = _check_banks(banks) or writable_folder(output / "banks")
     rows = qa_data.load(data)
     check_stream(rows, every)  # before the models load
     checkpoints = {"mbc": model or default_model(), **({"mac": mac} if mac else {})}
     curves = {}
     for name, checkpoint in checkpoints.items():
-        curves[name] = measure_retention(MBCModel.from_pretrained(checkpoint).eval(), rows, output / "banks", every)
+        curves[name] = measure_retention(MBCModel.from_pretrained(checkpoint).eval(), rows, banks, every)
     write_retention(curves, output, {"data": data, "checkpoints": {k: str(v) for k, v in checkpoints.items()}})
     typer.echo(format_retention(curves))
     typer.echo(f"written to {output}/ (retention.json, retention.png)")

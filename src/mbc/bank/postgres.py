@@ -77,6 +77,31 @@ def split_url(url: str) -> tuple[str, str, str]:
     return connect_to, schema, shown
 
 
+def with_bank(url: str, name: str) -> str:
+    """``url`` naming the bank ``name`` instead of its own."""
+    parts = urlsplit(url)
+    query = [(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True) if k != "bank"]
+    return urlunsplit(parts._replace(query=urlencode([("bank", name), *query])))
+
+
+def free_bank_url(url: str, name: str) -> str:
+    """A URL for a new bank on ``url``'s server: ``url``'s bank name, then ``_name``, then ``_2``,
+    ``_3`` ... where that is taken (nothing there is ever dropped)."""
+    connect_to, schema, shown = split_url(url)
+    psycopg = _psycopg()
+    stem = f"{schema}_{re.sub('[^a-z0-9_]', '_', name.lower())}"[:56]
+    try:
+        with psycopg.connect(connect_to, connect_timeout=CONNECT_TIMEOUT_SECONDS) as connection:
+            taken = {row[0] for row in connection.execute("SELECT schema_name FROM information_schema.schemata")}
+    except psycopg.Error as error:
+        raise MBCError(f"{shown}: {' '.join(str(error).split())}") from error
+    for number in range(1, 10_000):
+        candidate = stem if number == 1 else f"{stem}_{number}"
+        if candidate not in taken:
+            return with_bank(url, candidate)
+    raise MBCError(f"{shown}: 10,000 banks named {stem}* are taken: name another bank in the URL")
+
+
 class PostgresStorage:
     def __init__(self, url: str):
         self.psycopg = _psycopg()

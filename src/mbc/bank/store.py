@@ -143,7 +143,7 @@ class MemoryBank:
 
     def __init__(self, storage: Storage, layout: BankLayout | None):
         self.storage, self.layout = storage, layout
-        self.address = storage.address
+        self.address = self.opened_from = storage.address
         self._changes = 0  # by this object; the storage's version counts the other connections'
 
     @classmethod
@@ -154,6 +154,7 @@ class MemoryBank:
         (listing, sizes and deleting need no model)."""
         storage = open_storage(address, create=layout is not None)
         bank = cls(storage, layout)
+        bank.opened_from = str(address)  # ``address`` may hold a password: never shown, only reopened
         try:
             bank._open()
         except BaseException:

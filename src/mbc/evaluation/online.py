@@ -36,6 +36,7 @@ import torch
 from tqdm.auto import tqdm
 
 from mbc.bank import BankLayout, MemoryBank
+from mbc.bank.postgres import free_bank_url, is_postgres_url
 from mbc.data import QAExample, documents
 from mbc.data.generated import answer_kinds
 from mbc.errors import MBCError
@@ -129,9 +130,13 @@ def _answer_rows(answer, rows: list[QAExample], batch_size: int, timer: _Timer, 
     return predictions
 
 
-def fresh_bank(model: MBCModel, folder: Path, name: str) -> MemoryBank:
+def fresh_bank(model: MBCModel, folder: str | Path, name: str) -> MemoryBank:
     """A new, empty bank in ``folder``: ``name.db``, or ``name-2.db`` and so on where that is taken
-    (an earlier evaluation's bank, or anyone's file: nothing is ever deleted)."""
+    (an earlier evaluation's bank, or anyone's file: nothing is ever deleted). ``folder`` may be a
+    ``postgresql://`` URL instead: the bank is then a new schema on that server."""
+    if is_postgres_url(folder):
+        return MemoryBank.open(free_bank_url(folder, name), BankLayout.of(model))
+    folder = Path(folder)
     for number in range(1, 10_000):
         path = folder / (f"{name}.db" if number == 1 else f"{name}-{number}.db")
         if not any(Path(f"{path}{suffix}").exists() for suffix in ("", "-wal", "-shm", "-journal")):
@@ -188,7 +193,7 @@ def _stream_into_bank(
         1000 * answer_timer.seconds / max(len(rows), 1),
         1000 * adapt.seconds / max(len(stream), 1),
     )
-    return result, curve, sizes
+    return result, curve, sizes, bank.opened_from
 
 
 def _unrelated(model, banks: Path, unrelated_documents: list[str], rows, config, decoding, name: str) -> MethodResult:
@@ -255,12 +260,12 @@ def _with_context(prompt_answers: _PromptAnswers, rows, contexts, fitted, config
     return MethodResult(predictions, text_bytes, ms), sum(cut for _, cut in fitted)
 
 
-def _memory_and_text(model: MBCModel, bank_path: Path, rows, fitted, config, decoding, name, text_bytes):
+def _memory_and_text(model: MBCModel, bank_address: str, rows, fitted, config, decoding, name, text_bytes):
     """The adapter's prefix, read from its bank, on row i's ``fitted`` prompt (the gold-document
     prompt's layout, with retrieved documents): the memory on top of retrieval."""
     prompts = [prompt for prompt, _ in fitted]
     predictions, timer = [], _Timer()
-    with MemoryBank.open_existing(bank_path) as bank:
+    with MemoryBank.open_existing(bank_address) as bank:
         reader, per_document = reader_for(model, bank), bank.sizes()["stored_bytes"] / max(len(bank), 1)
         for chunk in tqdm(list(chunks(list(zip(rows, prompts)), config.context_batch_size)), desc=name, leave=False):
             with timer:
@@ -273,13 +278,13 @@ def _memory_and_text(model: MBCModel, bank_path: Path, rows, fitted, config, dec
 class EvalRun:
     """What every method of one evaluation reads, and where each leaves its result (by its name)."""
 
-    def __init__(self, rows, stream, unrelated, output: Path, config, decoding, given: dict, base, text_bytes: float):
-        self.rows, self.stream, self.unrelated, self.output = rows, stream, unrelated, output
+    def __init__(self, rows, stream, unrelated, output: Path, banks, config, decoding, given: dict, base, text_bytes):
+        self.rows, self.stream, self.unrelated, self.output, self.banks = rows, stream, unrelated, output, banks
         self.config, self.decoding, self.given, self.base, self.text_bytes = config, decoding, given, base, text_bytes
         self.retention_rows = [r for r in rows if r.document in set(stream[: config.retention_every])]
         self.prompt_answers = _PromptAnswers(base, decoding)
         self.results: dict[str, MethodResult] = {}
-        self.curves, self.bank_sizes, self.cut = {}, {}, {}
+        self.curves, self.bank_sizes, self.cut, self.bank_addresses = {}, {}, {}, {}
         self.bm25_recall = None  # questions whose own document BM25 retrieved, in percent
         self._bm25 = None
 
@@ -300,9 +305,9 @@ class EvalRun:
 
 def _streamed(adapter: str):
     def run(ev: EvalRun) -> None:
-        result, curve, sizes = _stream_into_bank(
+        result, curve, sizes, address = _stream_into_bank(
             ev.given[adapter],
-            ev.output / "banks",
+            ev.banks,
             ev.stream,
             ev.rows,
             ev.retention_rows,
@@ -311,6 +316,7 @@ def _streamed(adapter: str):
             adapter,
         )
         ev.results[adapter], ev.curves[adapter], ev.bank_sizes[adapter] = result, curve, sizes
+        ev.bank_addresses[adapter] = address
 
     return run
 
@@ -320,7 +326,7 @@ def _with_unrelated_bank(adapter: str):
         bank_name = "unrelated" if adapter == "mbc" else f"{adapter}-unrelated"
         unrelated = ev.unrelated[: len(ev.stream)]
         ev.results[f"{adapter}, unrelated bank"] = _unrelated(
-            ev.given[adapter], ev.output / "banks", unrelated, ev.rows, ev.config, ev.decoding, bank_name
+            ev.given[adapter], ev.banks, unrelated, ev.rows, ev.config, ev.decoding, bank_name
         )
 
     return run
@@ -357,7 +363,7 @@ def _bm25_documents(ev: EvalRun) -> None:
 
 def _memory_on_bm25(ev: EvalRun) -> None:
     name, (_, prompts) = f"mbc + {ev.bm25_label}", ev.bm25()
-    bank = Path(ev.bank_sizes["mbc"]["path"])  # the bank the method 'mbc' streamed (it runs first)
+    bank = ev.bank_addresses["mbc"]  # the bank the method 'mbc' streamed (it runs first)
     ev.results[name] = _memory_and_text(
         ev.given["mbc"], bank, ev.rows, prompts, ev.config, ev.decoding, name, ev.text_bytes
     )
@@ -410,11 +416,14 @@ def run_eval(
     mac: MBCModel | None = None,
     notes: dict | None = None,
     tokens=None,
+    banks: str | Path | None = None,
 ) -> dict:
     """Run every method of ``config.methods`` on ``rows`` (their documents streamed in order) and
     write ``predictions.csv``, ``summary.json`` (with ``notes`` added) and the plots into ``output``;
     returns the summary. ``mbc``, ``mac`` and ``tokens`` (a ``TokenMemory``): the models of those
-    methods, which are left out when not given; the base LLM's methods run on whichever is given."""
+    methods, which are left out when not given; the base LLM's methods run on whichever is given.
+    ``banks``: where the methods' new banks go, a folder (default ``output/banks``) or a
+    ``postgresql://`` URL (one new bank per method on that server)."""
     from mbc.evaluation.plots import plot_bank_size, plot_retention
 
     config = config or EvalConfig()
@@ -431,13 +440,14 @@ def run_eval(
     if any(m.endswith("unrelated bank") for m in config.methods) and not unrelated_documents:
         raise MBCError("the unrelated-bank control needs documents from the training split, and it has none")
     output = writable_folder(output)
-    (output / "banks").mkdir(exist_ok=True)
+    if not is_postgres_url(banks):
+        banks = writable_folder(banks or output / "banks")
     decoding = DecodingConfig(config.decoding)
     stream = documents(rows)
     text_bytes = sum(len(d.encode("utf-8")) for d in stream) / max(len(stream), 1)
     # the frozen LLM, read without a memory by the base methods
     base = next(model for model in (mbc, mac, tokens.base if tokens is not None else None) if model is not None)
-    run = EvalRun(rows, stream, unrelated_documents, output, config, decoding, given, base, text_bytes)
+    run = EvalRun(rows, stream, unrelated_documents, output, banks, config, decoding, given, base, text_bytes)
     for name in methods:
         METHODS_BY_NAME[name].run(run)
     results, curves, bank_sizes, cut = run.results, run.curves, run.bank_sizes, run.cut

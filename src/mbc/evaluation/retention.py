@@ -44,14 +44,14 @@ def measure_retention(
     batch_size: int = 64,
     decoding: DecodingConfig | None = None,
 ) -> list[dict]:
-    """Stream into a new bank in the folder ``banks``. One point per step of ``every`` documents:
+    """Stream into a new bank in ``banks`` (a folder or a postgresql:// URL). One point per step of ``every`` documents:
     documents stored, EM, F1, retention and recall (percent; recall None without retrieval keys)
     on the questions about the first ``every``."""
     stream = check_stream(rows, every)
     first = set(stream[:every])
     probe = [r for r in rows if r.document in first]
     golds = [list(r.answers) for r in probe]
-    bank = fresh_bank(model, Path(banks), f"retention-{every}")
+    bank = fresh_bank(model, banks, f"retention-{every}")
     reader, bank_ids, curve = reader_for(model, bank), {}, []
     try:
         for start in tqdm(range(0, len(stream), every), desc="retention: stream", unit="step"):
