@@ -1,16 +1,20 @@
 """`mbc serve` under load: requests per second, ask and add latency, errors, lost documents.
 
     .venv/bin/python bench/serve.py [--model CHECKPOINT] [--clients 4] [--seconds 60] [--prefill 50]
+                                    [--replicas 1 2] [--bank postgresql://...]
 
-Starts the real server (`mbc serve`, uvicorn on a free localhost port) on a new bank with the
-given model (default: the MBC adapter `mbc run` trained and cached), adds ``--prefill`` generated
-documents, then measures, side by side:
+For each setup, side by side in one run: one `mbc serve` on an SQLite bank file, then ``--replicas``
+servers (one line each) on one PostgreSQL bank (``--bank``; default: a throwaway server from the
+pgserver wheel, scripts/local_postgres.py). Each starts the real servers (uvicorn on free localhost
+ports) on a new bank with the given model (default: the MBC adapter `mbc run` trained and cached),
+adds ``--prefill`` generated documents, then measures:
 
 1. one client asking, one question per request, for ``--seconds``: ask latency alone;
-2. ``--clients`` clients at once for ``--seconds``, each alternating an add (one new generated
-   document) and an ask: latency of each under load, requests per second, errors.
+2. ``--clients`` clients at once for ``--seconds``, client i talking to replica i mod N, each
+   alternating an add (one new generated document) and an ask: latency of each under load,
+   requests per second, errors.
 
-Afterwards every document whose add was acknowledged is looked up in the bank file: the
+Afterwards every document whose add was acknowledged is looked up in the bank: the
 acknowledged-but-missing count must be 0, as must the errors.
 """
 
@@ -18,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import tempfile
 import threading
 import time
@@ -26,6 +31,7 @@ from pathlib import Path
 import httpx
 
 from mbc.bank import MemoryBank
+from mbc.bank.postgres import free_bank_url
 from mbc.data.generated import generate_examples
 from mbc.pipeline import default_model
 from mbc.server import free_port, launch
@@ -70,11 +76,11 @@ def client_loop(url: str, load: Load, deadline: float, documents: list[str], que
             turn += 1
 
 
-def run_phase(url: str, clients: int, seconds: float, documents: list[str], questions: list[str], adds: bool):
+def run_phase(urls: list[str], clients: int, seconds: float, documents: list[str], questions: list[str], adds: bool):
     load, deadline = Load(), time.monotonic() + seconds
     threads = [
-        threading.Thread(target=client_loop, args=(url, load, deadline, documents, questions, adds))
-        for _ in range(clients)
+        threading.Thread(target=client_loop, args=(urls[i % len(urls)], load, deadline, documents, questions, adds))
+        for i in range(clients)
     ]
     start = time.perf_counter()
     for thread in threads:
@@ -94,49 +100,83 @@ def seconds(values: list[float], q: int) -> str:
     return f"{percentile(values, q):.2f}s" if values else "-"
 
 
+def measure(bank: str, replicas: int, model, args, texts: list[str], questions: list[str]) -> dict:
+    """Both phases on ``replicas`` servers sharing ``bank``; the acknowledged adds checked against it."""
+    prefill, stream = texts[: args.prefill], texts[args.prefill :][::-1]
+    ports = [free_port() for _ in range(replicas)]
+    processes = [launch(bank, model, port) for port in ports]
+    urls = [f"http://127.0.0.1:{port}" for port in ports]
+    try:
+        httpx.post(f"{urls[0]}/documents", json={"documents": [{"text": t} for t in prefill]}, timeout=600)
+        alone, alone_seconds = run_phase(urls[:1], 1, args.seconds, stream, questions, adds=False)
+        loaded, loaded_seconds = run_phase(urls, args.clients, args.seconds, stream, questions, adds=True)
+    finally:
+        for process in processes:
+            process.terminate()
+            process.wait(60)
+    with MemoryBank.open_existing(bank) as opened:
+        stored = set(opened.ids())
+    missing = [i for i in loaded.acknowledged if i not in stored]
+    return {"alone": (alone, alone_seconds), "loaded": (loaded, loaded_seconds), "missing": missing}
+
+
+def row(name: str, load: Load, elapsed: float) -> str:
+    count = sum(len(v) for v in load.latency.values()) + len(load.errors)
+    ask, add = load.latency["ask"], load.latency["add"]
+    latencies = "".join(f"{seconds(values, q):>9}" for values in (ask, add) for q in (50, 95))
+    return f"{name:<44}{count / elapsed:>11.2f}{latencies}{len(load.errors):>8}"
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, default=None)
     parser.add_argument("--clients", type=int, default=4)
     parser.add_argument("--seconds", type=float, default=60)
     parser.add_argument("--prefill", type=int, default=50)
+    parser.add_argument("--replicas", type=int, nargs="*", default=[1, 2], help="replica counts on PostgreSQL")
+    parser.add_argument("--bank", default=None, help="a postgresql:// URL (default: a throwaway local server)")
     args = parser.parse_args()
     model = args.model or default_model()
-    examples = generate_examples(2000, seed=7)
+    examples = generate_examples(4000, seed=7)
     texts = list(dict.fromkeys(e.document for e in examples))
     questions = [e.question for e in examples[: 6 * args.prefill]]
-    prefill, stream = texts[: args.prefill], texts[args.prefill :][::-1]
 
+    results = {}
     with tempfile.TemporaryDirectory() as folder:
-        bank, port = Path(folder) / "bank.db", free_port()
-        url = f"http://127.0.0.1:{port}"
-        process = launch(bank, model, port)
-        try:
-            httpx.post(f"{url}/documents", json={"documents": [{"text": t} for t in prefill]}, timeout=600)
-            alone, alone_seconds = run_phase(url, 1, args.seconds, stream, questions, adds=False)
-            loaded, loaded_seconds = run_phase(url, args.clients, args.seconds, stream, questions, adds=True)
-        finally:
-            process.terminate()
-            process.wait(60)
-        with MemoryBank.open_existing(bank) as opened:
-            stored = set(opened.ids())
-            missing = [i for i in loaded.acknowledged if i not in stored]
+        results["SQLite file, 1 server"] = measure(str(Path(folder) / "bank.db"), 1, model, args, texts, questions)
+        server = None
+        if args.replicas and args.bank is None:
+            sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+            from local_postgres import LocalPostgres
 
-    print(f"model {model}; bank prefilled with {args.prefill} documents; {args.seconds:.0f} s per phase")
-    print(f"{'phase':<28}{'requests/s':>11}{'ask p50':>9}{'ask p95':>9}{'add p50':>9}{'add p95':>9}{'errors':>8}")
-    for name, load, elapsed in (
-        ("1 client, ask only", alone, alone_seconds),
-        (f"{args.clients} clients, add + ask", loaded, loaded_seconds),
-    ):
-        count = sum(len(v) for v in load.latency.values()) + len(load.errors)
-        ask, add = load.latency["ask"], load.latency["add"]
-        latencies = "".join(f"{seconds(values, q):>9}" for values in (ask, add) for q in (50, 95))
-        print(f"{name:<28}{count / elapsed:>11.2f}{latencies}{len(load.errors):>8}")
-    print(f"acknowledged adds: {len(loaded.acknowledged)}; acknowledged but missing from the bank: {len(missing)}")
-    ratio = percentile(loaded.latency["ask"], 50) / percentile(alone.latency["ask"], 50)
-    print(f"ask p50 under load / alone: {ratio:.2f}x")
-    for error in (alone.errors + loaded.errors)[:5]:
-        print(f"error: {error}")
+            server = LocalPostgres(Path(folder) / "postgres").start()
+        try:
+            base = args.bank or server.url
+            for replicas in args.replicas:
+                bank = free_bank_url(base, f"bench_{replicas}")
+                results[f"PostgreSQL, {replicas} replica{'s' * (replicas > 1)}"] = measure(
+                    bank, replicas, model, args, texts, questions
+                )
+        finally:
+            if server is not None:
+                server.stop()
+
+    print(f"model {model}; each bank prefilled with {args.prefill} documents; {args.seconds:.0f} s per phase")
+    header = f"{'setup, phase':<44}{'requests/s':>11}{'ask p50':>9}{'ask p95':>9}{'add p50':>9}{'add p95':>9}"
+    print(f"{header}{'errors':>8}")
+    for setup, result in results.items():
+        alone, loaded = result["alone"], result["loaded"]
+        print(row(f"{setup}: 1 client, ask", *alone))
+        print(row(f"{setup}: {args.clients} clients, add + ask", *loaded))
+    for setup, result in results.items():
+        loaded = result["loaded"][0]
+        ratio = percentile(loaded.latency["ask"], 50) / percentile(result["alone"][0].latency["ask"], 50)
+        print(
+            f"{setup}: {len(loaded.acknowledged)} adds acknowledged, {len(result['missing'])} of them missing "
+            f"from the bank; ask p50 under load / alone {ratio:.2f}x"
+        )
+        for error in (result["alone"][0].errors + loaded.errors)[:5]:
+            print(f"error: {error}")
 
 
 if __name__ == "__main__":
