@@ -5,6 +5,7 @@ share is tested once, on both, in test_bank.py."""
 import subprocess
 import sys
 import time
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import psycopg
@@ -129,3 +130,16 @@ def test_mbc_bank_copies_and_lists_a_postgres_bank(tmp_path, postgres_server):
     assert "copied 2 documents" in copied.output and ":***@" in copied.output
     listed = runner.invoke(app, ["bank", url, "--list"])
     assert listed.exit_code == 0 and "one.txt" in listed.output and "two.txt" in listed.output
+
+
+def test_the_storage_bench_runs_on_both_storages(postgres_server):
+    bench = Path(__file__).resolve().parents[1] / "bench" / "storage.py"
+    done = subprocess.run(
+        [sys.executable, str(bench), "--documents", "40", "--bank", postgres_server.url],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    rows = [line.split() for line in done.stdout.splitlines() if line.startswith(("SQLite", "PostgreSQL"))]
+    assert [r[-4] for r in rows] == ["49", "49"]  # 17 bytes of codes + 32 of retrieval key, on either
