@@ -570,7 +570,7 @@ def _echo_stats(stats: dict) -> None:
     typer.echo(
         f"bank {stats['path']}: {stats['documents']:,} documents, {stats['bytes_per_document']:g} bytes per document "
         f"({stats['stored_bytes']:,} bytes stored{codebook}; MAC's float vectors would take "
-        f"{stats['mac_equivalent_bytes']:,}); file {stats['file_bytes']:,} bytes"
+        f"{stats['mac_equivalent_bytes']:,}); {stats['file_bytes']:,} bytes on disk"
     )
 
 
@@ -604,7 +604,7 @@ def _print_summary(summary: dict, output: Path) -> None:
         keys = f" + {sizes['key_bytes']:,} of retrieval keys" if sizes.get("key_bytes") else ""
         typer.echo(
             f"{name} bank: {sizes['documents']} documents, {sizes['entry_bytes']:,} bytes of entries{keys} "
-            f"({sizes['file_bytes']:,} bytes SQLite file); codebook {sizes['codebook_bytes']:,} bytes; "
+            f"({sizes['file_bytes']:,} bytes on disk); codebook {sizes['codebook_bytes']:,} bytes; "
             f"MAC float32 would take {sizes['mac_equivalent_bytes']:,} bytes"
         )
         if sizes.get("retrieval_recall_percent") is not None:

@@ -194,7 +194,9 @@ class MemoryBank:
         with storage.transaction():
             tables = storage.tables()
             if not tables and self.layout is None:
-                raise MBCError(f"no memory bank at {self.address}: make one with `mbc ingest {self.address} FILES...`")
+                raise MBCError(
+                    f"no memory bank at {self.address}: make one with `mbc ingest '{self.address}' FILES...`"
+                )
             if not tables:
                 storage.create_tables()
                 wanted = {
@@ -515,7 +517,10 @@ class MemoryBank:
         try:
             destination._copy_from(self, progress)
             if destination.digest() != self.digest():
-                raise MBCError(f"the copy at {destination.address} differs from {self.address}; it was not kept")
+                raise MBCError(f"the copy at {destination.address} differs from {self.address}")
+        except self.storage.errors as error:  # the source's storage failed while the copy read it
+            destination.close()
+            raise self.storage.explain(error) from error
         except BaseException:
             destination.close()
             raise
