@@ -4,10 +4,12 @@
                                     [--replicas 1 2] [--bank postgresql://...]
 
 For each setup, side by side in one run: one `mbc serve` on an SQLite bank file, then ``--replicas``
-servers (one line each) on one PostgreSQL bank (``--bank``; default: a throwaway server from the
-pgserver wheel, scripts/local_postgres.py). Each starts the real servers (uvicorn on free localhost
-ports) on a new bank with the given model (default: the MBC adapter `mbc run` trained and cached),
-adds ``--prefill`` generated documents, then measures:
+servers on one PostgreSQL bank (``--bank``; default: a throwaway server from the pgserver wheel,
+scripts/local_postgres.py), more than one replica measured twice: with torch's own thread count
+and with the cores split between them (``--split-cores``: cores/N threads each). Each setup
+starts the real servers (uvicorn on free localhost ports) on a new bank with the given model
+(default: the MBC adapter `mbc run` trained and cached), adds ``--prefill`` generated documents,
+then measures:
 
 1. one client asking, one question per request, for ``--seconds``: ask latency alone;
 2. ``--clients`` clients at once for ``--seconds``, client i talking to replica i mod N, each
@@ -21,6 +23,7 @@ acknowledged-but-missing count must be 0, as must the errors.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import tempfile
@@ -100,11 +103,13 @@ def seconds(values: list[float], q: int) -> str:
     return f"{percentile(values, q):.2f}s" if values else "-"
 
 
-def measure(bank: str, replicas: int, model, args, texts: list[str], questions: list[str]) -> dict:
-    """Both phases on ``replicas`` servers sharing ``bank``; the acknowledged adds checked against it."""
+def measure(bank: str, replicas: int, model, args, texts: list[str], questions: list[str], threads=None) -> dict:
+    """Both phases on ``replicas`` servers sharing ``bank`` (each with ``threads`` torch threads:
+    None, torch's own choice); the acknowledged adds checked against the bank."""
     prefill, stream = texts[: args.prefill], texts[args.prefill :][::-1]
     ports = [free_port() for _ in range(replicas)]
-    processes = [launch(bank, model, port) for port in ports]
+    env = {"OMP_NUM_THREADS": str(threads)} if threads else None
+    processes = [launch(bank, model, port, env=env) for port in ports]
     urls = [f"http://127.0.0.1:{port}" for port in ports]
     try:
         httpx.post(f"{urls[0]}/documents", json={"documents": [{"text": t} for t in prefill]}, timeout=600)
@@ -124,7 +129,7 @@ def row(name: str, load: Load, elapsed: float) -> str:
     count = sum(len(v) for v in load.latency.values()) + len(load.errors)
     ask, add = load.latency["ask"], load.latency["add"]
     latencies = "".join(f"{seconds(values, q):>9}" for values in (ask, add) for q in (50, 95))
-    return f"{name:<44}{count / elapsed:>11.2f}{latencies}{len(load.errors):>8}"
+    return f"{name:<56}{count / elapsed:>11.2f}{latencies}{len(load.errors):>8}"
 
 
 def main():
@@ -135,6 +140,12 @@ def main():
     parser.add_argument("--prefill", type=int, default=50)
     parser.add_argument("--replicas", type=int, nargs="*", default=[1, 2], help="replica counts on PostgreSQL")
     parser.add_argument("--bank", default=None, help="a postgresql:// URL (default: a throwaway local server)")
+    parser.add_argument(
+        "--split-cores",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also measure N replicas with cores/N torch threads each",
+    )
     args = parser.parse_args()
     model = args.model or default_model()
     examples = generate_examples(4000, seed=7)
@@ -153,16 +164,21 @@ def main():
         try:
             base = args.bank or server.url
             for replicas in args.replicas:
+                name = f"PostgreSQL, {replicas} replica{'s' * (replicas > 1)}"
                 bank = free_bank_url(base, f"bench_{replicas}")
-                results[f"PostgreSQL, {replicas} replica{'s' * (replicas > 1)}"] = measure(
-                    bank, replicas, model, args, texts, questions
-                )
+                results[name] = measure(bank, replicas, model, args, texts, questions)
+                if replicas > 1 and args.split_cores:  # each its share of the cores, not all of them each
+                    threads = max(1, (os.cpu_count() or 1) // replicas)
+                    bank = free_bank_url(base, f"bench_{replicas}_split")
+                    results[f"{name} x {threads} thread{'s' * (threads > 1)}"] = measure(
+                        bank, replicas, model, args, texts, questions, threads
+                    )
         finally:
             if server is not None:
                 server.stop()
 
     print(f"model {model}; each bank prefilled with {args.prefill} documents; {args.seconds:.0f} s per phase")
-    header = f"{'setup, phase':<44}{'requests/s':>11}{'ask p50':>9}{'ask p95':>9}{'add p50':>9}{'add p95':>9}"
+    header = f"{'setup, phase':<56}{'requests/s':>11}{'ask p50':>9}{'ask p95':>9}{'add p50':>9}{'add p95':>9}"
     print(f"{header}{'errors':>8}")
     for setup, result in results.items():
         alone, loaded = result["alone"], result["loaded"]

@@ -364,11 +364,15 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def launch(bank, model, port: int, token: str | None = None, timeout: float = 180, extra=()) -> subprocess.Popen:
-    """`mbc serve` in a child process on 127.0.0.1:port, returned once it answers (for tests and benches)."""
+def launch(
+    bank, model, port: int, token: str | None = None, timeout: float = 180, extra=(), env: dict | None = None
+) -> subprocess.Popen:
+    """`mbc serve` in a child process on 127.0.0.1:port, returned once it answers (for tests and
+    benches); ``env``: variables set for it beside this process's."""
     import httpx
 
-    env = {k: v for k, v in os.environ.items() if k != TOKEN_VARIABLE} | ({TOKEN_VARIABLE: token} if token else {})
+    env = {k: v for k, v in os.environ.items() if k != TOKEN_VARIABLE} | (env or {})
+    env |= {TOKEN_VARIABLE: token} if token else {}
     command = [sys.executable, "-m", "mbc.cli", "serve", str(bank), "--model", str(model), "--port", str(port)]
     log = tempfile.TemporaryFile()  # not a pipe: a full pipe nobody reads would stall the server
     process = subprocess.Popen([*command, *extra], env=env, stdout=log, stderr=subprocess.STDOUT)
