@@ -61,7 +61,7 @@ def test_eval_runs_every_method_and_writes_its_outputs(tiny_model, tmp_path):
     again = run_eval(mbc, rows, unrelated, tmp_path, EvalConfig(retention_every=2, batch_size=8, methods=["mbc"]))
     assert again["methods"]["mbc"] == {
         **methods["mbc"],
-        **{k: again["methods"]["mbc"][k] for k in ("adapt_ms_per_document", "answer_ms_per_question")},
+        **{k: again["methods"]["mbc"][k] for k in ("adapt_ms_per_document", "answer_ms_per_question", "adapt_peak_mb")},
     }
 
 

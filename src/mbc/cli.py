@@ -34,6 +34,9 @@ METHOD_KEYS = (
     "mbc-bm25",
     "tokens",
     "tokens-unrelated",
+    "qa-tuned",
+    "uniform",
+    "salient",
 )
 
 
@@ -178,6 +181,40 @@ def train(
         typer.echo(json.dumps({"validation": metrics, "output": str(output)}, indent=2))
 
 
+@app.command("train-qa")
+def train_qa(
+    data: str = typer.Option("generated", help="SQuAD .json, StreamingQA / ArchivalQA .csv, or generated[:SEED]"),
+    output: Path = typer.Option(Path("runs/qa-tuned"), help="folder for the QA-tuned LLM"),
+    llm: str = typer.Option("bundled:smollm2", help="the base LLM (as MBCConfig.llm names it)"),
+    steps: int = typer.Option(300, min=1, help="AdamW steps of 16 question-answer pairs"),
+    learning_rate: float = typer.Option(3e-5, min=0.0, help="AdamW's learning rate"),
+    first_documents: Optional[int] = typer.Option(
+        None, min=1, help="keep only the first N distinct documents (and all their questions)"
+    ),
+):
+    """The online fine-tuning baselines' starting point: the base LLM tuned closed-book on the train
+    split's question-answer pairs (finetuning.py), so that it answers in the short format before any
+    document of the stream reaches its weights. `mbc eval --qa-tuned FOLDER` then runs them."""
+    from mbc import data as qa_data
+    from mbc.finetuning import ClosedBookLLM, qa_tune
+    from mbc.paths import writable_folder
+
+    if learning_rate <= 0:
+        raise MBCError(f"--learning-rate must be above 0 (a step of 0 changes nothing), got {learning_rate}")
+    writable_folder(output)
+    splits = qa_data.load_splits(data, first_documents)
+    pairs = [(row.question, row.answers[0]) for row in splits["train"]]
+    model = ClosedBookLLM.load(llm)
+    start = time.perf_counter()
+    losses = qa_tune(model, pairs, steps, learning_rate)
+    notes = {"data": data, "llm": llm, "steps": steps, "learning_rate": learning_rate, "pairs": len(pairs)}
+    model.save(output, notes | {"first_loss": losses[0], "last_loss": losses[-1]})
+    typer.echo(
+        f"QA-tuned {llm} on {len(pairs)} question-answer pairs in {time.perf_counter() - start:.0f} s "
+        f"(loss {losses[0]:.2f} -> {sum(losses[-20:]) / len(losses[-20:]):.2f}); saved to {output}"
+    )
+
+
 @app.command("train-tokens")
 def train_tokens(
     data: str = typer.Option("generated", help="SQuAD .json, StreamingQA / ArchivalQA .csv, or generated[:SEED]"),
@@ -309,6 +346,11 @@ def evaluate_online(
         None, help="a trained MAC checkpoint (quantize=false) to compare, same base LLM"
     ),
     tokens: Optional[Path] = typer.Option(None, help="a token memory (`mbc train-tokens`) to compare"),
+    qa_tuned: Optional[Path] = typer.Option(
+        None, help="a QA-tuned LLM (`mbc train-qa`): adds the online fine-tuning methods (qa-tuned, uniform, salient)"
+    ),
+    finetune_learning_rate: float = typer.Option(1e-5, help="online fine-tuning: AdamW's learning rate"),
+    finetune_steps: int = typer.Option(1, help="online fine-tuning: gradient steps per document"),
     data: str = typer.Option("generated", help="the data the checkpoints were trained on (the same split is rebuilt)"),
     split: str = typer.Option("test", help="test or validation"),
     documents: Optional[int] = typer.Option(
@@ -348,9 +390,21 @@ def evaluate_online(
     # not followed by a space separates them.
     chosen = method + (re.split(r",(?! )", methods) if methods else []) or list(DEFAULT_METHODS)
     config = EvalConfig(
-        retention_every, decoding=decoding, bm25_top_k=bm25_top_k, max_context_tokens=max_context_tokens, methods=chosen
+        retention_every,
+        decoding=decoding,
+        bm25_top_k=bm25_top_k,
+        max_context_tokens=max_context_tokens,
+        methods=chosen,
+        finetune_learning_rate=finetune_learning_rate,
+        finetune_steps=finetune_steps,
     )
-    runnable_methods(chosen, {name for name, given in (("mbc", checkpoint), ("mac", mac), ("tokens", tokens)) if given})
+    models = (("mbc", checkpoint), ("mac", mac), ("tokens", tokens), ("qa", qa_tuned))
+    runnable_methods(config.methods, {name for name, given in models if given})
+    if qa_tuned:
+        from mbc.finetuning import QA_TUNING_FILE
+
+        if not (qa_tuned / QA_TUNING_FILE).is_file():
+            raise MBCError(f"{qa_tuned} is not a QA-tuned LLM: make one with `mbc train-qa --output {qa_tuned}`")
     writable_folder(output)
     _check_banks(banks)
     splits = qa_data.load_splits(data, first_documents)
@@ -365,7 +419,9 @@ def evaluate_online(
         from mbc.token_memory import TokenMemory
 
         token_model = TokenMemory.from_pretrained(tokens)
-    summary = run_eval(mbc_model, rows, unrelated, output, config, mac_model, tokens=token_model, banks=banks)
+    summary = run_eval(
+        mbc_model, rows, unrelated, output, config, mac_model, tokens=token_model, banks=banks, qa_tuned=qa_tuned
+    )
     _print_summary(summary, output)
 
 

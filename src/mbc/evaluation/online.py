@@ -27,11 +27,13 @@ from __future__ import annotations
 import json
 import resource
 import sys
+import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
+import psutil
 import torch
 from tqdm.auto import tqdm
 
@@ -65,6 +67,9 @@ class EvalConfig:
     bm25_top_k: int = 1
     max_context_tokens: int | None = None  # the gold-document and BM25 prompts are cut to this; None: the LLM's window
     methods: list[str] = field(default_factory=lambda: list(DEFAULT_METHODS))
+    # online fine-tuning (finetuning.py's FinetuneConfig): chosen on the validation split
+    finetune_learning_rate: float = 1e-5
+    finetune_steps: int = 1
 
     def __post_init__(self):
         check(
@@ -83,16 +88,29 @@ class EvalConfig:
             raise MBCError(f"choose at least one method; known: {', '.join(m.key for m in METHODS)}")
         if "mbc + BM25 top-k" in self.methods and "mbc" not in self.methods:
             raise MBCError("the method 'mbc + BM25 top-k' reads the bank the method 'mbc' streams: choose both")
+        self.finetune()  # its settings are checked now, before any model loads
+
+    def finetune(self):
+        from mbc.finetuning import FinetuneConfig
+
+        return FinetuneConfig(self.finetune_learning_rate, self.finetune_steps)
+
+
+BASE_LLM_CARRIERS = ("mbc", "mac", "tokens")  # the models whose frozen LLM the base methods read
 
 
 def runnable_methods(methods: list[str], given: set[str]) -> list[str]:
-    """The chosen methods that can run with the models ``given`` ("mbc", "mac", "tokens"), in table
-    order; one line saying what is missing when none can, or when no model is given at all."""
-    runnable = [m.name for m in METHODS if m.name in methods and (m.needs is None or m.needs in given)]
+    """The chosen methods that can run with the models ``given`` ("mbc", "mac", "tokens", "qa"), in
+    table order; one line saying what is missing when none can, or when no model is given at all."""
+    carries_base = any(name in given for name in BASE_LLM_CARRIERS)
+    runnable = [
+        m.name for m in METHODS if m.name in methods and (m.needs in given or (m.needs is None and carries_base))
+    ]
     if not runnable or not given:
         raise MBCError(
             f"the methods {methods} need a model that was not given: 'mbc' needs an MBC checkpoint, 'mac' a MAC "
-            "checkpoint (--mac), 'tokens' a token memory (--tokens); the base LLM's methods run with any of them"
+            "checkpoint (--mac), 'tokens' a token memory (--tokens), the fine-tuning methods a QA-tuned LLM "
+            "(--qa-tuned, from `mbc train-qa`); the base LLM's methods run with an MBC, MAC or token memory model"
         )
     return runnable
 
@@ -102,7 +120,8 @@ class MethodResult:
     predictions: list[str]
     bytes_per_document: float
     answer_ms_per_question: float
-    adapt_ms_per_document: float | None = None  # methods that stream documents into a bank
+    adapt_ms_per_document: float | None = None  # methods that stream documents into a bank or the weights
+    adapt_peak_mb: float | None = None  # ... and the resident memory their adaptation added at its peak
 
 
 def peak_memory_gb() -> float:
@@ -112,14 +131,38 @@ def peak_memory_gb() -> float:
 
 
 class _Timer:
-    def __init__(self):
-        self.seconds = 0.0
+    """Seconds spent inside its ``with`` blocks; with ``memory``, also the peak resident memory the
+    blocks added over what the process held when the first one began (sampled every 5 ms: torch's
+    CPU tensors are not seen by Python's own allocator tracing)."""
+
+    def __init__(self, memory: bool = False):
+        self.seconds, self.memory, self.base, self.peak = 0.0, memory, None, 0
 
     def __enter__(self):
+        if self.memory:
+            rss = psutil.Process().memory_info().rss
+            self.base = rss if self.base is None else self.base
+            self._stop = threading.Event()
+            self._sampler = threading.Thread(target=self._sample, daemon=True)
+            self._sampler.start()
         self.start = time.perf_counter()
+
+    def _sample(self):
+        process = psutil.Process()
+        while True:
+            self.peak = max(self.peak, process.memory_info().rss)
+            if self._stop.wait(0.005):
+                return
 
     def __exit__(self, *exc):
         self.seconds += time.perf_counter() - self.start
+        if self.memory:
+            self._stop.set()
+            self._sampler.join()
+
+    @property
+    def added_mb(self) -> float | None:
+        return None if self.base is None else max(0, self.peak - self.base) / (1 << 20)
 
 
 def _answer_rows(answer, rows: list[QAExample], batch_size: int, timer: _Timer, desc: str) -> list[str]:
@@ -158,7 +201,7 @@ def _stream_into_bank(
     retention questions again (after the last, every question). Returns the result and the curves."""
     bank = fresh_bank(model, banks, name)
     reader = reader_for(model, bank)
-    adapt, answer_timer = _Timer(), _Timer()
+    adapt, answer_timer = _Timer(memory=True), _Timer()
     ask = lambda chunk: answer_from_bank(model, reader, [r.question for r in chunk], decoding)  # noqa: E731
     curve, stream_ids = [], []
     for start in tqdm(range(0, len(stream), config.retention_every), desc=f"{name}: stream", unit="step"):
@@ -192,8 +235,41 @@ def _stream_into_bank(
         sizes["stored_bytes"] / max(sizes["documents"], 1),
         1000 * answer_timer.seconds / max(len(rows), 1),
         1000 * adapt.seconds / max(len(stream), 1),
+        adapt.added_mb,
     )
     return result, curve, sizes, bank.opened_from
+
+
+def _stream_into_weights(qa_tuned, stream, rows, retention_rows, config, decoding, name: str, spans: str | None):
+    """Online fine-tuning (finetuning.py) of the QA-tuned LLM on the stream, in steps of
+    ``retention_every`` as ``_stream_into_bank``; ``spans`` None: no update at all (the starting point)."""
+    from mbc.finetuning import ClosedBookLLM, OnlineFinetuning
+
+    model = ClosedBookLLM.load_qa_tuned(qa_tuned)
+    tuner = OnlineFinetuning(model, replace(config.finetune(), spans=spans)) if spans else None
+    adapt, answer_timer = _Timer(memory=True), _Timer()
+    ask = lambda chunk: model.answer([r.question for r in chunk], decoding)  # noqa: E731
+    curve = []
+    steps = range(0, len(stream), config.retention_every) if tuner else range(0)
+    for start in tqdm(steps, desc=f"{name}: stream", unit="step"):
+        for document in stream[start : start + config.retention_every]:
+            with adapt:
+                tuner.adapt(document)
+        point = {"documents": min(start + config.retention_every, len(stream))}
+        if start + config.retention_every < len(stream):
+            answers = _answer_rows(ask, retention_rows, config.batch_size, _Timer(), f"{name}: retention")
+            point["retention_f1"] = score(answers, [list(r.answers) for r in retention_rows])["f1"]
+        curve.append(point)
+    predictions = _answer_rows(ask, rows, config.batch_size, answer_timer, f"{name}: answer")
+    if curve:
+        first = {id(r) for r in retention_rows}
+        kept = [p for p, r in zip(predictions, rows) if id(r) in first]
+        curve[-1]["retention_f1"] = score(kept, [list(r.answers) for r in retention_rows])["f1"]
+    answer_ms = 1000 * answer_timer.seconds / max(len(rows), 1)
+    if tuner is None:
+        return MethodResult(predictions, 0.0, answer_ms), curve
+    adapt_ms = 1000 * adapt.seconds / max(len(stream), 1)
+    return MethodResult(predictions, 0.0, answer_ms, adapt_ms, adapt.added_mb), curve
 
 
 def _unrelated(model, banks: Path, unrelated_documents: list[str], rows, config, decoding, name: str) -> MethodResult:
@@ -332,6 +408,19 @@ def _with_unrelated_bank(adapter: str):
     return run
 
 
+def _finetuned(spans: str | None):
+    def run(ev: EvalRun) -> None:
+        name = METHODS_BY_KEY[{"all": "uniform", "salient": "salient", None: "qa-tuned"}[spans]].name
+        result, curve = _stream_into_weights(
+            ev.given["qa"], ev.stream, ev.rows, ev.retention_rows, ev.config, ev.decoding, name, spans
+        )
+        ev.results[name] = result
+        if curve:
+            ev.curves[name] = curve
+
+    return run
+
+
 def _raw_question(ev: EvalRun) -> None:
     template = ev.base.config.prompt_template
     name = "base, raw question"
@@ -392,8 +481,14 @@ METHODS = (  # in table order; a method reading another's bank comes after it
     Method("mbc-bm25", "mbc + BM25 top-k", "mbc", _memory_on_bm25, default=False),
     Method("tokens", "tokens", "tokens", _streamed("tokens")),
     Method("tokens-unrelated", "tokens, unrelated bank", "tokens", _with_unrelated_bank("tokens")),
+    # Online fine-tuning (finetuning.py), from the QA-tuned LLM `mbc train-qa` made: its starting
+    # point unchanged, then every document into its weights by the whole text or by salient spans.
+    Method("qa-tuned", "QA-tuned, closed book", "qa", _finetuned(None)),
+    Method("uniform", "uniform fine-tuning", "qa", _finetuned("all")),
+    Method("salient", "salient spans (rules)", "qa", _finetuned("salient")),
 )
 METHODS_BY_NAME = {m.name: m for m in METHODS}
+METHODS_BY_KEY = {m.key: m for m in METHODS}
 ALL_METHODS = tuple(METHODS_BY_NAME)
 DEFAULT_METHODS = tuple(m.name for m in METHODS if m.default)
 
@@ -417,17 +512,20 @@ def run_eval(
     notes: dict | None = None,
     tokens=None,
     banks: str | Path | None = None,
+    qa_tuned: str | Path | None = None,
 ) -> dict:
     """Run every method of ``config.methods`` on ``rows`` (their documents streamed in order) and
     write ``predictions.csv``, ``summary.json`` (with ``notes`` added) and the plots into ``output``;
     returns the summary. ``mbc``, ``mac`` and ``tokens`` (a ``TokenMemory``): the models of those
     methods, which are left out when not given; the base LLM's methods run on whichever is given.
-    ``banks``: where the methods' new banks go, a folder (default ``output/banks``) or a
+    ``qa_tuned``: the folder of a QA-tuned LLM (`mbc train-qa`), which the fine-tuning methods
+    load afresh and change. ``banks``: where the methods' new banks go, a folder (default ``output/banks``) or a
     ``postgresql://`` URL (one new bank per method on that server)."""
     from mbc.evaluation.plots import plot_bank_size, plot_retention
 
     config = config or EvalConfig()
-    given = {name: model for name, model in (("mbc", mbc), ("mac", mac), ("tokens", tokens)) if model is not None}
+    models = (("mbc", mbc), ("mac", mac), ("tokens", tokens), ("qa", qa_tuned))
+    given = {name: model for name, model in models if model is not None}
     methods = runnable_methods(config.methods, set(given))
     if mbc is not None and not mbc.config.quantize:
         raise MBCError("the MBC model given has quantize=false: it is a MAC model (give it as the MAC checkpoint)")
@@ -446,7 +544,7 @@ def run_eval(
     stream = documents(rows)
     text_bytes = sum(len(d.encode("utf-8")) for d in stream) / max(len(stream), 1)
     # the frozen LLM, read without a memory by the base methods
-    base = next(model for model in (mbc, mac, tokens.base if tokens is not None else None) if model is not None)
+    base = next((model for model in (mbc, mac, tokens.base if tokens is not None else None) if model is not None), None)
     run = EvalRun(rows, stream, unrelated_documents, output, banks, config, decoding, given, base, text_bytes)
     for name in methods:
         METHODS_BY_NAME[name].run(run)
@@ -464,6 +562,7 @@ def run_eval(
                 "bytes_per_document": r.bytes_per_document,
                 "answer_ms_per_question": r.answer_ms_per_question,
                 "adapt_ms_per_document": r.adapt_ms_per_document,
+                "adapt_peak_mb": r.adapt_peak_mb,
                 **({"by_answer_kind": score_by_group(r.predictions, golds, kinds)} if kinds else {}),
             }
             for name, r in results.items()
@@ -490,5 +589,6 @@ def run_eval(
     (output / "summary.json").write_text(json.dumps(summary, indent=2))
     if plots:
         plot_retention(summary["retention"], output / "retention.png")
-        plot_bank_size(summary["retention"], output / "bank_size.png")
+        banks_grown = {k: c for k, c in summary["retention"].items() if "stored_bytes" in c[0]}
+        plot_bank_size(banks_grown, output / "bank_size.png")
     return summary

@@ -33,12 +33,14 @@ def write_predictions(path: Path, rows: list[QAExample], results: dict) -> None:
 
 
 def format_table(summary: dict) -> str:
-    lines = [f"{'method':<28}{'EM':>6}{'F1':>6}{'len.EM':>8}{'bytes/doc':>11}{'adapt ms/doc':>14}{'answer ms/q':>13}"]
+    header = f"{'method':<28}{'EM':>6}{'F1':>6}{'len.EM':>8}{'bytes/doc':>11}{'adapt ms/doc':>14}{'adapt MB':>10}"
+    lines = [header + f"{'answer ms/q':>13}"]
     for name, m in summary["methods"].items():
         adapt = "-" if m["adapt_ms_per_document"] is None else f"{m['adapt_ms_per_document']:.1f}"
+        memory = "-" if m.get("adapt_peak_mb") is None else f"{m['adapt_peak_mb']:,.0f}"
         lines.append(
             f"{name:<28}{m['em']:>6.1f}{m['f1']:>6.1f}{m['lenient_em']:>8.1f}{m['bytes_per_document']:>11,.0f}"
-            f"{adapt:>14}{m['answer_ms_per_question']:>13.1f}"
+            f"{adapt:>14}{memory:>10}{m['answer_ms_per_question']:>13.1f}"
         )
     return "\n".join(lines + _kind_table(summary["methods"]))
 

@@ -1,0 +1,86 @@
+"""Online fine-tuning baselines (finetuning.py) on the tiny LLM: the QA-tuned start, the updates,
+their place in `mbc eval`, and their bad settings."""
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from mbc.cli import app
+from mbc.data.generated import generate_examples
+from mbc.errors import MBCError
+from mbc.evaluation.online import EvalConfig, run_eval
+from mbc.evaluation.report import format_table
+from mbc.finetuning import ClosedBookLLM, FinetuneConfig, OnlineFinetuning, qa_tune, salient_spans
+
+
+def test_salient_spans_are_names_numbers_and_dates():
+    text = "The Brellin Observatory was founded by Mira Okafor in 1987. In March 2003 it had 2,400 visitors."
+    spans = {text[a:b] for a, b in salient_spans(text)}
+    assert {"Brellin Observatory", "Mira Okafor", "1987", "March 2003", "2,400"} <= spans
+    assert not {"The", "In"} & spans  # a capitalised word opening a sentence is an ordinary word
+
+
+def test_bad_fine_tuning_settings_get_one_line():
+    with pytest.raises(MBCError, match="learning_rate must be above 0"):
+        FinetuneConfig(learning_rate=0.0)
+    with pytest.raises(MBCError, match="steps_per_document must be at least 1"):
+        FinetuneConfig(steps_per_document=-1)
+    with pytest.raises(MBCError, match="spans must be one of"):
+        FinetuneConfig(spans="some")
+    with pytest.raises(MBCError, match="learning_rate must be above 0"):
+        EvalConfig(finetune_learning_rate=0.0)
+
+
+@pytest.fixture(scope="module")
+def qa_tuned(tiny_paths, tmp_path_factory):
+    torch.manual_seed(0)
+    model = ClosedBookLLM.load(tiny_paths["llama"])
+    pairs = [(r.question, r.answers[0]) for r in generate_examples(8, seed=1)]
+    losses = qa_tune(model, pairs, steps=30, learning_rate=3e-3, batch_size=8)
+    assert sum(losses[-5:]) / 5 < losses[0]  # it learns the format
+    folder = tmp_path_factory.mktemp("qa-tuned")
+    model.save(folder, {"steps": 30})
+    return folder
+
+
+def test_a_document_reaches_the_weights_by_all_tokens_or_by_salient_ones(qa_tuned, tiny_paths):
+    def changed(spans: str, document: str) -> tuple[bool, int]:
+        model = ClosedBookLLM.load_qa_tuned(qa_tuned)
+        before = [p.detach().clone() for p in model.llm.parameters()]
+        tuner = OnlineFinetuning(model, FinetuneConfig(learning_rate=1e-3, steps_per_document=2, spans=spans))
+        tuner.adapt(document)
+        return any(not torch.equal(a, b) for a, b in zip(before, model.llm.parameters())), tuner.skipped
+
+    assert changed("all", "a plain sentence with nothing salient in it.") == (True, 0)
+    assert changed("salient", "a plain sentence with nothing salient in it.") == (False, 1)
+    assert changed("salient", "Mira Okafor founded it in 1987.") == (True, 0)
+    with pytest.raises(MBCError, match="is not a QA-tuned LLM"):
+        ClosedBookLLM.load_qa_tuned(tiny_paths["llama"])
+
+
+def test_eval_runs_the_fine_tuning_methods_beside_the_memories(qa_tuned, tiny_model, tmp_path):
+    rows = list(generate_examples(8, seed=3))[:18]  # 3 documents
+    config = EvalConfig(
+        retention_every=2, batch_size=8, methods=["mbc", "qa-tuned", "uniform", "salient"], finetune_learning_rate=1e-3
+    )
+    summary = run_eval(tiny_model().eval(), rows, [], tmp_path, config, qa_tuned=qa_tuned)
+    methods = summary["methods"]
+    assert list(methods) == ["mbc", "QA-tuned, closed book", "uniform fine-tuning", "salient spans (rules)"]
+    for name in ("uniform fine-tuning", "salient spans (rules)"):
+        assert methods[name]["bytes_per_document"] == 0 and methods[name]["adapt_ms_per_document"] > 0
+        assert methods[name]["adapt_peak_mb"] is not None
+        assert [p["documents"] for p in summary["retention"][name]] == [2, 3]
+    assert methods["QA-tuned, closed book"]["adapt_ms_per_document"] is None
+    assert "QA-tuned, closed book" not in summary["retention"]
+    assert methods["mbc"]["adapt_peak_mb"] is not None
+    assert "adapt MB" in format_table(summary)
+
+
+def test_mbc_eval_refuses_bad_fine_tuning_input_before_loading(tmp_path):
+    runner = CliRunner()
+    not_tuned = runner.invoke(app, ["eval", "--qa-tuned", str(tmp_path), "--method", "uniform"])
+    assert "is not a QA-tuned LLM" in str(not_tuned.exception)
+    zero = runner.invoke(app, ["eval", "--qa-tuned", str(tmp_path), "--finetune-learning-rate", "0"])
+    assert "learning_rate must be above 0" in str(zero.exception)
+    missing = runner.invoke(app, ["eval", "--method", "uniform", "--mac", str(tmp_path)])
+    assert "--qa-tuned" in str(missing.exception)
