@@ -84,3 +84,12 @@ def test_mbc_eval_refuses_bad_fine_tuning_input_before_loading(tmp_path):
     assert "learning_rate must be above 0" in str(zero.exception)
     missing = runner.invoke(app, ["eval", "--method", "uniform", "--mac", str(tmp_path)])
     assert "--qa-tuned" in str(missing.exception)
+
+
+def test_retention_of_fine_tuning_is_measured_as_the_memories_are(qa_tuned):
+    from mbc.evaluation.retention import format_retention, measure_finetuning_retention
+
+    rows = list(generate_examples(8, seed=3))[:24]  # 4 documents: 2 steps of 2
+    curve = measure_finetuning_retention(qa_tuned, rows, FinetuneConfig(learning_rate=1e-3), every=2, batch_size=8)
+    assert [p["documents"] for p in curve] == [2, 4] and all(p["recall_percent"] is None for p in curve)
+    assert "uniform fine-tuning F1" in format_retention({"uniform fine-tuning": curve})

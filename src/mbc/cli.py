@@ -72,6 +72,16 @@ BanksOption = typer.Option(
 )
 
 
+def _finetune_settings(qa_tuned: Optional[Path], learning_rate: float, steps: int):
+    """The online fine-tuning settings, and the QA-tuned folder checked, before any model loads."""
+    from mbc.finetuning import QA_TUNING_FILE, FinetuneConfig
+
+    settings = FinetuneConfig(learning_rate, steps)
+    if qa_tuned and not (qa_tuned / QA_TUNING_FILE).is_file():
+        raise MBCError(f"{qa_tuned} is not a QA-tuned LLM: make one with `mbc train-qa --output {qa_tuned}`")
+    return settings
+
+
 def _check_banks(banks: str | None):
     """``banks`` as given, once a folder is known writable or a server known reachable (before any model loads)."""
     from mbc.bank.postgres import free_bank_url, is_postgres_url
@@ -400,11 +410,7 @@ def evaluate_online(
     )
     models = (("mbc", checkpoint), ("mac", mac), ("tokens", tokens), ("qa", qa_tuned))
     runnable_methods(config.methods, {name for name, given in models if given})
-    if qa_tuned:
-        from mbc.finetuning import QA_TUNING_FILE
-
-        if not (qa_tuned / QA_TUNING_FILE).is_file():
-            raise MBCError(f"{qa_tuned} is not a QA-tuned LLM: make one with `mbc train-qa --output {qa_tuned}`")
+    _finetune_settings(qa_tuned, finetune_learning_rate, finetune_steps)
     writable_folder(output)
     _check_banks(banks)
     splits = qa_data.load_splits(data, first_documents)
@@ -440,11 +446,25 @@ def retention(
     every: int = typer.Option(200, min=1, help="documents per step; the questions about the first step are asked"),
     output: Path = typer.Option(Path("runs/retention"), help="folder for retention.json, retention.png and the banks"),
     banks: Optional[str] = BanksOption,
+    qa_tuned: Optional[Path] = typer.Option(
+        None, help="a QA-tuned LLM (`mbc train-qa`): also the curves of uniform and salient-span fine-tuning"
+    ),
+    finetune_learning_rate: float = typer.Option(1e-4, help="online fine-tuning: AdamW's learning rate"),
+    finetune_steps: int = typer.Option(4, help="online fine-tuning: gradient steps per document"),
 ):
-    """Retention as the paper measures it: stream many documents into one bank and, after every
-    further step, answer again the questions about the first step's documents."""
+    """Retention as the paper measures it: stream many documents into one bank (or, with --qa-tuned,
+    into the LLM's weights) and, after every further step, answer again the questions about the
+    first step's documents."""
+    from dataclasses import asdict, replace
+
     from mbc import data as qa_data
-    from mbc.evaluation.retention import check_stream, format_retention, measure_retention, write_retention
+    from mbc.evaluation.retention import (
+        check_stream,
+        format_retention,
+        measure_finetuning_retention,
+        measure_retention,
+        write_retention,
+    )
     from mbc.model import MBCModel
     from mbc.paths import writable_folder
     from mbc.pipeline import default_model
@@ -453,11 +473,17 @@ def retention(
     banks = _check_banks(banks) or writable_folder(output / "banks")
     rows = qa_data.load(data)
     check_stream(rows, every)  # before the models load
+    tuning = _finetune_settings(qa_tuned, finetune_learning_rate, finetune_steps)
     checkpoints = {"mbc": model or default_model(), **({"mac": mac} if mac else {})}
     curves = {}
     for name, checkpoint in checkpoints.items():
         curves[name] = measure_retention(MBCModel.from_pretrained(checkpoint).eval(), rows, banks, every)
-    write_retention(curves, output, {"data": data, "checkpoints": {k: str(v) for k, v in checkpoints.items()}})
+    for name, spans in (("uniform fine-tuning", "all"), ("salient spans (rules)", "salient")) if qa_tuned else ():
+        curves[name] = measure_finetuning_retention(qa_tuned, rows, replace(tuning, spans=spans), every)
+    notes = {"data": data, "checkpoints": {k: str(v) for k, v in checkpoints.items()}}
+    if qa_tuned:
+        notes |= {"qa_tuned": str(qa_tuned), "finetune": asdict(tuning)}
+    write_retention(curves, output, notes)
     typer.echo(format_retention(curves))
     typer.echo(f"written to {output}/ (retention.json, retention.png)")
 

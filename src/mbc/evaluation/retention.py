@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import torch
 from tqdm.auto import tqdm
 
 from mbc.data import QAExample, documents
@@ -36,6 +37,28 @@ def check_stream(rows: list[QAExample], every: int) -> list[str]:
     return stream
 
 
+def _curve(rows: list[QAExample], every: int, adapt, answer, recall=None, name: str = "retention") -> list[dict]:
+    """The retention curve of one way of adapting: ``adapt(documents)`` takes in each step's
+    documents, ``answer(questions)`` answers, ``recall(probe)`` (None: no retrieval) says how often
+    a probe question's own document is found."""
+    stream = check_stream(rows, every)
+    first = set(stream[:every])
+    probe = [r for r in rows if r.document in first]
+    golds = [list(r.answers) for r in probe]
+    curve = []
+    for start in tqdm(range(0, len(stream), every), desc=f"{name}: stream", unit="step"):
+        adapt(stream[start : start + every])
+        scores = score(answer([r.question for r in probe]), golds)
+        point = {"documents": min(start + every, len(stream)), "em": scores["em"], "f1": scores["f1"]}
+        point["retention_percent"] = retention_percent(point["f1"], (curve[0] if curve else point)["f1"])
+        curve.append({**point, "recall_percent": recall(probe) if recall else None})
+    return curve
+
+
+def _batched(answer, batch_size: int):
+    return lambda questions: [a for chunk in chunks(questions, batch_size) for a in answer(chunk)]
+
+
 def measure_retention(
     model: MBCModel,
     rows: list[QAExample],
@@ -44,32 +67,49 @@ def measure_retention(
     batch_size: int = 64,
     decoding: DecodingConfig | None = None,
 ) -> list[dict]:
-    """Stream into a new bank in ``banks`` (a folder or a postgresql:// URL). One point per step of ``every`` documents:
-    documents stored, EM, F1, retention and recall (percent; recall None without retrieval keys)
-    on the questions about the first ``every``."""
-    stream = check_stream(rows, every)
-    first = set(stream[:every])
-    probe = [r for r in rows if r.document in first]
-    golds = [list(r.answers) for r in probe]
+    """Stream into a new bank in ``banks`` (a folder or a postgresql:// URL). One point per step of
+    ``every`` documents: documents stored, EM, F1, retention and recall (percent; recall None
+    without retrieval keys) on the questions about the first ``every``."""
+    check_stream(rows, every)
     bank = fresh_bank(model, banks, f"retention-{every}")
-    reader, bank_ids, curve = reader_for(model, bank), {}, []
+    reader, bank_ids = reader_for(model, bank), {}
+
+    def adapt(added: list[str]) -> None:
+        bank_ids.update(zip(added, ingest(model, bank, added, batch_size=batch_size).ids))
+
+    recall = None
+    if isinstance(reader, RetrievalReader):
+        recall = lambda probe: retrieval_recall(reader, probe, bank_ids, batch_size)  # noqa: E731
     try:
-        for start in tqdm(range(0, len(stream), every), desc="retention: stream", unit="step"):
-            added = stream[start : start + every]
-            bank_ids.update(zip(added, ingest(model, bank, added, batch_size=batch_size).ids))
-            answers = []
-            for chunk in chunks(probe, batch_size):
-                answers += answer_from_bank(model, reader, [r.question for r in chunk], decoding)
-            scores = score(answers, golds)
-            point = {"documents": len(bank), "em": scores["em"], "f1": scores["f1"]}
-            point["retention_percent"] = retention_percent(point["f1"], (curve[0] if curve else point)["f1"])
-            recall = None
-            if isinstance(reader, RetrievalReader):
-                recall = retrieval_recall(reader, probe, bank_ids, batch_size)
-            curve.append({**point, "recall_percent": recall})
+        return _curve(
+            rows, every, adapt, _batched(lambda q: answer_from_bank(model, reader, q, decoding), batch_size), recall
+        )
     finally:
         bank.close()
-    return curve
+
+
+def measure_finetuning_retention(
+    qa_tuned: str | Path,
+    rows: list[QAExample],
+    config,
+    every: int = 200,
+    batch_size: int = 64,
+    decoding: DecodingConfig | None = None,
+) -> list[dict]:
+    """The same curve for online fine-tuning (finetuning.py, ``config`` a ``FinetuneConfig``) of the
+    QA-tuned LLM in ``qa_tuned``: each step's documents go into its weights; recall is None."""
+    from mbc.finetuning import ClosedBookLLM, OnlineFinetuning
+
+    check_stream(rows, every)
+    model = ClosedBookLLM.load_qa_tuned(qa_tuned)
+    tuner = OnlineFinetuning(model, config)
+
+    def adapt(added: list[str]) -> None:
+        for document in added:
+            tuner.adapt(document)
+
+    with torch.no_grad():
+        return _curve(rows, every, adapt, _batched(lambda q: model.answer(q, decoding), batch_size), name=config.spans)
 
 
 def write_retention(curves: dict[str, list[dict]], output: str | Path, notes: dict | None = None) -> None:
@@ -84,7 +124,8 @@ def write_retention(curves: dict[str, list[dict]], output: str | Path, notes: di
 def format_retention(curves: dict[str, list[dict]]) -> str:
     """A table: one line per point, F1 / retention / recall of each model."""
     names = list(curves)
-    head = f"{'documents':>10}" + "".join(f"{n + ' F1':>12}{'retention':>11}{'recall':>8}" for n in names)
+    widths = {n: max(12, len(n) + 5) for n in names}
+    head = f"{'documents':>10}" + "".join(f"{n + ' F1':>{widths[n]}}{'retention':>11}{'recall':>8}" for n in names)
     lines = [head]
     for i, point in enumerate(curves[names[0]]):
         line = f"{point['documents']:>10,}"
@@ -92,6 +133,6 @@ def format_retention(curves: dict[str, list[dict]]) -> str:
             p = curves[name][i]
             recall = "-" if p["recall_percent"] is None else f"{p['recall_percent']:.1f}"
             kept = "-" if p["retention_percent"] is None else f"{p['retention_percent']:.1f}%"
-            line += f"{p['f1']:>12.1f}{kept:>11}{recall:>8}"
+            line += f"{p['f1']:>{widths[name]}.1f}{kept:>11}{recall:>8}"
         lines.append(line)
     return "\n".join(lines)
