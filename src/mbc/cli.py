@@ -74,11 +74,11 @@ BanksOption = typer.Option(
 
 def _finetune_settings(qa_tuned: Optional[Path], learning_rate: float, steps: int):
     """The online fine-tuning settings, and the QA-tuned folder checked, before any model loads."""
-    from mbc.finetuning import QA_TUNING_FILE, FinetuneConfig
+    from mbc.finetuning import FinetuneConfig, check_qa_tuned
 
     settings = FinetuneConfig(learning_rate, steps)
-    if qa_tuned and not (qa_tuned / QA_TUNING_FILE).is_file():
-        raise MBCError(f"{qa_tuned} is not a QA-tuned LLM: make one with `mbc train-qa --output {qa_tuned}`")
+    if qa_tuned:
+        check_qa_tuned(qa_tuned)
     return settings
 
 

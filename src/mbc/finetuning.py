@@ -84,6 +84,15 @@ def salient_token_mask(text: str, offsets: list[tuple[int, int]]) -> list[bool]:
     return [any(start < end_span and start_span < end for start_span, end_span in spans) for start, end in offsets]
 
 
+def check_qa_tuned(folder: str | Path) -> Path:
+    """``folder`` if `mbc train-qa` wrote it, else one line saying how to make one."""
+    if not (Path(folder) / QA_TUNING_FILE).is_file():
+        raise MBCError(
+            f"{folder} is not a QA-tuned LLM (no {QA_TUNING_FILE}): make one with `mbc train-qa --output {folder}`"
+        )
+    return Path(folder)
+
+
 # ---- the LLM that fine-tuning changes ---------------------------------------------------------------
 class ClosedBookLLM:
     """A causal LM with its tokenizer that answers questions with nothing in its prompt but the question."""
@@ -103,11 +112,7 @@ class ClosedBookLLM:
     @classmethod
     def load_qa_tuned(cls, folder: str | Path) -> "ClosedBookLLM":
         """A folder `mbc train-qa` wrote; anything else is refused in one line."""
-        if not (Path(folder) / QA_TUNING_FILE).is_file():
-            raise MBCError(
-                f"{folder} is not a QA-tuned LLM (no {QA_TUNING_FILE}): make one with `mbc train-qa --output {folder}`"
-            )
-        return cls.load(folder)
+        return cls.load(check_qa_tuned(folder))
 
     def save(self, folder: str | Path, notes: dict) -> None:
         folder = Path(folder)
