@@ -1,6 +1,6 @@
 """The package's layers: imports point down, never up, and the bank needs no model.
 
-From the bottom: errors and paths; the bank (SQLite and numpy); settings, data and the network's
+From the bottom: errors and paths; the bank (SQLite or PostgreSQL, and numpy); settings, data and the network's
 pieces; the models; the memory's application half (ingest, readers, the service); training and
 evaluation; the commands and the server. A module may import its own layer or any below it."""
 
@@ -16,7 +16,7 @@ LAYERS = [
     ("mbc.errors", "mbc.paths"),
     ("mbc.bank",),
     ("mbc.config", "mbc.settings", "mbc.checkpoint", "mbc.presets", "mbc.network", "mbc.data"),
-    ("mbc.model", "mbc.token_memory", "mbc.prompts"),
+    ("mbc.model", "mbc.token_memory", "mbc.prompts", "mbc.finetuning"),
     ("mbc.memory",),
     ("mbc.training", "mbc.evaluation"),
     ("mbc.pipeline", "mbc.server", "mbc.cli"),
