@@ -617,13 +617,10 @@ def serve(
 
 def _open_service(bank: str, model: Optional[Path]):
     from mbc.memory.service import MemoryService
+    from mbc.pipeline import model_or_default
 
     typer.echo("loading the model ...", err=True)
-    if model is None:
-        from mbc.pipeline import default_model
-
-        model = default_model()
-    return MemoryService.open(bank, model)
+    return MemoryService.open(bank, model_or_default(model))
 
 
 def _copy(source, address: str) -> None:

@@ -140,6 +140,11 @@ def run_main_job(job: MainJobConfig | None = None) -> dict:
     )
 
 
+def model_or_default(model: str | Path | None) -> Path:
+    """``model`` if one is given, else the main job's cached adapter (``default_model``)."""
+    return Path(model) if model else default_model()
+
+
 def default_model() -> Path:
     """The MBC adapter the main job (`mbc run`) trained and cached, or a message saying how to get one."""
     found = cached_adapter()

@@ -350,11 +350,9 @@ def serve(
 
     token = check_token(token if token is not None else os.environ.get(TOKEN_VARIABLE))
     hosts = allowed_hosts(host, extra_hosts)
-    if model is None:
-        from mbc.pipeline import default_model
+    from mbc.pipeline import model_or_default
 
-        model = default_model()
-    app = create_app(partial(MemoryService.open, bank, model), token, max_request_bytes, hosts)
+    app = create_app(partial(MemoryService.open, bank, model_or_default(model)), token, max_request_bytes, hosts)
     uvicorn.run(app, host=host, port=port, log_level="info")
 
 
