@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 from conftest import tiny_config
 
@@ -53,3 +54,18 @@ def test_main_job_evaluates_its_methods_and_trains_without_the_in_training_gap()
     assert "base, raw question" not in methods and set(methods) == set(DEFAULT_METHODS) - {"base, raw question"}
     for quantize in (True, False):
         assert _adapter_settings(quantize, job)[1].gap_every == 0
+
+
+def test_the_default_model_says_it_was_trained_on_fiction(tiny_checkpoint, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from mbc import pipeline
+    from mbc.cli import app
+
+    monkeypatch.setattr(pipeline, "default_model", lambda: Path(tiny_checkpoint))
+    said = []
+    assert pipeline.model_or_default("given/folder", said.append) == Path("given/folder") and not said
+    assert pipeline.model_or_default(None, said.append) == Path(tiny_checkpoint)
+    assert "fictional documents" in said[0] and tiny_checkpoint in said[0]
+    result = CliRunner().invoke(app, ["ingest", str(tmp_path / "bank.db"), "-"], input="Mira founded it.\n")
+    assert result.exit_code == 0 and "trained on generated fictional documents" in result.output

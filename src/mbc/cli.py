@@ -619,8 +619,9 @@ def _open_service(bank: str, model: Optional[Path]):
     from mbc.memory.service import MemoryService
     from mbc.pipeline import model_or_default
 
+    model = model_or_default(model, say=lambda line: typer.echo(line, err=True))
     typer.echo("loading the model ...", err=True)
-    return MemoryService.open(bank, model_or_default(model))
+    return MemoryService.open(bank, model)
 
 
 def _copy(source, address: str) -> None:

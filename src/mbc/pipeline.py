@@ -140,9 +140,23 @@ def run_main_job(job: MainJobConfig | None = None) -> dict:
     )
 
 
-def model_or_default(model: str | Path | None) -> Path:
-    """``model`` if one is given, else the main job's cached adapter (``default_model``)."""
-    return Path(model) if model else default_model()
+# What a user of the default model must know: it reads only what fictional documents taught it.
+DEFAULT_MODEL_NOTE = (
+    "using the main job's MBC adapter, trained on generated fictional documents: it answers their "
+    "kind of closed-list facts from memory, not names, numbers or real text; train a model on your kind "
+    "of data with `mbc train --data FILE` and pass it with --model"
+)
+
+
+def model_or_default(model: str | Path | None, say=None) -> Path:
+    """``model`` if one is given, else the main job's cached adapter (``default_model``), after
+    passing ``DEFAULT_MODEL_NOTE`` to ``say`` (a print function, or None)."""
+    if model:
+        return Path(model)
+    found = default_model()
+    if say is not None:
+        say(f"{DEFAULT_MODEL_NOTE} ({found})")
+    return found
 
 
 def default_model() -> Path:

@@ -352,7 +352,8 @@ def serve(
     hosts = allowed_hosts(host, extra_hosts)
     from mbc.pipeline import model_or_default
 
-    app = create_app(partial(MemoryService.open, bank, model_or_default(model)), token, max_request_bytes, hosts)
+    model = model_or_default(model, say=lambda line: print(line, file=sys.stderr))
+    app = create_app(partial(MemoryService.open, bank, model), token, max_request_bytes, hosts)
     uvicorn.run(app, host=host, port=port, log_level="info")
 
 
