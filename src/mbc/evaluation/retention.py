@@ -109,7 +109,8 @@ def measure_finetuning_retention(
             tuner.adapt(document)
 
     with torch.no_grad():
-        return _curve(rows, every, adapt, _batched(lambda q: model.answer(q, decoding), batch_size), name=config.spans)
+        answer = _batched(lambda q: model.answer(q, decoding), batch_size)
+        return _curve(rows, every, adapt, answer, name=f"fine-tuning ({config.spans} tokens)")
 
 
 def write_retention(curves: dict[str, list[dict]], output: str | Path, notes: dict | None = None) -> None:
