@@ -187,6 +187,28 @@ def fresh_bank(model: MBCModel, folder: str | Path, name: str) -> MemoryBank:
     raise MBCError(f"{folder} holds 10,000 banks named {name}*.db: clear it or give another --output folder")
 
 
+def _stream(stream, rows, retention_rows, config: EvalConfig, name: str, adapt_step, ask, point):
+    """``adapt_step(documents)`` on the stream in steps of ``retention_every`` (timed, with the
+    memory it adds), ``point()`` after each step a curve point; after each step but the last, the
+    retention questions answered again by ``ask``, then every question. Returns the predictions,
+    the curve and the adaptation's and the answers' timers."""
+    adapt, answer_timer = _Timer(memory=True), _Timer()
+    curve = []
+    for start in tqdm(range(0, len(stream), config.retention_every), desc=f"{name}: stream", unit="step"):
+        with adapt:
+            adapt_step(stream[start : start + config.retention_every])
+        curve.append(point())
+        if start + config.retention_every < len(stream):
+            answers = _answer_rows(ask, retention_rows, config.batch_size, _Timer(), f"{name}: retention")
+            curve[-1]["retention_f1"] = score(answers, [list(r.answers) for r in retention_rows])["f1"]
+    predictions = _answer_rows(ask, rows, config.batch_size, answer_timer, f"{name}: answer")
+    if curve:
+        first = {id(r) for r in retention_rows}
+        kept = [p for p, r in zip(predictions, rows) if id(r) in first]
+        curve[-1]["retention_f1"] = score(kept, [list(r.answers) for r in retention_rows])["f1"]
+    return predictions, curve, adapt, answer_timer
+
+
 def _stream_into_bank(
     model: MBCModel,
     banks: Path,
@@ -197,33 +219,21 @@ def _stream_into_bank(
     decoding: DecodingConfig,
     name: str,
 ):
-    """Stream documents into a fresh bank in steps of ``retention_every``; after each step answer the
-    retention questions again (after the last, every question). Returns the result and the curves."""
+    """Stream documents into a fresh bank (``_stream``). Returns the result, the curve, the bank's
+    sizes and the address it was opened at."""
     bank = fresh_bank(model, banks, name)
     reader = reader_for(model, bank)
-    adapt, answer_timer = _Timer(memory=True), _Timer()
-    ask = lambda chunk: answer_from_bank(model, reader, [r.question for r in chunk], decoding)  # noqa: E731
-    curve, stream_ids = [], []
-    for start in tqdm(range(0, len(stream), config.retention_every), desc=f"{name}: stream", unit="step"):
-        with adapt:
-            stream_ids += ingest(
-                model, bank, stream[start : start + config.retention_every], batch_size=config.batch_size
-            ).ids
+    stream_ids = []
+
+    def store(documents: list[str]) -> None:
+        stream_ids.extend(ingest(model, bank, documents, batch_size=config.batch_size).ids)
+
+    def point() -> dict:
         sizes = bank.sizes()
-        point = {
-            "documents": sizes["documents"],
-            "stored_bytes": sizes["stored_bytes"],
-            "mac_equivalent_bytes": sizes["mac_equivalent_bytes"],
-            "file_bytes": sizes["file_bytes"],
-        }
-        if start + config.retention_every < len(stream):
-            answers = _answer_rows(ask, retention_rows, config.batch_size, _Timer(), f"{name}: retention")
-            point["retention_f1"] = score(answers, [list(r.answers) for r in retention_rows])["f1"]
-        curve.append(point)
-    predictions = _answer_rows(ask, rows, config.batch_size, answer_timer, f"{name}: answer")
-    first = {id(r) for r in retention_rows}
-    kept = [p for p, r in zip(predictions, rows) if id(r) in first]
-    curve[-1]["retention_f1"] = score(kept, [list(r.answers) for r in retention_rows])["f1"]
+        return {k: sizes[k] for k in ("documents", "stored_bytes", "mac_equivalent_bytes", "file_bytes")}
+
+    ask = lambda chunk: answer_from_bank(model, reader, [r.question for r in chunk], decoding)  # noqa: E731
+    predictions, curve, adapt, answer_timer = _stream(stream, rows, retention_rows, config, name, store, ask, point)
     sizes = {**bank.sizes(), "path": bank.address}
     if isinstance(reader, RetrievalReader):
         sizes["retrieval_recall_percent"] = retrieval_recall(
@@ -241,30 +251,23 @@ def _stream_into_bank(
 
 
 def _stream_into_weights(qa_tuned, stream, rows, retention_rows, config, decoding, name: str, spans: str | None):
-    """Online fine-tuning (finetuning.py) of the QA-tuned LLM on the stream, in steps of
-    ``retention_every`` as ``_stream_into_bank``; ``spans`` None: no update at all (the starting point)."""
+    """Online fine-tuning (finetuning.py) of the QA-tuned LLM on the stream (``_stream``); ``spans``
+    None: no update at all, and no stream (the starting point)."""
     from mbc.finetuning import ClosedBookLLM, OnlineFinetuning
 
     model = ClosedBookLLM.load_qa_tuned(qa_tuned)
     tuner = OnlineFinetuning(model, replace(config.finetune(), spans=spans)) if spans else None
-    adapt, answer_timer = _Timer(memory=True), _Timer()
+    stream = stream if tuner else []
+    done = [0]
+
+    def learn(documents: list[str]) -> None:
+        for document in documents:
+            tuner.adapt(document)
+        done[0] += len(documents)
+
     ask = lambda chunk: model.answer([r.question for r in chunk], decoding)  # noqa: E731
-    curve = []
-    steps = range(0, len(stream), config.retention_every) if tuner else range(0)
-    for start in tqdm(steps, desc=f"{name}: stream", unit="step"):
-        for document in stream[start : start + config.retention_every]:
-            with adapt:
-                tuner.adapt(document)
-        point = {"documents": min(start + config.retention_every, len(stream))}
-        if start + config.retention_every < len(stream):
-            answers = _answer_rows(ask, retention_rows, config.batch_size, _Timer(), f"{name}: retention")
-            point["retention_f1"] = score(answers, [list(r.answers) for r in retention_rows])["f1"]
-        curve.append(point)
-    predictions = _answer_rows(ask, rows, config.batch_size, answer_timer, f"{name}: answer")
-    if curve:
-        first = {id(r) for r in retention_rows}
-        kept = [p for p, r in zip(predictions, rows) if id(r) in first]
-        curve[-1]["retention_f1"] = score(kept, [list(r.answers) for r in retention_rows])["f1"]
+    point = lambda: {"documents": done[0]}  # noqa: E731
+    predictions, curve, adapt, answer_timer = _stream(stream, rows, retention_rows, config, name, learn, ask, point)
     answer_ms = 1000 * answer_timer.seconds / max(len(rows), 1)
     if tuner is None:
         return MethodResult(predictions, 0.0, answer_ms), curve
@@ -408,9 +411,9 @@ def _with_unrelated_bank(adapter: str):
     return run
 
 
-def _finetuned(spans: str | None):
+def _finetuned(key: str, spans: str | None):
     def run(ev: EvalRun) -> None:
-        name = METHODS_BY_KEY[{"all": "uniform", "salient": "salient", None: "qa-tuned"}[spans]].name
+        name = METHODS_BY_KEY[key].name
         result, curve = _stream_into_weights(
             ev.given["qa"], ev.stream, ev.rows, ev.retention_rows, ev.config, ev.decoding, name, spans
         )
@@ -483,9 +486,9 @@ METHODS = (  # in table order; a method reading another's bank comes after it
     Method("tokens-unrelated", "tokens, unrelated bank", "tokens", _with_unrelated_bank("tokens")),
     # Online fine-tuning (finetuning.py), from the QA-tuned LLM `mbc train-qa` made: its starting
     # point unchanged, then every document into its weights by the whole text or by salient spans.
-    Method("qa-tuned", "QA-tuned, closed book", "qa", _finetuned(None)),
-    Method("uniform", "uniform fine-tuning", "qa", _finetuned("all")),
-    Method("salient", "salient spans (rules)", "qa", _finetuned("salient")),
+    Method("qa-tuned", "QA-tuned, closed book", "qa", _finetuned("qa-tuned", None)),
+    Method("uniform", "uniform fine-tuning", "qa", _finetuned("uniform", "all")),
+    Method("salient", "salient spans (rules)", "qa", _finetuned("salient", "salient")),
 )
 METHODS_BY_NAME = {m.name: m for m in METHODS}
 METHODS_BY_KEY = {m.key: m for m in METHODS}
