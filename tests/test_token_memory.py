@@ -89,11 +89,9 @@ def test_a_token_bank_stores_2_bytes_a_token_at_most_and_no_code_counts(token_me
 
 
 def test_a_question_reads_the_kept_tokens_of_its_top_document(token_memory, rows, monkeypatch):
-    from mbc import prompts as prompt_module
-
     prompts = []
-    answer = prompt_module.answer_prompts
-    monkeypatch.setattr(prompt_module, "answer_prompts", lambda m, p, d=None: prompts.extend(p) or answer(m, p, d))
+    answer = token_memory.continue_prompts
+    monkeypatch.setattr(token_memory, "continue_prompts", lambda p, d=None: prompts.extend(p) or answer(p, d))
     with MemoryBank.in_memory(BankLayout.of(token_memory)) as bank:
         ingest(token_memory, bank, documents(rows))
         reader = reader_for(token_memory, bank)
@@ -101,7 +99,7 @@ def test_a_question_reads_the_kept_tokens_of_its_top_document(token_memory, rows
         answers, read = token_memory.answer_read(reader, questions)
         assert len(answers) == 6 and all(len(ids) == 1 for ids in read)
         expected = [context_prompt(token_memory.texts(bank.entries(ids))[0], q) for ids, q in zip(read, questions)]
-    assert sorted(prompts) == sorted(expected)
+    assert sorted(prompts) == sorted(token_memory.tokenizer(p)["input_ids"] for p in expected)
 
 
 def test_saved_and_loaded_it_keeps_the_same_tokens_and_is_refused_as_an_mbc_adapter(token_memory, rows, tmp_path):
@@ -258,9 +256,10 @@ def test_a_trained_reader_is_saved_with_the_memory_and_answers_through_its_kv_lo
     model.save_pretrained(tmp_path / "tokens")
     loaded = TokenMemory.from_pretrained(tmp_path / "tokens")
     assert loaded.config.trained_reader
-    prompts = [model.prompt(t, r.question) for t, r in zip(model.texts(model.compress(documents(rows)[:2])), rows)]
+    kept = model.codec.decode(model.compress(documents(rows)[:2]))
+    prompts = [model.prompt_ids(codes, r.question) for codes, r in zip(kept, rows)]
     assert loaded.continue_prompts(prompts) == model.continue_prompts(prompts)
-    ids = torch.tensor([model.tokenizer(prompts[0])["input_ids"]])
+    ids = torch.tensor([prompts[0]])
     with torch.no_grad():
         read = model.base.llm(input_ids=ids).logits
         with lora_disabled(model.base.llm):  # the answers come through the trained KV-LoRA

@@ -71,6 +71,12 @@ BanksOption = typer.Option(
     None, help="where the new banks go: a folder (default: OUTPUT/banks) or a postgresql:// URL (a new bank each)"
 )
 
+ExtraTrainOption = typer.Option(
+    [],
+    help="more training data (a file or spec, repeatable): every row joins the train split; "
+    "e.g. ../shared/data/squad/squad-v1.1-train-first11.json beside SQuAD's open subset",
+)
+
 
 def _finetune_settings(qa_tuned: Optional[Path], learning_rate: float, steps: int):
     """The online fine-tuning settings, and the QA-tuned folder checked, before any model loads."""
@@ -240,9 +246,16 @@ def train_tokens(
     reader_precision: str = typer.Option(
         "no", help="'bf16': train the reader under bf16 autocast (fast on CPUs with AMX, slow elsewhere)"
     ),
+    codes: str = typer.Option(
+        "kept",
+        help="'kept': store the kept tokens themselves; 'written': MBC's codebook step on the LLM's vocabulary, "
+        "each kept token rewritten by a trained layer and stored as the nearest token (--reader-steps then "
+        "trains that layer and the reader together, end to end)",
+    ),
     first_documents: Optional[int] = typer.Option(
         None, min=1, help="keep only the first N distinct documents (and all their questions)"
     ),
+    extra_train: list[str] = ExtraTrainOption,
 ):
     """Fit a token memory (token_memory.py) on the train split: the retrieval keys and the scorer that
     chooses which of a document's own tokens it keeps; minutes on a CPU. With --reader-steps, also a
@@ -254,9 +267,9 @@ def train_tokens(
     from mbc.training.token_memory import train_token_memory
 
     writable_folder(output.parent)
-    splits = qa_data.load_splits(data, first_documents)
+    splits = qa_data.load_splits(data, first_documents, tuple(extra_train))
     start = time.perf_counter()
-    config = TokenMemoryConfig(keep=keep, lexical_weight=lexical_weight)
+    config = TokenMemoryConfig(keep=keep, lexical_weight=lexical_weight, codes=codes)
     model = train_token_memory(
         splits["train"], config, before, reader_steps=reader_steps, mixed_precision=reader_precision, save_to=output
     )

@@ -17,9 +17,12 @@ FEW_SHOT_TEMPLATE = (
 )
 
 
+CONTEXT_LABEL = "Context:"
+
+
 def context_prompt(context: str, question: str) -> str:
     """The document(s), then the worked examples that teach the short-answer format, then the question."""
-    return f"Context: {context}\n\n" + FEW_SHOT_TEMPLATE.replace("{question}", question)
+    return f"{CONTEXT_LABEL} {context}\n\n" + FEW_SHOT_TEMPLATE.replace("{question}", question)
 
 
 @torch.no_grad()

@@ -40,8 +40,10 @@ from mbc.network.decoding import DecodingConfig
 from mbc.network.frozen_llm import lower_hidden
 from mbc.network.lexical import bm25, combined
 from mbc.network.lora import lora_disabled
+from mbc.network.vocabulary import CodeWriter, VocabularyCodebook
 
 KIND = "token_memory"  # the checkpoint's "kind", which tells it from an MBC checkpoint
+CODES = ("kept", "written")
 
 
 def _cpu_preset() -> dict:
@@ -61,6 +63,12 @@ class TokenMemoryConfig:
     # True: the base LLM's KV-LoRA was trained to answer from kept tokens (``train_reader``); False:
     # the base LLM reads them unchanged. Either reads them in the same worked-example prompt.
     trained_reader: bool = False
+    # "kept": the bank holds the kept tokens themselves. "written": MBC's codebook step on the LLM's
+    # vocabulary (network/vocabulary.py): each kept token's vector is rewritten by a trained layer and
+    # stored as the id of the nearest token embedding, which may be a token the document lacks;
+    # trained end to end on the QA loss (training/vocabulary_codes.py) and read by id, not as text.
+    codes: str = "kept"
+    commitment: float = 0.25  # beta of the commitment term, for written codes
     # The base LLM, tokenizer and retrieval keys: an MBC config (only those parts of it are used)
     base: dict = field(default_factory=_cpu_preset)
 
@@ -69,6 +77,10 @@ class TokenMemoryConfig:
             raise MBCError(
                 f"a token memory needs keep >= 1, layer >= 1, max_document_tokens >= 16 and lexical_weight >= 0, "
                 f"got {self.keep}, {self.layer}, {self.max_document_tokens} and {self.lexical_weight}"
+            )
+        if self.codes not in CODES or self.commitment < 0:
+            raise MBCError(
+                f"codes must be one of {CODES} and commitment >= 0, got {self.codes!r} and {self.commitment}"
             )
         if not self.base.get("retrieval_top_k"):
             raise MBCError(
@@ -119,6 +131,10 @@ class TokenMemory(nn.Module):
         self.config, self.base = config, base
         self.scorer = nn.Linear(2 * base.layout.hidden_size, 1)
         self.codec = TokenCodec(len(base.tokenizer), config.keep)
+        self.writer = self.codebook = None
+        if config.codes == "written":
+            self.writer = CodeWriter(2 * base.layout.hidden_size, base.layout.hidden_size)
+            self.codebook = VocabularyCodebook(base.llm.get_input_embeddings(), config.commitment)
 
     @classmethod
     def build(cls, config: TokenMemoryConfig | None = None) -> "TokenMemory":
@@ -130,7 +146,7 @@ class TokenMemory(nn.Module):
     def keeping(self, keep: int) -> "TokenMemory":
         """The same memory keeping ``keep`` tokens per document (scorer and retrieval keys shared)."""
         other = TokenMemory(replace(self.config, keep=keep), self.base)
-        other.scorer = self.scorer
+        other.scorer, other.writer = self.scorer, self.writer
         return other.eval()
 
     @property
@@ -194,16 +210,35 @@ class TokenMemory(nn.Module):
 
     @torch.no_grad()
     def kept_ids(self, texts: list[str]) -> list[list[int]]:
-        """Each text's ``keep`` best-scored token ids, in document order (all of a shorter text's)."""
-        return [self.keep_best(ids, features) for ids, _, features in self.token_features(texts)]
+        """Each text's codes: its ``keep`` best-scored token ids in document order (all of a shorter
+        text's), or with written codes what the writer makes of them."""
+        return [self.codes_of(ids, features) for ids, _, features in self.token_features(texts)]
 
     @torch.no_grad()
+    def keep_positions(self, ids: list[int], features: torch.Tensor) -> list[int]:
+        """Of one text's token ids and their ``token_features``, where the ``keep`` best-scored are, in order."""
+        if len(ids) <= self.config.keep:
+            return list(range(len(ids)))
+        best = self.scorer(features.to(self.scorer.weight.dtype)).squeeze(1).topk(self.config.keep).indices
+        return best.sort().values.tolist()
+
     def keep_best(self, ids: list[int], features: torch.Tensor) -> list[int]:
         """Of one text's token ids and their ``token_features``, the ``keep`` best-scored, in order."""
-        if len(ids) <= self.config.keep:
-            return list(ids)
-        best = self.scorer(features.to(self.scorer.weight.dtype)).squeeze(1).topk(self.config.keep).indices
-        return [ids[i] for i in best.sort().values.tolist()]
+        return [ids[i] for i in self.keep_positions(ids, features)]
+
+    @torch.no_grad()
+    def codes_of(self, ids: list[int], features: torch.Tensor) -> list[int]:
+        """One text's bank codes from its token ids and ``token_features``."""
+        positions = self.keep_positions(ids, features)
+        kept = [ids[i] for i in positions]
+        if self.writer is None:
+            return kept
+        return self.codebook.lookup(self.write(torch.tensor(kept), features[positions])).tolist()
+
+    def write(self, kept: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+        """Kept token ids [..., K] and their features [..., K, 2 x hidden] -> the vectors to quantize."""
+        own = self.codebook.embeddings(kept.to(self.base.device))
+        return self.writer(own, features.to(self.base.device))
 
     def compress(self, documents: list[str]) -> np.ndarray:
         """Documents -> bank entries [N, keep, 1] (what ``memory/ingest.py`` stores)."""
@@ -219,8 +254,8 @@ class TokenMemory(nn.Module):
         """Each question answered by the base LLM reading its top-1 document's kept tokens; and the
         bank ids it read."""
         read = reader.top_ids(questions)
-        contexts = self.texts(reader.bank.entries([ids[0] for ids in read]))
-        by_context: dict[str, list[int]] = {}
+        contexts = [tuple(c) for c in self.codec.decode(reader.bank.entries([ids[0] for ids in read]))]
+        by_context: dict[tuple, list[int]] = {}
         for i, context in enumerate(contexts):
             by_context.setdefault(context, []).append(i)
         # One document's prompts run together, so that their common start runs once; documents read
@@ -229,8 +264,8 @@ class TokenMemory(nn.Module):
         batches.append([members[0] for members in by_context.values() if len(members) == 1])
         answers: list = [None] * len(questions)
         for members in filter(None, batches):
-            texts = [self.prompt(contexts[i], questions[i]) for i in members]
-            for i, answer in zip(members, self.continue_prompts(texts, decoding)):
+            ids = [self.prompt_ids(list(contexts[i]), questions[i]) for i in members]
+            for i, answer in zip(members, self.continue_prompts(ids, decoding)):
                 answers[i] = answer
         return answers, read
 
@@ -239,11 +274,27 @@ class TokenMemory(nn.Module):
         untrained LLM the short-answer format; a reader starts training from there), the question."""
         return prompts.context_prompt(context, question)
 
-    def continue_prompts(self, texts: list[str], decoding: DecodingConfig | None = None) -> list[str]:
-        """The LLM's answer to each prompt text: with the trained reader's KV-LoRA, or the base LLM alone."""
+    def prompt_ids(self, codes: list[int], question: str) -> list[int]:
+        """``prompt`` as token ids. Kept tokens go in as text (decoded and tokenized again, as they
+        were measured); written codes go in as the ids themselves, as training read them."""
+        if self.writer is None:
+            return self.tokenizer(self.prompt(self.tokenizer.decode(codes), question))["input_ids"]
+        before, after = self.prompt_around(question)
+        return before + codes + after
+
+    def prompt_around(self, question: str) -> tuple[list[int], list[int]]:
+        """The prompt's ids before and after the context."""
+        return (
+            self.tokenizer(prompts.CONTEXT_LABEL)["input_ids"],
+            self.tokenizer(prompts.context_prompt("", question)[len(prompts.CONTEXT_LABEL) + 1 :])["input_ids"],
+        )
+
+    def continue_prompts(self, ids: list[list[int]], decoding: DecodingConfig | None = None) -> list[str]:
+        """The LLM's answer to each prompt: with the trained reader's KV-LoRA, or the base LLM alone."""
         if self.config.trained_reader:
-            return self.base.generate([self.tokenizer(p)["input_ids"] for p in texts], None, decoding)
-        return prompts.answer_prompts(self.base, texts, decoding)
+            return self.base.generate(ids, None, decoding)
+        with lora_disabled(self.base.llm):
+            return self.base.generate(ids, None, decoding)
 
     # ---- the bank it writes, and saving ------------------------------------------------------
     def bank_layout(self):
@@ -268,7 +319,8 @@ class TokenMemory(nn.Module):
     def bank_fingerprint(self) -> str:
         """What a stored entry's meaning depends on: the scorer that chose the tokens (the tokenizer
         is fixed by the base LLM the config names) and the retrieval keys' centroids."""
-        return fingerprint([self.scorer.weight, self.scorer.bias, self.retrieval_keys.centroids])
+        writer = [] if self.writer is None else list(self.writer.state_dict().values())
+        return fingerprint([self.scorer.weight, self.scorer.bias, *writer, self.retrieval_keys.centroids])
 
     codebook_fingerprint = bank_fingerprint  # what checkpoint.py records and checks
 
@@ -277,7 +329,8 @@ class TokenMemory(nn.Module):
         reader = {}
         if self.config.trained_reader:  # the base LLM's KV-LoRA, trained to read kept tokens
             reader = {f"base.{k}": v.detach().cpu().clone() for k, v in self.base.state_dict().items() if ".lora_" in k}
-        return {**{f"scorer.{k}": v for k, v in self.scorer.state_dict().items()}, **keys, **reader}
+        writer = {} if self.writer is None else {f"writer.{k}": v for k, v in self.writer.state_dict().items()}
+        return {**{f"scorer.{k}": v for k, v in self.scorer.state_dict().items()}, **writer, **keys, **reader}
 
     def save_pretrained(self, folder: str | Path) -> None:
         checkpoint.save(self, folder)

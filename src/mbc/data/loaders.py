@@ -217,6 +217,19 @@ def _generated(spec: str) -> list[QAExample]:
     return generate_examples(count, seed)
 
 
-def load_splits(spec: str, first: int | None = None) -> dict[str, list[QAExample]]:
-    """``load`` + ``first_documents`` + ``standard_split``: what training and validation both rebuild."""
-    return standard_split(first_documents(load(spec), first))
+def load_splits(spec: str, first: int | None = None, extra_train: tuple[str, ...] = ()) -> dict[str, list[QAExample]]:
+    """``load`` + ``first_documents`` + ``standard_split``: what training and validation both rebuild.
+    ``extra_train``: more data (files or specs) whose every row joins the train split; refused where
+    one of its documents is also in the validation or test split."""
+    splits = standard_split(first_documents(load(spec), first))
+    held_out = {e.document for name in ("validation", "test") for e in splits[name]}
+    for extra in extra_train:
+        rows = load(extra)
+        shared = sum(1 for d in dict.fromkeys(e.document for e in rows) if d in held_out)
+        if shared:
+            raise MBCError(
+                f"{extra}: {shared} of its documents are also in the validation or test split of {spec}; "
+                "extra training data must not hold documents that are evaluated"
+            )
+        splits["train"] = splits["train"] + rows
+    return splits

@@ -15,7 +15,7 @@ import re
 import signal
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -94,12 +94,11 @@ def train_token_memory(
     if not texts:
         raise MBCError("no training documents: a token memory learns which tokens to keep from training questions")
     fitted_with = {"before": before, "steps": steps}
+    run = AdapterRun(mixed_precision=mixed_precision, save_to=save_to)
     if reader_steps and save_to is not None and has_training_state(Path(save_to)):
         model = TokenMemory.from_pretrained(save_to)
         _check_same_memory(model.config, config or TokenMemoryConfig(), save_to)
-        train_reader(
-            model, rows, reader_steps, mixed_precision=mixed_precision, save_to=save_to, fitted_with=fitted_with
-        )
+        _train_reading(model, rows, reader_steps, run, fitted_with)
         return model
     model = TokenMemory.build(config)
     model.base.fit_retrieval_keys(texts)
@@ -112,20 +111,35 @@ def train_token_memory(
         raise MBCError("no answer occurs in its document's text: the scorer has no token to learn to keep")
     fit_scorer(model.scorer, torch.cat([f for _, _, f in tokens]), labels, steps)
     if reader_steps:
-        kept = {text: model.tokenizer.decode(model.keep_best(ids, f)) for text, (ids, _, f) in zip(texts, tokens)}
-        del tokens, labels  # the features: ~1 GB on SQuAD's training paragraphs
-        train_reader(
-            model,
-            rows,
-            reader_steps,
-            kept_texts=kept,
-            mixed_precision=mixed_precision,
-            save_to=save_to,
-            fitted_with=fitted_with,
-        )
+        _train_reading(model, rows, reader_steps, run, fitted_with, dict(zip(texts, tokens)))
     elif save_to is not None:
         model.save_pretrained(save_to)
     return model
+
+
+def _train_reading(model: TokenMemory, rows, steps: int, run: AdapterRun, fitted_with: dict, tokens=None) -> None:
+    """The reader alone over kept tokens, or with written codes the writer and the reader together
+    (training/vocabulary_codes.py); ``tokens``: ``token_features`` by document, where the fit has them."""
+    if model.writer is not None:
+        from mbc.training.vocabulary_codes import kept_from_features, train_codes
+
+        kept = None if tokens is None else kept_from_features(model, tokens)
+        del tokens  # the features of every token: ~1 GB on SQuAD's training paragraphs
+        train_codes(model, rows, steps, run, kept, fitted_with)
+        return
+    kept_texts = None
+    if tokens is not None:
+        kept_texts = {text: model.tokenizer.decode(model.keep_best(ids, f)) for text, (ids, _, f) in tokens.items()}
+        del tokens
+    train_reader(
+        model,
+        rows,
+        steps,
+        kept_texts=kept_texts,
+        mixed_precision=run.mixed_precision,
+        save_to=run.save_to,
+        fitted_with=fitted_with,
+    )
 
 
 def _check_precision(mixed_precision: str) -> None:
@@ -173,13 +187,8 @@ def train_reader(
     from mbc.data import documents as distinct_documents
     from mbc.model import IGNORE, pad
     from mbc.training.activations import FrozenStore
-    from mbc.training.trainer import StopRequests
 
     base = model.base
-    adapters = [p for name, p in base.llm.named_parameters() if ".lora_" in name]
-    if not adapters:
-        raise MBCError("the token memory's base LLM carries no KV-LoRA to train: give its base config lora_layers > 0")
-    _check_precision(mixed_precision)
     if kept_texts is None:
         texts = distinct_documents(rows)
         kept_texts = dict(zip(texts, model.texts(model.compress(texts))))
@@ -187,23 +196,77 @@ def train_reader(
         (model.tokenizer(model.prompt(kept_texts[r.document], r.question))["input_ids"], base.answer_ids(r.answers[0]))
         for r in rows
     ]
-    optimizer = torch.optim.Adam(adapters, lr=learning_rate)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)  # constant; saved with the state
+    lower_rows = FrozenStore().part("reader rows")
+
+    def batch_loss(batch) -> torch.Tensor:
+        ids = [prompt + answer for prompt, answer in batch]
+        mask = pad([[1] * len(i) for i in ids], 0).to(base.device)
+        labels = pad([[IGNORE] * len(prompt) + answer for prompt, answer in batch], IGNORE).to(base.device)
+        lower = lower_rows.padded([tuple(i) for i in ids], base.device, base.lower_hidden)
+        return base.qa_loss_from_lower(lower, mask, labels, None)
+
     settings = {
-        "rows": len(rows),
-        "batch_size": batch_size,
-        "learning_rate": learning_rate,
-        "seed": seed,
-        "mixed_precision": mixed_precision,
         "fitted_with": fitted_with or {},
         "kept": _fingerprint_texts(kept_texts[r.document] + "\n" + r.question for r in rows),
     }
-    shuffle = random.Random(seed)
+    run = AdapterRun(batch_size, learning_rate, seed, mixed_precision, save_to, save_every_minutes)
+    return train_adapters(model, kv_lora(model), examples, batch_loss, steps, run, settings, "reader")
+
+
+def kv_lora(model: TokenMemory) -> list[nn.Parameter]:
+    adapters = [p for name, p in model.base.llm.named_parameters() if ".lora_" in name]
+    if not adapters:
+        raise MBCError("the token memory's base LLM carries no KV-LoRA to train: give its base config lora_layers > 0")
+    return adapters
+
+
+@dataclass
+class AdapterRun:
+    """How ``train_adapters`` steps, and where it saves."""
+
+    batch_size: int = 8
+    learning_rate: float = 3e-4
+    seed: int = 0
+    mixed_precision: str = "no"
+    save_to: str | Path | None = None
+    save_every_minutes: float = 10.0
+
+
+def train_adapters(
+    model: TokenMemory,
+    parameters: list,
+    examples: list,
+    batch_loss,
+    steps: int,
+    run: AdapterRun,
+    settings: dict,
+    what: str,
+) -> list[float]:
+    """Adam on ``parameters`` for ``steps`` batches of ``examples`` (epoch after epoch, each in its own
+    order), ``batch_loss(batch)`` the loss of one; saved into ``run.save_to`` every
+    ``run.save_every_minutes``, on SIGINT / SIGTERM and at the end, and continued from there when the
+    saved run's ``settings`` are this one's. The base LLM's KV-LoRA is among the parameters, so
+    the saved memory says its reader is trained."""
+    from mbc.training.trainer import StopRequests
+
+    _check_precision(run.mixed_precision)
+    optimizer = torch.optim.Adam(parameters, lr=run.learning_rate)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)  # constant; saved with the state
+    settings = {
+        "rows": len(examples),
+        "batch_size": run.batch_size,
+        "learning_rate": run.learning_rate,
+        "seed": run.seed,
+        "mixed_precision": run.mixed_precision,
+        **settings,
+    }
+    shuffle = random.Random(run.seed)
     progress = {"step": 0, "order": [], "losses": [], "shuffle": repr(shuffle.getstate()), "settings": settings}
+    save_to = run.save_to
     if save_to is not None and has_training_state(Path(save_to)):
-        progress = _resumed_reader(Path(save_to), optimizer, schedule, settings)
+        progress = _resumed_run(Path(save_to), optimizer, schedule, settings, what)
         shuffle.setstate(python_rng_state(progress["shuffle"]))
-    lower_rows, order, losses = FrozenStore().part("reader rows"), progress["order"], progress["losses"]
+    order, losses = progress["order"], progress["losses"]
 
     def save() -> None:
         model.config = replace(model.config, trained_reader=True)
@@ -215,17 +278,13 @@ def train_reader(
     saved_at = time.perf_counter()
     # Ctrl-C and SIGTERM stop at the end of a step, saved, where there is somewhere to save to.
     with torch.enable_grad(), StopRequests() if save_to is not None else nullcontext() as stops:
-        bar = tqdm(range(progress["step"], steps), desc="reader", initial=progress["step"], total=steps)
+        bar = tqdm(range(progress["step"], steps), desc=what, initial=progress["step"], total=steps)
         for step in bar:
-            if len(order) < batch_size:  # epoch after epoch, each in its own order
+            if len(order) < run.batch_size:
                 order += shuffle.sample(range(len(examples)), len(examples))
-            batch, order[:] = [examples[i] for i in order[:batch_size]], order[batch_size:]
-            ids = [prompt + answer for prompt, answer in batch]
-            mask = pad([[1] * len(i) for i in ids], 0).to(base.device)
-            labels = pad([[IGNORE] * len(prompt) + answer for prompt, answer in batch], IGNORE).to(base.device)
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=mixed_precision == "bf16"):
-                lower = lower_rows.padded([tuple(i) for i in ids], base.device, base.lower_hidden)
-                loss = base.qa_loss_from_lower(lower, mask, labels, None).float()
+            batch, order[:] = [examples[i] for i in order[: run.batch_size]], order[run.batch_size :]
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=run.mixed_precision == "bf16"):
+                loss = batch_loss(batch).float()
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
@@ -235,8 +294,8 @@ def train_reader(
                 bar.set_postfix(loss=f"{np.mean(losses[-10:]):.3f}")
             if stops is not None and stops.signum is not None:
                 save()
-                raise _reader_interrupted(progress["step"], steps, save_to, stops.signum)
-            if save_to is not None and time.perf_counter() - saved_at > 60 * save_every_minutes:
+                raise _interrupted(what, progress["step"], steps, save_to, stops.signum)
+            if save_to is not None and time.perf_counter() - saved_at > 60 * run.save_every_minutes:
                 save()
                 saved_at = time.perf_counter()
     model.config = replace(model.config, trained_reader=progress["step"] > 0 or model.config.trained_reader)
@@ -253,18 +312,18 @@ def _fingerprint_texts(texts) -> str:
     return digest.hexdigest()[:16]
 
 
-def _resumed_reader(folder: Path, optimizer, schedule, settings: dict) -> dict:
-    """The saved reader's progress, its optimizer and RNG states restored; one line naming what
+def _resumed_run(folder: Path, optimizer, schedule, settings: dict, what: str) -> dict:
+    """The saved run's progress, its optimizer and RNG states restored; one line naming what
     differs when the run's settings (or the rows and kept tokens it reads) are not the saved run's."""
-    _refuse_other_settings(folder, "a reader trained", saved_progress(folder).get("settings", {}), settings)
+    _refuse_other_settings(folder, f"a {what} trained", saved_progress(folder).get("settings", {}), settings)
     return load_training_state(folder, optimizer, schedule)
 
 
-def _reader_interrupted(step: int, steps: int, folder, signum: int):
+def _interrupted(what: str, step: int, steps: int, folder, signum: int):
     from mbc.training.trainer import TrainingInterrupted
 
     return TrainingInterrupted(
-        f"interrupted by {signal.Signals(signum).name} at reader step {step} of {steps}: the memory and its reader "
+        f"interrupted by {signal.Signals(signum).name} at {what} step {step} of {steps}: the memory and its {what} "
         f"are saved in {folder}; run the same command again to continue",
         signum,
     )
