@@ -69,10 +69,13 @@ class CodeWriter(nn.Module):
 
     def __init__(self, feature_dim: int, dim: int):
         super().__init__()
+        # The LLM's hidden states run to norms of tens: standardised, a step of the rewrite moves a
+        # code by about the same on every kind of token.
+        self.norm = nn.LayerNorm(feature_dim, elementwise_affine=False)
         self.rewrite = nn.Linear(feature_dim, dim)
         nn.init.zeros_(self.rewrite.weight)
         nn.init.zeros_(self.rewrite.bias)
 
     def forward(self, own: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
         """own [..., K, dim] (the kept tokens' embeddings), features [..., K, feature_dim] -> vectors [..., K, dim]."""
-        return own.detach() + self.rewrite(features.to(self.rewrite.weight.dtype))
+        return own.detach() + self.rewrite(self.norm(features.to(self.rewrite.weight.dtype)))

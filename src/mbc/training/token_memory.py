@@ -111,7 +111,9 @@ def train_token_memory(
         raise MBCError("no answer occurs in its document's text: the scorer has no token to learn to keep")
     fit_scorer(model.scorer, torch.cat([f for _, _, f in tokens]), labels, steps)
     if reader_steps:
-        _train_reading(model, rows, reader_steps, run, fitted_with, dict(zip(texts, tokens)))
+        tokens_by_text = dict(zip(texts, tokens))
+        del tokens, labels  # only the kept tokens' features are read from here on (~1 GB on SQuAD's training paragraphs)
+        _train_reading(model, rows, reader_steps, run, fitted_with, tokens_by_text)
     elif save_to is not None:
         model.save_pretrained(save_to)
     return model
@@ -124,13 +126,11 @@ def _train_reading(model: TokenMemory, rows, steps: int, run: AdapterRun, fitted
         from mbc.training.vocabulary_codes import kept_from_features, train_codes
 
         kept = None if tokens is None else kept_from_features(model, tokens)
-        del tokens  # the features of every token: ~1 GB on SQuAD's training paragraphs
         train_codes(model, rows, steps, run, kept, fitted_with)
         return
     kept_texts = None
     if tokens is not None:
         kept_texts = {text: model.tokenizer.decode(model.keep_best(ids, f)) for text, (ids, _, f) in tokens.items()}
-        del tokens
     train_reader(
         model,
         rows,
