@@ -112,7 +112,8 @@ def train_token_memory(
     fit_scorer(model.scorer, torch.cat([f for _, _, f in tokens]), labels, steps)
     if reader_steps:
         tokens_by_text = dict(zip(texts, tokens))
-        del tokens, labels  # only the kept tokens' features are read from here on (~1 GB on SQuAD's training paragraphs)
+        # Only the kept tokens' features are read from here on: free the rest (~1 GB on SQuAD's training paragraphs).
+        del tokens, labels
         _train_reading(model, rows, reader_steps, run, fitted_with, tokens_by_text)
     elif save_to is not None:
         model.save_pretrained(save_to)
