@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated, Literal
 
 import torch
 import torch.nn.functional as F
@@ -32,28 +32,19 @@ from mbc.model import IGNORE, pad
 from mbc.network.backbones import load_llm
 from mbc.network.decoding import DecodingConfig, FirstLine, generate
 from mbc.network.llm_layout import describe_llm
-from mbc.settings import Range, check
+from mbc.settings import Field, settings
 
 QA_TUNING_FILE = "qa_tuning.json"  # marks a folder as a QA-tuned LLM, with how it was made
 PROMPT_TEMPLATE = "Question: {question}\nAnswer:"  # MBCConfig's default: the same question for every method
 
 
-@dataclass
+@settings
 class FinetuneConfig:
-    learning_rate: float = 1e-5
-    steps_per_document: int = 1
-    spans: str = "all"  # "all": Uniform; "salient": Salient Spans (rules)
-    max_document_tokens: int = 512  # a longer document is cut into windows of this many, each a step's batch row
-
-    def __post_init__(self):
-        limits = {
-            "steps_per_document": Range(1, None),
-            "spans": ("all", "salient"),
-            "max_document_tokens": Range(16, None),
-        }
-        check(self, limits)
-        if self.learning_rate <= 0:
-            raise MBCError(f"learning_rate must be above 0 (a step of 0 changes nothing), got {self.learning_rate}")
+    learning_rate: Annotated[float, Field(gt=0)] = 1e-5  # a step of 0 changes nothing
+    steps_per_document: Annotated[int, Field(ge=1)] = 1
+    spans: Literal["all", "salient"] = "all"  # "all": Uniform; "salient": Salient Spans (rules)
+    # a longer document is cut into windows of this many, each a step's batch row
+    max_document_tokens: Annotated[int, Field(ge=16)] = 512
 
 
 # ---- salient spans, by rule ------------------------------------------------------------------------

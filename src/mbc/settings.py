@@ -1,96 +1,127 @@
-"""Settings dataclasses checked against their annotations and declared limits, with one-line errors.
+"""Settings classes: pydantic dataclasses whose limits sit beside their fields, with one-line errors.
 
-Each settings class (``MBCConfig``, ``TrainConfig``, ``EvalConfig``, ``DecodingConfig``) calls
-``check(self, limits)`` in ``__post_init__``: every field must have its declared type (a whole
-number where ``int``, ``true``/``false`` where ``bool``; an ``int`` is taken where ``float``), and,
-where ``limits`` names it, lie in its range or among its choices. ``parse_overrides`` turns
-``KEY=VALUE`` strings from the command line into values of each field's type.
+A settings class (``MBCConfig``, ``TrainConfig``, ``EvalConfig``, ``DecodingConfig``,
+``FinetuneConfig``, ``TokenMemoryConfig``) is declared with ``@settings``, its limits written into
+its annotations (``Annotated[int, Field(ge=1)]``, ``Literal["l2", "cosine"]``). Checking is strict: a
+whole number where ``int`` (``true`` is no number), ``true``/``false`` where ``bool``, no NaN or
+infinity; an ``int`` is taken where ``float``. A value outside its limits raises one ``MBCError``
+line naming the field, what it accepts and what it got. ``parse_overrides`` turns ``KEY=VALUE``
+strings from the command line into values of each field's type.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
-import math
 import types
 import typing
-from dataclasses import dataclass
-from functools import cache
+
+import pydantic
+import pydantic.dataclasses
+from pydantic import ConfigDict, Field  # noqa: F401  (Field: re-exported for the settings classes)
 
 from mbc.errors import MBCError
 
-
-@dataclass(frozen=True)
-class Range:
-    low: float | None = None
-    high: float | None = None
-
-    def accepts(self, value) -> bool:
-        return (self.low is None or value >= self.low) and (self.high is None or value <= self.high)
-
-    def __str__(self) -> str:
-        if self.high is None:
-            return f"at least {self.low}"
-        if self.low is None:
-            return f"at most {self.high}"
-        return f"between {self.low} and {self.high}"
+_STRICT = ConfigDict(strict=True, extra="forbid", allow_inf_nan=False)
 
 
-Limit = Range | tuple  # a range, or the accepted choices
+def settings(cls):
+    """``cls`` as a checked pydantic dataclass; its ``__post_init__`` runs after the field checks."""
+    checked = pydantic.dataclasses.dataclass(cls, config=_STRICT)
+    init = checked.__init__
 
+    @functools.wraps(init)
+    def __init__(self, *args, **kwargs):
+        try:
+            init(self, *args, **kwargs)
+        except pydantic.ValidationError as error:
+            raise MBCError(_one_line(checked, error)) from None
 
-@cache
-def _field_types(cls) -> dict[str, tuple[tuple[type, ...], bool]]:
-    """field name -> (accepted types, whether None is accepted), from the class's annotations."""
-    hints = typing.get_type_hints(cls)
-    result = {}
-    for f in dataclasses.fields(cls):
-        hint = hints[f.name]
-        union = typing.get_origin(hint) in (typing.Union, types.UnionType)
-        options = typing.get_args(hint) if union else (hint,)
-        result[f.name] = (
-            tuple(typing.get_origin(o) or o for o in options if o is not type(None)),
-            type(None) in options,
-        )
-    return result
+    checked.__init__ = __init__
+    return checked
 
 
 _TYPE_WORDS = {bool: "true or false", int: "a whole number", float: "a number", str: "a string"}
+_BOUND_KINDS = ("greater_than_equal", "less_than_equal", "greater_than", "less_than")
+
+
+def _one_line(cls, error: pydantic.ValidationError) -> str:
+    first = error.errors()[0]
+    kind, value = first["type"], first.get("input")
+    where = first["loc"][0] if first["loc"] else cls.__name__
+    name = dataclasses.fields(cls)[where].name if isinstance(where, int) else str(where)  # given by position
+    hint = typing.get_type_hints(cls, include_extras=True).get(name)
+    if kind == "unexpected_keyword_argument":
+        return f"unknown setting '{name}'; known settings are {', '.join(f.name for f in dataclasses.fields(cls))}"
+    if kind in _BOUND_KINDS:
+        return f"{name} must be {_bounds(hint)}, got {value}"
+    if kind == "finite_number":
+        return f"{name} must be a finite number, got {value}"
+    choices = _choices(hint)
+    if choices:
+        return f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}"
+    kinds, optional = _kinds(hint)
+    return f"{name} must be {_describe(kinds, optional)}, got {value!r} ({type(value).__name__})"
+
+
+def _limits(hint) -> dict:
+    """The ge / le / gt / lt bounds declared anywhere in ``hint`` (also inside ``X | None``)."""
+    found = {}
+    if typing.get_origin(hint) is typing.Annotated:
+        for extra in hint.__metadata__:
+            for item in getattr(extra, "metadata", [extra]):
+                found.update({k: getattr(item, k) for k in ("ge", "le", "gt", "lt") if hasattr(item, k)})
+    for arg in typing.get_args(hint):
+        found.update(_limits(arg))
+    return found
+
+
+def _bounds(hint) -> str:
+    limits = _limits(hint)
+    low = f"at least {limits['ge']}" if "ge" in limits else f"above {limits['gt']}" if "gt" in limits else None
+    high = f"at most {limits['le']}" if "le" in limits else f"below {limits['lt']}" if "lt" in limits else None
+    if "ge" in limits and "le" in limits:
+        return f"between {limits['ge']} and {limits['le']}"
+    return " and ".join(b for b in (low, high) if b)
+
+
+def _choices(hint) -> tuple:
+    """The values a ``Literal`` in ``hint`` accepts (None among them where the field may be unset)."""
+    if typing.get_origin(hint) is typing.Literal:
+        return typing.get_args(hint)
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        found = [c for arg in typing.get_args(hint) for c in (_choices(arg) or ((None,) if arg is type(None) else ()))]
+        return tuple(found) if any(c is not None for c in found) else ()
+    return ()
+
+
+def _kinds(hint) -> tuple[tuple[type, ...], bool]:
+    """(accepted types, whether None is accepted) of an annotation, its limits and choices stripped."""
+    if typing.get_origin(hint) is typing.Annotated:
+        hint = typing.get_args(hint)[0]
+    union = typing.get_origin(hint) in (typing.Union, types.UnionType)
+    options = typing.get_args(hint) if union else (hint,)
+    kinds = []
+    for option in options:
+        if typing.get_origin(option) is typing.Annotated:
+            option = typing.get_args(option)[0]
+        if typing.get_origin(option) is typing.Literal:
+            kinds.extend(type(v) for v in typing.get_args(option) if v is not None)
+        elif option is not type(None):
+            kinds.append(typing.get_origin(option) or option)
+    return tuple(dict.fromkeys(kinds)), type(None) in options or None in _choices(hint)
+
+
+@functools.cache
+def _field_types(cls) -> dict[str, tuple[tuple[type, ...], bool]]:
+    hints = typing.get_type_hints(cls, include_extras=True)
+    return {f.name: _kinds(hints[f.name]) for f in dataclasses.fields(cls)}
 
 
 def _describe(kinds: tuple[type, ...], optional: bool) -> str:
     words = " or ".join(_TYPE_WORDS.get(k, k.__name__) for k in kinds)
     return words + (" or null" if optional else "")
-
-
-def _typed(name: str, value, kinds: tuple[type, ...], optional: bool):
-    """``value`` as the field's type (an int becomes a float where float is declared), or an error."""
-    if value is None and optional:
-        return value
-    for kind in kinds:
-        if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-            if not math.isfinite(value):
-                raise MBCError(f"{name} must be a finite number, got {value}")
-            return float(value)
-        if kind is int and isinstance(value, bool):
-            continue
-        if isinstance(value, kind):
-            return value
-    raise MBCError(f"{name} must be {_describe(kinds, optional)}, got {value!r} ({type(value).__name__})")
-
-
-def check(instance, limits: dict[str, Limit] | None = None) -> None:
-    """Every field of ``instance`` against its annotation, then against ``limits``."""
-    for name, (kinds, optional) in _field_types(type(instance)).items():
-        value = _typed(name, getattr(instance, name), kinds, optional)
-        object.__setattr__(instance, name, value)
-        limit = (limits or {}).get(name)
-        if value is None or limit is None:
-            continue
-        if isinstance(limit, Range) and not limit.accepts(value):
-            raise MBCError(f"{name} must be {limit}, got {value}")
-        if isinstance(limit, tuple) and value not in limit:
-            raise MBCError(f"{name} must be one of {', '.join(map(repr, limit))}; got {value!r}")
 
 
 def from_dict(cls, values: dict, what: str = "config"):

@@ -23,8 +23,9 @@ SQuAD paragraph for ~60% of questions, the key and BM25 over the kept tokens for
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, field, replace
 from pathlib import Path
+from typing import Annotated, Literal, get_args
 
 import numpy as np
 import torch
@@ -41,9 +42,11 @@ from mbc.network.frozen_llm import lower_hidden
 from mbc.network.lexical import bm25, combined
 from mbc.network.lora import lora_disabled
 from mbc.network.vocabulary import CodeWriter, VocabularyCodebook
+from mbc.settings import Field, from_dict, settings
 
 KIND = "token_memory"  # the checkpoint's "kind", which tells it from an MBC checkpoint
-CODES = ("kept", "written")
+Codes = Literal["kept", "written"]
+CODES = get_args(Codes)
 
 
 def _cpu_preset() -> dict:
@@ -52,14 +55,19 @@ def _cpu_preset() -> dict:
     return preset("cpu")["model"]
 
 
-@dataclass
+@settings
 class TokenMemoryConfig:
-    keep: int = 48  # tokens kept per document (2 bytes each); chosen on validation (docs/RESULTS.md)
-    layer: int = 20  # the scorer reads the LLM's hidden state entering this layer (SmolLM2: of 30)
-    max_document_tokens: int = 512  # longer documents are stored as passages of this many LLM tokens
+    keep: Annotated[int, Field(ge=1)] = (
+        48  # tokens kept per document (2 bytes each); chosen on validation (docs/RESULTS.md)
+    )
+    layer: Annotated[int, Field(ge=1)] = (
+        20  # the scorer reads the LLM's hidden state entering this layer (SmolLM2: of 30)
+    )
+    # longer documents are stored as passages of this many LLM tokens
+    max_document_tokens: Annotated[int, Field(ge=16)] = 512
     # Which document a question reads: its retrieval key's score plus this times BM25 over the kept
     # tokens, each standardised over the bank (0: the key alone). Chosen on SQuAD validation (docs/RESULTS.md).
-    lexical_weight: float = 0.3
+    lexical_weight: Annotated[float, Field(ge=0)] = 0.3
     # True: the base LLM's KV-LoRA was trained to answer from kept tokens (``train_reader``); False:
     # the base LLM reads them unchanged. Either reads them in the same worked-example prompt.
     trained_reader: bool = False
@@ -67,21 +75,12 @@ class TokenMemoryConfig:
     # vocabulary (network/vocabulary.py): each kept token's vector is rewritten by a trained layer and
     # stored as the id of the nearest token embedding, which may be a token the document lacks;
     # trained end to end on the QA loss (training/vocabulary_codes.py) and read by id, not as text.
-    codes: str = "kept"
-    commitment: float = 0.25  # beta of the commitment term, for written codes
+    codes: Codes = "kept"
+    commitment: Annotated[float, Field(ge=0)] = 0.25  # beta of the commitment term, for written codes
     # The base LLM, tokenizer and retrieval keys: an MBC config (only those parts of it are used)
     base: dict = field(default_factory=_cpu_preset)
 
     def __post_init__(self):
-        if self.keep < 1 or self.layer < 1 or self.max_document_tokens < 16 or self.lexical_weight < 0:
-            raise MBCError(
-                f"a token memory needs keep >= 1, layer >= 1, max_document_tokens >= 16 and lexical_weight >= 0, "
-                f"got {self.keep}, {self.layer}, {self.max_document_tokens} and {self.lexical_weight}"
-            )
-        if self.codes not in CODES or self.commitment < 0:
-            raise MBCError(
-                f"codes must be one of {CODES} and commitment >= 0, got {self.codes!r} and {self.commitment}"
-            )
         if not self.base.get("retrieval_top_k"):
             raise MBCError(
                 "a token memory reads its top-1 document by retrieval keys: its base needs retrieval_top_k > 0"
@@ -94,10 +93,7 @@ class TokenMemoryConfig:
     def from_dict(cls, values: dict) -> "TokenMemoryConfig":
         values = {k: v for k, v in values.items() if k != "kind"}
         values.setdefault("lexical_weight", 0.0)  # saved before the setting: read by the key alone, as measured
-        try:
-            return cls(**values)
-        except TypeError as error:
-            raise MBCError(f"not a token memory config: {error}") from error
+        return from_dict(cls, values, "token memory config")
 
 
 class TokenCodec:

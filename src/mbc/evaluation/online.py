@@ -31,7 +31,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Callable
+from typing import Annotated, Callable
 
 import psutil
 import torch
@@ -49,40 +49,31 @@ from mbc.evaluation.validation import chunks, retrieval_recall
 from mbc.memory.ingest import ingest
 from mbc.memory.readers import RetrievalReader, answer_from_bank, reader_for
 from mbc.model import MBCModel
-from mbc.network.decoding import STRATEGIES, DecodingConfig
+from mbc.network.decoding import DecodingConfig, Strategy
 from mbc.paths import writable_folder
 from mbc.prompts import FEW_SHOT_TEMPLATE, answer_prompts
-from mbc.settings import Range, check
+from mbc.settings import Field, settings
 
 
-@dataclass
+@settings
 class EvalConfig:
-    retention_every: int = 200  # documents per retention step
+    retention_every: Annotated[int, Field(ge=1)] = 200  # documents per retention step
     # Questions answered together. Short prompts are bound by decoding, where a batch of 64 takes
     # ~60% of the time per question of 16 (bench: the base LLM, 150 -> 90 ms); prompts that carry a
     # document are bound by their prefill and stay at context_batch_size (64 was slower there).
-    batch_size: int = 64
-    context_batch_size: int = 16
-    decoding: str = "greedy"  # greedy, beam or diverse_beam
-    bm25_top_k: int = 1
-    max_context_tokens: int | None = None  # the gold-document and BM25 prompts are cut to this; None: the LLM's window
+    batch_size: Annotated[int, Field(ge=1)] = 64
+    context_batch_size: Annotated[int, Field(ge=1)] = 16
+    decoding: Strategy = "greedy"
+    bm25_top_k: Annotated[int, Field(ge=1)] = 1
+    max_context_tokens: Annotated[int, Field(ge=64)] | None = (
+        None  # the gold-document and BM25 prompts are cut to this; None: the LLM's window
+    )
     methods: list[str] = field(default_factory=lambda: list(DEFAULT_METHODS))
     # online fine-tuning (finetuning.py's FinetuneConfig): chosen on the validation split
     finetune_learning_rate: float = 1e-5
     finetune_steps: int = 1
 
     def __post_init__(self):
-        check(
-            self,
-            {
-                "retention_every": Range(1, None),
-                "batch_size": Range(1, None),
-                "context_batch_size": Range(1, None),
-                "decoding": STRATEGIES,
-                "bm25_top_k": Range(1, None),
-                "max_context_tokens": Range(64, None),
-            },
-        )
         self.methods = [method_named(m) for m in self.methods]
         if not self.methods:
             raise MBCError(f"choose at least one method; known: {', '.join(m.key for m in METHODS)}")

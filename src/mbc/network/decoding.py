@@ -14,7 +14,7 @@ cache for beams leaves it alone.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import Annotated, Literal, get_args
 
 import torch
 from torch import nn
@@ -22,29 +22,22 @@ from torch import nn
 from mbc.errors import MBCError
 from mbc.network.llm_layout import LLMLayout
 from mbc.network.prefix import keep_prefix_rows, prefix_in, repeat_prefix
-from mbc.settings import Range, check
+from mbc.settings import Field, settings
 
-STRATEGIES = ("greedy", "beam", "diverse_beam")
+Strategy = Literal["greedy", "beam", "diverse_beam"]
+STRATEGIES = get_args(Strategy)
 
 
-@dataclass
+@settings
 class DecodingConfig:
-    strategy: str = "greedy"
-    max_new_tokens: int = 16
-    num_beams: int = 12  # beam / diverse_beam
-    num_beam_groups: int = 4  # diverse_beam only
-    diversity_penalty: float = 10.0  # diverse_beam only
+    strategy: Strategy = "greedy"
+    max_new_tokens: Annotated[int, Field(ge=1, le=4096)] = 16
+    num_beams: Annotated[int, Field(ge=1, le=256)] = 12  # beam / diverse_beam
+    num_beam_groups: Annotated[int, Field(ge=1, le=256)] = 4  # diverse_beam only
+    diversity_penalty: Annotated[float, Field(ge=0)] = 10.0  # diverse_beam only
     length_penalty: float = 1.0
 
     def __post_init__(self):
-        limits = {
-            "strategy": STRATEGIES,
-            "max_new_tokens": Range(1, 4096),
-            "num_beams": Range(1, 256),
-            "num_beam_groups": Range(1, 256),
-            "diversity_penalty": Range(0, None),
-        }
-        check(self, limits)
         if self.strategy == "diverse_beam" and self.num_beams % self.num_beam_groups:
             raise MBCError(
                 f"num_beams ({self.num_beams}) must be a multiple of num_beam_groups ({self.num_beam_groups})"

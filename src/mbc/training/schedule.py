@@ -22,10 +22,12 @@ read their memory (docs/METHOD.md, "Where this implementation departs"):
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 from mbc.errors import MBCError
 
-PROBE_TOKENS = ("first", "all")
+ProbeTokens = Literal["first", "all"]
+PROBE_TOKENS = get_args(ProbeTokens)
 OBJECTIVES = ("qa", "probe")
 
 

@@ -15,8 +15,9 @@ import re
 import signal
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 from pathlib import Path
+from typing import Annotated, Literal
 
 import numpy as np
 import torch
@@ -25,6 +26,7 @@ from tqdm.auto import tqdm
 
 from mbc import checkpoint
 from mbc.errors import MBCError
+from mbc.settings import Field, settings
 from mbc.token_memory import TokenMemory, TokenMemoryConfig
 from mbc.training.state import (
     has_training_state,
@@ -89,12 +91,11 @@ def train_token_memory(
     continues from it (to ``reader_steps`` in all)."""
     from mbc.data import documents as distinct_documents
 
-    _check_precision(mixed_precision)  # before minutes of fitting
+    run = AdapterRun(mixed_precision=mixed_precision, save_to=save_to)  # checked before minutes of fitting
     texts = distinct_documents(rows)
     if not texts:
         raise MBCError("no training documents: a token memory learns which tokens to keep from training questions")
     fitted_with = {"before": before, "steps": steps}
-    run = AdapterRun(mixed_precision=mixed_precision, save_to=save_to)
     if reader_steps and save_to is not None and has_training_state(Path(save_to)):
         model = TokenMemory.from_pretrained(save_to)
         _check_same_memory(model.config, config or TokenMemoryConfig(), save_to)
@@ -141,11 +142,6 @@ def _train_reading(model: TokenMemory, rows, steps: int, run: AdapterRun, fitted
         save_to=run.save_to,
         fitted_with=fitted_with,
     )
-
-
-def _check_precision(mixed_precision: str) -> None:
-    if mixed_precision not in ("no", "bf16"):
-        raise MBCError(f"mixed_precision={mixed_precision!r}: choose 'no' or 'bf16'")
 
 
 def _check_same_memory(saved: TokenMemoryConfig, asked: TokenMemoryConfig, folder) -> None:
@@ -221,16 +217,16 @@ def kv_lora(model: TokenMemory) -> list[nn.Parameter]:
     return adapters
 
 
-@dataclass
+@settings
 class AdapterRun:
     """How ``train_adapters`` steps, and where it saves."""
 
-    batch_size: int = 8
-    learning_rate: float = 3e-4
-    seed: int = 0
-    mixed_precision: str = "no"
+    batch_size: Annotated[int, Field(ge=1)] = 8
+    learning_rate: Annotated[float, Field(gt=0)] = 3e-4
+    seed: Annotated[int, Field(ge=0, le=2**32 - 1)] = 0
+    mixed_precision: Literal["no", "bf16"] = "no"
     save_to: str | Path | None = None
-    save_every_minutes: float = 10.0
+    save_every_minutes: Annotated[float, Field(ge=0)] = 10.0
 
 
 def train_adapters(
@@ -250,7 +246,6 @@ def train_adapters(
     the saved memory says its reader is trained."""
     from mbc.training.trainer import StopRequests
 
-    _check_precision(run.mixed_precision)
     optimizer = torch.optim.Adam(parameters, lr=run.learning_rate)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)  # constant; saved with the state
     settings = {

@@ -21,8 +21,9 @@ import random
 import signal
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, field
 from pathlib import Path
+from typing import Annotated, Literal
 
 import torch
 from accelerate import Accelerator
@@ -37,63 +38,79 @@ from mbc.errors import MBCError
 from mbc.evaluation.validation import evaluate
 from mbc.model import MBCModel
 from mbc.paths import writable_folder
-from mbc.settings import Range, check
+from mbc.settings import Field, settings
 from mbc.training.activations import FrozenActivations, FrozenStore
 from mbc.training.allocator import keep_large_allocations_on_mmap
 from mbc.training.objectives import StepObjective
-from mbc.training.schedule import PROBE_TOKENS, Schedule
+from mbc.training.schedule import ProbeTokens, Schedule
 from mbc.training.state import has_training_state, load_training_state, save_training_state, saved_progress
 
 BEST = {"em": "best-em", "f1": "best-f1", "loss": "best-loss"}
 
 
-@dataclass
+@settings
 class TrainConfig:
     output_dir: str = "runs/mbc"
-    batch_size: int = 8  # rows per process per micro-batch
-    grad_accumulation: int = 1
-    learning_rate: float = 1e-5
-    encoder_learning_rate: float | None = None  # for the pretrained encoders; None = learning_rate
-    codebook_learning_rate: float | None = None  # for the codebook(s); None = learning_rate
-    warmup_ratio: float = 0.01
-    lr_schedule: str = (
+    batch_size: Annotated[int, Field(ge=1)] = 8  # rows per process per micro-batch
+    grad_accumulation: Annotated[int, Field(ge=1)] = 1
+    learning_rate: Annotated[float, Field(ge=0)] = 1e-5
+    encoder_learning_rate: Annotated[float, Field(ge=0)] | None = (
+        None  # for the pretrained encoders; None = learning_rate
+    )
+    codebook_learning_rate: Annotated[float, Field(ge=0)] | None = None  # for the codebook(s); None = learning_rate
+    warmup_ratio: Annotated[float, Field(ge=0, le=1)] = 0.01
+    lr_schedule: Literal["constant", "cosine", "linear"] = (
         "constant"  # after warmup: "constant" (the reference), "cosine" or "linear" decay to 0 at the last step
     )
-    max_grad_norm: float = 100.0
-    epochs: int = 50
-    max_steps: int | None = None  # optimizer steps; overrides epochs when set
-    max_minutes: float | None = None  # stop (then validate and save) after this much training time
-    backprop_keep: float = 1.0
-    bank_curriculum_steps: int = (
+    max_grad_norm: Annotated[float, Field(ge=0)] = 100.0
+    epochs: Annotated[int, Field(ge=1)] = 50
+    max_steps: Annotated[int, Field(ge=1)] | None = None  # optimizer steps; overrides epochs when set
+    max_minutes: Annotated[float, Field(ge=0)] | None = (
+        None  # stop (then validate and save) after this much training time
+    )
+    backprop_keep: Annotated[float, Field(ge=0, le=1)] = 1.0
+    bank_curriculum_steps: Annotated[int, Field(ge=0)] = (
         0  # > 0: each question's bank grows from its own document to the whole batch over these steps
     )
-    float_memory_steps: int = (
+    float_memory_steps: Annotated[int, Field(ge=0)] = (
         0  # > 0 (MBC): the bank holds float vectors for these steps, then the codebook is k-means-fitted to them
     )
-    codebook_fit_documents: int = 1000  # training documents the codebook is fitted on at the end of float_memory_steps
-    probe_steps: int = (
+    codebook_fit_documents: Annotated[int, Field(ge=1)] = (
+        1000  # training documents the codebook is fitted on at the end of float_memory_steps
+    )
+    probe_steps: Annotated[int, Field(ge=0)] = (
         0  # > 0: the first N steps train the reading path on the answer probe, not the QA loss (objectives.py)
     )
-    probe_tokens: str = "first"  # the probe's targets: the answer's "first" token, or "all" (vector k -> token k)
-    probe_weight: float = 0.0  # after probe_steps: loss = QA + probe_weight x probe (0 = the QA loss alone)
-    hold_reading_steps: int = 0  # the first N QA steps after probe_steps train only the LLM side (schedule.py)
-    teach_reading_steps: int = 0  # the last N probe steps also teach the LLM side to read the answer (schedule.py)
+    probe_tokens: ProbeTokens = (
+        "first"  # the probe's targets: the answer's "first" token, or "all" (vector k -> token k)
+    )
+    probe_weight: Annotated[float, Field(ge=0)] = (
+        0.0  # after probe_steps: loss = QA + probe_weight x probe (0 = the QA loss alone)
+    )
+    hold_reading_steps: Annotated[int, Field(ge=0)] = (
+        0  # the first N QA steps after probe_steps train only the LLM side (schedule.py)
+    )
+    teach_reading_steps: Annotated[int, Field(ge=0)] = (
+        0  # the last N probe steps also teach the LLM side to read the answer (schedule.py)
+    )
     # Every N steps also compute the step's loss with each question reading another batch document
     # (no gradient; needs retrieval keys with top-1) and log "reading_gap", the difference: a rise
     # says the memory is being read long before validation can. 0: never.
-    gap_every: int = 5
-    mixed_precision: str = "no"  # "no", "bf16", "fp16"
+    gap_every: Annotated[int, Field(ge=0)] = 5
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"  # "no", "bf16", "fp16"
     # Keep what frozen layers make of each row and text for later epochs: the LLM's below the first
     # prefix / KV-LoRA, the encoders' below encoder_trained_layers (activations.py); off where nothing is below.
     cache_frozen_activations: bool = True
-    seed: int = 0
-    log_every: int = 10
-    eval_every: int = 200  # optimizer steps; validation also runs at the end
+    seed: Annotated[int, Field(ge=0, le=2**32 - 1)] = 0
+    log_every: Annotated[int, Field(ge=1)] = 10
+    eval_every: Annotated[int, Field(ge=1)] = 200  # optimizer steps; validation also runs at the end
     # Validation questions (all their documents form the bank); None: all, 0: no validation.
-    eval_questions: int | None = 500
+    eval_questions: Annotated[int, Field(ge=0)] | None = 500
     validate_control: bool = True  # also validate with a bank of unrelated training documents: the reading gap
     resume: bool = True
-    save_every_minutes: float = 5.0  # also save a resumable state this often (wall time), and on SIGINT / SIGTERM
+    save_every_minutes: Annotated[float, Field(ge=0)] = (
+        5.0  # also save a resumable state this often (wall time), and on SIGINT / SIGTERM
+    )
     save_best: bool = True  # also keep best-em / best-f1 / best-loss checkpoints beside last (each a full copy)
     # MBC: also keep the state at the end of the float-memory warm start, before the codebook is
     # fitted, in <output_dir>/float-memory: until then MBC computes what MAC does, so a MAC run with
@@ -105,40 +122,8 @@ class TrainConfig:
     wandb_project: str | None = None  # also log to Weights & Biases (pip install wandb); off by default
     extra: dict = field(default_factory=dict)  # free-form notes recorded in the run's config
 
-    def __post_init__(self):
-        check(self, TRAIN_LIMITS)
-
 
 SCHEDULES = {"constant": "constant_with_warmup", "cosine": "cosine", "linear": "linear"}  # ours -> transformers' names
-TRAIN_LIMITS = {
-    "batch_size": Range(1, None),
-    "grad_accumulation": Range(1, None),
-    "learning_rate": Range(0, None),
-    "encoder_learning_rate": Range(0, None),
-    "codebook_learning_rate": Range(0, None),
-    "warmup_ratio": Range(0, 1),
-    "lr_schedule": tuple(SCHEDULES),
-    "max_grad_norm": Range(0, None),
-    "epochs": Range(1, None),
-    "max_steps": Range(1, None),
-    "max_minutes": Range(0, None),
-    "save_every_minutes": Range(0, None),
-    "backprop_keep": Range(0, 1),
-    "bank_curriculum_steps": Range(0, None),
-    "float_memory_steps": Range(0, None),
-    "codebook_fit_documents": Range(1, None),
-    "probe_steps": Range(0, None),
-    "probe_tokens": PROBE_TOKENS,
-    "probe_weight": Range(0, None),
-    "gap_every": Range(0, None),
-    "hold_reading_steps": Range(0, None),
-    "teach_reading_steps": Range(0, None),
-    "mixed_precision": ("no", "bf16", "fp16"),
-    "seed": Range(0, 2**32 - 1),
-    "log_every": Range(1, None),
-    "eval_every": Range(1, None),
-    "eval_questions": Range(0, None),
-}
 
 
 def _batches(examples: list[QAExample], batch_size: int, seed: int, epoch: int) -> list[list[QAExample]]:
