@@ -1,9 +1,11 @@
 import json
 from pathlib import Path
 
+import pytest
 from conftest import tiny_config
 
 from mbc import data as qa_data
+from mbc.errors import MBCError
 from mbc.paths import cache_dir
 from mbc.pipeline import MainJobConfig, _train_or_reuse
 from mbc.training.trainer import FLOAT_MEMORY_STATE, TrainConfig
@@ -64,8 +66,30 @@ def test_the_default_model_says_it_was_trained_on_fiction(tiny_checkpoint, tmp_p
 
     monkeypatch.setattr(pipeline, "default_model", lambda: Path(tiny_checkpoint))
     said = []
-    assert pipeline.model_or_default("given/folder", said.append) == Path("given/folder") and not said
     assert pipeline.model_or_default(None, said.append) == Path(tiny_checkpoint)
     assert "fictional documents" in said[0] and tiny_checkpoint in said[0]
     result = CliRunner().invoke(app, ["ingest", str(tmp_path / "bank.db"), "-"], input="Mira founded it.\n")
     assert result.exit_code == 0 and "trained on generated fictional documents" in result.output
+
+
+def test_a_given_model_says_what_it_was_trained_on(tiny_checkpoint, tmp_path):
+    from mbc import data, pipeline
+    from mbc.model import MBCModel
+
+    said = []
+    assert pipeline.model_or_default(tiny_checkpoint, said.append) == Path(tiny_checkpoint)
+    assert said == [f"using the model in {tiny_checkpoint}, whose training data is not recorded"]
+    model = MBCModel.from_pretrained(tiny_checkpoint)
+    rows = data.load_splits("generated", 20)["train"]
+    model.trained_on = data.describe_training("data/squad.json", rows, ("more/extra.json",))
+    model.save_pretrained(tmp_path / "model")
+    pipeline.model_or_default(tmp_path / "model", said.append)
+    documents = len(data.documents(rows))
+    assert (
+        f"trained on {documents} documents and {len(rows)} questions of squad.json (train split) + extra.json"
+        in said[1]
+    )
+    assert MBCModel.from_pretrained(tmp_path / "model").trained_on == model.trained_on  # kept by a reload
+    assert "generated fictional documents" in data.describe_training("generated:3", rows)
+    with pytest.raises(MBCError, match="not an MBC checkpoint"):
+        pipeline.model_or_default(tmp_path / "missing", said.append)

@@ -189,7 +189,15 @@ def train(
 
     main = PartialState().is_main_process  # under `accelerate launch`, one process writes the results
     try:
-        metrics = run_training(model_config, train_config, splits["train"], splits["validation"], start_from=start_from)
+        trained_on = qa_data.describe_training(data, splits["train"])
+        metrics = run_training(
+            model_config,
+            train_config,
+            splits["train"],
+            splits["validation"],
+            start_from=start_from,
+            trained_on=trained_on,
+        )
     finally:  # a run stopped midway (SIGTERM, Ctrl-C) gets the curve of the steps it made too
         if main and (output / "metrics.jsonl").exists():
             plot_loss_curve(output / "metrics.jsonl", output / "loss.png")
@@ -271,7 +279,13 @@ def train_tokens(
     start = time.perf_counter()
     config = TokenMemoryConfig(keep=keep, lexical_weight=lexical_weight, codes=codes)
     model = train_token_memory(
-        splits["train"], config, before, reader_steps=reader_steps, mixed_precision=reader_precision, save_to=output
+        splits["train"],
+        config,
+        before,
+        reader_steps=reader_steps,
+        mixed_precision=reader_precision,
+        save_to=output,
+        trained_on=qa_data.describe_training(data, splits["train"], tuple(extra_train)),
     )
     sizes = model.bytes_per_document()
     typer.echo(

@@ -150,8 +150,17 @@ DEFAULT_MODEL_NOTE = (
 
 def model_or_default(model: str | Path | None, say=None) -> Path:
     """``model`` if one is given, else the main job's cached adapter (``default_model``), after
-    passing ``DEFAULT_MODEL_NOTE`` to ``say`` (a print function, or None)."""
+    passing to ``say`` (a print function, or None) what the model was trained on (for the main job's
+    adapter ``DEFAULT_MODEL_NOTE``)."""
     if model:
+        if say is not None:
+            from mbc import checkpoint
+
+            about = checkpoint.trained_on(model)
+            say(
+                f"using the model in {model}, "
+                + (f"trained on {about}" if about else "whose training data is not recorded")
+            )
         return Path(model)
     found = default_model()
     if say is not None:

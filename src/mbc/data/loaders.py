@@ -217,6 +217,15 @@ def _generated(spec: str) -> list[QAExample]:
     return generate_examples(count, seed)
 
 
+def describe_training(spec: str, rows: list[QAExample], extra_train: tuple[str, ...] = ()) -> str:
+    """What a model trained on ``rows`` (the train split of ``spec``, plus ``extra_train``) read, in
+    a line a user of the model is shown."""
+    source = "generated fictional documents" if spec.split(":")[0] == "generated" else Path(spec).name
+    extra = "".join(f" + {Path(e).name}" for e in extra_train)
+    documents = len({row.document for row in rows})
+    return f"{documents:,} documents and {len(rows):,} questions of {source} (train split){extra}"
+
+
 def load_splits(spec: str, first: int | None = None, extra_train: tuple[str, ...] = ()) -> dict[str, list[QAExample]]:
     """``load`` + ``first_documents`` + ``standard_split``: what training and validation both rebuild.
     ``extra_train``: more data (files or specs) whose every row joins the train split; refused where

@@ -167,7 +167,10 @@ class MemoryService:
         self.bank.remove(document_id)
 
     def stats(self) -> dict:
-        return bank_stats(self.bank) | {"model": str(self.model_path) if self.model_path else None}
+        return bank_stats(self.bank) | {
+            "model": str(self.model_path) if self.model_path else None,
+            "model_trained_on": getattr(self.model, "trained_on", None),
+        }
 
 
 def bank_stats(bank) -> dict:

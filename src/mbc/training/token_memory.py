@@ -82,13 +82,15 @@ def train_token_memory(
     reader_steps: int = 0,
     mixed_precision: str = "no",
     save_to: str | Path | None = None,
+    trained_on: str | None = None,
 ):
     """A token memory fitted on training questions (``QAExample`` rows): the retrieval keys'
     centroids on their documents, the scorer on their documents' tokens, labelled by the answers;
     with ``reader_steps``, then a reader trained on what it keeps (``train_reader``, in
     ``mixed_precision``). ``save_to``: the reader's progress is saved there as it trains (and the
     memory when it is done), and where a saved reader is found the fit is not repeated: training
-    continues from it (to ``reader_steps`` in all)."""
+    continues from it (to ``reader_steps`` in all). ``trained_on``: a line saying what ``rows`` are,
+    kept in the saved memory for its users (``describe_training``)."""
     from mbc.data import documents as distinct_documents
 
     run = AdapterRun(mixed_precision=mixed_precision, save_to=save_to)  # checked before minutes of fitting
@@ -99,9 +101,11 @@ def train_token_memory(
     if reader_steps and save_to is not None and has_training_state(Path(save_to)):
         model = TokenMemory.from_pretrained(save_to)
         _check_same_memory(model.config, config or TokenMemoryConfig(), save_to)
+        model.trained_on = trained_on or model.trained_on
         _train_reading(model, rows, reader_steps, run, fitted_with)
         return model
     model = TokenMemory.build(config)
+    model.trained_on = trained_on
     model.base.fit_retrieval_keys(texts)
     answers_of: dict[str, set[str]] = {}
     for row in rows:

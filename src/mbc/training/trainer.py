@@ -315,11 +315,13 @@ def train(
     validation_rows: list[QAExample],
     frozen_store: FrozenStore | None = None,
     start_from: Path | None = None,
+    trained_on: str | None = None,
 ) -> dict:
     """Train, validate and checkpoint into ``config.output_dir``; returns the final validation metrics.
     ``frozen_store``: frozen work kept by an earlier training on the same backbones, to reuse (activations.py).
     ``start_from`` (MAC): a MBC run's float-memory state (keep_float_memory_state) to begin at when
-    this run has no state of its own to resume."""
+    this run has no state of its own to resume. ``trained_on``: a line saying what the rows are, kept
+    in every checkpoint for its users (``describe_training``)."""
     if config.return_freed_memory:
         keep_large_allocations_on_mmap()
     if len(train_rows) < config.batch_size:
@@ -346,6 +348,7 @@ def train(
         )
 
     model = MBCModel.build(model_config)
+    model.trained_on = trained_on
     parameters = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(model, config)
     world = accelerator.num_processes
