@@ -27,7 +27,7 @@ from mbc.prompts import context_prompt
 from mbc.token_memory import TokenMemory, TokenMemoryConfig, is_token_memory
 from mbc.training.state import saved_progress
 from mbc.training.token_memory import answer_labels, fit_scorer, train_reader, train_token_memory
-from mbc.training.trainer import TrainingInterrupted
+from mbc.training.run import TrainingInterrupted
 
 KEYS = dict(retrieval_top_k=1, retrieval_subspaces=4, retrieval_codes=4)
 
@@ -210,7 +210,7 @@ def test_the_reader_trains_under_bf16_autocast_and_keeps_float32_weights(tiny_pa
     adapters = [p for name, p in model.base.llm.named_parameters() if ".lora_" in name]
     assert adapters and all(p.dtype == torch.float32 for p in adapters)
     assert np.mean(losses[-8:]) < np.mean(losses[:8]) - 0.2
-    with pytest.raises(MBCError, match="mixed_precision='fp16'"):
+    with pytest.raises(MBCError, match="mixed_precision must be one of 'no', 'bf16'; got 'fp16'"):
         train_reader(model, rows[:8], steps=1, mixed_precision="fp16")
 
 

@@ -12,8 +12,6 @@ from __future__ import annotations
 import hashlib
 import random
 import re
-import signal
-import time
 from contextlib import nullcontext
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -24,15 +22,14 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from mbc import checkpoint
 from mbc.errors import MBCError
 from mbc.settings import Field, settings
 from mbc.token_memory import TokenMemory, TokenMemoryConfig
+from mbc.training.run import RunFolder, StopRequests, refuse_other_settings
 from mbc.training.state import (
     has_training_state,
     load_training_state,
     python_rng_state,
-    save_training_state,
     saved_progress,
 )
 
@@ -149,17 +146,7 @@ def _train_reading(model: TokenMemory, rows, steps: int, run: AdapterRun, fitted
 
 
 def _check_same_memory(saved: TokenMemoryConfig, asked: TokenMemoryConfig, folder) -> None:
-    _refuse_other_settings(folder, "a token memory", asdict(replace(saved, trained_reader=False)), asdict(asked))
-
-
-def _refuse_other_settings(folder, what: str, saved: dict, asked: dict) -> None:
-    """One line naming each setting that differs (saved -> asked), where a saved run is to be continued."""
-    differ = [f"{key} {saved.get(key)!r} -> {value!r}" for key, value in asked.items() if saved.get(key) != value]
-    if differ:
-        raise MBCError(
-            f"{folder} holds {what} with other settings ({'; '.join(differ)}): train into a new --output "
-            "folder, or continue it with the same settings and data"
-        )
+    refuse_other_settings(folder, "a token memory", asdict(replace(saved, trained_reader=False)), asdict(asked))
 
 
 def train_reader(
@@ -248,8 +235,6 @@ def train_adapters(
     ``run.save_every_minutes``, on SIGINT / SIGTERM and at the end, and continued from there when the
     saved run's ``settings`` are this one's. The base LLM's KV-LoRA is among the parameters, so
     the saved memory says its reader is trained."""
-    from mbc.training.trainer import StopRequests
-
     optimizer = torch.optim.Adam(parameters, lr=run.learning_rate)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)  # constant; saved with the state
     settings = {
@@ -267,15 +252,20 @@ def train_adapters(
         progress = _resumed_run(Path(save_to), optimizer, schedule, settings, what)
         shuffle.setstate(python_rng_state(progress["shuffle"]))
     order, losses = progress["order"], progress["losses"]
+    saves = RunFolder(
+        save_to or ".",
+        model,
+        optimizer,
+        schedule,
+        lambda: {**progress, "shuffle": repr(shuffle.getstate())},
+        run.save_every_minutes,
+    )
 
     def save() -> None:
         model.config = replace(model.config, trained_reader=True)
-        with checkpoint.replacing(save_to) as partial:
-            checkpoint.write(model, partial)
-            save_training_state(partial, optimizer, schedule, {**progress, "shuffle": repr(shuffle.getstate())})
+        saves.save()
 
     model.train()
-    saved_at = time.perf_counter()
     # Ctrl-C and SIGTERM stop at the end of a step, saved, where there is somewhere to save to.
     with torch.enable_grad(), StopRequests() if save_to is not None else nullcontext() as stops:
         bar = tqdm(range(progress["step"], steps), desc=what, initial=progress["step"], total=steps)
@@ -294,10 +284,10 @@ def train_adapters(
                 bar.set_postfix(loss=f"{np.mean(losses[-10:]):.3f}")
             if stops is not None and stops.signum is not None:
                 save()
-                raise _interrupted(what, progress["step"], steps, save_to, stops.signum)
-            if save_to is not None and time.perf_counter() - saved_at > 60 * run.save_every_minutes:
+                where = f"{what} step {progress['step']} of {steps}"
+                raise stops.interrupted(where, f"the memory and its {what} are saved in {save_to}")
+            if save_to is not None and saves.due():
                 save()
-                saved_at = time.perf_counter()
     model.config = replace(model.config, trained_reader=progress["step"] > 0 or model.config.trained_reader)
     if save_to is not None:
         save()
@@ -315,15 +305,5 @@ def _fingerprint_texts(texts) -> str:
 def _resumed_run(folder: Path, optimizer, schedule, settings: dict, what: str) -> dict:
     """The saved run's progress, its optimizer and RNG states restored; one line naming what
     differs when the run's settings (or the rows and kept tokens it reads) are not the saved run's."""
-    _refuse_other_settings(folder, f"a {what} trained", saved_progress(folder).get("settings", {}), settings)
+    refuse_other_settings(folder, f"a {what} trained", saved_progress(folder).get("settings", {}), settings)
     return load_training_state(folder, optimizer, schedule)
-
-
-def _interrupted(what: str, step: int, steps: int, folder, signum: int):
-    from mbc.training.trainer import TrainingInterrupted
-
-    return TrainingInterrupted(
-        f"interrupted by {signal.Signals(signum).name} at {what} step {step} of {steps}: the memory and its {what} "
-        f"are saved in {folder}; run the same command again to continue",
-        signum,
-    )

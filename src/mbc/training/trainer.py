@@ -18,8 +18,6 @@ import hashlib
 import json
 import math
 import random
-import signal
-import threading
 import time
 from dataclasses import asdict, field
 from pathlib import Path
@@ -42,8 +40,9 @@ from mbc.settings import Field, settings
 from mbc.training.activations import FrozenActivations, FrozenStore
 from mbc.training.allocator import keep_large_allocations_on_mmap
 from mbc.training.objectives import StepObjective
+from mbc.training.run import RunFolder, StopRequests, refuse_other_settings
 from mbc.training.schedule import ProbeTokens, Schedule
-from mbc.training.state import has_training_state, load_training_state, save_training_state, saved_progress
+from mbc.training.state import has_training_state, load_training_state, saved_progress
 
 BEST = {"em": "best-em", "f1": "best-f1", "loss": "best-loss"}
 
@@ -236,61 +235,18 @@ def _start_from_float_memory(folder: Path, model: MBCModel, optimizer, scheduler
         )
     saved = saved_progress(folder).get("identity")
     try:
-        _check_same_run(saved and _without_codebook(saved), _without_codebook(identity))
+        _refuse_other_run(folder, saved and _without_codebook(saved), _without_codebook(identity))
         checkpoint.load_state(model, folder, leave_out=("quantizer.",))
         return load_training_state(folder, optimizer, scheduler, groups=len(optimizer.param_groups))
     except MBCError as error:
         raise MBCError(f"cannot start from {folder}: {error}") from error
 
 
-def _check_same_run(saved: dict | None, current: dict) -> None:
+def _refuse_other_run(folder: Path, saved: dict | None, current: dict) -> None:
     if saved is None:  # saved before runs recorded what they were
         return
-    differing = [
-        f"{key} {saved[part].get(key)!r} -> {current[part].get(key)!r}"
-        for part in ("model", "train")
-        for key in sorted(set(saved[part]) | set(current[part]))
-        if saved[part].get(key) != current[part].get(key)
-    ]
-    if saved["data"] != current["data"]:
-        differing.append("other training rows")
-    if differing:
-        raise MBCError(
-            f"it holds a run with other settings (saved -> now): {'; '.join(differing[:6])}; "
-            "continue it with the same settings and data"
-        )
-
-
-class TrainingInterrupted(MBCError):
-    """Training stopped on SIGINT / SIGTERM after saving a resumable state."""
-
-    def __init__(self, message: str, signum: int):
-        super().__init__(message)
-        self.exit_code = 128 + signum  # what a shell reports for a process ended by that signal
-
-
-class StopRequests:
-    """SIGINT and SIGTERM ask training to stop at the end of the current step, saved; a second
-    SIGINT stops at once (KeyboardInterrupt), losing only what the last save did not hold."""
-
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-    def __init__(self):
-        self.signum, self.previous = None, {}
-
-    def _handle(self, signum, frame) -> None:
-        if self.signum is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.signum = signum
-
-    def __enter__(self) -> "StopRequests":
-        if threading.current_thread() is threading.main_thread():  # only there can Python take signals
-            self.previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for signum, handler in self.previous.items():
-            signal.signal(signum, handler)
+    flat = [{**i["model"], **i["train"], "training rows": i["data"][:12]} for i in (saved, current)]
+    refuse_other_settings(folder, "a run", *flat, remedy=None)
 
 
 class MetricsLog:
@@ -306,6 +262,37 @@ class MetricsLog:
                 f.write(json.dumps(record) + "\n")
         numbers = {f"{record['kind']}/{k}": v for k, v in record.items() if isinstance(v, (int, float))}
         self.accelerator.log(numbers, step=record["step"])
+
+
+class LossWindow:
+    """What is summed between two log lines: each loss, the measured reading gaps, rows and micro-steps."""
+
+    LOSSES = ("loss", "qa", "vq", "perplexity", "probe")
+
+    def __init__(self):
+        self.sums = dict.fromkeys(self.LOSSES, 0.0)
+        self.gap, self.gaps, self.rows, self.micro = 0.0, 0, 0, 0
+        self.started = time.perf_counter()
+
+    def add(self, output, measured_gap: bool, rows: int) -> None:
+        values = (output.loss, output.qa_loss, output.vq_loss, output.perplexity, output.probe_loss)
+        for key, value in zip(self.LOSSES, values):
+            self.sums[key] += float(value.detach())
+        if measured_gap:
+            self.gap += float(output.reading_gap)
+            self.gaps += 1
+        self.rows += rows
+        self.micro += 1
+
+    def record(self) -> dict:
+        """Each loss's mean over the window's micro-steps, and the mean reading gap where one was measured."""
+        record = {key: total / self.micro for key, total in self.sums.items()}
+        if self.gaps:
+            record["reading_gap"] = self.gap / self.gaps
+        return record
+
+    def rows_per_second(self) -> float:
+        return self.rows / (time.perf_counter() - self.started)
 
 
 def train(
@@ -326,6 +313,231 @@ def train(
         keep_large_allocations_on_mmap()
     if len(train_rows) < config.batch_size:
         raise MBCError(f"{len(train_rows)} training rows is fewer than one batch of {config.batch_size}")
+    accelerator = _accelerator(model_config, config)
+    set_seed(config.seed)
+    out = Path(config.output_dir)
+    if accelerator.is_main_process:
+        writable_folder(out)
+        (out / "run_config.json").write_text(
+            json.dumps({"model": model_config.to_dict(), "train": asdict(config)}, indent=2)
+        )
+    model = MBCModel.build(model_config)
+    model.trained_on = trained_on
+    run = _Run(model, config, accelerator, train_rows, validation_rows)
+    run.begin(start_from, frozen_store)
+    with StopRequests() as stops:
+        while not run.finished:
+            for batch in run.epoch_batches():
+                if run.micro_step(batch) and run.after_update(stops):
+                    break
+            run.next_epoch()
+    return run.end()
+
+
+class _Run:
+    """One training run as it goes: the model, its optimizer and schedule, its progress (step,
+    epoch, batch within the epoch, best scores, training time), its folder and its log. ``train``
+    drives it batch by batch."""
+
+    def __init__(self, model: MBCModel, config: TrainConfig, accelerator, train_rows, validation_rows):
+        self.model, self.config, self.accelerator = model, config, accelerator
+        self.train_rows, self.validation_rows = train_rows, validation_rows
+        self.out = Path(config.output_dir)
+        self.main, self.world = accelerator.is_main_process, accelerator.num_processes
+        self.parameters = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = make_optimizer(model, config)
+        self.batches_per_epoch = len(_batches(train_rows, config.batch_size, config.seed, 0)) // self.world
+        self.total_steps = config.max_steps or max(
+            1, config.epochs * self.batches_per_epoch // config.grad_accumulation
+        )
+        self.schedule = Schedule(config, self.total_steps, model.config.quantize)
+        self.scheduler = get_scheduler(
+            SCHEDULES[config.lr_schedule],
+            self.optimizer,
+            num_warmup_steps=math.ceil(config.warmup_ratio * self.total_steps),
+            num_training_steps=self.total_steps,
+        )
+        self.train_documents = list(dict.fromkeys(row.document for row in train_rows))  # distinct, in order
+        self.progress = {
+            "step": 0,
+            "epoch": 0,
+            "batch": 0,
+            "best": {"em": -1.0, "f1": -1.0, "loss": float("inf")},
+            "train_seconds": 0.0,
+        }
+
+    def begin(self, start_from: Path | None, frozen_store: FrozenStore | None) -> None:
+        """Resume the run saved in ``last/`` (or start a MAC run from ``start_from``), then get ready to step."""
+        config, model, last = self.config, self.model, self.out / "last"
+        identity = run_identity(model.config, config, self.train_rows)
+        if config.resume and has_training_state(last):
+            try:
+                _refuse_other_run(last, saved_progress(last).get("identity"), identity)
+                model.load_trainable_state(last)
+                self.progress = load_training_state(last, self.optimizer, self.scheduler)
+            except MBCError as error:
+                raise MBCError(
+                    f"cannot resume from {last}: {error}. Train into a new --output folder, "
+                    "or pass --train-set resume=false to start over"
+                ) from error
+            self.accelerator.print(f"resumed from {last} at step {self.progress['step']}")
+        elif start_from is not None:
+            self.progress = _start_from_float_memory(Path(start_from), model, self.optimizer, self.scheduler, identity)
+            self.accelerator.print(
+                f"started from the float-memory state in {start_from} at step {self.progress['step']}"
+            )
+        self.progress["identity"] = identity
+        if model.retrieval_keys is not None and not bool(model.retrieval_keys.fitted):
+            model.fit_retrieval_keys(
+                self.train_documents
+            )  # every process fits the same centroids: same documents, same seed
+        frozen = FrozenActivations(model, frozen_store) if config.cache_frozen_activations else None
+        self.objective, self.optimizer = self.accelerator.prepare(StepObjective(model, frozen), self.optimizer)
+        self.log = MetricsLog(self.out / "metrics.jsonl", self.accelerator)
+        self.saves = RunFolder(
+            last,
+            model,
+            self.optimizer,
+            self.scheduler,
+            lambda: self.progress,
+            config.save_every_minutes,
+            self.main,
+            self.accelerator.wait_for_everyone,
+        )
+        step = self.progress["step"]
+        self.bar = tqdm(total=self.total_steps, initial=step, disable=not self.main, desc="train", dynamic_ncols=True)
+        # True until the codebook is fitted to the encoder's vectors as they are then: when the
+        # schedule's float-memory steps are done, or before saving a run that stops earlier.
+        self.float_memory = self.schedule.float_memory(step)
+        self.objective.train()
+        self.started, self.seconds_before = time.perf_counter(), self.progress["train_seconds"]
+        self.window = LossWindow()
+        self.finished = step >= self.total_steps
+        if self.finished:
+            self.accelerator.print(
+                f"{last} already holds all {self.total_steps} steps of this run: validating it again"
+            )
+
+    def epoch_batches(self) -> list[list[QAExample]]:
+        """This process's batches of the current epoch, from where the run stands in it."""
+        progress = self.progress
+        epoch = _batches(self.train_rows, self.config.batch_size, self.config.seed, progress["epoch"])
+        epoch = epoch[: self.batches_per_epoch * self.world]
+        return epoch[self.accelerator.process_index :: self.world][progress["batch"] :]
+
+    def micro_step(self, batch: list[QAExample]) -> bool:
+        """Forward and backward one batch (the optimizer steps once every ``grad_accumulation``); True
+        when that made an optimizer step."""
+        documents = list(dict.fromkeys(row.document for row in batch))
+        own = [documents.index(row.document) for row in batch]
+        with self.accelerator.accumulate(self.objective):
+            step = self.schedule.at(self.progress["step"], len(documents), self.float_memory)
+            output = self.objective(documents, [r.question for r in batch], [r.answers[0] for r in batch], own, step)
+            self.accelerator.backward(output.loss)
+            if self.accelerator.sync_gradients:
+                self.accelerator.clip_grad_norm_(self.parameters, self.config.max_grad_norm)
+            self.optimizer.step()
+            self.optimizer.zero_grad()
+        self.progress["batch"] += 1
+        self.window.add(output, step.measure_gap, len(batch) * self.world)
+        return self.accelerator.sync_gradients
+
+    def after_update(self, stops: StopRequests) -> bool:
+        """Count the optimizer step; fit the codebook, log, validate, save or stop where due. True
+        when the run is finished."""
+        config, progress = self.config, self.progress
+        self.scheduler.step()
+        progress["step"] += 1
+        progress["train_seconds"] = self.seconds_before + time.perf_counter() - self.started
+        self.bar.update(1)
+        late, stop, due = _anywhere(
+            self.accelerator,
+            config.max_minutes is not None and progress["train_seconds"] > 60 * config.max_minutes,
+            stops.signum is not None,
+            self.saves.due(),
+        )
+        self.finished = progress["step"] >= self.total_steps or late
+        if self.float_memory and (self.finished or not self.schedule.float_memory(progress["step"])):
+            self.end_float_memory()
+        if progress["step"] % config.log_every == 0 or progress["step"] == self.total_steps:
+            self.log_window()
+        if self.finished:
+            return True
+        if stop:
+            self.saves.save()
+            raise stops.interrupted(
+                f"step {progress['step']} of {self.total_steps}", f"the run is saved in {self.saves.folder}"
+            )
+        if progress["step"] % config.eval_every == 0:
+            self.validate_and_save()
+        elif due:
+            self.saves.save()
+        return False
+
+    def next_epoch(self) -> None:
+        if not self.finished:
+            self.progress["epoch"] += 1
+            self.progress["batch"] = 0
+
+    def end_float_memory(self) -> None:
+        """The warm start's end: keep its state where asked, then fit the codebook to the vectors as they are."""
+        if self.config.keep_float_memory_state and not self.schedule.float_memory(self.progress["step"]):
+            self.saves.write(self.out / FLOAT_MEMORY_STATE)
+        self.model.fit_codebook(self.train_documents[: self.config.codebook_fit_documents])
+        self.float_memory = False
+
+    def log_window(self) -> None:
+        window, progress = self.window, self.progress
+        rate = window.rows_per_second()
+        alive = self.model.codec.fraction_alive()
+        record = window.record()
+        self.log.write(
+            kind="train",
+            step=progress["step"],
+            epoch=progress["epoch"],
+            codes_alive=alive,
+            rows_per_second=rate,
+            seconds=progress["train_seconds"],
+            lr=self.scheduler.get_last_lr()[0],
+            **record,
+        )
+        gap = {"gap": f"{record['reading_gap']:.3f}"} if "reading_gap" in record else {}
+        self.bar.set_postfix(
+            loss=f"{record['loss']:.3f}", vq=f"{record['vq']:.4f}", codes=f"{alive:.0%}", **gap, ex_s=f"{rate:.1f}"
+        )
+        self.window = LossWindow()
+
+    def validate_and_save(self) -> dict:
+        """Validation metrics (main process; none during the warm start, when a bank stored through the
+        unfitted codebook means nothing), the best checkpoints they beat, and ``last/``."""
+        config, progress, metrics = self.config, self.progress, {}
+        rows = self.validation_rows if config.eval_questions is None else self.validation_rows[: config.eval_questions]
+        if self.main and rows:
+            metrics = (
+                validation_metrics(self.model, rows, self.train_documents, config) if not self.float_memory else {}
+            )
+            self.log.write(kind="validation", step=progress["step"], **metrics)
+            for key, folder in BEST.items():
+                better = metrics and (
+                    metrics[key] < progress["best"][key] if key == "loss" else metrics[key] > progress["best"][key]
+                )
+                if better:
+                    progress["best"][key] = metrics[key]
+                    if config.save_best:
+                        self.model.save_pretrained(self.out / folder)
+            rounded = {k: round(v, 3) for k, v in metrics.items()}
+            self.accelerator.print(f"step {progress['step']}: validation {json.dumps(rounded)}")
+        self.saves.save()
+        return metrics
+
+    def end(self) -> dict:
+        self.bar.close()
+        metrics = self.validate_and_save()
+        self.accelerator.end_training()
+        return metrics
+
+
+def _accelerator(model_config: MBCConfig, config: TrainConfig) -> Accelerator:
     # cpu=True without a GPU: processes started by `accelerate launch --multi_gpu` (torchrun) then
     # join one gloo process group instead of each running alone.
     accelerator = Accelerator(
@@ -338,208 +550,4 @@ def train(
         accelerator.init_trackers(
             config.wandb_project, config={"model": model_config.to_dict(), "train": asdict(config)}
         )
-    set_seed(config.seed)
-    out = Path(config.output_dir)
-    main = accelerator.is_main_process
-    if main:
-        writable_folder(out)
-        (out / "run_config.json").write_text(
-            json.dumps({"model": model_config.to_dict(), "train": asdict(config)}, indent=2)
-        )
-
-    model = MBCModel.build(model_config)
-    model.trained_on = trained_on
-    parameters = [p for p in model.parameters() if p.requires_grad]
-    optimizer = make_optimizer(model, config)
-    world = accelerator.num_processes
-    batches_per_epoch = len(_batches(train_rows, config.batch_size, config.seed, 0)) // world
-    total_steps = config.max_steps or max(1, config.epochs * batches_per_epoch // config.grad_accumulation)
-    schedule = Schedule(config, total_steps, model_config.quantize)
-    scheduler = get_scheduler(
-        SCHEDULES[config.lr_schedule],
-        optimizer,
-        num_warmup_steps=math.ceil(config.warmup_ratio * total_steps),
-        num_training_steps=total_steps,
-    )
-
-    train_documents = list(dict.fromkeys(row.document for row in train_rows))  # distinct, in order
-    progress = {
-        "step": 0,
-        "epoch": 0,
-        "batch": 0,
-        "best": {"em": -1.0, "f1": -1.0, "loss": float("inf")},
-        "train_seconds": 0.0,
-    }
-    last = out / "last"
-    identity = run_identity(model_config, config, train_rows)
-    if config.resume and has_training_state(last):
-        try:
-            _check_same_run(saved_progress(last).get("identity"), identity)
-            model.load_trainable_state(last)
-            progress = load_training_state(last, optimizer, scheduler)
-        except MBCError as error:
-            raise MBCError(
-                f"cannot resume from {last}: {error}. Train into a new --output folder, "
-                "or pass --train-set resume=false to start over"
-            ) from error
-        accelerator.print(f"resumed from {last} at step {progress['step']}")
-    elif start_from is not None:
-        progress = _start_from_float_memory(Path(start_from), model, optimizer, scheduler, identity)
-        accelerator.print(f"started from the float-memory state in {start_from} at step {progress['step']}")
-    progress["identity"] = identity
-    if model.retrieval_keys is not None and not bool(model.retrieval_keys.fitted):
-        # Every process fits the same centroids: same documents, same seed.
-        model.fit_retrieval_keys(train_documents)
-    frozen = FrozenActivations(model, frozen_store) if config.cache_frozen_activations else None
-    objective, optimizer = accelerator.prepare(StepObjective(model, frozen), optimizer)
-    log = MetricsLog(out / "metrics.jsonl", accelerator)
-
-    def validate_and_save() -> dict:
-        metrics = {}
-        rows = validation_rows if config.eval_questions is None else validation_rows[: config.eval_questions]
-        if main and rows:
-            # During the warm start the codebook is not fitted yet: a bank stored through it means nothing.
-            metrics = validation_metrics(model, rows, train_documents, config) if not float_memory else {}
-            log.write(kind="validation", step=progress["step"], **metrics)
-            for key, folder in BEST.items():
-                better = metrics and (
-                    metrics[key] < progress["best"][key] if key == "loss" else metrics[key] > progress["best"][key]
-                )
-                if better:
-                    progress["best"][key] = metrics[key]
-                    if config.save_best:
-                        model.save_pretrained(out / folder)
-            accelerator.print(
-                f"step {progress['step']}: validation {json.dumps({k: round(v, 3) for k, v in metrics.items()})}"
-            )
-        save_last()
-        return metrics
-
-    saved_at = time.perf_counter()
-
-    def save_state(into: Path) -> None:
-        """The model and everything needed to continue, written whole (checkpoint.replacing)."""
-        if main:
-            with checkpoint.replacing(into) as folder:
-                checkpoint.write(model, folder)
-                save_training_state(folder, optimizer, scheduler, progress)
-        accelerator.wait_for_everyone()
-
-    def save_last() -> None:
-        nonlocal saved_at
-        save_state(last)
-        saved_at = time.perf_counter()
-
-    bar = tqdm(total=total_steps, initial=progress["step"], disable=not main, desc="train", dynamic_ncols=True)
-    # True until the codebook is fitted to the encoder's vectors as they are then: when the
-    # schedule's float-memory steps are done, or before saving a run that stops earlier.
-    float_memory = schedule.float_memory(progress["step"])
-    objective.train()
-    started, seconds_before = time.perf_counter(), progress["train_seconds"]
-    losses = ("loss", "qa", "vq", "perplexity", "probe")
-
-    def empty_window() -> dict:
-        """What is summed between two log lines: each loss, the measured reading gaps, rows and micro-steps."""
-        return {
-            **dict.fromkeys(losses, 0.0),
-            "reading_gap": 0.0,
-            "gaps": 0,
-            "rows": 0,
-            "micro": 0,
-            "time": time.perf_counter(),
-        }
-
-    window = empty_window()
-    finished = progress["step"] >= total_steps
-    if finished:
-        accelerator.print(f"{last} already holds all {total_steps} steps of this run: validating it again")
-    stops = StopRequests()
-    with stops:
-        while not finished:
-            epoch_batches = _batches(train_rows, config.batch_size, config.seed, progress["epoch"])[
-                : batches_per_epoch * world
-            ]
-            mine = epoch_batches[accelerator.process_index :: world]
-            for batch in mine[progress["batch"] :]:
-                documents = list(dict.fromkeys(row.document for row in batch))
-                own = [documents.index(row.document) for row in batch]
-                with accelerator.accumulate(objective):
-                    step = schedule.at(progress["step"], len(documents), float_memory)
-                    output = objective(documents, [r.question for r in batch], [r.answers[0] for r in batch], own, step)
-                    accelerator.backward(output.loss)
-                    if accelerator.sync_gradients:
-                        accelerator.clip_grad_norm_(parameters, config.max_grad_norm)
-                    optimizer.step()
-                    optimizer.zero_grad()
-                progress["batch"] += 1
-                values = (output.loss, output.qa_loss, output.vq_loss, output.perplexity, output.probe_loss)
-                for key, value in zip(losses, values):
-                    window[key] += float(value.detach())
-                if step.measure_gap:
-                    window["reading_gap"] += float(output.reading_gap)
-                    window["gaps"] += 1
-                window["rows"] += len(batch) * world
-                window["micro"] += 1
-                if not accelerator.sync_gradients:
-                    continue
-                scheduler.step()
-                progress["step"] += 1
-                progress["train_seconds"] = seconds_before + time.perf_counter() - started
-                bar.update(1)
-                late, stop, due = _anywhere(
-                    accelerator,
-                    config.max_minutes is not None and progress["train_seconds"] > 60 * config.max_minutes,
-                    stops.signum is not None,
-                    time.perf_counter() - saved_at > 60 * config.save_every_minutes,
-                )
-                finished = progress["step"] >= total_steps or late
-                if float_memory and (finished or not schedule.float_memory(progress["step"])):
-                    if config.keep_float_memory_state and not schedule.float_memory(progress["step"]):
-                        save_state(out / FLOAT_MEMORY_STATE)
-                    model.fit_codebook(train_documents[: config.codebook_fit_documents])
-                    float_memory = False
-                if progress["step"] % config.log_every == 0 or progress["step"] == total_steps:
-                    rate = window["rows"] / (time.perf_counter() - window["time"])
-                    alive = model.codec.fraction_alive()
-                    record = {k: window[k] / window["micro"] for k in losses}
-                    if window["gaps"]:
-                        record["reading_gap"] = window["reading_gap"] / window["gaps"]
-                    log.write(
-                        kind="train",
-                        step=progress["step"],
-                        epoch=progress["epoch"],
-                        codes_alive=alive,
-                        rows_per_second=rate,
-                        seconds=progress["train_seconds"],
-                        lr=scheduler.get_last_lr()[0],
-                        **record,
-                    )
-                    gap = {"gap": f"{record['reading_gap']:.3f}"} if "reading_gap" in record else {}
-                    bar.set_postfix(
-                        loss=f"{record['loss']:.3f}",
-                        vq=f"{record['vq']:.4f}",
-                        codes=f"{alive:.0%}",
-                        **gap,
-                        ex_s=f"{rate:.1f}",
-                    )
-                    window = empty_window()
-                if finished:
-                    break
-                if stop:
-                    save_last()
-                    raise TrainingInterrupted(
-                        f"interrupted by {signal.Signals(stops.signum).name} at step {progress['step']} of "
-                        f"{total_steps}: the run is saved in {last}; run the same command again to continue",
-                        stops.signum,
-                    )
-                if progress["step"] % config.eval_every == 0:
-                    validate_and_save()
-                elif due:
-                    save_last()
-            if not finished:
-                progress["epoch"] += 1
-                progress["batch"] = 0
-    bar.close()
-    metrics = validate_and_save()
-    accelerator.end_training()
-    return metrics
+    return accelerator
