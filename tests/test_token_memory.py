@@ -25,9 +25,9 @@ from mbc.model import MBCModel
 from mbc.network.lora import lora_disabled
 from mbc.prompts import context_prompt
 from mbc.token_memory import TokenMemory, TokenMemoryConfig, is_token_memory
+from mbc.training.run import TrainingInterrupted
 from mbc.training.state import saved_progress
 from mbc.training.token_memory import answer_labels, fit_scorer, train_reader, train_token_memory
-from mbc.training.run import TrainingInterrupted
 
 KEYS = dict(retrieval_top_k=1, retrieval_subspaces=4, retrieval_codes=4)
 
