@@ -95,7 +95,7 @@ def write(model, folder: Path) -> None:
         "sha256": {WEIGHTS_NAME: sha256_of(folder / WEIGHTS_NAME)},
         "codebook_fingerprint": model.codebook_fingerprint(),
     }
-    if getattr(model, "trained_on", None):
+    if model.trained_on:
         meta["trained_on"] = model.trained_on
     (folder / CONFIG_NAME).write_text(json.dumps(meta, indent=2))
 
@@ -133,7 +133,11 @@ def read_config_dict(folder: str | Path) -> dict:
 
 def trained_on(folder: str | Path) -> str | None:
     """What the model in ``folder`` was trained on, as its training recorded it (None: not recorded)."""
-    about = _meta(resolve(folder)).get("trained_on")
+    return _recorded_training(_meta(resolve(folder)))
+
+
+def _recorded_training(meta: dict) -> str | None:
+    about = meta.get("trained_on")
     return about if isinstance(about, str) else None
 
 
@@ -182,7 +186,7 @@ def load_state(model, folder: str | Path, leave_out: tuple[str, ...] = ()) -> No
             f"checkpoint {folder} does not match its config: tensors of other shapes: {', '.join(wrong[:3])}"
         )
     model.load_state_dict(state, strict=False)
-    model.trained_on = meta.get("trained_on") if isinstance(meta.get("trained_on"), str) else None
+    model.trained_on = _recorded_training(meta) or model.trained_on
     if not leave_out and model.codebook_fingerprint() != meta.get("codebook_fingerprint"):
         raise MBCError(
             f"the codebook in {folder / WEIGHTS_NAME} does not match the fingerprint in {CONFIG_NAME}: "

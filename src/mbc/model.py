@@ -69,6 +69,7 @@ class MBCModel(nn.Module):
     ):
         super().__init__()
         self.config = config
+        self.trained_on: str | None = None  # what training read, kept in its checkpoints (describe_training)
         self.names = {
             "llm": llm.name,
             "document_encoder": document_encoder.name,

@@ -125,6 +125,7 @@ class TokenMemory(nn.Module):
         if not 1 <= config.layer <= base.layout.num_layers:
             raise MBCError(f"layer={config.layer} is outside the base LLM's {base.layout.num_layers} layers")
         self.config, self.base = config, base
+        self.trained_on: str | None = None  # what training read, kept in its checkpoints (describe_training)
         self.scorer = nn.Linear(2 * base.layout.hidden_size, 1)
         self.codec = TokenCodec(len(base.tokenizer), config.keep)
         self.writer = self.codebook = None

@@ -169,7 +169,7 @@ class MemoryService:
     def stats(self) -> dict:
         return bank_stats(self.bank) | {
             "model": str(self.model_path) if self.model_path else None,
-            "model_trained_on": getattr(self.model, "trained_on", None),
+            "model_trained_on": self.model.trained_on,
         }
 
 

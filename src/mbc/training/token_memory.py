@@ -252,14 +252,12 @@ def train_adapters(
         progress = _resumed_run(Path(save_to), optimizer, schedule, settings, what)
         shuffle.setstate(python_rng_state(progress["shuffle"]))
     order, losses = progress["order"], progress["losses"]
-    saves = RunFolder(
-        save_to or ".",
-        model,
-        optimizer,
-        schedule,
-        lambda: {**progress, "shuffle": repr(shuffle.getstate())},
-        run.save_every_minutes,
-    )
+
+    def state() -> dict:
+        return {**progress, "shuffle": repr(shuffle.getstate())}
+
+    # Without save_to there is nowhere to save: no periodic, signal or final saves.
+    saves = None if save_to is None else RunFolder(save_to, model, optimizer, schedule, state, run.save_every_minutes)
 
     def save() -> None:
         model.config = replace(model.config, trained_reader=True)
@@ -267,7 +265,7 @@ def train_adapters(
 
     model.train()
     # Ctrl-C and SIGTERM stop at the end of a step, saved, where there is somewhere to save to.
-    with torch.enable_grad(), StopRequests() if save_to is not None else nullcontext() as stops:
+    with torch.enable_grad(), StopRequests() if saves is not None else nullcontext() as stops:
         bar = tqdm(range(progress["step"], steps), desc=what, initial=progress["step"], total=steps)
         for step in bar:
             if len(order) < run.batch_size:
@@ -286,10 +284,10 @@ def train_adapters(
                 save()
                 where = f"{what} step {progress['step']} of {steps}"
                 raise stops.interrupted(where, f"the memory and its {what} are saved in {save_to}")
-            if save_to is not None and saves.due():
+            if saves is not None and saves.due():
                 save()
     model.config = replace(model.config, trained_reader=progress["step"] > 0 or model.config.trained_reader)
-    if save_to is not None:
+    if saves is not None:
         save()
     model.eval()
     return losses

@@ -97,8 +97,7 @@ def train_codes(
         return base._answer_loss(hidden, targets) + codes.commitment
 
     read = _fingerprint_texts(str(kept[r.document].ids.tolist()) + "\n" + r.question for r in rows)
-    settings = {"fitted_with": fitted_with or {}, "kept": read}
-    settings["writer_learning_rate"] = writer_learning_rate
+    settings = {"fitted_with": fitted_with or {}, "kept": read, "writer_learning_rate": writer_learning_rate}
     parameters = [{"params": list(model.writer.parameters()), "lr": writer_learning_rate}, {"params": kv_lora(model)}]
     return train_adapters(model, parameters, examples, batch_loss, steps, run, settings, "codes")
 
