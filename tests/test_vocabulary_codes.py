@@ -39,7 +39,7 @@ def trained(tiny_paths, rows):
     model = _fitted(tiny_paths, rows, "written")
     kept = kept_inputs(model, documents(rows))
     untrained = {k: v.clone() for k, v in model.state_dict().items()}
-    losses = train_codes(model, rows[:8], 40, AdapterRun(learning_rate=2e-2), kept, writer_learning_rate=2e-2)
+    losses = train_codes(model, rows[:8], 40, AdapterRun(learning_rate=2e-2, writer_learning_rate=2e-2), kept)
     return model, kept, untrained, losses
 
 

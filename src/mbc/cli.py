@@ -260,6 +260,9 @@ def train_tokens(
         "each kept token rewritten by a trained layer and stored as the nearest token (--reader-steps then "
         "trains that layer and the reader together, end to end)",
     ),
+    writer_lr: float = typer.Option(
+        1e-5, help="with --codes written: the learning rate of the layer that writes the codes (the reader's is 3e-4)"
+    ),
     first_documents: Optional[int] = typer.Option(
         None, min=1, help="keep only the first N distinct documents (and all their questions)"
     ),
@@ -286,6 +289,7 @@ def train_tokens(
         mixed_precision=reader_precision,
         save_to=output,
         trained_on=qa_data.describe_training(data, splits["train"], tuple(extra_train)),
+        writer_learning_rate=writer_lr,
     )
     sizes = model.bytes_per_document()
     typer.echo(

@@ -80,17 +80,21 @@ def train_token_memory(
     mixed_precision: str = "no",
     save_to: str | Path | None = None,
     trained_on: str | None = None,
+    writer_learning_rate: float = 1e-5,
 ):
     """A token memory fitted on training questions (``QAExample`` rows): the retrieval keys'
     centroids on their documents, the scorer on their documents' tokens, labelled by the answers;
     with ``reader_steps``, then a reader trained on what it keeps (``train_reader``, in
-    ``mixed_precision``). ``save_to``: the reader's progress is saved there as it trains (and the
-    memory when it is done), and where a saved reader is found the fit is not repeated: training
-    continues from it (to ``reader_steps`` in all). ``trained_on``: a line saying what ``rows`` are,
-    kept in the saved memory for its users (``describe_training``)."""
+    ``mixed_precision``; written codes' layer at ``writer_learning_rate``). ``save_to``: the reader's
+    progress is saved there as it trains (and the memory when it is done), and where a saved reader is
+    found the fit is not repeated: training continues from it (to ``reader_steps`` in all).
+    ``trained_on``: a line saying what ``rows`` are, kept in the saved memory for its users
+    (``describe_training``)."""
     from mbc.data import documents as distinct_documents
 
-    run = AdapterRun(mixed_precision=mixed_precision, save_to=save_to)  # checked before minutes of fitting
+    run = AdapterRun(
+        mixed_precision=mixed_precision, save_to=save_to, writer_learning_rate=writer_learning_rate
+    )  # checked before minutes of fitting
     texts = distinct_documents(rows)
     if not texts:
         raise MBCError("no training documents: a token memory learns which tokens to keep from training questions")
@@ -214,6 +218,10 @@ class AdapterRun:
 
     batch_size: Annotated[int, Field(ge=1)] = 8
     learning_rate: Annotated[float, Field(gt=0)] = 3e-4
+    # The written codes' layer (vocabulary_codes.py) starts at the kept tokens, which are ~2.1 apart
+    # (SmolLM2, L2 to the nearest other token) while it reads 1,152 standardised features: at the
+    # reader's rate a few Adam steps carry every code off its token.
+    writer_learning_rate: Annotated[float, Field(gt=0)] = 1e-5
     seed: Annotated[int, Field(ge=0, le=2**32 - 1)] = 0
     mixed_precision: Literal["no", "bf16"] = "no"
     save_to: str | Path | None = None

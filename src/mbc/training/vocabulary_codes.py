@@ -35,11 +35,6 @@ class Kept:
     document_ids: frozenset[int]
 
 
-# Token embeddings are ~2.1 apart (SmolLM2, L2 to the nearest other token) and the rewrite reads 1,152
-# standardised features: at the reader's 3e-4 a few Adam steps carry every code off its token.
-WRITER_LEARNING_RATE = 1e-5
-
-
 def kept_inputs(model: TokenMemory, texts: list[str]) -> dict[str, Kept]:
     return kept_from_features(model, dict(zip(texts, model.token_features(texts, progress=True))))
 
@@ -60,12 +55,12 @@ def train_codes(
     run: AdapterRun | None = None,
     kept: dict[str, Kept] | None = None,
     fitted_with: dict | None = None,
-    writer_learning_rate: float = WRITER_LEARNING_RATE,
 ) -> list[float]:
     """Train the writer and the KV-LoRA ``steps`` batches of ``rows`` (QAExample) on the QA loss
-        plus commitment; saved and continued as ``train_adapters`` says. ``kept``: ``kept_inputs`` of
-        the rows' documents, where the caller has them; ``fitted_with``: how the memory was fitted, recorded
-    so that a continued run is the same run. Returns every step's loss."""
+    plus commitment, the writer at ``run.writer_learning_rate``; saved and continued as
+    ``train_adapters`` says. ``kept``: ``kept_inputs`` of the rows' documents, where the caller has
+    them; ``fitted_with``: how the memory was fitted, recorded so that a continued run is the same run.
+    Returns every step's loss."""
     from mbc.data import documents as distinct_documents
     from mbc.model import IGNORE
 
@@ -97,8 +92,11 @@ def train_codes(
         return base._answer_loss(hidden, targets) + codes.commitment
 
     read = _fingerprint_texts(str(kept[r.document].ids.tolist()) + "\n" + r.question for r in rows)
-    settings = {"fitted_with": fitted_with or {}, "kept": read, "writer_learning_rate": writer_learning_rate}
-    parameters = [{"params": list(model.writer.parameters()), "lr": writer_learning_rate}, {"params": kv_lora(model)}]
+    settings = {"fitted_with": fitted_with or {}, "kept": read, "writer_learning_rate": run.writer_learning_rate}
+    parameters = [
+        {"params": list(model.writer.parameters()), "lr": run.writer_learning_rate},
+        {"params": kv_lora(model)},
+    ]
     return train_adapters(model, parameters, examples, batch_loss, steps, run, settings, "codes")
 
 
