@@ -10,7 +10,7 @@ questions from a bank of those documents and from a bank of as many unrelated tr
 per document (2 per kept token + the retrieval key) beside the text's own size, raw and zstd.
 Writes runs/token_memory/<data>[-beforeN].json.
 
-(Session 15's figures in docs/RESULTS.md came from this script's first version, `git show
+(The figures of "A memory of the document's own tokens" in docs/JOURNAL.md came from this script's first version, `git show
 d472cce:bench/token_memory.py`, which fitted the scorer from a random start rather than zeros.)
 """
 

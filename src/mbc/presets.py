@@ -76,7 +76,7 @@ PRESETS: dict[str, dict[str, dict]] = {
     # slot reader above them learns to read. The learning rate decays linearly to 0 at the last step
     # (lr_schedule="linear"; the reference keeps it constant): over six draws (seeds 0-4, and seed 0
     # with AVX2 kernels) validation EM 24.6 on the mean and 22.3 at worst, against 22.2 and 19.0 with
-    # it constant (docs/RESULTS.md, session 19).
+    # it constant (docs/RESULTS.md, "The main job").
     "cpu": {
         "model": dict(
             num_slots=12,
