@@ -22,7 +22,8 @@ to the running mean of the vectors assigned to it instead of by a gradient step:
 term of the VQ loss then carries no gradient and only the commitment term trains the encoder.
 Adam moves a code by about the learning rate per step (3e-4 in the cpu preset) while the vectors
 it stands for are ~1 per coordinate, so with gradient updates a code barely follows the encoder and
-a fitted codebook collapses again once the encoder moves (docs/JOURNAL.md, "which half of reading learns slowly, and a cosine codebook").
+a fitted codebook collapses again once the encoder moves (docs/JOURNAL.md, "which half of reading
+learns slowly, and a cosine codebook").
 
 ``ResidualQuantizer`` chains several codebooks (each quantizes what the previous ones left): the
 way to trade more bytes per vector for a more faithful bank. With one stage it is exactly the
