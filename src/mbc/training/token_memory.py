@@ -105,6 +105,7 @@ def train_token_memory(
         model.trained_on = trained_on or model.trained_on
         _train_reading(model, rows, reader_steps, run, fitted_with)
         return model
+    torch.manual_seed(run.seed)  # the KV-LoRA's initial A matrices
     model = TokenMemory.build(config)
     model.trained_on = trained_on
     model.base.fit_retrieval_keys(texts)
@@ -276,6 +277,9 @@ def train_adapters(
     with torch.enable_grad(), StopRequests() if saves is not None else nullcontext() as stops:
         bar = tqdm(range(progress["step"], steps), desc=what, initial=progress["step"], total=steps)
         for step in bar:
+            # The adapters' dropout draws from torch's global generator: seeded by the step, a run
+            # continued after a stop draws the masks an uninterrupted one would, whatever ran before.
+            torch.manual_seed(run.seed + step)
             if len(order) < run.batch_size:
                 order += shuffle.sample(range(len(examples)), len(examples))
             batch, order[:] = [examples[i] for i in order[: run.batch_size]], order[run.batch_size :]
