@@ -164,7 +164,7 @@ def base_with_text(rows) -> dict:
     retrieve = bm25_retriever(documents(rows), 1)
     predictions = []
     for chunk in chunks(rows, 16):
-        predictions += answer_prompts(model, [context_prompt(retrieve(r.question)[0], r.question) for r in chunk])
+        predictions += answer_prompts(model.llm, [context_prompt(retrieve(r.question)[0], r.question) for r in chunk])
     metrics = scores(predictions, rows)
     recall = 100 * sum(retrieve(r.question)[0] == r.document for r in rows) / len(rows)
     return {"em": metrics["em"], "f1": metrics["f1"], "recall": recall}

@@ -204,7 +204,7 @@ def _parity_of_answers(pair, config, device, documents, questions, folder: Path)
 
     cpu, other = _twins(config, "cpu" if device == "cpu" else device)
     if cpu.retrieval_keys is not None:
-        cpu.fit_retrieval_keys(documents)
+        cpu.retrieval_keys.fit(documents)
         other.retrieval_keys.load_state_dict(cpu.retrieval_keys.state_dict())
     saved = folder / f"{pair}-{config.retrieval_top_k}"
     other.save_pretrained(saved)
@@ -313,6 +313,7 @@ def shaped_model(preset_name: str, device: str, smoke: bool, nf4: bool):
 
     from mbc import MBCConfig, MBCModel
     from mbc.network.backbones import Backbone
+    from mbc.network.frozen_llm import FrozenLLM
     from mbc.presets import preset
 
     values = preset(preset_name)["model"]
@@ -341,9 +342,10 @@ def shaped_model(preset_name: str, device: str, smoke: bool, nf4: bool):
         values |= dict(llm=f"random:{preset_name}", document_encoder="random", question_encoder="random")
         if smoke:
             values |= dict(lora_layers=min(values["lora_layers"], 4))
+        config = MBCConfig(**values)
         model = MBCModel(
-            MBCConfig(**values),
-            Backbone(f"random:{preset_name}", llm, tokenizer),
+            config,
+            FrozenLLM.from_config(config, Backbone(f"random:{preset_name}", llm, tokenizer)),
             encoders[preset(preset_name)["model"]["document_encoder"]],
             encoders[preset(preset_name)["model"]["question_encoder"]],
         )

@@ -72,7 +72,7 @@ def main():
         memory = model.memory(model.compress(right))
         queries = model.queries(questions)
         keyed = model.retrieval_keys is not None
-        right_keys = model.retrieval_keys_of(right) if keyed else None
+        right_keys = model.retrieval_keys.keys_of(right) if keyed else None
         with_right, with_other = (reader_over(model, texts).modulation(questions) for texts in (right, unrelated))
         print(
             f"question queries: mean norm {queries.norm(dim=-1).mean():.3f}; "
@@ -97,10 +97,7 @@ def main():
         size = torch.stack([a[1].norm(dim=-1).mean() for a in prefix_right]).mean()
         print(f"prefix values: mean norm {size:.3f}, moved by swapping the bank {moved:.5f}")
         same = sum(
-            a == b
-            for a, b in zip(
-                model.generate_answers(questions, prefix_right), model.generate_answers(questions, prefix_other)
-            )
+            a == b for a, b in zip(model.llm.answer(questions, prefix_right), model.llm.answer(questions, prefix_other))
         )
         print(f"answers unchanged by swapping the bank: {same} of {len(questions)}")
 

@@ -120,7 +120,7 @@ def qa_loss(model: MBCModel, rows, documents: list[str]):
     own = torch.eye(len(documents), dtype=torch.bool).repeat_interleave(model.config.num_slots, dim=1)
     questions = [r.question for r in rows]
     prefix = model.prefix(model.modulation(questions, memory.reshape(-1, memory.shape[-1]), memory_mask=own))
-    return model.qa_loss(questions, [r.answers[0] for r in rows], prefix), {}
+    return model.llm.qa_loss(questions, [r.answers[0] for r in rows], prefix), {}
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:

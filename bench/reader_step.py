@@ -32,7 +32,7 @@ def measure(precision: str, steps: int, data: str) -> dict:
     model = TokenMemory.build()
     rows = qa_data.load_splits(data)["train"][: 8 * steps]
     texts = list(dict.fromkeys(r.document for r in rows))
-    kept = {t: model.tokenizer.decode(model.tokenizer(t)["input_ids"][:96]) for t in texts}
+    kept = {t: model.llm.tokenizer.decode(model.llm.tokenizer(t)["input_ids"][:96]) for t in texts}
     start = time.perf_counter()
     losses = train_reader(model, rows, steps, kept_texts=kept, mixed_precision=precision)
     return {"precision": precision, "seconds_per_step": (time.perf_counter() - start) / steps, "losses": losses}

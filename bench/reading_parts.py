@@ -54,9 +54,9 @@ from mbc.training.objectives import answer_probe_logits, answer_probe_loss
 
 def answer_memory(model: MBCModel, answers: list[str]) -> torch.Tensor:
     """[B, K, dim]: each answer's first-token input embedding at norm sqrt(dim), in every slot."""
-    ids = torch.tensor([model.answer_ids(a)[0] for a in answers])
+    ids = torch.tensor([model.llm.answer_ids(a)[0] for a in answers])
     with torch.no_grad():
-        vectors = F.normalize(model.llm.get_input_embeddings()(ids), dim=-1) * model.layout.hidden_size**0.5
+        vectors = F.normalize(model.llm.model.get_input_embeddings()(ids), dim=-1) * model.llm.layout.hidden_size**0.5
     return vectors[:, None].expand(-1, model.config.num_slots, -1)
 
 
@@ -69,14 +69,14 @@ def modulation_reading(model: MBCModel, questions: list[str], memory: torch.Tens
 def decoder_loss(model: MBCModel, rows, memory_answers: list[str]):
     questions = [r.question for r in rows]
     prefix = model.prefix(modulation_reading(model, questions, answer_memory(model, memory_answers)))
-    return model.qa_loss(questions, [r.answers[0] for r in rows], prefix), {}
+    return model.llm.qa_loss(questions, [r.answers[0] for r in rows], prefix), {}
 
 
 def encoder_loss(model: MBCModel, rows, documents: list[str], probe: str = "first"):
     memory, vq_loss, perplexity = training_memory(model, documents)
     modulation = modulation_reading(model, [r.question for r in rows], memory)
     answers = [r.answers[0] for r in rows]
-    first = torch.tensor([model.answer_ids(a)[0] for a in answers])
+    first = torch.tensor([model.llm.answer_ids(a)[0] for a in answers])
     first_logits = answer_probe_logits(model, modulation, probe)
     first_logits = first_logits if probe == "first" else first_logits[:, 0]
     extra = {"accuracy": (first_logits.argmax(-1) == first).float().mean().item()}

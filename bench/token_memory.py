@@ -71,7 +71,7 @@ def main() -> None:
     model = train_token_memory(splits["train"], TokenMemoryConfig(), args.before)
     print(f"token memory fitted, {time.perf_counter() - start:.0f} s; {len(rows)} questions", flush=True)
     lengths = {
-        t: len(model.tokenizer(t, truncation=True, max_length=model.config.max_document_tokens)["input_ids"])
+        t: len(model.llm.tokenizer(t, truncation=True, max_length=model.config.max_document_tokens)["input_ids"])
         for t in stream + unrelated
     }
     results, longest = [], max(lengths.values())

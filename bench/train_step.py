@@ -90,7 +90,7 @@ def measure(name: str, variant: str, batch: int, batches: int, data: str | None,
     ).train()
     if model.retrieval_keys is not None:
         # centroids need as many documents as codes; with top-1 a training step reads each row's own document
-        model.fit_retrieval_keys([f"document {i}" for i in range(model.config.retrieval_codes)])
+        model.retrieval_keys.fit([f"document {i}" for i in range(model.config.retrieval_codes)])
     if variant == "before":
         optimizer = torch.optim.Adam(parameter_groups(model, train), lr=train.learning_rate)
     else:

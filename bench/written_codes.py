@@ -42,8 +42,8 @@ def main() -> None:
         document = kept[text]
         codes = model.codebook.lookup(model.write(document.ids, document.features)).cpu().tolist()
         print("\ndocument:", textwrap.shorten(text, 300))
-        print("kept tokens:  ", repr(model.tokenizer.decode(document.ids.tolist())))
-        print("written codes:", repr(model.tokenizer.decode(codes)))
+        print("kept tokens:  ", repr(model.llm.tokenizer.decode(document.ids.tolist())))
+        print("written codes:", repr(model.llm.tokenizer.decode(codes)))
 
 
 if __name__ == "__main__":

@@ -161,7 +161,7 @@ def tiny_checkpoint(tiny_paths, tmp_path_factory) -> str:
     `mbc ingest`, `mbc ask` and `mbc serve` load one with --model."""
     torch.manual_seed(0)
     model = MBCModel.build(tiny_config(tiny_paths, retrieval_top_k=1, retrieval_subspaces=4, retrieval_codes=4))
-    model.fit_retrieval_keys(DOCUMENTS + MORE_DOCUMENTS)
+    model.retrieval_keys.fit(DOCUMENTS + MORE_DOCUMENTS)
     folder = tmp_path_factory.mktemp("checkpoint") / "tiny"
     model.save_pretrained(folder)
     return str(folder)

@@ -36,7 +36,7 @@ def test_kept_llm_layers_give_the_same_loss_and_gradients(tiny_model, llm):
     # eval: no dropout and no codebook updates between the calls; gradients flow all the same.
     model = tiny_model(llm, prefix_layers=2, lora_layers=2).eval()
     frozen = FrozenActivations(model)
-    assert model.first_adapted_layer == 1 and frozen.llm is not None and frozen.documents is None
+    assert model.llm.first_adapted_layer == 1 and frozen.llm is not None and frozen.documents is None
     grads = _same_step_with_and_without(model, frozen)
     assert frozen.sizes()["llm"][0] == len(QUESTIONS)
     assert any(n.startswith("llm.") for n in grads) and any(n.startswith("prefix_expansion.") for n in grads)
@@ -63,7 +63,7 @@ def test_frozen_encoder_layers_keep_no_dropout_in_training(tiny_model):
 def test_nothing_is_kept_where_nothing_lies_below(tiny_model):
     model = tiny_model(prefix_layers=None, lora_layers=2)  # the paper: a prefix in every layer
     frozen = FrozenActivations(model)
-    assert model.first_adapted_layer == 0 and not frozen.enabled
+    assert model.llm.first_adapted_layer == 0 and not frozen.enabled
     assert StepObjective(model, frozen).frozen is None
     t5 = tiny_model(encoder="t5", prefix_layers=None, encoder_trained_layers=1)  # frozen, but not run apart
     assert not t5.amortization.splits and not FrozenActivations(t5).enabled
@@ -81,7 +81,7 @@ def test_a_shared_store_serves_a_second_model_on_the_same_backbones(tiny_model, 
     def computed_again(*args):
         raise AssertionError("a kept row was computed again")
 
-    monkeypatch.setattr(second, "lower_hidden", computed_again)
+    monkeypatch.setattr(second.llm, "lower_hidden", computed_again)
     monkeypatch.setattr(second.amortization, "lower", computed_again)
     monkeypatch.setattr(second.question_network, "lower", computed_again)
     kept = StepObjective(second, FrozenActivations(second, store))(DOCUMENTS, QUESTIONS, ANSWERS, [0, 1]).qa_loss

@@ -32,7 +32,7 @@ def codebook_of(model, documents):
     each of them is stored as codes no other document has: a property the tests below need, built
     rather than hoped for from a tiny random model (whose codebook may give every document the
     same codes on some machine)."""
-    vectors = model.amortize(documents).detach().reshape(-1, model.layout.hidden_size)
+    vectors = model.amortize(documents).detach().reshape(-1, model.llm.layout.hidden_size)
     codebook = model.quantizer.stages[0].codebook
     assert len(vectors) <= len(codebook)
     codebook.data[: len(vectors)] = vectors
@@ -132,7 +132,7 @@ def test_mode_mismatch_and_empty_bank_are_clear_errors(tiny_model, tmp_path):
 @pytest.mark.parametrize("quantize", [True, False])
 def test_retrieval_reader_equals_the_model_over_the_whole_bank(tiny_model, tmp_path, quantize):
     model = tiny_model(retrieval_top_k=2, retrieval_subspaces=4, retrieval_codes=4, quantize=quantize)
-    model.fit_retrieval_keys(DOCUMENTS + MORE)
+    model.retrieval_keys.fit(DOCUMENTS + MORE)
     model.train()
     model(DOCUMENTS + MORE, QUESTIONS, ["a", "b"], question_documents=[0, 1])  # real codes, as in trained_codes
     model.eval()

@@ -185,7 +185,7 @@ API_CASES = [
     (lambda a, p: a["bank"].add([""], _entries(1)), "must not be empty"),
     (lambda a, p: a["bank"].add([5], _entries(1)), "must be strings"),
     (
-        lambda a, p: a["mac_bank"].add(["x"], _entries(1, float("nan")).repeat(a["mac"].layout.hidden_size, 2)),
+        lambda a, p: a["mac_bank"].add(["x"], _entries(1, float("nan")).repeat(a["mac"].llm.layout.hidden_size, 2)),
         "NaN or infinite",
     ),
     (lambda a, p: _ingest(a, "one document, not a list"), "list of strings"),

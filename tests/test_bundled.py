@@ -17,7 +17,11 @@ def bundled():
 
 @pytest.mark.integration
 def test_bundled_models_encode_two_documents_and_answer(bundled):
-    assert bundled.layout.family == "llama" and bundled.layout.num_kv_heads == 3 and bundled.layout.hidden_size == 576
+    assert (
+        bundled.llm.layout.family == "llama"
+        and bundled.llm.layout.num_kv_heads == 3
+        and bundled.llm.layout.hidden_size == 576
+    )
     entries = bundled.compress(
         [
             "Mira Okafor founded the Brellin Observatory in 1987.",

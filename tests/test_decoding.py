@@ -63,19 +63,21 @@ def test_greedy_with_prefix_and_cache_equals_recomputing_without_cache(tiny_mode
     prefix = model.prefix(model.modulation(QUESTIONS, model.memory(model.compress(DOCUMENTS))))
     ids = torch.tensor([[0, 0, 40, 41, 42], [50, 51, 52, 53, 54]])
     mask = (ids != 0).long()
-    cached = greedy(model.llm, model.layout, ids, mask, prefix, eos_token_id=1, max_new_tokens=6)
+    cached = greedy(model.llm.model, model.llm.layout, ids, mask, prefix, eos_token_id=1, max_new_tokens=6)
     expected = []
-    with prefix_in(model.layout, prefix):
+    with prefix_in(model.llm.layout, prefix):
         seq, m = ids, mask
         for _ in range(6):
             position_ids = (m.cumsum(-1) - 1).clamp(min=0)
-            nxt = model.llm(input_ids=seq, attention_mask=m, position_ids=position_ids).logits[:, -1].argmax(-1)
+            nxt = model.llm.model(input_ids=seq, attention_mask=m, position_ids=position_ids).logits[:, -1].argmax(-1)
             seq, m = torch.cat([seq, nxt[:, None]], 1), torch.cat([m, torch.ones_like(nxt[:, None])], 1)
         expected = [row[ids.shape[1] :].tolist() for row in seq]
     assert cached == _strip(expected, 1)
-    with prefix_in(model.layout, prefix):
-        prefixed = model.llm(input_ids=ids, attention_mask=mask).logits
-    assert not torch.allclose(prefixed, model.llm(input_ids=ids, attention_mask=mask).logits)  # the prefix matters
+    with prefix_in(model.llm.layout, prefix):
+        prefixed = model.llm.model(input_ids=ids, attention_mask=mask).logits
+    assert not torch.allclose(
+        prefixed, model.llm.model(input_ids=ids, attention_mask=mask).logits
+    )  # the prefix matters
 
 
 def test_rows_that_finish_leave_the_batch_and_the_others_keep_their_own_prefix(tiny_model):
@@ -86,7 +88,7 @@ def test_rows_that_finish_leave_the_batch_and_the_others_keep_their_own_prefix(t
     def run(ids, eos, rows=(0, 1)):
         mask = (ids != 0).long()
         rows_prefix = [(k[list(rows)], v[list(rows)]) for k, v in prefix]
-        return greedy(model.llm, model.layout, ids, mask, rows_prefix, eos_token_id=eos, max_new_tokens=6)
+        return greedy(model.llm.model, model.llm.layout, ids, mask, rows_prefix, eos_token_id=eos, max_new_tokens=6)
 
     # A second prompt such that some token is in one row's answer and not the other's: with that
     # token as EOS, one row ends mid-way and the other runs on alone.
@@ -132,7 +134,7 @@ def test_decoding_config_rejects_bad_settings():
 
 
 def test_first_line_ends_a_row_at_its_first_newline_after_some_text(tiny_model):
-    tokenizer = tiny_model().tokenizer  # byte-level: one token per byte
+    tokenizer = tiny_model().llm.tokenizer  # byte-level: one token per byte
     first_line = FirstLine(tokenizer, len(tokenizer) + 3)  # an output layer padded past the vocabulary
 
     def end_of(text: str) -> int | None:
@@ -151,12 +153,12 @@ def test_first_line_ends_a_row_at_its_first_newline_after_some_text(tiny_model):
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
 def test_ending_at_the_first_line_changes_no_answer(tiny_model, family):
     model = tiny_model(family).eval()
-    prompts = [model.tokenizer(p)["input_ids"] for p in ["Q: a\nA:", "x\n\ny", "hello", "1\n2\n3"]]
+    prompts = [model.llm.tokenizer(p)["input_ids"] for p in ["Q: a\nA:", "x\n\ny", "hello", "1\n2\n3"]]
     torch.manual_seed(0)
     answers = []
-    for first_line in (None, FirstLine(model.tokenizer, model.llm.get_output_embeddings().weight.shape[0])):
+    for first_line in (None, FirstLine(model.llm.tokenizer, model.llm.model.get_output_embeddings().weight.shape[0])):
         model._first_line = first_line if first_line is not None else _NeverEnds()
-        answers.append(model.generate(prompts, None, DecodingConfig(max_new_tokens=16)))
+        answers.append(model.llm.generate(prompts, None, DecodingConfig(max_new_tokens=16)))
     assert answers[0] == answers[1]
 
 
@@ -176,18 +178,20 @@ def test_shared_length_leaves_every_prompt_a_token_of_its_own():
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
 def test_prompts_that_start_alike_give_the_same_answers_with_their_start_run_once(tiny_model, family, monkeypatch):
-    from mbc import model as model_module
+    from mbc.network import frozen_llm as model_module
 
     model = tiny_model(family).eval()
     start = "Question: what? Answer: this.\n\nQuestion: and? Answer: that.\n\n"
-    prompts = [model.tokenizer(start + q)["input_ids"] for q in ["Question: a b?", "Question: c?", "Q: defgh ij?"]]
+    prompts = [model.llm.tokenizer(start + q)["input_ids"] for q in ["Question: a b?", "Question: c?", "Q: defgh ij?"]]
     assert shared_length(prompts) >= model_module.SHARED_START_TOKENS
     runs = []
-    forward = model.llm.forward
-    monkeypatch.setattr(model.llm, "forward", lambda *a, **k: runs.append(k["input_ids"].shape) or forward(*a, **k))
-    shared = model.generate(prompts, None, DecodingConfig(max_new_tokens=6))
+    forward = model.llm.model.forward
+    monkeypatch.setattr(
+        model.llm.model, "forward", lambda *a, **k: runs.append(k["input_ids"].shape) or forward(*a, **k)
+    )
+    shared = model.llm.generate(prompts, None, DecodingConfig(max_new_tokens=6))
     assert runs[0] == (1, shared_length(prompts))  # the common start, for one row
     monkeypatch.setattr(model_module, "SHARED_START_TOKENS", 10**6)  # never shared
     runs.clear()
-    assert model.generate(prompts, None, DecodingConfig(max_new_tokens=6)) == shared
+    assert model.llm.generate(prompts, None, DecodingConfig(max_new_tokens=6)) == shared
     assert runs[0] == (3, max(len(p) for p in prompts))

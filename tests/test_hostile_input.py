@@ -228,14 +228,14 @@ def service(tiny_checkpoint, tmp_path):
 
 def test_long_questions_are_refused_before_any_model_work(service, tiny_checkpoint, tmp_path):
     calls = []
-    tokenizer = service.model.tokenizer
-    service.model.tokenizer = lambda text, **options: calls.append(len(text)) or tokenizer(text, **options)
+    tokenizer = service.model.llm.tokenizer
+    service.model.llm.tokenizer = lambda text, **options: calls.append(len(text)) or tokenizer(text, **options)
     with pytest.raises(MBCError, match=r"question 1 is 100,000 characters long; .* at most 256 tokens"):
         service.ask(["Who?", "x" * 100_000])
     assert calls == [len("Who?")]  # the long one was never tokenized
     with pytest.raises(MBCError, match=rf"question 0 is {MAX_QUESTION_TOKENS + 1} tokens long"):
         service.ask(["y" * (MAX_QUESTION_TOKENS + 1)])  # the byte tokenizer: a token a character
-    service.model.tokenizer = tokenizer
+    service.model.llm.tokenizer = tokenizer
     assert service.ask(["y" * MAX_QUESTION_TOKENS])["answers"][0]["answer"] is not None
     result = runner.invoke(app, ["ask", str(tmp_path / "bank.db"), "q" * 20_000, "--model", tiny_checkpoint])
     assert result.exit_code != 0 and "at most 256 tokens" in str(result.exception)

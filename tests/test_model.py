@@ -11,7 +11,7 @@ from mbc.network.prefix import prefix_in
 @pytest.mark.parametrize("llm,encoder", [("gpt2", "bert"), ("llama", "bert"), ("gpt2", "t5"), ("llama", "t5")])
 def test_shapes_end_to_end(tiny_model, llm, encoder):
     model = tiny_model(llm, encoder)
-    cfg, layout = model.config, model.layout
+    cfg, layout = model.config, model.llm.layout
     contexts = model.amortize(DOCUMENTS)
     assert contexts.shape == (3, cfg.num_slots, layout.hidden_size)
     entries = model.compress(DOCUMENTS)
@@ -33,7 +33,7 @@ def test_shapes_end_to_end(tiny_model, llm, encoder):
 
 def test_grouped_kv_heads_shape_the_prefix(tiny_model):
     model = tiny_model("llama")
-    assert model.layout.num_kv_heads == 2 and model.llm.config.num_attention_heads == 4
+    assert model.llm.layout.num_kv_heads == 2 and model.llm.model.config.num_attention_heads == 4
 
 
 @pytest.mark.parametrize("llm", ["gpt2", "llama"])
@@ -43,16 +43,16 @@ def test_zero_effect_case_equals_base_model_exactly(tiny_model, tiny_paths, llm)
     base = load_llm(tiny_paths[llm]).model.eval()
     model = tiny_model(llm).eval()
     # Make the adapters non-trivial so "off" really has something to switch off.
-    for name, p in model.llm.named_parameters():
+    for name, p in model.llm.model.named_parameters():
         if "lora_B" in name:
             torch.nn.init.normal_(p)
     ids = torch.randint(3, 259, (2, 9))
     mask = torch.ones_like(ids)
     mask[0, :3] = 0
     expected = base(input_ids=ids, attention_mask=mask).logits
-    with lora_disabled(model.llm):
-        assert torch.equal(model.llm(input_ids=ids, attention_mask=mask).logits, expected)
-    assert not torch.allclose(model.llm(input_ids=ids, attention_mask=mask).logits, expected)
+    with lora_disabled(model.llm.model):
+        assert torch.equal(model.llm.model(input_ids=ids, attention_mask=mask).logits, expected)
+    assert not torch.allclose(model.llm.model(input_ids=ids, attention_mask=mask).logits, expected)
 
 
 @pytest.mark.parametrize("llm", ["gpt2", "llama"])
@@ -64,21 +64,21 @@ def test_fresh_lora_leaves_base_unchanged_and_prefix_changes_output(tiny_model, 
     ids = torch.randint(3, 259, (2, 7))
     mask = torch.ones_like(ids)
     expected = base(input_ids=ids, attention_mask=mask).logits
-    assert torch.equal(model.llm(input_ids=ids, attention_mask=mask).logits, expected)  # B starts at zero
+    assert torch.equal(model.llm.model(input_ids=ids, attention_mask=mask).logits, expected)  # B starts at zero
     prefix = model.prefix(model.modulation(QUESTIONS, model.memory(model.compress(DOCUMENTS))))
-    with prefix_in(model.layout, prefix):
-        prefixed = model.llm(input_ids=ids, attention_mask=mask).logits
+    with prefix_in(model.llm.layout, prefix):
+        prefixed = model.llm.model(input_ids=ids, attention_mask=mask).logits
     assert not torch.allclose(prefixed, expected)
 
 
 def test_lora_only_on_key_and_value_of_last_layers(tiny_model):
     model = tiny_model("gpt2", lora_layers=2)
-    names = [n for n, p in model.llm.named_parameters() if p.requires_grad]
+    names = [n for n, p in model.llm.model.named_parameters() if p.requires_grad]
     assert names and all("lora_" in n for n in names)
     assert {n.split(".")[2] for n in names} == {"1", "2"}  # transformer.h.<i>: the last two of three
     assert all(".adapter_k." in n or ".adapter_v." in n for n in names)
     llama = tiny_model("llama", lora_layers=1)
-    names = [n for n, p in llama.llm.named_parameters() if p.requires_grad]
+    names = [n for n, p in llama.llm.model.named_parameters() if p.requires_grad]
     assert {n.split(".")[4] for n in names} == {"k_proj", "v_proj"} and {n.split(".")[2] for n in names} == {"2"}
 
 
@@ -114,7 +114,7 @@ def test_cosine_codebook_bank_decodes_to_what_training_reads(tiny_model):
     contexts = model.amortize(DOCUMENTS)
     memory = model.memory(model.compress(DOCUMENTS))
     assert torch.allclose(memory, model.quantizer(contexts).quantized.reshape(memory.shape), atol=1e-5)
-    assert torch.allclose(memory.norm(dim=-1), torch.full((len(memory),), model.layout.hidden_size**0.5), atol=1e-4)
+    assert torch.allclose(memory.norm(dim=-1), torch.full((len(memory),), model.llm.layout.hidden_size**0.5), atol=1e-4)
     with pytest.raises(MBCError, match="one codebook stage"):
         MBCConfig(codebook_metric="cosine", codebook_stages=2)
     with pytest.raises(MBCError, match="codebook_metric"):
@@ -124,7 +124,7 @@ def test_cosine_codebook_bank_decodes_to_what_training_reads(tiny_model):
 def test_mac_mode_stores_floats(tiny_model):
     model = tiny_model(quantize=False)
     entries = model.compress(DOCUMENTS)
-    assert entries.dtype == np.float32 and entries.shape == (3, 4, model.layout.hidden_size)
+    assert entries.dtype == np.float32 and entries.shape == (3, 4, model.llm.layout.hidden_size)
     assert model.codebook_fingerprint() is None
     out = model(DOCUMENTS[:2], QUESTIONS, ANSWERS)
     assert out.vq_loss == 0 and torch.isfinite(out.loss)
@@ -168,7 +168,7 @@ def test_qa_loss_equals_the_llms_own_loss_on_the_answer_tokens(tiny_model, llm):
     model = tiny_model(llm).eval()
     memory = model.memory(model.compress(DOCUMENTS))
     prefix = model.prefix(model.modulation(QUESTIONS, memory))
-    ids, mask, labels = model.training_inputs(QUESTIONS, ANSWERS)
-    with prefix_in(model.layout, prefix):
-        expected = model.llm(input_ids=ids, attention_mask=mask, labels=labels).loss
-    assert torch.allclose(model.qa_loss(QUESTIONS, ANSWERS, prefix), expected, atol=1e-5)
+    ids, mask, labels = model.llm.training_inputs(QUESTIONS, ANSWERS)
+    with prefix_in(model.llm.layout, prefix):
+        expected = model.llm.model(input_ids=ids, attention_mask=mask, labels=labels).loss
+    assert torch.allclose(model.llm.qa_loss(QUESTIONS, ANSWERS, prefix), expected, atol=1e-5)

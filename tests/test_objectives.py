@@ -41,9 +41,9 @@ def test_probe_objective_trains_the_reading_path_and_keeps_the_llm_side_in_the_g
     out.loss.backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.amortization.slot_mlp.parameters())
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.aggregator.parameters() if p.requires_grad)
-    lora = [p for name, p in model.llm.named_parameters() if p.requires_grad]
+    lora = [p for name, p in model.llm.model.named_parameters() if p.requires_grad]
     assert lora and all(p.grad is not None and p.grad.abs().sum() == 0 for p in lora)  # in the graph (DDP), not moved
-    first = torch.tensor([model.answer_ids(a)[0] for a in ANSWERS])
+    first = torch.tensor([model.llm.answer_ids(a)[0] for a in ANSWERS])
     modulation = model.modulation(QUESTIONS, model.memory(model.compress(DOCUMENTS[:2])))
     expected = torch.nn.functional.cross_entropy(answer_probe_logits(model, modulation), first)
     assert torch.allclose(answer_probe_loss(model, modulation, ANSWERS), expected)
@@ -53,11 +53,11 @@ def test_probe_objective_trains_the_reading_path_and_keeps_the_llm_side_in_the_g
 
 def test_probe_over_all_tokens_asks_vector_k_for_answer_token_k(tiny_model):
     model = tiny_model().eval()
-    modulation = torch.randn(2, model.config.num_slots, model.layout.hidden_size)
+    modulation = torch.randn(2, model.config.num_slots, model.llm.layout.hidden_size)
     answers = ["a b c d e f g h i j k l m n o", "x"]  # longer than K, and one token
     logits = answer_probe_logits(model, modulation, "all")
-    assert logits.shape == (2, model.config.num_slots, model.llm.config.vocab_size)
-    targets = [model.answer_ids(a)[:-1][: model.config.num_slots] for a in answers]  # without EOS, at most K
+    assert logits.shape == (2, model.config.num_slots, model.llm.model.config.vocab_size)
+    targets = [model.llm.answer_ids(a)[:-1][: model.config.num_slots] for a in answers]  # without EOS, at most K
     assert len(targets[0]) == model.config.num_slots and len(targets[1]) < model.config.num_slots
     terms = [
         torch.nn.functional.cross_entropy(logits[i, k], torch.tensor(t))
@@ -90,7 +90,7 @@ def test_backprop_dropout_keeps_document_order(tiny_model):
 @pytest.mark.parametrize("objective", ["qa", "probe"])
 def test_reading_gap_is_the_loss_with_the_next_document_minus_with_its_own(tiny_model, objective):
     model = tiny_model(retrieval_top_k=1, retrieval_subspaces=4, retrieval_codes=3).eval()  # eval: deterministic
-    model.fit_retrieval_keys(DOCUMENTS)
+    model.retrieval_keys.fit(DOCUMENTS)
     with torch.no_grad():  # an untrained prefix starts at zero, which no memory would change
         for parameter in model.prefix_expansion.parameters():
             parameter.normal_(0, 0.5)
@@ -111,7 +111,7 @@ def test_measuring_the_reading_gap_leaves_the_dropout_generator_as_it_was(tiny_m
     after = {}
     for measure in (False, True):  # a fresh model each: a training step updates codebook statistics
         model = tiny_model(retrieval_top_k=1, retrieval_subspaces=4, retrieval_codes=3, lora_dropout=0.5)
-        model.fit_retrieval_keys(DOCUMENTS)
+        model.retrieval_keys.fit(DOCUMENTS)
         objective_of = StepObjective(model.train())
         torch.manual_seed(1)
         loss = objective_of(DOCUMENTS, QUESTIONS, ANSWERS, [0, 1], Step("qa", True, measure_gap=measure)).loss
@@ -171,10 +171,10 @@ def test_taught_probe_step_trains_the_llm_side_on_the_hinted_qa_loss_and_the_rea
 
 def test_answer_hint_adds_the_first_answer_tokens_direction_at_the_slots_norm(tiny_model):
     model = tiny_model().eval()
-    modulation = torch.randn(2, model.config.num_slots, model.layout.hidden_size)
+    modulation = torch.randn(2, model.config.num_slots, model.llm.layout.hidden_size)
     hinted = with_answer_hint(model, modulation, ANSWERS, 0.5)
     hint = hinted - modulation
-    embedding = model.llm.get_output_embeddings().weight[model.answer_ids(ANSWERS[1])[0]]
+    embedding = model.llm.model.get_output_embeddings().weight[model.llm.answer_ids(ANSWERS[1])[0]]
     assert torch.allclose(hint.norm(dim=-1), 0.5 * modulation.norm(dim=-1), atol=1e-5)
     assert torch.allclose(torch.cosine_similarity(hint[1], embedding[None], dim=-1), torch.ones(1), atol=1e-5)
 

@@ -33,7 +33,7 @@ def test_eval_runs_every_method_and_writes_its_outputs(tiny_model, tmp_path):
         "base, BM25 top-1",
     }
     assert summary["documents"] == 5 and summary["questions"] == 30
-    k, dim = mbc.config.num_slots, mbc.layout.hidden_size
+    k, dim = mbc.config.num_slots, mbc.llm.layout.hidden_size
     assert methods["mbc"]["bytes_per_document"] == packed_size(k, mbc.config.codebook_size)
     assert methods["mac"]["bytes_per_document"] == k * dim * 4
     assert methods["base, raw question"]["bytes_per_document"] == 0
@@ -81,7 +81,7 @@ def test_prompts_about_one_document_are_answered_in_batches_of_their_own(monkeyp
         return [p.upper() for p in prompts]
 
     monkeypatch.setattr(online, "answer_prompts", answer)
-    answers = online._PromptAnswers(model=None, decoding=None)
+    answers = online._PromptAnswers(llm=None, decoding=None)
     prompts = ["a1", "a2", "b1", "a3", "b2", "a1"]
     predictions, _ = answers(prompts, "gold", batch_size=2, groups=["A", "A", "B", "A", "B", "A"])
     assert predictions == [p.upper() for p in prompts]
@@ -95,7 +95,7 @@ def test_eval_with_retrieval_keys_counts_their_bytes_and_reports_recall(tiny_mod
     keys = dict(retrieval_top_k=1, retrieval_subspaces=4, retrieval_codes=4)
     mbc, mac = tiny_model(**keys), tiny_model(quantize=False, **keys)
     for model in (mbc, mac):
-        model.fit_retrieval_keys([r.document for r in rows][::6])
+        model.retrieval_keys.fit([r.document for r in rows][::6])
         model.eval()
     summary = run_eval(
         mbc,
@@ -107,7 +107,7 @@ def test_eval_with_retrieval_keys_counts_their_bytes_and_reports_recall(tiny_mod
         ),
         mac,
     )
-    k, dim = mbc.config.num_slots, mbc.layout.hidden_size
+    k, dim = mbc.config.num_slots, mbc.llm.layout.hidden_size
     assert (
         summary["methods"]["mbc"]["bytes_per_document"] == packed_size(k, mbc.config.codebook_size) + 1
     )  # 4 keys x 2 bits
@@ -146,12 +146,12 @@ def test_long_documents_are_cut_to_the_llm_window_and_reported(tiny_model, tmp_p
     config = EvalConfig(batch_size=8, methods=["base, gold document", "base, BM25 top-k"])
     summary = run_eval(mbc, long, [], tmp_path, config)
     assert summary["prompts_cut_to_fit"] == {"base, gold document": 6, "base, BM25 top-1": 6}
-    prompt, cut = fitted_context_prompt(mbc, "the key is blue. " * 100, "What colour is the key?", 1000)
-    assert cut and len(mbc.tokenizer(prompt)["input_ids"]) <= 1000
+    prompt, cut = fitted_context_prompt(mbc.llm, "the key is blue. " * 100, "What colour is the key?", 1000)
+    assert cut and len(mbc.llm.tokenizer(prompt)["input_ids"]) <= 1000
     assert prompt.startswith("Context: the key is blue.") and prompt.endswith(
         "Question: What colour is the key?\nAnswer:"
     )
-    assert fitted_context_prompt(mbc, "the key is blue.", "What colour is the key?", 1000) == (
+    assert fitted_context_prompt(mbc.llm, "the key is blue.", "What colour is the key?", 1000) == (
         context_prompt("the key is blue.", "What colour is the key?"),
         False,
     )
@@ -184,11 +184,11 @@ def test_a_prompt_is_answered_once_however_many_methods_put_it(tiny_model, tmp_p
 def test_memory_on_top_of_bm25_reads_the_mbc_bank_with_the_document_in_the_prompt(tiny_model, tmp_path, monkeypatch):
     rows = list(generate_examples(8, seed=3))[:12]
     mbc = tiny_model(retrieval_top_k=1, retrieval_subspaces=4, retrieval_codes=2).eval()
-    mbc.fit_retrieval_keys(documents(rows))
+    mbc.retrieval_keys.fit(documents(rows))
     calls = []
-    generate = mbc.generate
+    generate = mbc.llm.generate
     monkeypatch.setattr(
-        mbc,
+        mbc.llm,
         "generate",
         lambda prompts, prefix=None, decoding=None: (
             calls.append((prompts, prefix)) or generate(prompts, prefix, decoding)
@@ -198,7 +198,7 @@ def test_memory_on_top_of_bm25_reads_the_mbc_bank_with_the_document_in_the_promp
     summary = run_eval(mbc, rows, [], tmp_path, config)
     both = summary["methods"]["mbc + BM25 top-1"]
     assert both["bytes_per_document"] > summary["methods"]["mbc"]["bytes_per_document"]  # the codes and the text
-    with_context = [(p, prefix) for p, prefix in calls if mbc.tokenizer.decode(p[0]).startswith("Context:")]
+    with_context = [(p, prefix) for p, prefix in calls if mbc.llm.tokenizer.decode(p[0]).startswith("Context:")]
     assert sum(len(p) for p, _ in with_context) == len(rows) and all(prefix is not None for _, prefix in with_context)
     with pytest.raises(MBCError, match="reads the bank the method 'mbc' streams"):
         EvalConfig(methods=["mbc + BM25 top-k"])
@@ -220,7 +220,7 @@ def test_eval_on_postgres_banks_answers_as_on_files(tiny_model, tmp_path, postgr
     rows = list(generate_examples(8, seed=3))[:12]
     unrelated = [r.document for r in generate_examples(8, seed=4)][::6]
     mbc = tiny_model(retrieval_top_k=1, retrieval_subspaces=4, retrieval_codes=2).eval()
-    mbc.fit_retrieval_keys(documents(rows))
+    mbc.retrieval_keys.fit(documents(rows))
     config = EvalConfig(batch_size=8, methods=["mbc", "mbc, unrelated bank", "mbc + BM25 top-k"])
     on_files = run_eval(mbc, rows, unrelated, tmp_path / "files", config)
     url = f"{postgres_server.url}?bank=eval"

@@ -43,26 +43,26 @@ def test_product_quantizer_refuses_bad_settings():
 
 def keyed_model(tiny_model, llm: str = "llama", encoder: str = "bert", **overrides) -> MBCModel:
     model = tiny_model(llm, encoder, **{**KEYS, "retrieval_top_k": 2, **overrides})
-    model.fit_retrieval_keys(DOCUMENTS + MORE)
+    model.retrieval_keys.fit(DOCUMENTS + MORE)
     return model
 
 
 @pytest.mark.parametrize("encoder", ["bert", "t5"])
 def test_key_encoder_is_a_frozen_copy_of_the_pretrained_encoder(tiny_model, encoder):
     model = keyed_model(tiny_model, encoder=encoder)
-    assert model.embedder.encoder is not model.amortization.encoder
-    assert not any(p.requires_grad for p in model.embedder.parameters())
+    assert model.retrieval_keys.embedder.encoder is not model.amortization.encoder
+    assert not any(p.requires_grad for p in model.retrieval_keys.embedder.parameters())
     assert any(p.requires_grad for p in model.amortization.encoder.parameters())
     model.train()
-    assert not model.embedder.training
-    embeddings = model.embedder(DOCUMENTS)
+    assert not model.retrieval_keys.embedder.training
+    embeddings = model.retrieval_keys.embedder(DOCUMENTS)
     assert torch.allclose(embeddings.norm(dim=-1), torch.ones(3), atol=1e-5)
 
 
 def test_each_question_reads_only_its_top_documents(tiny_model):
     model = keyed_model(tiny_model).eval()
     texts = DOCUMENTS + MORE
-    memory, keys = model.memory(model.compress(texts)), model.retrieval_keys_of(texts)
+    memory, keys = model.memory(model.compress(texts)), model.retrieval_keys.keys_of(texts)
     assert keys.shape == (8, 4) and keys.dtype == np.uint8
     documents = memory.view(8, model.config.num_slots, -1)
     top = model.top_documents(QUESTIONS, keys)
@@ -98,6 +98,6 @@ def test_retrieval_keys_are_saved_and_fingerprinted(tiny_model, tmp_path):
     assert torch.equal(loaded.retrieval_keys.centroids, model.retrieval_keys.centroids) and bool(
         loaded.retrieval_keys.fitted
     )
-    np.testing.assert_array_equal(loaded.retrieval_keys_of(DOCUMENTS), model.retrieval_keys_of(DOCUMENTS))
-    model.retrieval_keys.centroids += 0.1
+    np.testing.assert_array_equal(loaded.retrieval_keys.keys_of(DOCUMENTS), model.retrieval_keys.keys_of(DOCUMENTS))
+    model.retrieval_keys.quantizer.centroids += 0.1
     assert model.codebook_fingerprint() != before

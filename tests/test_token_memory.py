@@ -68,7 +68,7 @@ def test_a_document_keeps_its_best_tokens_in_order_and_a_short_one_keeps_all(tok
     long_text, short_text = rows[0].document, "Tam 42."
     entries = token_memory.compress([long_text, short_text])
     assert entries.shape == (2, 12, 1)
-    ids = token_memory.tokenizer(long_text)["input_ids"]
+    ids = token_memory.llm.tokenizer(long_text)["input_ids"]
     kept = token_memory.codec.decode(entries)[0]
     assert len(kept) == 12
     position = 0
@@ -79,7 +79,7 @@ def test_a_document_keeps_its_best_tokens_in_order_and_a_short_one_keeps_all(tok
 
 def test_a_token_bank_stores_2_bytes_a_token_at_most_and_no_code_counts(token_memory, rows):
     layout = BankLayout.of(token_memory)
-    assert layout.mode == "tokens" and layout.entry_bytes == packed_size(12, len(token_memory.tokenizer) + 1)
+    assert layout.mode == "tokens" and layout.entry_bytes == packed_size(12, len(token_memory.llm.tokenizer) + 1)
     with MemoryBank.in_memory(layout) as bank:
         ingest(token_memory, bank, documents(rows))
         assert bank.sizes()["codebook_bytes"] == 0
@@ -99,7 +99,7 @@ def test_a_question_reads_the_kept_tokens_of_its_top_document(token_memory, rows
         answers, read = token_memory.answer_read(reader, questions)
         assert len(answers) == 6 and all(len(ids) == 1 for ids in read)
         expected = [context_prompt(token_memory.texts(bank.entries(ids))[0], q) for ids, q in zip(read, questions)]
-    assert sorted(prompts) == sorted(token_memory.tokenizer(p)["input_ids"] for p in expected)
+    assert sorted(prompts) == sorted(token_memory.llm.tokenizer(p)["input_ids"] for p in expected)
 
 
 def test_saved_and_loaded_it_keeps_the_same_tokens_and_is_refused_as_an_mbc_adapter(token_memory, rows, tmp_path):
@@ -115,7 +115,7 @@ def test_saved_and_loaded_it_keeps_the_same_tokens_and_is_refused_as_an_mbc_adap
 def test_a_bank_written_by_one_token_memory_is_refused_by_another(token_memory, tmp_path):
     with MemoryBank.open(tmp_path / "bank.db", BankLayout.of(token_memory)):
         pass
-    other = TokenMemory(token_memory.config, token_memory.base)
+    other = TokenMemory(token_memory.config, token_memory.llm, token_memory.retrieval_keys)
     nn.init.ones_(other.scorer.weight)
     with pytest.raises(MBCError, match="token scorer"):
         MemoryBank.open(tmp_path / "bank.db", BankLayout.of(other))
@@ -126,7 +126,7 @@ def test_eval_runs_the_token_memory_and_its_unrelated_control(token_memory, tiny
     config = EvalConfig(batch_size=8, methods=["tokens", "tokens, unrelated bank", "base, 3 worked examples"])
     summary = run_eval(None, rows[:30], unrelated, tmp_path, config, tokens=token_memory)  # no MBC adapter needed
     assert list(summary["methods"]) == ["base, 3 worked examples", "tokens", "tokens, unrelated bank"]
-    stored = packed_size(12, len(token_memory.tokenizer) + 1) + packed_size(4, 4)  # tokens and retrieval key
+    stored = packed_size(12, len(token_memory.llm.tokenizer) + 1) + packed_size(4, 4)  # tokens and retrieval key
     for name in ("tokens", "tokens, unrelated bank"):
         assert summary["methods"][name]["bytes_per_document"] == stored
     assert 0 <= summary["banks"]["tokens"]["retrieval_recall_percent"] <= 100
@@ -169,15 +169,17 @@ def test_a_question_reads_the_document_that_shares_its_rare_tokens_when_the_lexi
     names = ["Zq", "Xj", "Vw", "Kb", "Yf", "Gp"]
     texts = [f"{name} lamp." for name in names]
     questions = [f"{name}?" for name in names]
-    lexical = TokenMemory(replace(token_memory.config, lexical_weight=10.0), token_memory.base)
+    lexical = TokenMemory(
+        replace(token_memory.config, lexical_weight=10.0), token_memory.llm, token_memory.retrieval_keys
+    )
     lexical.scorer = token_memory.scorer
-    keyed = TokenMemory(replace(token_memory.config, lexical_weight=0.0), token_memory.base)
+    keyed = TokenMemory(replace(token_memory.config, lexical_weight=0.0), token_memory.llm, token_memory.retrieval_keys)
     keyed.scorer = token_memory.scorer
     with MemoryBank.in_memory(BankLayout.of(lexical)) as bank:
         ids = ingest(lexical, bank, texts).ids
         assert reader_for(lexical, bank).top_ids(questions) == [[i] for i in ids]
         by_key = reader_for(keyed, bank).top_ids(questions)
-        key_alone = token_memory.base.top_documents(questions, torch.as_tensor(bank.retrieval_keys(ids)).long())
+        key_alone = token_memory.retrieval_keys.top(questions, torch.as_tensor(bank.retrieval_keys(ids)).long(), 1)
         assert by_key == [[ids[p] for p in row] for row in key_alone[:, :1].tolist()]
 
 
@@ -190,7 +192,7 @@ def _fitted(tiny_paths, rows) -> TokenMemory:
 @pytest.fixture(scope="module")
 def with_reader(tiny_paths, rows):
     model = _fitted(tiny_paths, rows)
-    untrained = {k: v.clone() for k, v in model.base.state_dict().items()}
+    untrained = {k: v.clone() for k, v in model.llm.state_dict().items()}
     losses = train_reader(model, rows[:8], steps=100, learning_rate=2e-2)  # one batch, learned by heart
     return model, untrained, losses
 
@@ -198,7 +200,7 @@ def with_reader(tiny_paths, rows):
 def test_training_the_reader_moves_only_the_llms_kv_lora_and_lowers_its_loss(with_reader):
     model, untrained, losses = with_reader
     assert model.config.trained_reader
-    moved = {k for k, v in model.base.state_dict().items() if not torch.equal(v, untrained[k])}
+    moved = {k for k, v in model.llm.state_dict().items() if not torch.equal(v, untrained[k])}
     assert moved and all(".lora_" in k for k in moved)  # the scorer, keys and LLM as they were
     assert any(".lora_B." in k for k in moved)  # B starts at zero: the reader did change the LLM
     assert np.mean(losses[-8:]) < np.mean(losses[:8]) - 0.2  # ~5.5 -> ~5.2 nats on the tiny LLM
@@ -207,7 +209,7 @@ def test_training_the_reader_moves_only_the_llms_kv_lora_and_lowers_its_loss(wit
 def test_the_reader_trains_under_bf16_autocast_and_keeps_float32_weights(tiny_paths, rows):
     model = _fitted(tiny_paths, rows)
     losses = train_reader(model, rows[:8], steps=100, learning_rate=2e-2, mixed_precision="bf16")
-    adapters = [p for name, p in model.base.llm.named_parameters() if ".lora_" in name]
+    adapters = [p for name, p in model.llm.model.named_parameters() if ".lora_" in name]
     assert adapters and all(p.dtype == torch.float32 for p in adapters)
     assert np.mean(losses[-8:]) < np.mean(losses[:8]) - 0.2
     with pytest.raises(MBCError, match="mixed_precision must be one of 'no', 'bf16'; got 'fp16'"):
@@ -236,7 +238,7 @@ def test_a_reader_saved_midway_continues_to_the_weights_of_an_unbroken_run(tiny_
 
 def test_sigterm_stops_the_reader_at_the_end_of_its_step_saved(tiny_paths, rows, tmp_path, monkeypatch):
     model, steps_begun = _fitted(tiny_paths, rows), []
-    loss_of = model.base.qa_loss_from_lower
+    loss_of = model.llm.qa_loss_from_lower
 
     def loss_then_sigterm_in_step_2(*args):
         steps_begun.append(1)
@@ -244,7 +246,7 @@ def test_sigterm_stops_the_reader_at_the_end_of_its_step_saved(tiny_paths, rows,
             os.kill(os.getpid(), signal.SIGTERM)  # what `kill` or a session's end sends
         return loss_of(*args)
 
-    monkeypatch.setattr(model.base, "qa_loss_from_lower", loss_then_sigterm_in_step_2)
+    monkeypatch.setattr(model.llm, "qa_loss_from_lower", loss_then_sigterm_in_step_2)
     with pytest.raises(TrainingInterrupted, match="SIGTERM at reader step 2 of 6") as stopped:
         train_reader(model, rows[:16], steps=6, learning_rate=2e-2, save_to=tmp_path / "reader")
     assert stopped.value.exit_code == 128 + signal.SIGTERM
@@ -261,7 +263,7 @@ def test_a_trained_reader_is_saved_with_the_memory_and_answers_through_its_kv_lo
     assert loaded.continue_prompts(prompts) == model.continue_prompts(prompts)
     ids = torch.tensor([prompts[0]])
     with torch.no_grad():
-        read = model.base.llm(input_ids=ids).logits
-        with lora_disabled(model.base.llm):  # the answers come through the trained KV-LoRA
-            bare = model.base.llm(input_ids=ids).logits
+        read = model.llm.model(input_ids=ids).logits
+        with lora_disabled(model.llm.model):  # the answers come through the trained KV-LoRA
+            bare = model.llm.model(input_ids=ids).logits
     assert not torch.allclose(read, bare)

@@ -77,10 +77,13 @@ def test_training_with_retrieval_keys_fits_them_once(tiny_paths, tmp_path):
     metrics = _train(tiny_paths, tmp_path, keys, max_steps=2)
     assert VALIDATION_KEYS | GAP_KEYS <= set(metrics) <= VALIDATION_KEYS | GAP_KEYS | KIND_KEYS
     first = load_file(tmp_path / "last" / WEIGHTS_NAME)
-    assert bool(first["retrieval_keys.fitted"]) and first["retrieval_keys.centroids"].abs().sum() > 0
+    assert (
+        bool(first["retrieval_keys.quantizer.fitted"]) and first["retrieval_keys.quantizer.centroids"].abs().sum() > 0
+    )
     _train(tiny_paths, tmp_path, keys, max_steps=4)  # resumed: the centroids come from the checkpoint, not a new fit
     assert torch.equal(
-        load_file(tmp_path / "last" / WEIGHTS_NAME)["retrieval_keys.centroids"], first["retrieval_keys.centroids"]
+        load_file(tmp_path / "last" / WEIGHTS_NAME)["retrieval_keys.quantizer.centroids"],
+        first["retrieval_keys.quantizer.centroids"],
     )
 
 

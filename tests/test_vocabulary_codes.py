@@ -87,7 +87,7 @@ def test_written_codes_are_saved_read_back_and_refused_by_another_writers_bank(t
     assert np.array_equal(loaded.compress(texts), model.compress(texts))
     with MemoryBank.open(tmp_path / "bank.db", BankLayout.of(model)) as bank:
         ingest(model, bank, texts)
-    other = TokenMemory(model.config, model.base)  # the same scorer and keys, an untrained writer
+    other = TokenMemory(model.config, model.llm, model.retrieval_keys)  # the same scorer and keys, an untrained writer
     other.scorer = model.scorer
     with pytest.raises(MBCError):
         MemoryBank.open(tmp_path / "bank.db", BankLayout.of(other))

@@ -165,6 +165,29 @@ def load_tensors(path: Path, expected_sha256: str | None) -> dict:
         raise MBCError(f"{path} is not a readable safetensors file ({error})") from error
 
 
+# Tensor names of checkpoints saved before the frozen LLM and the retrieval keys were components of
+# their own (network/frozen_llm.py, network/retrieval.py): old prefix -> new prefix.
+RENAMED = (
+    ("base.llm.", "llm.model."),  # a token memory's reader, when its base was a whole MBC model
+    ("base.retrieval_keys.", "retrieval_keys.quantizer."),
+    ("llm.", "llm.model."),
+    ("retrieval_keys.", "retrieval_keys.quantizer."),
+)
+
+
+def _renamed(state: dict, expected: dict) -> dict:
+    """``state`` with names saved by an earlier layout of the model mapped to this one's."""
+    if set(state) == set(expected):
+        return state
+
+    def current(name: str) -> str:
+        if name in expected:
+            return name
+        return next((new + name[len(old) :] for old, new in RENAMED if name.startswith(old)), name)
+
+    return {current(name): tensor for name, tensor in state.items()}
+
+
 def load_state(model, folder: str | Path, leave_out: tuple[str, ...] = ()) -> None:
     """Load a checkpoint's trainable tensors into ``model``, checking digest, names, shapes and codebook.
     ``leave_out``: prefixes of tensor names not to load (a MAC model started from a MBC state: "quantizer.")."""
@@ -173,6 +196,7 @@ def load_state(model, folder: str | Path, leave_out: tuple[str, ...] = ()) -> No
     state = load_tensors(folder / WEIGHTS_NAME, (meta.get("sha256") or {}).get(WEIGHTS_NAME))
     state = {name: tensor for name, tensor in state.items() if not name.startswith(leave_out)}
     expected = model.trainable_state_dict()
+    state = _renamed(state, expected)
     if set(state) != set(expected):
         missing, extra = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
         raise MBCError(f"checkpoint {folder} does not match its config: missing {missing[:5]}, unexpected {extra[:5]}")

@@ -327,8 +327,8 @@ def validate(
     results = {
         name: evaluate(model, rows).metrics,
         f"{name}, bank of unrelated documents": evaluate(model, rows, bank_documents=unrelated).metrics,
-        "base LLM, raw question": evaluate_base_llm(model, rows).metrics,
-        "base LLM, 3 worked examples": evaluate_base_llm(model, rows, FEW_SHOT_TEMPLATE).metrics,
+        "base LLM, raw question": evaluate_base_llm(model.llm, rows).metrics,
+        "base LLM, 3 worked examples": evaluate_base_llm(model.llm, rows, FEW_SHOT_TEMPLATE).metrics,
     }
     typer.echo(f"{split}: {len(rows)} questions, {len(qa_data.documents(rows))} documents in the bank")
     typer.echo(f"{'method':<40}{'EM':>7}{'F1':>7}{'lenient EM':>12}")

@@ -5,7 +5,9 @@ question --question network--> K queries --Aggregator over the decoded bank--> m
           (with retrieval keys, over only the question's top-k documents: network/retrieval.py)
 modulation --PrefixExpansion--> past keys/values --frozen LLM with KV-LoRA--> answer
 
-``MBCModel`` owns the pieces and the method's three uses of them: ``forward`` (the paper's
+``MBCModel`` composes a ``FrozenLLM`` (network/frozen_llm.py: tokenizer, prompts, KV-LoRA, the QA
+loss, generation) and, with ``retrieval_top_k``, ``RetrievalKeys`` (network/retrieval.py); it owns
+the pieces and the method's three uses of them: ``forward`` (the paper's
 meta-training loss on a batch of documents, questions and answers; the batch's documents form the
 bank), ``compress`` (documents -> bank entries) and, with a reader over a bank (memory/readers.py),
 answering. Training schedules (warm starts, curricula) live in mbc.training, not here.
@@ -18,12 +20,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from mbc import checkpoint
 from mbc.bank import BankLayout
-from mbc.bank.packing import index_dtype, packed_size
+from mbc.bank.packing import packed_size
 from mbc.config import MBCConfig
 from mbc.errors import MBCError
 from mbc.network import backbones
@@ -32,15 +33,10 @@ from mbc.network.amortization import AmortizationNetwork, SlotNorm
 from mbc.network.backbones import Backbone
 from mbc.network.codebook import ResidualQuantizer, fingerprint
 from mbc.network.codecs import CodebookCodec, FloatCodec
-from mbc.network.decoding import DecodingConfig, FirstLine, generate, shared_length
-from mbc.network.frozen_llm import first_adapted_layer, lower_hidden, upper_hidden
-from mbc.network.llm_layout import describe_llm
-from mbc.network.lora import add_kv_lora
-from mbc.network.prefix import PrefixExpansion, enable_prefix_attention, prefix_in
-from mbc.network.retrieval import ProductQuantizer, SentenceEmbedder
-
-IGNORE = -100  # label of tokens that carry no loss (the prompt, padding)
-SHARED_START_TOKENS = 16  # prompts sharing at least this many first tokens run them once (decoding.greedy)
+from mbc.network.decoding import DecodingConfig
+from mbc.network.frozen_llm import IGNORE, FrozenLLM, pad  # noqa: F401 (IGNORE, pad: what training imports from here)
+from mbc.network.prefix import PrefixExpansion
+from mbc.network.retrieval import RetrievalKeys
 
 
 @dataclass
@@ -51,18 +47,11 @@ class MBCOutput:
     perplexity: torch.Tensor  # codebook perplexity of this batch (0 in MAC mode)
 
 
-def pad(sequences: list[list[int]], value: int, side: str = "right") -> torch.Tensor:
-    width = max(len(s) for s in sequences)
-    filler = [[value] * (width - len(s)) for s in sequences]
-    rows = [f + s if side == "left" else s + f for s, f in zip(sequences, filler)]
-    return torch.tensor(rows, dtype=torch.long)
-
-
 class MBCModel(nn.Module):
     def __init__(
         self,
         config: MBCConfig,
-        llm: Backbone,
+        llm: FrozenLLM,
         document_encoder: Backbone,
         question_encoder: Backbone,
         key_encoder: Backbone | None = None,
@@ -75,30 +64,16 @@ class MBCModel(nn.Module):
             "document_encoder": document_encoder.name,
             "question_encoder": question_encoder.name,
         }
-        self.llm, self.tokenizer = llm.model, llm.tokenizer
-        self._first_line = None  # built on the first generate: a table over the vocabulary (decoding.FirstLine)
+        self.llm = llm
         self.document_tokenizer, self.question_tokenizer = document_encoder.tokenizer, question_encoder.tokenizer
-        self.layout = describe_llm(self.llm)
-        self.prefix_layers = config.prefix_layers or self.layout.num_layers
-        for name, layers in (("prefix_layers", self.prefix_layers), ("lora_layers", config.lora_layers)):
-            if layers > self.layout.num_layers:
-                raise MBCError(f"{name}={layers} but the base LLM has only {self.layout.num_layers} layers")
-        self.first_adapted_layer = first_adapted_layer(self.layout, self.prefix_layers, config.lora_layers)
         for name, encoder in (("max_document_tokens", document_encoder), ("max_question_tokens", question_encoder)):
             window = getattr(encoder.model.config, "max_position_embeddings", None)  # None: relative positions (T5)
             if window and getattr(config, name) > window:
                 raise MBCError(
                     f"{name}={getattr(config, name)} is more than {encoder.name}'s window of {window} tokens"
                 )
-        if self.tokenizer.eos_token_id is None:
-            raise MBCError(f"the tokenizer of '{llm.name}' has no EOS token, which answers must end with")
 
-        self.llm.requires_grad_(False)
-        self.llm.eval()  # frozen: no dropout inside the base model
-        add_kv_lora(self.layout, config.lora_layers, config.lora_rank, config.lora_alpha, config.lora_dropout)
-        enable_prefix_attention(self.llm)
-
-        dim = self.layout.hidden_size
+        dim = self.llm.layout.hidden_size
         norms = ("slot", "layer") if config.standardize_slots else (None, None)
         self.amortization = AmortizationNetwork(
             document_encoder.model,
@@ -137,15 +112,18 @@ class MBCModel(nn.Module):
         self.aggregator = Aggregator(
             dim, config.aggregator_blocks, config.aggregator_heads, config.aggregator_head_dim, config.aggregator_output
         )
-        self.embedder = self.retrieval_keys = None
+        self.retrieval_keys = None
         if config.retrieval_top_k:
             if key_encoder is None:
                 raise MBCError(
                     "retrieval_top_k > 0 needs a frozen encoder for the retrieval keys (MBCModel.build loads one)"
                 )
-            self.embedder = SentenceEmbedder(key_encoder.model, key_encoder.tokenizer, config.max_document_tokens)
-            self.retrieval_keys = ProductQuantizer(
-                self.embedder.dim, config.retrieval_subspaces, config.retrieval_codes
+            self.retrieval_keys = RetrievalKeys(
+                key_encoder.model,
+                key_encoder.tokenizer,
+                config.max_document_tokens,
+                config.retrieval_subspaces,
+                config.retrieval_codes,
             )
         # Standardised across questions (as SlotNorm does for documents): the prefix then sees how
         # this question and bank differ from others, not a large shared constant (docs/JOURNAL.md).
@@ -154,9 +132,9 @@ class MBCModel(nn.Module):
             config.num_slots,
             dim,
             config.prefix_tokens,
-            self.prefix_layers,
-            self.layout.num_kv_heads,
-            self.layout.head_dim,
+            self.llm.prefix_layers,
+            self.llm.layout.num_kv_heads,
+            self.llm.layout.head_dim,
             config.prefix_hidden or dim,
         )
 
@@ -178,19 +156,11 @@ class MBCModel(nn.Module):
             )
         return cls(
             config,
-            backbones.load_llm(config.llm, config.llm_quantization),
+            FrozenLLM.from_config(config),
             document_encoder,
             question_encoder,
             key_encoder,
         )
-
-    def train(self, mode: bool = True):
-        super().train(mode)
-        self.llm.eval()
-        for module in self.llm.modules():  # only the adapters' dropout follows the mode
-            if hasattr(module, "lora_A"):
-                module.train(mode)
-        return self
 
     @property
     def device(self) -> torch.device:
@@ -200,27 +170,6 @@ class MBCModel(nn.Module):
     def _encode_text(self, tokenizer, texts: list[str], max_tokens: int):
         batch = tokenizer(texts, padding=True, truncation=True, max_length=max_tokens, return_tensors="pt")
         return batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)
-
-    def prompt_ids(self, question: str, template: str | None = None) -> list[int]:
-        return self.tokenizer((template or self.config.prompt_template).format(question=question))["input_ids"]
-
-    def answer_ids(self, answer: str) -> list[int]:
-        return self.tokenizer(" " + answer.strip(), add_special_tokens=False)["input_ids"] + [
-            self.tokenizer.eos_token_id
-        ]
-
-    def training_row(self, question: str, answer: str) -> tuple[list[int], list[int]]:
-        """Prompt + answer + EOS token ids, and labels: IGNORE everywhere but the answer tokens."""
-        prompt, target = self.prompt_ids(question), self.answer_ids(answer)
-        return prompt + target, [IGNORE] * len(prompt) + target
-
-    def training_inputs(self, questions: list[str], answers: list[str]):
-        """``training_row`` of each question and answer, right-padded: ids, attention mask, labels."""
-        rows = [self.training_row(q, a) for q, a in zip(questions, answers)]
-        ids = pad([i for i, _ in rows], self.tokenizer.pad_token_id)
-        labels = pad([label for _, label in rows], IGNORE)
-        mask = pad([[1] * len(i) for i, _ in rows], 0)
-        return ids.to(self.device), mask.to(self.device), labels.to(self.device)
 
     # ---- the pieces ------------------------------------------------------------------------
     def document_tokens(self, documents: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -280,7 +229,7 @@ class MBCModel(nn.Module):
         document, is required). mbc.training's objectives add the training schedule's variants."""
         memory = self.codec.training_memory(self.amortize(documents))
         modulation = self.training_modulation(questions, documents, memory.vectors, question_documents)
-        qa_loss = self.qa_loss(questions, answers, self.prefix(modulation))
+        qa_loss = self.llm.qa_loss(questions, answers, self.prefix(modulation))
         return MBCOutput(qa_loss + self.config.vq_weight * memory.vq_loss, qa_loss, memory.vq_loss, memory.perplexity)
 
     def training_modulation(
@@ -313,37 +262,9 @@ class MBCModel(nn.Module):
         k = min(self.config.retrieval_top_k, len(documents))
         if k == 1:
             return own_index
-        scores = self.retrieval_keys.scores(self.embedder(questions), self.retrieval_keys_of(documents))
+        scores = self.retrieval_keys.scores(questions, self.retrieval_keys.keys_of(documents))
         scores.scatter_(1, own_index, float("inf"))
         return scores.topk(k, dim=1).indices
-
-    def qa_loss(self, questions: list[str], answers: list[str], prefix) -> torch.Tensor:
-        """Mean negative log-likelihood of the answer tokens (+ EOS), as ``llm(labels=...).loss``
-        computes it, but projecting onto the vocabulary only where an answer token is predicted:
-        with short answers the projection of every prompt token was a fifth of a CPU step."""
-        ids, mask, labels = self.training_inputs(questions, answers)
-        with prefix_in(self.layout, prefix):
-            hidden = self.llm.base_model(input_ids=ids, attention_mask=mask).last_hidden_state
-        return self._answer_loss(hidden, labels)
-
-    @torch.no_grad()
-    def lower_hidden(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Training rows' ids [B, T] -> the hidden state entering the first layer with a prefix or KV-LoRA,
-        which depends on the tokens alone (network/frozen_llm.py)."""
-        return lower_hidden(self.llm, self.layout, ids, mask, self.first_adapted_layer)
-
-    def qa_loss_from_lower(self, lower: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor, prefix) -> torch.Tensor:
-        """``qa_loss`` from ``lower_hidden`` of its rows, kept from an earlier step: only the layers
-        that carry a prefix or KV-LoRA run."""
-        with prefix_in(self.layout, prefix):
-            hidden = upper_hidden(self.llm, self.layout, lower, mask, self.first_adapted_layer)
-        return self._answer_loss(hidden, labels)
-
-    def _answer_loss(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        targets = labels[:, 1:]
-        predicted = targets != IGNORE
-        logits = self.llm.get_output_embeddings()(hidden[:, :-1][predicted]).float()
-        return F.cross_entropy(logits, targets[predicted])
 
     @torch.no_grad()
     def fit_codebook(self, documents: list[str], batch_size: int = 64) -> None:
@@ -357,18 +278,7 @@ class MBCModel(nn.Module):
         self.train(mode)
         self.quantizer.fit(contexts)
 
-    # ---- retrieval keys (retrieval.py) ---------------------------------------------------------
-    def fit_retrieval_keys(self, documents: list[str]) -> None:
-        """Fit the retrieval keys' centroids (k-means) on these documents' embeddings; training does
-        this once, before the first step, on the training documents."""
-        self.retrieval_keys.fit(self.embedder(documents))
-
-    @torch.no_grad()
-    def retrieval_keys_of(self, documents: list[str]) -> np.ndarray:
-        """Documents -> their retrieval keys [N, subspaces], as the bank stores them."""
-        codes = self.retrieval_keys.encode(self.embedder(documents))
-        return codes.cpu().numpy().astype(index_dtype(self.config.retrieval_codes))
-
+    # ---- retrieval keys (network/retrieval.py) -------------------------------------------------
     def stored_keys(self, bank, ids: list[int]) -> torch.Tensor:
         """What a reader keeps of each stored document to choose among them (``top_documents``'s
         ``document_keys``): its retrieval key [n, subspaces]."""
@@ -377,8 +287,7 @@ class MBCModel(nn.Module):
     @torch.no_grad()
     def top_documents(self, questions: list[str], document_keys) -> torch.Tensor:
         """[B, k] positions in ``document_keys`` [N, subspaces] of each question's best-scored documents."""
-        scores = self.retrieval_keys.scores(self.embedder(questions), document_keys)
-        return scores.topk(min(self.config.retrieval_top_k, scores.shape[1]), dim=1).indices
+        return self.retrieval_keys.top(questions, document_keys, self.config.retrieval_top_k)
 
     # ---- the bank ----------------------------------------------------------------------------
     @torch.no_grad()
@@ -390,47 +299,20 @@ class MBCModel(nn.Module):
     def memory(self, entries: np.ndarray) -> torch.Tensor:
         """Bank entries (as ``compress`` returns them) -> every stored vector, [N*K, dim]."""
         entries = torch.as_tensor(np.asarray(entries), device=self.device)
-        return self.codec.decode(entries).reshape(-1, self.layout.hidden_size)
+        return self.codec.decode(entries).reshape(-1, self.llm.layout.hidden_size)
 
     # ---- answering (from a bank: memory/readers.py) -------------------------------------------
     @torch.no_grad()
     def answer(self, questions: list[str], memory: torch.Tensor, decoding: DecodingConfig | None = None) -> list[str]:
         """Answer each question from a memory [M, dim] (``memory(entries)``) read whole."""
-        return self.generate_answers(questions, self.prefix(self.modulation(questions, memory)), decoding)
+        return self.llm.answer(questions, self.prefix(self.modulation(questions, memory)), decoding)
 
     @torch.no_grad()
     def answer_read(self, reader, questions: list[str], decoding: DecodingConfig | None = None):
         """Each question answered from what a reader over a bank (memory/readers.py) gives it; and
         the bank ids of the documents each read (None: the whole bank)."""
         modulation, read = reader.read(questions)
-        return self.generate_answers(questions, self.prefix(modulation), decoding), read
-
-    @torch.no_grad()
-    def generate_answers(
-        self, questions: list[str], prefix, decoding: DecodingConfig | None = None, prompt_template: str | None = None
-    ) -> list[str]:
-        """Answer each question with an already computed prefix (``prefix(modulation(...))``; None: none)."""
-        return self.generate([self.prompt_ids(q, prompt_template) for q in questions], prefix, decoding)
-
-    @torch.no_grad()
-    def generate(self, prompts: list[list[int]], prefix=None, decoding: DecodingConfig | None = None) -> list[str]:
-        """Token ids of each prompt (and a prefix, or None) -> the LLM's one-line continuation of each."""
-        decoding = decoding or DecodingConfig()
-        # Prompts that start alike (a few-shot prompt's worked examples) run their common start once.
-        shared = shared_length(prompts) if prefix is None and decoding.strategy == "greedy" and len(prompts) > 1 else 0
-        shared = shared if shared >= SHARED_START_TOKENS else 0
-        rests = [p[shared:] for p in prompts]
-        ids = pad(rests, self.tokenizer.pad_token_id, side="left")
-        mask = pad([[1] * len(p) for p in rests], 0, side="left")
-        ids = torch.cat([torch.tensor(prompts[0][:shared], dtype=ids.dtype).expand(len(prompts), -1), ids], 1)
-        mask = torch.cat([mask.new_ones(len(prompts), shared), mask], 1)
-        if self._first_line is None:
-            self._first_line = FirstLine(self.tokenizer, self.llm.get_output_embeddings().weight.shape[0])
-        eos = self.tokenizer.eos_token_id
-        ids, mask = ids.to(self.device), mask.to(self.device)
-        tokens = generate(self.llm, self.layout, ids, mask, prefix, eos, decoding, self._first_line, shared)
-        # Answers are one line: a model that runs on (a few-shot prompt's next "Question:") is cut there.
-        return [self.tokenizer.decode(t, skip_special_tokens=True).strip().split("\n")[0].strip() for t in tokens]
+        return self.llm.answer(questions, self.prefix(modulation), decoding), read
 
     # ---- sizes -------------------------------------------------------------------------------
     def parameter_counts(self) -> dict[str, int]:
@@ -440,14 +322,12 @@ class MBCModel(nn.Module):
 
     def bytes_per_document(self) -> dict[str, float]:
         """Bank bytes per stored document: MBC as bit-packed on disk, MAC as float32 vectors."""
-        k, dim = self.config.num_slots, self.layout.hidden_size
+        k, dim = self.config.num_slots, self.llm.layout.hidden_size
         return {
             "mbc": packed_size(k * self.config.codebook_stages, self.config.codebook_size),
             "mac": k * dim * 4,
             "codebook_total": self.config.codebook_stages * self.config.codebook_size * dim * 4,
-            "retrieval_key": packed_size(self.config.retrieval_subspaces, self.config.retrieval_codes)
-            if self.retrieval_keys is not None
-            else 0,
+            "retrieval_key": self.retrieval_keys.bytes_per_document() if self.retrieval_keys is not None else 0,
         }
 
     # ---- checkpoints ---------------------------------------------------------------------------
@@ -459,7 +339,7 @@ class MBCModel(nn.Module):
             name: tensor.detach().cpu().contiguous().clone()
             for name, tensor in self.state_dict().items()
             if name in trainable
-            or name.startswith(("quantizer.", "modulation_norm.", "retrieval_keys."))
+            or name.startswith(("quantizer.", "modulation_norm.", "retrieval_keys.quantizer."))
             or ".slot_norm." in name
         }
 
@@ -478,7 +358,7 @@ class MBCModel(nn.Module):
             config.num_slots,
             config.codebook_stages,
             config.codebook_size,
-            self.layout.hidden_size,
+            self.llm.layout.hidden_size,
             self.bank_fingerprint(),
             *keys,
         )

@@ -26,8 +26,8 @@ def context_prompt(context: str, question: str) -> str:
 
 
 @torch.no_grad()
-def answer_prompts(model, prompts: list[str], decoding: DecodingConfig | None = None) -> list[str]:
-    """The base LLM alone (no prefix, KV-LoRA off) continuing whole prompt texts: the baselines that
-    put documents into the prompt."""
-    with lora_disabled(model.llm):
-        return model.generate([model.tokenizer(p)["input_ids"] for p in prompts], None, decoding)
+def answer_prompts(llm, prompts: list[str], decoding: DecodingConfig | None = None) -> list[str]:
+    """The base LLM alone (a ``FrozenLLM``: no prefix, KV-LoRA off) continuing whole prompt texts:
+    the baselines that put documents into the prompt."""
+    with lora_disabled(llm.model):
+        return llm.generate([llm.tokenizer(p)["input_ids"] for p in prompts], None, decoding)

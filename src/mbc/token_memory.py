@@ -33,14 +33,16 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from mbc import checkpoint, prompts
+from mbc.bank import BankLayout
 from mbc.bank.packing import packed_size
 from mbc.config import MBCConfig
 from mbc.errors import MBCError, check_texts
 from mbc.network.codebook import fingerprint
 from mbc.network.decoding import DecodingConfig
-from mbc.network.frozen_llm import lower_hidden
+from mbc.network.frozen_llm import FrozenLLM, lower_hidden, pad
 from mbc.network.lexical import bm25, combined
 from mbc.network.lora import lora_disabled
+from mbc.network.retrieval import RetrievalKeys
 from mbc.network.vocabulary import CodeWriter, VocabularyCodebook
 from mbc.settings import Field, from_dict, settings
 
@@ -77,7 +79,8 @@ class TokenMemoryConfig:
     # trained end to end on the QA loss (training/vocabulary_codes.py) and read by id, not as text.
     codes: Codes = "kept"
     commitment: Annotated[float, Field(ge=0)] = 0.25  # beta of the commitment term, for written codes
-    # The base LLM, tokenizer and retrieval keys: an MBC config (only those parts of it are used)
+    # The base LLM (its name, KV-LoRA and layers) and the retrieval keys (their encoder and sizes):
+    # an MBC config, of which only those parts are used
     base: dict = field(default_factory=_cpu_preset)
 
     def __post_init__(self):
@@ -116,65 +119,66 @@ class TokenCodec:
 
 
 class TokenMemory(nn.Module):
-    """The scorer, and the base model whose frozen LLM, tokenizer and retrieval keys it uses (an
-    ``MBCModel`` of ``config.base``; of its adapter only the KV-LoRA is ever trained or read, by a
-    trained reader)."""
+    """The scorer (and with written codes the writer) over a frozen LLM, whose KV-LoRA is trained
+    or read only by a trained reader, and the retrieval keys that choose what a question reads."""
 
-    def __init__(self, config: TokenMemoryConfig, base):
+    def __init__(self, config: TokenMemoryConfig, llm: FrozenLLM, retrieval_keys: RetrievalKeys):
         super().__init__()
-        if not 1 <= config.layer <= base.layout.num_layers:
-            raise MBCError(f"layer={config.layer} is outside the base LLM's {base.layout.num_layers} layers")
-        self.config, self.base = config, base
+        layout = llm.layout
+        if not 1 <= config.layer <= layout.num_layers:
+            raise MBCError(f"layer={config.layer} is outside the base LLM's {layout.num_layers} layers")
+        self.config, self.llm, self.retrieval_keys = config, llm, retrieval_keys
         self.trained_on: str | None = None  # what training read, kept in its checkpoints (describe_training)
-        self.scorer = nn.Linear(2 * base.layout.hidden_size, 1)
-        self.codec = TokenCodec(len(base.tokenizer), config.keep)
+        self.scorer = nn.Linear(2 * layout.hidden_size, 1)
+        self.codec = TokenCodec(len(llm.tokenizer), config.keep)
         self.writer = self.codebook = None
         if config.codes == "written":
-            self.writer = CodeWriter(2 * base.layout.hidden_size, base.layout.hidden_size)
-            self.codebook = VocabularyCodebook(base.llm.get_input_embeddings(), config.commitment)
+            self.writer = CodeWriter(2 * layout.hidden_size, layout.hidden_size)
+            self.codebook = VocabularyCodebook(llm.model.get_input_embeddings(), config.commitment)
 
     @classmethod
     def build(cls, config: TokenMemoryConfig | None = None) -> "TokenMemory":
-        from mbc.model import MBCModel
+        from mbc.network import backbones
 
         config = config or TokenMemoryConfig()
-        return cls(config, MBCModel.build(MBCConfig.from_dict(config.base))).eval()
+        base = MBCConfig.from_dict(config.base)
+        key_encoder = backbones.load_encoder(base.document_encoder)
+        keys = RetrievalKeys(
+            key_encoder.model,
+            key_encoder.tokenizer,
+            base.max_document_tokens,
+            base.retrieval_subspaces,
+            base.retrieval_codes,
+        )
+        return cls(config, FrozenLLM.from_config(base), keys).eval()
 
     def keeping(self, keep: int) -> "TokenMemory":
         """The same memory keeping ``keep`` tokens per document (scorer and retrieval keys shared)."""
-        other = TokenMemory(replace(self.config, keep=keep), self.base)
+        other = TokenMemory(replace(self.config, keep=keep), self.llm, self.retrieval_keys)
         other.scorer, other.writer = self.scorer, self.writer
         return other.eval()
 
     @property
-    def tokenizer(self):
-        return self.base.tokenizer
-
-    document_tokenizer = tokenizer  # what memory/service.py cuts long documents into passages by
-
-    @property
-    def retrieval_keys(self):
-        return self.base.retrieval_keys
-
-    def retrieval_keys_of(self, documents: list[str]) -> np.ndarray:
-        return self.base.retrieval_keys_of(documents)
+    def document_tokenizer(self):
+        """What memory/service.py cuts long documents into passages by: the LLM's, whose tokens are kept."""
+        return self.llm.tokenizer
 
     def stored_keys(self, bank, ids: list[int]) -> torch.Tensor:
         """What a reader keeps of each stored document: its retrieval key and its kept token ids,
         [n, subspaces + keep] (the second half a lexical index at no stored byte: network/lexical.py)."""
         tokens = torch.as_tensor(bank.entries(ids)[:, :, 0].astype(np.int64))
-        return torch.cat([self.base.stored_keys(bank, ids), tokens], dim=1)
+        return torch.cat([torch.as_tensor(bank.retrieval_keys(ids)).long(), tokens], dim=1)
 
     @torch.no_grad()
     def top_documents(self, questions: list[str], document_keys) -> torch.Tensor:
         """[B, 1] the position in ``document_keys`` (``stored_keys``) of the document whose kept
         tokens each question reads: the best by retrieval key plus ``lexical_weight`` x BM25 over
         the kept tokens."""
-        subspaces = self.base.config.retrieval_subspaces
+        subspaces = self.retrieval_keys.quantizer.subspaces
         keys, tokens = document_keys[:, :subspaces], document_keys[:, subspaces:]
-        scores = self.retrieval_keys.scores(self.base.embedder(questions), keys)
+        scores = self.retrieval_keys.scores(questions, keys)
         if self.config.lexical_weight:
-            asked = self.tokenizer(questions)["input_ids"]
+            asked = self.llm.tokenizer(questions)["input_ids"]
             scores = combined(scores, bm25(asked, tokens, self.codec.pad), self.config.lexical_weight)
         return scores.topk(1, dim=1).indices
 
@@ -184,21 +188,22 @@ class TokenMemory(nn.Module):
         """Per text: its token ids, their character spans, and features [tokens, 2 x hidden] (each
         token's hidden state entering ``layer`` beside its successor's). Texts of similar length run
         together, padded on the right (which causal attention keeps from every real token)."""
-        from mbc.model import pad
-
         encoded = [
-            self.tokenizer(t, return_offsets_mapping=True, truncation=True, max_length=self.config.max_document_tokens)
+            self.llm.tokenizer(
+                t, return_offsets_mapping=True, truncation=True, max_length=self.config.max_document_tokens
+            )
             for t in texts
         ]
         order = sorted(range(len(texts)), key=lambda i: len(encoded[i]["input_ids"]))
         out: list = [None] * len(texts)
-        with lora_disabled(self.base.llm):
+        llm = self.llm
+        with lora_disabled(llm.model):
             for first in tqdm(range(0, len(order), batch_size), desc="LLM hidden states", disable=not progress):
                 members = order[first : first + batch_size]
                 ids = [encoded[i]["input_ids"] for i in members]
-                mask = pad([[1] * len(t) for t in ids], 0, side="right").to(self.base.device)
-                tokens = pad(ids, 0, side="right").to(self.base.device)
-                hidden = lower_hidden(self.base.llm, self.base.layout, tokens, mask, self.config.layer).float()
+                mask = pad([[1] * len(t) for t in ids], 0, side="right").to(llm.device)
+                tokens = pad(ids, 0, side="right").to(llm.device)
+                hidden = lower_hidden(llm.model, llm.layout, tokens, mask, self.config.layer).float()
                 for row, i in enumerate(members):
                     states = hidden[row, : len(ids[row])]
                     following = torch.cat([states[1:], states.new_zeros(1, states.shape[1])])
@@ -234,8 +239,8 @@ class TokenMemory(nn.Module):
 
     def write(self, kept: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
         """Kept token ids [..., K] and their features [..., K, 2 x hidden] -> the vectors to quantize."""
-        own = self.codebook.embeddings(kept.to(self.base.device))
-        return self.writer(own, features.to(self.base.device))
+        own = self.codebook.embeddings(kept.to(self.llm.device))
+        return self.writer(own, features.to(self.llm.device))
 
     def compress(self, documents: list[str]) -> np.ndarray:
         """Documents -> bank entries [N, keep, 1] (what ``memory/ingest.py`` stores)."""
@@ -243,7 +248,7 @@ class TokenMemory(nn.Module):
 
     def texts(self, entries: np.ndarray) -> list[str]:
         """Bank entries -> the kept tokens of each document, as text."""
-        return [self.tokenizer.decode(ids) for ids in self.codec.decode(entries)]
+        return [self.llm.tokenizer.decode(ids) for ids in self.codec.decode(entries)]
 
     # ---- answering (through a RetrievalReader over a bank: memory/readers.py) -----------------
     @torch.no_grad()
@@ -275,43 +280,41 @@ class TokenMemory(nn.Module):
         """``prompt`` as token ids. Kept tokens go in as text (decoded and tokenized again, as they
         were measured); written codes go in as the ids themselves, as training read them."""
         if self.writer is None:
-            return self.tokenizer(self.prompt(self.tokenizer.decode(codes), question))["input_ids"]
+            return self.llm.tokenizer(self.prompt(self.llm.tokenizer.decode(codes), question))["input_ids"]
         before, after = self.prompt_around(question)
         return before + codes + after
 
     def prompt_around(self, question: str) -> tuple[list[int], list[int]]:
         """The prompt's ids before and after the context."""
         return (
-            self.tokenizer(prompts.CONTEXT_LABEL)["input_ids"],
-            self.tokenizer(prompts.context_prompt("", question)[len(prompts.CONTEXT_LABEL) + 1 :])["input_ids"],
+            self.llm.tokenizer(prompts.CONTEXT_LABEL)["input_ids"],
+            self.llm.tokenizer(prompts.context_prompt("", question)[len(prompts.CONTEXT_LABEL) + 1 :])["input_ids"],
         )
 
     def continue_prompts(self, ids: list[list[int]], decoding: DecodingConfig | None = None) -> list[str]:
         """The LLM's answer to each prompt: with the trained reader's KV-LoRA, or the base LLM alone."""
         if self.config.trained_reader:
-            return self.base.generate(ids, None, decoding)
-        with lora_disabled(self.base.llm):
-            return self.base.generate(ids, None, decoding)
+            return self.llm.generate(ids, None, decoding)
+        with lora_disabled(self.llm.model):
+            return self.llm.generate(ids, None, decoding)
 
     # ---- the bank it writes, and saving ------------------------------------------------------
-    def bank_layout(self):
-        from mbc.bank import BankLayout
-
-        base = self.base.config
+    def bank_layout(self) -> BankLayout:
+        keys = self.retrieval_keys.quantizer
         return BankLayout(
             self.codec.mode,
             self.config.keep,
             1,
             self.codec.codebook_size,
-            self.base.layout.hidden_size,
+            self.llm.layout.hidden_size,
             self.bank_fingerprint(),
-            base.retrieval_subspaces,
-            base.retrieval_codes,
+            keys.subspaces,
+            keys.codes,
         )
 
     def bytes_per_document(self) -> dict[str, float]:
         tokens = packed_size(self.config.keep, self.codec.codebook_size)  # 2 bytes a token for SmolLM2
-        return {"tokens": tokens, "retrieval_key": self.base.bytes_per_document()["retrieval_key"]}
+        return {"tokens": tokens, "retrieval_key": self.retrieval_keys.bytes_per_document()}
 
     def bank_fingerprint(self) -> str:
         """What a stored entry's meaning depends on: the scorer that chose the tokens (the tokenizer
@@ -322,10 +325,10 @@ class TokenMemory(nn.Module):
     codebook_fingerprint = bank_fingerprint  # what checkpoint.py records and checks
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        keys = {f"base.retrieval_keys.{k}": v for k, v in self.retrieval_keys.state_dict().items()}
+        keys = {f"retrieval_keys.{k}": v for k, v in self.retrieval_keys.state().items()}
         reader = {}
         if self.config.trained_reader:  # the base LLM's KV-LoRA, trained to read kept tokens
-            reader = {f"base.{k}": v.detach().cpu().clone() for k, v in self.base.state_dict().items() if ".lora_" in k}
+            reader = {f"llm.{k}": v.detach().cpu().clone() for k, v in self.llm.state_dict().items() if ".lora_" in k}
         writer = {} if self.writer is None else {f"writer.{k}": v for k, v in self.writer.state_dict().items()}
         return {**{f"scorer.{k}": v for k, v in self.scorer.state_dict().items()}, **writer, **keys, **reader}
 

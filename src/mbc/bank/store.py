@@ -290,7 +290,7 @@ class MemoryBank:
         self, texts: list[str], entries: np.ndarray, metadata: list[dict] | None = None, keys: np.ndarray | None = None
     ) -> list[Added]:
         """Store each text's entry (as ``model.compress`` returns them) and retrieval key (as
-        ``model.retrieval_keys_of`` returns them; only for a model with retrieval keys), all in one
+        ``RetrievalKeys.keys_of`` returns them; only for a model with retrieval keys), all in one
         transaction. A text whose content is already stored (here or earlier in ``texts``) is not
         stored again."""
         metadata = metadata if metadata is not None else [{} for _ in texts]

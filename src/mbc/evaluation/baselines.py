@@ -8,24 +8,24 @@ import torch
 from mbc.data import QAExample
 from mbc.errors import MBCError
 from mbc.evaluation.validation import Evaluation, chunks, scores
-from mbc.model import MBCModel
 from mbc.network.decoding import DecodingConfig
+from mbc.network.frozen_llm import FrozenLLM
 from mbc.network.lora import lora_disabled
 from mbc.prompts import context_prompt
 
 
 @torch.no_grad()
 def answer_without_memory(
-    model: MBCModel, questions: list[str], prompt_template: str | None = None, decoding: DecodingConfig | None = None
+    llm: FrozenLLM, questions: list[str], prompt_template: str | None = None, decoding: DecodingConfig | None = None
 ) -> list[str]:
     """The base LLM alone, asked each question: no prefix, and KV-LoRA switched off."""
-    with lora_disabled(model.llm):
-        return model.generate_answers(questions, None, decoding, prompt_template)
+    with lora_disabled(llm.model):
+        return llm.answer(questions, None, decoding, prompt_template)
 
 
 @torch.no_grad()
 def evaluate_base_llm(
-    model: MBCModel,
+    llm: FrozenLLM,
     examples: list[QAExample],
     prompt_template: str | None = None,
     batch_size: int = 16,
@@ -35,26 +35,27 @@ def evaluate_base_llm(
     template), or a short-answer prompt such as ``mbc.prompts.FEW_SHOT_TEMPLATE``."""
     predictions = []
     for chunk in chunks(examples, batch_size):
-        predictions += answer_without_memory(model, [e.question for e in chunk], prompt_template, decoding)
+        predictions += answer_without_memory(llm, [e.question for e in chunk], prompt_template, decoding)
     return Evaluation(scores(predictions, examples), predictions)
 
 
-def llm_window(model: MBCModel) -> int:
+def llm_window(llm: FrozenLLM) -> int:
     """Tokens the base LLM can attend over (prompt and answer together)."""
-    config = model.llm.config
+    config = llm.model.config
     return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None) or 2048
 
 
-def fitted_context_prompt(model: MBCModel, context: str, question: str, max_tokens: int) -> tuple[str, bool]:
+def fitted_context_prompt(llm: FrozenLLM, context: str, question: str, max_tokens: int) -> tuple[str, bool]:
     """``context_prompt`` in at most ``max_tokens`` tokens, the context cut at its end where needed
     (a long document would otherwise take minutes per question, or overflow the window); and whether
     it was cut."""
     prompt = context_prompt(context, question)
-    if len(model.tokenizer(prompt)["input_ids"]) <= max_tokens:
+    tokenizer = llm.tokenizer
+    if len(tokenizer(prompt)["input_ids"]) <= max_tokens:
         return prompt, False
-    rest = len(model.tokenizer(context_prompt("", question))["input_ids"])
-    kept = model.tokenizer(context)["input_ids"][: max(max_tokens - rest - 8, 0)]  # 8: re-tokenizing may merge less
-    return context_prompt(model.tokenizer.decode(kept), question), True
+    rest = len(tokenizer(context_prompt("", question))["input_ids"])
+    kept = tokenizer(context)["input_ids"][: max(max_tokens - rest - 8, 0)]  # 8: re-tokenizing may merge less
+    return context_prompt(tokenizer.decode(kept), question), True
 
 
 def bm25_retriever(stream: list[str], top_k: int):

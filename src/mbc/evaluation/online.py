@@ -50,6 +50,7 @@ from mbc.memory.ingest import ingest
 from mbc.memory.readers import RetrievalReader, answer_from_bank, reader_for
 from mbc.model import MBCModel
 from mbc.network.decoding import DecodingConfig, Strategy
+from mbc.network.frozen_llm import FrozenLLM
 from mbc.paths import writable_folder
 from mbc.prompts import FEW_SHOT_TEMPLATE, answer_prompts
 from mbc.settings import Field, settings
@@ -285,8 +286,8 @@ class _PromptAnswers:
     """The base LLM's greedy answer to each prompt text, generated once: where BM25 puts a question's
     own document into the prompt, its prompt is the gold-document prompt, token for token."""
 
-    def __init__(self, model: MBCModel, decoding: DecodingConfig):
-        self.model, self.decoding = model, decoding
+    def __init__(self, llm: FrozenLLM, decoding: DecodingConfig):
+        self.llm, self.decoding = llm, decoding
         self.answers: dict[str, tuple[str, float]] = {}  # prompt -> (answer, ms it took)
 
     def __call__(
@@ -294,7 +295,7 @@ class _PromptAnswers:
     ) -> tuple[list[str], float]:
         """The answers to ``prompts`` and the mean ms per prompt they took (when first generated).
         Prompts of one group (the same document in front of different questions) are answered in
-        batches of their own, so that ``MBCModel.generate`` runs their common start once."""
+        batches of their own, so that ``FrozenLLM.generate`` runs their common start once."""
         new = list(dict.fromkeys(p for p in prompts if p not in self.answers))
         group_of = dict(zip(prompts, groups)) if groups else {}
         by_group: dict[str, list[str]] = {}
@@ -303,7 +304,7 @@ class _PromptAnswers:
         batches = [batch for members in by_group.values() for batch in chunks(members, batch_size)]
         for chunk in tqdm(batches, desc=name, unit="batch", leave=False):
             start = time.perf_counter()
-            answers = answer_prompts(self.model, chunk, self.decoding)
+            answers = answer_prompts(self.llm, chunk, self.decoding)
             ms = 1000 * (time.perf_counter() - start) / len(chunk)
             self.answers.update((prompt, (answer, ms)) for prompt, answer in zip(chunk, answers))
         answered = [self.answers[p] for p in prompts]
@@ -315,11 +316,11 @@ def _base(prompt_answers: _PromptAnswers, rows, prompt, name: str, batch_size: i
     return MethodResult(predictions, 0.0, ms)
 
 
-def _fitted_prompts(model: MBCModel, rows, contexts, config, decoding: DecodingConfig) -> list[tuple[str, bool]]:
+def _fitted_prompts(llm: FrozenLLM, rows, contexts, config, decoding: DecodingConfig) -> list[tuple[str, bool]]:
     """Row i's context prompt with ``contexts[i]``, cut to fit the LLM's window (or
     ``max_context_tokens``) with room for the answer; and whether it was cut."""
-    budget = min(config.max_context_tokens or llm_window(model), llm_window(model)) - decoding.max_new_tokens
-    return [fitted_context_prompt(model, c, r.question, budget) for r, c in zip(rows, contexts)]
+    budget = min(config.max_context_tokens or llm_window(llm), llm_window(llm)) - decoding.max_new_tokens
+    return [fitted_context_prompt(llm, c, r.question, budget) for r, c in zip(rows, contexts)]
 
 
 def _with_context(prompt_answers: _PromptAnswers, rows, contexts, fitted, config, name: str, text_bytes: float):
@@ -340,7 +341,8 @@ def _memory_and_text(model: MBCModel, bank_address: str, rows, fitted, config, d
         for chunk in tqdm(list(chunks(list(zip(rows, prompts)), config.context_batch_size)), desc=name, leave=False):
             with timer:
                 prefix = model.prefix(reader.modulation([row.question for row, _ in chunk]))
-                predictions += model.generate([model.tokenizer(p)["input_ids"] for _, p in chunk], prefix, decoding)
+                ids = [model.llm.tokenizer(p)["input_ids"] for _, p in chunk]
+                predictions += model.llm.generate(ids, prefix, decoding)
     return MethodResult(predictions, per_document + text_bytes, 1000 * timer.seconds / max(len(rows), 1))
 
 
@@ -416,7 +418,7 @@ def _finetuned(key: str, spans: str | None):
 
 
 def _raw_question(ev: EvalRun) -> None:
-    template = ev.base.config.prompt_template
+    template = ev.base.prompt_template
     name = "base, raw question"
     ev.results[name] = _base(
         ev.prompt_answers, ev.rows, lambda r: template.format(question=r.question), name, ev.config.batch_size
@@ -538,7 +540,7 @@ def run_eval(
     stream = documents(rows)
     text_bytes = sum(len(d.encode("utf-8")) for d in stream) / max(len(stream), 1)
     # the frozen LLM, read without a memory by the base methods
-    base = next((model for model in (mbc, mac, tokens.base if tokens is not None else None) if model is not None), None)
+    base = next((model.llm for model in (mbc, mac, tokens) if model is not None), None)
     run = EvalRun(rows, stream, unrelated_documents, output, banks, config, decoding, given, base, text_bytes)
     for name in methods:
         METHODS_BY_NAME[name].run(run)

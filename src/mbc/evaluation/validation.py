@@ -53,8 +53,8 @@ def evaluate(
     for chunk in chunks(examples, batch_size):
         questions = [e.question for e in chunk]
         prefix = model.prefix(reader.modulation(questions))  # once, for both the loss and the answers
-        losses.append(model.qa_loss(questions, [e.answers[0] for e in chunk], prefix).item() * len(chunk))
-        predictions += model.generate_answers(questions, prefix, decoding)
+        losses.append(model.llm.qa_loss(questions, [e.answers[0] for e in chunk], prefix).item() * len(chunk))
+        predictions += model.llm.answer(questions, prefix, decoding)
     reader.bank.close()
     model.train(was_training)
     return Evaluation({**scores(predictions, examples), "loss": sum(losses) / max(len(examples), 1)}, predictions)

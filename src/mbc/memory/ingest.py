@@ -49,7 +49,7 @@ def ingest(
     for start in tqdm(range(0, len(fresh), batch_size), desc="adapt", unit="batch", disable=not progress):
         chunk = fresh[start : start + batch_size]
         chunk_texts = [texts[i] for i in chunk]
-        keys = model.retrieval_keys_of(chunk_texts) if model.retrieval_keys is not None else None
+        keys = model.retrieval_keys.keys_of(chunk_texts) if model.retrieval_keys is not None else None
         for index, added in zip(
             chunk, bank.add(chunk_texts, model.compress(chunk_texts), [metadata[i] for i in chunk], keys)
         ):

@@ -130,7 +130,7 @@ class _DocumentKeysReader(Reader):
         return self._documents_by_id([self.ids[i] for i in positions])
 
     def _documents_by_id(self, ids: list[int]) -> torch.Tensor:
-        return self.model.memory(self.bank.entries(ids)).view(len(ids), -1, self.model.layout.hidden_size)
+        return self.model.memory(self.bank.entries(ids)).view(len(ids), -1, self.model.llm.layout.hidden_size)
 
 
 class WindowedReader(_DocumentKeysReader):
@@ -152,7 +152,7 @@ class WindowedReader(_DocumentKeysReader):
         return torch.cat([self._hierarchical(queries[b : b + 1], top[b].tolist()) for b in range(len(questions))])
 
     def _hierarchical(self, queries: torch.Tensor, positions: list[int]) -> torch.Tensor:
-        dim = self.model.layout.hidden_size
+        dim = self.model.llm.layout.hidden_size
         level = self._documents(positions)  # [items, vectors, dim]
         while True:
             outputs = [

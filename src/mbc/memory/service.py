@@ -146,7 +146,7 @@ class MemoryService:
             if len(question) > MAX_QUESTION_CHARACTERS:
                 length = f"{len(question):,} characters"
             else:
-                tokens = len(self.model.tokenizer(question, add_special_tokens=False)["input_ids"])
+                tokens = len(self.model.llm.tokenizer(question, add_special_tokens=False)["input_ids"])
                 if tokens <= MAX_QUESTION_TOKENS:
                     continue
                 length = f"{tokens:,} tokens"

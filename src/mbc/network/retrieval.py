@@ -20,10 +20,12 @@ pretrained encoder's embedding does the job from the first step.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mbc.bank.packing import index_dtype, packed_size
 from mbc.errors import MBCError
 from mbc.network.codebook import kmeans
 
@@ -108,5 +110,51 @@ class ProductQuantizer(nn.Module):
         if not bool(self.fitted):
             raise MBCError(
                 "the retrieval keys' centroids are not fitted yet: training fits them on the training documents "
-                "(MBCModel.fit_retrieval_keys)"
+                "(RetrievalKeys.fit)"
             )
+
+
+class RetrievalKeys(nn.Module):
+    """Texts -> stored keys, and questions -> scores against stored keys: a frozen encoder's
+    sentence embedding (``SentenceEmbedder``), product-quantized (``ProductQuantizer``)."""
+
+    def __init__(self, encoder: nn.Module, tokenizer, max_tokens: int, subspaces: int, codes: int):
+        super().__init__()
+        self.embedder = SentenceEmbedder(encoder, tokenizer, max_tokens)
+        self.quantizer = ProductQuantizer(self.embedder.dim, subspaces, codes)
+
+    @property
+    def centroids(self) -> torch.Tensor:
+        return self.quantizer.centroids
+
+    @property
+    def fitted(self) -> bool:
+        return bool(self.quantizer.fitted)
+
+    def fit(self, documents: list[str]) -> None:
+        """The centroids (k-means) fitted on these documents' embeddings; training does this once,
+        before the first step, on the training documents."""
+        self.quantizer.fit(self.embedder(documents))
+
+    @torch.no_grad()
+    def keys_of(self, documents: list[str]) -> np.ndarray:
+        """Documents -> their keys [N, subspaces], as the bank stores them."""
+        codes = self.quantizer.encode(self.embedder(documents))
+        return codes.cpu().numpy().astype(index_dtype(self.quantizer.codes))
+
+    @torch.no_grad()
+    def scores(self, questions: list[str], keys) -> torch.Tensor:
+        """Each question's score against each stored key [N, subspaces] -> [B, N]."""
+        return self.quantizer.scores(self.embedder(questions), keys)
+
+    def top(self, questions: list[str], keys, k: int) -> torch.Tensor:
+        """[B, k] positions in ``keys`` of each question's best-scored documents."""
+        scores = self.scores(questions, keys)
+        return scores.topk(min(k, scores.shape[1]), dim=1).indices
+
+    def bytes_per_document(self) -> int:
+        return packed_size(self.quantizer.subspaces, self.quantizer.codes)
+
+    def state(self) -> dict[str, torch.Tensor]:
+        """What a checkpoint keeps of them: the centroids (the encoder is named in the config)."""
+        return {f"quantizer.{k}": v.detach().cpu().clone() for k, v in self.quantizer.state_dict().items()}

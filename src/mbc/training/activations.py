@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import torch
 
-from mbc.model import MBCModel, pad
+from mbc.model import MBCModel
+from mbc.network.frozen_llm import pad
 
 
 class _RowCache:
@@ -78,8 +79,8 @@ class FrozenActivations:
         self.model, store = model, store or FrozenStore()
         config, amortization, question_network = model.config, model.amortization, model.question_network
         self.llm = self.documents = self.questions = None
-        if model.first_adapted_layer > 0:
-            llm = (config.llm, config.llm_quantization, model.first_adapted_layer, _dtype(model.llm))
+        if model.llm.first_adapted_layer > 0:
+            llm = (config.llm, config.llm_quantization, model.llm.first_adapted_layer, _dtype(model.llm.model))
             self.llm = store.part("llm", *llm)
         if amortization.splits:
             encoder = (config.document_encoder, amortization.frozen_layers, _dtype(amortization.encoder))
@@ -98,12 +99,13 @@ class FrozenActivations:
         return {name: (len(part.rows), part.bytes) for name, part in parts.items() if part is not None}
 
     def qa_loss(self, questions: list[str], answers: list[str], prefix) -> torch.Tensor:
-        """``model.qa_loss``, running only the LLM layers that carry a prefix or KV-LoRA."""
+        """``model.llm.qa_loss``, running only the LLM layers that carry a prefix or KV-LoRA."""
         if self.llm is None:
-            return self.model.qa_loss(questions, answers, prefix)
-        ids, mask, labels = self.model.training_inputs(questions, answers)  # right-padded, as ``padded`` pads
-        lower = self.llm.padded(_token_keys(ids, mask), ids.device, self.model.lower_hidden)
-        return self.model.qa_loss_from_lower(lower, mask, labels, prefix)
+            return self.model.llm.qa_loss(questions, answers, prefix)
+        llm = self.model.llm
+        ids, mask, labels = llm.training_inputs(questions, answers)  # right-padded, as ``padded`` pads
+        lower = self.llm.padded(_token_keys(ids, mask), ids.device, llm.lower_hidden)
+        return llm.qa_loss_from_lower(lower, mask, labels, prefix)
 
     def amortize(self, documents: list[str]) -> torch.Tensor:
         """``model.amortize``, running only the encoder's trained layers."""

@@ -25,7 +25,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from mbc.errors import MBCError
-from mbc.model import IGNORE, MBCModel, pad
+from mbc.model import MBCModel
+from mbc.network.frozen_llm import IGNORE, pad
 from mbc.training.activations import FrozenActivations
 from mbc.training.schedule import OBJECTIVES, PROBE_TOKENS, Step
 
@@ -90,13 +91,13 @@ class StepObjective(nn.Module):
             # Teaching: the LLM side learns to read the answer's direction; the reading path gets no QA gradient.
             if step.teach_reading > 0:
                 hinted = with_answer_hint(model, modulation.detach(), answers, step.teach_reading)
-                taught = (frozen or model).qa_loss(questions, answers, model.prefix(hinted))
+                taught = (frozen or model.llm).qa_loss(questions, answers, model.prefix(hinted))
             probe_loss = probe_loss + _rest_in_graph(model)
             return StepOutput(probe_loss + taught + vq_term, taught, vq_loss, memory.perplexity, probe_loss, gap)
         if step.hold_reading:  # the same values, no gradient, every parameter still in the graph (DDP)
             modulation, vq_term = modulation.detach() + 0.0 * modulation, 0.0 * vq_term
 
-        scorer = frozen or model
+        scorer = frozen or model.llm
         qa_loss = scorer.qa_loss(questions, answers, model.prefix(modulation))
         gap = reading_gap(lambda read: scorer.qa_loss(questions, answers, model.prefix(read)), qa_loss.detach())
         probe_loss = (
@@ -148,7 +149,7 @@ def answer_probe_logits(model: MBCModel, modulation: torch.Tensor, tokens: str =
     if tokens not in PROBE_TOKENS:
         raise MBCError(f"probe tokens must be one of {PROBE_TOKENS}, got {tokens!r}")
     read = modulation.mean(1) if tokens == "first" else modulation
-    return model.llm.get_output_embeddings()(F.layer_norm(read, read.shape[-1:]))
+    return model.llm.model.get_output_embeddings()(F.layer_norm(read, read.shape[-1:]))
 
 
 def answer_probe_loss(
@@ -158,16 +159,18 @@ def answer_probe_loss(
     for token k) under ``answer_probe_logits``."""
     logits = answer_probe_logits(model, modulation, tokens).float()
     if tokens == "first":
-        return F.cross_entropy(logits, torch.tensor([model.answer_ids(a)[0] for a in answers], device=logits.device))
-    targets = pad([model.answer_ids(a)[:-1][: modulation.shape[1]] for a in answers], IGNORE).to(logits.device)
+        return F.cross_entropy(
+            logits, torch.tensor([model.llm.answer_ids(a)[0] for a in answers], device=logits.device)
+        )
+    targets = pad([model.llm.answer_ids(a)[:-1][: modulation.shape[1]] for a in answers], IGNORE).to(logits.device)
     return F.cross_entropy(logits[:, : targets.shape[1]].flatten(0, 1), targets.flatten(), ignore_index=IGNORE)
 
 
 def with_answer_hint(model: MBCModel, modulation: torch.Tensor, answers: list[str], strength: float) -> torch.Tensor:
     """The modulation [B, K, dim] plus, in every slot, the direction of the answer's first token in
     the LLM's output embedding (the probe's target) at ``strength`` times the slot's norm."""
-    first = torch.tensor([model.answer_ids(a)[0] for a in answers], device=modulation.device)
-    direction = F.normalize(model.llm.get_output_embeddings().weight[first].to(modulation.dtype), dim=-1)
+    first = torch.tensor([model.llm.answer_ids(a)[0] for a in answers], device=modulation.device)
+    direction = F.normalize(model.llm.model.get_output_embeddings().weight[first].to(modulation.dtype), dim=-1)
     return modulation + strength * modulation.norm(dim=-1, keepdim=True) * direction[:, None]
 
 

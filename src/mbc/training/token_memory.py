@@ -108,7 +108,7 @@ def train_token_memory(
     torch.manual_seed(run.seed)  # the KV-LoRA's initial A matrices
     model = TokenMemory.build(config)
     model.trained_on = trained_on
-    model.base.fit_retrieval_keys(texts)
+    model.retrieval_keys.fit(texts)
     answers_of: dict[str, set[str]] = {}
     for row in rows:
         answers_of.setdefault(row.document, set()).update(row.answers)
@@ -138,7 +138,7 @@ def _train_reading(model: TokenMemory, rows, steps: int, run: AdapterRun, fitted
         return
     kept_texts = None
     if tokens is not None:
-        kept_texts = {text: model.tokenizer.decode(model.keep_best(ids, f)) for text, (ids, _, f) in tokens.items()}
+        kept_texts = {text: model.llm.tokenizer.decode(model.keep_best(ids, f)) for text, (ids, _, f) in tokens.items()}
     train_reader(
         model,
         rows,
@@ -178,36 +178,43 @@ def train_reader(
     when this run's settings (``fitted_with`` too: how the memory was fitted) are the saved run's.
     Returns the loss of every step (the saved ones included)."""
     from mbc.data import documents as distinct_documents
-    from mbc.model import IGNORE, pad
+    from mbc.network.frozen_llm import IGNORE, pad
     from mbc.training.activations import FrozenStore
 
-    base = model.base
+    llm = model.llm
     if kept_texts is None:
         texts = distinct_documents(rows)
         kept_texts = dict(zip(texts, model.texts(model.compress(texts))))
     examples = [
-        (model.tokenizer(model.prompt(kept_texts[r.document], r.question))["input_ids"], base.answer_ids(r.answers[0]))
+        (llm.tokenizer(model.prompt(kept_texts[r.document], r.question))["input_ids"], llm.answer_ids(r.answers[0]))
         for r in rows
     ]
     lower_rows = FrozenStore().part("reader rows")
 
     def batch_loss(batch) -> torch.Tensor:
         ids = [prompt + answer for prompt, answer in batch]
-        mask = pad([[1] * len(i) for i in ids], 0).to(base.device)
-        labels = pad([[IGNORE] * len(prompt) + answer for prompt, answer in batch], IGNORE).to(base.device)
-        lower = lower_rows.padded([tuple(i) for i in ids], base.device, base.lower_hidden)
-        return base.qa_loss_from_lower(lower, mask, labels, None)
+        mask = pad([[1] * len(i) for i in ids], 0).to(llm.device)
+        labels = pad([[IGNORE] * len(prompt) + answer for prompt, answer in batch], IGNORE).to(llm.device)
+        lower = lower_rows.padded([tuple(i) for i in ids], llm.device, llm.lower_hidden)
+        return llm.qa_loss_from_lower(lower, mask, labels, None)
 
     settings = {
         "fitted_with": fitted_with or {},
         "kept": _fingerprint_texts(kept_texts[r.document] + "\n" + r.question for r in rows),
     }
-    run = AdapterRun(batch_size, learning_rate, seed, mixed_precision, save_to, save_every_minutes)
+    run = AdapterRun(
+        batch_size=batch_size,
+        learning_rate=learning_rate,
+        seed=seed,
+        mixed_precision=mixed_precision,
+        save_to=save_to,
+        save_every_minutes=save_every_minutes,
+    )
     return train_adapters(model, kv_lora(model), examples, batch_loss, steps, run, settings, "reader")
 
 
 def kv_lora(model: TokenMemory) -> list[nn.Parameter]:
-    adapters = [p for name, p in model.base.llm.named_parameters() if ".lora_" in name]
+    adapters = model.llm.lora_parameters()
     if not adapters:
         raise MBCError("the token memory's base LLM carries no KV-LoRA to train: give its base config lora_layers > 0")
     return adapters

@@ -388,7 +388,7 @@ class _Run:
             )
         self.progress["identity"] = identity
         if model.retrieval_keys is not None and not bool(model.retrieval_keys.fitted):
-            model.fit_retrieval_keys(
+            model.retrieval_keys.fit(
                 self.train_documents
             )  # every process fits the same centroids: same documents, same seed
         frozen = FrozenActivations(model, frozen_store) if config.cache_frozen_activations else None
