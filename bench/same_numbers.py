@@ -177,6 +177,7 @@ def main():
     parser.add_argument("rev", help="the commit to compare with (e.g. the one before a refactoring)")
     parser.add_argument("--output", type=Path, default=ROOT / "runs" / "same-numbers")
     args = parser.parse_args()
+    args.output = args.output.resolve()  # the runs' working folder is each tree, not this one
     worktree = Path(tempfile.mkdtemp(prefix="mbc-rev-")) / "tree"
     subprocess.run(
         ["git", "-C", str(ROOT), "worktree", "add", "--detach", str(worktree), args.rev],

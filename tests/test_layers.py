@@ -84,3 +84,15 @@ def test_mbc_bank_lists_shows_and_deletes_without_torch(tmp_path):
     )
     code = code.replace("app([", "app(['bank', ")
     assert _run(code).splitlines()[-1] == "False False"
+
+
+def test_ingest_and_the_readers_depend_on_the_memory_protocol_not_on_a_model_module():
+    for name in ("ingest.py", "readers.py", "protocol.py"):
+        assert not {m for m in _imports(PACKAGE / "memory" / name) if m in ("mbc.model", "mbc.token_memory")}, name
+
+
+def test_mbc_is_an_aggregating_memory(tiny_model):
+    from mbc.memory.protocol import AggregatingMemory, Memory
+
+    model = tiny_model()
+    assert isinstance(model, Memory) and isinstance(model, AggregatingMemory)

@@ -47,6 +47,7 @@ from mbc.evaluation.metrics import retention_percent, score, score_by_group
 from mbc.evaluation.report import write_predictions
 from mbc.evaluation.validation import chunks, retrieval_recall
 from mbc.memory.ingest import ingest
+from mbc.memory.protocol import Memory
 from mbc.memory.readers import RetrievalReader, answer_from_bank, reader_for
 from mbc.model import MBCModel
 from mbc.network.decoding import DecodingConfig, Strategy
@@ -165,7 +166,7 @@ def _answer_rows(answer, rows: list[QAExample], batch_size: int, timer: _Timer, 
     return predictions
 
 
-def fresh_bank(model: MBCModel, folder: str | Path, name: str) -> MemoryBank:
+def fresh_bank(model: Memory, folder: str | Path, name: str) -> MemoryBank:
     """A new, empty bank in ``folder``: ``name.db``, or ``name-2.db`` and so on where that is taken
     (an earlier evaluation's bank, or anyone's file: nothing is ever deleted). ``folder`` may be a
     ``postgresql://`` URL instead: the bank is then a new schema on that server."""
@@ -202,7 +203,7 @@ def _stream(stream, rows, retention_rows, config: EvalConfig, name: str, adapt_s
 
 
 def _stream_into_bank(
-    model: MBCModel,
+    model: Memory,
     banks: Path,
     stream: list[str],
     rows: list[QAExample],

@@ -22,8 +22,8 @@ from mbc.evaluation.metrics import retention_percent, score
 from mbc.evaluation.online import fresh_bank
 from mbc.evaluation.validation import chunks, retrieval_recall
 from mbc.memory.ingest import ingest
+from mbc.memory.protocol import Memory
 from mbc.memory.readers import RetrievalReader, answer_from_bank, reader_for
-from mbc.model import MBCModel
 from mbc.network.decoding import DecodingConfig
 
 
@@ -60,7 +60,7 @@ def _batched(answer, batch_size: int):
 
 
 def measure_retention(
-    model: MBCModel,
+    model: Memory,
     rows: list[QAExample],
     banks: str | Path,
     every: int = 200,

@@ -11,6 +11,7 @@ from mbc.data import QAExample, documents
 from mbc.data.generated import answer_kinds
 from mbc.evaluation.metrics import score, score_by_group
 from mbc.memory.ingest import ingest
+from mbc.memory.protocol import Memory
 from mbc.memory.readers import Reader, RetrievalReader, reader_for
 from mbc.model import MBCModel
 from mbc.network.decoding import DecodingConfig
@@ -27,7 +28,7 @@ def chunks(items: list, size: int):
         yield items[start : start + size]
 
 
-def reader_over(model: MBCModel, texts: list[str], batch_size: int = 16) -> Reader:
+def reader_over(model: Memory, texts: list[str], batch_size: int = 16) -> Reader:
     """A bank in memory holding ``texts`` (compressed as ``ingest`` stores them), and the reader
     that answers from it as a bank on disk would be read: by retrieval keys when the model has them,
     else attention over every stored vector (the method's definition)."""

@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 
 from mbc.bank import MemoryBank, content_hash
 from mbc.errors import MBCError, check_texts
-from mbc.model import MBCModel
+from mbc.memory.protocol import Memory
 
 
 @dataclass
@@ -25,7 +25,7 @@ class IngestReport:
 
 @torch.no_grad()
 def ingest(
-    model: MBCModel,
+    model: Memory,
     bank: MemoryBank,
     texts: list[str],
     metadata: list[dict] | None = None,

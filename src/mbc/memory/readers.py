@@ -30,14 +30,14 @@ import torch
 
 from mbc.bank import MemoryBank
 from mbc.errors import MBCError, check_texts
-from mbc.model import MBCModel
+from mbc.memory.protocol import AggregatingMemory, Memory
 from mbc.network.decoding import DecodingConfig
 
 
 class Reader:
     """Keeps what it derives from a bank until the bank changes."""
 
-    def __init__(self, model: MBCModel, bank: MemoryBank):
+    def __init__(self, model: AggregatingMemory, bank: MemoryBank):
         if model.retrieval_keys is not None and not isinstance(self, RetrievalReader):
             raise MBCError(
                 f"this model reads only its top {model.config.retrieval_top_k} documents per question "
@@ -85,7 +85,7 @@ class FullReader(Reader):
 class CodeCountReader(Reader):
     """MBC: attention over the distinct stored vectors weighted by their counts (cost O(C))."""
 
-    def __init__(self, model: MBCModel, bank: MemoryBank):
+    def __init__(self, model: AggregatingMemory, bank: MemoryBank):
         if bank.layout.mode != "mbc":
             raise MBCError("CodeCountReader reads an MBC (codebook) bank; read a MAC bank with WindowedReader")
         super().__init__(model, bank)
@@ -106,7 +106,7 @@ class _DocumentKeysReader(Reader):
     """Keeps one key per stored document, updated incrementally: only documents added since the
     last look are keyed; removed ones are dropped."""
 
-    def __init__(self, model: MBCModel, bank: MemoryBank):
+    def __init__(self, model: AggregatingMemory, bank: MemoryBank):
         super().__init__(model, bank)
         self.ids: list[int] = []
         self.document_keys = None
@@ -136,7 +136,7 @@ class _DocumentKeysReader(Reader):
 class WindowedReader(_DocumentKeysReader):
     """Top-k documents by a cheap score, then windowed hierarchical aggregation over them."""
 
-    def __init__(self, model: MBCModel, bank: MemoryBank, window: int = 16, top_k: int = 64):
+    def __init__(self, model: AggregatingMemory, bank: MemoryBank, window: int = 16, top_k: int = 64):
         if window < 2 or top_k < 1:
             raise MBCError(f"window must be >= 2 and top_k >= 1, got {window} and {top_k}")
         super().__init__(model, bank)
@@ -168,7 +168,7 @@ class RetrievalReader(_DocumentKeysReader):
     """Each question reads only the top-k documents by their stored retrieval keys (retrieval.py):
     only the chosen documents are decoded."""
 
-    def __init__(self, model: MBCModel, bank: MemoryBank):
+    def __init__(self, model: AggregatingMemory, bank: MemoryBank):
         if model.retrieval_keys is None:
             raise MBCError("RetrievalReader needs a model with retrieval keys (retrieval_top_k > 0)")
         super().__init__(model, bank)
@@ -199,7 +199,7 @@ class RetrievalReader(_DocumentKeysReader):
         return self.model.read_documents(self.model.queries(questions), self._documents(needed)[where])
 
 
-def reader_for(model: MBCModel, bank: MemoryBank, kind: str = "auto", **options) -> Reader:
+def reader_for(model: Memory, bank: MemoryBank, kind: str = "auto", **options) -> Reader:
     """``auto``: retrieval keys when the model has them, else code counts for an MBC bank and
     windows over top-k documents for a MAC bank."""
     kinds = {"full": FullReader, "counts": CodeCountReader, "windowed": WindowedReader, "retrieval": RetrievalReader}
@@ -214,7 +214,7 @@ def reader_for(model: MBCModel, bank: MemoryBank, kind: str = "auto", **options)
 
 @torch.no_grad()
 def answer_from_bank(
-    model: MBCModel, reader: Reader, questions: list[str], decoding: DecodingConfig | None = None
+    model: Memory, reader: Reader, questions: list[str], decoding: DecodingConfig | None = None
 ) -> list[str]:
     """Answer each question from the bank the reader reads."""
     if not check_texts(questions, "questions"):
