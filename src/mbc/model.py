@@ -118,13 +118,7 @@ class MBCModel(nn.Module):
                 raise MBCError(
                     "retrieval_top_k > 0 needs a frozen encoder for the retrieval keys (MBCModel.build loads one)"
                 )
-            self.retrieval_keys = RetrievalKeys(
-                key_encoder.model,
-                key_encoder.tokenizer,
-                config.max_document_tokens,
-                config.retrieval_subspaces,
-                config.retrieval_codes,
-            )
+            self.retrieval_keys = RetrievalKeys.from_config(config, key_encoder)
         # Standardised across questions (as SlotNorm does for documents): the prefix then sees how
         # this question and bank differ from others, not a large shared constant (docs/JOURNAL.md).
         self.modulation_norm = SlotNorm(config.num_slots, dim) if config.standardize_modulation else None

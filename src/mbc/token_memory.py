@@ -143,14 +143,7 @@ class TokenMemory(nn.Module):
         config = config or TokenMemoryConfig()
         base = MBCConfig.from_dict(config.base)
         key_encoder = backbones.load_encoder(base.document_encoder)
-        keys = RetrievalKeys(
-            key_encoder.model,
-            key_encoder.tokenizer,
-            base.max_document_tokens,
-            base.retrieval_subspaces,
-            base.retrieval_codes,
-        )
-        return cls(config, FrozenLLM.from_config(base), keys).eval()
+        return cls(config, FrozenLLM.from_config(base), RetrievalKeys.from_config(base, key_encoder)).eval()
 
     def keeping(self, keep: int) -> "TokenMemory":
         """The same memory keeping ``keep`` tokens per document (scorer and retrieval keys shared)."""

@@ -123,6 +123,17 @@ class RetrievalKeys(nn.Module):
         self.embedder = SentenceEmbedder(encoder, tokenizer, max_tokens)
         self.quantizer = ProductQuantizer(self.embedder.dim, subspaces, codes)
 
+    @classmethod
+    def from_config(cls, config, encoder) -> "RetrievalKeys":
+        """Keys over ``encoder`` (a loaded backbone) at the sizes an ``MBCConfig`` gives."""
+        return cls(
+            encoder.model,
+            encoder.tokenizer,
+            config.max_document_tokens,
+            config.retrieval_subspaces,
+            config.retrieval_codes,
+        )
+
     @property
     def centroids(self) -> torch.Tensor:
         return self.quantizer.centroids
