@@ -13,7 +13,7 @@ environment's packages and one after the other:
 - ``mbc validate`` of the first run's checkpoint, and ``mbc eval`` of it with the MAC checkpoint and
   the token memory.
 
-It prints, for each, whether every logged loss and metric (times left out) and every prediction
+It prints, for each, whether every logged loss and metric (times and memory left out) and every prediction
 is identical, and the first difference where one is not.
 """
 
@@ -121,6 +121,10 @@ def run_all(tree: Path, out: Path) -> None:
     )
 
 
+# what a run measures of the machine rather than computes: times and resident memory
+MEASURED = ("answer_ms_per_question", "adapt_ms_per_document", "adapt_peak_mb")
+
+
 def _records(path: Path) -> list[dict]:
     timing = ("rows_per_second", "seconds")
     return [{k: v for k, v in json.loads(line).items() if k not in timing} for line in path.read_text().splitlines()]
@@ -147,7 +151,7 @@ def compare(before: Path, after: Path) -> bool:
     )
     pairs["mbc eval, scores"] = tuple(
         {
-            m: {k: v for k, v in s.items() if "ms_per" not in k}
+            m: {k: v for k, v in s.items() if k not in MEASURED}
             for m, s in json.loads((d / "eval" / "summary.json").read_text())["methods"].items()
         }
         for d in (before, after)
