@@ -16,7 +16,7 @@ LAYERS = [
     ("mbc.errors", "mbc.paths"),
     ("mbc.bank",),
     ("mbc.config", "mbc.settings", "mbc.checkpoint", "mbc.presets", "mbc.network", "mbc.data"),
-    ("mbc.model", "mbc.token_memory", "mbc.prompts", "mbc.finetuning"),
+    ("mbc.model", "mbc.token_memory", "mbc.prompts", "mbc.finetuning", "mbc.camels"),
     ("mbc.memory",),
     ("mbc.training", "mbc.evaluation"),
     ("mbc.pipeline", "mbc.server", "mbc.cli"),

@@ -37,6 +37,7 @@ METHOD_KEYS = (
     "qa-tuned",
     "uniform",
     "salient",
+    "camels",
 )
 
 
@@ -71,6 +72,10 @@ BanksOption = typer.Option(
     None, help="where the new banks go: a folder (default: OUTPUT/banks) or a postgresql:// URL (a new bank each)"
 )
 
+CamelsOption = typer.Option(
+    None, help="a CaMeLS weighting model (`mbc train-camels`) for the --qa-tuned LLM: adds camels fine-tuning"
+)
+
 ExtraTrainOption = typer.Option(
     [],
     help="more training data (a file or spec, repeatable): every row joins the train split; "
@@ -78,13 +83,21 @@ ExtraTrainOption = typer.Option(
 )
 
 
-def _finetune_settings(qa_tuned: Optional[Path], learning_rate: float, steps: int):
-    """The online fine-tuning settings, and the QA-tuned folder checked, before any model loads."""
+def _finetune_settings(qa_tuned: Optional[Path], learning_rate: float, steps: int, camels: Optional[Path] = None):
+    """The online fine-tuning settings, and the QA-tuned and CaMeLS folders checked, before any model loads."""
     from mbc.finetuning import FinetuneConfig, check_qa_tuned
 
     settings = FinetuneConfig(learning_rate, steps)
     if qa_tuned:
         check_qa_tuned(qa_tuned)
+    if camels:
+        from mbc.camels import check_weighting_model
+
+        if not qa_tuned:
+            raise MBCError(
+                "--camels fine-tunes the QA-tuned LLM its weighting model was trained on: give --qa-tuned too"
+            )
+        check_weighting_model(camels, qa_tuned)
     return settings
 
 
@@ -239,6 +252,59 @@ def train_qa(
     )
 
 
+@app.command("train-camels")
+def train_camels(
+    qa_tuned: Path = typer.Option(..., help="the QA-tuned LLM (`mbc train-qa`) that CaMeLS will fine-tune"),
+    data: str = typer.Option("generated", help="SQuAD .json, StreamingQA / ArchivalQA .csv, or generated[:SEED]"),
+    extra_train: list[str] = ExtraTrainOption,
+    output: Path = typer.Option(Path("runs/camels"), help="folder for the weighting model"),
+    steps: int = typer.Option(300, help="meta-training steps, one document each"),
+    learning_rate: float = typer.Option(3e-4, help="Adam's learning rate on the weighting model"),
+    inner_learning_rate: float = typer.Option(1e-3, help="the inner SGD step on the document"),
+    inner_layers: int = typer.Option(2, help="the LLM's last layers the inner step moves"),
+    feature_layers: int = typer.Option(4, help="frozen lower layers of the LLM the weighting model reads"),
+    locality_weight: float = typer.Option(0.1, help="weight of the KL on unrelated text after the inner step"),
+    questions_per_document: int = typer.Option(4, help="questions of the document in each outer loss"),
+    first_documents: Optional[int] = typer.Option(
+        None, min=1, help="keep only the first N distinct documents (and all their questions)"
+    ),
+):
+    """CaMeLS's weighting model (camels.py): meta-trained so that one step of the QA-tuned LLM on a
+    document, each token's loss scaled by its weight, best answers the document's questions.
+    `mbc eval --qa-tuned ... --camels FOLDER` and `mbc retention` then run camels fine-tuning."""
+    from mbc import data as qa_data
+    from mbc.camels import CaMeLSConfig, MetaTraining, meta_train, qa_tuned_fingerprint, token_weights_text
+    from mbc.finetuning import ClosedBookLLM, check_qa_tuned
+    from mbc.paths import writable_folder
+
+    config = CaMeLSConfig(
+        feature_layers=feature_layers,
+        inner_layers=inner_layers,
+        inner_learning_rate=inner_learning_rate,
+        locality_weight=locality_weight,
+    )
+    training = MetaTraining(steps=steps, learning_rate=learning_rate, questions_per_document=questions_per_document)
+    check_qa_tuned(qa_tuned)
+    writable_folder(output)
+    rows = qa_data.load_splits(data, first_documents, tuple(extra_train))["train"]
+    model = ClosedBookLLM.load_qa_tuned(qa_tuned)
+    start = time.perf_counter()
+    with (output / "metrics.jsonl").open("w") as log:
+        weigher, history = meta_train(
+            model, config, training, rows, lambda m: log.write(json.dumps(m) + "\n") or log.flush()
+        )
+    notes = {"qa_tuned": str(qa_tuned), "qa_tuned_fingerprint": qa_tuned_fingerprint(qa_tuned), "data": data}
+    tail = history[-max(1, len(history) // 5) :]
+    summary = {k: sum(h[k] for h in tail) / len(tail) for k in ("qa_loss", "qa_gain", "locality_kl", "mean_weight")}
+    weigher.save(output, notes | {"training": training.__dict__, "last_fifth": summary})
+    typer.echo(
+        f"meta-trained CaMeLS for {qa_tuned} in {time.perf_counter() - start:.0f} s ({steps} steps); last fifth: "
+        + ", ".join(f"{k} {v:.3f}" for k, v in summary.items())
+    )
+    typer.echo(token_weights_text(weigher, model, rows[0].document))
+    typer.echo(f"saved to {output}")
+
+
 @app.command("train-tokens")
 def train_tokens(
     data: str = typer.Option("generated", help="SQuAD .json, StreamingQA / ArchivalQA .csv, or generated[:SEED]"),
@@ -390,6 +456,7 @@ def evaluate_online(
     qa_tuned: Optional[Path] = typer.Option(
         None, help="a QA-tuned LLM (`mbc train-qa`): adds the online fine-tuning methods (qa-tuned, uniform, salient)"
     ),
+    camels: Optional[Path] = CamelsOption,
     finetune_learning_rate: float = typer.Option(1e-5, help="online fine-tuning: AdamW's learning rate"),
     finetune_steps: int = typer.Option(1, help="online fine-tuning: gradient steps per document"),
     data: str = typer.Option("generated", help="the data the checkpoints were trained on (the same split is rebuilt)"),
@@ -439,9 +506,9 @@ def evaluate_online(
         finetune_learning_rate=finetune_learning_rate,
         finetune_steps=finetune_steps,
     )
-    models = (("mbc", checkpoint), ("mac", mac), ("tokens", tokens), ("qa", qa_tuned))
+    models = (("mbc", checkpoint), ("mac", mac), ("tokens", tokens), ("qa", qa_tuned), ("camels", camels))
     runnable_methods(config.methods, {name for name, given in models if given})
-    _finetune_settings(qa_tuned, finetune_learning_rate, finetune_steps)
+    _finetune_settings(qa_tuned, finetune_learning_rate, finetune_steps, camels)
     writable_folder(output)
     _check_banks(banks)
     splits = qa_data.load_splits(data, first_documents)
@@ -457,7 +524,16 @@ def evaluate_online(
 
         token_model = TokenMemory.from_pretrained(tokens)
     summary = run_eval(
-        mbc_model, rows, unrelated, output, config, mac_model, tokens=token_model, banks=banks, qa_tuned=qa_tuned
+        mbc_model,
+        rows,
+        unrelated,
+        output,
+        config,
+        mac_model,
+        tokens=token_model,
+        banks=banks,
+        qa_tuned=qa_tuned,
+        camels=camels,
     )
     _print_summary(summary, output)
 
@@ -480,6 +556,7 @@ def retention(
     qa_tuned: Optional[Path] = typer.Option(
         None, help="a QA-tuned LLM (`mbc train-qa`): also the curves of uniform and salient-span fine-tuning"
     ),
+    camels: Optional[Path] = CamelsOption,
     finetune_learning_rate: float = typer.Option(1e-4, help="online fine-tuning: AdamW's learning rate"),
     finetune_steps: int = typer.Option(4, help="online fine-tuning: gradient steps per document"),
 ):
@@ -504,16 +581,19 @@ def retention(
     banks = _check_banks(banks) or writable_folder(output / "banks")
     rows = qa_data.load(data)
     check_stream(rows, every)  # before the models load
-    tuning = _finetune_settings(qa_tuned, finetune_learning_rate, finetune_steps)
+    tuning = _finetune_settings(qa_tuned, finetune_learning_rate, finetune_steps, camels)
     checkpoints = {"mbc": model or default_model(), **({"mac": mac} if mac else {})}
     curves = {}
     for name, checkpoint in checkpoints.items():
         curves[name] = measure_retention(MBCModel.from_pretrained(checkpoint).eval(), rows, banks, every)
-    for name, spans in (("uniform fine-tuning", "all"), ("salient spans (rules)", "salient")) if qa_tuned else ():
-        curves[name] = measure_finetuning_retention(qa_tuned, rows, replace(tuning, spans=spans), every)
+    tunings = (("uniform fine-tuning", "all"), ("salient spans (rules)", "salient"), ("camels fine-tuning", "camels"))
+    for name, spans in tunings if qa_tuned else ():
+        if spans != "camels" or camels:
+            tuned = replace(tuning, spans=spans)
+            curves[name] = measure_finetuning_retention(qa_tuned, rows, tuned, every, camels=camels)
     notes = {"data": data, "checkpoints": {k: str(v) for k, v in checkpoints.items()}}
     if qa_tuned:
-        notes |= {"qa_tuned": str(qa_tuned), "finetune": asdict(tuning)}
+        notes |= {"qa_tuned": str(qa_tuned), "finetune": asdict(tuning), "camels": str(camels) if camels else None}
     write_retention(curves, output, notes)
     typer.echo(format_retention(curves))
     typer.echo(f"written to {output}/ (retention.json, retention.png)")

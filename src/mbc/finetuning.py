@@ -42,7 +42,8 @@ PROMPT_TEMPLATE = "Question: {question}\nAnswer:"  # MBCConfig's default: the sa
 class FinetuneConfig:
     learning_rate: Annotated[float, Field(gt=0)] = 1e-5  # a step of 0 changes nothing
     steps_per_document: Annotated[int, Field(ge=1)] = 1
-    spans: Literal["all", "salient"] = "all"  # "all": Uniform; "salient": Salient Spans (rules)
+    # "all": Uniform; "salient": Salient Spans (rules); "camels": every token, weighted by CaMeLS
+    spans: Literal["all", "salient", "camels"] = "all"
     # a longer document is cut into windows of this many, each a step's batch row
     max_document_tokens: Annotated[int, Field(ge=16)] = 512
 
@@ -117,13 +118,33 @@ class ClosedBookLLM:
         target = target + [self.tokenizer.eos_token_id]
         return prompt + target, [IGNORE] * len(prompt) + target
 
-    def loss(self, rows: list[tuple[list[int], list[int]]]) -> torch.Tensor:
-        """Mean next-token cross-entropy over the labelled tokens of ``rows`` (ids, labels)."""
+    def logits(self, rows: list[tuple], parameters: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The LLM's logits on the padded ids of ``rows`` and their attention mask; ``parameters``
+        (by name) stand in for the LLM's own where given, as CaMeLS's inner step needs."""
         ids = pad([r[0] for r in rows], self.tokenizer.pad_token_id)
-        labels = pad([r[1] for r in rows], IGNORE)
         mask = pad([[1] * len(r[0]) for r in rows], 0)
-        logits = self.llm(input_ids=ids, attention_mask=mask).logits[:, :-1]
-        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=IGNORE)
+        inputs = {"input_ids": ids, "attention_mask": mask}
+        if parameters is None:
+            return self.llm(**inputs).logits, mask
+        return torch.func.functional_call(self.llm, parameters, (), inputs, strict=False).logits, mask
+
+    def loss(self, rows: list[tuple], weights: torch.Tensor | None = None, parameters: dict | None = None):
+        """Mean next-token cross-entropy over the labelled tokens of ``rows`` (ids, labels); with
+        ``weights`` (one per token of each padded row, as CaMeLS gives them) each token's term is
+        scaled by its weight, and the mean stays over the labelled tokens."""
+        labels = pad([r[1] for r in rows], IGNORE)[:, 1:]
+        logits = self.logits(rows, parameters)[0][:, :-1]
+        if weights is None:
+            return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE)
+        per_token = F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=IGNORE, reduction="none")
+        return (per_token * weights[:, 1:]).sum() / (labels != IGNORE).sum().clamp(min=1)
+
+    def document_rows(self, document: str, size: int) -> tuple[list[tuple[list[int], list[int]]], list]:
+        """The document as windows of at most ``size`` tokens (ids, labels on every token), and each
+        token's character offsets."""
+        encoded = self.tokenizer(document, add_special_tokens=False, return_offsets_mapping=True)
+        ids, offsets = encoded["input_ids"], encoded["offset_mapping"]
+        return [(ids[i : i + size], ids[i : i + size]) for i in range(0, len(ids), size)], offsets
 
     @torch.no_grad()
     def answer(self, questions: list[str], decoding: DecodingConfig | None = None) -> list[str]:
@@ -158,32 +179,41 @@ def qa_tune(model: ClosedBookLLM, pairs: list[tuple[str, str]], steps: int, lear
 
 
 class OnlineFinetuning:
-    """The stream's documents, one after another, into the LLM's weights."""
+    """The stream's documents, one after another, into the LLM's weights. ``weigher`` (CaMeLS,
+    camels.py): a model giving each token of a document the weight of its loss term."""
 
-    def __init__(self, model: ClosedBookLLM, config: FinetuneConfig):
-        self.model, self.config = model, config
+    def __init__(self, model: ClosedBookLLM, config: FinetuneConfig, weigher=None):
+        if (config.spans == "camels") != (weigher is not None):
+            raise MBCError("CaMeLS fine-tuning needs its weighting model (`mbc train-camels`), and only it takes one")
+        self.model, self.config, self.weigher = model, config, weigher
         self.optimizer = torch.optim.AdamW(model.llm.parameters(), lr=config.learning_rate, weight_decay=0.0)
         self.skipped = 0  # salient spans: documents with none, which get no step
 
     def rows(self, document: str) -> list[tuple[list[int], list[int]]]:
         """The document as (ids, labels) windows; labels IGNORE on tokens that carry no loss."""
-        tokenizer, size = self.model.tokenizer, self.config.max_document_tokens
-        encoded = tokenizer(document, add_special_tokens=False, return_offsets_mapping=True)
-        ids, offsets = encoded["input_ids"], encoded["offset_mapping"]
-        keep = salient_token_mask(document, offsets) if self.config.spans == "salient" else [True] * len(ids)
-        labels = [token if kept else IGNORE for token, kept in zip(ids, keep)]
-        windows = [(ids[i : i + size], labels[i : i + size]) for i in range(0, len(ids), size)]
-        return [(w_ids, w_labels) for w_ids, w_labels in windows if any(x != IGNORE for x in w_labels[1:])]
+        size = self.config.max_document_tokens
+        windows, offsets = self.model.document_rows(document, size)
+        if self.config.spans == "salient":
+            keep = salient_token_mask(document, offsets)
+            windows = [
+                (ids, [token if kept else IGNORE for token, kept in zip(ids, keep[i * size :])])
+                for i, (ids, _) in enumerate(windows)
+            ]
+        return [(ids, labels) for ids, labels in windows if any(x != IGNORE for x in labels[1:])]
 
     def adapt(self, document: str) -> None:
         rows = self.rows(document)
         if not rows:
             self.skipped += 1
             return
+        weights = None
+        if self.weigher is not None:
+            with torch.no_grad():
+                weights = self.weigher.weights([ids for ids, _ in rows])
         self.model.llm.train()
         with torch.enable_grad():  # evaluation runs under no_grad; these steps are training
             for _ in range(self.config.steps_per_document):
-                loss = self.model.loss(rows)
+                loss = self.model.loss(rows, weights)
                 self.optimizer.zero_grad()
                 loss.backward()
                 self.optimizer.step()

@@ -17,6 +17,9 @@ and its time; ``--method`` takes the key in brackets):
 - ``tokens`` and ``tokens, unrelated bank`` [tokens, tokens-unrelated] (when a token memory is
   given, token_memory.py): each document kept as K of its own token ids, the base LLM reading the
   top-1 document's; and the same with a bank of unrelated documents.
+- ``QA-tuned, closed book``, ``uniform fine-tuning``, ``salient spans (rules)`` and ``camels
+  fine-tuning`` [qa-tuned, uniform, salient, camels] (when a QA-tuned LLM is given, finetuning.py and
+  camels.py): nothing stored, every document of the stream into the LLM's weights.
 
 Retention: the questions about the first ``retention_every`` documents are answered again after
 every further ``retention_every`` documents streamed; F1 relative to the first answers, in percent.
@@ -103,7 +106,8 @@ def runnable_methods(methods: list[str], given: set[str]) -> list[str]:
         raise MBCError(
             f"the methods {methods} need a model that was not given: 'mbc' needs an MBC checkpoint, 'mac' a MAC "
             "checkpoint (--mac), 'tokens' a token memory (--tokens), the fine-tuning methods a QA-tuned LLM "
-            "(--qa-tuned, from `mbc train-qa`); the base LLM's methods run with an MBC, MAC or token memory model"
+            "(--qa-tuned, from `mbc train-qa`), 'camels' also a weighting model (--camels, from `mbc train-camels`); "
+            "the base LLM's methods run with an MBC, MAC or token memory model"
         )
     return runnable
 
@@ -243,13 +247,19 @@ def _stream_into_bank(
     return result, curve, sizes, bank.opened_from
 
 
-def _stream_into_weights(qa_tuned, stream, rows, retention_rows, config, decoding, name: str, spans: str | None):
-    """Online fine-tuning (finetuning.py) of the QA-tuned LLM on the stream (``_stream``); ``spans``
-    None: no update at all, and no stream (the starting point)."""
+def _stream_into_weights(given, stream, rows, retention_rows, config, decoding, name: str, spans: str | None):
+    """Online fine-tuning (finetuning.py) of the QA-tuned LLM ``given["qa"]`` on the stream
+    (``_stream``); ``spans`` None: no update at all, and no stream (the starting point); "camels":
+    each token weighted by the weighting model ``given["camels"]``."""
     from mbc.finetuning import ClosedBookLLM, OnlineFinetuning
 
-    model = ClosedBookLLM.load_qa_tuned(qa_tuned)
-    tuner = OnlineFinetuning(model, replace(config.finetune(), spans=spans)) if spans else None
+    model = ClosedBookLLM.load_qa_tuned(given["qa"])
+    weigher = None
+    if spans == "camels":
+        from mbc.camels import WeightingModel
+
+        weigher = WeightingModel.load(given["camels"], model, given["qa"])
+    tuner = OnlineFinetuning(model, replace(config.finetune(), spans=spans), weigher) if spans else None
     stream = stream if tuner else []
     done = [0]
 
@@ -409,7 +419,7 @@ def _finetuned(key: str, spans: str | None):
     def run(ev: EvalRun) -> None:
         name = METHODS_BY_KEY[key].name
         result, curve = _stream_into_weights(
-            ev.given["qa"], ev.stream, ev.rows, ev.retention_rows, ev.config, ev.decoding, name, spans
+            ev.given, ev.stream, ev.rows, ev.retention_rows, ev.config, ev.decoding, name, spans
         )
         ev.results[name] = result
         if curve:
@@ -483,6 +493,8 @@ METHODS = (  # in table order; a method reading another's bank comes after it
     Method("qa-tuned", "QA-tuned, closed book", "qa", _finetuned("qa-tuned", None)),
     Method("uniform", "uniform fine-tuning", "qa", _finetuned("uniform", "all")),
     Method("salient", "salient spans (rules)", "qa", _finetuned("salient", "salient")),
+    # CaMeLS (camels.py): every token, weighted by a model `mbc train-camels` meta-trained for that LLM.
+    Method("camels", "camels fine-tuning", "camels", _finetuned("camels", "camels")),
 )
 METHODS_BY_NAME = {m.name: m for m in METHODS}
 METHODS_BY_KEY = {m.key: m for m in METHODS}
@@ -510,19 +522,23 @@ def run_eval(
     tokens=None,
     banks: str | Path | None = None,
     qa_tuned: str | Path | None = None,
+    camels: str | Path | None = None,
 ) -> dict:
     """Run every method of ``config.methods`` on ``rows`` (their documents streamed in order) and
     write ``predictions.csv``, ``summary.json`` (with ``notes`` added) and the plots into ``output``;
     returns the summary. ``mbc``, ``mac`` and ``tokens`` (a ``TokenMemory``): the models of those
     methods, which are left out when not given; the base LLM's methods run on whichever is given.
     ``qa_tuned``: the folder of a QA-tuned LLM (`mbc train-qa`), which the fine-tuning methods
-    load afresh and change. ``banks``: where the methods' new banks go, a folder (default ``output/banks``) or a
+    load afresh and change; ``camels``: a CaMeLS weighting model for it (`mbc train-camels`).
+    ``banks``: where the methods' new banks go, a folder (default ``output/banks``) or a
     ``postgresql://`` URL (one new bank per method on that server)."""
     from mbc.evaluation.plots import plot_bank_size, plot_retention
 
     config = config or EvalConfig()
-    models = (("mbc", mbc), ("mac", mac), ("tokens", tokens), ("qa", qa_tuned))
+    models = (("mbc", mbc), ("mac", mac), ("tokens", tokens), ("qa", qa_tuned), ("camels", camels))
     given = {name: model for name, model in models if model is not None}
+    if "camels" in given and "qa" not in given:
+        raise MBCError("CaMeLS fine-tunes the QA-tuned LLM its weighting model was trained on: give it with --qa-tuned")
     methods = runnable_methods(config.methods, set(given))
     if mbc is not None and not mbc.config.quantize:
         raise MBCError("the MBC model given has quantize=false: it is a MAC model (give it as the MAC checkpoint)")

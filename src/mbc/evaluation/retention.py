@@ -95,14 +95,21 @@ def measure_finetuning_retention(
     every: int = 200,
     batch_size: int = 64,
     decoding: DecodingConfig | None = None,
+    camels: str | Path | None = None,
 ) -> list[dict]:
     """The same curve for online fine-tuning (finetuning.py, ``config`` a ``FinetuneConfig``) of the
-    QA-tuned LLM in ``qa_tuned``: each step's documents go into its weights; recall is None."""
+    QA-tuned LLM in ``qa_tuned``: each step's documents go into its weights; recall is None.
+    ``camels``: the weighting model's folder, when ``config.spans`` is "camels"."""
     from mbc.finetuning import ClosedBookLLM, OnlineFinetuning
 
     check_stream(rows, every)
     model = ClosedBookLLM.load_qa_tuned(qa_tuned)
-    tuner = OnlineFinetuning(model, config)
+    weigher = None
+    if config.spans == "camels":
+        from mbc.camels import WeightingModel
+
+        weigher = WeightingModel.load(camels, model, qa_tuned)
+    tuner = OnlineFinetuning(model, config, weigher)
 
     def adapt(added: list[str]) -> None:
         for document in added:
