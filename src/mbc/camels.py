@@ -60,7 +60,7 @@ class CaMeLSConfig:
     layers: Annotated[int, Field(ge=0)] = 2  # trained transformer layers over the frozen features
     heads: Annotated[int, Field(ge=1)] = 4
     inner_layers: Annotated[int, Field(ge=1)] = 2  # LLM layers the inner step moves (see the module's doc)
-    inner_learning_rate: Annotated[float, Field(gt=0)] = 1e-3  # the inner SGD step
+    inner_learning_rate: Annotated[float, Field(gt=0)] = 0.1  # the inner SGD step (on 2 layers: see docs/METHOD.md)
     locality_weight: Annotated[float, Field(ge=0)] = 0.1  # the reference's c_kl
     max_document_tokens: Annotated[int, Field(ge=16)] = 512
 
@@ -68,7 +68,7 @@ class CaMeLSConfig:
 @settings
 class MetaTraining:
     steps: Annotated[int, Field(ge=1)] = 300
-    learning_rate: Annotated[float, Field(gt=0)] = 3e-4  # Adam on the weighting model
+    learning_rate: Annotated[float, Field(gt=0)] = 1e-3  # Adam on the weighting model
     questions_per_document: Annotated[int, Field(ge=1)] = 4  # the outer QA batch
     seed: Annotated[int, Field(ge=0, le=2**32 - 1)] = 0
 
