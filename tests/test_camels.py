@@ -127,3 +127,16 @@ def test_train_camels_then_eval_runs_camels_beside_uniform(qa_tuned, tiny_model,
     assert [p["documents"] for p in summary["retention"]["camels fine-tuning"]] == [1, 2]
     missing = runner.invoke(app, ["eval", "--method", "camels", "--camels", str(tmp_path / "camels")])
     assert "give --qa-tuned too" in str(missing.exception)
+
+
+def test_retention_of_camels_fine_tuning(qa_tuned, tmp_path):
+    from mbc.evaluation.retention import measure_finetuning_retention
+
+    model = ClosedBookLLM.load_qa_tuned(qa_tuned)
+    WeightingModel.for_llm(SMALL, model).save(
+        tmp_path / "camels", {"qa_tuned": str(qa_tuned), "qa_tuned_fingerprint": _fp(qa_tuned)}
+    )
+    rows = list(generate_examples(8, seed=3))[:24]  # 4 documents: 2 steps of 2
+    tuning = FinetuneConfig(learning_rate=1e-3, spans="camels")
+    curve = measure_finetuning_retention(qa_tuned, rows, tuning, every=2, batch_size=8, camels=tmp_path / "camels")
+    assert [p["documents"] for p in curve] == [2, 4]
