@@ -329,6 +329,9 @@ def train_tokens(
     writer_lr: float = typer.Option(
         1e-5, help="with --codes written: the learning rate of the layer that writes the codes (the reader's is 3e-4)"
     ),
+    key_bytes: Optional[int] = typer.Option(
+        None, min=1, help="bytes of retrieval key per document, one per subspace of 256 centroids (default: 32)"
+    ),
     first_documents: Optional[int] = typer.Option(
         None, min=1, help="keep only the first N distinct documents (and all their questions)"
     ),
@@ -338,6 +341,8 @@ def train_tokens(
     chooses which of a document's own tokens it keeps; minutes on a CPU. With --reader-steps, also a
     reader: the base LLM's KV-LoRA trained to answer from the kept tokens, saved into --output every
     10 minutes and on Ctrl-C or SIGTERM; the same command continues it (a larger --reader-steps trains on)."""
+    from dataclasses import replace
+
     from mbc import data as qa_data
     from mbc.paths import writable_folder
     from mbc.token_memory import TokenMemoryConfig
@@ -347,6 +352,10 @@ def train_tokens(
     splits = qa_data.load_splits(data, first_documents, tuple(extra_train))
     start = time.perf_counter()
     config = TokenMemoryConfig(keep=keep, lexical_weight=lexical_weight, codes=codes)
+    if key_bytes:  # one byte per subspace of 256 centroids; checked as any MBCConfig is, before loading
+        base = config.base | {"retrieval_subspaces": key_bytes, "retrieval_codes": 256}
+        MBCConfig.from_dict(base)
+        config = replace(config, base=base)
     model = train_token_memory(
         splits["train"],
         config,
