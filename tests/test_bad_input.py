@@ -111,6 +111,12 @@ CASES = [
     (lambda f: ["eval", "--method", "base-examples"], "need a model that was not given"),
     (lambda f: ["validate", "missing-checkpoint", "--output", str(f / "a-file" / "s.json")], "cannot use"),
     (lambda f: ["validate", "missing-checkpoint"], "not an MBC checkpoint"),
+    (
+        lambda f: ["train-tokens", "--data", "generated:0:20", "--key-bytes", "5000", "--output", str(f / "t")],
+        "retrieval_subspaces must be between 1 and 1024, got 5000",
+    ),
+    (lambda f: ["train-camels", "--qa-tuned", str(f), "--steps", "-3"], "steps must be at least 1"),
+    (lambda f: ["train-camels", "--qa-tuned", str(f), "--learning-rate", "0"], "learning_rate must be above 0"),
 ]
 
 
