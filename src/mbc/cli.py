@@ -221,6 +221,7 @@ def train(
 @app.command("train-qa")
 def train_qa(
     data: str = typer.Option("generated", help="SQuAD .json, StreamingQA / ArchivalQA .csv, or generated[:SEED]"),
+    extra_train: list[str] = ExtraTrainOption,
     output: Path = typer.Option(Path("runs/qa-tuned"), help="folder for the QA-tuned LLM"),
     llm: str = typer.Option("bundled:smollm2", help="the base LLM (as MBCConfig.llm names it)"),
     steps: int = typer.Option(300, min=1, help="AdamW steps of 16 question-answer pairs"),
@@ -239,12 +240,13 @@ def train_qa(
     if learning_rate <= 0:
         raise MBCError(f"--learning-rate must be above 0 (a step of 0 changes nothing), got {learning_rate}")
     writable_folder(output)
-    splits = qa_data.load_splits(data, first_documents)
+    splits = qa_data.load_splits(data, first_documents, tuple(extra_train))
     pairs = [(row.question, row.answers[0]) for row in splits["train"]]
     model = ClosedBookLLM.load(llm)
     start = time.perf_counter()
     losses = qa_tune(model, pairs, steps, learning_rate)
-    notes = {"data": data, "llm": llm, "steps": steps, "learning_rate": learning_rate, "pairs": len(pairs)}
+    notes = {"data": data, "extra_train": extra_train, "llm": llm, "steps": steps, "learning_rate": learning_rate}
+    notes |= {"pairs": len(pairs)}
     model.save(output, notes | {"first_loss": losses[0], "last_loss": losses[-1]})
     typer.echo(
         f"QA-tuned {llm} on {len(pairs)} question-answer pairs in {time.perf_counter() - start:.0f} s "
