@@ -115,6 +115,18 @@ CASES = [
         lambda f: ["train-tokens", "--data", "generated:0:20", "--key-bytes", "5000", "--output", str(f / "t")],
         "retrieval_subspaces must be between 1 and 1024, got 5000",
     ),
+    (
+        lambda f: ["eval", "--tokens", str(f), "--token-retrieval", "embedding_weight=-1", "--method", "tokens"],
+        "embedding_weight must be at least 0, got -1.0",
+    ),
+    (
+        lambda f: ["eval", "--tokens", str(f), "--token-retrieval", "keep=3", "--method", "tokens"],
+        "sets lexical_weight, embedding_weight only, not keep",
+    ),
+    (
+        lambda f: ["eval", "--qa-tuned", str(f), "--token-retrieval", "lexical_weight=1", "--method", "qa-tuned"],
+        "give the memory with --tokens",
+    ),
     (lambda f: ["train-camels", "--qa-tuned", str(f), "--steps", "-3"], "steps must be at least 1"),
     (lambda f: ["train-camels", "--qa-tuned", str(f), "--learning-rate", "0"], "learning_rate must be above 0"),
 ]

@@ -183,6 +183,34 @@ def test_a_question_reads_the_document_that_shares_its_rare_tokens_when_the_lexi
         assert by_key == [[ids[p] for p in row] for row in key_alone[:, :1].tolist()]
 
 
+def test_the_kept_tokens_embedding_finds_a_document_that_neither_key_nor_bm25_tells_apart(token_memory, monkeypatch):
+    # Every key scored alike and no token of the question in any document but the space they all
+    # share: only the sentence embedding of each document's kept tokens, computed from the bank at
+    # read time, can choose.
+    texts = ["ab lamp.", "cd lamp.", "ef lamp."]
+    dense = TokenMemory(
+        replace(token_memory.config, lexical_weight=0.3, embedding_weight=1.0),
+        token_memory.llm,
+        token_memory.retrieval_keys,
+    )
+    dense.scorer = token_memory.scorer
+    keys, embedder = token_memory.retrieval_keys, token_memory.retrieval_keys.embedder
+    names = [("ab", "1"), ("cd", "2"), ("ef", "3")]  # a document's letters, or the digit that asks for it
+
+    def embed(self, texts, batch_size=64):
+        return torch.eye(3, self.dim)[[next(i for i, n in enumerate(names) if n[0] in t or n[1] in t) for t in texts]]
+
+    monkeypatch.setattr(type(embedder), "forward", embed)
+    monkeypatch.setattr(keys, "scores", lambda questions, stored: torch.zeros(len(questions), len(stored)))
+    with MemoryBank.in_memory(BankLayout.of(dense)) as bank:
+        ids = ingest(dense, bank, texts).ids
+        assert reader_for(dense, bank).top_ids(["3 ?", "1 ?", "2 ?"]) == [[ids[2]], [ids[0]], [ids[1]]]
+        without = TokenMemory(replace(dense.config, embedding_weight=0.0), dense.llm, keys)
+        without.scorer = dense.scorer
+        read = reader_for(without, bank).top_ids(["3 ?", "1 ?", "2 ?"])
+        assert len({tuple(r) for r in read}) == 1  # every document ties for every question
+
+
 def _fitted(tiny_paths, rows) -> TokenMemory:
     torch.manual_seed(0)
     config = TokenMemoryConfig(keep=12, layer=2, base=tiny_config(tiny_paths, **KEYS).to_dict())

@@ -76,6 +76,9 @@ CamelsOption = typer.Option(
     None, help="a CaMeLS weighting model (`mbc train-camels`) for the --qa-tuned LLM: adds camels fine-tuning"
 )
 
+TOKEN_RETRIEVAL = ("lexical_weight", "embedding_weight")  # read-time weights of token_memory.py's retrieval
+
+
 ExtraTrainOption = typer.Option(
     [],
     help="more training data (a file or spec, repeatable): every row joins the train split; "
@@ -464,6 +467,12 @@ def evaluate_online(
         None, help="a trained MAC checkpoint (quantize=false) to compare, same base LLM"
     ),
     tokens: Optional[Path] = typer.Option(None, help="a token memory (`mbc train-tokens`) to compare"),
+    token_retrieval: list[str] = typer.Option(
+        [],
+        help="read the token memory with another retrieval weight, KEY=VALUE (repeatable; keys: "
+        + ", ".join(TOKEN_RETRIEVAL)
+        + "); the stored bytes stay as they are",
+    ),
     qa_tuned: Optional[Path] = typer.Option(
         None, help="a QA-tuned LLM (`mbc train-qa`): adds the online fine-tuning methods (qa-tuned, uniform, salient)"
     ),
@@ -520,6 +529,7 @@ def evaluate_online(
     models = (("mbc", checkpoint), ("mac", mac), ("tokens", tokens), ("qa", qa_tuned), ("camels", camels))
     runnable_methods(config.methods, {name for name, given in models if given})
     _finetune_settings(qa_tuned, finetune_learning_rate, finetune_steps, camels)
+    retrieval_weights = _token_retrieval(token_retrieval, tokens)
     writable_folder(output)
     _check_banks(banks)
     splits = qa_data.load_splits(data, first_documents)
@@ -531,9 +541,12 @@ def evaluate_online(
     mac_model = MBCModel.from_pretrained(mac).eval() if mac else None
     token_model = None
     if tokens:
+        from dataclasses import replace
+
         from mbc.token_memory import TokenMemory
 
         token_model = TokenMemory.from_pretrained(tokens)
+        token_model.config = replace(token_model.config, **retrieval_weights)
     summary = run_eval(
         mbc_model,
         rows,
@@ -547,6 +560,22 @@ def evaluate_online(
         camels=camels,
     )
     _print_summary(summary, output)
+
+
+def _token_retrieval(overrides: list[str], tokens: Optional[Path]) -> dict:
+    """``--token-retrieval KEY=VALUE`` items as TokenMemoryConfig fields, checked before anything loads."""
+    if not overrides:
+        return {}
+    if not tokens:
+        raise MBCError("--token-retrieval sets how a token memory is read: give the memory with --tokens")
+    from mbc.token_memory import TokenMemoryConfig
+
+    values = parse_overrides(TokenMemoryConfig, {}, overrides)
+    other = sorted(set(values) - set(TOKEN_RETRIEVAL))
+    if other:
+        raise MBCError(f"--token-retrieval sets {', '.join(TOKEN_RETRIEVAL)} only, not {', '.join(other)}")
+    from_dict(TokenMemoryConfig, values, "--token-retrieval")  # each weight's limits, in one line
+    return values
 
 
 ModelOption = typer.Option(

@@ -40,7 +40,7 @@ from mbc.errors import MBCError, check_texts
 from mbc.network.codebook import fingerprint
 from mbc.network.decoding import DecodingConfig
 from mbc.network.frozen_llm import FrozenLLM, lower_hidden, pad
-from mbc.network.lexical import bm25, combined
+from mbc.network.lexical import bm25, combined, standardised
 from mbc.network.lora import lora_disabled
 from mbc.network.retrieval import RetrievalKeys
 from mbc.network.vocabulary import CodeWriter, VocabularyCodebook
@@ -70,6 +70,10 @@ class TokenMemoryConfig:
     # Which document a question reads: its retrieval key's score plus this times BM25 over the kept
     # tokens, each standardised over the bank (0: the key alone). Chosen on SQuAD validation (docs/RESULTS.md).
     lexical_weight: Annotated[float, Field(ge=0)] = 0.3
+    # Plus this times the question's sentence embedding against the kept tokens' (decoded as text),
+    # which a reader computes from the stored codes: a dense score at no stored byte
+    # (bench/token_retrieval.py). 0: left out, as every memory saved before the setting was read.
+    embedding_weight: Annotated[float, Field(ge=0)] = 0.0
     # True: the base LLM's KV-LoRA was trained to answer from kept tokens (``train_reader``); False:
     # the base LLM reads them unchanged. Either reads them in the same worked-example prompt.
     trained_reader: bool = False
@@ -166,14 +170,29 @@ class TokenMemory(nn.Module):
     def top_documents(self, questions: list[str], document_keys) -> torch.Tensor:
         """[B, 1] the position in ``document_keys`` (``stored_keys``) of the document whose kept
         tokens each question reads: the best by retrieval key plus ``lexical_weight`` x BM25 over
-        the kept tokens."""
+        the kept tokens plus ``embedding_weight`` x the kept tokens' sentence embedding."""
         subspaces = self.retrieval_keys.quantizer.subspaces
         keys, tokens = document_keys[:, :subspaces], document_keys[:, subspaces:]
         scores = self.retrieval_keys.scores(questions, keys)
         if self.config.lexical_weight:
             asked = self.llm.tokenizer(questions)["input_ids"]
             scores = combined(scores, bm25(asked, tokens, self.codec.pad), self.config.lexical_weight)
+        if self.config.embedding_weight:  # beside the key and BM25, each standardised over the bank
+            dense = self.retrieval_keys.embedder(questions) @ self.kept_text_embeddings(tokens).T
+            scores = standardised(scores) if not self.config.lexical_weight else scores
+            scores = scores + self.config.embedding_weight * standardised(dense.to(scores))
         return scores.topk(1, dim=1).indices
+
+    def kept_text_embeddings(self, tokens: torch.Tensor) -> torch.Tensor:
+        """[N, dim] the sentence embedding of each stored document's kept tokens [N, K] decoded as
+        text; each computed once per distinct entry, since every question batch scores the same bank."""
+        cache = self.__dict__.setdefault("_kept_text_embeddings", {})
+        rows = [tuple(row) for row in tokens.tolist()]
+        new = [row for row in dict.fromkeys(rows) if row not in cache]
+        if new:
+            texts = [self.llm.tokenizer.decode([t for t in row if t != self.codec.pad]) for row in new]
+            cache.update(zip(new, self.retrieval_keys.embedder(texts)))
+        return torch.stack([cache[row] for row in rows])
 
     # ---- which tokens a document keeps ---------------------------------------------------------
     @torch.no_grad()
