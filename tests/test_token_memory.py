@@ -295,3 +295,51 @@ def test_a_trained_reader_is_saved_with_the_memory_and_answers_through_its_kv_lo
         with lora_disabled(model.llm.model):  # the answers come through the trained KV-LoRA
             bare = model.llm.model(input_ids=ids).logits
     assert not torch.allclose(read, bare)
+
+
+@pytest.fixture(scope="module")
+def coded_memory(tiny_paths, rows):
+    config = TokenMemoryConfig(layer=2, entry_bytes=10, base=tiny_config(tiny_paths, **KEYS).to_dict())
+    torch.manual_seed(0)
+    return train_token_memory(rows, config, before=1, steps=50)
+
+
+def test_a_coded_entry_holds_the_best_scored_tokens_that_fit_its_bytes_in_document_order(coded_memory, rows):
+    text = rows[0].document
+    entries = coded_memory.compress([text, "Tam 42."])
+    assert entries.shape == (2, 10, 1) and BankLayout.of(coded_memory).entry_bytes == 10
+    kept, short = coded_memory.codec.decode(entries)
+    assert coded_memory.texts(entries)[1] == "Tam 42."  # a short document whole
+    coder = coded_memory.coder()
+    assert coder.bits(kept) <= 80 and len(kept) > 80 // 16
+    ids, _, features = coded_memory.token_features([text])[0]
+    scores = coded_memory.scorer(features).squeeze(1)
+    chosen = coded_memory.keep_positions(ids, features)
+    assert [ids[i] for i in chosen] == kept  # in document order
+    left_out = [i for i in range(len(ids)) if i not in chosen]
+    assert all(  # nothing left out outscores a kept token unless its code would not fit
+        scores[i] <= scores[chosen].min() or coder.lengths[ids[i]] > 80 - coder.bits(kept) for i in left_out
+    )
+
+
+def test_a_coded_memory_saves_its_code_and_answers_from_its_bank(coded_memory, rows, tmp_path):
+    coded_memory.save_pretrained(tmp_path / "coded")
+    loaded = TokenMemory.from_pretrained(tmp_path / "coded")
+    assert np.array_equal(loaded.compress(documents(rows)), coded_memory.compress(documents(rows)))
+    assert loaded.bank_fingerprint() == coded_memory.bank_fingerprint()
+    other = TokenMemory(coded_memory.config, coded_memory.llm, coded_memory.retrieval_keys)
+    other.scorer = coded_memory.scorer
+    other.fit_code([[0, 1, 2]])  # another code: the same bytes would mean other tokens
+    assert other.bank_fingerprint() != coded_memory.bank_fingerprint()
+    with MemoryBank.in_memory(BankLayout.of(loaded)) as bank:
+        ingest(loaded, bank, documents(rows))
+        answers, read = loaded.answer_read(reader_for(loaded, bank), [r.question for r in rows[:4]])
+    assert len(answers) == 4 and all(len(r) == 1 for r in read)
+
+
+def test_an_unfitted_code_and_coded_written_codes_are_refused_in_one_line(coded_memory, tiny_paths):
+    unfitted = TokenMemory(coded_memory.config, coded_memory.llm, coded_memory.retrieval_keys)
+    with pytest.raises(MBCError, match="prefix code is not fitted"):
+        unfitted.compress(["Tam 42 lamps."])
+    with pytest.raises(MBCError, match="entry_bytes codes kept tokens"):
+        TokenMemoryConfig(codes="written", entry_bytes=10, base=tiny_config(tiny_paths, **KEYS).to_dict())

@@ -337,6 +337,12 @@ def train_tokens(
     key_bytes: Optional[int] = typer.Option(
         None, min=1, help="bytes of retrieval key per document, one per subspace of 256 centroids (default: 32)"
     ),
+    entry_bytes: Optional[int] = typer.Option(
+        None,
+        min=1,
+        help="store each document in this many bytes: as many of its best-scored tokens as fit under a prefix "
+        "code fitted on the training documents (~11 bits a token instead of 16; --keep is then unused)",
+    ),
     first_documents: Optional[int] = typer.Option(
         None, min=1, help="keep only the first N distinct documents (and all their questions)"
     ),
@@ -356,7 +362,11 @@ def train_tokens(
     writable_folder(output.parent)
     splits = qa_data.load_splits(data, first_documents, tuple(extra_train))
     start = time.perf_counter()
-    config = TokenMemoryConfig(keep=keep, lexical_weight=lexical_weight, codes=codes)
+    config = from_dict(
+        TokenMemoryConfig,
+        {"keep": keep, "lexical_weight": lexical_weight, "codes": codes, "entry_bytes": entry_bytes},
+        "token memory config",
+    )
     if key_bytes:  # one byte per subspace of 256 centroids; checked as any MBCConfig is, before loading
         base = config.base | {"retrieval_subspaces": key_bytes, "retrieval_codes": 256}
         MBCConfig.from_dict(base)

@@ -43,6 +43,7 @@ from mbc.network.frozen_llm import FrozenLLM, lower_hidden, pad
 from mbc.network.lexical import bm25, combined, standardised
 from mbc.network.lora import lora_disabled
 from mbc.network.retrieval import RetrievalKeys
+from mbc.network.token_coding import TokenCoder
 from mbc.network.vocabulary import CodeWriter, VocabularyCodebook
 from mbc.settings import Field, from_dict, settings
 
@@ -83,11 +84,17 @@ class TokenMemoryConfig:
     # trained end to end on the QA loss (training/vocabulary_codes.py) and read by id, not as text.
     codes: Codes = "kept"
     commitment: Annotated[float, Field(ge=0)] = 0.25  # beta of the commitment term, for written codes
+    # Store each document in this many bytes as kept tokens under a prefix code fitted on the
+    # training documents (network/token_coding.py: ~11 bits a token instead of 16): as many of its
+    # best-scored tokens as fit (``keep`` is then unused). None: ``keep`` token ids of 16 bits each.
+    entry_bytes: Annotated[int | None, Field(ge=1, le=65536)] = None
     # The base LLM (its name, KV-LoRA and layers) and the retrieval keys (their encoder and sizes):
     # an MBC config, of which only those parts are used
     base: dict = field(default_factory=_cpu_preset)
 
     def __post_init__(self):
+        if self.entry_bytes is not None and self.codes != "kept":
+            raise MBCError("entry_bytes codes kept tokens; written codes are stored as token ids")
         if not self.base.get("retrieval_top_k"):
             raise MBCError(
                 "a token memory reads its top-1 document by retrieval keys: its base needs retrieval_top_k > 0"
@@ -122,6 +129,27 @@ class TokenCodec:
         return [[int(i) for i in entry[:, 0] if i != self.pad] for entry in np.asarray(entries)]
 
 
+class CodedTokenCodec:
+    """Kept token ids <-> bank entries [budget, 1] of bytes: the ids under the memory's prefix code
+    (network/token_coding.py), closed by its END symbol and padded with zero bits."""
+
+    mode = "coded_tokens"
+    codebook_size = 256  # an entry's "codes" are its bytes
+
+    def __init__(self, coder, budget: int, vocabulary: int):
+        # ``coder``: gives the memory's current TokenCoder (fitted with the scorer, or loaded)
+        self.coder, self.keep, self.pad = coder, budget, vocabulary
+
+    def encode(self, kept: list[list[int]]) -> np.ndarray:
+        coder = self.coder()
+        rows = [np.frombuffer(coder.encode(ids, self.keep), dtype=np.uint8) for ids in kept]
+        return np.stack(rows)[:, :, None] if rows else np.zeros((0, self.keep, 1), dtype=np.uint8)
+
+    def decode(self, entries: np.ndarray) -> list[list[int]]:
+        coder = self.coder()
+        return [coder.decode(np.asarray(entry[:, 0], dtype=np.uint8).tobytes()) for entry in np.asarray(entries)]
+
+
 class TokenMemory(nn.Module):
     """The scorer (and with written codes the writer) over a frozen LLM, whose KV-LoRA is trained
     or read only by a trained reader, and the retrieval keys that choose what a question reads."""
@@ -135,6 +163,10 @@ class TokenMemory(nn.Module):
         self.trained_on: str | None = None  # what training read, kept in its checkpoints (describe_training)
         self.scorer = nn.Linear(2 * layout.hidden_size, 1)
         self.codec = TokenCodec(len(llm.tokenizer), config.keep)
+        if config.entry_bytes is not None:
+            # The prefix code's lengths (token_coding.py), fitted with the scorer (``fit_code``).
+            self.register_buffer("code_lengths", torch.zeros(len(llm.tokenizer) + 1, dtype=torch.uint8))
+            self.codec = CodedTokenCodec(self.coder, config.entry_bytes, len(llm.tokenizer))
         self.writer = self.codebook = None
         if config.codes == "written":
             self.writer = CodeWriter(2 * layout.hidden_size, layout.hidden_size)
@@ -153,7 +185,23 @@ class TokenMemory(nn.Module):
         """The same memory keeping ``keep`` tokens per document (scorer and retrieval keys shared)."""
         other = TokenMemory(replace(self.config, keep=keep), self.llm, self.retrieval_keys)
         other.scorer, other.writer = self.scorer, self.writer
+        if self.config.entry_bytes is not None:
+            other.code_lengths.copy_(self.code_lengths)
         return other.eval()
+
+    def fit_code(self, documents: list[list[int]]) -> None:
+        """The prefix code of ``entry_bytes`` memories, fitted on training documents' token ids."""
+        self.code_lengths.copy_(torch.as_tensor(TokenCoder.fit(documents, len(self.llm.tokenizer)).lengths))
+
+    def coder(self) -> TokenCoder:
+        """The prefix code of the stored entries, rebuilt only when its lengths change (a load)."""
+        lengths = self.code_lengths.numpy().astype(np.int64)
+        cached = self.__dict__.get("_coder")
+        if cached is None or not np.array_equal(cached.lengths, lengths):
+            if not lengths.all():
+                raise MBCError("this token memory's prefix code is not fitted: fit it on training documents (fit_code)")
+            cached = self.__dict__["_coder"] = TokenCoder(lengths)
+        return cached
 
     @property
     def document_tokenizer(self):
@@ -163,7 +211,10 @@ class TokenMemory(nn.Module):
     def stored_keys(self, bank, ids: list[int]) -> torch.Tensor:
         """What a reader keeps of each stored document: its retrieval key and its kept token ids,
         [n, subspaces + keep] (the second half a lexical index at no stored byte: network/lexical.py)."""
-        tokens = torch.as_tensor(bank.entries(ids)[:, :, 0].astype(np.int64))
+        kept = self.codec.decode(bank.entries(ids))
+        width = max([self.codec.keep, *map(len, kept)])
+        rows = [row + [self.codec.pad] * (width - len(row)) for row in kept]
+        tokens = torch.tensor(rows, dtype=torch.long).reshape(len(kept), width)
         return torch.cat([torch.as_tensor(bank.retrieval_keys(ids)).long(), tokens], dim=1)
 
     @torch.no_grad()
@@ -231,6 +282,10 @@ class TokenMemory(nn.Module):
     @torch.no_grad()
     def keep_positions(self, ids: list[int], features: torch.Tensor) -> list[int]:
         """Of one text's token ids and their ``token_features``, where the ``keep`` best-scored are, in order."""
+        if self.config.entry_bytes is not None:
+            ranked = self.scorer(features.to(self.scorer.weight.dtype)).squeeze(1).argsort(descending=True).tolist()
+            chosen = self.coder().most_that_fit([ids[i] for i in ranked], self.config.entry_bytes)
+            return sorted(ranked[j] for j in chosen)
         if len(ids) <= self.config.keep:
             return list(range(len(ids)))
         best = self.scorer(features.to(self.scorer.weight.dtype)).squeeze(1).topk(self.config.keep).indices
@@ -315,7 +370,7 @@ class TokenMemory(nn.Module):
         keys = self.retrieval_keys.quantizer
         return BankLayout(
             self.codec.mode,
-            self.config.keep,
+            self.codec.keep,
             1,
             self.codec.codebook_size,
             self.llm.layout.hidden_size,
@@ -325,14 +380,15 @@ class TokenMemory(nn.Module):
         )
 
     def bytes_per_document(self) -> dict[str, float]:
-        tokens = packed_size(self.config.keep, self.codec.codebook_size)  # 2 bytes a token for SmolLM2
+        tokens = packed_size(self.codec.keep, self.codec.codebook_size)  # 2 bytes a token for SmolLM2, or entry_bytes
         return {"tokens": tokens, "retrieval_key": self.retrieval_keys.bytes_per_document()}
 
     def bank_fingerprint(self) -> str:
         """What a stored entry's meaning depends on: the scorer that chose the tokens (the tokenizer
         is fixed by the base LLM the config names) and the retrieval keys' centroids."""
         writer = [] if self.writer is None else list(self.writer.state_dict().values())
-        return fingerprint([self.scorer.weight, self.scorer.bias, *writer, self.retrieval_keys.centroids])
+        code = [self.code_lengths.float()] if self.config.entry_bytes is not None else []
+        return fingerprint([self.scorer.weight, self.scorer.bias, *writer, *code, self.retrieval_keys.centroids])
 
     codebook_fingerprint = bank_fingerprint  # what checkpoint.py records and checks
 
@@ -342,7 +398,9 @@ class TokenMemory(nn.Module):
         if self.config.trained_reader:  # the base LLM's KV-LoRA, trained to read kept tokens
             reader = {f"llm.{k}": v.detach().cpu().clone() for k, v in self.llm.state_dict().items() if ".lora_" in k}
         writer = {} if self.writer is None else {f"writer.{k}": v for k, v in self.writer.state_dict().items()}
-        return {**{f"scorer.{k}": v for k, v in self.scorer.state_dict().items()}, **writer, **keys, **reader}
+        code = {"code_lengths": self.code_lengths.clone()} if self.config.entry_bytes is not None else {}
+        scorer = {f"scorer.{k}": v for k, v in self.scorer.state_dict().items()}
+        return {**scorer, **writer, **code, **keys, **reader}
 
     def save_pretrained(self, folder: str | Path) -> None:
         checkpoint.save(self, folder)

@@ -15,7 +15,7 @@ from mbc.errors import MBCError
 class BankLayout:
     """What a stored entry is: MBC indices [K, stages] from ``codebook_size`` codes, or MAC vectors [K, dim]."""
 
-    mode: str  # "mbc", "mac" or "tokens" (token_memory.py: LLM token ids)
+    mode: str  # "mbc", "mac", "tokens" (token_memory.py: LLM token ids) or "coded_tokens" (their prefix code's bytes)
     num_slots: int
     stages: int
     codebook_size: int
@@ -32,7 +32,8 @@ class BankLayout:
     @property
     def format(self) -> CodeFormat | FloatFormat:
         """How an entry is laid out in bytes (formats.py)."""
-        if self.mode in ("mbc", "tokens"):  # tokens: LLM token ids, bit-packed as code indices are
+        # tokens: LLM token ids, bit-packed as code indices are; coded tokens: bytes, 8-bit "codes"
+        if self.mode in ("mbc", "tokens", "coded_tokens"):
             return CodeFormat(self.num_slots, self.stages, self.codebook_size)
         return FloatFormat(self.num_slots, self.dim)
 

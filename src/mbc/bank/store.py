@@ -45,7 +45,12 @@ FORMAT_VERSION = 3
 BANK_TABLES = {"meta", "documents", "code_counts"}
 
 
-_MEANING = {"mbc": "codebook", "mac": "amortization network", "tokens": "token scorer"}  # fixes what an entry means
+_MEANING = {
+    "mbc": "codebook",
+    "mac": "amortization network",
+    "tokens": "token scorer",
+    "coded_tokens": "token scorer and code",
+}  # fixes what an entry means
 
 
 def content_hash(text: str) -> str:

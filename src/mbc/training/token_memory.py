@@ -83,7 +83,8 @@ def train_token_memory(
     writer_learning_rate: float = 1e-5,
 ):
     """A token memory fitted on training questions (``QAExample`` rows): the retrieval keys'
-    centroids on their documents, the scorer on their documents' tokens, labelled by the answers;
+    centroids on their documents, the scorer on their documents' tokens, labelled by the answers
+    (and with ``entry_bytes`` the prefix code on their tokens);
     with ``reader_steps``, then a reader trained on what it keeps (``train_reader``, in
     ``mixed_precision``; written codes' layer at ``writer_learning_rate``). ``save_to``: the reader's
     progress is saved there as it trains (and the memory when it is done), and where a saved reader is
@@ -117,6 +118,8 @@ def train_token_memory(
     if not labels.any():
         raise MBCError("no answer occurs in its document's text: the scorer has no token to learn to keep")
     fit_scorer(model.scorer, torch.cat([f for _, _, f in tokens]), labels, steps)
+    if model.config.entry_bytes is not None:
+        model.fit_code([ids for ids, _, _ in tokens])
     if reader_steps:
         tokens_by_text = dict(zip(texts, tokens))
         # Only the kept tokens' features are read from here on: free the rest (~1 GB on SQuAD's training paragraphs).
