@@ -127,6 +127,10 @@ CASES = [
         lambda f: ["eval", "--qa-tuned", str(f), "--token-retrieval", "lexical_weight=1", "--method", "qa-tuned"],
         "give the memory with --tokens",
     ),
+    (
+        lambda f: ["train-tokens", "--data", "generated:0:20", "--codes", "written", "--entry-bytes", "64"],
+        "entry_bytes codes kept tokens",
+    ),
     (lambda f: ["train-camels", "--qa-tuned", str(f), "--steps", "-3"], "steps must be at least 1"),
     (lambda f: ["train-camels", "--qa-tuned", str(f), "--learning-rate", "0"], "learning_rate must be above 0"),
 ]
