@@ -76,6 +76,14 @@ def test_eval_runs_the_fine_tuning_methods_beside_the_memories(qa_tuned, tiny_mo
     assert "adapt MB" in format_table(summary)
 
 
+def test_fine_tuning_alone_draws_retention_but_no_bank_size(qa_tuned, tiny_model, tmp_path):
+    rows = list(generate_examples(8, seed=3))[:18]  # 3 documents
+    config = EvalConfig(retention_every=2, batch_size=8, methods=["uniform"], finetune_learning_rate=1e-3)
+    summary = run_eval(tiny_model().eval(), rows, [], tmp_path, config, qa_tuned=qa_tuned)
+    assert summary["files"] == ["predictions.csv", "summary.json", "retention.png"]
+    assert (tmp_path / "retention.png").exists() and not (tmp_path / "bank_size.png").exists()
+
+
 def test_mbc_eval_refuses_bad_fine_tuning_input_before_loading(tmp_path):
     runner = CliRunner()
     not_tuned = runner.invoke(app, ["eval", "--qa-tuned", str(tmp_path), "--method", "uniform"])

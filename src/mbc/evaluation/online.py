@@ -597,11 +597,14 @@ def run_eval(
         **(notes or {}),
     }
     plots = any(len(curve) > 1 for curve in curves.values())  # one step: nothing was asked again
-    summary["files"] = ["predictions.csv", "summary.json"] + (["retention.png", "bank_size.png"] if plots else [])
+    # fine-tuning methods store nothing: a bank-size plot only where some method grew a bank
+    banks_grown = {k: c for k, c in summary["retention"].items() if "stored_bytes" in c[0]} if plots else {}
+    summary["files"] = ["predictions.csv", "summary.json"] + (["retention.png"] if plots else [])
+    summary["files"] += ["bank_size.png"] if banks_grown else []
     write_predictions(output / "predictions.csv", rows, results)
     (output / "summary.json").write_text(json.dumps(summary, indent=2))
     if plots:
         plot_retention(summary["retention"], output / "retention.png")
-        banks_grown = {k: c for k, c in summary["retention"].items() if "stored_bytes" in c[0]}
+    if banks_grown:
         plot_bank_size(banks_grown, output / "bank_size.png")
     return summary
