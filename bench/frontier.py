@@ -39,8 +39,18 @@ POINTS = {
     # (~1 KB through slots alone, K=704, is ~800M trainable parameters, 16 GB and ~9 s per step.)
     "k48x16-c2048-key32": {"num_slots": 48, "codebook_stages": 16, "codebook_metric": "l2"},  # 1,056 + 32 bytes
 }
-# name: tokens kept per document by a token memory (`mbc train-tokens --before 2`; 2 bytes a token + the 32-byte key)
-TOKEN_POINTS = {"tokens-k24": 24, "tokens-k32": 32, "tokens-k40": 40, "tokens-k48": 48}
+# name: a token memory's `mbc train-tokens --before 2` settings: K kept tokens of 2 bytes + the 32-byte key, or
+# (--entry-bytes) as many of the best-scored tokens as fit in B bytes under the fitted prefix code + a smaller key
+TOKEN_POINTS = {
+    "tokens-k24": ["--keep", "24"],
+    "tokens-k32": ["--keep", "32"],
+    "tokens-k40": ["--keep", "40"],
+    "tokens-k48": ["--keep", "48"],
+    "tokens-coded40-key8": ["--entry-bytes", "40", "--key-bytes", "8"],  # 48 bytes
+    "tokens-coded56-key8": ["--entry-bytes", "56", "--key-bytes", "8"],  # 64 bytes
+    "tokens-coded72-key8": ["--entry-bytes", "72", "--key-bytes", "8"],  # 80 bytes
+    "tokens-coded88-key8": ["--entry-bytes", "88", "--key-bytes", "8"],  # 96 bytes
+}
 # Saves every 15 minutes: the large points' checkpoints are GBs (K=192: 3.9 GB).
 TRAIN_SETTINGS = ["seed=0", "eval_every=1000000", "save_best=false", "eval_questions=300", "save_every_minutes=15"]
 
@@ -60,8 +70,7 @@ def train(names: list[str]) -> None:
             continue
         mbc = str(ROOT / ".venv" / "bin" / "mbc")
         if name in TOKEN_POINTS:
-            keep = str(TOKEN_POINTS[name])
-            command = [mbc, "train-tokens", "--data", "generated", "--keep", keep, "--before", "2"]
+            command = [mbc, "train-tokens", "--data", "generated", *TOKEN_POINTS[name], "--before", "2"]
             print(" ".join(command + ["--output", str(RUNS / name / "last")]), flush=True)
             subprocess.run(command + ["--output", str(RUNS / name / "last")], check=True)
             continue
@@ -170,7 +179,15 @@ def base_with_text(rows) -> dict:
     return {"em": metrics["em"], "f1": metrics["f1"], "recall": recall}
 
 
-def table(questions: int, mac: str | None) -> None:
+def token_settings(name: str) -> str:
+    """A token point's settings as its scores are kept ("keep=48" as before entry bytes existed)."""
+    settings = dict(zip(TOKEN_POINTS[name][::2], TOKEN_POINTS[name][1::2]))
+    if list(settings) == ["--keep"]:
+        return f"keep={settings['--keep']}"
+    return " ".join(f"{flag.lstrip('-')}={value}" for flag, value in settings.items())
+
+
+def table(questions: int, mac: str | None, names: list[str], figure: Path) -> None:
     from mbc import data as qa_data
     from mbc.pipeline import cached_adapter
 
@@ -179,12 +196,12 @@ def table(questions: int, mac: str | None) -> None:
     unrelated = qa_data.documents(splits["train"])[: len(qa_data.documents(rows))]
     raw, zstd = text_sizes(qa_data.documents(rows))
     results = {}
-    for name in [*POINTS, *TOKEN_POINTS]:
+    for name in names:
         if trained(name):
             last = RUNS / name / "last"
             key = f"{weights_digest(last)} {len(rows)}"
             if name in TOKEN_POINTS:  # one scorer and one set of keys, whatever K: the same weights
-                key += f" keep={TOKEN_POINTS[name]} lexical={lexical_weight(last)}"
+                key += f" {token_settings(name)} lexical={lexical_weight(last)}"
             label = name if name in TOKEN_POINTS else f"mbc {name}"
             results[label] = kept_score(key, lambda: score_point(last, rows, unrelated))
         else:
@@ -209,24 +226,28 @@ def table(questions: int, mac: str | None) -> None:
     for name, r in results.items():
         if "em_name" in r:
             print(f"{name}: invented names {r['em_name']:.1f} EM, numbers {r['em_number']:.1f} EM")
-    plot(results, text, raw, zstd)
-    print(f"written {FIGURE}")
+    plot(results, text, raw, zstd, figure)
+    print(f"written {figure}")
 
 
-def plot(results: dict, text: dict, raw: float, zstd: float) -> None:
+def plot(results: dict, text: dict, raw: float, zstd: float, figure: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    mbc = sorted((r for n, r in results.items() if n.startswith("mbc")), key=lambda r: r["bytes"])
-    ax.plot([r["bytes"] for r in mbc], [r["em"] for r in mbc], "o-", label="MBC, own documents")
-    ax.plot([r["bytes"] for r in mbc], [r["control_em"] for r in mbc], "o--", label="MBC, unrelated documents")
-    tokens = sorted((r for n, r in results.items() if n.startswith("tokens")), key=lambda r: r["bytes"])
-    if tokens:
-        ax.plot([r["bytes"] for r in tokens], [r["em"] for r in tokens], "D-", label="token memory, own documents")
-        ax.plot([r["bytes"] for r in tokens], [r["control_em"] for r in tokens], "D--", label="token memory, unrelated")
+    series = [("mbc", "o", "MBC"), ("tokens-k", "D", "token memory"), ("tokens-coded", "v", "token memory, coded")]
+    for prefix, marker, label in series:
+        points = sorted((r for n, r in results.items() if n.startswith(prefix)), key=lambda r: r["bytes"])
+        if points:
+            ax.plot([r["bytes"] for r in points], [r["em"] for r in points], f"{marker}-", label=f"{label}, own")
+            ax.plot(
+                [r["bytes"] for r in points],
+                [r["control_em"] for r in points],
+                f"{marker}--",
+                label=f"{label}, unrelated",
+            )
     for name, r in results.items():
         if name.startswith("mac"):
             ax.plot([r["bytes"]], [r["em"]], "s", label=f"MAC, own ({r['control_em']:.1f} unrelated)")
@@ -238,25 +259,27 @@ def plot(results: dict, text: dict, raw: float, zstd: float) -> None:
     ax.set_ylabel("EM (validation questions)")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    FIGURE.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(FIGURE, dpi=100)
+    figure.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(figure, dpi=100)
     plt.close(fig)
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("command", choices=["train", "table"])
-    parser.add_argument("--points", default=",".join([*POINTS, *TOKEN_POINTS]), help="comma-separated names (train)")
+    parser.add_argument("--points", default=",".join([*POINTS, *TOKEN_POINTS]), help="comma-separated names")
     parser.add_argument("--questions", type=int, default=300, help="validation questions scored (table)")
     parser.add_argument("--mac", default=None, help="a MAC checkpoint (default: the one `mbc run` cached)")
+    parser.add_argument("--figure", type=Path, default=FIGURE, help="where the plot goes (table)")
     args = parser.parse_args()
+    names = args.points.split(",")
+    unknown = [n for n in names if n not in POINTS and n not in TOKEN_POINTS]
+    if unknown:
+        sys.exit(f"unknown point {unknown[0]!r}; known: {', '.join([*POINTS, *TOKEN_POINTS])}")
     if args.command == "train":
-        unknown = [n for n in args.points.split(",") if n not in POINTS and n not in TOKEN_POINTS]
-        if unknown:
-            sys.exit(f"unknown point {unknown[0]!r}; known: {', '.join([*POINTS, *TOKEN_POINTS])}")
-        train(args.points.split(","))
+        train(names)
     else:
-        table(args.questions, args.mac)
+        table(args.questions, args.mac, names, args.figure)
 
 
 if __name__ == "__main__":
