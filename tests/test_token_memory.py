@@ -343,3 +343,20 @@ def test_an_unfitted_code_and_coded_written_codes_are_refused_in_one_line(coded_
         unfitted.compress(["Tam 42 lamps."])
     with pytest.raises(MBCError, match="entry_bytes codes kept tokens"):
         TokenMemoryConfig(codes="written", entry_bytes=10, base=tiny_config(tiny_paths, **KEYS).to_dict())
+
+
+def test_a_coded_bank_read_before_and_after_it_grows_by_documents_of_other_lengths(coded_memory, rows):
+    coder = coded_memory.coder()
+    tokenizer = coded_memory.llm.tokenizer
+    by_length = np.argsort(coder.lengths[: coder.end], kind="stable")
+    short = next(int(t) for t in by_length if tokenizer.decode([int(t)]).strip())
+    many = tokenizer.decode([short] * 60)  # keeps more ids than its entry's 10 bytes
+    with MemoryBank.in_memory(BankLayout.of(coded_memory)) as bank:
+        reader = reader_for(coded_memory, bank)
+        ingest(coded_memory, bank, ["Tam 42."])
+        coded_memory.answer_read(reader, [rows[0].question])
+        ingest(coded_memory, bank, [many, *documents(rows)[:2]])
+        _, read = coded_memory.answer_read(reader, [rows[0].question, rows[6].question])
+        kept = [len(ids) for ids in coded_memory.codec.decode(bank.entries(bank.ids()))]
+    assert max(kept) > 10 and min(kept) < 10  # entries of more ids than bytes and of fewer
+    assert reader.document_keys.shape == (4, 4 + coded_memory.codec.most_tokens) and len(read) == 2

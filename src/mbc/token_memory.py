@@ -119,6 +119,10 @@ class TokenCodec:
         self.pad, self.keep = vocabulary, keep
         self.codebook_size = vocabulary + 1  # the pad index too: still 16 bits for SmolLM2's 49,152
 
+    @property
+    def most_tokens(self) -> int:
+        return self.keep
+
     def encode(self, kept: list[list[int]]) -> np.ndarray:
         entries = np.full((len(kept), self.keep, 1), self.pad, dtype=np.uint32)
         for row, ids in enumerate(kept):
@@ -139,6 +143,13 @@ class CodedTokenCodec:
     def __init__(self, coder, budget: int, vocabulary: int):
         # ``coder``: gives the memory's current TokenCoder (fitted with the scorer, or loaded)
         self.coder, self.keep, self.pad = coder, budget, vocabulary
+
+    @property
+    def most_tokens(self) -> int:
+        """The most ids an entry can hold (all of the shortest code), so that every entry's ids fit
+        one width however many a document kept."""
+        coder = self.coder()
+        return (8 * self.keep - int(coder.lengths[coder.end])) // int(coder.lengths[: coder.end].min())
 
     def encode(self, kept: list[list[int]]) -> np.ndarray:
         coder = self.coder()
@@ -210,9 +221,10 @@ class TokenMemory(nn.Module):
 
     def stored_keys(self, bank, ids: list[int]) -> torch.Tensor:
         """What a reader keeps of each stored document: its retrieval key and its kept token ids,
-        [n, subspaces + keep] (the second half a lexical index at no stored byte: network/lexical.py)."""
+        [n, subspaces + the codec's most tokens] (the second half a lexical index at no stored byte: network/lexical.py)."""
         kept = self.codec.decode(bank.entries(ids))
-        width = max([self.codec.keep, *map(len, kept)])
+        # One width for every entry: a reader adds the keys of new documents to those it holds.
+        width = self.codec.most_tokens
         rows = [row + [self.codec.pad] * (width - len(row)) for row in kept]
         tokens = torch.tensor(rows, dtype=torch.long).reshape(len(kept), width)
         return torch.cat([torch.as_tensor(bank.retrieval_keys(ids)).long(), tokens], dim=1)
