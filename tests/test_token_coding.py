@@ -52,3 +52,11 @@ def test_huffman_lengths_match_a_known_code():
     assert huffman_lengths(np.array([1.0, 1.0, 2.0, 4.0])).tolist() == [3, 3, 2, 1]
     with pytest.raises(MBCError, match="at least two symbols"):
         huffman_lengths(np.array([1.0]))
+
+
+def test_an_entry_holds_at_most_most_ids_ids_however_short_their_codes(coder):
+    shortest = int(np.argmin(coder.lengths[: coder.end]))
+    most = coder.most_ids(4)
+    assert coder.decode(coder.encode([shortest] * most, 4)) == [shortest] * most
+    with pytest.raises(MBCError):
+        coder.encode([shortest] * (most + 1), 4)

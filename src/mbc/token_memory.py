@@ -146,10 +146,8 @@ class CodedTokenCodec:
 
     @property
     def most_tokens(self) -> int:
-        """The most ids an entry can hold (all of the shortest code), so that every entry's ids fit
-        one width however many a document kept."""
-        coder = self.coder()
-        return (8 * self.keep - int(coder.lengths[coder.end])) // int(coder.lengths[: coder.end].min())
+        """The most ids an entry can hold, so that every entry's ids fit one width however many a document kept."""
+        return self.coder().most_ids(self.keep)
 
     def encode(self, kept: list[list[int]]) -> np.ndarray:
         coder = self.coder()

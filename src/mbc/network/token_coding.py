@@ -90,6 +90,10 @@ class TokenCoder:
         """Bits an entry of these ids takes, END included."""
         return int(self.lengths[np.asarray(list(ids), dtype=np.int64)].sum()) + int(self.lengths[self.end])
 
+    def most_ids(self, budget: int) -> int:
+        """The most ids an entry of ``budget`` bytes can hold: all of the shortest code, then END."""
+        return (8 * budget - int(self.lengths[self.end])) // int(self.lengths[: self.end].min())
+
     def most_that_fit(self, ranked: list[int], budget: int) -> list[int]:
         """Of ``ranked`` (ids, best first), the best that fit ``budget`` bytes together, in the
         given order: each is taken if it still fits, so a long code left out leaves room for
