@@ -1,6 +1,7 @@
 """The token memory (token_memory.py): which tokens a document keeps, the bank it writes, reading it
 back, saving, and its methods in the online evaluation and the memory service, on tiny models."""
 
+import json
 import os
 import signal
 from dataclasses import replace
@@ -10,9 +11,11 @@ import pytest
 import torch
 from conftest import tiny_config
 from torch import nn
+from typer.testing import CliRunner
 
 from mbc.bank import BankLayout, MemoryBank
 from mbc.bank.packing import packed_size
+from mbc.cli import app
 from mbc.data import documents
 from mbc.data.generated import generate_examples
 from mbc.errors import MBCError
@@ -143,6 +146,21 @@ def test_the_memory_service_adds_to_and_answers_from_a_token_memory(token_memory
     result = service.ask([rows[0].question])
     assert result["answers"][0]["documents"][0]["metadata"]["path"].startswith("doc")
     assert service.stats()["mode"] == "tokens"
+
+
+def test_the_retention_command_streams_into_a_token_memory_beside_mbc(token_memory, tiny_checkpoint, tmp_path):
+    token_memory.save_pretrained(tmp_path / "tokens")
+    out = tmp_path / "out"
+    args = ["retention", "--model", tiny_checkpoint, "--data", "generated:3:20", "--every", "8", "--output", str(out)]
+    result = CliRunner().invoke(app, [*args, "--tokens", str(tmp_path / "tokens")])
+    assert result.exit_code == 0, result.output
+    saved = json.loads((out / "retention.json").read_text())
+    assert list(saved["curves"]) == ["mbc", "tokens"] and saved["checkpoints"]["tokens"] == str(tmp_path / "tokens")
+    assert [p["documents"] for p in saved["curves"]["tokens"]] == [8, 16, 20]
+    assert all(0 <= p["recall_percent"] <= 100 for p in saved["curves"]["tokens"])  # it reads by retrieval key
+    assert "tokens F1" in result.output
+    wrong = CliRunner().invoke(app, [*args, "--tokens", tiny_checkpoint])
+    assert wrong.exit_code != 0 and "not a token memory" in str(wrong.exception)
 
 
 def test_a_token_memory_needs_retrieval_keys_and_a_layer_of_its_llm(tiny_paths):

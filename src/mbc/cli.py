@@ -597,6 +597,7 @@ ModelOption = typer.Option(
 def retention(
     model: Optional[Path] = ModelOption,
     mac: Optional[Path] = typer.Option(None, help="a trained MAC checkpoint to measure beside it"),
+    tokens: Optional[Path] = typer.Option(None, help="a token memory (`mbc train-tokens`) to measure beside it"),
     data: str = typer.Option(
         "generated:1:2000", help="the documents to stream, all of them (default: 2,000 generated ones no run trains on)"
     ),
@@ -626,6 +627,7 @@ def retention(
     from mbc.model import MBCModel
     from mbc.paths import writable_folder
     from mbc.pipeline import default_model
+    from mbc.token_memory import TokenMemory
 
     output = writable_folder(output)
     banks = _check_banks(banks) or writable_folder(output / "banks")
@@ -633,9 +635,10 @@ def retention(
     check_stream(rows, every)  # before the models load
     tuning = _finetune_settings(qa_tuned, finetune_learning_rate, finetune_steps, camels)
     checkpoints = {"mbc": model or default_model(), **({"mac": mac} if mac else {})}
-    curves = {}
-    for name, checkpoint in checkpoints.items():
-        curves[name] = measure_retention(MBCModel.from_pretrained(checkpoint).eval(), rows, banks, every)
+    memories = {name: MBCModel.from_pretrained(checkpoint).eval() for name, checkpoint in checkpoints.items()}
+    if tokens:  # loaded with the others, so that a wrong folder is named before hours of streaming
+        checkpoints["tokens"], memories["tokens"] = tokens, TokenMemory.from_pretrained(tokens)
+    curves = {name: measure_retention(memory, rows, banks, every) for name, memory in memories.items()}
     tunings = (("uniform fine-tuning", "all"), ("salient spans (rules)", "salient"), ("camels fine-tuning", "camels"))
     for name, spans in tunings if qa_tuned else ():
         if spans != "camels" or camels:

@@ -417,7 +417,13 @@ class TokenMemory(nn.Module):
 
     @classmethod
     def from_pretrained(cls, folder: str | Path) -> "TokenMemory":
-        model = cls.build(TokenMemoryConfig.from_dict(checkpoint.read_config_dict(folder)))
+        values = checkpoint.read_config_dict(folder)
+        if values.get("kind") != KIND:
+            raise MBCError(
+                f"{folder} is not a token memory (an MBC or MAC adapter, or another checkpoint): "
+                "give a folder that `mbc train-tokens` wrote"
+            )
+        model = cls.build(TokenMemoryConfig.from_dict(values))
         checkpoint.load_state(model, folder)
         return model.eval()
 
