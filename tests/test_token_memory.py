@@ -148,7 +148,9 @@ def test_the_memory_service_adds_to_and_answers_from_a_token_memory(token_memory
     assert service.stats()["mode"] == "tokens"
 
 
-def test_the_retention_command_streams_into_a_token_memory_beside_mbc(token_memory, tiny_checkpoint, tmp_path):
+def test_the_retention_command_streams_into_a_token_memory_beside_mbc(
+    token_memory, tiny_checkpoint, tmp_path, monkeypatch
+):
     token_memory.save_pretrained(tmp_path / "tokens")
     out = tmp_path / "out"
     args = ["retention", "--model", tiny_checkpoint, "--data", "generated:3:20", "--every", "8", "--output", str(out)]
@@ -161,6 +163,12 @@ def test_the_retention_command_streams_into_a_token_memory_beside_mbc(token_memo
     assert "tokens F1" in result.output
     wrong = CliRunner().invoke(app, [*args, "--tokens", tiny_checkpoint])
     assert wrong.exit_code != 0 and "not a token memory" in str(wrong.exception)
+    monkeypatch.setenv("MBC_CACHE", str(tmp_path / "empty-cache"))  # no main job's adapter: the token curve alone
+    alone = CliRunner().invoke(
+        app, ["retention", *args[3:-1], str(tmp_path / "alone"), "--tokens", str(tmp_path / "tokens")]
+    )
+    assert alone.exit_code == 0 and "no MBC adapter cached" in alone.output, alone.output
+    assert list(json.loads((tmp_path / "alone" / "retention.json").read_text())["curves"]) == ["tokens"]
 
 
 def test_a_token_memory_needs_retrieval_keys_and_a_layer_of_its_llm(tiny_paths):

@@ -626,7 +626,6 @@ def retention(
     )
     from mbc.model import MBCModel
     from mbc.paths import writable_folder
-    from mbc.pipeline import default_model
     from mbc.token_memory import TokenMemory
 
     output = writable_folder(output)
@@ -634,7 +633,8 @@ def retention(
     rows = qa_data.load(data)
     check_stream(rows, every)  # before the models load
     tuning = _finetune_settings(qa_tuned, finetune_learning_rate, finetune_steps, camels)
-    checkpoints = {"mbc": model or default_model(), **({"mac": mac} if mac else {})}
+    checkpoints = {"mbc": model or _default_beside(tokens), **({"mac": mac} if mac else {})}
+    checkpoints = {name: folder for name, folder in checkpoints.items() if folder}
     memories = {name: MBCModel.from_pretrained(checkpoint).eval() for name, checkpoint in checkpoints.items()}
     if tokens:  # loaded with the others, so that a wrong folder is named before hours of streaming
         checkpoints["tokens"], memories["tokens"] = tokens, TokenMemory.from_pretrained(tokens)
@@ -650,6 +650,18 @@ def retention(
     write_retention(curves, output, notes)
     typer.echo(format_retention(curves))
     typer.echo(f"written to {output}/ (retention.json, retention.png)")
+
+
+def _default_beside(tokens: Optional[Path]) -> Optional[Path]:
+    """The main job's MBC adapter; beside a token memory, None (with a line) when `mbc run` made none."""
+    from mbc.pipeline import cached_adapter, default_model
+
+    if not tokens:
+        return default_model()
+    found = cached_adapter()
+    if found is None:
+        typer.echo("no MBC adapter cached (`mbc run` makes one): the token memory's curve alone; --model adds MBC's")
+    return found
 
 
 @app.command()
