@@ -65,13 +65,18 @@ def _finish(plt, fig, ax, xlabel: str, ylabel: str, png_path: Path, log_y: bool 
     plt.close(fig)
 
 
+def _shown(name: str) -> str:
+    """A curve's key as the papers write it: "mbc" -> "MBC"; a method's full name as it is."""
+    return {"mbc": "MBC", "mac": "MAC"}.get(name, name)
+
+
 def plot_retention(curves: dict[str, list[dict]], png_path: Path) -> None:
     """F1 on the first documents' questions, relative to right after they were streamed, in percent."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(5, 4))
     for name, curve in curves.items():
         points = [p for p in curve if p.get("retention_percent") is not None]
-        ax.plot([p["documents"] for p in points], [p["retention_percent"] for p in points], "o-", label=name.upper())
+        ax.plot([p["documents"] for p in points], [p["retention_percent"] for p in points], "o-", label=_shown(name))
     _finish(plt, fig, ax, "documents streamed", "F1 retention (%)", png_path)
 
 
@@ -80,7 +85,7 @@ def plot_bank_size(curves: dict[str, list[dict]], png_path: Path) -> None:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(5, 4))
     for name, curve in curves.items():
-        ax.plot([p["documents"] for p in curve], [p["stored_bytes"] for p in curve], "o-", label=f"{name.upper()} bank")
+        ax.plot([p["documents"] for p in curve], [p["stored_bytes"] for p in curve], "o-", label=f"{_shown(name)} bank")
     if "mac" not in curves and curves:
         curve = next(iter(curves.values()))
         ax.plot(
@@ -104,9 +109,14 @@ def plot_retention_and_recall(curves: dict[str, list[dict]], png_path: Path) -> 
             [p["documents"] for p in kept],
             [p["retention_percent"] for p in kept],
             "o-",
-            label=f"{name.upper()} F1 retention",
+            label=f"{_shown(name)} F1 retention",
         )
         if all(p["recall_percent"] is not None for p in curve):
             recall = [p["recall_percent"] for p in curve]
-            ax.plot(documents, recall, "s--", color=line[0].get_color(), label=f"{name.upper()} keys' recall")
+            label = f"{_shown(name)} keys' recall"
+            ax.plot(documents, recall, "s--", color=line[0].get_color(), label=label)
+    # From 50% at least: an axis drawn around 99-100% would make a 0.5% loss look like a fall.
+    values = [p[key] for curve in curves.values() for p in curve for key in ("retention_percent", "recall_percent")]
+    values = [v for v in values if v is not None] or [100.0]
+    ax.set_ylim(min(50.0, min(values) - 5), max(102.0, max(values) + 3))
     _finish(plt, fig, ax, "documents streamed", "percent", png_path)
