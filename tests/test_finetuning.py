@@ -1,6 +1,8 @@
 """Online fine-tuning baselines (finetuning.py) on the tiny LLM: the QA-tuned start, the updates,
 their place in `mbc eval`, and their bad settings."""
 
+import json
+
 import pytest
 import torch
 from typer.testing import CliRunner
@@ -101,3 +103,26 @@ def test_retention_of_fine_tuning_is_measured_as_the_memories_are(qa_tuned):
     curve = measure_finetuning_retention(qa_tuned, rows, FinetuneConfig(learning_rate=1e-3), every=2, batch_size=8)
     assert [p["documents"] for p in curve] == [2, 4] and all(p["recall_percent"] is None for p in curve)
     assert "uniform fine-tuning F1" in format_retention({"uniform fine-tuning": curve})
+
+
+def test_the_retention_command_measures_one_fine_tuning_beside_an_earlier_curve(qa_tuned, tmp_path):
+    runner = CliRunner()
+    stream = ["retention", "--data", "generated:3:4", "--every", "2", "--output", str(tmp_path / "out")]
+    earlier = tmp_path / "earlier.json"  # a memory's curve over the same stream, measured before
+    point = {"em": 10.0, "f1": 20.0, "retention_percent": 100.0, "recall_percent": 100.0}
+    curve = [{"documents": n, **point} for n in (2, 4)]
+    earlier.write_text(json.dumps({"curves": {"mbc": curve}, "data": "generated:3:4"}))
+    args = [*stream, "--qa-tuned", str(qa_tuned), "--finetune-learning-rate", "1e-3", "--beside", str(earlier)]
+    result = runner.invoke(app, [*args, "--finetuning", "uniform"])
+    assert result.exit_code == 0, result.output
+    saved = json.loads((tmp_path / "out" / "retention.json").read_text())
+    assert list(saved["curves"]) == ["mbc", "uniform fine-tuning"] and saved["complete"] is True
+    assert [p["documents"] for p in saved["curves"]["uniform fine-tuning"]] == [2, 4]
+    for bad, says in (
+        (["--finetuning", "some"], "is not one of uniform, salient, camels"),
+        (["--finetuning", "camels"], "give --camels"),
+    ):
+        refused = runner.invoke(app, [*args, *bad])
+        assert refused.exit_code != 0 and says in str(refused.exception), refused.output
+    alone = runner.invoke(app, [*stream, "--finetuning", "uniform", "--beside", str(earlier)])
+    assert "give --qa-tuned" in str(alone.exception)

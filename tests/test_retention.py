@@ -7,6 +7,7 @@ from typer.testing import CliRunner
 
 from mbc.cli import app
 from mbc.data import QAExample
+from mbc.errors import MBCError
 from mbc.evaluation.metrics import retention_percent
 from mbc.evaluation.retention import format_retention, measure_retention
 from mbc.model import MBCModel
@@ -48,3 +49,34 @@ def test_retention_is_a_percent_of_the_first_f1_and_none_without_one():
     assert retention_percent(0.0, 0.0) is None and retention_percent(5.0, 0.0) is None
     curve = [{"documents": 3, "f1": 0.0, "retention_percent": None, "recall_percent": None}]
     assert "-" in format_retention({"mbc": curve}).splitlines()[1]
+
+
+def test_an_earlier_runs_curves_stand_beside_this_runs_and_are_not_measured_again(tiny_checkpoint, tmp_path):
+    runner = CliRunner()
+    stream = ["--data", "generated:3:20", "--every", "8"]
+    first = runner.invoke(app, ["retention", "--model", tiny_checkpoint, *stream, "--output", str(tmp_path / "a")])
+    assert first.exit_code == 0, first.output
+    earlier = tmp_path / "a" / "retention.json"
+    assert json.loads(earlier.read_text())["complete"] is True
+    args = ["retention", "--mac", tiny_checkpoint, "--beside", str(earlier), "--output", str(tmp_path / "b")]
+    second = runner.invoke(app, [*args, *stream])
+    assert second.exit_code == 0, second.output
+    saved = json.loads((tmp_path / "b" / "retention.json").read_text())
+    assert list(saved["curves"]) == ["mbc", "mac"] and saved["beside"] == {"mbc": str(earlier)}
+    assert saved["curves"]["mbc"] == json.loads(earlier.read_text())["curves"]["mbc"]  # drawn, not measured
+    assert list(saved["checkpoints"]) == ["mac"] and "mac F1" in second.output and "mbc F1" in second.output
+
+    def refused(*extra: str) -> str:
+        result = runner.invoke(app, [*args, *extra])
+        assert result.exit_code != 0 and isinstance(result.exception, MBCError), result.output
+        return str(result.exception)
+
+    assert "give the same --every" in refused("--data", "generated:3:20", "--every", "5")
+    assert "give the same --data" in refused("--data", "generated:4:20", "--every", "8")
+    assert "measured by this run and given by" in refused(*stream, "--model", tiny_checkpoint)
+    unfinished = json.loads(earlier.read_text())
+    unfinished["curves"]["mbc"] = unfinished["curves"]["mbc"][:2]
+    (tmp_path / "unfinished.json").write_text(json.dumps(unfinished))
+    assert "stops early" in refused(*stream, "--beside", str(tmp_path / "unfinished.json"))
+    (tmp_path / "other.json").write_text("{}")
+    assert "is not a retention.json" in refused(*stream, "--beside", str(tmp_path / "other.json"))

@@ -610,18 +610,30 @@ def retention(
     camels: Optional[Path] = CamelsOption,
     finetune_learning_rate: float = typer.Option(1e-4, help="online fine-tuning: AdamW's learning rate"),
     finetune_steps: int = typer.Option(4, help="online fine-tuning: gradient steps per document"),
+    finetuning: list[str] = typer.Option(
+        [], help="with --qa-tuned: uniform, salient or camels (repeatable; default: each that the folders given allow)"
+    ),
+    beside: list[Path] = typer.Option(
+        [],
+        help="an earlier run's retention.json over the same --data and --every: its curves join this run's table "
+        "and plot, and are not measured again (repeatable)",
+    ),
 ):
     """Retention as the paper measures it: stream many documents into one bank (or, with --qa-tuned,
     into the LLM's weights) and, after every further step, answer again the questions about the
-    first step's documents."""
+    first step's documents. retention.json is rewritten after every point, so a stopped run keeps
+    what it measured."""
     from dataclasses import asdict, replace
 
     from mbc import data as qa_data
     from mbc.evaluation.retention import (
+        FINETUNING,
         check_stream,
         format_retention,
         measure_finetuning_retention,
         measure_retention,
+        read_earlier_curves,
+        stream_points,
         write_retention,
     )
     from mbc.model import MBCModel
@@ -631,36 +643,71 @@ def retention(
     output = writable_folder(output)
     banks = _check_banks(banks) or writable_folder(output / "banks")
     rows = qa_data.load(data)
-    check_stream(rows, every)  # before the models load
+    points = stream_points(len(check_stream(rows, every)), every)  # before the models load
+    earlier, sources = read_earlier_curves(beside, data, points)
     tuning = _finetune_settings(qa_tuned, finetune_learning_rate, finetune_steps, camels)
-    checkpoints = {"mbc": model or _default_beside(tokens), **({"mac": mac} if mac else {})}
+    tunings = [FINETUNING[key] for key in _chosen_finetuning(finetuning, qa_tuned, camels)]
+    tunings = [(name, spans) for name, spans in tunings if name not in earlier or finetuning]
+    default = None if "mbc" in earlier else _default_beside(tokens or qa_tuned or earlier)
+    checkpoints = {"mbc": model or default, **({"mac": mac} if mac else {})}
     checkpoints = {name: folder for name, folder in checkpoints.items() if folder}
+    again = [name for name in [*checkpoints, *(["tokens"] if tokens else []), *dict(tunings)] if name in earlier]
+    if again:
+        raise MBCError(f"{again[0]} is measured by this run and given by {sources[again[0]]}: leave one of them out")
     memories = {name: MBCModel.from_pretrained(checkpoint).eval() for name, checkpoint in checkpoints.items()}
     if tokens:  # loaded with the others, so that a wrong folder is named before hours of streaming
         checkpoints["tokens"], memories["tokens"] = tokens, TokenMemory.from_pretrained(tokens)
-    curves = {name: measure_retention(memory, rows, banks, every) for name, memory in memories.items()}
-    tunings = (("uniform fine-tuning", "all"), ("salient spans (rules)", "salient"), ("camels fine-tuning", "camels"))
-    for name, spans in tunings if qa_tuned else ():
-        if spans != "camels" or camels:
-            tuned = replace(tuning, spans=spans)
-            curves[name] = measure_finetuning_retention(qa_tuned, rows, tuned, every, camels=camels)
-    notes = {"data": data, "checkpoints": {k: str(v) for k, v in checkpoints.items()}}
+    notes = {"data": data, "checkpoints": {k: str(v) for k, v in checkpoints.items()}, "beside": sources}
     if qa_tuned:
         notes |= {"qa_tuned": str(qa_tuned), "finetune": asdict(tuning), "camels": str(camels) if camels else None}
-    write_retention(curves, output, notes)
+    curves = dict(earlier)
+
+    def measured(name: str, measure) -> None:
+        """One curve measured, with retention.json rewritten after each of its points."""
+        save = lambda curve: write_retention({**curves, name: curve}, output, notes | {"complete": False})  # noqa: E731
+        curves[name] = measure(save)
+
+    for name, memory in memories.items():
+        measured(name, lambda save: measure_retention(memory, rows, banks, every, on_point=save))
+    for name, spans in tunings:
+        tuned = replace(tuning, spans=spans)
+        measured(
+            name,
+            lambda save: measure_finetuning_retention(qa_tuned, rows, tuned, every, camels=camels, on_point=save),
+        )
+    write_retention(curves, output, notes | {"complete": True})
     typer.echo(format_retention(curves))
     typer.echo(f"written to {output}/ (retention.json, retention.png)")
 
 
-def _default_beside(tokens: Optional[Path]) -> Optional[Path]:
-    """The main job's MBC adapter; beside a token memory, None (with a line) when `mbc run` made none."""
+def _chosen_finetuning(chosen: list[str], qa_tuned: Optional[Path], camels: Optional[Path]) -> list[str]:
+    """`mbc retention --finetuning`'s keys, checked; by default each one the folders given allow."""
+    from mbc.evaluation.retention import FINETUNING
+
+    unknown = [key for key in chosen if key not in FINETUNING]
+    if unknown:
+        raise MBCError(f"--finetuning {unknown[0]} is not one of {', '.join(FINETUNING)}")
+    if chosen and not qa_tuned:
+        raise MBCError("--finetuning fine-tunes a QA-tuned LLM: give --qa-tuned (a folder from `mbc train-qa`)")
+    if "camels" in chosen and not camels:
+        raise MBCError(
+            "--finetuning camels needs its weighting model: give --camels (a folder from `mbc train-camels`)"
+        )
+    if not qa_tuned:
+        return []
+    return chosen or ["uniform", "salient", *(["camels"] if camels else [])]
+
+
+def _default_beside(others) -> Optional[Path]:
+    """The main job's MBC adapter; beside ``others`` (anything true: other curves to draw), None
+    (with a line) when `mbc run` made none."""
     from mbc.pipeline import cached_adapter, default_model
 
-    if not tokens:
+    if not others:
         return default_model()
     found = cached_adapter()
     if found is None:
-        typer.echo("no MBC adapter cached (`mbc run` makes one): the token memory's curve alone; --model adds MBC's")
+        typer.echo("no MBC adapter cached (`mbc run` makes one): the other curves without MBC's; --model adds it")
     return found
 
 

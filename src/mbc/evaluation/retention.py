@@ -37,10 +37,51 @@ def check_stream(rows: list[QAExample], every: int) -> list[str]:
     return stream
 
 
-def _curve(rows: list[QAExample], every: int, adapt, answer, recall=None, name: str = "retention") -> list[dict]:
+def stream_points(n_documents: int, every: int) -> list[int]:
+    """The documents streamed at each point of a curve."""
+    return [min(start + every, n_documents) for start in range(0, n_documents, every)]
+
+
+# `mbc retention --finetuning` keys: the curve's name and FinetuneConfig.spans.
+FINETUNING = {
+    "uniform": ("uniform fine-tuning", "all"),
+    "salient": ("salient spans (rules)", "salient"),
+    "camels": ("camels fine-tuning", "camels"),
+}
+
+
+def read_earlier_curves(paths: list[str | Path], data: str, points: list[int]) -> tuple[dict, dict]:
+    """The curves of earlier runs' ``retention.json`` files over the same stream (``data``, with a
+    point at each of ``points``), to stand beside this run's, and the file each one came from: an
+    hours-long curve is measured once and drawn again beside the next ones."""
+    curves, sources = {}, {}
+    for path in paths:
+        try:
+            saved = json.loads(Path(path).read_text())
+            theirs, their_data = dict(saved["curves"]), saved["data"]
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            raise MBCError(f"{path} is not a retention.json written by `mbc retention` ({error})") from None
+        if their_data != data:
+            raise MBCError(f"{path} streamed {their_data}, this run streams {data}: give the same --data")
+        for name, curve in theirs.items():
+            if [p["documents"] for p in curve] != points:
+                raise MBCError(
+                    f"{path}: {name} has points at {[p['documents'] for p in curve]} documents, this run at "
+                    f"{points}: give the same --every (an unfinished run's curve stops early)"
+                )
+            if name in curves:
+                raise MBCError(f"{name} is in both {sources[name]} and {path}: give one of them")
+            curves[name], sources[name] = curve, str(path)
+    return curves, sources
+
+
+def _curve(
+    rows: list[QAExample], every: int, adapt, answer, recall=None, name: str = "retention", on_point=None
+) -> list[dict]:
     """The retention curve of one way of adapting: ``adapt(documents)`` takes in each step's
     documents, ``answer(questions)`` answers, ``recall(probe)`` (None: no retrieval) says how often
-    a probe question's own document is found."""
+    a probe question's own document is found; ``on_point(curve)`` sees the curve so far after each
+    point (so that an hours-long run leaves what it measured if it is stopped)."""
     stream = check_stream(rows, every)
     first = set(stream[:every])
     probe = [r for r in rows if r.document in first]
@@ -52,6 +93,8 @@ def _curve(rows: list[QAExample], every: int, adapt, answer, recall=None, name: 
         point = {"documents": min(start + every, len(stream)), "em": scores["em"], "f1": scores["f1"]}
         point["retention_percent"] = retention_percent(point["f1"], (curve[0] if curve else point)["f1"])
         curve.append({**point, "recall_percent": recall(probe) if recall else None})
+        if on_point:
+            on_point(curve)
     return curve
 
 
@@ -66,6 +109,7 @@ def measure_retention(
     every: int = 200,
     batch_size: int = 64,
     decoding: DecodingConfig | None = None,
+    on_point=None,
 ) -> list[dict]:
     """Stream into a new bank in ``banks`` (a folder or a postgresql:// URL). One point per step of
     ``every`` documents: documents stored, EM, F1, retention and recall (percent; recall None
@@ -82,7 +126,12 @@ def measure_retention(
         recall = lambda probe: retrieval_recall(reader, probe, bank_ids, batch_size)  # noqa: E731
     try:
         return _curve(
-            rows, every, adapt, _batched(lambda q: answer_from_bank(model, reader, q, decoding), batch_size), recall
+            rows,
+            every,
+            adapt,
+            _batched(lambda q: answer_from_bank(model, reader, q, decoding), batch_size),
+            recall,
+            on_point=on_point,
         )
     finally:
         bank.close()
@@ -96,6 +145,7 @@ def measure_finetuning_retention(
     batch_size: int = 64,
     decoding: DecodingConfig | None = None,
     camels: str | Path | None = None,
+    on_point=None,
 ) -> list[dict]:
     """The same curve for online fine-tuning (finetuning.py, ``config`` a ``FinetuneConfig``) of the
     QA-tuned LLM in ``qa_tuned``: each step's documents go into its weights; recall is None.
@@ -117,7 +167,7 @@ def measure_finetuning_retention(
 
     with torch.no_grad():
         answer = _batched(lambda q: model.answer(q, decoding), batch_size)
-        return _curve(rows, every, adapt, answer, name=f"fine-tuning ({config.spans} tokens)")
+        return _curve(rows, every, adapt, answer, name=f"fine-tuning ({config.spans} tokens)", on_point=on_point)
 
 
 def write_retention(curves: dict[str, list[dict]], output: str | Path, notes: dict | None = None) -> None:
