@@ -107,17 +107,17 @@ def test_retention_of_fine_tuning_is_measured_as_the_memories_are(qa_tuned):
 
 def test_the_retention_command_measures_one_fine_tuning_beside_an_earlier_curve(qa_tuned, tmp_path):
     runner = CliRunner()
-    stream = ["retention", "--data", "generated:3:4", "--every", "2", "--output", str(tmp_path / "out")]
+    stream = ["retention", "--data", "generated:3:10", "--every", "5", "--output", str(tmp_path / "out")]
     earlier = tmp_path / "earlier.json"  # a memory's curve over the same stream, measured before
     point = {"em": 10.0, "f1": 20.0, "retention_percent": 100.0, "recall_percent": 100.0}
-    curve = [{"documents": n, **point} for n in (2, 4)]
-    earlier.write_text(json.dumps({"curves": {"mbc": curve}, "data": "generated:3:4"}))
+    curve = [{"documents": n, **point} for n in (5, 10)]
+    earlier.write_text(json.dumps({"curves": {"mbc": curve}, "data": "generated:3:10"}))
     args = [*stream, "--qa-tuned", str(qa_tuned), "--finetune-learning-rate", "1e-3", "--beside", str(earlier)]
     result = runner.invoke(app, [*args, "--finetuning", "uniform"])
     assert result.exit_code == 0, result.output
     saved = json.loads((tmp_path / "out" / "retention.json").read_text())
     assert list(saved["curves"]) == ["mbc", "uniform fine-tuning"] and saved["complete"] is True
-    assert [p["documents"] for p in saved["curves"]["uniform fine-tuning"]] == [2, 4]
+    assert [p["documents"] for p in saved["curves"]["uniform fine-tuning"]] == [5, 10]
     for bad, says in (
         (["--finetuning", "some"], "is not one of uniform, salient, camels"),
         (["--finetuning", "camels"], "give --camels"),

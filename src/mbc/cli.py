@@ -648,8 +648,9 @@ def retention(
     tuning = _finetune_settings(qa_tuned, finetune_learning_rate, finetune_steps, camels)
     tunings = [FINETUNING[key] for key in _chosen_finetuning(finetuning, qa_tuned, camels)]
     tunings = [(name, spans) for name, spans in tunings if name not in earlier or finetuning]
-    default = None if "mbc" in earlier else _default_beside(tokens or qa_tuned or earlier)
-    checkpoints = {"mbc": model or default, **({"mac": mac} if mac else {})}
+    if model is None and "mbc" not in earlier:
+        model = _default_beside(tokens or qa_tuned or earlier)
+    checkpoints = {"mbc": model, **({"mac": mac} if mac else {})}
     checkpoints = {name: folder for name, folder in checkpoints.items() if folder}
     again = [name for name in [*checkpoints, *(["tokens"] if tokens else []), *dict(tunings)] if name in earlier]
     if again:
