@@ -98,10 +98,11 @@ def plot_bank_size(curves: dict[str, list[dict]], png_path: Path) -> None:
 
 
 def plot_retention_and_recall(curves: dict[str, list[dict]], png_path: Path) -> None:
-    """F1 retention (solid) and the retrieval keys' recall of the own document (dashed) on the
-    first documents' questions, against documents streamed."""
+    """Left: F1 retention (solid) and the retrieval keys' recall of the own document (dashed) on
+    the first documents' questions; right: their F1 itself, since a method can keep all of very
+    little. Both against documents streamed."""
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, (ax, f1_ax) = plt.subplots(1, 2, figsize=(11, 4))
     for name, curve in curves.items():
         documents = [p["documents"] for p in curve]
         kept = [p for p in curve if p["retention_percent"] is not None]  # none where the first F1 was 0
@@ -111,12 +112,17 @@ def plot_retention_and_recall(curves: dict[str, list[dict]], png_path: Path) -> 
             "o-",
             label=f"{_shown(name)} F1 retention",
         )
+        color = line[0].get_color()
         if all(p["recall_percent"] is not None for p in curve):
             recall = [p["recall_percent"] for p in curve]
             label = f"{_shown(name)} keys' recall"
-            ax.plot(documents, recall, "s--", color=line[0].get_color(), label=label)
+            ax.plot(documents, recall, "s--", color=color, label=label)
+        f1_ax.plot(documents, [p["f1"] for p in curve], "o-", color=color, label=_shown(name))
     # From 50% at least: an axis drawn around 99-100% would make a 0.5% loss look like a fall.
     values = [p[key] for curve in curves.values() for p in curve for key in ("retention_percent", "recall_percent")]
     values = [v for v in values if v is not None] or [100.0]
     ax.set_ylim(min(50.0, min(values) - 5), max(102.0, max(values) + 3))
+    f1_ax.set_ylim(0, 100)
+    f1_ax.set_xlabel("documents streamed")
+    f1_ax.set_ylabel("F1 on the first documents' questions")
     _finish(plt, fig, ax, "documents streamed", "percent", png_path)
