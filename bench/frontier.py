@@ -84,15 +84,6 @@ def train(names: list[str]) -> None:
         subprocess.run(command, check=True)
 
 
-def text_sizes(texts: list[str]) -> tuple[float, float]:
-    """Mean bytes per document: UTF-8, and zstd (level 19) of each document alone."""
-    import zstandard
-
-    compressor = zstandard.ZstdCompressor(level=19)
-    raw = [t.encode("utf-8") for t in texts]
-    return sum(map(len, raw)) / len(raw), sum(len(compressor.compress(r)) for r in raw) / len(raw)
-
-
 def kept_score(key: str, compute) -> dict:
     """``compute()``, or what it gave before for the same key (a checkpoint's digest and the questions)."""
     import json
@@ -188,6 +179,8 @@ def token_settings(name: str) -> str:
 
 
 def table(questions: int, mac: str | None, names: list[str], figure: Path) -> None:
+    from token_memory import text_sizes  # bench/, beside this script
+
     from mbc import data as qa_data
     from mbc.pipeline import cached_adapter
 

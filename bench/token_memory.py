@@ -25,6 +25,15 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def text_sizes(texts: list[str]) -> tuple[float, float]:
+    """Mean bytes per document: UTF-8, and zstd (level 19) of each document alone."""
+    import zstandard
+
+    compressor = zstandard.ZstdCompressor(level=19)
+    raw = [t.encode("utf-8") for t in texts]
+    return sum(map(len, raw)) / len(raw), sum(len(compressor.compress(r)) for r in raw) / len(raw)
+
+
 def score_token_memory(model, rows, unrelated: list[str]) -> dict:
     """EM / F1 (and by answer kind, on generated data) answering ``rows`` from a bank of their own
     documents and from one of ``unrelated`` documents; the keys' recall; bytes per document."""
@@ -56,8 +65,6 @@ def main() -> None:
     parser.add_argument("--documents", type=int, default=50, help="validation documents streamed")
     parser.add_argument("--before", type=int, default=2, help="also learn to keep N tokens ahead of an answer")
     args = parser.parse_args()
-
-    from frontier import text_sizes  # bench/, beside this script
 
     from mbc import data as qa_data
     from mbc.token_memory import TokenMemoryConfig

@@ -17,7 +17,8 @@ from mbc.evaluation.online import EvalConfig, run_eval
 from mbc.memory.ingest import ingest
 from mbc.network.vocabulary import CodeWriter, VocabularyCodebook
 from mbc.token_memory import TokenMemory, TokenMemoryConfig
-from mbc.training.token_memory import AdapterRun, train_token_memory
+from mbc.training.adapters import AdapterRun
+from mbc.training.token_memory import train_token_memory
 from mbc.training.vocabulary_codes import kept_inputs, train_codes, written_share
 
 KEYS = dict(retrieval_top_k=1, retrieval_subspaces=4, retrieval_codes=4)

@@ -22,7 +22,7 @@ import torch
 
 from mbc.errors import MBCError
 from mbc.token_memory import TokenMemory
-from mbc.training.token_memory import AdapterRun, _fingerprint_texts, kv_lora, train_adapters
+from mbc.training.adapters import AdapterRun, fingerprint_texts, kv_lora, train_adapters
 
 
 @dataclass
@@ -91,7 +91,7 @@ def train_codes(
         hidden = llm.model.base_model(inputs_embeds=inputs, attention_mask=mask).last_hidden_state
         return llm.answer_loss(hidden, targets) + codes.commitment
 
-    read = _fingerprint_texts(str(kept[r.document].ids.tolist()) + "\n" + r.question for r in rows)
+    read = fingerprint_texts(str(kept[r.document].ids.tolist()) + "\n" + r.question for r in rows)
     settings = {"fitted_with": fitted_with or {}, "kept": read, "writer_learning_rate": run.writer_learning_rate}
     parameters = [
         {"params": list(model.writer.parameters()), "lr": run.writer_learning_rate},
