@@ -22,6 +22,7 @@ def test_retention_asks_the_first_documents_again_after_every_step(tiny_checkpoi
     assert [p["documents"] for p in curve] == [3, 6, 8]
     for point in curve:  # the model reads its top-1 document by key: recall is measured at every point
         assert 0.0 <= point["recall_percent"] <= 100.0 and 0.0 <= point["f1"] <= 100.0
+        assert [s["question"] for s in point["sample"]] == [r.question for r in ROWS[:3]]  # what it answered
         if curve[0]["f1"]:
             assert abs(point["retention_percent"] - 100 * point["f1"] / curve[0]["f1"]) < 1e-9
         else:  # nothing right at first: nothing to retain, no percent

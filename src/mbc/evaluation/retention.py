@@ -75,6 +75,9 @@ def read_earlier_curves(paths: list[str | Path], data: str, points: list[int]) -
     return curves, sources
 
 
+SAMPLE_ANSWERS = 3  # answers kept with each point of a curve
+
+
 def _curve(
     rows: list[QAExample], every: int, adapt, answer, recall=None, name: str = "retention", on_point=None
 ) -> list[dict]:
@@ -89,10 +92,16 @@ def _curve(
     curve = []
     for start in tqdm(range(0, len(stream), every), desc=f"{name}: stream", unit="step"):
         adapt(stream[start : start + every])
-        scores = score(answer([r.question for r in probe]), golds)
+        answers = answer([r.question for r in probe])
+        scores = score(answers, golds)
         point = {"documents": min(start + every, len(stream)), "em": scores["em"], "f1": scores["f1"]}
         point["retention_percent"] = retention_percent(point["f1"], (curve[0] if curve else point)["f1"])
-        curve.append({**point, "recall_percent": recall(probe) if recall else None})
+        point["recall_percent"] = recall(probe) if recall else None
+        # A few answers as given, so that a falling curve shows how the answers changed.
+        sample = zip(probe[:SAMPLE_ANSWERS], answers)
+        curve.append(
+            {**point, "sample": [{"question": r.question, "answer": a, "gold": r.answers[0]} for r, a in sample]}
+        )
         if on_point:
             on_point(curve)
     return curve
