@@ -663,19 +663,15 @@ def retention(
         notes |= {"qa_tuned": str(qa_tuned), "finetune": asdict(tuning), "camels": str(camels) if camels else None}
     curves = dict(earlier)
 
-    def measured(name: str, measure) -> None:
-        """One curve measured, with retention.json rewritten after each of its points."""
-        save = lambda curve: write_retention({**curves, name: curve}, output, notes | {"complete": False})  # noqa: E731
-        curves[name] = measure(save)
+    def saving(name: str):
+        """retention.json rewritten with ``name``'s curve so far, after each of its points."""
+        return lambda curve: write_retention({**curves, name: curve}, output, notes | {"complete": False})
 
     for name, memory in memories.items():
-        measured(name, lambda save: measure_retention(memory, rows, banks, every, on_point=save))
+        curves[name] = measure_retention(memory, rows, banks, every, on_point=saving(name))
     for name, spans in tunings:
         tuned = replace(tuning, spans=spans)
-        measured(
-            name,
-            lambda save: measure_finetuning_retention(qa_tuned, rows, tuned, every, camels=camels, on_point=save),
-        )
+        curves[name] = measure_finetuning_retention(qa_tuned, rows, tuned, every, camels=camels, on_point=saving(name))
     write_retention(curves, output, notes | {"complete": True})
     typer.echo(format_retention(curves))
     typer.echo(f"written to {output}/ (retention.json, retention.png)")

@@ -90,11 +90,12 @@ def _curve(
     probe = [r for r in rows if r.document in first]
     golds = [list(r.answers) for r in probe]
     curve = []
-    for start in tqdm(range(0, len(stream), every), desc=f"{name}: stream", unit="step"):
-        adapt(stream[start : start + every])
+    steps = list(zip(range(0, len(stream), every), stream_points(len(stream), every)))
+    for start, streamed in tqdm(steps, desc=f"{name}: stream", unit="step"):
+        adapt(stream[start:streamed])
         answers = answer([r.question for r in probe])
         scores = score(answers, golds)
-        point = {"documents": min(start + every, len(stream)), "em": scores["em"], "f1": scores["f1"]}
+        point = {"documents": streamed, "em": scores["em"], "f1": scores["f1"]}
         point["retention_percent"] = retention_percent(point["f1"], (curve[0] if curve else point)["f1"])
         point["recall_percent"] = recall(probe) if recall else None
         # A few answers as given, so that a falling curve shows how the answers changed.
