@@ -33,6 +33,13 @@ def test_bad_fine_tuning_settings_get_one_line():
         EvalConfig(finetune_learning_rate=0.0)
 
 
+def test_the_commands_default_to_finetune_configs_settings():
+    from mbc.cli import FinetuneRateOption, FinetuneStepsOption
+
+    assert FinetuneRateOption.default == FinetuneConfig.learning_rate == EvalConfig.finetune_learning_rate
+    assert FinetuneStepsOption.default == FinetuneConfig.steps_per_document == EvalConfig.finetune_steps
+
+
 @pytest.fixture(scope="module")
 def qa_tuned(tiny_paths, tmp_path_factory):
     torch.manual_seed(0)

@@ -75,6 +75,10 @@ BanksOption = typer.Option(
 CamelsOption = typer.Option(
     None, help="a CaMeLS weighting model (`mbc train-camels`) for the --qa-tuned LLM: adds camels fine-tuning"
 )
+# Online fine-tuning's defaults for `mbc eval` and `mbc retention`: FinetuneConfig's, written out so
+# that --help needs no torch (tests/test_finetuning.py holds them equal).
+FinetuneRateOption = typer.Option(3e-5, help="online fine-tuning: AdamW's learning rate")
+FinetuneStepsOption = typer.Option(1, help="online fine-tuning: gradient steps per document")
 
 TOKEN_RETRIEVAL = ("lexical_weight", "embedding_weight")  # read-time weights of token_memory.py's retrieval
 
@@ -487,8 +491,8 @@ def evaluate_online(
         None, help="a QA-tuned LLM (`mbc train-qa`): adds the online fine-tuning methods (qa-tuned, uniform, salient)"
     ),
     camels: Optional[Path] = CamelsOption,
-    finetune_learning_rate: float = typer.Option(1e-5, help="online fine-tuning: AdamW's learning rate"),
-    finetune_steps: int = typer.Option(1, help="online fine-tuning: gradient steps per document"),
+    finetune_learning_rate: float = FinetuneRateOption,
+    finetune_steps: int = FinetuneStepsOption,
     data: str = typer.Option("generated", help="the data the checkpoints were trained on (the same split is rebuilt)"),
     split: str = typer.Option("test", help="test or validation"),
     documents: Optional[int] = typer.Option(
@@ -608,8 +612,8 @@ def retention(
         None, help="a QA-tuned LLM (`mbc train-qa`): also the curves of uniform and salient-span fine-tuning"
     ),
     camels: Optional[Path] = CamelsOption,
-    finetune_learning_rate: float = typer.Option(1e-4, help="online fine-tuning: AdamW's learning rate"),
-    finetune_steps: int = typer.Option(4, help="online fine-tuning: gradient steps per document"),
+    finetune_learning_rate: float = FinetuneRateOption,
+    finetune_steps: int = FinetuneStepsOption,
     finetuning: list[str] = typer.Option(
         [], help="with --qa-tuned: uniform, salient or camels (repeatable; default: each that the folders given allow)"
     ),

@@ -49,6 +49,7 @@ from mbc.evaluation.baselines import bm25_retriever, fitted_context_prompt, llm_
 from mbc.evaluation.metrics import retention_percent, score, score_by_group
 from mbc.evaluation.report import write_predictions
 from mbc.evaluation.validation import chunks, retrieval_recall
+from mbc.finetuning import FinetuneConfig
 from mbc.memory.ingest import ingest
 from mbc.memory.protocol import Memory
 from mbc.memory.readers import RetrievalReader, answer_from_bank, reader_for
@@ -75,8 +76,8 @@ class EvalConfig:
     )
     methods: list[str] = field(default_factory=lambda: list(DEFAULT_METHODS))
     # online fine-tuning (finetuning.py's FinetuneConfig): chosen on the validation split
-    finetune_learning_rate: float = 1e-5
-    finetune_steps: int = 1
+    finetune_learning_rate: float = FinetuneConfig.learning_rate
+    finetune_steps: int = FinetuneConfig.steps_per_document
 
     def __post_init__(self):
         self.methods = [method_named(m) for m in self.methods]
@@ -87,8 +88,6 @@ class EvalConfig:
         self.finetune()  # its settings are checked now, before any model loads
 
     def finetune(self):
-        from mbc.finetuning import FinetuneConfig
-
         return FinetuneConfig(self.finetune_learning_rate, self.finetune_steps)
 
 
