@@ -10,6 +10,7 @@ from typer.testing import CliRunner
 from mbc.cli import app
 from mbc.data.generated import generate_examples
 from mbc.errors import MBCError
+from mbc.evaluation.metrics import score
 from mbc.evaluation.online import EvalConfig, run_eval
 from mbc.evaluation.report import format_table
 from mbc.finetuning import ClosedBookLLM, FinetuneConfig, OnlineFinetuning, qa_tune, salient_spans
@@ -109,7 +110,17 @@ def test_retention_of_fine_tuning_is_measured_as_the_memories_are(qa_tuned):
     rows = list(generate_examples(8, seed=3))[:24]  # 4 documents: 2 steps of 2
     curve = measure_finetuning_retention(qa_tuned, rows, FinetuneConfig(learning_rate=1e-3), every=2, batch_size=8)
     assert [p["documents"] for p in curve] == [2, 4] and all(p["recall_percent"] is None for p in curve)
-    assert "uniform fine-tuning F1" in format_retention({"uniform fine-tuning": curve})
+    table = format_retention({"uniform fine-tuning": curve})
+    assert "uniform fine-tuning F1" in table
+    # Where the LLM began: the first documents' questions answered closed-book before any update.
+    first = [r for r in rows if r.document in list(dict.fromkeys(r.document for r in rows))[:2]]
+    with torch.no_grad():
+        closed_book = score(
+            ClosedBookLLM.load_qa_tuned(qa_tuned).answer([r.question for r in first]), [list(r.answers) for r in first]
+        )
+    assert curve[0]["before_stream"] == {"em": closed_book["em"], "f1": closed_book["f1"]}
+    assert "before_stream" not in curve[1]
+    assert table.splitlines()[1].split() == ["before", f"{closed_book['f1']:.1f}"]
 
 
 def test_the_retention_command_measures_one_fine_tuning_beside_an_earlier_curve(qa_tuned, tmp_path):

@@ -118,6 +118,9 @@ def plot_retention_and_recall(curves: dict[str, list[dict]], png_path: Path) -> 
             label = f"{_shown(name)} keys' recall"
             ax.plot(documents, recall, "s--", color=color, label=label)
         f1_ax.plot(documents, [p["f1"] for p in curve], "o-", color=color, label=_shown(name))
+        start = curve[0].get("before_stream")
+        if start:  # where a fine-tuned LLM began: below it, the stream cost more than it taught
+            f1_ax.axhline(start["f1"], color=color, linestyle=":", label=f"{_shown(name)} before the stream")
     # From 50% at least: an axis drawn around 99-100% would make a 0.5% loss look like a fall.
     values = [p[key] for curve in curves.values() for p in curve for key in ("retention_percent", "recall_percent")]
     values = [v for v in values if v is not None] or [100.0]
@@ -125,4 +128,5 @@ def plot_retention_and_recall(curves: dict[str, list[dict]], png_path: Path) -> 
     f1_ax.set_ylim(0, 100)
     f1_ax.set_xlabel("documents streamed")
     f1_ax.set_ylabel("F1 on the first documents' questions")
+    f1_ax.legend(fontsize="small")
     _finish(plt, fig, ax, "documents streamed", "percent", png_path)

@@ -79,16 +79,27 @@ SAMPLE_ANSWERS = 3  # answers kept with each point of a curve
 
 
 def _curve(
-    rows: list[QAExample], every: int, adapt, answer, recall=None, name: str = "retention", on_point=None
+    rows: list[QAExample],
+    every: int,
+    adapt,
+    answer,
+    recall=None,
+    name: str = "retention",
+    on_point=None,
+    before_stream: bool = False,
 ) -> list[dict]:
     """The retention curve of one way of adapting: ``adapt(documents)`` takes in each step's
     documents, ``answer(questions)`` answers, ``recall(probe)`` (None: no retrieval) says how often
     a probe question's own document is found; ``on_point(curve)`` sees the curve so far after each
-    point (so that an hours-long run leaves what it measured if it is stopped)."""
+    point (so that an hours-long run leaves what it measured if it is stopped). ``before_stream``:
+    the first point also holds EM and F1 before any document (``"before_stream"``), for a method
+    that answers without its documents too (a fine-tuned LLM): retention is measured from the
+    first point, and only the start says whether the stream left it above where it began."""
     stream = check_stream(rows, every)
     first = set(stream[:every])
     probe = [r for r in rows if r.document in first]
     golds = [list(r.answers) for r in probe]
+    before = score(answer([r.question for r in probe]), golds) if before_stream else None
     curve = []
     steps = list(zip(range(0, len(stream), every), stream_points(len(stream), every)))
     for start, streamed in tqdm(steps, desc=f"{name}: stream", unit="step"):
@@ -98,6 +109,8 @@ def _curve(
         point = {"documents": streamed, "em": scores["em"], "f1": scores["f1"]}
         point["retention_percent"] = retention_percent(point["f1"], (curve[0] if curve else point)["f1"])
         point["recall_percent"] = recall(probe) if recall else None
+        if before and not curve:
+            point["before_stream"] = {"em": before["em"], "f1": before["f1"]}
         # A few answers as given, so that a falling curve shows how the answers changed.
         sample = zip(probe[:SAMPLE_ANSWERS], answers)
         curve.append(
@@ -177,7 +190,8 @@ def measure_finetuning_retention(
 
     with torch.no_grad():
         answer = _batched(lambda q: model.answer(q, decoding), batch_size)
-        return _curve(rows, every, adapt, answer, name=f"fine-tuning ({config.spans} tokens)", on_point=on_point)
+        name = f"fine-tuning ({config.spans} tokens)"
+        return _curve(rows, every, adapt, answer, name=name, on_point=on_point, before_stream=True)
 
 
 def write_retention(curves: dict[str, list[dict]], output: str | Path, notes: dict | None = None) -> None:
@@ -195,6 +209,10 @@ def format_retention(curves: dict[str, list[dict]]) -> str:
     widths = {n: max(12, len(n) + 5) for n in names}
     head = f"{'documents':>10}" + "".join(f"{n + ' F1':>{widths[n]}}{'retention':>11}{'recall':>8}" for n in names)
     lines = [head]
+    starts = {n: curves[n][0].get("before_stream") for n in names}
+    if any(starts.values()):
+        cells = [f"{s['f1']:.1f}" if s else "-" for s in starts.values()]
+        lines.append(f"{'before':>10}" + "".join(f"{c:>{widths[n]}}{'':>19}" for n, c in zip(names, cells)))
     for i, point in enumerate(curves[names[0]]):
         line = f"{point['documents']:>10,}"
         for name in names:
