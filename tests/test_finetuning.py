@@ -8,6 +8,7 @@ import torch
 from typer.testing import CliRunner
 
 from mbc.cli import app
+from mbc.data import documents
 from mbc.data.generated import generate_examples
 from mbc.errors import MBCError
 from mbc.evaluation.metrics import score
@@ -113,7 +114,7 @@ def test_retention_of_fine_tuning_is_measured_as_the_memories_are(qa_tuned):
     table = format_retention({"uniform fine-tuning": curve})
     assert "uniform fine-tuning F1" in table
     # Where the LLM began: the first documents' questions answered closed-book before any update.
-    first = [r for r in rows if r.document in list(dict.fromkeys(r.document for r in rows))[:2]]
+    first = [r for r in rows if r.document in documents(rows)[:2]]
     with torch.no_grad():
         closed_book = score(
             ClosedBookLLM.load_qa_tuned(qa_tuned).answer([r.question for r in first]), [list(r.answers) for r in first]
