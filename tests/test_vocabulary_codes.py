@@ -6,7 +6,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_config
+from conftest import ANSWERS, DOCUMENTS, QUESTIONS, tiny_config
 from torch import nn
 
 from mbc.bank import BankLayout, MemoryBank
@@ -15,7 +15,9 @@ from mbc.data.generated import generate_examples
 from mbc.errors import MBCError
 from mbc.evaluation.online import EvalConfig, run_eval
 from mbc.memory.ingest import ingest
-from mbc.network.vocabulary import CodeWriter, VocabularyCodebook
+from mbc.config import MBCConfig
+from mbc.memory.readers import answer_from_bank, reader_for
+from mbc.network.vocabulary import CodeWriter, VocabularyCodebook, VocabularyStage
 from mbc.token_memory import TokenMemory, TokenMemoryConfig
 from mbc.training.adapters import AdapterRun
 from mbc.training.token_memory import train_token_memory
@@ -112,3 +114,62 @@ def test_written_codes_need_a_writer_and_a_valid_setting(tiny_paths, rows):
     with pytest.raises(MBCError, match="codes='written'"):
         train_codes(kept, rows[:8], steps=1)
     assert replace(kept.config, codes="written").codes == "written"
+
+
+# ---- MBC with the vocabulary as its codebook (MBCConfig.codebook="vocabulary") ---------------------
+
+
+def test_the_vocabulary_stage_looks_tokens_up_standardized_and_trains_nothing():
+    torch.manual_seed(0)
+    table = nn.Embedding(50, 6)
+    with torch.no_grad():
+        table.weight.mul_(0.05).add_(0.3)  # an LLM's scale and offset, far from the vectors' ~1
+    stage = VocabularyStage(table, beta=0.5, chunk=7).train()
+    centred = table.weight.detach() - table.weight.detach().mean(0)
+    standardized = centred / centred.pow(2).mean().sqrt()
+    vectors = (standardized[[3, 17, 42, 17]] + 0.01 * torch.randn(4, 6)).requires_grad_()
+    out = stage(vectors)
+    assert out.indices[..., 0].tolist() == [3, 17, 42, 17]
+    assert torch.allclose(stage.decode(out.indices[..., 0]), standardized[[3, 17, 42, 17]], atol=1e-6)
+    assert list(stage.parameters()) == [] and stage.state_dict() == {}  # the table is the LLM's
+    (out.quantized.sum() + out.loss).backward()
+    assert table.weight.grad is None
+    codes = standardized[[3, 17, 42, 17]]
+    assert torch.allclose(vectors.grad, 1 + 0.5 * 2 * (vectors.detach() - codes) / vectors.numel(), atol=1e-5)
+    assert stage.fraction_alive() == 0.75  # three distinct tokens among four vectors
+
+
+def test_mbc_with_vocabulary_codes_stores_token_ids_and_reads_them_through_its_prefix(tiny_model, tmp_path):
+    model = tiny_model(codebook="vocabulary", codebook_stages=2).eval()
+    vocabulary = model.llm.model.get_input_embeddings().num_embeddings
+    entries = model.compress(DOCUMENTS)
+    assert entries.shape == (3, 4, 2) and entries[..., 0].max() < vocabulary
+    assert model.bank_layout().codebook_size == vocabulary  # every index holds a token id
+    sizes = model.bytes_per_document()
+    assert sizes["mbc"] == (4 * 2 * int(np.ceil(np.log2(vocabulary))) + 7) // 8
+    assert sizes["codebook_total"] == 16 * model.llm.layout.hidden_size * 4  # the learned residual stage only
+    tokens = model.quantizer.stages[0].decode(torch.as_tensor(entries[..., 0]))
+    residual = model.quantizer.stages[1].decode(torch.as_tensor(entries[..., 1]))
+    assert torch.allclose(model.memory(entries), (tokens + residual).reshape(-1, tokens.shape[-1]), atol=1e-6)
+    model.train()
+    out = model(DOCUMENTS[:2], QUESTIONS, ANSWERS)
+    out.loss.backward()
+    assert torch.isfinite(out.loss) and out.vq_loss > 0
+    assert all(p.grad is not None for p in model.amortization.slot_mlp.parameters())
+    assert model.llm.model.get_input_embeddings().weight.grad is None
+    model.eval().save_pretrained(tmp_path / "vocab")
+    entries = model.compress(DOCUMENTS)  # training moved the slot statistics and revived residual codes
+    again = type(model).from_pretrained(tmp_path / "vocab").eval()
+    assert np.array_equal(again.compress(DOCUMENTS), entries)
+    assert again.codebook_fingerprint() == model.codebook_fingerprint()
+    bank = MemoryBank.open(tmp_path / "bank.sqlite", BankLayout.of(again))
+    ingest(again, bank, DOCUMENTS)
+    assert np.array_equal(bank.entries(bank.ids()), entries)
+    assert len(answer_from_bank(again, reader_for(again, bank), QUESTIONS)) == 2
+
+
+def test_vocabulary_codes_refuse_settings_that_mean_nothing_for_them():
+    with pytest.raises(MBCError, match="quantize=True"):
+        MBCConfig(codebook="vocabulary", quantize=False)
+    with pytest.raises(MBCError, match="codebook_metric"):
+        MBCConfig(codebook="vocabulary", codebook_metric="cosine")

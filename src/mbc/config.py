@@ -45,6 +45,9 @@ class MBCConfig:
 
     # Codebook (MBC). quantize=False gives MAC: the bank stores the float vectors themselves.
     quantize: bool = True
+    # "learned" (the paper): codes trained with the VQ loss. "vocabulary": the first (or only) stage's
+    # codes are the base LLM's input embeddings, frozen, each code a token id (network/vocabulary.py).
+    codebook: Literal["learned", "vocabulary"] = "learned"
     codebook_size: Annotated[int, Field(ge=2, le=65536)] = 512
     codebook_stages: Annotated[int, Field(ge=1, le=16)] = (
         1  # > 1: residual quantization, one index per stage per vector
@@ -93,6 +96,10 @@ class MBCConfig:
     prompt_template: str = "Question: {question}\nAnswer:"
 
     def __post_init__(self):
+        if self.codebook == "vocabulary" and not self.quantize:
+            raise MBCError("codebook 'vocabulary' stores token ids: it needs quantize=True (MAC stores floats)")
+        if self.codebook == "vocabulary" and self.codebook_metric == "cosine":
+            raise MBCError("codebook 'vocabulary' looks tokens up by L2: set codebook_metric to 'l2'")
         if self.codebook_metric == "cosine" and self.codebook_stages > 1:
             raise MBCError("codebook_metric 'cosine' works with one codebook stage only (a residual has no fixed norm)")
         if "{question}" not in self.prompt_template:

@@ -37,6 +37,7 @@ from mbc.network.decoding import DecodingConfig
 from mbc.network.frozen_llm import IGNORE, FrozenLLM, pad  # noqa: F401 (IGNORE, pad: what training imports from here)
 from mbc.network.prefix import PrefixExpansion
 from mbc.network.retrieval import RetrievalKeys
+from mbc.network.vocabulary import VocabularyStage
 
 
 @dataclass
@@ -98,8 +99,12 @@ class MBCModel(nn.Module):
         self.quantizer = None
         self.codec = FloatCodec()
         if config.quantize:
+            first_stage = None
+            if config.codebook == "vocabulary":
+                first_stage = VocabularyStage(llm.model.get_input_embeddings(), config.beta)
             self.quantizer = ResidualQuantizer(
                 config.codebook_stages,
+                first_stage,
                 num_codes=config.codebook_size,
                 dim=dim,
                 beta=config.beta,
@@ -108,7 +113,7 @@ class MBCModel(nn.Module):
                 metric=config.codebook_metric,
                 update=config.codebook_update,
             )
-            self.codec = CodebookCodec(self.quantizer, config.codebook_size, config.codebook_stages)
+            self.codec = CodebookCodec(self.quantizer, self.quantizer.num_codes, config.codebook_stages)
         self.aggregator = Aggregator(
             dim, config.aggregator_blocks, config.aggregator_heads, config.aggregator_head_dim, config.aggregator_output
         )
@@ -317,10 +322,15 @@ class MBCModel(nn.Module):
     def bytes_per_document(self) -> dict[str, float]:
         """Bank bytes per stored document: MBC as bit-packed on disk, MAC as float32 vectors."""
         k, dim = self.config.num_slots, self.llm.layout.hidden_size
+        stages, codes = self.config.codebook_stages, self.config.codebook_size
+        if self.quantizer is not None:  # a vocabulary stage's codes are the LLM's: more of them, none stored here
+            codes, learned = self.quantizer.num_codes, self.quantizer.learned_codes()
+        else:
+            learned = stages * codes
         return {
-            "mbc": packed_size(k * self.config.codebook_stages, self.config.codebook_size),
+            "mbc": packed_size(k * stages, codes),
             "mac": k * dim * 4,
-            "codebook_total": self.config.codebook_stages * self.config.codebook_size * dim * 4,
+            "codebook_total": learned * dim * 4,
             "retrieval_key": self.retrieval_keys.bytes_per_document() if self.retrieval_keys is not None else 0,
         }
 
@@ -351,7 +361,7 @@ class MBCModel(nn.Module):
             self.codec.mode,
             config.num_slots,
             config.codebook_stages,
-            config.codebook_size,
+            self.codec.codebook_size if self.codec.mode == "mbc" else config.codebook_size,
             self.llm.layout.hidden_size,
             self.bank_fingerprint(),
             *keys,

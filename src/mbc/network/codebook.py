@@ -182,15 +182,23 @@ def perplexity(counts: torch.Tensor) -> torch.Tensor:
 
 
 class ResidualQuantizer(nn.Module):
-    """``num_stages`` codebooks in sequence; stage s quantizes z minus the codes of stages < s."""
+    """``num_stages`` codebooks in sequence; stage s quantizes z minus the codes of stages < s.
+    ``first_stage``: a stage of another kind in first place (network/vocabulary.py: the LLM's own
+    token table), the learned ones after it."""
 
-    def __init__(self, num_stages: int = 1, **quantizer_kwargs):
+    def __init__(self, num_stages: int = 1, first_stage: nn.Module | None = None, **quantizer_kwargs):
         super().__init__()
-        self.stages = nn.ModuleList(VectorQuantizer(**quantizer_kwargs) for _ in range(num_stages))
+        first = [first_stage] if first_stage is not None else []
+        self.stages = nn.ModuleList(first + [VectorQuantizer(**quantizer_kwargs) for _ in range(num_stages - len(first))])
 
     @property
     def num_codes(self) -> int:
-        return self.stages[0].num_codes
+        """The most codes of any stage: what each stored index must be able to hold."""
+        return max(stage.num_codes for stage in self.stages)
+
+    def learned_codes(self) -> int:
+        """Codes this model keeps beside the LLM (a vocabulary stage's are the LLM's own)."""
+        return sum(stage.num_codes for stage in self.stages if isinstance(stage, VectorQuantizer))
 
     def forward(self, z: torch.Tensor) -> QuantizerOutput:
         residual, total, losses, indices, first_perplexity = z, torch.zeros_like(z), [], [], None

@@ -16,6 +16,11 @@ keeps (token_memory.py chooses which) starts from its own token's embedding plus
 of what the LLM's hidden states say about it, so the untrained writer names the document's own
 tokens (the token memory's bank, a warm start that needs no steps) and training on the QA loss may
 move a code to any token of the vocabulary, the document's or not.
+
+``VocabularyStage`` is the same codebook inside MBC itself (``MBCConfig.codebook="vocabulary"``):
+the first stage of its ``ResidualQuantizer`` (network/codebook.py), so that the amortization
+network's K vectors are stored as K token ids and read by the paper's path (aggregation -> prefix),
+with learned residual stages after it where ``codebook_stages`` > 1.
 """
 
 from __future__ import annotations
@@ -25,6 +30,19 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from mbc.network.codebook import QuantizerOutput, perplexity
+
+
+@torch.no_grad()
+def nearest_rows(vectors: torch.Tensor, table: torch.Tensor, row_norms: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
+    """[..., dim] -> [...]: for each vector v the row e of ``table`` with the least
+    ``row_norms[e] - 2 v.e`` (the L2 nearest row when ``row_norms`` are the rows' squared norms:
+    ||v||^2 is the same for every row, so it is left out). In chunks of vectors, since the distance
+    table to 49,152 tokens is 200 KB a vector."""
+    flat = vectors.reshape(-1, vectors.shape[-1]).to(table.dtype)
+    ids = [(row_norms - 2 * part @ table.T).argmin(1) for part in flat.split(chunk)]
+    return torch.cat(ids).reshape(vectors.shape[:-1]) if ids else flat.new_zeros(vectors.shape[:-1]).long()
 
 
 @dataclass
@@ -46,13 +64,8 @@ class VocabularyCodebook:
 
     @torch.no_grad()
     def lookup(self, vectors: torch.Tensor) -> torch.Tensor:
-        """[..., dim] -> the id of the nearest token embedding by L2, [...]. In chunks of vectors,
-        since the distance table to 49,152 tokens is 200 KB a vector."""
-        flat = vectors.reshape(-1, vectors.shape[-1]).to(self.table.dtype)
-        table_sq = self.table.pow(2).sum(1)
-        # ||v||^2 is the same for every token, so it is left out of the comparison.
-        ids = [(table_sq - 2 * part @ self.table.T).argmin(1) for part in flat.split(self.chunk)]
-        return torch.cat(ids).reshape(vectors.shape[:-1]) if ids else flat.new_zeros(vectors.shape[:-1]).long()
+        """[..., dim] -> the id of the nearest token embedding by L2, [...]."""
+        return nearest_rows(vectors, self.table, self.table.pow(2).sum(1), chunk=self.chunk)
 
     def __call__(self, vectors: torch.Tensor) -> QuantizedTokens:
         ids = self.lookup(vectors)
@@ -79,3 +92,63 @@ class CodeWriter(nn.Module):
     def forward(self, own: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
         """own [..., K, dim] (the kept tokens' embeddings), features [..., K, feature_dim] -> vectors [..., K, dim]."""
         return own.detach() + self.rewrite(self.norm(features.to(self.rewrite.weight.dtype)))
+
+
+class VocabularyStage(nn.Module):
+    """A codebook stage whose codes are the frozen LLM's input embeddings, standardized: the token
+    table minus its mean row, divided by its root-mean-square deviation (one scalar, as SlotNorm
+    does for the amortization network's vectors, network/amortization.py), so that vectors and
+    codes live at the same scale. A fixed affine map of the table: nothing here trains.
+
+    The interface of one ``VectorQuantizer`` stage (network/codebook.py). The table is the LLM's
+    and is not part of this module's state (a checkpoint would otherwise carry 28M frozen numbers).
+    In place of the dead-code reset, which has no meaning for a frozen vocabulary (a token no vector
+    chooses costs nothing), ``fraction_alive`` reports how many of the last batch's vectors chose
+    distinct tokens: 1 is every vector its own token, a small share is a collapse onto a few."""
+
+    def __init__(self, embeddings: nn.Embedding, beta: float = 0.25, chunk: int = 4096):
+        super().__init__()
+        object.__setattr__(self, "embeddings", embeddings)  # held, not owned (see above)
+        self.beta, self.chunk = beta, chunk
+        table = embeddings.weight.detach().float()
+        mean = table.mean(0)
+        scale = (table - mean).pow(2).mean().sqrt().clamp(min=1e-12)
+        self.register_buffer("mean", mean, persistent=False)
+        self.register_buffer("scale", scale, persistent=False)
+        self.register_buffer("row_norms", (table - mean).pow(2).sum(1) / scale**2, persistent=False)
+        self.distinct_share = 1.0
+
+    @property
+    def num_codes(self) -> int:
+        return self.embeddings.num_embeddings
+
+    @property
+    def codebook(self) -> torch.Tensor:
+        """What a stored id means: the LLM's token table (the standardization follows from it)."""
+        return self.embeddings.weight
+
+    def nearest(self, z: torch.Tensor) -> torch.Tensor:
+        # ||z - (e - mean) / scale||^2 = ||(e - mean) / scale||^2 - 2 z.e / scale + terms without e
+        return nearest_rows(z.detach().float() / self.scale, self.embeddings.weight, self.row_norms, self.chunk)
+
+    def decode(self, indices: torch.Tensor) -> torch.Tensor:
+        return (self.embeddings(indices.long()).detach().float() - self.mean) / self.scale
+
+    def forward(self, z: torch.Tensor) -> QuantizerOutput:
+        indices = self.nearest(z)
+        codes = self.decode(indices).to(z.dtype)
+        counts = torch.bincount(indices.flatten(), minlength=self.num_codes).to(z.dtype)
+        if self.training:
+            self.distinct_share = (counts > 0).sum().item() / max(indices.numel(), 1)
+        return QuantizerOutput(
+            quantized=z + (codes - z).detach(),
+            indices=indices.unsqueeze(-1),
+            loss=self.beta * F.mse_loss(z, codes),  # the commitment term alone: the codes are frozen
+            perplexity=perplexity(counts),
+        )
+
+    def fit(self, z: torch.Tensor, iterations: int = 10, seed: int = 0) -> None:
+        """Nothing to fit: the codes are the LLM's tokens."""
+
+    def fraction_alive(self) -> float:
+        return self.distinct_share
