@@ -96,6 +96,17 @@ def test_float_memory_warm_start_then_a_fitted_codebook(tiny_paths, tmp_path):
     assert model.quantizer.fraction_alive() == 1.0
 
 
+def test_vocabulary_codes_train_through_the_warm_start_and_keep_no_table(tiny_paths, tmp_path):
+    _train(tiny_paths, tmp_path, {"codebook": "vocabulary"}, max_steps=4, float_memory_steps=2)
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    train_records = {r["step"]: r for r in records if r["kind"] == "train"}
+    assert train_records[2]["vq"] == 0 and train_records[4]["vq"] > 0  # the commitment term after the warm start
+    assert 0 < train_records[4]["codes_alive"] <= 1  # the share of distinct tokens among the batch's vectors
+    assert not [name for name in load_file(tmp_path / "last" / WEIGHTS_NAME) if name.startswith("quantizer.")]
+    model = MBCModel.from_pretrained(tmp_path / "last").eval()
+    assert model.compress([ROWS["validation"][0].document]).shape == (1, 4, 1)
+
+
 def test_a_run_stopped_during_the_warm_start_still_fits_its_codebook(tiny_paths, tmp_path):
     metrics = _train(tiny_paths, tmp_path, max_steps=10, float_memory_steps=5, max_minutes=0.0)  # stops after step 1
     assert VALIDATION_KEYS <= set(metrics)  # validated through the fitted codebook

@@ -207,6 +207,7 @@ def run_identity(model_config: MBCConfig, config: TrainConfig, rows: list[QAExam
 # What only a codebook uses: a MAC run may start from a MBC run's float-memory state whatever these are.
 CODEBOOK_SETTINGS = {
     "quantize",
+    "codebook",
     "codebook_size",
     "codebook_stages",
     "codebook_metric",
