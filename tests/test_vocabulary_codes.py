@@ -137,6 +137,10 @@ def test_the_vocabulary_stage_looks_tokens_up_standardized_and_trains_nothing():
     codes = standardized[[3, 17, 42, 17]]
     assert torch.allclose(vectors.grad, 1 + 0.5 * 2 * (vectors.detach() - codes) / vectors.numel(), atol=1e-5)
     assert stage.fraction_alive() == 0.75  # three distinct tokens among four vectors
+    by_direction = VocabularyStage(table, metric="cosine")
+    scaled = standardized * 40  # far from every row, in the same directions
+    assert by_direction.nearest(scaled[[3, 17, 42]]).tolist() == [3, 17, 42]
+    assert torch.allclose(by_direction.decode(torch.tensor([3])).norm(), torch.tensor(6**0.5))
 
 
 def test_mbc_with_vocabulary_codes_stores_token_ids_and_reads_them_through_its_prefix(tiny_model, tmp_path):
@@ -168,8 +172,6 @@ def test_mbc_with_vocabulary_codes_stores_token_ids_and_reads_them_through_its_p
     assert len(answer_from_bank(again, reader_for(again, bank), QUESTIONS)) == 2
 
 
-def test_vocabulary_codes_refuse_settings_that_mean_nothing_for_them():
+def test_vocabulary_codes_refuse_a_float_memory():
     with pytest.raises(MBCError, match="quantize=True"):
         MBCConfig(codebook="vocabulary", quantize=False)
-    with pytest.raises(MBCError, match="codebook_metric"):
-        MBCConfig(codebook="vocabulary", codebook_metric="cosine")

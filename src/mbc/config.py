@@ -98,8 +98,6 @@ class MBCConfig:
     def __post_init__(self):
         if self.codebook == "vocabulary" and not self.quantize:
             raise MBCError("codebook 'vocabulary' stores token ids: it needs quantize=True (MAC stores floats)")
-        if self.codebook == "vocabulary" and self.codebook_metric == "cosine":
-            raise MBCError("codebook 'vocabulary' looks tokens up by L2: set codebook_metric to 'l2'")
         if self.codebook_metric == "cosine" and self.codebook_stages > 1:
             raise MBCError("codebook_metric 'cosine' works with one codebook stage only (a residual has no fixed norm)")
         if "{question}" not in self.prompt_template:

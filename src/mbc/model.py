@@ -101,7 +101,7 @@ class MBCModel(nn.Module):
         if config.quantize:
             first_stage = None
             if config.codebook == "vocabulary":
-                first_stage = VocabularyStage(llm.model.get_input_embeddings(), config.beta)
+                first_stage = VocabularyStage(llm.model.get_input_embeddings(), config.beta, config.codebook_metric)
             self.quantizer = ResidualQuantizer(
                 config.codebook_stages,
                 first_stage,

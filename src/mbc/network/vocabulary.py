@@ -99,6 +99,9 @@ class VocabularyStage(nn.Module):
     table minus its mean row, divided by its root-mean-square deviation (one scalar, as SlotNorm
     does for the amortization network's vectors, network/amortization.py), so that vectors and
     codes live at the same scale. A fixed affine map of the table: nothing here trains.
+    ``metric="cosine"`` looks tokens up by direction instead, as the learned codebook's cosine
+    metric does (network/codebook.py, where L2 lookup let a few central codes take every vector):
+    vectors and standardized rows both at norm sqrt(dim).
 
     The interface of one ``VectorQuantizer`` stage (network/codebook.py). The table is the LLM's
     and is not part of this module's state (a checkpoint would otherwise carry 28M frozen numbers).
@@ -106,16 +109,17 @@ class VocabularyStage(nn.Module):
     chooses costs nothing), ``fraction_alive`` reports how many of the last batch's vectors chose
     distinct tokens: 1 is every vector its own token, a small share is a collapse onto a few."""
 
-    def __init__(self, embeddings: nn.Embedding, beta: float = 0.25, chunk: int = 4096):
+    def __init__(self, embeddings: nn.Embedding, beta: float = 0.25, metric: str = "l2", chunk: int = 4096):
         super().__init__()
         object.__setattr__(self, "embeddings", embeddings)  # held, not owned (see above)
-        self.beta, self.chunk = beta, chunk
+        self.beta, self.metric, self.chunk = beta, metric, chunk
+        self.dim = embeddings.embedding_dim
         table = embeddings.weight.detach().float()
         mean = table.mean(0)
-        scale = (table - mean).pow(2).mean().sqrt().clamp(min=1e-12)
+        centred_norms = (table - mean).norm(dim=1).clamp(min=1e-12)
         self.register_buffer("mean", mean, persistent=False)
-        self.register_buffer("scale", scale, persistent=False)
-        self.register_buffer("row_norms", (table - mean).pow(2).sum(1) / scale**2, persistent=False)
+        self.register_buffer("scale", (table - mean).pow(2).mean().sqrt().clamp(min=1e-12), persistent=False)
+        self.register_buffer("centred_norms", centred_norms, persistent=False)
         self.distinct_share = 1.0
 
     @property
@@ -127,14 +131,30 @@ class VocabularyStage(nn.Module):
         """What a stored id means: the LLM's token table (the standardization follows from it)."""
         return self.embeddings.weight
 
+    def _scaled(self, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(x, dim=-1) * self.dim**0.5 if self.metric == "cosine" else x
+
+    @torch.no_grad()
     def nearest(self, z: torch.Tensor) -> torch.Tensor:
-        # ||z - (e - mean) / scale||^2 = ||(e - mean) / scale||^2 - 2 z.e / scale + terms without e
-        return nearest_rows(z.detach().float() / self.scale, self.embeddings.weight, self.row_norms, self.chunk)
+        """The token whose standardized row is nearest each vector of z [..., dim], by L2 or by
+        direction; in chunks of vectors, since the scores against 49,152 tokens are 200 KB a vector."""
+        flat = z.detach().reshape(-1, self.dim).float()
+        table = self.embeddings.weight.float()
+        ids = []
+        for part in flat.split(self.chunk):
+            dots = part @ table.T - (part @ self.mean)[:, None]  # z . (e - mean) for every token e
+            if self.metric == "cosine":
+                score = dots / self.centred_norms
+            else:  # -||z - (e - mean) / scale||^2 without ||z||^2, the same for every token
+                score = 2 * dots / self.scale - (self.centred_norms / self.scale) ** 2
+            ids.append(score.argmax(1))
+        return torch.cat(ids).reshape(z.shape[:-1]) if ids else flat.new_zeros(z.shape[:-1]).long()
 
     def decode(self, indices: torch.Tensor) -> torch.Tensor:
-        return (self.embeddings(indices.long()).detach().float() - self.mean) / self.scale
+        return self._scaled((self.embeddings(indices.long()).detach().float() - self.mean) / self.scale)
 
     def forward(self, z: torch.Tensor) -> QuantizerOutput:
+        z = self._scaled(z)
         indices = self.nearest(z)
         codes = self.decode(indices).to(z.dtype)
         counts = torch.bincount(indices.flatten(), minlength=self.num_codes).to(z.dtype)
