@@ -10,16 +10,20 @@ from conftest import ANSWERS, DOCUMENTS, QUESTIONS, tiny_config
 from torch import nn
 
 from mbc.bank import BankLayout, MemoryBank
+from mbc.config import MBCConfig
 from mbc.data import documents
+from mbc.data.examples import QAExample
 from mbc.data.generated import generate_examples
 from mbc.errors import MBCError
 from mbc.evaluation.online import EvalConfig, run_eval
 from mbc.memory.ingest import ingest
-from mbc.config import MBCConfig
 from mbc.memory.readers import answer_from_bank, reader_for
 from mbc.network.vocabulary import CodeWriter, VocabularyCodebook, VocabularyStage
 from mbc.token_memory import TokenMemory, TokenMemoryConfig
 from mbc.training.adapters import AdapterRun
+from mbc.training.naming import naming_targets
+from mbc.training.objectives import StepObjective
+from mbc.training.schedule import Step
 from mbc.training.token_memory import train_token_memory
 from mbc.training.vocabulary_codes import kept_inputs, train_codes, written_share
 
@@ -175,3 +179,61 @@ def test_mbc_with_vocabulary_codes_stores_token_ids_and_reads_them_through_its_p
 def test_vocabulary_codes_refuse_a_float_memory():
     with pytest.raises(MBCError, match="quantize=True"):
         MBCConfig(codebook="vocabulary", quantize=False)
+
+
+def test_naming_targets_are_each_documents_answer_tokens_in_order(tiny_model):
+    tokenizer = tiny_model(codebook="vocabulary").llm.tokenizer
+    rows = [
+        QAExample("Ann met Bo in Rome.", "Who met Bo?", ("Ann",), "g"),
+        QAExample("Ann met Bo in Rome.", "Where?", ("Rome",), "g"),
+    ]
+    targets = naming_targets(tokenizer, rows, num_slots=6, before=1)
+    text = "Ann met Bo in Rome."
+    expected = (
+        tokenizer("Ann", add_special_tokens=False)["input_ids"]
+        + tokenizer(" Rome", add_special_tokens=False)["input_ids"]
+    )
+    assert targets == {text: expected[:6]}
+
+
+def test_naming_steps_teach_the_slots_to_store_the_answer_tokens(tiny_model):
+    model = tiny_model(codebook="vocabulary", codebook_metric="cosine").train()
+    rows = generate_examples(8, seed=5)  # SlotNorm standardizes across the batch's documents: more than two
+    targets = naming_targets(model.llm.tokenizer, rows, model.config.num_slots)
+    texts = list(targets)
+    objective = StepObjective(model, naming_targets=targets)
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    step = Step(objective="probe", naming_weight=1.0, naming_temperature=0.05)
+    first = None
+    for _ in range(60):
+        out = objective(
+            texts,
+            [r.question for r in rows],
+            [r.answers[0] for r in rows],
+            [texts.index(r.document) for r in rows],
+            step,
+        )
+        first = first if first is not None else float(out.naming_loss.detach())
+        optimizer.zero_grad()
+        out.loss.backward()
+        optimizer.step()
+    assert float(out.naming_loss.detach()) < first / 4
+    stored = model.eval().compress(texts)[..., 0]
+    named = [
+        sum(a == b for a, b in zip(row, targets[text])) / len(targets[text])
+        for row, text in zip(stored.tolist(), texts)
+    ]
+    assert np.mean(named) >= 0.75  # most slots are stored as the very token they were taught to name (0.94 here)
+
+
+def test_naming_steps_need_vocabulary_codes(tiny_paths, tmp_path):
+    from mbc.training.trainer import TrainConfig, train
+
+    rows = generate_examples(4, seed=1)
+    with pytest.raises(MBCError, match="codebook=vocabulary"):
+        train(
+            tiny_config(tiny_paths),
+            TrainConfig(output_dir=str(tmp_path), batch_size=2, max_steps=2, naming_steps=1),
+            rows,
+            rows,
+        )

@@ -189,7 +189,9 @@ class ResidualQuantizer(nn.Module):
     def __init__(self, num_stages: int = 1, first_stage: nn.Module | None = None, **quantizer_kwargs):
         super().__init__()
         first = [first_stage] if first_stage is not None else []
-        self.stages = nn.ModuleList(first + [VectorQuantizer(**quantizer_kwargs) for _ in range(num_stages - len(first))])
+        self.stages = nn.ModuleList(
+            first + [VectorQuantizer(**quantizer_kwargs) for _ in range(num_stages - len(first))]
+        )
 
     @property
     def num_codes(self) -> int:

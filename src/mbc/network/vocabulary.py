@@ -35,7 +35,9 @@ from mbc.network.codebook import QuantizerOutput, perplexity
 
 
 @torch.no_grad()
-def nearest_rows(vectors: torch.Tensor, table: torch.Tensor, row_norms: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
+def nearest_rows(
+    vectors: torch.Tensor, table: torch.Tensor, row_norms: torch.Tensor, chunk: int = 4096
+) -> torch.Tensor:
     """[..., dim] -> [...]: for each vector v the row e of ``table`` with the least
     ``row_norms[e] - 2 v.e`` (the L2 nearest row when ``row_norms`` are the rows' squared norms:
     ||v||^2 is the same for every row, so it is left out). In chunks of vectors, since the distance
@@ -134,20 +136,24 @@ class VocabularyStage(nn.Module):
     def _scaled(self, x: torch.Tensor) -> torch.Tensor:
         return F.normalize(x, dim=-1) * self.dim**0.5 if self.metric == "cosine" else x
 
+    def scores(self, z: torch.Tensor) -> torch.Tensor:
+        """[M, dim] -> [M, vocabulary]: how near each vector is to each token, the greater the
+        nearer: the cosine of the vector and the standardized row (cosine metric), or minus their
+        mean squared difference per coordinate (L2)."""
+        z = z.float()
+        dots = z @ self.embeddings.weight.float().T - (z @ self.mean)[:, None]  # z . (e - mean) for every token e
+        if self.metric == "cosine":
+            return dots / (self.centred_norms * z.norm(dim=-1, keepdim=True).clamp(min=1e-12))
+        # ||z - (e - mean) / scale||^2 = ||z||^2 - 2 z.(e - mean) / scale + ||e - mean||^2 / scale^2
+        squared = z.pow(2).sum(-1, keepdim=True) - 2 * dots / self.scale + (self.centred_norms / self.scale) ** 2
+        return -squared / self.dim
+
     @torch.no_grad()
     def nearest(self, z: torch.Tensor) -> torch.Tensor:
-        """The token whose standardized row is nearest each vector of z [..., dim], by L2 or by
-        direction; in chunks of vectors, since the scores against 49,152 tokens are 200 KB a vector."""
-        flat = z.detach().reshape(-1, self.dim).float()
-        table = self.embeddings.weight.float()
-        ids = []
-        for part in flat.split(self.chunk):
-            dots = part @ table.T - (part @ self.mean)[:, None]  # z . (e - mean) for every token e
-            if self.metric == "cosine":
-                score = dots / self.centred_norms
-            else:  # -||z - (e - mean) / scale||^2 without ||z||^2, the same for every token
-                score = 2 * dots / self.scale - (self.centred_norms / self.scale) ** 2
-            ids.append(score.argmax(1))
+        """The token of the best score for each vector of z [..., dim]; in chunks of vectors, since
+        the scores against 49,152 tokens are 200 KB a vector."""
+        flat = z.detach().reshape(-1, self.dim)
+        ids = [self.scores(part).argmax(1) for part in flat.split(self.chunk)]
         return torch.cat(ids).reshape(z.shape[:-1]) if ids else flat.new_zeros(z.shape[:-1]).long()
 
     def decode(self, indices: torch.Tensor) -> torch.Tensor:

@@ -28,6 +28,7 @@ from mbc.errors import MBCError
 from mbc.model import MBCModel
 from mbc.network.frozen_llm import IGNORE, pad
 from mbc.training.activations import FrozenActivations
+from mbc.training.naming import naming_loss
 from mbc.training.schedule import OBJECTIVES, PROBE_TOKENS, Step
 
 READING_PATH = ("amortization.", "question_network.", "quantizer.", "aggregator.")  # what the probe trains
@@ -41,14 +42,22 @@ class StepOutput:
     perplexity: torch.Tensor  # codebook perplexity of this batch (0 for MAC)
     probe_loss: torch.Tensor  # 0 unless the step uses the probe
     reading_gap: torch.Tensor  # measure_gap: the loss reading another batch document minus its own
+    naming_loss: torch.Tensor  # naming steps: slot k against the document's k-th answer token (naming.py)
 
 
 class StepObjective(nn.Module):
-    def __init__(self, model: MBCModel, frozen: FrozenActivations | None = None):
-        """``frozen``: what the frozen layers make of each row and text, kept (activations.py)."""
+    def __init__(
+        self,
+        model: MBCModel,
+        frozen: FrozenActivations | None = None,
+        naming_targets: dict[str, list[int]] | None = None,
+    ):
+        """``frozen``: what the frozen layers make of each row and text, kept (activations.py);
+        ``naming_targets``: each training document's answer tokens, for the naming steps (naming.py)."""
         super().__init__()
         self.model = model
         self.frozen = frozen if frozen is not None and frozen.enabled else None
+        self.naming_targets = naming_targets or {}
 
     def forward(
         self, documents: list[str], questions: list[str], answers: list[str], own: list[int], step: Step = Step()
@@ -60,6 +69,10 @@ class StepObjective(nn.Module):
         model = self.model
         frozen = self.frozen
         contexts = amortize_some_with_grad(frozen.amortize if frozen else model.amortize, documents, step.backprop_keep)
+        naming = contexts.new_zeros(())
+        if step.naming_weight > 0:
+            targets = [self.naming_targets.get(document, []) for document in documents]
+            naming = naming_loss(model.quantizer.stages[0], contexts, targets, step.naming_temperature)
         memory = model.codec.training_memory(contexts)
         vectors, vq_loss = memory.vectors, memory.vq_loss
         if step.float_memory:  # the codebook stays in the graph (every process must use every parameter)
@@ -93,7 +106,8 @@ class StepObjective(nn.Module):
                 hinted = with_answer_hint(model, modulation.detach(), answers, step.teach_reading)
                 taught = (frozen or model.llm).qa_loss(questions, answers, model.prefix(hinted))
             probe_loss = probe_loss + _rest_in_graph(model)
-            return StepOutput(probe_loss + taught + vq_term, taught, vq_loss, memory.perplexity, probe_loss, gap)
+            loss = probe_loss + taught + vq_term + step.naming_weight * naming
+            return StepOutput(loss, taught, vq_loss, memory.perplexity, probe_loss, gap, naming)
         if step.hold_reading:  # the same values, no gradient, every parameter still in the graph (DDP)
             modulation, vq_term = modulation.detach() + 0.0 * modulation, 0.0 * vq_term
 
@@ -105,9 +119,8 @@ class StepObjective(nn.Module):
             if step.probe_weight > 0
             else qa_loss.new_zeros(())
         )
-        return StepOutput(
-            qa_loss + step.probe_weight * probe_loss + vq_term, qa_loss, vq_loss, memory.perplexity, probe_loss, gap
-        )
+        loss = qa_loss + step.probe_weight * probe_loss + vq_term + step.naming_weight * naming
+        return StepOutput(loss, qa_loss, vq_loss, memory.perplexity, probe_loss, gap, naming)
 
     def _can_swap(self, documents: list[str]) -> bool:
         """Whether a question can be made to read another document in place of its own: with

@@ -16,7 +16,9 @@ read their memory (docs/METHOD.md, "Where this implementation departs"):
   first token in the LLM's output embedding, the probe's target, at a strength falling from the
   modulation's own norm to 0. The LLM side thus learns to read the direction in which the probe
   puts the answer before the QA loss reaches the reading path;
-- ``bank_curriculum_steps``: each question's bank grows from its own document to the whole batch.
+- ``bank_curriculum_steps``: each question's bank grows from its own document to the whole batch;
+- ``naming_steps`` (vocabulary codes): the first N steps also train each document slot to name one
+  of the document's answer tokens (naming.py), at ``naming_weight``.
 """
 
 from __future__ import annotations
@@ -44,6 +46,8 @@ class Step:
     hold_reading: bool = False  # the reading path (and the codebook) get no gradient this step
     measure_gap: bool = False  # also compute the loss with each question reading another document (no gradient)
     teach_reading: float = 0.0  # probe steps: also train the LLM side on the QA loss with this much answer hint
+    naming_weight: float = 0.0  # vocabulary codes: the weight of naming the document's answer tokens (naming.py)
+    naming_temperature: float = 0.05
 
 
 class Schedule:
@@ -85,6 +89,8 @@ class Schedule:
             config.probe_steps <= step < config.probe_steps + config.hold_reading_steps,
             config.gap_every > 0 and (step + 1) % config.gap_every == 0,
             self._teach_reading(step),
+            config.naming_weight if step < config.naming_steps else 0.0,
+            config.naming_temperature,
         )
 
     def _teach_reading(self, step: int) -> float:

@@ -39,6 +39,7 @@ from mbc.paths import writable_folder
 from mbc.settings import Field, settings
 from mbc.training.activations import FrozenActivations, FrozenStore
 from mbc.training.allocator import keep_large_allocations_on_mmap
+from mbc.training.naming import naming_targets
 from mbc.training.objectives import StepObjective
 from mbc.training.run import RunFolder, StopRequests, refuse_other_settings
 from mbc.training.schedule import ProbeTokens, Schedule
@@ -92,6 +93,13 @@ class TrainConfig:
     teach_reading_steps: Annotated[int, Field(ge=0)] = (
         0  # the last N probe steps also teach the LLM side to read the answer (schedule.py)
     )
+    naming_steps: Annotated[int, Field(ge=0)] = (
+        0  # > 0 (codebook="vocabulary"): the first N steps also train slot k to name the k-th answer token (naming.py)
+    )
+    naming_weight: Annotated[float, Field(ge=0)] = 1.0
+    # The naming logits are the vocabulary stage's scores (a cosine, or minus a mean squared
+    # difference) over this temperature.
+    naming_temperature: Annotated[float, Field(gt=0)] = 0.05
     # Every N steps also compute the step's loss with each question reading another batch document
     # (no gradient; needs retrieval keys with top-1) and log "reading_gap", the difference: a rise
     # says the memory is being read long before validation can. 0: never.
@@ -268,7 +276,7 @@ class MetricsLog:
 class LossWindow:
     """What is summed between two log lines: each loss, the measured reading gaps, rows and micro-steps."""
 
-    LOSSES = ("loss", "qa", "vq", "perplexity", "probe")
+    LOSSES = ("loss", "qa", "vq", "perplexity", "probe", "naming")
 
     def __init__(self):
         self.sums = dict.fromkeys(self.LOSSES, 0.0)
@@ -276,7 +284,7 @@ class LossWindow:
         self.started = time.perf_counter()
 
     def add(self, output, measured_gap: bool, rows: int) -> None:
-        values = (output.loss, output.qa_loss, output.vq_loss, output.perplexity, output.probe_loss)
+        values = (output.loss, output.qa_loss, output.vq_loss, output.perplexity, output.probe_loss, output.naming_loss)
         for key, value in zip(self.LOSSES, values):
             self.sums[key] += float(value.detach())
         if measured_gap:
@@ -314,6 +322,8 @@ def train(
         keep_large_allocations_on_mmap()
     if len(train_rows) < config.batch_size:
         raise MBCError(f"{len(train_rows)} training rows is fewer than one batch of {config.batch_size}")
+    if config.naming_steps and model_config.codebook != "vocabulary":
+        raise MBCError("naming_steps train slots to name tokens: they need --set codebook=vocabulary")
     accelerator = _accelerator(model_config, config)
     set_seed(config.seed)
     out = Path(config.output_dir)
@@ -393,7 +403,11 @@ class _Run:
                 self.train_documents
             )  # every process fits the same centroids: same documents, same seed
         frozen = FrozenActivations(model, frozen_store) if config.cache_frozen_activations else None
-        self.objective, self.optimizer = self.accelerator.prepare(StepObjective(model, frozen), self.optimizer)
+        naming = None
+        if config.naming_steps:
+            naming = naming_targets(model.llm.tokenizer, self.train_rows, model.config.num_slots)
+        objective = StepObjective(model, frozen, naming)
+        self.objective, self.optimizer = self.accelerator.prepare(objective, self.optimizer)
         self.log = MetricsLog(self.out / "metrics.jsonl", self.accelerator)
         self.saves = RunFolder(
             last,

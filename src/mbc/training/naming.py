@@ -1,0 +1,50 @@
+"""Naming: a warm start that teaches the amortization network to name tokens (not in the paper).
+
+With the vocabulary as its codebook (``MBCConfig.codebook="vocabulary"``, network/vocabulary.py)
+each of a document's K vectors is stored as a token id. Nothing in the QA loss says which tokens:
+through the straight-through estimator it only moves each vector within reach of some token. This
+objective tells the amortization network which ones a reader can use: slot k of a training
+document is scored, over the whole vocabulary, against the k-th of the document's answer tokens in
+document order (the tokens that overlap an answer to one of its training questions, and the
+``before`` tokens ahead of each answer: the labels the token memory's scorer is fitted to,
+training/token_memory.py). The vocabulary stage's own lookup score is the logit, so that a slot
+that wins the cross-entropy is also stored as that token.
+
+A document with fewer answer tokens than slots leaves the remaining slots free (no target); one with
+more keeps the first K.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from mbc.network.frozen_llm import IGNORE, pad
+from mbc.training.token_memory import answer_labels
+
+
+def naming_targets(tokenizer, rows, num_slots: int, before: int = 2, max_tokens: int = 512) -> dict[str, list[int]]:
+    """Per training document (``QAExample`` rows): the LLM token ids of its first ``num_slots``
+    answer tokens, in document order."""
+    answers_of: dict[str, set[str]] = {}
+    for row in rows:
+        answers_of.setdefault(row.document, set()).update(row.answers)
+    targets = {}
+    for text, answers in answers_of.items():
+        encoded = tokenizer(
+            text, add_special_tokens=False, truncation=True, max_length=max_tokens, return_offsets_mapping=True
+        )
+        labels = answer_labels(text, encoded["offset_mapping"], answers, before)
+        targets[text] = [i for i, label in zip(encoded["input_ids"], labels.tolist()) if label][:num_slots]
+    return targets
+
+
+def naming_loss(stage, contexts: torch.Tensor, targets: list[list[int]], temperature: float) -> torch.Tensor:
+    """Cross-entropy of each document's slot k [N, K, dim] against its k-th target token, under the
+    vocabulary stage's lookup scores divided by ``temperature``."""
+    labels = pad([t[: contexts.shape[1]] for t in targets], IGNORE).to(contexts.device)
+    if labels.numel() == 0 or (labels == IGNORE).all():
+        return contexts.sum() * 0.0
+    named = contexts[:, : labels.shape[1]]
+    scores = stage.scores(named.flatten(0, 1)) / temperature
+    return F.cross_entropy(scores, labels.flatten(), ignore_index=IGNORE)
