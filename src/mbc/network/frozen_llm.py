@@ -179,6 +179,26 @@ class FrozenLLM(nn.Module):
             hidden = self.model.base_model(input_ids=ids, attention_mask=mask).last_hidden_state
         return self.answer_loss(hidden, labels)
 
+    def loss_around(
+        self, inserted: list[torch.Tensor], before: list[list[int]], after: list[list[int]], answers: list[list[int]]
+    ) -> torch.Tensor:
+        """The QA loss of rows read as ``before`` ids, then vectors ``inserted[i]`` [k_i, dim] in
+        the input embedding's place (codes with gradients passed straight through to them), then
+        ``after`` ids (the question), then ``answers`` ids (the answer + EOS, what the loss scores).
+        The whole LLM runs on every step: nothing of a row below the adapters is fixed."""
+        rows, labels = [], []
+        embed = self.model.get_input_embeddings()
+        for vectors, head, tail, answer in zip(inserted, before, after, answers):
+            around = embed(torch.tensor(head + tail + answer, device=self.device))
+            rows.append(torch.cat([around[: len(head)], vectors.to(around.dtype), around[len(head) :]]))
+            labels.append([IGNORE] * (len(head) + len(vectors) + len(tail)) + answer)
+        width = max(len(r) for r in rows)
+        inputs = torch.stack([F.pad(r, (0, 0, 0, width - len(r))) for r in rows])
+        mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows], device=self.device)
+        targets = pad(labels, IGNORE).to(self.device)
+        hidden = self.model.base_model(inputs_embeds=inputs, attention_mask=mask).last_hidden_state
+        return self.answer_loss(hidden, targets)
+
     @torch.no_grad()
     def lower_hidden(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Training rows' ids [B, T] -> the hidden state entering the first layer with a prefix or

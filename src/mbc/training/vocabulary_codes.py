@@ -62,14 +62,13 @@ def train_codes(
     them; ``fitted_with``: how the memory was fitted, recorded so that a continued run is the same run.
     Returns every step's loss."""
     from mbc.data import documents as distinct_documents
-    from mbc.network.frozen_llm import IGNORE
 
     if model.writer is None:
         raise MBCError(
             "only a token memory with codes='written' has codes to train; this one keeps its tokens as they are"
         )
     run = run or AdapterRun()
-    llm, embed = model.llm, model.codebook.embeddings
+    llm = model.llm
     kept = kept if kept is not None else kept_inputs(model, distinct_documents(rows))
     examples = [(r.document, *model.prompt_around(r.question), llm.answer_ids(r.answers[0])) for r in rows]
 
@@ -77,19 +76,9 @@ def train_codes(
         documents = [kept[document] for document, *_ in batch]
         vectors = model.write(torch.cat([d.ids for d in documents]), torch.cat([d.features for d in documents]))
         codes = model.codebook(vectors)
-        per_document = codes.embeddings.split([len(d.ids) for d in documents])
-        device = llm.device
-        rows_in, labels = [], []
-        for (_, before, after, answer), written in zip(batch, per_document):
-            around = embed(torch.tensor(before + after + answer, device=device))
-            rows_in.append(torch.cat([around[: len(before)], written, around[len(before) :]]))
-            labels.append([IGNORE] * (len(before) + len(written) + len(after)) + answer)
-        width = max(len(r) for r in rows_in)
-        inputs = torch.stack([torch.nn.functional.pad(r, (0, 0, 0, width - len(r))) for r in rows_in])
-        mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows_in], device=device)
-        targets = torch.tensor([label + [IGNORE] * (width - len(label)) for label in labels], device=device)
-        hidden = llm.model.base_model(inputs_embeds=inputs, attention_mask=mask).last_hidden_state
-        return llm.answer_loss(hidden, targets) + codes.commitment
+        written = codes.embeddings.split([len(d.ids) for d in documents])
+        befores, afters, answers = ([row[i] for row in batch] for i in (1, 2, 3))
+        return llm.loss_around(list(written), befores, afters, answers) + codes.commitment
 
     read = fingerprint_texts(str(kept[r.document].ids.tolist()) + "\n" + r.question for r in rows)
     settings = {"fitted_with": fitted_with or {}, "kept": read, "writer_learning_rate": run.writer_learning_rate}
