@@ -107,6 +107,16 @@ def test_vocabulary_codes_train_through_the_warm_start_and_keep_no_table(tiny_pa
     assert model.compress([ROWS["validation"][0].document]).shape == (1, 4, 1)
 
 
+def test_input_reading_trains_validates_and_saves(tiny_paths, tmp_path):
+    overrides = {"codebook": "vocabulary", "code_reading": "input", "retrieval_top_k": 1, "retrieval_codes": 4}
+    metrics = _train(tiny_paths, tmp_path, overrides, max_steps=3, naming_steps=2, eval_every=3)
+    assert VALIDATION_KEYS <= set(metrics)
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    naming = [r["naming"] for r in records if r["kind"] == "train"]
+    assert naming[0] > 0 and naming[-1] == 0  # named over the first two steps only
+    assert MBCModel.from_pretrained(tmp_path / "last").reads_input
+
+
 def test_a_run_stopped_during_the_warm_start_still_fits_its_codebook(tiny_paths, tmp_path):
     metrics = _train(tiny_paths, tmp_path, max_steps=10, float_memory_steps=5, max_minutes=0.0)  # stops after step 1
     assert VALIDATION_KEYS <= set(metrics)  # validated through the fitted codebook

@@ -6,7 +6,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
-from conftest import ANSWERS, DOCUMENTS, QUESTIONS, tiny_config
+from conftest import ANSWERS, DOCUMENTS, MORE_DOCUMENTS, QUESTIONS, tiny_config
 from torch import nn
 
 from mbc.bank import BankLayout, MemoryBank
@@ -237,3 +237,41 @@ def test_naming_steps_need_vocabulary_codes(tiny_paths, tmp_path):
             rows,
             rows,
         )
+
+
+def test_input_reading_trains_the_codes_through_the_llms_input_and_answers_from_them(tiny_model, tmp_path):
+    model = tiny_model(codebook="vocabulary", codebook_metric="cosine", code_reading="input", **KEYS).train()
+    model.retrieval_keys.fit(DOCUMENTS + MORE_DOCUMENTS)
+    out = model(DOCUMENTS[:2], QUESTIONS, ANSWERS, question_documents=[0, 1])
+    out.loss.backward()
+    assert torch.isfinite(out.qa_loss) and out.vq_loss > 0
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.amortization.slot_mlp.parameters())
+    assert model.llm.model.get_input_embeddings().weight.grad is None
+    model.eval()
+    stage = model.quantizer.stages[0]
+    ids = torch.as_tensor(model.compress(DOCUMENTS)[..., 0]).long()
+    embedded = stage.to_embeddings(stage.decode(ids), ids)
+    assert torch.allclose(embedded, model.llm.model.get_input_embeddings()(ids), atol=1e-5)
+    bank = MemoryBank.open(tmp_path / "bank.sqlite", BankLayout.of(model))
+    ingest(model, bank, DOCUMENTS)
+    reader = reader_for(model, bank)
+    prompts, read = model.code_prompts(reader, QUESTIONS)
+    stored = bank.entries([ids[0] for ids in read])[..., 0].tolist()
+    assert [p[: len(s)] for p, s in zip(prompts, stored)] == stored  # the codes go in as the tokens themselves
+    answers, loss, _ = model.answer_and_loss(reader, QUESTIONS, ANSWERS)
+    assert answers == model.llm.generate(prompts) and torch.isfinite(loss)
+    with pytest.raises(MBCError, match="through a reader"):
+        model.answer(QUESTIONS, model.memory(model.compress(DOCUMENTS)))
+
+
+def test_input_reading_needs_one_document_of_vocabulary_codes_and_no_prefix_warm_start(tiny_paths, tmp_path):
+    from mbc.training.trainer import TrainConfig, train
+
+    with pytest.raises(MBCError, match="codebook=vocabulary"):
+        MBCConfig(code_reading="input", retrieval_top_k=1)
+    with pytest.raises(MBCError, match="retrieval_top_k=1"):
+        MBCConfig(code_reading="input", codebook="vocabulary")
+    config = tiny_config(tiny_paths, codebook="vocabulary", code_reading="input", **KEYS)
+    rows = generate_examples(4, seed=1)
+    with pytest.raises(MBCError, match="probe_steps=0"):
+        train(config, TrainConfig(output_dir=str(tmp_path), batch_size=2, max_steps=2, probe_steps=1), rows, rows)

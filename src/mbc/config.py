@@ -48,6 +48,10 @@ class MBCConfig:
     # "learned" (the paper): codes trained with the VQ loss. "vocabulary": the first (or only) stage's
     # codes are the base LLM's input embeddings, frozen, each code a token id (network/vocabulary.py).
     codebook: Literal["learned", "vocabulary"] = "learned"
+    # How the LLM reads a question's codes: "prefix" (the paper: aggregation -> P-tuning v2 prefix), or
+    # "input" (vocabulary codes only): the top-1 document's K token ids before the question, read by
+    # the LLM with its KV-LoRA, as it reads any text (model.py).
+    code_reading: Literal["prefix", "input"] = "prefix"
     codebook_size: Annotated[int, Field(ge=2, le=65536)] = 512
     codebook_stages: Annotated[int, Field(ge=1, le=16)] = (
         1  # > 1: residual quantization, one index per stage per vector
@@ -96,6 +100,13 @@ class MBCConfig:
     prompt_template: str = "Question: {question}\nAnswer:"
 
     def __post_init__(self):
+        if self.code_reading == "input" and (
+            self.codebook != "vocabulary" or self.codebook_stages != 1 or self.retrieval_top_k != 1
+        ):
+            raise MBCError(
+                "code_reading 'input' puts one document's token ids before the question: it needs "
+                "codebook=vocabulary, codebook_stages=1 and retrieval_top_k=1"
+            )
         if self.codebook == "vocabulary" and not self.quantize:
             raise MBCError("codebook 'vocabulary' stores token ids: it needs quantize=True (MAC stores floats)")
         if self.codebook_metric == "cosine" and self.codebook_stages > 1:

@@ -227,6 +227,11 @@ class MBCModel(nn.Module):
         question reads (with retrieval keys, ``question_documents``, the index of each question's own
         document, is required). mbc.training's objectives add the training schedule's variants."""
         memory = self.codec.training_memory(self.amortize(documents))
+        if self.reads_input:
+            qa_loss = self.input_reading_loss(questions, answers, memory, question_documents)
+            return MBCOutput(
+                qa_loss + self.config.vq_weight * memory.vq_loss, qa_loss, memory.vq_loss, memory.perplexity
+            )
         modulation = self.training_modulation(questions, documents, memory.vectors, question_documents)
         qa_loss = self.llm.qa_loss(questions, answers, self.prefix(modulation))
         return MBCOutput(qa_loss + self.config.vq_weight * memory.vq_loss, qa_loss, memory.vq_loss, memory.perplexity)
@@ -264,6 +269,31 @@ class MBCModel(nn.Module):
         scores = self.retrieval_keys.scores(questions, self.retrieval_keys.keys_of(documents))
         scores.scatter_(1, own_index, float("inf"))
         return scores.topk(k, dim=1).indices
+
+    # ---- input-side reading (code_reading="input"): codes as tokens before the question ------
+    @property
+    def reads_input(self) -> bool:
+        return self.config.code_reading == "input"
+
+    def input_reading_loss(
+        self, questions: list[str], answers: list[str], memory, own: list[int] | None
+    ) -> torch.Tensor:
+        """The QA loss of each question asked after its own document's codes (``memory``, a training
+        batch's ``TrainingMemory``; ``own[i]``: question i's document), the codes entering as their
+        tokens' input embeddings with the vectors' gradients passed straight through."""
+        if own is None:
+            raise MBCError("input-side reading trains each question on its own document: pass question_documents")
+        embeddings = self.quantizer.stages[0].to_embeddings(memory.vectors, memory.indices[..., 0])
+        prompts = [self.llm.prompt_ids(question) for question in questions]
+        return self.llm.loss_around(
+            [embeddings[d] for d in own], [[] for _ in questions], prompts, [self.llm.answer_ids(a) for a in answers]
+        )
+
+    def code_prompts(self, reader, questions: list[str]) -> tuple[list[list[int]], list[list[int]]]:
+        """Each question's prompt, its top-1 document's token ids then the question; and the bank ids read."""
+        read = reader.top_ids(questions)
+        codes = np.asarray(reader.bank.entries([ids[0] for ids in read]))[..., 0].tolist()
+        return [c + self.llm.prompt_ids(q) for c, q in zip(codes, questions)], read
 
     @torch.no_grad()
     def fit_codebook(self, documents: list[str], batch_size: int = 64) -> None:
@@ -304,14 +334,32 @@ class MBCModel(nn.Module):
     @torch.no_grad()
     def answer(self, questions: list[str], memory: torch.Tensor, decoding: DecodingConfig | None = None) -> list[str]:
         """Answer each question from a memory [M, dim] (``memory(entries)``) read whole."""
+        if self.reads_input:
+            raise MBCError("a model with code_reading 'input' reads one document's codes: answer through a reader")
         return self.llm.answer(questions, self.prefix(self.modulation(questions, memory)), decoding)
 
     @torch.no_grad()
     def answer_read(self, reader, questions: list[str], decoding: DecodingConfig | None = None):
         """Each question answered from what a reader over a bank (memory/readers.py) gives it; and
         the bank ids of the documents each read (None: the whole bank)."""
+        return self.answer_and_loss(reader, questions, None, decoding)[::2]
+
+    @torch.no_grad()
+    def answer_and_loss(
+        self, reader, questions: list[str], answers: list[str] | None, decoding: DecodingConfig | None = None
+    ):
+        """``answer_read``'s answers and bank ids, and with ``answers`` the QA loss on them
+        (teacher-forced), from one reading of the bank (validation needs both)."""
+        if self.reads_input:
+            prompts, read = self.code_prompts(reader, questions)
+            loss = None
+            if answers is not None:
+                loss = self.llm.prompts_loss(prompts, [self.llm.answer_ids(a) for a in answers])
+            return self.llm.generate(prompts, None, decoding), loss, read
         modulation, read = reader.read(questions)
-        return self.llm.answer(questions, self.prefix(modulation), decoding), read
+        prefix = self.prefix(modulation)
+        loss = self.llm.qa_loss(questions, answers, prefix) if answers is not None else None
+        return self.llm.answer(questions, prefix, decoding), loss, read
 
     # ---- sizes -------------------------------------------------------------------------------
     def parameter_counts(self) -> dict[str, int]:

@@ -344,6 +344,10 @@ def _with_context(prompt_answers: _PromptAnswers, rows, contexts, fitted, config
 def _memory_and_text(model: MBCModel, bank_address: str, rows, fitted, config, decoding, name, text_bytes):
     """The adapter's prefix, read from its bank, on row i's ``fitted`` prompt (the gold-document
     prompt's layout, with retrieved documents): the memory on top of retrieval."""
+    if model.reads_input:
+        raise MBCError(
+            "the memory on top of BM25 reads the adapter's prefix; a model with code_reading 'input' has none"
+        )
     prompts = [prompt for prompt, _ in fitted]
     predictions, timer = [], _Timer()
     with MemoryBank.open_existing(bank_address) as bank:

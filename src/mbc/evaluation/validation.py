@@ -52,10 +52,11 @@ def evaluate(
     reader = reader_over(model, bank_documents if bank_documents is not None else documents(examples), batch_size)
     predictions, losses = [], []
     for chunk in chunks(examples, batch_size):
-        questions = [e.question for e in chunk]
-        prefix = model.prefix(reader.modulation(questions))  # once, for both the loss and the answers
-        losses.append(model.llm.qa_loss(questions, [e.answers[0] for e in chunk], prefix).item() * len(chunk))
-        predictions += model.llm.answer(questions, prefix, decoding)
+        answers, loss, _ = model.answer_and_loss(
+            reader, [e.question for e in chunk], [e.answers[0] for e in chunk], decoding
+        )
+        losses.append(loss.item() * len(chunk))
+        predictions += answers
     reader.bank.close()
     model.train(was_training)
     return Evaluation({**scores(predictions, examples), "loss": sum(losses) / max(len(examples), 1)}, predictions)

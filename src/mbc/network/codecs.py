@@ -32,6 +32,7 @@ class TrainingMemory:
     vectors: torch.Tensor  # [N, K, dim]; straight-through codes for MBC
     vq_loss: torch.Tensor
     perplexity: torch.Tensor
+    indices: torch.Tensor | None = None  # [N, K, stages] (MBC): the codes the vectors stand for
 
 
 class CodebookCodec:
@@ -44,7 +45,7 @@ class CodebookCodec:
 
     def training_memory(self, contexts: torch.Tensor) -> TrainingMemory:
         quantized = self.quantizer(contexts)
-        return TrainingMemory(quantized.quantized, quantized.loss, quantized.perplexity)
+        return TrainingMemory(quantized.quantized, quantized.loss, quantized.perplexity, quantized.indices)
 
     def encode(self, contexts: torch.Tensor) -> np.ndarray:
         return self.quantizer.encode(contexts).cpu().numpy().astype(index_dtype(self.codebook_size))

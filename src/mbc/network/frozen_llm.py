@@ -199,6 +199,11 @@ class FrozenLLM(nn.Module):
         hidden = self.model.base_model(inputs_embeds=inputs, attention_mask=mask).last_hidden_state
         return self.answer_loss(hidden, targets)
 
+    def prompts_loss(self, prompts: list[list[int]], answers: list[list[int]]) -> torch.Tensor:
+        """The QA loss of ``answers`` ids after ``prompts`` ids (any prompt, not only the template's)."""
+        nothing = torch.zeros(0, self.layout.hidden_size, device=self.device)
+        return self.loss_around([nothing] * len(prompts), prompts, [[] for _ in prompts], answers)
+
     @torch.no_grad()
     def lower_hidden(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Training rows' ids [B, T] -> the hidden state entering the first layer with a prefix or

@@ -159,6 +159,13 @@ class VocabularyStage(nn.Module):
     def decode(self, indices: torch.Tensor) -> torch.Tensor:
         return self._scaled((self.embeddings(indices.long()).detach().float() - self.mean) / self.scale)
 
+    def to_embeddings(self, quantized: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """Codes as ``forward`` gives them [..., dim] (their ``indices`` [...]) -> the tokens' input
+        embeddings, with the vectors' straight-through gradient kept: the inverse of ``decode``."""
+        if self.metric == "cosine":
+            quantized = quantized * self.centred_norms[indices][..., None] / (self.scale * self.dim**0.5)
+        return quantized * self.scale + self.mean
+
     def forward(self, z: torch.Tensor) -> QuantizerOutput:
         z = self._scaled(z)
         indices = self.nearest(z)

@@ -74,6 +74,11 @@ class StepObjective(nn.Module):
             targets = [self.naming_targets.get(document, []) for document in documents]
             naming = naming_loss(model.quantizer.stages[0], contexts, targets, step.naming_temperature)
         memory = model.codec.training_memory(contexts)
+        if model.reads_input:  # the codes as tokens before the question: no modulation, probe or float memory
+            qa_loss = model.input_reading_loss(questions, answers, memory, own)
+            zero = qa_loss.new_zeros(())
+            loss = qa_loss + model.config.vq_weight * memory.vq_loss + step.naming_weight * naming
+            return StepOutput(loss, qa_loss, memory.vq_loss, memory.perplexity, zero, zero, naming)
         vectors, vq_loss = memory.vectors, memory.vq_loss
         if step.float_memory:  # the codebook stays in the graph (every process must use every parameter)
             vectors, vq_loss = contexts, 0.0 * memory.vq_loss

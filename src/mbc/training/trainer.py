@@ -324,6 +324,13 @@ def train(
         raise MBCError(f"{len(train_rows)} training rows is fewer than one batch of {config.batch_size}")
     if config.naming_steps and model_config.codebook != "vocabulary":
         raise MBCError("naming_steps train slots to name tokens: they need --set codebook=vocabulary")
+    warm_starts = ("probe_steps", "float_memory_steps", "teach_reading_steps", "probe_weight", "hold_reading_steps")
+    if model_config.code_reading == "input" and any(getattr(config, name) for name in warm_starts):
+        raise MBCError(
+            "code_reading 'input' has no modulation for the prefix warm starts to train: set "
+            + ", ".join(f"{name}=0" for name in warm_starts if getattr(config, name))
+            + " (--train-set)"
+        )
     accelerator = _accelerator(model_config, config)
     set_seed(config.seed)
     out = Path(config.output_dir)
