@@ -97,6 +97,7 @@ class TrainConfig:
         0  # > 0 (codebook="vocabulary"): the first N steps also train slot k to name the k-th answer token (naming.py)
     )
     naming_weight: Annotated[float, Field(ge=0)] = 1.0
+    naming_before: Annotated[int, Field(ge=0)] = 2  # the targets: each answer's tokens and this many ahead of it
     # The naming logits are the vocabulary stage's scores (a cosine, or minus a mean squared
     # difference) over this temperature.
     naming_temperature: Annotated[float, Field(gt=0)] = 0.05
@@ -412,7 +413,13 @@ class _Run:
         frozen = FrozenActivations(model, frozen_store) if config.cache_frozen_activations else None
         naming = None
         if config.naming_steps:
-            naming = naming_targets(model.llm.tokenizer, self.train_rows, model.config.num_slots)
+            naming = naming_targets(
+                model.llm.tokenizer,
+                self.train_rows,
+                model.config.num_slots,
+                config.naming_before,
+                model.config.max_document_tokens,
+            )
         objective = StepObjective(model, frozen, naming)
         self.objective, self.optimizer = self.accelerator.prepare(objective, self.optimizer)
         self.log = MetricsLog(self.out / "metrics.jsonl", self.accelerator)
