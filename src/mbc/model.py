@@ -5,6 +5,10 @@ question --question network--> K queries --Aggregator over the decoded bank--> m
           (with retrieval keys, over only the question's top-k documents: network/retrieval.py)
 modulation --PrefixExpansion--> past keys/values --frozen LLM with KV-LoRA--> answer
 
+With ``codebook="vocabulary"`` the codes are the base LLM's own token ids (network/vocabulary.py),
+and with ``code_reading="input"`` the LLM reads them as tokens before the question instead of
+through aggregation and a prefix (``input_reading_loss``, ``code_prompts``).
+
 ``MBCModel`` composes a ``FrozenLLM`` (network/frozen_llm.py: tokenizer, prompts, KV-LoRA, the QA
 loss, generation) and, with ``retrieval_top_k``, ``RetrievalKeys`` (network/retrieval.py); it owns
 the pieces and the method's three uses of them: ``forward`` (the paper's
@@ -342,7 +346,8 @@ class MBCModel(nn.Module):
     def answer_read(self, reader, questions: list[str], decoding: DecodingConfig | None = None):
         """Each question answered from what a reader over a bank (memory/readers.py) gives it; and
         the bank ids of the documents each read (None: the whole bank)."""
-        return self.answer_and_loss(reader, questions, None, decoding)[::2]
+        answers, _, read = self.answer_and_loss(reader, questions, None, decoding)
+        return answers, read
 
     @torch.no_grad()
     def answer_and_loss(

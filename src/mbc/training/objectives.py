@@ -14,6 +14,10 @@ that already carries the answer in about 100 steps (bench/reading_parts.py, docs
 Teaching the LLM side to read (``with_answer_hint``; not in the paper): in the last probe steps the
 prefix and KV-LoRA also learn the QA loss from the modulation plus the probe's target direction, so
 that at the switch to the QA loss they already read the direction in which the memory holds answers.
+
+Naming (``naming_loss``, naming.py; vocabulary codes only): each document slot also scored against
+one of the document's answer tokens. A model that reads its codes input-side (``code_reading="input"``)
+has no modulation: its QA loss reads each question's own document's codes as tokens.
 """
 
 from __future__ import annotations
