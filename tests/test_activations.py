@@ -93,3 +93,16 @@ def test_a_store_keeps_apart_what_different_layers_make(tiny_model):
     one = FrozenActivations(tiny_model(prefix_layers=2, lora_layers=2), store)  # layer 0 below the split
     two = FrozenActivations(tiny_model(prefix_layers=1, lora_layers=1), store)  # layers 0-1 below
     assert one.llm is not None and two.llm is not None and one.llm is not two.llm
+
+
+def test_kept_encoder_layers_give_the_same_loss_and_gradients_through_a_pointer(tiny_model):
+    model = tiny_model(
+        prefix_layers=2,
+        lora_layers=2,
+        encoder_trained_layers=1,
+        codebook="vocabulary",
+        code_pointer=True,
+        pointer_layer=1,
+    ).eval()
+    grads = _same_step_with_and_without(model, FrozenActivations(model))
+    assert any(n.startswith("pointer.") for n in grads)

@@ -18,6 +18,7 @@ from mbc.errors import MBCError
 from mbc.evaluation.online import EvalConfig, run_eval
 from mbc.memory.ingest import ingest
 from mbc.memory.readers import answer_from_bank, reader_for
+from mbc.model import MBCModel
 from mbc.network.vocabulary import CodeWriter, VocabularyCodebook, VocabularyStage
 from mbc.token_memory import TokenMemory, TokenMemoryConfig
 from mbc.training.adapters import AdapterRun
@@ -275,3 +276,52 @@ def test_input_reading_needs_one_document_of_vocabulary_codes_and_no_prefix_warm
     rows = generate_examples(4, seed=1)
     with pytest.raises(MBCError, match="probe_steps=0"):
         train(config, TrainConfig(output_dir=str(tmp_path), batch_size=2, max_steps=2, probe_steps=1), rows, rows)
+
+
+def test_a_pointing_slot_stores_a_token_of_its_own_document(tiny_model):
+    model = tiny_model(codebook="vocabulary", code_pointer=True, pointer_layer=1).eval()
+    with torch.no_grad():
+        model.pointer.query.weight.mul_(300)  # a peaked attention: each slot takes one token's code
+    stored = model.compress(DOCUMENTS)[..., 0]
+    for row, text in zip(stored.tolist(), DOCUMENTS):
+        own = set(model.llm.tokenizer(text, add_special_tokens=False)["input_ids"])
+        assert set(row) <= own
+    attention = model.pointer.attention(
+        model.amortization(*model.document_tokens(DOCUMENTS)),
+        *_hidden_and_mask(model, DOCUMENTS),
+    )
+    assert torch.allclose(attention.sum(-1), torch.ones(3, 4))
+
+
+def _hidden_and_mask(model, texts):
+    from mbc.network.frozen_llm import lower_hidden
+
+    ids, mask = model._encode_text(model.llm.tokenizer, texts, model.config.max_document_tokens)
+    return lower_hidden(model.llm.model, model.llm.layout, ids, mask, model.config.pointer_layer), mask
+
+
+def test_naming_teaches_a_pointer_where_to_look(tiny_model):
+    model = tiny_model(codebook="vocabulary", codebook_metric="cosine", code_pointer=True, pointer_layer=1).train()
+    rows = generate_examples(8, seed=5)
+    targets = naming_targets(model.llm.tokenizer, rows, model.config.num_slots)
+    texts = list(targets)
+    objective = StepObjective(model, naming_targets=targets)
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    step = Step(objective="probe", naming_weight=1.0, naming_temperature=0.05)
+    own = [texts.index(r.document) for r in rows]
+    for _ in range(60):
+        out = objective(texts, [r.question for r in rows], [r.answers[0] for r in rows], own, step)
+        optimizer.zero_grad()
+        out.loss.backward()
+        optimizer.step()
+    assert model.pointer.query.weight.grad.abs().sum() > 0
+    stored = model.eval().compress(texts)[..., 0]
+    named = [np.mean([a == b for a, b in zip(row, targets[t])]) for row, t in zip(stored.tolist(), texts)]
+    assert np.mean(named) >= 0.9  # every slot here (a generated slot: 0.94)
+
+
+def test_a_pointer_needs_vocabulary_codes_and_a_layer_the_llm_has(tiny_paths):
+    with pytest.raises(MBCError, match="codebook=vocabulary"):
+        MBCConfig(code_pointer=True)
+    with pytest.raises(MBCError, match="pointer_layer=9"):
+        MBCModel.build(tiny_config(tiny_paths, codebook="vocabulary", code_pointer=True, pointer_layer=9))

@@ -52,6 +52,10 @@ class MBCConfig:
     # "input" (vocabulary codes only): the top-1 document's K token ids before the question, read by
     # the LLM with its KV-LoRA, as it reads any text (model.py).
     code_reading: Literal["prefix", "input"] = "prefix"
+    # Vocabulary codes: each slot points at the document's own tokens, keyed by the frozen LLM's
+    # hidden states entering layer pointer_layer, plus a learned residual (network/pointer.py).
+    code_pointer: bool = False
+    pointer_layer: Annotated[int, Field(ge=0, le=1024)] = 20
     codebook_size: Annotated[int, Field(ge=2, le=65536)] = 512
     codebook_stages: Annotated[int, Field(ge=1, le=16)] = (
         1  # > 1: residual quantization, one index per stage per vector
@@ -107,6 +111,8 @@ class MBCConfig:
                 "code_reading 'input' puts one document's token ids before the question: it needs "
                 "codebook=vocabulary, codebook_stages=1 and retrieval_top_k=1"
             )
+        if self.code_pointer and self.codebook != "vocabulary":
+            raise MBCError("code_pointer points slots at the document's tokens: it needs codebook=vocabulary")
         if self.codebook == "vocabulary" and not self.quantize:
             raise MBCError("codebook 'vocabulary' stores token ids: it needs quantize=True (MAC stores floats)")
         if self.codebook_metric == "cosine" and self.codebook_stages > 1:

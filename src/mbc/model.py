@@ -38,7 +38,8 @@ from mbc.network.backbones import Backbone
 from mbc.network.codebook import ResidualQuantizer, fingerprint
 from mbc.network.codecs import CodebookCodec, FloatCodec
 from mbc.network.decoding import DecodingConfig
-from mbc.network.frozen_llm import IGNORE, FrozenLLM, pad  # noqa: F401 (IGNORE, pad: what training imports from here)
+from mbc.network.frozen_llm import IGNORE, FrozenLLM, lower_hidden, pad  # noqa: F401 (IGNORE, pad: what training imports from here)
+from mbc.network.pointer import TokenPointer
 from mbc.network.prefix import PrefixExpansion
 from mbc.network.retrieval import RetrievalKeys
 from mbc.network.vocabulary import VocabularyStage
@@ -118,6 +119,13 @@ class MBCModel(nn.Module):
                 update=config.codebook_update,
             )
             self.codec = CodebookCodec(self.quantizer, self.quantizer.num_codes, config.codebook_stages)
+        self.pointer = None
+        if config.code_pointer:
+            if config.pointer_layer > self.llm.layout.num_layers:
+                raise MBCError(
+                    f"pointer_layer={config.pointer_layer} but the base LLM has only {self.llm.layout.num_layers} layers"
+                )
+            self.pointer = TokenPointer(dim, self.llm.layout.hidden_size)
         self.aggregator = Aggregator(
             dim, config.aggregator_blocks, config.aggregator_heads, config.aggregator_head_dim, config.aggregator_output
         )
@@ -183,7 +191,17 @@ class MBCModel(nn.Module):
 
     def amortize(self, documents: list[str]) -> torch.Tensor:
         """Documents -> context vectors [N, K, dim] (before quantization)."""
-        return self.amortization(*self.document_tokens(documents))
+        return self.point(documents, self.amortization(*self.document_tokens(documents)))
+
+    def point(self, documents: list[str], slots: torch.Tensor) -> torch.Tensor:
+        """With ``code_pointer``: the amortization network's slots [N, K, dim] -> each a mix of its
+        document's own token codes plus a residual (network/pointer.py); without, the slots."""
+        if self.pointer is None:
+            return slots
+        ids, mask = self._encode_text(self.llm.tokenizer, documents, self.config.max_document_tokens)
+        with torch.no_grad():
+            hidden = lower_hidden(self.llm.model, self.llm.layout, ids, mask, self.config.pointer_layer)
+        return self.pointer(slots, hidden, self.quantizer.stages[0].decode(ids), mask)
 
     def queries(self, questions: list[str]) -> torch.Tensor:
         return self.question_network(*self.question_tokens(questions))

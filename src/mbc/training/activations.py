@@ -111,7 +111,8 @@ class FrozenActivations:
         """``model.amortize``, running only the encoder's trained layers."""
         if self.documents is None:
             return self.model.amortize(documents)
-        return _from_lower(self.model.amortization, self.documents, self.model.document_tokens(documents))
+        slots = _from_lower(self.model.amortization, self.documents, self.model.document_tokens(documents))
+        return self.model.point(documents, slots)
 
     def queries(self, questions: list[str]) -> torch.Tensor:
         """``model.queries``, running only the question encoder's trained layers."""
