@@ -109,11 +109,12 @@ def test_vocabulary_codes_train_through_the_warm_start_and_keep_no_table(tiny_pa
 
 def test_input_reading_trains_validates_and_saves(tiny_paths, tmp_path):
     overrides = {"codebook": "vocabulary", "code_reading": "input", "retrieval_top_k": 1, "retrieval_codes": 4}
-    metrics = _train(tiny_paths, tmp_path, overrides, max_steps=3, naming_steps=2, eval_every=3)
+    metrics = _train(tiny_paths, tmp_path, overrides, max_steps=4, naming_only_steps=2, naming_steps=3, eval_every=4)
     assert VALIDATION_KEYS <= set(metrics)
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    naming = [r["naming"] for r in records if r["kind"] == "train"]
-    assert naming[0] > 0 and naming[-1] == 0  # named over the first two steps only
+    steps = {r["step"]: r for r in records if r["kind"] == "train"}
+    assert steps[1]["qa"] == steps[2]["qa"] == 0 and steps[2]["naming"] > 0  # naming alone: no LLM pass
+    assert steps[3]["qa"] > 0 and steps[3]["naming"] > 0 and steps[4]["naming"] == 0
     assert MBCModel.from_pretrained(tmp_path / "last").reads_input
 
 

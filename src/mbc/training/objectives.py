@@ -35,7 +35,8 @@ from mbc.training.activations import FrozenActivations
 from mbc.training.naming import naming_loss
 from mbc.training.schedule import OBJECTIVES, PROBE_TOKENS, Step
 
-READING_PATH = ("amortization.", "question_network.", "quantizer.", "aggregator.")  # what the probe trains
+READING_PATH = ("amortization.", "pointer.", "question_network.", "quantizer.", "aggregator.")  # what the probe trains
+NAMING_PATH = ("amortization.", "pointer.", "quantizer.")  # what naming alone trains
 
 
 @dataclass
@@ -78,6 +79,14 @@ class StepObjective(nn.Module):
             targets = [self.naming_targets.get(document, []) for document in documents]
             naming = naming_loss(model.quantizer.stages[0], contexts, targets, step.naming_temperature)
         memory = model.codec.training_memory(contexts)
+        if step.objective == "name":
+            zero = naming.new_zeros(())
+            loss = (
+                step.naming_weight * naming
+                + model.config.vq_weight * memory.vq_loss
+                + _rest_in_graph(model, NAMING_PATH)
+            )
+            return StepOutput(loss, zero, memory.vq_loss, memory.perplexity, zero, zero, naming)
         if model.reads_input:  # the codes as tokens before the question: no modulation, probe or float memory
             qa_loss = model.input_reading_loss(questions, answers, memory, own)
             zero = qa_loss.new_zeros(())
@@ -114,7 +123,7 @@ class StepObjective(nn.Module):
             if step.teach_reading > 0:
                 hinted = with_answer_hint(model, modulation.detach(), answers, step.teach_reading)
                 taught = (frozen or model.llm).qa_loss(questions, answers, model.prefix(hinted))
-            probe_loss = probe_loss + _rest_in_graph(model)
+            probe_loss = probe_loss + _rest_in_graph(model, READING_PATH)
             loss = probe_loss + taught + vq_term + step.naming_weight * naming
             return StepOutput(loss, taught, vq_loss, memory.perplexity, probe_loss, gap, naming)
         if step.hold_reading:  # the same values, no gradient, every parameter still in the graph (DDP)
@@ -196,9 +205,8 @@ def with_answer_hint(model: MBCModel, modulation: torch.Tensor, answers: list[st
     return modulation + strength * modulation.norm(dim=-1, keepdim=True) * direction[:, None]
 
 
-def _rest_in_graph(model: MBCModel) -> torch.Tensor:
-    """0 x every trainable parameter the probe does not use (prefix, KV-LoRA): multi-process
-    training (DDP) needs every parameter in each step's graph."""
-    return 0.0 * sum(
-        p.sum() for name, p in model.named_parameters() if p.requires_grad and not name.startswith(READING_PATH)
-    )
+def _rest_in_graph(model: MBCModel, used: tuple[str, ...]) -> torch.Tensor:
+    """0 x every trainable parameter whose name does not start with one of ``used`` (for the
+    probe: the prefix and KV-LoRA): multi-process training (DDP) needs every parameter in each
+    step's graph."""
+    return 0.0 * sum(p.sum() for name, p in model.named_parameters() if p.requires_grad and not name.startswith(used))

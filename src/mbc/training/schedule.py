@@ -18,7 +18,8 @@ read their memory (docs/METHOD.md, "Where this implementation departs"):
   puts the answer before the QA loss reaches the reading path;
 - ``bank_curriculum_steps``: each question's bank grows from its own document to the whole batch;
 - ``naming_steps`` (vocabulary codes): the first N steps also train each document slot to name one
-  of the document's answer tokens (naming.py), at ``naming_weight``.
+  of the document's answer tokens (naming.py), at ``naming_weight``; ``naming_only_steps``: the
+  first N train that alone (with the commitment term), with no LLM pass, before the QA loss.
 """
 
 from __future__ import annotations
@@ -30,14 +31,16 @@ from mbc.errors import MBCError
 
 ProbeTokens = Literal["first", "all"]
 PROBE_TOKENS = get_args(ProbeTokens)
-OBJECTIVES = ("qa", "probe")
+OBJECTIVES = ("qa", "probe", "name")
 
 
 @dataclass(frozen=True)
 class Step:
     """What one training step computes (objectives.StepObjective reads it)."""
 
-    objective: str = "qa"  # "qa": QA loss (+ probe_weight x probe); "probe": the answer probe alone
+    objective: str = (
+        "qa"  # "qa": QA loss (+ probe_weight x probe); "probe": the answer probe alone; "name": naming alone
+    )
     float_memory: bool = False  # the bank holds float vectors, not codes (MBC before the codebook fit)
     bank_size: int | None = None  # documents each question sees (its own first); None = the whole batch
     probe_tokens: str = "first"
@@ -63,6 +66,11 @@ class Schedule:
                 f"probe_steps={config.probe_steps} is not below the run's {total_steps} steps: "
                 "the QA loss would never be trained; lower probe_steps or raise max_steps"
             )
+        if config.naming_only_steps >= total_steps:
+            raise MBCError(
+                f"naming_only_steps={config.naming_only_steps} is not below the run's {total_steps} steps: "
+                "the QA loss would never be trained; lower naming_only_steps or raise max_steps"
+            )
         if config.teach_reading_steps > config.probe_steps:
             raise MBCError(
                 f"teach_reading_steps={config.teach_reading_steps} is more than probe_steps={config.probe_steps}: "
@@ -79,8 +87,9 @@ class Schedule:
         ``float_memory``: whether the codebook is still unfitted (the trainer knows: a run stopped
         early fits it before saving)."""
         config = self.config
+        objective = "name" if step < config.naming_only_steps else "probe" if step < config.probe_steps else "qa"
         return Step(
-            "probe" if step < config.probe_steps else "qa",
+            objective,
             float_memory,
             self._bank_size(step, documents),
             config.probe_tokens,
@@ -89,7 +98,7 @@ class Schedule:
             config.probe_steps <= step < config.probe_steps + config.hold_reading_steps,
             config.gap_every > 0 and (step + 1) % config.gap_every == 0,
             self._teach_reading(step),
-            config.naming_weight if step < config.naming_steps else 0.0,
+            config.naming_weight if step < max(config.naming_steps, config.naming_only_steps) else 0.0,
             config.naming_temperature,
         )
 

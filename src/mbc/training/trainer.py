@@ -96,6 +96,9 @@ class TrainConfig:
     naming_steps: Annotated[int, Field(ge=0)] = (
         0  # > 0 (codebook="vocabulary"): the first N steps also train slot k to name the k-th answer token (naming.py)
     )
+    naming_only_steps: Annotated[int, Field(ge=0)] = (
+        0  # > 0 (codebook="vocabulary"): the first N steps train naming alone, no LLM pass (schedule.py)
+    )
     naming_weight: Annotated[float, Field(ge=0)] = 1.0
     naming_before: Annotated[int, Field(ge=0)] = 2  # the targets: each answer's tokens and this many ahead of it
     # The naming logits are the vocabulary stage's scores (a cosine, or minus a mean squared
@@ -323,7 +326,7 @@ def train(
         keep_large_allocations_on_mmap()
     if len(train_rows) < config.batch_size:
         raise MBCError(f"{len(train_rows)} training rows is fewer than one batch of {config.batch_size}")
-    if config.naming_steps and model_config.codebook != "vocabulary":
+    if (config.naming_steps or config.naming_only_steps) and model_config.codebook != "vocabulary":
         raise MBCError("naming_steps train slots to name tokens: they need --set codebook=vocabulary")
     warm_starts = ("probe_steps", "float_memory_steps", "teach_reading_steps", "probe_weight", "hold_reading_steps")
     if model_config.code_reading == "input" and any(getattr(config, name) for name in warm_starts):
@@ -412,7 +415,7 @@ class _Run:
             )  # every process fits the same centroids: same documents, same seed
         frozen = FrozenActivations(model, frozen_store) if config.cache_frozen_activations else None
         naming = None
-        if config.naming_steps:
+        if config.naming_steps or config.naming_only_steps:
             naming = naming_targets(
                 model.llm.tokenizer,
                 self.train_rows,
