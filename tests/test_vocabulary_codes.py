@@ -20,6 +20,7 @@ from mbc.memory.ingest import ingest
 from mbc.memory.readers import answer_from_bank, reader_for
 from mbc.model import MBCModel
 from mbc.network.vocabulary import CodeWriter, VocabularyCodebook, VocabularyStage
+from mbc.prompts import ids_around_context
 from mbc.token_memory import TokenMemory, TokenMemoryConfig
 from mbc.training.adapters import AdapterRun
 from mbc.training.naming import naming_targets
@@ -258,7 +259,10 @@ def test_input_reading_trains_the_codes_through_the_llms_input_and_answers_from_
     reader = reader_for(model, bank)
     prompts, read = model.code_prompts(reader, QUESTIONS)
     stored = bank.entries([ids[0] for ids in read])[..., 0].tolist()
-    assert [p[: len(s)] for p, s in zip(prompts, stored)] == stored  # the codes go in as the tokens themselves
+    before, _ = ids_around_context(model.llm.tokenizer, QUESTIONS[0])
+    assert [
+        p[len(before) : len(before) + len(s)] for p, s in zip(prompts, stored)
+    ] == stored  # as the tokens themselves
     answers, loss, _ = model.answer_and_loss(reader, QUESTIONS, ANSWERS)
     assert answers == model.llm.generate(prompts) and torch.isfinite(loss)
     with pytest.raises(MBCError, match="through a reader"):

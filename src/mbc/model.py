@@ -43,6 +43,7 @@ from mbc.network.pointer import TokenPointer
 from mbc.network.prefix import PrefixExpansion
 from mbc.network.retrieval import RetrievalKeys
 from mbc.network.vocabulary import VocabularyStage
+from mbc.prompts import ids_around_context
 
 
 @dataclass
@@ -306,16 +307,18 @@ class MBCModel(nn.Module):
         if own is None:
             raise MBCError("input-side reading trains each question on its own document: pass question_documents")
         embeddings = self.quantizer.stages[0].to_embeddings(memory.vectors, memory.indices[..., 0])
-        prompts = [self.llm.prompt_ids(question) for question in questions]
-        return self.llm.loss_around(
-            [embeddings[d] for d in own], [[] for _ in questions], prompts, [self.llm.answer_ids(a) for a in answers]
-        )
+        befores, afters = zip(*(ids_around_context(self.llm.tokenizer, q) for q in questions))
+        answer_ids = [self.llm.answer_ids(a) for a in answers]
+        return self.llm.loss_around([embeddings[d] for d in own], list(befores), list(afters), answer_ids)
 
     def code_prompts(self, reader, questions: list[str]) -> tuple[list[list[int]], list[list[int]]]:
-        """Each question's prompt, its top-1 document's token ids then the question; and the bank ids read."""
+        """Each question's prompt: its top-1 document's token ids as the context of the token
+        memory's worked-example prompt (prompts.py), which teaches the untrained LLM the answer
+        format; and the bank ids read."""
         read = reader.top_ids(questions)
         codes = np.asarray(reader.bank.entries([ids[0] for ids in read]))[..., 0].tolist()
-        return [c + self.llm.prompt_ids(q) for c, q in zip(codes, questions)], read
+        around = [ids_around_context(self.llm.tokenizer, q) for q in questions]
+        return [before + c + after for c, (before, after) in zip(codes, around)], read
 
     @torch.no_grad()
     def fit_codebook(self, documents: list[str], batch_size: int = 64) -> None:

@@ -25,6 +25,14 @@ def context_prompt(context: str, question: str) -> str:
     return f"{CONTEXT_LABEL} {context}\n\n" + FEW_SHOT_TEMPLATE.replace("{question}", question)
 
 
+def ids_around_context(tokenizer, question: str) -> tuple[list[int], list[int]]:
+    """``context_prompt``'s token ids before and after the context, for a context that goes in as
+    token ids (or their embeddings) rather than as text."""
+    before = tokenizer(CONTEXT_LABEL)["input_ids"]
+    after = tokenizer(context_prompt("", question)[len(CONTEXT_LABEL) + 1 :])["input_ids"]
+    return before, after
+
+
 @torch.no_grad()
 def answer_prompts(llm, prompts: list[str], decoding: DecodingConfig | None = None) -> list[str]:
     """The base LLM alone (a ``FrozenLLM``: no prefix, KV-LoRA off) continuing whole prompt texts:

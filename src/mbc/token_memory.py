@@ -363,10 +363,7 @@ class TokenMemory(nn.Module):
 
     def prompt_around(self, question: str) -> tuple[list[int], list[int]]:
         """The prompt's ids before and after the context."""
-        return (
-            self.llm.tokenizer(prompts.CONTEXT_LABEL)["input_ids"],
-            self.llm.tokenizer(prompts.context_prompt("", question)[len(prompts.CONTEXT_LABEL) + 1 :])["input_ids"],
-        )
+        return prompts.ids_around_context(self.llm.tokenizer, question)
 
     def continue_prompts(self, ids: list[list[int]], decoding: DecodingConfig | None = None) -> list[str]:
         """The LLM's answer to each prompt: with the trained reader's KV-LoRA, or the base LLM alone."""
