@@ -109,7 +109,10 @@ def test_vocabulary_codes_train_through_the_warm_start_and_keep_no_table(tiny_pa
 
 def test_input_reading_trains_validates_and_saves(tiny_paths, tmp_path):
     overrides = {"codebook": "vocabulary", "code_reading": "input", "retrieval_top_k": 1, "retrieval_codes": 4}
-    metrics = _train(tiny_paths, tmp_path, overrides, max_steps=4, naming_only_steps=2, naming_steps=3, eval_every=4)
+    # The tiny Llama: the worked-example prompt is longer than the tiny GPT-2's 256 positions.
+    config = tiny_config(tiny_paths, "llama", "bert", lora_dropout=0.0, **overrides)
+    values = _values(tmp_path, max_steps=4, naming_only_steps=2, naming_steps=3, eval_every=4)
+    metrics = train(config, TrainConfig(**values), ROWS["train"], ROWS["validation"])
     assert VALIDATION_KEYS <= set(metrics)
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     steps = {r["step"]: r for r in records if r["kind"] == "train"}
