@@ -23,7 +23,7 @@ from mbc.network.vocabulary import CodeWriter, VocabularyCodebook, VocabularySta
 from mbc.prompts import ids_around_context
 from mbc.token_memory import TokenMemory, TokenMemoryConfig
 from mbc.training.adapters import AdapterRun
-from mbc.training.naming import naming_targets
+from mbc.training.naming import naming_targets, nearest_to_labels
 from mbc.training.objectives import StepObjective
 from mbc.training.schedule import Step
 from mbc.training.token_memory import train_token_memory
@@ -196,6 +196,19 @@ def test_naming_targets_are_each_documents_answer_tokens_in_order(tiny_model):
         + tokenizer(" Rome", add_special_tokens=False)["input_ids"]
     )
     assert targets == {text: expected[:6]}
+
+
+def test_filled_naming_targets_add_the_tokens_nearest_to_the_answers_in_document_order(tiny_model):
+    assert nearest_to_labels([0, 0, 1, 0, 0, 0, 1, 0], 5) == [1, 2, 3, 5, 6]
+    assert nearest_to_labels([0, 0, 0], 2) == [0, 1]  # no answer in it: the first tokens
+    assert nearest_to_labels([1, 0], 5) == [0, 1]  # a short document: all of it, the rest free
+    tokenizer = tiny_model(codebook="vocabulary").llm.tokenizer
+    text = "Ann met Bo in Rome."
+    rows = [QAExample(text, "Who met Bo?", ("Ann",), "g")]
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert naming_targets(tokenizer, rows, num_slots=len(ids) + 3, before=0, fill=True) == {text: ids}
+    plain = naming_targets(tokenizer, rows, num_slots=len(ids), before=0)[text]
+    assert plain == tokenizer("Ann", add_special_tokens=False)["input_ids"] and len(plain) < len(ids)
 
 
 def test_naming_steps_teach_the_slots_to_store_the_answer_tokens(tiny_model):

@@ -10,8 +10,10 @@ document order (the tokens that overlap an answer to one of its training questio
 training/token_memory.py). The vocabulary stage's own lookup score is the logit, so that a slot
 that wins the cross-entropy is also stored as that token.
 
-A document with fewer answer tokens than slots leaves the remaining slots free (no target); one with
-more keeps the first K.
+A document with fewer answer tokens than slots leaves the remaining slots free (no target), or, with
+``fill``, gives them the document's tokens nearest to an answer (the context a reader needs around
+it: the token memory reads ~40 kept tokens of a generated document where it reads almost nothing
+from 24); one with more keeps the first K.
 """
 
 from __future__ import annotations
@@ -23,9 +25,11 @@ from mbc.network.frozen_llm import IGNORE, pad
 from mbc.training.token_memory import answer_labels
 
 
-def naming_targets(tokenizer, rows, num_slots: int, before: int = 2, max_tokens: int = 512) -> dict[str, list[int]]:
+def naming_targets(
+    tokenizer, rows, num_slots: int, before: int = 2, max_tokens: int = 512, fill: bool = False
+) -> dict[str, list[int]]:
     """Per training document (``QAExample`` rows): the LLM token ids of its first ``num_slots``
-    answer tokens, in document order."""
+    answer tokens (with ``fill``, up to ``num_slots`` tokens nearest to one), in document order."""
     answers_of: dict[str, set[str]] = {}
     for row in rows:
         answers_of.setdefault(row.document, set()).update(row.answers)
@@ -34,9 +38,18 @@ def naming_targets(tokenizer, rows, num_slots: int, before: int = 2, max_tokens:
         encoded = tokenizer(
             text, add_special_tokens=False, truncation=True, max_length=max_tokens, return_offsets_mapping=True
         )
-        labels = answer_labels(text, encoded["offset_mapping"], answers, before)
-        targets[text] = [i for i, label in zip(encoded["input_ids"], labels.tolist()) if label][:num_slots]
+        labels = answer_labels(text, encoded["offset_mapping"], answers, before).tolist()
+        kept = nearest_to_labels(labels, num_slots) if fill else [i for i, label in enumerate(labels) if label]
+        targets[text] = [encoded["input_ids"][i] for i in kept][:num_slots]
     return targets
+
+
+def nearest_to_labels(labels: list[float], count: int) -> list[int]:
+    """The positions of the ``count`` tokens nearest to a labelled one (the labelled ones first,
+    then by distance, then by position), in document order; without labels, the first ones."""
+    marked = [i for i, label in enumerate(labels) if label]
+    distance = [min((abs(i - m) for m in marked), default=i) for i in range(len(labels))]
+    return sorted(sorted(range(len(labels)), key=lambda i: (distance[i], i))[:count])
 
 
 def naming_loss(stage, contexts: torch.Tensor, targets: list[list[int]], temperature: float) -> torch.Tensor:

@@ -101,6 +101,7 @@ class TrainConfig:
     )
     naming_weight: Annotated[float, Field(ge=0)] = 1.0
     naming_before: Annotated[int, Field(ge=0)] = 2  # the targets: each answer's tokens and this many ahead of it
+    naming_fill: bool = False  # slots beyond a document's answer tokens name the tokens nearest to them (naming.py)
     # The naming logits are the vocabulary stage's scores (a cosine, or minus a mean squared
     # difference) over this temperature.
     naming_temperature: Annotated[float, Field(gt=0)] = 0.05
@@ -422,6 +423,7 @@ class _Run:
                 model.config.num_slots,
                 config.naming_before,
                 model.config.max_document_tokens,
+                config.naming_fill,
             )
         objective = StepObjective(model, frozen, naming)
         self.objective, self.optimizer = self.accelerator.prepare(objective, self.optimizer)
