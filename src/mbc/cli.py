@@ -173,6 +173,7 @@ def train(
     first_documents: Optional[int] = typer.Option(
         None, min=1, help="keep only the first N distinct documents (and all their questions)"
     ),
+    extra_train: list[str] = ExtraTrainOption,
     max_steps: Optional[int] = typer.Option(None, min=1, help="optimizer steps (default: the preset's epochs)"),
     max_minutes: Optional[float] = typer.Option(
         None, min=0, help="stop training after this many minutes, then validate and save"
@@ -197,7 +198,7 @@ def train(
     train_values = parse_overrides(TrainConfig, dict(chosen["train"], output_dir=str(output)), train_overrides)
     train_values.update({k: v for k, v in (("max_steps", max_steps), ("max_minutes", max_minutes)) if v is not None})
     train_config = from_dict(TrainConfig, train_values, "training config")
-    splits = qa_data.load_splits(data, first_documents)
+    splits = qa_data.load_splits(data, first_documents, tuple(extra_train))
     typer.echo(
         f"data {data}: "
         + ", ".join(
@@ -209,7 +210,7 @@ def train(
 
     main = PartialState().is_main_process  # under `accelerate launch`, one process writes the results
     try:
-        trained_on = qa_data.describe_training(data, splits["train"])
+        trained_on = qa_data.describe_training(data, splits["train"], tuple(extra_train))
         metrics = run_training(
             model_config,
             train_config,
