@@ -128,6 +128,18 @@ CASES = [
         "give the memory with --tokens",
     ),
     (
+        lambda f: ["eval", "--qa-tuned", str(f), "--mbc-retrieval", "lexical_weight=1", "--method", "qa-tuned"],
+        "give the memory with the checkpoint",
+    ),
+    (
+        lambda f: ["eval", "missing-checkpoint", "--mbc-retrieval", "num_slots=3", "--method", "mbc"],
+        "sets lexical_weight only, not num_slots",
+    ),
+    (
+        lambda f: ["eval", "missing-checkpoint", "--mbc-retrieval", "lexical_weight=1", "--method", "mbc"],
+        "cannot read config missing-checkpoint",
+    ),
+    (
         lambda f: ["train-tokens", "--data", "generated:0:20", "--codes", "written", "--entry-bytes", "64"],
         "entry_bytes codes kept tokens",
     ),
@@ -268,3 +280,11 @@ def test_bad_api_input_gets_one_clear_line(api, tiny_paths, call, message):
 
 def test_no_questions_get_no_answers(api):
     assert _ask(api, []) == []
+
+
+def test_a_lexical_weight_for_a_learned_codebook_is_refused_before_the_model_loads(tmp_path):
+    (tmp_path / "mbc_config.json").write_text('{"config": {"retrieval_top_k": 1}}')
+    arguments = ["eval", str(tmp_path), "--mbc-retrieval", "lexical_weight=1", "--method", "mbc"]
+    result = runner.invoke(app, arguments)
+    assert isinstance(result.exception, MBCError), repr(result.exception)
+    assert "lexical_weight matches questions against stored token ids" in str(result.exception)

@@ -342,3 +342,21 @@ def test_a_pointer_needs_vocabulary_codes_and_a_layer_the_llm_has(tiny_paths):
         MBCConfig(code_pointer=True)
     with pytest.raises(MBCError, match="pointer_layer=9"):
         MBCModel.build(tiny_config(tiny_paths, codebook="vocabulary", code_pointer=True, pointer_layer=9))
+
+
+def test_lexical_weight_finds_the_document_whose_stored_tokens_share_the_questions(tiny_model, tmp_path):
+    model = tiny_model(codebook="vocabulary", codebook_metric="cosine", lexical_weight=100.0, **KEYS).eval()
+    model.retrieval_keys.fit(DOCUMENTS + MORE_DOCUMENTS)
+    bank = MemoryBank.open(tmp_path / "bank.sqlite", BankLayout.of(model))
+    ids = ingest(model, bank, DOCUMENTS).ids
+    kept = model.stored_keys(bank, ids)
+    subspaces = model.config.retrieval_subspaces
+    assert kept.shape == (3, subspaces + model.config.num_slots)
+    assert kept[:, subspaces:].tolist() == bank.entries(ids)[..., 0].tolist()  # the codes as a lexical index
+    # Whatever the keys say, a question whose tokens only the second document's codes hold reads it.
+    question = "Where is Quelmont?"
+    asked = model.llm.tokenizer([question], add_special_tokens=False)["input_ids"][0]
+    other = next(i for i in range(1, 1000) if i not in asked)
+    tokens = torch.full_like(kept[:, subspaces:], other)
+    tokens[1] = torch.tensor(asked[: tokens.shape[1]])
+    assert model.top_documents([question], torch.cat([kept[:, :subspaces], tokens], 1)).tolist() == [[1]]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Optional
 
@@ -81,6 +82,7 @@ FinetuneRateOption = typer.Option(3e-5, help="online fine-tuning: AdamW's learni
 FinetuneStepsOption = typer.Option(1, help="online fine-tuning: gradient steps per document")
 
 TOKEN_RETRIEVAL = ("lexical_weight", "embedding_weight")  # read-time weights of token_memory.py's retrieval
+MBC_RETRIEVAL = ("lexical_weight",)  # read-time weight of MBC's retrieval over vocabulary codes (model.py)
 
 
 ExtraTrainOption = typer.Option(
@@ -488,6 +490,12 @@ def evaluate_online(
         + ", ".join(TOKEN_RETRIEVAL)
         + "); the stored bytes stay as they are",
     ),
+    mbc_retrieval: list[str] = typer.Option(
+        [],
+        help="read MBC's vocabulary codes with another retrieval weight, KEY=VALUE (keys: "
+        + ", ".join(MBC_RETRIEVAL)
+        + "); the stored bytes stay as they are",
+    ),
     qa_tuned: Optional[Path] = typer.Option(
         None, help="a QA-tuned LLM (`mbc train-qa`): adds the online fine-tuning methods (qa-tuned, uniform, salient)"
     ),
@@ -543,7 +551,8 @@ def evaluate_online(
     )
     models = (("mbc", checkpoint), ("mac", mac), ("tokens", tokens), ("qa", qa_tuned), ("camels", camels))
     runnable_methods(config.methods, {name for name, given in models if given})
-    retrieval_weights = _token_retrieval(token_retrieval, tokens)
+    retrieval_weights = _read_weights("--token-retrieval", token_retrieval, tokens, "--tokens", TOKEN_RETRIEVAL)
+    mbc_weights = _read_weights("--mbc-retrieval", mbc_retrieval, checkpoint, "the checkpoint", MBC_RETRIEVAL)
     _finetune_settings(qa_tuned, finetune_learning_rate, finetune_steps, camels)
     writable_folder(output)
     _check_banks(banks)
@@ -553,11 +562,11 @@ def evaluate_online(
     from mbc.model import MBCModel
 
     mbc_model = MBCModel.from_pretrained(checkpoint).eval() if checkpoint else None
+    if mbc_weights:
+        mbc_model.config = replace(mbc_model.config, **mbc_weights)
     mac_model = MBCModel.from_pretrained(mac).eval() if mac else None
     token_model = None
     if tokens:
-        from dataclasses import replace
-
         from mbc.token_memory import TokenMemory
 
         token_model = TokenMemory.from_pretrained(tokens)
@@ -577,20 +586,33 @@ def evaluate_online(
     _print_summary(summary, output)
 
 
-def _token_retrieval(overrides: list[str], tokens: Optional[Path]) -> dict:
-    """``--token-retrieval KEY=VALUE`` items as TokenMemoryConfig fields, checked before anything loads."""
+def _read_weights(flag: str, overrides: list[str], model: Optional[Path], given_by: str, keys: tuple[str, ...]) -> dict:
+    """``--token-retrieval`` / ``--mbc-retrieval`` KEY=VALUE items: how a memory is read, checked
+    against its config before anything loads."""
     if not overrides:
         return {}
-    if not tokens:
-        raise MBCError("--token-retrieval sets how a token memory is read: give the memory with --tokens")
+    if not model:
+        raise MBCError(f"{flag} sets how a memory is read: give the memory with {given_by}")
+    config_class = _memory_config_class(flag)
+    values = parse_overrides(config_class, {}, overrides)
+    other = sorted(set(values) - set(keys))
+    if other:
+        raise MBCError(f"{flag} sets {', '.join(keys)} only, not {', '.join(other)}")
+    if config_class is MBCConfig:  # the saved settings with these: a checkpoint they do not fit is named
+        from mbc.checkpoint import CONFIG_NAME
+
+        replace(MBCConfig.load(Path(model) / CONFIG_NAME), **values)
+    else:
+        from_dict(config_class, values, flag)  # each weight's limits, in one line
+    return values
+
+
+def _memory_config_class(flag: str):
+    if flag == "--mbc-retrieval":
+        return MBCConfig
     from mbc.token_memory import TokenMemoryConfig
 
-    values = parse_overrides(TokenMemoryConfig, {}, overrides)
-    other = sorted(set(values) - set(TOKEN_RETRIEVAL))
-    if other:
-        raise MBCError(f"--token-retrieval sets {', '.join(TOKEN_RETRIEVAL)} only, not {', '.join(other)}")
-    from_dict(TokenMemoryConfig, values, "--token-retrieval")  # each weight's limits, in one line
-    return values
+    return TokenMemoryConfig
 
 
 ModelOption = typer.Option(

@@ -88,6 +88,9 @@ class MBCConfig:
     retrieval_top_k: Annotated[int, Field(ge=0)] = 0
     retrieval_subspaces: Annotated[int, Field(ge=1, le=1024)] = 8  # indices per document's key
     retrieval_codes: Annotated[int, Field(ge=2, le=65536)] = 256  # centroids per index (256: one byte each)
+    # Vocabulary codes: BM25 over each document's stored token ids, this much beside the key's score
+    # (network/lexical.py; the token memory's lexical_weight): a lexical index at no stored byte.
+    lexical_weight: Annotated[float, Field(ge=0)] = 0.0
 
     # Prefix (P-tuning v2) and KV-LoRA on the frozen LLM
     prefix_tokens: Annotated[int, Field(ge=1, le=1024)] = 2  # P
@@ -110,6 +113,11 @@ class MBCConfig:
             raise MBCError(
                 "code_reading 'input' puts one document's token ids before the question: it needs "
                 "codebook=vocabulary, codebook_stages=1 and retrieval_top_k=1"
+            )
+        if self.lexical_weight and (self.codebook != "vocabulary" or not self.retrieval_top_k):
+            raise MBCError(
+                "lexical_weight matches questions against stored token ids: it needs codebook=vocabulary "
+                "and retrieval keys (retrieval_top_k >= 1)"
             )
         if self.code_pointer and self.codebook != "vocabulary":
             raise MBCError("code_pointer points slots at the document's tokens: it needs codebook=vocabulary")

@@ -39,6 +39,7 @@ from mbc.network.codebook import ResidualQuantizer, fingerprint
 from mbc.network.codecs import CodebookCodec, FloatCodec
 from mbc.network.decoding import DecodingConfig
 from mbc.network.frozen_llm import IGNORE, FrozenLLM, lower_hidden, pad  # noqa: F401 (IGNORE, pad: what training imports from here)
+from mbc.network.lexical import bm25, combined
 from mbc.network.pointer import TokenPointer
 from mbc.network.prefix import PrefixExpansion
 from mbc.network.retrieval import RetrievalKeys
@@ -335,13 +336,26 @@ class MBCModel(nn.Module):
     # ---- retrieval keys (network/retrieval.py) -------------------------------------------------
     def stored_keys(self, bank, ids: list[int]) -> torch.Tensor:
         """What a reader keeps of each stored document to choose among them (``top_documents``'s
-        ``document_keys``): its retrieval key [n, subspaces]."""
-        return torch.as_tensor(bank.retrieval_keys(ids)).long()
+        ``document_keys``): its retrieval key [n, subspaces], and with ``lexical_weight`` its first
+        stage's token ids after it [n, subspaces + K]."""
+        keys = torch.as_tensor(bank.retrieval_keys(ids)).long()
+        if not self.config.lexical_weight:
+            return keys
+        tokens = torch.as_tensor(np.asarray(bank.entries(ids))[..., 0].astype(np.int64)).reshape(len(ids), -1)
+        return torch.cat([keys, tokens], dim=1)
 
     @torch.no_grad()
     def top_documents(self, questions: list[str], document_keys) -> torch.Tensor:
-        """[B, k] positions in ``document_keys`` [N, subspaces] of each question's best-scored documents."""
-        return self.retrieval_keys.top(questions, document_keys, self.config.retrieval_top_k)
+        """[B, k] positions in ``document_keys`` (``stored_keys``) of each question's best-scored
+        documents: by retrieval key, plus ``lexical_weight`` x BM25 over the stored token ids."""
+        if not self.config.lexical_weight:
+            return self.retrieval_keys.top(questions, document_keys, self.config.retrieval_top_k)
+        subspaces = self.retrieval_keys.quantizer.subspaces
+        scores = self.retrieval_keys.scores(questions, document_keys[:, :subspaces])
+        asked = self.llm.tokenizer(questions, add_special_tokens=False)["input_ids"]
+        lexical = bm25(asked, document_keys[:, subspaces:], pad=-1)
+        scores = combined(scores, lexical, self.config.lexical_weight)
+        return scores.topk(min(self.config.retrieval_top_k, scores.shape[1]), dim=1).indices
 
     # ---- the bank ----------------------------------------------------------------------------
     @torch.no_grad()
