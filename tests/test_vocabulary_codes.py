@@ -360,3 +360,26 @@ def test_lexical_weight_finds_the_document_whose_stored_tokens_share_the_questio
     tokens = torch.full_like(kept[:, subspaces:], other)
     tokens[1] = torch.tensor(asked[: tokens.shape[1]])
     assert model.top_documents([question], torch.cat([kept[:, :subspaces], tokens], 1)).tolist() == [[1]]
+
+
+def test_held_input_reading_trains_the_reader_alone_and_the_schedule_holds_after_naming(tiny_model):
+    from mbc.training.schedule import Schedule
+    from mbc.training.trainer import TrainConfig
+
+    # vq_weight 0: the commitment term, which still trains the writer while the reading is held, left out
+    model = tiny_model(codebook="vocabulary", code_reading="input", vq_weight=0.0, **KEYS).train()
+    model.retrieval_keys.fit(DOCUMENTS + MORE_DOCUMENTS)
+    with torch.no_grad():  # a KV-LoRA that is not zero, so that its both halves have a gradient to show
+        for name, parameter in model.named_parameters():
+            if "lora" in name:
+                parameter.normal_(0, 0.1)
+    out = StepObjective(model)(DOCUMENTS[:2], QUESTIONS, ANSWERS, [0, 1], Step(hold_reading=True))
+    out.loss.backward()
+    writer = list(model.amortization.slot_mlp.parameters())
+    assert all(p.grad is not None and p.grad.abs().sum() == 0 for p in writer)  # in the graph, no QA gradient
+    lora = [p for name, p in model.named_parameters() if "lora" in name and p.requires_grad]
+    assert lora and all(p.grad is not None and p.grad.abs().sum() > 0 for p in lora)
+    config = TrainConfig(naming_only_steps=2, naming_steps=2, hold_reading_steps=3)
+    steps = [Schedule(config, total_steps=8, quantize=True).at(step, 2, False) for step in range(8)]
+    assert [s.objective for s in steps] == ["name"] * 2 + ["qa"] * 6
+    assert [s.hold_reading for s in steps] == [False] * 2 + [True] * 3 + [False] * 3

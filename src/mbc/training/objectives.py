@@ -22,7 +22,7 @@ has no modulation: its QA loss reads each question's own document's codes as tok
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -88,9 +88,12 @@ class StepObjective(nn.Module):
             )
             return StepOutput(loss, zero, memory.vq_loss, memory.perplexity, zero, zero, naming)
         if model.reads_input:  # the codes as tokens before the question: no modulation, probe or float memory
-            qa_loss = model.input_reading_loss(questions, answers, memory, own)
+            read, held = memory, 0.0
+            if step.hold_reading:  # only the reader (KV-LoRA) learns: the LLM's lower layers build no graph
+                read, held = replace(memory, vectors=memory.vectors.detach()), 0.0 * memory.vectors.sum()
+            qa_loss = model.input_reading_loss(questions, answers, read, own)
             zero = qa_loss.new_zeros(())
-            loss = qa_loss + model.config.vq_weight * memory.vq_loss + step.naming_weight * naming
+            loss = qa_loss + model.config.vq_weight * memory.vq_loss + step.naming_weight * naming + held
             return StepOutput(loss, qa_loss, memory.vq_loss, memory.perplexity, zero, zero, naming)
         vectors, vq_loss = memory.vectors, memory.vq_loss
         if step.float_memory:  # the codebook stays in the graph (every process must use every parameter)

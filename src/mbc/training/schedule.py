@@ -10,7 +10,9 @@ read their memory (docs/METHOD.md, "Where this implementation departs"):
   as MAC's does; then the codebook is fitted to them by k-means and training goes on through it;
 - ``hold_reading_steps``: the first N QA steps after the probe train only the LLM side (prefix,
   KV-LoRA); the reading path is held, so that a QA loss still far from any answer does not scramble
-  the memory the probe taught to carry answers before the LLM side has learned to read it;
+  the memory the probe taught to carry answers before the LLM side has learned to read it; with
+  input-side reading (vocabulary codes) the codes are held and only the KV-LoRA reads them, which
+  spares the backward pass through the LLM's lower layers;
 - ``teach_reading_steps``: over the last N probe steps the LLM side (prefix, KV-LoRA) also trains on
   the QA loss, reading the modulation (no gradient back) plus a hint: the direction of the answer's
   first token in the LLM's output embedding, the probe's target, at a strength falling from the
@@ -82,6 +84,11 @@ class Schedule:
         """Whether the codebook is still bypassed at this step (it is fitted once the step count reaches float_memory_steps)."""
         return self.quantize and step < self.config.float_memory_steps
 
+    def _holds_reading(self, step: int) -> bool:
+        """Whether ``step`` is one of the first ``hold_reading_steps`` QA steps."""
+        first_qa = max(self.config.probe_steps, self.config.naming_only_steps)
+        return first_qa <= step < first_qa + self.config.hold_reading_steps
+
     def at(self, step: int, documents: int, float_memory: bool) -> Step:
         """The step about to run (``step`` optimizer steps done) on a batch of ``documents``;
         ``float_memory``: whether the codebook is still unfitted (the trainer knows: a run stopped
@@ -95,7 +102,7 @@ class Schedule:
             config.probe_tokens,
             config.probe_weight,
             config.backprop_keep,
-            config.probe_steps <= step < config.probe_steps + config.hold_reading_steps,
+            self._holds_reading(step),
             config.gap_every > 0 and (step + 1) % config.gap_every == 0,
             self._teach_reading(step),
             config.naming_weight if step < max(config.naming_steps, config.naming_only_steps) else 0.0,

@@ -329,7 +329,7 @@ def train(
         raise MBCError(f"{len(train_rows)} training rows is fewer than one batch of {config.batch_size}")
     if (config.naming_steps or config.naming_only_steps) and model_config.codebook != "vocabulary":
         raise MBCError("naming_steps train slots to name tokens: they need --set codebook=vocabulary")
-    warm_starts = ("probe_steps", "float_memory_steps", "teach_reading_steps", "probe_weight", "hold_reading_steps")
+    warm_starts = ("probe_steps", "float_memory_steps", "teach_reading_steps", "probe_weight")
     if model_config.code_reading == "input" and any(getattr(config, name) for name in warm_starts):
         raise MBCError(
             "code_reading 'input' has no modulation for the prefix warm starts to train: set "
