@@ -337,9 +337,25 @@ def test_naming_teaches_a_pointer_where_to_look(tiny_model):
     assert np.mean(named) >= 0.9  # every slot here (a generated slot: 0.94)
 
 
+def test_pointer_places_start_at_nothing_and_can_point_slot_k_at_token_k(tiny_model):
+    plain = tiny_model(codebook="vocabulary", code_pointer=True, pointer_layer=1).eval()
+    placed = tiny_model(codebook="vocabulary", code_pointer=True, pointer_layer=1, pointer_positions=True).eval()
+    slots = plain.amortization(*plain.document_tokens(DOCUMENTS))
+    hidden_mask = _hidden_and_mask(plain, DOCUMENTS)
+    assert torch.allclose(plain.pointer.attention(slots, *hidden_mask), placed.pointer.attention(slots, *hidden_mask))
+    with torch.no_grad():  # slot k's place matches token k's and no other
+        k = placed.config.num_slots
+        placed.pointer.slot_places.weight.zero_()[:, :k].copy_(torch.eye(k) * 300)
+        placed.pointer.token_places.weight.zero_()[:k, :k].copy_(torch.eye(k) * 300)
+    pointed = placed.pointer.attention(slots, *hidden_mask).argmax(-1)
+    assert pointed.tolist() == [list(range(k))] * len(DOCUMENTS)
+
+
 def test_a_pointer_needs_vocabulary_codes_and_a_layer_the_llm_has(tiny_paths):
     with pytest.raises(MBCError, match="codebook=vocabulary"):
         MBCConfig(code_pointer=True)
+    with pytest.raises(MBCError, match="need code_pointer=true"):
+        MBCConfig(codebook="vocabulary", pointer_positions=True)
     with pytest.raises(MBCError, match="pointer_layer=9"):
         MBCModel.build(tiny_config(tiny_paths, codebook="vocabulary", code_pointer=True, pointer_layer=9))
 

@@ -127,7 +127,8 @@ class MBCModel(nn.Module):
                 raise MBCError(
                     f"pointer_layer={config.pointer_layer} but the base LLM has only {self.llm.layout.num_layers} layers"
                 )
-            self.pointer = TokenPointer(dim, self.llm.layout.hidden_size)
+            places = (config.num_slots, config.max_document_tokens) if config.pointer_positions else None
+            self.pointer = TokenPointer(dim, self.llm.layout.hidden_size, positions=places)
         self.aggregator = Aggregator(
             dim, config.aggregator_blocks, config.aggregator_heads, config.aggregator_head_dim, config.aggregator_output
         )

@@ -13,6 +13,11 @@ A learned residual, zero at the start, leaves every other token of the vocabular
     slot_k' = sum_t softmax_t(q_k . key_t / sqrt(d)) * code(token_t) + residual(slot_k)
 
 A peaked attention gives exactly a token of the document, which the vocabulary stage then stores.
+
+With ``positions`` (``pointer_positions``) each key also gets a learned embedding of its token's
+place in the document and each query one of its slot's number, both zero at the start: the
+hidden states say what a token is better than where it is, and without them neighbouring slots
+named the same token ("Keloux" -> " Kel oux oux oux"; docs/JOURNAL.md, session 32).
 """
 
 from __future__ import annotations
@@ -23,12 +28,18 @@ from torch import nn
 
 
 class TokenPointer(nn.Module):
-    def __init__(self, dim: int, hidden_dim: int, key_dim: int = 128):
+    def __init__(self, dim: int, hidden_dim: int, key_dim: int = 128, positions: tuple[int, int] | None = None):
+        """``positions``: (slots, document tokens) for the learned place embeddings, or None."""
         super().__init__()
         self.query = nn.Linear(dim, key_dim)
         # The LLM's hidden states run to norms of tens: standardised before the key projection.
         self.key_norm = nn.LayerNorm(hidden_dim, elementwise_affine=False)
         self.key = nn.Linear(hidden_dim, key_dim)
+        self.slot_places = self.token_places = None
+        if positions is not None:
+            self.slot_places, self.token_places = (nn.Embedding(n, key_dim) for n in positions)
+            nn.init.zeros_(self.slot_places.weight)
+            nn.init.zeros_(self.token_places.weight)
         self.residual = nn.Linear(dim, dim)
         nn.init.zeros_(self.residual.weight)
         nn.init.zeros_(self.residual.bias)
@@ -44,5 +55,9 @@ class TokenPointer(nn.Module):
     def attention(self, slots: torch.Tensor, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """[N, K, T]: where each slot points, a distribution over the document's tokens."""
         keys = self.key(self.key_norm(hidden.to(self.key.weight.dtype)))
-        scores = self.query(slots) @ keys.transpose(1, 2) / self.key.out_features**0.5
+        queries = self.query(slots)
+        if self.token_places is not None:
+            keys = keys + self.token_places.weight[: keys.shape[1]]
+            queries = queries + self.slot_places.weight[: queries.shape[1]]
+        scores = queries @ keys.transpose(1, 2) / self.key.out_features**0.5
         return F.softmax(scores.masked_fill(~mask.bool()[:, None, :], float("-inf")), dim=-1)
