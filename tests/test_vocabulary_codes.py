@@ -23,7 +23,9 @@ from mbc.network.vocabulary import CodeWriter, VocabularyCodebook, VocabularySta
 from mbc.prompts import ids_around_context
 from mbc.token_memory import TokenMemory, TokenMemoryConfig
 from mbc.training.adapters import AdapterRun
-from mbc.training.naming import naming_targets, nearest_to_labels
+from mbc.network.pointer import TokenPointer
+from mbc.training.activations import FrozenActivations
+from mbc.training.naming import named_tokens, naming_targets, nearest_to_labels, placement_loss
 from mbc.training.objectives import StepObjective
 from mbc.training.schedule import Step
 from mbc.training.token_memory import train_token_memory
@@ -351,11 +353,83 @@ def test_pointer_places_start_at_nothing_and_can_point_slot_k_at_token_k(tiny_mo
     assert pointed.tolist() == [list(range(k))] * len(DOCUMENTS)
 
 
+def test_placement_lays_slot_k_on_the_kth_salient_token_in_document_order():
+    mask = torch.ones(1, 10)
+    even = TokenPointer.placement(torch.zeros(1, 10), mask, 5).exp()  # no salience: 2 tokens a slot
+    assert torch.allclose(even.sum(-1), torch.ones(1, 5), atol=1e-2)  # each slot wholly covered
+    assert even[0].argmax(0).tolist() == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4]
+    salient = torch.full((1, 10), -20.0)
+    salient[0, [1, 4, 5, 8]] = torch.tensor([14.0, 26.0, 25.0, 30.0])  # three slots: the three most salient
+    prior = TokenPointer.placement(salient, mask, 3)
+    assert prior.argmax(-1).tolist() == [[4, 5, 8]]
+    assert (prior.exp().amax(-1) > 0.99).all()
+    short = TokenPointer.placement(torch.zeros(1, 4), torch.tensor([[1.0, 1.0, 0.0, 0.0]]), 4)
+    assert short.exp()[0, :, 2:].max() < 1e-3  # padding gets no slot; two tokens cover four slots
+    assert short.argmax(-1).tolist() == [[0, 0, 1, 1]]
+
+
+def test_the_placement_loss_fits_the_salience_to_the_named_places():
+    torch.manual_seed(0)
+    pointer = TokenPointer(dim=4, hidden_dim=8, placement=True)
+    hidden, mask = torch.randn(2, 12, 8), torch.ones(2, 12)
+    places = [[2, 3, 7], [0, 5, 11]]
+    for row, kept in enumerate(places):
+        hidden[row, kept, 0] += 3.0  # what the LLM's hidden states say of a token worth a slot
+    optimizer = torch.optim.Adam(pointer.salience.parameters(), lr=0.1)
+    for _ in range(100):
+        loss = placement_loss(pointer, hidden, mask, places)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    with torch.no_grad():
+        pointed = pointer.placement(pointer.token_salience(hidden), mask, 3).argmax(-1)
+    assert pointed.tolist() == places
+
+
+def test_placement_naming_points_each_slot_at_its_named_token(tiny_model):
+    model = tiny_model(
+        codebook="vocabulary",
+        codebook_metric="cosine",
+        code_pointer=True,
+        pointer_layer=1,
+        pointer_placement=True,
+        lora_layers=1,
+        prefix_layers=1,  # nothing adapted below the pointer's layer: its hidden states can be kept
+    ).train()
+    rows = generate_examples(8, seed=5)
+    named = named_tokens(model.llm.tokenizer, rows, model.config.num_slots, fill=True)
+    texts = list(named)
+    objective = StepObjective(
+        model,
+        FrozenActivations(model),
+        {t: ids for t, (ids, _) in named.items()},
+        {t: places for t, (_, places) in named.items()},
+    )
+    assert objective.frozen.pointer is not None  # the pointer's hidden states kept, as the trainer does
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    step = Step(objective="probe", naming_weight=1.0, naming_temperature=0.05)
+    own = [texts.index(r.document) for r in rows]
+    for _ in range(150):
+        out = objective(texts, [r.question for r in rows], [r.answers[0] for r in rows], own, step)
+        optimizer.zero_grad()
+        out.loss.backward()
+        optimizer.step()
+    assert model.pointer.salience.weight.abs().sum() > 0
+    model.eval()
+    with torch.no_grad():
+        assert torch.allclose(objective.frozen.amortize(texts), model.amortize(texts), atol=1e-5)
+    stored = model.compress(texts)[..., 0]
+    hits = [np.mean([a == b for a, b in zip(row, named[t][0])]) for row, t in zip(stored.tolist(), texts)]
+    assert np.mean(hits) >= 0.9
+
+
 def test_a_pointer_needs_vocabulary_codes_and_a_layer_the_llm_has(tiny_paths):
     with pytest.raises(MBCError, match="codebook=vocabulary"):
         MBCConfig(code_pointer=True)
     with pytest.raises(MBCError, match="need code_pointer=true"):
         MBCConfig(codebook="vocabulary", pointer_positions=True)
+    with pytest.raises(MBCError, match="need code_pointer=true"):
+        MBCConfig(codebook="vocabulary", pointer_placement=True)
     with pytest.raises(MBCError, match="pointer_layer=9"):
         MBCModel.build(tiny_config(tiny_paths, codebook="vocabulary", code_pointer=True, pointer_layer=9))
 

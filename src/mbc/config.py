@@ -57,6 +57,7 @@ class MBCConfig:
     code_pointer: bool = False
     pointer_layer: Annotated[int, Field(ge=0, le=1024)] = 20
     pointer_positions: bool = False  # the pointer's keys and queries also learn places (network/pointer.py)
+    pointer_placement: bool = False  # slots laid along the document by a learned salience (network/pointer.py)
     codebook_size: Annotated[int, Field(ge=2, le=65536)] = 512
     codebook_stages: Annotated[int, Field(ge=1, le=16)] = (
         1  # > 1: residual quantization, one index per stage per vector
@@ -120,8 +121,8 @@ class MBCConfig:
                 "lexical_weight matches questions against stored token ids: it needs codebook=vocabulary "
                 "and retrieval keys (retrieval_top_k >= 1)"
             )
-        if self.pointer_positions and not self.code_pointer:
-            raise MBCError("pointer_positions are the pointer's: they need code_pointer=true")
+        if (self.pointer_positions or self.pointer_placement) and not self.code_pointer:
+            raise MBCError("pointer_positions and pointer_placement are the pointer's: they need code_pointer=true")
         if self.code_pointer and self.codebook != "vocabulary":
             raise MBCError("code_pointer points slots at the document's tokens: it needs codebook=vocabulary")
         if self.codebook == "vocabulary" and not self.quantize:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -45,6 +46,12 @@ from mbc.network.prefix import PrefixExpansion
 from mbc.network.retrieval import RetrievalKeys
 from mbc.network.vocabulary import VocabularyStage
 from mbc.prompts import ids_around_context
+
+
+class PointerStates(NamedTuple):
+    ids: torch.Tensor
+    mask: torch.Tensor
+    hidden: torch.Tensor
 
 
 @dataclass
@@ -128,7 +135,9 @@ class MBCModel(nn.Module):
                     f"pointer_layer={config.pointer_layer} but the base LLM has only {self.llm.layout.num_layers} layers"
                 )
             places = (config.num_slots, config.max_document_tokens) if config.pointer_positions else None
-            self.pointer = TokenPointer(dim, self.llm.layout.hidden_size, positions=places)
+            self.pointer = TokenPointer(
+                dim, self.llm.layout.hidden_size, positions=places, placement=config.pointer_placement
+            )
         self.aggregator = Aggregator(
             dim, config.aggregator_blocks, config.aggregator_heads, config.aggregator_head_dim, config.aggregator_output
         )
@@ -194,17 +203,27 @@ class MBCModel(nn.Module):
 
     def amortize(self, documents: list[str]) -> torch.Tensor:
         """Documents -> context vectors [N, K, dim] (before quantization)."""
-        return self.point(documents, self.amortization(*self.document_tokens(documents)))
+        slots = self.amortization(*self.document_tokens(documents))
+        return self.point(slots, self.pointer_states(documents) if self.pointer is not None else None)
 
-    def point(self, documents: list[str], slots: torch.Tensor) -> torch.Tensor:
+    def pointer_states(self, documents: list[str], lower=None) -> PointerStates:
+        """What the pointer points at: each document's LLM token ids and mask [N, T] (right-padded)
+        and the frozen LLM's hidden states entering ``pointer_layer`` [N, T, d]; ``lower(ids,
+        mask)``, where given, makes those hidden states (a cache of them, training/activations.py)."""
+        ids, mask = self._encode_text(self.llm.tokenizer, documents, self.config.max_document_tokens)
+        with torch.no_grad():
+            hidden = (lower or self.pointer_hidden)(ids, mask)
+        return PointerStates(ids, mask, hidden)
+
+    def pointer_hidden(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return lower_hidden(self.llm.model, self.llm.layout, ids, mask, self.config.pointer_layer)
+
+    def point(self, slots: torch.Tensor, states: PointerStates | None) -> torch.Tensor:
         """With ``code_pointer``: the amortization network's slots [N, K, dim] -> each a mix of its
         document's own token codes plus a residual (network/pointer.py); without, the slots."""
         if self.pointer is None:
             return slots
-        ids, mask = self._encode_text(self.llm.tokenizer, documents, self.config.max_document_tokens)
-        with torch.no_grad():
-            hidden = lower_hidden(self.llm.model, self.llm.layout, ids, mask, self.config.pointer_layer)
-        return self.pointer(slots, hidden, self.quantizer.stages[0].decode(ids), mask)
+        return self.pointer(slots, states.hidden, self.quantizer.stages[0].decode(states.ids), states.mask)
 
     def queries(self, questions: list[str]) -> torch.Tensor:
         return self.question_network(*self.question_tokens(questions))

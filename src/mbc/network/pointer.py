@@ -18,6 +18,19 @@ With ``positions`` (``pointer_positions``) each key also gets a learned embeddin
 place in the document and each query one of its slot's number, both zero at the start: the
 hidden states say what a token is better than where it is, and without them neighbouring slots
 named the same token ("Keloux" -> " Kel oux oux oux"; docs/JOURNAL.md, session 32).
+
+With ``placement`` (``pointer_placement``) the slots are laid along the document by a learned
+salience: each token gets a mass, a soft top-K of a linear score of its hidden state (the token
+memory's scorer, token_memory.py), the masses are scaled to sum to K and laid end to end in
+document order, and slot k may point only where the masses cover [k, k+1):
+
+    attention_kt  proportional to  overlap(token t's stretch, [k, k+1)) * exp(q_k . key_t / sqrt(d))
+
+A salient token covers a slot of its own; the tokens between salient ones share what is left. So
+slot k points near the document's k-th salient token and the codes keep document order. Why: on
+SQuAD's 150-256-token paragraphs a slot could not find "the k-th answer token" by content alone
+(the naming loss stalled, the codes were commas; docs/JOURNAL.md, session 32). With the salience at
+zero every token has the same mass: slot k reads the k-th K-th of the document.
 """
 
 from __future__ import annotations
@@ -28,8 +41,16 @@ from torch import nn
 
 
 class TokenPointer(nn.Module):
-    def __init__(self, dim: int, hidden_dim: int, key_dim: int = 128, positions: tuple[int, int] | None = None):
-        """``positions``: (slots, document tokens) for the learned place embeddings, or None."""
+    def __init__(
+        self,
+        dim: int,
+        hidden_dim: int,
+        key_dim: int = 128,
+        positions: tuple[int, int] | None = None,
+        placement: bool = False,
+    ):
+        """``positions``: (slots, document tokens) for the learned place embeddings, or None;
+        ``placement``: slots laid along the document by a learned salience."""
         super().__init__()
         self.query = nn.Linear(dim, key_dim)
         # The LLM's hidden states run to norms of tens: standardised before the key projection.
@@ -40,6 +61,11 @@ class TokenPointer(nn.Module):
             self.slot_places, self.token_places = (nn.Embedding(n, key_dim) for n in positions)
             nn.init.zeros_(self.slot_places.weight)
             nn.init.zeros_(self.token_places.weight)
+        self.salience = None
+        if placement:
+            self.salience = nn.Linear(hidden_dim, 1)
+            nn.init.zeros_(self.salience.weight)
+            nn.init.zeros_(self.salience.bias)
         self.residual = nn.Linear(dim, dim)
         nn.init.zeros_(self.residual.weight)
         nn.init.zeros_(self.residual.bias)
@@ -54,10 +80,37 @@ class TokenPointer(nn.Module):
 
     def attention(self, slots: torch.Tensor, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """[N, K, T]: where each slot points, a distribution over the document's tokens."""
-        keys = self.key(self.key_norm(hidden.to(self.key.weight.dtype)))
+        normed = self.key_norm(hidden.to(self.key.weight.dtype))
+        keys = self.key(normed)
         queries = self.query(slots)
         if self.token_places is not None:
             keys = keys + self.token_places.weight[: keys.shape[1]]
             queries = queries + self.slot_places.weight[: queries.shape[1]]
         scores = queries @ keys.transpose(1, 2) / self.key.out_features**0.5
+        if self.salience is not None:
+            scores = scores + self.placement(self.salience(normed).squeeze(-1), mask, slots.shape[1])
         return F.softmax(scores.masked_fill(~mask.bool()[:, None, :], float("-inf")), dim=-1)
+
+    def token_salience(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[N, T] logits: how much each token deserves a slot of its own (with ``placement``)."""
+        return self.salience(self.key_norm(hidden.to(self.key.weight.dtype))).squeeze(-1)
+
+    @staticmethod
+    def placement(salience: torch.Tensor, mask: torch.Tensor, num_slots: int) -> torch.Tensor:
+        """[N, K, T]: log of the share of slot k's stretch [k, k+1) that token t's mass covers.
+        The masses: sigmoid(salience - the threshold between its K-th and K+1-th largest), a soft
+        top-K (the threshold held fixed), scaled to sum to K."""
+        mask = mask.to(salience.dtype)
+        ranked = salience.detach().masked_fill(mask == 0, float("-inf")).sort(dim=1, descending=True).values
+        count = mask.sum(dim=1, keepdim=True).long()
+        last_kept = ranked.gather(1, (count.clamp(max=num_slots) - 1).clamp_min(0))
+        first_left = ranked.gather(1, count.clamp(max=num_slots).clamp(max=ranked.shape[1] - 1))
+        # K tokens or fewer: all of them kept
+        threshold = torch.where(count > num_slots, (last_kept + first_left) / 2, last_kept - 1.0)
+        mass = torch.sigmoid(salience - threshold) * mask
+        mass = mass * num_slots / mass.sum(dim=1, keepdim=True).clamp_min(1e-6)
+        end = mass.cumsum(dim=1)
+        start = end - mass
+        stretch = torch.arange(num_slots, device=salience.device, dtype=salience.dtype)[None, :, None]
+        overlap = (torch.minimum(end[:, None, :], stretch + 1) - torch.maximum(start[:, None, :], stretch)).clamp_min(0)
+        return torch.log(overlap + 1e-4)

@@ -4,6 +4,8 @@
 every later epoch:
 - per training row (prompt + answer tokens), the hidden state the frozen LLM brings to its first
   layer with a prefix or KV-LoRA (network/frozen_llm.py); only the adapted layers then run;
+- per document, with ``code_pointer``, the hidden states the pointer keys its tokens by, where no
+  KV-LoRA lies below ``pointer_layer`` (network/pointer.py);
 - per document and per question, with ``encoder_trained_layers`` set, the hidden state the
   encoder's frozen lower layers bring to its first trained one (network/amortization.py).
 Each depends on its tokens alone (frozen weights, no dropout), so each is keyed by them. Where
@@ -78,10 +80,12 @@ class FrozenActivations:
         """``store``: where the kept rows live; pass one store to several trainings to share them."""
         self.model, store = model, store or FrozenStore()
         config, amortization, question_network = model.config, model.amortization, model.question_network
-        self.llm = self.documents = self.questions = None
+        self.llm = self.documents = self.questions = self.pointer = None
         if model.llm.first_adapted_layer > 0:
             llm = (config.llm, config.llm_quantization, model.llm.first_adapted_layer, _dtype(model.llm.model))
             self.llm = store.part("llm", *llm)
+        if model.pointer is not None and config.pointer_layer <= model.llm.first_adapted_layer:
+            self.pointer = store.part("pointer", config.llm, config.llm_quantization, config.pointer_layer, _dtype(model.llm.model))
         if amortization.splits:
             encoder = (config.document_encoder, amortization.frozen_layers, _dtype(amortization.encoder))
             self.documents = store.part("documents", *encoder)
@@ -91,7 +95,7 @@ class FrozenActivations:
 
     @property
     def enabled(self) -> bool:
-        return any(part is not None for part in (self.llm, self.documents, self.questions))
+        return any(part is not None for part in (self.llm, self.documents, self.questions, self.pointer))
 
     def sizes(self) -> dict[str, tuple[int, int]]:
         """Per part: (rows kept, bytes)."""
@@ -108,11 +112,25 @@ class FrozenActivations:
         return llm.qa_loss_from_lower(lower, mask, labels, prefix)
 
     def amortize(self, documents: list[str]) -> torch.Tensor:
-        """``model.amortize``, running only the encoder's trained layers."""
+        """``model.amortize``, running only the encoder's trained layers (and the pointer's LLM layers
+        once a document)."""
+        model = self.model
         if self.documents is None:
-            return self.model.amortize(documents)
-        slots = _from_lower(self.model.amortization, self.documents, self.model.document_tokens(documents))
-        return self.model.point(documents, slots)
+            slots = model.amortization(*model.document_tokens(documents))
+        else:
+            slots = _from_lower(model.amortization, self.documents, model.document_tokens(documents))
+        return model.point(slots, self.pointer_states(documents) if model.pointer is not None else None)
+
+    def pointer_states(self, documents: list[str]):
+        """``model.pointer_states``, its hidden states kept."""
+        if self.pointer is None:
+            return self.model.pointer_states(documents)
+        kept = self.pointer
+
+        def lower(ids, mask):
+            return kept.padded(_token_keys(ids, mask), ids.device, self.model.pointer_hidden)
+
+        return self.model.pointer_states(documents, lower)
 
     def queries(self, questions: list[str]) -> torch.Tensor:
         """``model.queries``, running only the question encoder's trained layers."""

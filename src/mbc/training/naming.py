@@ -14,6 +14,10 @@ A document with fewer answer tokens than slots leaves the remaining slots free (
 ``fill``, gives them the document's tokens nearest to an answer (the context a reader needs around
 it: the token memory reads ~40 kept tokens of a generated document where it reads almost nothing
 from 24); one with more keeps the first K.
+
+With the pointer's placement (network/pointer.py) the same targets' places also train its salience
+(``placement_loss``): the tokens named are the ones that get a slot of their own, so slot k lands
+on the k-th of them.
 """
 
 from __future__ import annotations
@@ -30,6 +34,14 @@ def naming_targets(
 ) -> dict[str, list[int]]:
     """Per training document (``QAExample`` rows): the LLM token ids of its first ``num_slots``
     answer tokens (with ``fill``, up to ``num_slots`` tokens nearest to one), in document order."""
+    return {text: ids for text, (ids, _) in named_tokens(tokenizer, rows, num_slots, before, max_tokens, fill).items()}
+
+
+def named_tokens(
+    tokenizer, rows, num_slots: int, before: int = 2, max_tokens: int = 512, fill: bool = False
+) -> dict[str, tuple[list[int], list[int]]]:
+    """``naming_targets`` with their places: per document, (token ids, their positions in its LLM
+    tokenization)."""
     answers_of: dict[str, set[str]] = {}
     for row in rows:
         answers_of.setdefault(row.document, set()).update(row.answers)
@@ -40,7 +52,8 @@ def naming_targets(
         )
         labels = answer_labels(text, encoded["offset_mapping"], answers, before).tolist()
         kept = nearest_to_labels(labels, num_slots) if fill else [i for i, label in enumerate(labels) if label]
-        targets[text] = [encoded["input_ids"][i] for i in kept][:num_slots]
+        kept = kept[:num_slots]
+        targets[text] = ([encoded["input_ids"][i] for i in kept], kept)
     return targets
 
 
@@ -61,3 +74,17 @@ def naming_loss(stage, contexts: torch.Tensor, targets: list[list[int]], tempera
     named = contexts[:, : labels.shape[1]]
     scores = stage.scores(named.flatten(0, 1)) / temperature
     return F.cross_entropy(scores, labels.flatten(), ignore_index=IGNORE)
+
+
+def placement_loss(pointer, hidden: torch.Tensor, mask: torch.Tensor, places: list[list[int]]) -> torch.Tensor:
+    """The pointer's salience [N, T] fitted to flag each document's named tokens (``places``), a
+    logistic regression with both classes weighted alike, as the token memory's scorer is fitted."""
+    logits = pointer.token_salience(hidden)
+    labels = torch.zeros_like(logits)
+    for row, kept in enumerate(places):
+        labels[row, [p for p in kept if p < labels.shape[1]]] = 1.0
+    counted = mask.bool() & labels.any(dim=1, keepdim=True)  # documents without targets are left out
+    if not counted.any():
+        return logits.sum() * 0.0
+    positive = labels[counted].mean().clamp(1e-3, 1 - 1e-3)
+    return F.binary_cross_entropy_with_logits(logits[counted], labels[counted], pos_weight=(1 - positive) / positive)

@@ -32,7 +32,7 @@ from mbc.errors import MBCError
 from mbc.model import MBCModel
 from mbc.network.frozen_llm import IGNORE, pad
 from mbc.training.activations import FrozenActivations
-from mbc.training.naming import naming_loss
+from mbc.training.naming import naming_loss, placement_loss
 from mbc.training.schedule import OBJECTIVES, PROBE_TOKENS, Step
 
 READING_PATH = ("amortization.", "pointer.", "question_network.", "quantizer.", "aggregator.")  # what the probe trains
@@ -56,13 +56,16 @@ class StepObjective(nn.Module):
         model: MBCModel,
         frozen: FrozenActivations | None = None,
         naming_targets: dict[str, list[int]] | None = None,
+        naming_places: dict[str, list[int]] | None = None,
     ):
         """``frozen``: what the frozen layers make of each row and text, kept (activations.py);
-        ``naming_targets``: each training document's answer tokens, for the naming steps (naming.py)."""
+        ``naming_targets``: each training document's answer tokens, for the naming steps (naming.py);
+        ``naming_places``: their positions, which train the pointer's placement (network/pointer.py)."""
         super().__init__()
         self.model = model
         self.frozen = frozen if frozen is not None and frozen.enabled else None
         self.naming_targets = naming_targets or {}
+        self.naming_places = naming_places or {}
 
     def forward(
         self, documents: list[str], questions: list[str], answers: list[str], own: list[int], step: Step = Step()
@@ -78,6 +81,10 @@ class StepObjective(nn.Module):
         if step.naming_weight > 0:
             targets = [self.naming_targets.get(document, []) for document in documents]
             naming = naming_loss(model.quantizer.stages[0], contexts, targets, step.naming_temperature)
+            if self.naming_places and model.pointer is not None and model.pointer.salience is not None:
+                states = (frozen or model).pointer_states(documents)
+                places = [self.naming_places.get(document, []) for document in documents]
+                naming = naming + placement_loss(model.pointer, states.hidden, states.mask, places)
         memory = model.codec.training_memory(contexts)
         if step.objective == "name":
             zero = naming.new_zeros(())

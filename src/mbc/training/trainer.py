@@ -39,7 +39,7 @@ from mbc.paths import writable_folder
 from mbc.settings import Field, settings
 from mbc.training.activations import FrozenActivations, FrozenStore
 from mbc.training.allocator import keep_large_allocations_on_mmap
-from mbc.training.naming import naming_targets
+from mbc.training.naming import named_tokens
 from mbc.training.objectives import StepObjective
 from mbc.training.run import RunFolder, StopRequests, refuse_other_settings
 from mbc.training.schedule import ProbeTokens, Schedule
@@ -415,9 +415,9 @@ class _Run:
                 self.train_documents
             )  # every process fits the same centroids: same documents, same seed
         frozen = FrozenActivations(model, frozen_store) if config.cache_frozen_activations else None
-        naming = None
+        naming = {}
         if config.naming_steps or config.naming_only_steps:
-            naming = naming_targets(
+            naming = named_tokens(
                 model.llm.tokenizer,
                 self.train_rows,
                 model.config.num_slots,
@@ -425,7 +425,9 @@ class _Run:
                 model.config.max_document_tokens,
                 config.naming_fill,
             )
-        objective = StepObjective(model, frozen, naming)
+        ids = {text: named[0] for text, named in naming.items()}
+        places = {text: named[1] for text, named in naming.items()}
+        objective = StepObjective(model, frozen, ids, places)
         self.objective, self.optimizer = self.accelerator.prepare(objective, self.optimizer)
         self.log = MetricsLog(self.out / "metrics.jsonl", self.accelerator)
         self.saves = RunFolder(
