@@ -19,12 +19,12 @@ from mbc.evaluation.online import EvalConfig, run_eval
 from mbc.memory.ingest import ingest
 from mbc.memory.readers import answer_from_bank, reader_for
 from mbc.model import MBCModel
+from mbc.network.pointer import TokenPointer
 from mbc.network.vocabulary import CodeWriter, VocabularyCodebook, VocabularyStage
 from mbc.prompts import ids_around_context
 from mbc.token_memory import TokenMemory, TokenMemoryConfig
-from mbc.training.adapters import AdapterRun
-from mbc.network.pointer import TokenPointer
 from mbc.training.activations import FrozenActivations
+from mbc.training.adapters import AdapterRun
 from mbc.training.naming import named_tokens, naming_targets, nearest_to_labels, placement_loss
 from mbc.training.objectives import StepObjective
 from mbc.training.schedule import Step

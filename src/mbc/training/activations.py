@@ -85,7 +85,8 @@ class FrozenActivations:
             llm = (config.llm, config.llm_quantization, model.llm.first_adapted_layer, _dtype(model.llm.model))
             self.llm = store.part("llm", *llm)
         if model.pointer is not None and config.pointer_layer <= model.llm.first_adapted_layer:
-            self.pointer = store.part("pointer", config.llm, config.llm_quantization, config.pointer_layer, _dtype(model.llm.model))
+            pointer = (config.llm, config.llm_quantization, config.pointer_layer, _dtype(model.llm.model))
+            self.pointer = store.part("pointer", *pointer)
         if amortization.splits:
             encoder = (config.document_encoder, amortization.frozen_layers, _dtype(amortization.encoder))
             self.documents = store.part("documents", *encoder)
