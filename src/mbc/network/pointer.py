@@ -96,10 +96,11 @@ class TokenPointer(nn.Module):
         return self.salience(self.key_norm(hidden.to(self.key.weight.dtype))).squeeze(-1)
 
     @staticmethod
-    def placement(salience: torch.Tensor, mask: torch.Tensor, num_slots: int) -> torch.Tensor:
+    def placement(salience: torch.Tensor, mask: torch.Tensor, num_slots: int, sharpness: float = 10.0) -> torch.Tensor:
         """[N, K, T]: log of the share of slot k's stretch [k, k+1) that token t's mass covers.
-        The masses: sigmoid(salience - the threshold between its K-th and K+1-th largest), a soft
-        top-K (the threshold held fixed), scaled to sum to K."""
+        The masses: sigmoid(sharpness * (salience - the threshold between its K-th and K+1-th
+        largest) / their spread about it), a soft top-K (threshold and spread held fixed), scaled to
+        sum to K."""
         mask = mask.to(salience.dtype)
         ranked = salience.detach().masked_fill(mask == 0, float("-inf")).sort(dim=1, descending=True).values
         count = mask.sum(dim=1, keepdim=True).long()
@@ -107,7 +108,10 @@ class TokenPointer(nn.Module):
         first_left = ranked.gather(1, count.clamp(max=num_slots).clamp(max=ranked.shape[1] - 1))
         # K tokens or fewer: all of them kept
         threshold = torch.where(count > num_slots, (last_kept + first_left) / 2, last_kept - 1.0)
-        mass = torch.sigmoid(salience - threshold) * mask
+        spread = ((salience.detach() - threshold) * mask).pow(2).sum(1, keepdim=True) / mask.sum(1, keepdim=True)
+        # sharp: a logistic fit ranks well but its logits are mild; at their own scale nearly every
+        # token would keep a tenth of a slot and blur where the salient ones lie
+        mass = torch.sigmoid(sharpness * (salience - threshold) / spread.sqrt().clamp_min(1e-6)) * mask
         mass = mass * num_slots / mass.sum(dim=1, keepdim=True).clamp_min(1e-6)
         end = mass.cumsum(dim=1)
         start = end - mass

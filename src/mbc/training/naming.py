@@ -17,16 +17,20 @@ from 24); one with more keeps the first K.
 
 With the pointer's placement (network/pointer.py) the same targets' places also train its salience
 (``placement_loss``): the tokens named are the ones that get a slot of their own, so slot k lands
-on the k-th of them.
+on the k-th of them. ``fit_placement`` starts that salience where the token memory's scorer starts:
+a logistic regression on the named places, fitted in seconds before the first step, so that from the
+first naming step slot k already looks where its target lies (trained from zero alongside the
+naming loss on SQuAD, it had not moved the naming loss after 70 steps; docs/JOURNAL.md, session 33).
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
 from mbc.network.frozen_llm import IGNORE, pad
-from mbc.training.token_memory import answer_labels
+from mbc.training.token_memory import answer_labels, fit_scorer
 
 
 def naming_targets(
@@ -88,3 +92,22 @@ def placement_loss(pointer, hidden: torch.Tensor, mask: torch.Tensor, places: li
         return logits.sum() * 0.0
     positive = labels[counted].mean().clamp(1e-3, 1 - 1e-3)
     return F.binary_cross_entropy_with_logits(logits[counted], labels[counted], pos_weight=(1 - positive) / positive)
+
+
+def fit_placement(pointer, pointer_states, places: dict[str, list[int]], batch_size: int = 16) -> None:
+    """The pointer's salience fitted to flag each training document's named tokens (``places``),
+    over the hidden states ``pointer_states(texts)`` gives (``MBCModel.pointer_states``)."""
+    texts = [text for text, kept in places.items() if kept]
+    features, labels = [], []
+    with torch.no_grad():
+        for start in tqdm(range(0, len(texts), batch_size), desc="placement", unit="batch"):
+            chunk = texts[start : start + batch_size]
+            states = pointer_states(chunk)
+            normed = pointer.key_norm(states.hidden.to(pointer.key.weight.dtype))
+            for row, text in enumerate(chunk):
+                length = int(states.mask[row].sum())
+                flags = torch.zeros(length)
+                flags[[p for p in places[text] if p < length]] = 1.0
+                features.append(normed[row, :length].float())
+                labels.append(flags)
+    fit_scorer(pointer.salience, torch.cat(features), torch.cat(labels))

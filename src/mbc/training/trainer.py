@@ -39,7 +39,7 @@ from mbc.paths import writable_folder
 from mbc.settings import Field, settings
 from mbc.training.activations import FrozenActivations, FrozenStore
 from mbc.training.allocator import keep_large_allocations_on_mmap
-from mbc.training.naming import named_tokens
+from mbc.training.naming import fit_placement, named_tokens
 from mbc.training.objectives import StepObjective
 from mbc.training.run import RunFolder, StopRequests, refuse_other_settings
 from mbc.training.schedule import ProbeTokens, Schedule
@@ -427,6 +427,8 @@ class _Run:
             )
         ids = {text: named[0] for text, named in naming.items()}
         places = {text: named[1] for text, named in naming.items()}
+        if places and model.pointer is not None and model.pointer.salience is not None and not self.progress["step"]:
+            fit_placement(model.pointer, (frozen or model).pointer_states, places)
         objective = StepObjective(model, frozen, ids, places)
         self.objective, self.optimizer = self.accelerator.prepare(objective, self.optimizer)
         self.log = MetricsLog(self.out / "metrics.jsonl", self.accelerator)
