@@ -427,7 +427,7 @@ def test_training_with_placement_fits_the_salience_before_the_first_step(tiny_pa
     assert model.pointer.salience.weight.abs().sum() > 0
 
 
-def test_placement_naming_points_each_slot_at_its_named_token(tiny_model):
+def test_placed_slots_store_the_most_salient_tokens_in_document_order(tiny_model):
     model = tiny_model(
         codebook="vocabulary",
         codebook_metric="cosine",
@@ -448,20 +448,24 @@ def test_placement_naming_points_each_slot_at_its_named_token(tiny_model):
     )
     assert objective.frozen.pointer is not None  # the pointer's hidden states kept, as the trainer does
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    step = Step(objective="probe", naming_weight=1.0, naming_temperature=0.05)
+    step = Step(objective="name", naming_weight=1.0)
     own = [texts.index(r.document) for r in rows]
-    for _ in range(150):
+    for _ in range(10):
         out = objective(texts, [r.question for r in rows], [r.answers[0] for r in rows], own, step)
         optimizer.zero_grad()
         out.loss.backward()
         optimizer.step()
-    assert model.pointer.salience.weight.abs().sum() > 0
+    assert model.pointer.salience.weight.abs().sum() > 0  # naming trains the salience (fitted: the tests above)
     model.eval()
     with torch.no_grad():
         assert torch.allclose(objective.frozen.amortize(texts), model.amortize(texts), atol=1e-5)
-    stored = model.compress(texts)[..., 0]
-    hits = [np.mean([a == b for a, b in zip(row, named[t][0])]) for row, t in zip(stored.tolist(), texts)]
-    assert np.mean(hits) >= 0.9
+        states = model.pointer_states(texts)
+        salience = model.pointer.token_salience(states.hidden).masked_fill(states.mask == 0, float("-inf"))
+    k = model.config.num_slots
+    placed = salience.topk(k, dim=1).indices.sort(dim=1).values
+    expected = states.ids.gather(1, placed)
+    stored = torch.as_tensor(model.compress(texts)[..., 0]).long()
+    assert (stored == expected).float().mean() >= 0.8  # near the threshold two tokens may share a slot
 
 
 def test_a_pointer_needs_vocabulary_codes_and_a_layer_the_llm_has(tiny_paths):

@@ -80,11 +80,14 @@ class StepObjective(nn.Module):
         naming = contexts.new_zeros(())
         if step.naming_weight > 0:
             targets = [self.naming_targets.get(document, []) for document in documents]
-            naming = naming_loss(model.quantizer.stages[0], contexts, targets, step.naming_temperature)
-            if self.naming_places and model.pointer is not None and model.pointer.salience is not None:
+            if model.pointer is not None and model.pointer.salience is not None:
+                # placed slots name what lies where they are placed: the ordered targets would shift
+                # every later slot's target at each token the salience adds or drops (JOURNAL, session 33)
                 states = (frozen or model).pointer_states(documents)
                 places = [self.naming_places.get(document, []) for document in documents]
-                naming = naming + placement_loss(model.pointer, states.hidden, states.mask, places)
+                naming = placement_loss(model.pointer, states.hidden, states.mask, places)
+            else:
+                naming = naming_loss(model.quantizer.stages[0], contexts, targets, step.naming_temperature)
         memory = model.codec.training_memory(contexts)
         if step.objective == "name":
             zero = naming.new_zeros(())
