@@ -15,12 +15,13 @@ A document with fewer answer tokens than slots leaves the remaining slots free (
 it: the token memory reads ~40 kept tokens of a generated document where it reads almost nothing
 from 24); one with more keeps the first K.
 
-With the pointer's placement (network/pointer.py) the same targets' places also train its salience
-(``placement_loss``): the tokens named are the ones that get a slot of their own, so slot k lands
-on the k-th of them. ``fit_placement`` starts that salience where the token memory's scorer starts:
-a logistic regression on the named places, fitted in seconds before the first step, so that from the
-first naming step slot k already looks where its target lies (trained from zero alongside the
-naming loss on SQuAD, it had not moved the naming loss after 70 steps; docs/JOURNAL.md, session 33).
+With the pointer's placement (network/pointer.py) the naming loss is ``placement_loss`` instead:
+the targets' places train its salience, so that the named tokens are the ones that get a slot of
+their own. The ordered cross-entropy does not fit placed slots: each token the salience adds or
+drops ahead of slot k shifts slot k's ordered target, and on SQuAD it stayed at ~11 nats over 100
+steps (docs/JOURNAL.md, session 33). ``fit_placement`` starts the salience where the token memory's
+scorer starts, a logistic regression on the named places fitted before the first step: trained from
+zero alongside the naming loss, it had not moved the naming loss after 70 steps.
 """
 
 from __future__ import annotations
