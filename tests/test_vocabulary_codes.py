@@ -219,22 +219,10 @@ def test_naming_steps_teach_the_slots_to_store_the_answer_tokens(tiny_model):
     targets = naming_targets(model.llm.tokenizer, rows, model.config.num_slots)
     texts = list(targets)
     objective = StepObjective(model, naming_targets=targets)
-    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     step = Step(objective="probe", naming_weight=1.0, naming_temperature=0.05)
-    first = None
-    for _ in range(60):
-        out = objective(
-            texts,
-            [r.question for r in rows],
-            [r.answers[0] for r in rows],
-            [texts.index(r.document) for r in rows],
-            step,
-        )
-        first = first if first is not None else float(out.naming_loss.detach())
-        optimizer.zero_grad()
-        out.loss.backward()
-        optimizer.step()
-    assert float(out.naming_loss.detach()) < first / 4
+    losses = []
+    out = _train(model, objective, rows, texts, step, 60, losses)
+    assert float(out.naming_loss.detach()) < losses[0] / 4
     stored = model.eval().compress(texts)[..., 0]
     named = [
         sum(a == b for a, b in zip(row, targets[text])) / len(targets[text])
@@ -325,14 +313,7 @@ def test_naming_teaches_a_pointer_where_to_look(tiny_model):
     targets = naming_targets(model.llm.tokenizer, rows, model.config.num_slots)
     texts = list(targets)
     objective = StepObjective(model, naming_targets=targets)
-    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    step = Step(objective="probe", naming_weight=1.0, naming_temperature=0.05)
-    own = [texts.index(r.document) for r in rows]
-    for _ in range(60):
-        out = objective(texts, [r.question for r in rows], [r.answers[0] for r in rows], own, step)
-        optimizer.zero_grad()
-        out.loss.backward()
-        optimizer.step()
+    _train(model, objective, rows, texts, Step(objective="probe", naming_weight=1.0, naming_temperature=0.05), 60)
     assert model.pointer.query.weight.grad.abs().sum() > 0
     stored = model.eval().compress(texts)[..., 0]
     named = [np.mean([a == b for a, b in zip(row, targets[t])]) for row, t in zip(stored.tolist(), texts)]
@@ -447,14 +428,7 @@ def test_placed_slots_store_the_most_salient_tokens_in_document_order(tiny_model
         {t: places for t, (_, places) in named.items()},
     )
     assert objective.frozen.pointer is not None  # the pointer's hidden states kept, as the trainer does
-    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    step = Step(objective="name", naming_weight=1.0)
-    own = [texts.index(r.document) for r in rows]
-    for _ in range(10):
-        out = objective(texts, [r.question for r in rows], [r.answers[0] for r in rows], own, step)
-        optimizer.zero_grad()
-        out.loss.backward()
-        optimizer.step()
+    _train(model, objective, rows, texts, Step(objective="name", naming_weight=1.0), 10)
     assert model.pointer.salience.weight.abs().sum() > 0  # naming trains the salience (fitted: the tests above)
     model.eval()
     with torch.no_grad():
@@ -518,3 +492,18 @@ def test_held_input_reading_trains_the_reader_alone_and_the_schedule_holds_after
     steps = [Schedule(config, total_steps=8, quantize=True).at(step, 2, False) for step in range(8)]
     assert [s.objective for s in steps] == ["name"] * 2 + ["qa"] * 6
     assert [s.hold_reading for s in steps] == [False] * 2 + [True] * 3 + [False] * 3
+
+
+def _train(model, objective, rows, texts, step, steps: int, naming_losses: list | None = None):
+    """``steps`` Adam steps of ``objective`` on ``rows`` (documents ``texts``); the last output.
+    ``naming_losses`` gets each step's naming loss."""
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    own = [texts.index(r.document) for r in rows]
+    for _ in range(steps):
+        out = objective(texts, [r.question for r in rows], [r.answers[0] for r in rows], own, step)
+        if naming_losses is not None:
+            naming_losses.append(float(out.naming_loss.detach()))
+        optimizer.zero_grad()
+        out.loss.backward()
+        optimizer.step()
+    return out
