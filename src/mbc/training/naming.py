@@ -15,13 +15,15 @@ A document with fewer answer tokens than slots leaves the remaining slots free (
 it: the token memory reads ~40 kept tokens of a generated document where it reads almost nothing
 from 24); one with more keeps the first K.
 
-With the pointer's placement (network/pointer.py) the naming loss is ``placement_loss`` instead:
+With the pointer's placement (network/pointer.py) the naming loss is ``placement_loss``:
 the targets' places train its salience, so that the named tokens are the ones that get a slot of
 their own. The ordered cross-entropy does not fit placed slots: each token the salience adds or
 drops ahead of slot k shifts slot k's ordered target, and on SQuAD it stayed at ~11 nats over 100
-steps (docs/JOURNAL.md, session 33). ``fit_placement`` starts the salience where the token memory's
-scorer starts, a logistic regression on the named places fitted before the first step: trained from
-zero alongside the naming loss, it had not moved the naming loss after 70 steps.
+steps (docs/JOURNAL.md, session 33). Each slot is named the token it is placed on instead
+(``placed_tokens``): without that, the QA loss moved generated documents' slots off their tokens.
+``fit_placement`` starts the salience where the token memory's scorer starts, a logistic
+regression on the named places fitted before the first step: trained from zero alongside the
+naming loss, it had not moved the naming loss after 70 steps.
 """
 
 from __future__ import annotations
@@ -112,3 +114,10 @@ def fit_placement(pointer, pointer_states, places: dict[str, list[int]], batch_s
                 features.append(normed[row, :length].float())
                 labels.append(flags)
     fit_scorer(pointer.salience, torch.cat(features), torch.cat(labels))
+
+
+def placed_tokens(pointer, states, num_slots: int) -> list[list[int]]:
+    """Per document, the token id each slot is placed on (the placement's peak; network/pointer.py)."""
+    with torch.no_grad():
+        prior = pointer.placement(pointer.token_salience(states.hidden), states.mask, num_slots)
+        return states.ids.gather(1, prior.argmax(-1)).tolist()

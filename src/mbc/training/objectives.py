@@ -32,7 +32,7 @@ from mbc.errors import MBCError
 from mbc.model import MBCModel
 from mbc.network.frozen_llm import IGNORE, pad
 from mbc.training.activations import FrozenActivations
-from mbc.training.naming import naming_loss, placement_loss
+from mbc.training.naming import naming_loss, placed_tokens, placement_loss
 from mbc.training.schedule import OBJECTIVES, PROBE_TOKENS, Step
 
 READING_PATH = ("amortization.", "pointer.", "question_network.", "quantizer.", "aggregator.")  # what the probe trains
@@ -86,6 +86,10 @@ class StepObjective(nn.Module):
                 states = (frozen or model).pointer_states(documents)
                 places = [self.naming_places.get(document, []) for document in documents]
                 naming = placement_loss(model.pointer, states.hidden, states.mask, places)
+                # and each slot names the token it is placed on: without it the QA loss's
+                # straight-through gradient moved the slots off them ("1963" stored as "1 9 7")
+                placed = placed_tokens(model.pointer, states, model.config.num_slots)
+                naming = naming + naming_loss(model.quantizer.stages[0], contexts, placed, step.naming_temperature)
             else:
                 naming = naming_loss(model.quantizer.stages[0], contexts, targets, step.naming_temperature)
         memory = model.codec.training_memory(contexts)
