@@ -33,7 +33,7 @@ from mbc.training.naming import (
     placed_tokens,
     placement_loss,
 )
-from mbc.training.objectives import StepObjective
+from mbc.training.objectives import StepObjective, amortize_some_with_grad
 from mbc.training.schedule import Step
 from mbc.training.token_memory import train_token_memory
 from mbc.training.vocabulary_codes import kept_inputs, train_codes, written_share
@@ -451,6 +451,26 @@ def test_placed_slots_store_the_most_salient_tokens_in_document_order(tiny_model
     assert (stored == placed).float().mean() >= 0.5
     most_salient = salience.topk(model.config.num_slots, dim=1).indices.sort(dim=1).values
     assert (placed == states.ids.gather(1, most_salient)).float().mean() >= 0.5
+
+
+def test_a_step_makes_the_pointer_states_once_and_splits_them_with_the_documents(tiny_model):
+    model = tiny_model(
+        codebook="vocabulary", codebook_metric="cosine", code_pointer=True, pointer_layer=1, pointer_placement=True
+    ).eval()
+    rows = generate_examples(6, seed=5)
+    named = named_tokens(model.llm.tokenizer, rows, model.config.num_slots, fill=True)
+    texts = list(named)
+    made = []
+    make_states = model.pointer_states
+    model.pointer_states = lambda documents, lower=None: made.append(len(documents)) or make_states(documents, lower)
+    objective = StepObjective(
+        model, None, {t: ids for t, (ids, _) in named.items()}, {t: places for t, (_, places) in named.items()}
+    )
+    step = Step(objective="name", naming_weight=1.0, backprop_keep=0.34)  # 2 documents with gradients, 4 without
+    objective(texts, [r.question for r in rows], [r.answers[0] for r in rows], [0] * len(rows), step)
+    assert made == [len(texts)]  # once for the pointer and the placement's naming, not once for each
+    split = amortize_some_with_grad(model.amortize, texts, 0.34, make_states(texts))
+    assert torch.allclose(split, model.amortize(texts), atol=1e-5)
 
 
 def test_a_pointer_needs_vocabulary_codes_and_a_layer_the_llm_has(tiny_paths):

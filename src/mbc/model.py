@@ -53,6 +53,10 @@ class PointerStates(NamedTuple):
     mask: torch.Tensor
     hidden: torch.Tensor
 
+    def rows(self, rows: list[int]) -> "PointerStates":
+        """The states of these documents of the batch."""
+        return PointerStates(self.ids[rows], self.mask[rows], self.hidden[rows])
+
 
 @dataclass
 class MBCOutput:
@@ -201,10 +205,13 @@ class MBCModel(nn.Module):
     def question_tokens(self, questions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         return self._encode_text(self.question_tokenizer, questions, self.config.max_question_tokens)
 
-    def amortize(self, documents: list[str]) -> torch.Tensor:
-        """Documents -> context vectors [N, K, dim] (before quantization)."""
+    def amortize(self, documents: list[str], states: PointerStates | None = None) -> torch.Tensor:
+        """Documents -> context vectors [N, K, dim] (before quantization); ``states``: their
+        ``pointer_states``, where the caller already has them."""
         slots = self.amortization(*self.document_tokens(documents))
-        return self.point(slots, self.pointer_states(documents) if self.pointer is not None else None)
+        if self.pointer is not None and states is None:
+            states = self.pointer_states(documents)
+        return self.point(slots, states)
 
     def pointer_states(self, documents: list[str], lower=None) -> PointerStates:
         """What the pointer points at: each document's LLM token ids and mask [N, T] (right-padded)

@@ -80,7 +80,7 @@ class TokenPointer(nn.Module):
 
     def attention(self, slots: torch.Tensor, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """[N, K, T]: where each slot points, a distribution over the document's tokens."""
-        normed = self.key_norm(hidden.to(self.key.weight.dtype))
+        normed = self.normed(hidden)
         keys = self.key(normed)
         queries = self.query(slots)
         if self.token_places is not None:
@@ -88,12 +88,17 @@ class TokenPointer(nn.Module):
             queries = queries + self.slot_places.weight[: queries.shape[1]]
         scores = queries @ keys.transpose(1, 2) / self.key.out_features**0.5
         if self.salience is not None:
-            scores = scores + self.placement(self.salience(normed).squeeze(-1), mask, slots.shape[1])
+            scores = scores + self.placement(self.token_salience(hidden, normed), mask, slots.shape[1])
         return F.softmax(scores.masked_fill(~mask.bool()[:, None, :], float("-inf")), dim=-1)
 
-    def token_salience(self, hidden: torch.Tensor) -> torch.Tensor:
-        """[N, T] logits: how much each token deserves a slot of its own (with ``placement``)."""
-        return self.salience(self.key_norm(hidden.to(self.key.weight.dtype))).squeeze(-1)
+    def normed(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The hidden states as the key and the salience read them."""
+        return self.key_norm(hidden.to(self.key.weight.dtype))
+
+    def token_salience(self, hidden: torch.Tensor, normed: torch.Tensor | None = None) -> torch.Tensor:
+        """[N, T] logits: how much each token deserves a slot of its own (with ``placement``);
+        ``normed``: ``self.normed(hidden)``, where already made."""
+        return self.salience(self.normed(hidden) if normed is None else normed).squeeze(-1)
 
     @staticmethod
     def placement(salience: torch.Tensor, mask: torch.Tensor, num_slots: int, sharpness: float = 10.0) -> torch.Tensor:

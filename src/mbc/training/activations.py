@@ -112,7 +112,7 @@ class FrozenActivations:
         lower = self.llm.padded(_token_keys(ids, mask), ids.device, llm.lower_hidden)
         return llm.qa_loss_from_lower(lower, mask, labels, prefix)
 
-    def amortize(self, documents: list[str]) -> torch.Tensor:
+    def amortize(self, documents: list[str], states=None) -> torch.Tensor:
         """``model.amortize``, running only the encoder's trained layers (and the pointer's LLM layers
         once a document)."""
         model = self.model
@@ -120,7 +120,9 @@ class FrozenActivations:
             slots = model.amortization(*model.document_tokens(documents))
         else:
             slots = _from_lower(model.amortization, self.documents, model.document_tokens(documents))
-        return model.point(slots, self.pointer_states(documents) if model.pointer is not None else None)
+        if model.pointer is not None and states is None:
+            states = self.pointer_states(documents)
+        return model.point(slots, states)
 
     def pointer_states(self, documents: list[str]):
         """``model.pointer_states``, its hidden states kept."""

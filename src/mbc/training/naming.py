@@ -87,9 +87,7 @@ def placement_loss(pointer, hidden: torch.Tensor, mask: torch.Tensor, places: li
     """The pointer's salience [N, T] fitted to flag each document's named tokens (``places``), a
     logistic regression with both classes weighted alike, as the token memory's scorer is fitted."""
     logits = pointer.token_salience(hidden)
-    labels = torch.zeros_like(logits)
-    for row, kept in enumerate(places):
-        labels[row, [p for p in kept if p < labels.shape[1]]] = 1.0
+    labels = torch.stack([place_flags(kept, logits.shape[1]) for kept in places]).to(logits)
     counted = mask.bool() & labels.any(dim=1, keepdim=True)  # documents without targets are left out
     if not counted.any():
         return logits.sum() * 0.0
@@ -106,14 +104,19 @@ def fit_placement(pointer, pointer_states, places: dict[str, list[int]], batch_s
         for start in tqdm(range(0, len(texts), batch_size), desc="placement", unit="batch"):
             chunk = texts[start : start + batch_size]
             states = pointer_states(chunk)
-            normed = pointer.key_norm(states.hidden.to(pointer.key.weight.dtype))
+            normed = pointer.normed(states.hidden)
             for row, text in enumerate(chunk):
                 length = int(states.mask[row].sum())
-                flags = torch.zeros(length)
-                flags[[p for p in places[text] if p < length]] = 1.0
                 features.append(normed[row, :length].float())
-                labels.append(flags)
+                labels.append(place_flags(places[text], length))
     fit_scorer(pointer.salience, torch.cat(features), torch.cat(labels))
+
+
+def place_flags(places: list[int], length: int) -> torch.Tensor:
+    """[length]: 1 at each named token's position, 0 elsewhere (positions past ``length`` dropped)."""
+    flags = torch.zeros(length)
+    flags[[p for p in places if p < length]] = 1.0
+    return flags
 
 
 def placed_tokens(pointer, states, num_slots: int) -> list[list[int]]:

@@ -76,14 +76,16 @@ class StepObjective(nn.Module):
             raise MBCError(f"objective must be one of {OBJECTIVES}, got {step.objective!r}")
         model = self.model
         frozen = self.frozen
-        contexts = amortize_some_with_grad(frozen.amortize if frozen else model.amortize, documents, step.backprop_keep)
+        # made once a step: the pointer reads them and, with placement, the naming loss too
+        states = (frozen or model).pointer_states(documents) if model.pointer is not None else None
+        amortize = frozen.amortize if frozen else model.amortize
+        contexts = amortize_some_with_grad(amortize, documents, step.backprop_keep, states)
         naming = contexts.new_zeros(())
         if step.naming_weight > 0:
             targets = [self.naming_targets.get(document, []) for document in documents]
             if model.pointer is not None and model.pointer.salience is not None:
                 # placed slots name what lies where they are placed: the ordered targets would shift
                 # every later slot's target at each token the salience adds or drops (JOURNAL, session 33)
-                states = (frozen or model).pointer_states(documents)
                 places = [self.naming_places.get(document, []) for document in documents]
                 naming = placement_loss(model.pointer, states.hidden, states.mask, places)
                 # and each slot names the token it is placed on: without it the QA loss's
@@ -169,16 +171,21 @@ def _cuda_devices(model: MBCModel) -> list[int]:
     return [model.device.index or 0] if model.device.type == "cuda" else []
 
 
-def amortize_some_with_grad(amortize, documents: list[str], keep: float) -> torch.Tensor:
+def amortize_some_with_grad(amortize, documents: list[str], keep: float, states=None) -> torch.Tensor:
     """The reference's backprop dropout: only ``keep`` of the documents are amortized (by
-    ``amortize``, e.g. ``model.amortize``) with gradients, the rest under no_grad, to save memory."""
+    ``amortize``, e.g. ``model.amortize``) with gradients, the rest under no_grad, to save memory.
+    ``states``: the documents' ``pointer_states``, where already made."""
     keep_count = max(1, round(keep * len(documents)))
     if keep_count >= len(documents) or not torch.is_grad_enabled():
-        return amortize(documents)
+        return amortize(documents, states)
+
+    def amortize_rows(rows: list[int]) -> torch.Tensor:
+        return amortize([documents[i] for i in rows], None if states is None else states.rows(rows))
+
     order = torch.randperm(len(documents))
-    with_grad = amortize([documents[i] for i in order[:keep_count].tolist()])
+    with_grad = amortize_rows(order[:keep_count].tolist())
     with torch.no_grad():
-        without_grad = amortize([documents[i] for i in order[keep_count:].tolist()])
+        without_grad = amortize_rows(order[keep_count:].tolist())
     return torch.cat([with_grad, without_grad])[torch.argsort(order)]  # back in the documents' order
 
 
