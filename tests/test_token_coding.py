@@ -39,6 +39,13 @@ def test_the_best_that_fit_fill_the_budget_and_skip_a_long_code_for_shorter_ones
     assert len(chosen) > 64 // 16  # more tokens than 16 bits a token would hold
 
 
+def test_the_longest_head_that_fits_keeps_the_order_and_stops_at_the_first_id_past_the_budget(coder):
+    ids = [0, 1, 999, 2, 3] * 10
+    head = coder.longest_head(ids, 8)
+    assert head == ids[: len(head)] and coder.bits(head) <= 64 < coder.bits(ids[: len(head) + 1])
+    assert coder.longest_head(ids[:3], 100) == ids[:3] and coder.longest_head([], 1) == []
+
+
 def test_entries_that_do_not_fit_or_lack_their_end_are_refused_in_one_line(coder):
     with pytest.raises(MBCError, match="more than the entry's 2 bytes"):
         coder.encode([999] * 10, 2)

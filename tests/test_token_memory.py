@@ -336,7 +336,7 @@ def test_a_coded_entry_holds_the_best_scored_tokens_that_fit_its_bytes_in_docume
     assert entries.shape == (2, 10, 1) and BankLayout.of(coded_memory).entry_bytes == 10
     kept, short = coded_memory.codec.decode(entries)
     assert coded_memory.texts(entries)[1] == "Tam 42."  # a short document whole
-    coder = coded_memory.coder()
+    coder = coded_memory.prefix_code.coder()
     assert coder.bits(kept) <= 80 and len(kept) > 80 // 16
     ids, _, features = coded_memory.token_features([text])[0]
     scores = coded_memory.scorer(features).squeeze(1)
@@ -372,7 +372,7 @@ def test_an_unfitted_code_and_coded_written_codes_are_refused_in_one_line(coded_
 
 
 def test_a_coded_bank_read_before_and_after_it_grows_by_documents_of_other_lengths(coded_memory, rows):
-    coder = coded_memory.coder()
+    coder = coded_memory.prefix_code.coder()
     tokenizer = coded_memory.llm.tokenizer
     by_length = np.argsort(coder.lengths[: coder.end], kind="stable")
     short = next(int(t) for t in by_length if tokenizer.decode([int(t)]).strip())

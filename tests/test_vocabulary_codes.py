@@ -395,7 +395,7 @@ def test_fit_placement_starts_the_salience_on_the_named_places():
     assert placed_tokens(pointer, PointerStates(ids, mask, hidden), 3) == [[2, 3, 7], [12, 17, 23]]
 
 
-def test_training_with_placement_fits_the_salience_before_the_first_step(tiny_paths, tmp_path):
+def test_training_with_placement_fits_the_salience_and_the_prefix_code_before_the_first_step(tiny_paths, tmp_path):
     from mbc.training.trainer import TrainConfig, train
 
     config = tiny_config(
@@ -406,6 +406,7 @@ def test_training_with_placement_fits_the_salience_before_the_first_step(tiny_pa
         code_pointer=True,
         pointer_layer=1,
         pointer_placement=True,
+        code_entry_bytes=6,
         **KEYS,
     )
     rows = generate_examples(4, seed=1)
@@ -415,6 +416,7 @@ def test_training_with_placement_fits_the_salience_before_the_first_step(tiny_pa
     )
     model = MBCModel.from_pretrained(tmp_path / "last")
     assert model.pointer.salience.weight.abs().sum() > 0
+    assert model.prefix_code.fitted and model.compress(DOCUMENTS).shape == (3, 6, 1)  # saved with the adapter
 
 
 def test_placed_slots_store_the_most_salient_tokens_in_document_order(tiny_model):
@@ -500,6 +502,38 @@ def test_lexical_weight_finds_the_document_whose_stored_tokens_share_the_questio
     tokens = torch.full_like(kept[:, subspaces:], other)
     tokens[1] = torch.tensor(asked[: tokens.shape[1]])
     assert model.top_documents([question], torch.cat([kept[:, :subspaces], tokens], 1)).tolist() == [[1]]
+
+
+def test_prefix_coded_codes_store_the_longest_head_that_fits_and_are_read_as_those_tokens(tiny_model, tmp_path):
+    with pytest.raises(MBCError, match="code_reading=input"):
+        MBCConfig(codebook="vocabulary", code_entry_bytes=8)
+    budget = 3  # 24 bits: fewer than the 4 codes of this tiny model's random slots
+    model = tiny_model(
+        codebook="vocabulary", code_reading="input", code_entry_bytes=budget, lexical_weight=1.0, **KEYS
+    ).eval()
+    model.retrieval_keys.fit(DOCUMENTS + MORE_DOCUMENTS)
+    with pytest.raises(MBCError, match="not fitted"):
+        model.compress(DOCUMENTS)
+    model.fit_code(DOCUMENTS + MORE_DOCUMENTS)
+    entries = model.compress(DOCUMENTS)
+    assert entries.shape == (3, budget, 1) and entries.dtype == np.uint8
+    assert model.bytes_per_document()["mbc"] == budget == BankLayout.of(model).entry_bytes
+    codebook = model.codec.codebook
+    uncoded = codebook.token_ids(codebook.encode(model.amortize(DOCUMENTS)))
+    stored = model.codec.token_ids(entries)
+    assert stored == [model.prefix_code.coder().longest_head(row, budget) for row in uncoded]
+    assert any(len(row) < model.config.num_slots for row in stored)
+    bank = MemoryBank.open(tmp_path / "bank.sqlite", BankLayout.of(model))
+    ids = ingest(model, bank, DOCUMENTS).ids
+    kept = model.stored_keys(bank, ids)[:, model.config.retrieval_subspaces :]
+    assert [[t for t in row if t >= 0] for row in kept.tolist()] == stored  # the lexical index, padded
+    prompts, read = model.code_prompts(reader_for(model, bank), QUESTIONS)
+    before, _ = ids_around_context(model.llm.tokenizer, QUESTIONS[0])
+    for prompt, document in zip(prompts, read):
+        own = stored[ids.index(document[0])]
+        assert prompt[len(before) : len(before) + len(own)] == own
+    with pytest.raises(MBCError, match="read as tokens"):
+        model.memory(entries)
 
 
 def test_held_input_reading_trains_the_reader_alone_and_the_schedule_holds_after_naming(tiny_model):

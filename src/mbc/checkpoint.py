@@ -172,6 +172,7 @@ RENAMED = (
     ("base.retrieval_keys.", "retrieval_keys.quantizer."),
     ("llm.", "llm.model."),
     ("retrieval_keys.", "retrieval_keys.quantizer."),
+    ("code_lengths", "prefix_code.lengths"),  # a token memory's prefix code, before MBC shared it
 )
 
 

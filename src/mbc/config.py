@@ -58,6 +58,10 @@ class MBCConfig:
     pointer_layer: Annotated[int, Field(ge=0, le=1024)] = 20
     pointer_positions: bool = False  # the pointer's keys and queries also learn places (network/pointer.py)
     pointer_placement: bool = False  # slots laid along the document by a learned salience (network/pointer.py)
+    # Vocabulary codes read as tokens: store each document's K token ids in this many bytes under a
+    # prefix code fitted on the training documents (network/token_coding.py, the token memory's
+    # entry_bytes: ~11 bits a token instead of 16), the longest head of them that fits. None: 16 bits each.
+    code_entry_bytes: Annotated[int | None, Field(ge=1, le=65536)] = None
     codebook_size: Annotated[int, Field(ge=2, le=65536)] = 512
     codebook_stages: Annotated[int, Field(ge=1, le=16)] = (
         1  # > 1: residual quantization, one index per stage per vector
@@ -115,6 +119,11 @@ class MBCConfig:
             raise MBCError(
                 "code_reading 'input' puts one document's token ids before the question: it needs "
                 "codebook=vocabulary, codebook_stages=1 and retrieval_top_k=1"
+            )
+        if self.code_entry_bytes is not None and self.code_reading != "input":
+            raise MBCError(
+                "code_entry_bytes stores vocabulary codes as a prefix code read as tokens: it needs "
+                "code_reading=input (and so codebook=vocabulary)"
             )
         if self.lexical_weight and (self.codebook != "vocabulary" or not self.retrieval_top_k):
             raise MBCError(

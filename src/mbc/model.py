@@ -37,7 +37,7 @@ from mbc.network.aggregation import Aggregator
 from mbc.network.amortization import AmortizationNetwork, SlotNorm
 from mbc.network.backbones import Backbone
 from mbc.network.codebook import ResidualQuantizer, fingerprint
-from mbc.network.codecs import CodebookCodec, FloatCodec
+from mbc.network.codecs import CodebookCodec, CodedVocabularyCodec, FloatCodec, PrefixCode
 from mbc.network.decoding import DecodingConfig
 from mbc.network.frozen_llm import IGNORE, FrozenLLM, lower_hidden, pad  # noqa: F401 (IGNORE, pad: what training imports from here)
 from mbc.network.lexical import bm25, combined
@@ -132,6 +132,10 @@ class MBCModel(nn.Module):
                 update=config.codebook_update,
             )
             self.codec = CodebookCodec(self.quantizer, self.quantizer.num_codes, config.codebook_stages)
+        self.prefix_code = None
+        if config.code_entry_bytes is not None:  # fitted on the training documents (fit_code)
+            self.prefix_code = PrefixCode(len(llm.tokenizer))
+            self.codec = CodedVocabularyCodec(self.codec, self.prefix_code, config.code_entry_bytes)
         self.pointer = None
         if config.code_pointer:
             if config.pointer_layer > self.llm.layout.num_layers:
@@ -344,9 +348,19 @@ class MBCModel(nn.Module):
         memory's worked-example prompt (prompts.py), which teaches the untrained LLM the answer
         format; and the bank ids read."""
         read = reader.top_ids(questions)
-        codes = np.asarray(reader.bank.entries([ids[0] for ids in read]))[..., 0].tolist()
+        codes = self.codec.token_ids(reader.bank.entries([ids[0] for ids in read]))
         around = [ids_around_context(self.llm.tokenizer, q) for q in questions]
         return [before + c + after for c, (before, after) in zip(codes, around)], read
+
+    def fit_code(self, documents: list[str]) -> None:
+        """The prefix code of ``code_entry_bytes`` (network/codecs.py), fitted on these training
+        documents' LLM token ids, as the token memory's."""
+        self.prefix_code.fit(self.llm_token_ids(documents))
+
+    def llm_token_ids(self, documents: list[str]) -> list[list[int]]:
+        """Each document's LLM token ids, as the pointer reads them (cut at ``max_document_tokens``)."""
+        ids, mask = self._encode_text(self.llm.tokenizer, documents, self.config.max_document_tokens)
+        return [row[: int(n)] for row, n in zip(ids.tolist(), mask.sum(1).tolist())]
 
     @torch.no_grad()
     def fit_codebook(self, documents: list[str], batch_size: int = 64) -> None:
@@ -368,7 +382,11 @@ class MBCModel(nn.Module):
         keys = torch.as_tensor(bank.retrieval_keys(ids)).long()
         if not self.config.lexical_weight:
             return keys
-        tokens = torch.as_tensor(np.asarray(bank.entries(ids))[..., 0].astype(np.int64)).reshape(len(ids), -1)
+        stored = self.codec.token_ids(bank.entries(ids))
+        # one width for every entry (a reader adds the keys of new documents to those it holds)
+        tokens = torch.full((len(ids), self.config.num_slots), -1, dtype=torch.long)
+        for row, codes in enumerate(stored):
+            tokens[row, : len(codes)] = torch.as_tensor(codes, dtype=torch.long)
         return torch.cat([keys, tokens], dim=1)
 
     @torch.no_grad()
@@ -442,8 +460,9 @@ class MBCModel(nn.Module):
             codes, learned = self.quantizer.num_codes, self.quantizer.learned_codes()
         else:
             learned = stages * codes
+        stored = packed_size(k * stages, codes) if self.prefix_code is None else self.config.code_entry_bytes
         return {
-            "mbc": packed_size(k * stages, codes),
+            "mbc": stored,
             "mac": k * dim * 4,
             "codebook_total": learned * dim * 4,
             "retrieval_key": self.retrieval_keys.bytes_per_document() if self.retrieval_keys is not None else 0,
@@ -458,7 +477,7 @@ class MBCModel(nn.Module):
             name: tensor.detach().cpu().contiguous().clone()
             for name, tensor in self.state_dict().items()
             if name in trainable
-            or name.startswith(("quantizer.", "modulation_norm.", "retrieval_keys.quantizer."))
+            or name.startswith(("quantizer.", "modulation_norm.", "retrieval_keys.quantizer.", "prefix_code."))
             or ".slot_norm." in name
         }
 
@@ -466,7 +485,7 @@ class MBCModel(nn.Module):
         """Hash of everything that fixes what a stored index means: the codebooks, the slot
         normalisation statistics the indices were computed under and the retrieval keys'
         centroids. None in MAC mode."""
-        return self.bank_fingerprint() if self.codec.mode == "mbc" else None
+        return self.bank_fingerprint() if self.codec.mode != "mac" else None
 
     def bank_layout(self) -> BankLayout:
         """What this model's bank entries are: its codec's mode, K x stages, and its retrieval keys."""
@@ -474,9 +493,9 @@ class MBCModel(nn.Module):
         keys = (config.retrieval_subspaces, config.retrieval_codes) if config.retrieval_top_k else (0, 0)
         return BankLayout(
             self.codec.mode,
-            config.num_slots,
+            config.num_slots if self.prefix_code is None else config.code_entry_bytes,
             config.codebook_stages,
-            self.codec.codebook_size if self.codec.mode == "mbc" else config.codebook_size,
+            config.codebook_size if self.codec.mode == "mac" else self.codec.codebook_size,
             self.llm.layout.hidden_size,
             self.bank_fingerprint(),
             *keys,

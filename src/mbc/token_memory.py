@@ -38,12 +38,12 @@ from mbc.bank.packing import packed_size
 from mbc.config import MBCConfig
 from mbc.errors import MBCError, check_texts
 from mbc.network.codebook import fingerprint
+from mbc.network.codecs import CodedTokenCodec, PrefixCode, TokenCodec
 from mbc.network.decoding import DecodingConfig
 from mbc.network.frozen_llm import FrozenLLM, lower_hidden, pad
 from mbc.network.lexical import bm25, combined, standardised
 from mbc.network.lora import lora_disabled
 from mbc.network.retrieval import RetrievalKeys
-from mbc.network.token_coding import TokenCoder
 from mbc.network.vocabulary import CodeWriter, VocabularyCodebook
 from mbc.settings import Field, from_dict, settings
 
@@ -110,55 +110,6 @@ class TokenMemoryConfig:
         return from_dict(cls, values, "token memory config")
 
 
-class TokenCodec:
-    """Kept token ids <-> bank entries [K, 1] (one "stage"), padded with ``pad`` past the vocabulary."""
-
-    mode = "tokens"
-
-    def __init__(self, vocabulary: int, keep: int):
-        self.pad, self.keep = vocabulary, keep
-        self.codebook_size = vocabulary + 1  # the pad index too: still 16 bits for SmolLM2's 49,152
-
-    @property
-    def most_tokens(self) -> int:
-        return self.keep
-
-    def encode(self, kept: list[list[int]]) -> np.ndarray:
-        entries = np.full((len(kept), self.keep, 1), self.pad, dtype=np.uint32)
-        for row, ids in enumerate(kept):
-            entries[row, : len(ids), 0] = ids
-        return entries
-
-    def decode(self, entries: np.ndarray) -> list[list[int]]:
-        return [[int(i) for i in entry[:, 0] if i != self.pad] for entry in np.asarray(entries)]
-
-
-class CodedTokenCodec:
-    """Kept token ids <-> bank entries [budget, 1] of bytes: the ids under the memory's prefix code
-    (network/token_coding.py), closed by its END symbol and padded with zero bits."""
-
-    mode = "coded_tokens"
-    codebook_size = 256  # an entry's "codes" are its bytes
-
-    def __init__(self, coder, budget: int, vocabulary: int):
-        # ``coder``: gives the memory's current TokenCoder (fitted with the scorer, or loaded)
-        self.coder, self.keep, self.pad = coder, budget, vocabulary
-
-    @property
-    def most_tokens(self) -> int:
-        """The most ids an entry can hold, so that every entry's ids fit one width however many a document kept."""
-        return self.coder().most_ids(self.keep)
-
-    def encode(self, kept: list[list[int]]) -> np.ndarray:
-        coder = self.coder()
-        rows = [np.frombuffer(coder.encode(ids, self.keep), dtype=np.uint8) for ids in kept]
-        return np.stack(rows)[:, :, None] if rows else np.zeros((0, self.keep, 1), dtype=np.uint8)
-
-    def decode(self, entries: np.ndarray) -> list[list[int]]:
-        coder = self.coder()
-        return [coder.decode(np.asarray(entry[:, 0], dtype=np.uint8).tobytes()) for entry in np.asarray(entries)]
-
-
 class TokenMemory(nn.Module):
     """The scorer (and with written codes the writer) over a frozen LLM, whose KV-LoRA is trained
     or read only by a trained reader, and the retrieval keys that choose what a question reads."""
@@ -172,10 +123,10 @@ class TokenMemory(nn.Module):
         self.trained_on: str | None = None  # what training read, kept in its checkpoints (describe_training)
         self.scorer = nn.Linear(2 * layout.hidden_size, 1)
         self.codec = TokenCodec(len(llm.tokenizer), config.keep)
-        if config.entry_bytes is not None:
-            # The prefix code's lengths (token_coding.py), fitted with the scorer (``fit_code``).
-            self.register_buffer("code_lengths", torch.zeros(len(llm.tokenizer) + 1, dtype=torch.uint8))
-            self.codec = CodedTokenCodec(self.coder, config.entry_bytes, len(llm.tokenizer))
+        self.prefix_code = None
+        if config.entry_bytes is not None:  # fitted with the scorer (``fit_code``)
+            self.prefix_code = PrefixCode(len(llm.tokenizer))
+            self.codec = CodedTokenCodec(self.prefix_code, config.entry_bytes)
         self.writer = self.codebook = None
         if config.codes == "written":
             self.writer = CodeWriter(2 * layout.hidden_size, layout.hidden_size)
@@ -194,23 +145,13 @@ class TokenMemory(nn.Module):
         """The same memory keeping ``keep`` tokens per document (scorer and retrieval keys shared)."""
         other = TokenMemory(replace(self.config, keep=keep), self.llm, self.retrieval_keys)
         other.scorer, other.writer = self.scorer, self.writer
-        if self.config.entry_bytes is not None:
-            other.code_lengths.copy_(self.code_lengths)
+        if self.prefix_code is not None:
+            other.prefix_code.lengths.copy_(self.prefix_code.lengths)
         return other.eval()
 
     def fit_code(self, documents: list[list[int]]) -> None:
         """The prefix code of ``entry_bytes`` memories, fitted on training documents' token ids."""
-        self.code_lengths.copy_(torch.as_tensor(TokenCoder.fit(documents, len(self.llm.tokenizer)).lengths))
-
-    def coder(self) -> TokenCoder:
-        """The prefix code of the stored entries, rebuilt only when its lengths change (a load)."""
-        lengths = self.code_lengths.numpy().astype(np.int64)
-        cached = self.__dict__.get("_coder")
-        if cached is None or not np.array_equal(cached.lengths, lengths):
-            if not lengths.all():
-                raise MBCError("this token memory's prefix code is not fitted: fit it on training documents (fit_code)")
-            cached = self.__dict__["_coder"] = TokenCoder(lengths)
-        return cached
+        self.prefix_code.fit(documents)
 
     @property
     def document_tokenizer(self):
@@ -294,7 +235,7 @@ class TokenMemory(nn.Module):
         """Of one text's token ids and their ``token_features``, where the ``keep`` best-scored are, in order."""
         if self.config.entry_bytes is not None:
             ranked = self.scorer(features.to(self.scorer.weight.dtype)).squeeze(1).argsort(descending=True).tolist()
-            chosen = self.coder().most_that_fit([ids[i] for i in ranked], self.config.entry_bytes)
+            chosen = self.prefix_code.coder().most_that_fit([ids[i] for i in ranked], self.config.entry_bytes)
             return sorted(ranked[j] for j in chosen)
         if len(ids) <= self.config.keep:
             return list(range(len(ids)))
@@ -394,7 +335,7 @@ class TokenMemory(nn.Module):
         """What a stored entry's meaning depends on: the scorer that chose the tokens (the tokenizer
         is fixed by the base LLM the config names) and the retrieval keys' centroids."""
         writer = [] if self.writer is None else list(self.writer.state_dict().values())
-        code = [self.code_lengths.float()] if self.config.entry_bytes is not None else []
+        code = [self.prefix_code.lengths.float()] if self.prefix_code is not None else []
         return fingerprint([self.scorer.weight, self.scorer.bias, *writer, *code, self.retrieval_keys.centroids])
 
     codebook_fingerprint = bank_fingerprint  # what checkpoint.py records and checks
@@ -405,7 +346,7 @@ class TokenMemory(nn.Module):
         if self.config.trained_reader:  # the base LLM's KV-LoRA, trained to read kept tokens
             reader = {f"llm.{k}": v.detach().cpu().clone() for k, v in self.llm.state_dict().items() if ".lora_" in k}
         writer = {} if self.writer is None else {f"writer.{k}": v for k, v in self.writer.state_dict().items()}
-        code = {"code_lengths": self.code_lengths.clone()} if self.config.entry_bytes is not None else {}
+        code = {"prefix_code.lengths": self.prefix_code.lengths.clone()} if self.prefix_code is not None else {}
         scorer = {f"scorer.{k}": v for k, v in self.scorer.state_dict().items()}
         return {**scorer, **writer, **code, **keys, **reader}
 

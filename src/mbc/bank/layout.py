@@ -15,7 +15,9 @@ from mbc.errors import MBCError
 class BankLayout:
     """What a stored entry is: MBC indices [K, stages] from ``codebook_size`` codes, or MAC vectors [K, dim]."""
 
-    mode: str  # "mbc", "mac", "tokens" (token_memory.py: LLM token ids) or "coded_tokens" (their prefix code's bytes)
+    # "mbc", "mac", "tokens" (token_memory.py: LLM token ids), "coded_tokens" (their prefix code's bytes)
+    # or "coded_mbc" (MBC's vocabulary codes under a prefix code: network/codecs.py)
+    mode: str
     num_slots: int
     stages: int
     codebook_size: int
@@ -32,8 +34,8 @@ class BankLayout:
     @property
     def format(self) -> CodeFormat | FloatFormat:
         """How an entry is laid out in bytes (formats.py)."""
-        # tokens: LLM token ids, bit-packed as code indices are; coded tokens: bytes, 8-bit "codes"
-        if self.mode in ("mbc", "tokens", "coded_tokens"):
+        # tokens: LLM token ids, bit-packed as code indices are; coded: bytes, 8-bit "codes"
+        if self.mode in ("mbc", "tokens", "coded_tokens", "coded_mbc"):
             return CodeFormat(self.num_slots, self.stages, self.codebook_size)
         return FloatFormat(self.num_slots, self.dim)
 

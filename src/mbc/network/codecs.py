@@ -9,6 +9,10 @@ A codec turns a document's K context vectors into its bank entry and back:
 - ``FloatCodec`` (MAC): the vectors themselves, float32. What they mean is fixed by the whole
   amortization network that made them.
 
+- ``TokenCodec`` and ``CodedTokenCodec`` (token_memory.py, and MBC's vocabulary codes): token ids,
+  16 bits each, or under a prefix code fitted on training documents (token_coding.py) in a fixed
+  number of bytes. ``CodedVocabularyCodec`` stores MBC's vocabulary codes the second way.
+
 The model holds one codec (``MBCModel.codec``) and the bank one entry format (bank/formats.py, from
 the bank's stored layout), so neither asks "MBC or MAC?" again. Codecs need torch and the model;
 the formats need neither.
@@ -20,9 +24,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from torch import nn
 
 from mbc.bank.packing import index_dtype
 from mbc.errors import MBCError
+from mbc.network.token_coding import TokenCoder
 
 
 @dataclass
@@ -58,6 +64,10 @@ class CodebookCodec:
             )
         return self.quantizer.decode(entries.long())
 
+    def token_ids(self, entries: np.ndarray) -> list[list[int]]:
+        """Vocabulary codes (network/vocabulary.py): each entry's first-stage indices, which are token ids."""
+        return np.asarray(entries)[..., 0].tolist()
+
     def meaning(self, model) -> list[torch.Tensor]:
         """The tensors a stored index's meaning depends on: the codebooks and the slot
         normalisation statistics the indices were computed under."""
@@ -88,3 +98,113 @@ class FloatCodec:
 
     def fraction_alive(self) -> float:
         return 1.0
+
+
+class PrefixCode(nn.Module):
+    """The code lengths of a prefix code over the LLM's tokens (token_coding.py), a buffer saved
+    with the model that uses it, and the ``TokenCoder`` they define."""
+
+    def __init__(self, vocabulary: int):
+        super().__init__()
+        self.register_buffer("lengths", torch.zeros(vocabulary + 1, dtype=torch.uint8))  # + END
+
+    def fit(self, documents: list[list[int]]) -> None:
+        """The code for the token frequencies of these documents' ids (training documents)."""
+        self.lengths.copy_(torch.as_tensor(TokenCoder.fit(documents, len(self.lengths) - 1).lengths))
+
+    @property
+    def fitted(self) -> bool:
+        return bool(self.lengths.all())
+
+    def coder(self) -> TokenCoder:
+        """The coder, rebuilt only when the lengths change (a load)."""
+        lengths = self.lengths.cpu().numpy().astype(np.int64)
+        cached = self.__dict__.get("_coder")
+        if cached is None or not np.array_equal(cached.lengths, lengths):
+            if not self.fitted:
+                raise MBCError("this model's prefix code is not fitted: fit it on training documents first")
+            cached = self.__dict__["_coder"] = TokenCoder(lengths)
+        return cached
+
+
+class TokenCodec:
+    """Token ids <-> bank entries [K, 1] (one "stage"), padded with ``pad`` past the vocabulary."""
+
+    mode = "tokens"
+
+    def __init__(self, vocabulary: int, keep: int):
+        self.pad, self.keep = vocabulary, keep
+        self.codebook_size = vocabulary + 1  # the pad index too: still 16 bits for SmolLM2's 49,152
+
+    @property
+    def most_tokens(self) -> int:
+        return self.keep
+
+    def encode(self, kept: list[list[int]]) -> np.ndarray:
+        entries = np.full((len(kept), self.keep, 1), self.pad, dtype=np.uint32)
+        for row, ids in enumerate(kept):
+            entries[row, : len(ids), 0] = ids
+        return entries
+
+    def decode(self, entries: np.ndarray) -> list[list[int]]:
+        return [[int(i) for i in entry[:, 0] if i != self.pad] for entry in np.asarray(entries)]
+
+
+class CodedTokenCodec:
+    """Token ids <-> bank entries [budget, 1] of bytes: the ids under a prefix code
+    (``PrefixCode``), closed by its END symbol and padded with zero bits."""
+
+    mode = "coded_tokens"
+    codebook_size = 256  # an entry's "codes" are its bytes
+
+    def __init__(self, prefix_code: PrefixCode, budget: int):
+        self.prefix_code, self.keep = prefix_code, budget
+        self.pad = len(prefix_code.lengths) - 1  # the vocabulary's size: no token
+
+    @property
+    def most_tokens(self) -> int:
+        """The most ids an entry can hold, so that every entry's ids fit one width however many a document kept."""
+        return self.prefix_code.coder().most_ids(self.keep)
+
+    def encode(self, kept: list[list[int]]) -> np.ndarray:
+        coder = self.prefix_code.coder()
+        rows = [np.frombuffer(coder.encode(ids, self.keep), dtype=np.uint8) for ids in kept]
+        return np.stack(rows)[:, :, None] if rows else np.zeros((0, self.keep, 1), dtype=np.uint8)
+
+    def decode(self, entries: np.ndarray) -> list[list[int]]:
+        coder = self.prefix_code.coder()
+        return [coder.decode(np.asarray(entry[:, 0], dtype=np.uint8).tobytes()) for entry in np.asarray(entries)]
+
+
+class CodedVocabularyCodec:
+    """MBC's vocabulary codes (network/vocabulary.py, one stage) stored under a prefix code in
+    ``budget`` bytes: the codebook quantizes in training and writes the K token ids; the bank holds
+    the longest head of them that fits (``code_entry_bytes`` in config.py). Read as tokens
+    (``code_reading="input"``), so no entry is turned back into vectors."""
+
+    mode = "coded_mbc"
+    codebook_size = CodedTokenCodec.codebook_size
+
+    def __init__(self, codebook: CodebookCodec, prefix_code: PrefixCode, budget: int):
+        self.codebook, self.prefix_code = codebook, prefix_code
+        self.stored = CodedTokenCodec(prefix_code, budget)
+
+    def training_memory(self, contexts: torch.Tensor) -> TrainingMemory:
+        return self.codebook.training_memory(contexts)
+
+    def encode(self, contexts: torch.Tensor) -> np.ndarray:
+        ids = self.codebook.token_ids(self.codebook.encode(contexts))
+        coder = self.prefix_code.coder()
+        return self.stored.encode([coder.longest_head(row, self.stored.keep) for row in ids])
+
+    def decode(self, entries: torch.Tensor) -> torch.Tensor:
+        raise MBCError("prefix-coded vocabulary codes are read as tokens (code_reading 'input'), not as vectors")
+
+    def token_ids(self, entries: np.ndarray) -> list[list[int]]:
+        return self.stored.decode(entries)
+
+    def meaning(self, model) -> list[torch.Tensor]:
+        return self.codebook.meaning(model) + [self.prefix_code.lengths.float()]
+
+    def fraction_alive(self) -> float:
+        return self.codebook.fraction_alive()

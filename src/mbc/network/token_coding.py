@@ -107,6 +107,11 @@ class TokenCoder:
                 room -= cost
         return chosen
 
+    def longest_head(self, ids: list[int], budget: int) -> list[int]:
+        """The longest head of ``ids`` (in their order) that fits ``budget`` bytes."""
+        spent = np.cumsum(self.lengths[np.asarray(ids, dtype=np.int64)])
+        return ids[: int(np.searchsorted(spent, 8 * budget - int(self.lengths[self.end]), side="right"))]
+
     def encode(self, ids: list[int], budget: int) -> bytes:
         """``ids`` and END as exactly ``budget`` bytes (zero bits after END); refused if they do not fit."""
         needed = self.bits(ids)

@@ -414,6 +414,8 @@ class _Run:
             model.retrieval_keys.fit(
                 self.train_documents
             )  # every process fits the same centroids: same documents, same seed
+        if model.prefix_code is not None and not model.prefix_code.fitted:
+            model.fit_code(self.train_documents)
         frozen = FrozenActivations(model, frozen_store) if config.cache_frozen_activations else None
         naming = {}
         if config.naming_steps or config.naming_only_steps:
