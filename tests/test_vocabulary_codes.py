@@ -357,6 +357,37 @@ def test_placement_lays_slot_k_on_the_kth_salient_token_in_document_order():
     assert short.argmax(-1).tolist() == [[0, 0, 1, 1]]
 
 
+def test_hard_placement_gives_slot_k_exactly_the_kth_salient_token_and_passes_gradients():
+    salience = torch.tensor([[0.1, 2.0, -1.0, 3.0, 0.5, 2.5]], requires_grad=True)
+    mask = torch.ones(1, 6)
+    covered = TokenPointer.placement(salience, mask, 3, hard=True).exp()
+    assert covered.argmax(-1).tolist() == [[1, 3, 5]]  # the 3 most salient, in document order
+    assert torch.allclose(covered.max(-1).values, torch.ones(1, 3), atol=1e-3)  # each wholly
+    (covered[0, 0, 1]).backward()
+    assert salience.grad.abs().sum() > 0  # straight through, by the soft masses
+    short = TokenPointer.placement(torch.zeros(1, 4), torch.tensor([[1.0, 1.0, 0.0, 0.0]]), 3, hard=True).exp()
+    assert short[0, :2].argmax(-1).tolist() == [0, 1] and short[0, 2].max() < 1e-3  # ties kept; slot 3 uncovered
+
+
+def test_a_copying_pointer_stores_the_most_salient_tokens_themselves(tiny_model):
+    model = tiny_model(
+        codebook="vocabulary", code_pointer=True, pointer_layer=1, pointer_placement=True, pointer_copy=True
+    )
+    model.eval()
+    assert model.pointer.residual is None
+    with torch.no_grad():
+        model.pointer.salience.weight.normal_()
+        states = model.pointer_states(DOCUMENTS)
+        placed = torch.tensor(placed_tokens(model.pointer, states, model.config.num_slots))
+        stored = torch.as_tensor(model.compress(DOCUMENTS)[..., 0]).long()
+        salience = model.pointer.token_salience(states.hidden).masked_fill(states.mask == 0, float("-inf"))
+    most_salient = salience.topk(model.config.num_slots, dim=1).indices.sort(dim=1).values
+    assert placed.tolist() == states.ids.gather(1, most_salient).tolist()
+    assert (stored == placed).float().mean() >= 0.9
+    with pytest.raises(MBCError, match="pointer_placement=true"):
+        MBCConfig(codebook="vocabulary", code_pointer=True, pointer_copy=True)
+
+
 def test_the_placement_loss_fits_the_salience_to_the_named_places():
     torch.manual_seed(0)
     pointer = TokenPointer(dim=4, hidden_dim=8, placement=True)

@@ -58,6 +58,7 @@ class MBCConfig:
     pointer_layer: Annotated[int, Field(ge=0, le=1024)] = 20
     pointer_positions: bool = False  # the pointer's keys and queries also learn places (network/pointer.py)
     pointer_placement: bool = False  # slots laid along the document by a learned salience (network/pointer.py)
+    pointer_copy: bool = False  # that placement hard and no residual: each slot copies a document token (pointer.py)
     # Vocabulary codes read as tokens: store each document's K token ids in this many bytes under a
     # prefix code fitted on the training documents (network/token_coding.py, the token memory's
     # entry_bytes: ~11 bits a token instead of 16), the longest head of them that fits. None: 16 bits each.
@@ -132,6 +133,8 @@ class MBCConfig:
             )
         if (self.pointer_positions or self.pointer_placement) and not self.code_pointer:
             raise MBCError("pointer_positions and pointer_placement are the pointer's: they need code_pointer=true")
+        if self.pointer_copy and not self.pointer_placement:
+            raise MBCError("pointer_copy makes the pointer's placement hard: it needs pointer_placement=true")
         if self.code_pointer and self.codebook != "vocabulary":
             raise MBCError("code_pointer points slots at the document's tokens: it needs codebook=vocabulary")
         if self.codebook == "vocabulary" and not self.quantize:

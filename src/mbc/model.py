@@ -144,7 +144,11 @@ class MBCModel(nn.Module):
                 )
             places = (config.num_slots, config.max_document_tokens) if config.pointer_positions else None
             self.pointer = TokenPointer(
-                dim, self.llm.layout.hidden_size, positions=places, placement=config.pointer_placement
+                dim,
+                self.llm.layout.hidden_size,
+                positions=places,
+                placement=config.pointer_placement,
+                copy=config.pointer_copy,
             )
         self.aggregator = Aggregator(
             dim, config.aggregator_blocks, config.aggregator_heads, config.aggregator_head_dim, config.aggregator_output

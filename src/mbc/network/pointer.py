@@ -31,6 +31,14 @@ slot k points near the document's k-th salient token and the codes keep document
 SQuAD's 150-256-token paragraphs a slot could not find "the k-th answer token" by content alone
 (the naming loss stalled, the codes were commas; docs/JOURNAL.md, session 32). With the salience at
 zero every token has the same mass: slot k reads the k-th K-th of the document.
+
+With ``copy`` (``pointer_copy``) the placement is hard: the K most salient tokens get mass 1 and
+the rest 0 (a straight-through estimate, the soft masses' gradient), so slot k covers exactly the
+k-th of them, and there is no residual: each slot copies one token of the document. Why: soft
+masses near the threshold split a slot between two tokens, and the vocabulary token nearest a mix
+of two digits' codes is often a third digit; the residual, trained by the QA loss, moved one code
+in eight to another token ("1963" stored as "1 9 7 3" where the pointer pointed at "6";
+docs/JOURNAL.md, session 34).
 """
 
 from __future__ import annotations
@@ -48,9 +56,11 @@ class TokenPointer(nn.Module):
         key_dim: int = 128,
         positions: tuple[int, int] | None = None,
         placement: bool = False,
+        copy: bool = False,
     ):
         """``positions``: (slots, document tokens) for the learned place embeddings, or None;
-        ``placement``: slots laid along the document by a learned salience."""
+        ``placement``: slots laid along the document by a learned salience; ``copy``: that placement
+        hard and no residual, so each slot copies one document token."""
         super().__init__()
         self.query = nn.Linear(dim, key_dim)
         # The LLM's hidden states run to norms of tens: standardised before the key projection.
@@ -66,9 +76,12 @@ class TokenPointer(nn.Module):
             self.salience = nn.Linear(hidden_dim, 1)
             nn.init.zeros_(self.salience.weight)
             nn.init.zeros_(self.salience.bias)
-        self.residual = nn.Linear(dim, dim)
-        nn.init.zeros_(self.residual.weight)
-        nn.init.zeros_(self.residual.bias)
+        self.copy = copy
+        self.residual = None
+        if not copy:
+            self.residual = nn.Linear(dim, dim)
+            nn.init.zeros_(self.residual.weight)
+            nn.init.zeros_(self.residual.bias)
 
     def forward(
         self, slots: torch.Tensor, hidden: torch.Tensor, codes: torch.Tensor, mask: torch.Tensor
@@ -76,7 +89,8 @@ class TokenPointer(nn.Module):
         """slots [N, K, dim], each document token's LLM hidden state [N, T, hidden_dim] and code
         vector [N, T, dim] (the vocabulary stage's ``decode`` of its id), mask [N, T] (1 = a token)
         -> the slots' new vectors [N, K, dim]."""
-        return self.attention(slots, hidden, mask) @ codes.to(slots.dtype) + self.residual(slots)
+        pointed = self.attention(slots, hidden, mask) @ codes.to(slots.dtype)
+        return pointed if self.residual is None else pointed + self.residual(slots)
 
     def attention(self, slots: torch.Tensor, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """[N, K, T]: where each slot points, a distribution over the document's tokens."""
@@ -88,7 +102,7 @@ class TokenPointer(nn.Module):
             queries = queries + self.slot_places.weight[: queries.shape[1]]
         scores = queries @ keys.transpose(1, 2) / self.key.out_features**0.5
         if self.salience is not None:
-            scores = scores + self.placement(self.token_salience(hidden, normed), mask, slots.shape[1])
+            scores = scores + self.placement(self.token_salience(hidden, normed), mask, slots.shape[1], hard=self.copy)
         return F.softmax(scores.masked_fill(~mask.bool()[:, None, :], float("-inf")), dim=-1)
 
     def normed(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -101,11 +115,15 @@ class TokenPointer(nn.Module):
         return self.salience(self.normed(hidden) if normed is None else normed).squeeze(-1)
 
     @staticmethod
-    def placement(salience: torch.Tensor, mask: torch.Tensor, num_slots: int, sharpness: float = 10.0) -> torch.Tensor:
+    def placement(
+        salience: torch.Tensor, mask: torch.Tensor, num_slots: int, sharpness: float = 10.0, hard: bool = False
+    ) -> torch.Tensor:
         """[N, K, T]: log of the share of slot k's stretch [k, k+1) that token t's mass covers.
         The masses: sigmoid(sharpness * (salience - the threshold between its K-th and K+1-th
         largest) / their spread about it), a soft top-K (threshold and spread held fixed), scaled to
-        sum to K."""
+        sum to K. ``hard``: 1 for the K most salient tokens (all of a shorter document's), 0 for the
+        rest, with the soft masses' gradient; a document of fewer than K tokens leaves the last
+        slots uncovered."""
         mask = mask.to(salience.dtype)
         ranked = salience.detach().masked_fill(mask == 0, float("-inf")).sort(dim=1, descending=True).values
         count = mask.sum(dim=1, keepdim=True).long()
@@ -117,7 +135,15 @@ class TokenPointer(nn.Module):
         # sharp: a logistic fit ranks well but its logits are mild; at their own scale nearly every
         # token would keep a tenth of a slot and blur where the salient ones lie
         mass = torch.sigmoid(sharpness * (salience - threshold) / spread.sqrt().clamp_min(1e-6)) * mask
-        mass = mass * num_slots / mass.sum(dim=1, keepdim=True).clamp_min(1e-6)
+        if hard:  # ranks, not the threshold: ties (a salience not yet fitted) still keep K tokens
+            order = salience.detach().masked_fill(mask == 0, float("-inf")).argsort(dim=1, descending=True, stable=True)
+            rank = torch.empty_like(order).scatter_(
+                1, order, torch.arange(order.shape[1], device=order.device).expand_as(order)
+            )
+            kept = (rank < num_slots).to(mass) * mask
+            mass = kept + mass - mass.detach()
+        else:
+            mass = mass * num_slots / mass.sum(dim=1, keepdim=True).clamp_min(1e-6)
         end = mass.cumsum(dim=1)
         start = end - mass
         stretch = torch.arange(num_slots, device=salience.device, dtype=salience.dtype)[None, :, None]

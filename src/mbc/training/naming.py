@@ -122,5 +122,5 @@ def place_flags(places: list[int], length: int) -> torch.Tensor:
 def placed_tokens(pointer, states, num_slots: int) -> list[list[int]]:
     """Per document, the token id each slot is placed on (the placement's peak; network/pointer.py)."""
     with torch.no_grad():
-        prior = pointer.placement(pointer.token_salience(states.hidden), states.mask, num_slots)
+        prior = pointer.placement(pointer.token_salience(states.hidden), states.mask, num_slots, hard=pointer.copy)
         return states.ids.gather(1, prior.argmax(-1)).tolist()
