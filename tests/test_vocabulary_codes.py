@@ -388,6 +388,29 @@ def test_a_copying_pointer_stores_the_most_salient_tokens_themselves(tiny_model)
         MBCConfig(codebook="vocabulary", code_pointer=True, pointer_copy=True)
 
 
+def test_a_copying_pointer_keeps_a_short_documents_uncovered_slots_out_of_its_entry_and_its_reading(tiny_model):
+    model = tiny_model(
+        codebook="vocabulary",
+        code_reading="input",
+        code_pointer=True,
+        pointer_layer=1,
+        pointer_placement=True,
+        pointer_copy=True,
+        code_entry_bytes=64,
+        num_slots=12,
+        **KEYS,
+    ).eval()
+    model.retrieval_keys.fit(DOCUMENTS + MORE_DOCUMENTS)
+    model.fit_code(DOCUMENTS + MORE_DOCUMENTS)
+    texts = ["Mira.", DOCUMENTS[0]]
+    ids = model.llm_token_ids(texts)
+    assert len(ids[0]) < 12 <= len(ids[1])
+    assert model.filled_slots(model.pointer_states(texts)) == [len(ids[0]), 12]
+    assert model.codec.token_ids(model.compress(texts))[0] == ids[0]  # each token once, in order, no more
+    out = StepObjective(model)(texts, QUESTIONS, ANSWERS, [0, 1], Step())
+    assert torch.isfinite(out.qa_loss)
+
+
 def test_the_placement_loss_fits_the_salience_to_the_named_places():
     torch.manual_seed(0)
     pointer = TokenPointer(dim=4, hidden_dim=8, placement=True)

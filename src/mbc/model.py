@@ -335,17 +335,28 @@ class MBCModel(nn.Module):
         return self.config.code_reading == "input"
 
     def input_reading_loss(
-        self, questions: list[str], answers: list[str], memory, own: list[int] | None
+        self, questions: list[str], answers: list[str], memory, own: list[int] | None, filled: list[int] | None = None
     ) -> torch.Tensor:
         """The QA loss of each question asked after its own document's codes (``memory``, a training
         batch's ``TrainingMemory``; ``own[i]``: question i's document), the codes entering as their
-        tokens' input embeddings with the vectors' gradients passed straight through."""
+        tokens' input embeddings with the vectors' gradients passed straight through. Only the codes
+        the document's entry will hold are read (``filled``: ``filled_slots``; the codec's ``kept``)."""
         if own is None:
             raise MBCError("input-side reading trains each question on its own document: pass question_documents")
-        embeddings = self.quantizer.stages[0].to_embeddings(memory.vectors, memory.indices[..., 0])
+        ids = memory.indices[..., 0]
+        embeddings = self.quantizer.stages[0].to_embeddings(memory.vectors, ids)
+        lengths = [len(row) for row in self.codec.kept(ids.tolist(), filled)]
         befores, afters = zip(*(ids_around_context(self.llm.tokenizer, q) for q in questions))
         answer_ids = [self.llm.answer_ids(a) for a in answers]
-        return self.llm.loss_around([embeddings[d] for d in own], list(befores), list(afters), answer_ids)
+        read = [embeddings[d, : lengths[d]] for d in own]
+        return self.llm.loss_around(read, list(befores), list(afters), answer_ids)
+
+    def filled_slots(self, states: PointerStates | None) -> list[int] | None:
+        """How many of the K slots each document fills: with ``pointer_copy`` a document of fewer
+        tokens than K leaves the last slots uncovered (network/pointer.py); otherwise all (None)."""
+        if states is None or self.pointer is None or not self.pointer.copy:
+            return None
+        return states.mask.sum(1).clamp(max=self.config.num_slots).long().tolist()
 
     def code_prompts(self, reader, questions: list[str]) -> tuple[list[list[int]], list[list[int]]]:
         """Each question's prompt: its top-1 document's token ids as the context of the token
@@ -411,7 +422,8 @@ class MBCModel(nn.Module):
     def compress(self, documents: list[str]) -> np.ndarray:
         """Documents -> bank entries: code indices [N, K, stages] as the smallest unsigned type
         (MBC), or the float vectors [N, K, dim] as float32 (MAC mode)."""
-        return self.codec.encode(self.amortize(documents))
+        states = self.pointer_states(documents) if self.pointer is not None else None
+        return self.codec.encode(self.amortize(documents, states), self.filled_slots(states))
 
     def memory(self, entries: np.ndarray) -> torch.Tensor:
         """Bank entries (as ``compress`` returns them) -> every stored vector, [N*K, dim]."""

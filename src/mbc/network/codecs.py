@@ -53,7 +53,9 @@ class CodebookCodec:
         quantized = self.quantizer(contexts)
         return TrainingMemory(quantized.quantized, quantized.loss, quantized.perplexity, quantized.indices)
 
-    def encode(self, contexts: torch.Tensor) -> np.ndarray:
+    def encode(self, contexts: torch.Tensor, filled: list[int] | None = None) -> np.ndarray:
+        """``filled``: how many slots each document fills (``MBCModel.filled_slots``); a fixed-width
+        entry stores all K whatever it says."""
         return self.quantizer.encode(contexts).cpu().numpy().astype(index_dtype(self.codebook_size))
 
     def decode(self, entries: torch.Tensor) -> torch.Tensor:
@@ -67,6 +69,10 @@ class CodebookCodec:
     def token_ids(self, entries: np.ndarray) -> list[list[int]]:
         """Vocabulary codes (network/vocabulary.py): each entry's first-stage indices, which are token ids."""
         return np.asarray(entries)[..., 0].tolist()
+
+    def kept(self, ids: list[list[int]], filled: list[int] | None = None) -> list[list[int]]:
+        """Of each document's K token ids, what its entry gives back: all K."""
+        return ids
 
     def meaning(self, model) -> list[torch.Tensor]:
         """The tensors a stored index's meaning depends on: the codebooks and the slot
@@ -87,7 +93,7 @@ class FloatCodec:
         zero = contexts.new_zeros(())
         return TrainingMemory(contexts, zero, zero)
 
-    def encode(self, contexts: torch.Tensor) -> np.ndarray:
+    def encode(self, contexts: torch.Tensor, filled: list[int] | None = None) -> np.ndarray:
         return contexts.float().cpu().numpy()
 
     def decode(self, entries: torch.Tensor) -> torch.Tensor:
@@ -192,10 +198,15 @@ class CodedVocabularyCodec:
     def training_memory(self, contexts: torch.Tensor) -> TrainingMemory:
         return self.codebook.training_memory(contexts)
 
-    def encode(self, contexts: torch.Tensor) -> np.ndarray:
-        ids = self.codebook.token_ids(self.codebook.encode(contexts))
-        coder = self.prefix_code.coder()
-        return self.stored.encode([coder.longest_head(row, self.stored.keep) for row in ids])
+    def encode(self, contexts: torch.Tensor, filled: list[int] | None = None) -> np.ndarray:
+        """``filled``: how many slots each document fills (``MBCModel.filled_slots``; None: all K)."""
+        return self.stored.encode(self.kept(self.codebook.token_ids(self.codebook.encode(contexts)), filled))
+
+    def kept(self, ids: list[list[int]], filled: list[int] | None = None) -> list[list[int]]:
+        """Of each document's K token ids, what its entry holds: the longest head of the filled
+        slots' that fits the budget."""
+        coder, filled = self.prefix_code.coder(), filled or [len(row) for row in ids]
+        return [coder.longest_head(row[:count], self.stored.keep) for row, count in zip(ids, filled)]
 
     def decode(self, entries: torch.Tensor) -> torch.Tensor:
         raise MBCError("prefix-coded vocabulary codes are read as tokens (code_reading 'input'), not as vectors")
