@@ -39,6 +39,7 @@ from mbc.training.token_memory import train_token_memory
 from mbc.training.vocabulary_codes import kept_inputs, train_codes, written_share
 
 KEYS = dict(retrieval_top_k=1, retrieval_subspaces=4, retrieval_codes=4)
+PLACED = dict(codebook="vocabulary", code_pointer=True, pointer_layer=1, pointer_placement=True)  # on layer 1 of 2
 
 
 @pytest.fixture(scope="module")
@@ -370,9 +371,7 @@ def test_hard_placement_gives_slot_k_exactly_the_kth_salient_token_and_passes_gr
 
 
 def test_a_copying_pointer_stores_the_most_salient_tokens_themselves(tiny_model):
-    model = tiny_model(
-        codebook="vocabulary", code_pointer=True, pointer_layer=1, pointer_placement=True, pointer_copy=True
-    )
+    model = tiny_model(**PLACED, pointer_copy=True)
     model.eval()
     assert model.pointer.residual is None
     with torch.no_grad():
@@ -390,15 +389,7 @@ def test_a_copying_pointer_stores_the_most_salient_tokens_themselves(tiny_model)
 
 def test_a_copying_pointer_keeps_a_short_documents_uncovered_slots_out_of_its_entry_and_its_reading(tiny_model):
     model = tiny_model(
-        codebook="vocabulary",
-        code_reading="input",
-        code_pointer=True,
-        pointer_layer=1,
-        pointer_placement=True,
-        pointer_copy=True,
-        code_entry_bytes=64,
-        num_slots=12,
-        **KEYS,
+        **PLACED, code_reading="input", pointer_copy=True, code_entry_bytes=64, num_slots=12, **KEYS
     ).eval()
     model.retrieval_keys.fit(DOCUMENTS + MORE_DOCUMENTS)
     model.fit_code(DOCUMENTS + MORE_DOCUMENTS)
@@ -453,15 +444,7 @@ def test_training_with_placement_fits_the_salience_and_the_prefix_code_before_th
     from mbc.training.trainer import TrainConfig, train
 
     config = tiny_config(
-        tiny_paths,
-        codebook="vocabulary",
-        codebook_metric="cosine",
-        code_reading="input",
-        code_pointer=True,
-        pointer_layer=1,
-        pointer_placement=True,
-        code_entry_bytes=6,
-        **KEYS,
+        tiny_paths, **PLACED, codebook_metric="cosine", code_reading="input", code_entry_bytes=6, **KEYS
     )
     rows = generate_examples(4, seed=1)
     steps = dict(naming_only_steps=1, naming_steps=2, naming_fill=True, probe_steps=0, probe_weight=0.0)
@@ -475,11 +458,8 @@ def test_training_with_placement_fits_the_salience_and_the_prefix_code_before_th
 
 def test_placed_slots_store_the_most_salient_tokens_in_document_order(tiny_model):
     model = tiny_model(
-        codebook="vocabulary",
+        **PLACED,
         codebook_metric="cosine",
-        code_pointer=True,
-        pointer_layer=1,
-        pointer_placement=True,
         lora_layers=1,
         prefix_layers=1,  # nothing adapted below the pointer's layer: its hidden states can be kept
     ).train()
@@ -510,9 +490,7 @@ def test_placed_slots_store_the_most_salient_tokens_in_document_order(tiny_model
 
 
 def test_a_step_makes_the_pointer_states_once_and_splits_them_with_the_documents(tiny_model):
-    model = tiny_model(
-        codebook="vocabulary", codebook_metric="cosine", code_pointer=True, pointer_layer=1, pointer_placement=True
-    ).eval()
+    model = tiny_model(**PLACED, codebook_metric="cosine").eval()
     rows = generate_examples(6, seed=5)
     named = named_tokens(model.llm.tokenizer, rows, model.config.num_slots, fill=True)
     texts = list(named)
