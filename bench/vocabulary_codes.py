@@ -61,14 +61,15 @@ def main() -> None:
 def coded_sizes(model: MBCModel, codes: list[list[int]], train_texts: list[str]) -> str:
     """What the codes take under a prefix code: the model's own (what fits its entries), or one
     fitted here on the training documents (what entries of K codes would need)."""
-    prefix_code = model.prefix_code
+    prefix_code, fitted_on = model.prefix_code, "the model's own prefix code (fitted in its training)"
     if prefix_code is None:
         prefix_code = PrefixCode(len(model.llm.tokenizer))
         prefix_code.fit(model.llm_token_ids(train_texts))
+        fitted_on = f"a prefix code fitted here on {len(train_texts)} training documents"
     coder = prefix_code.coder()
     needed = np.array([(coder.bits(row) + 7) // 8 for row in codes])
     line = (
-        f"under a prefix code fitted on {len(train_texts)} training documents: entries of these codes "
+        f"under {fitted_on}: entries of these codes "
         f"need {needed.mean():.1f} bytes on average (p90 {np.percentile(needed, 90):.0f}, most {needed.max()}), "
         f"{8 * needed.sum() / sum(map(len, codes)):.1f} bits a code"
     )
