@@ -8,8 +8,11 @@ BM25 top-1 (the text in the prompt) and the text itself, raw and zstd-compressed
 Each checkpoint's scores are kept in runs/frontier/scores.json by its weights' digest and the
 number of questions: a second `table` scores only checkpoints it has not scored.
 
-Every point is the cpu preset (900 steps on generated documents, seed 0) with the settings below
-changed; bytes per document = the bit-packed codes (slots x bits per code) + the retrieval key.
+Every MBC point is the cpu preset (900 steps on generated documents, seed 0) with the settings below
+changed; bytes per document = the bit-packed codes (slots x bits per code) + the retrieval key. The
+copied-code points (``COPIED``: codes in the LLM's vocabulary, each a document token, stored under a
+prefix code in B bytes) train 300 steps with the schedule of docs/RESULTS.md, "MBC with codes in the
+LLM's vocabulary".
 Scored on the validation split (choose settings there; the test split is for final models):
 EM / F1 with each question reading its own document's bank, the same with as many unrelated
 training documents, and the retrieval keys' recall of the own document. A memory larger than the
@@ -39,6 +42,34 @@ POINTS = {
     # (~1 KB through slots alone, K=704, is ~800M trainable parameters, 16 GB and ~9 s per step.)
     "k48x16-c2048-key32": {"num_slots": 48, "codebook_stages": 16, "codebook_metric": "l2"},  # 1,056 + 32 bytes
 }
+# name: (K, B, key bytes) of MBC with copied vocabulary codes: K slots, each copying one document token,
+# as many as fit in B bytes under the prefix code + the key (key bytes = retrieval_subspaces)
+COPIED = {
+    "copy-k32-b40-key8": (32, 40, 8),  # 48 bytes
+    "copy-k40-b56-key8": (40, 56, 8),  # 64 bytes
+    "copy-k64-b80-key16": (64, 80, 16),  # 96 bytes
+    "copy-k96-b112-key16": (96, 112, 16),  # 128 bytes: a generated document whole (60 tokens on average)
+}
+COPIED_SETTINGS = {"codebook": "vocabulary", "code_reading": "input", "code_pointer": "true"}
+COPIED_SETTINGS |= {"pointer_placement": "true", "pointer_copy": "true", "lexical_weight": "0.3"}
+COPIED_TRAIN = ["naming_fill=true", "naming_steps=300", "probe_steps=0", "float_memory_steps=0"]
+COPIED_TRAIN += ["teach_reading_steps=0", "probe_weight=0", "mixed_precision=bf16"]
+COPIED_STEPS = 300
+
+
+def point_steps(name: str) -> int:
+    return COPIED_STEPS if name in COPIED else 900
+
+
+def point_settings(name: str) -> dict:
+    """The model settings a point changes from the cpu preset."""
+    if name in COPIED:
+        slots, entry_bytes, key_bytes = COPIED[name]
+        counts = {"num_slots": slots, "code_entry_bytes": entry_bytes, "retrieval_subspaces": key_bytes}
+        return COPIED_SETTINGS | counts
+    return POINTS[name]
+
+
 # name: a token memory's `mbc train-tokens --before 2` settings: K kept tokens of 2 bytes + the 32-byte key, or
 # (--entry-bytes) as many of the best-scored tokens as fit in B bytes under the fitted prefix code + a smaller key
 TOKEN_POINTS = {
@@ -60,7 +91,7 @@ def trained(name: str) -> bool:
     if name in TOKEN_POINTS:
         return (RUNS / name / "last" / "mbc_config.json").exists()  # written whole, at the end
     metrics = RUNS / name / "metrics.jsonl"
-    return metrics.exists() and '"kind": "validation", "step": 900' in metrics.read_text()
+    return metrics.exists() and f'"kind": "validation", "step": {point_steps(name)}' in metrics.read_text()
 
 
 def train(names: list[str]) -> None:
@@ -75,10 +106,10 @@ def train(names: list[str]) -> None:
             subprocess.run(command + ["--output", str(RUNS / name / "last")], check=True)
             continue
         command = [mbc, "train", "--preset", "cpu", "--data", "generated"]
-        command += ["--output", str(RUNS / name), "--max-steps", "900"]
-        for key, value in POINTS[name].items():
+        command += ["--output", str(RUNS / name), "--max-steps", str(point_steps(name))]
+        for key, value in point_settings(name).items():
             command += ["--set", f"{key}={value}"]
-        for setting in TRAIN_SETTINGS:
+        for setting in TRAIN_SETTINGS + (COPIED_TRAIN if name in COPIED else []):
             command += ["--train-set", setting]
         print(" ".join(command), flush=True)
         subprocess.run(command, check=True)
@@ -149,6 +180,7 @@ def score_point(checkpoint: Path, rows, unrelated: list[str]) -> dict:
         "control_em": control["em"],
         "control_f1": control["f1"],
         "recall": recall,
+        **{f"em_{kind}": own[f"em_{kind}"] for kind in ("name", "number") if f"em_{kind}" in own},
     }
 
 
@@ -230,7 +262,9 @@ def plot(results: dict, text: dict, raw: float, zstd: float, figure: Path) -> No
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    series = [("mbc", "o", "MBC"), ("tokens-k", "D", "token memory"), ("tokens-coded", "v", "token memory, coded")]
+    series = [("mbc k", "o", "MBC")]
+    series += [("mbc copy", "P", "MBC, copied vocabulary codes"), ("tokens-k", "D", "token memory")]
+    series += [("tokens-coded", "v", "token memory, coded")]
     for prefix, marker, label in series:
         points = sorted((r for n, r in results.items() if n.startswith(prefix)), key=lambda r: r["bytes"])
         if points:
@@ -260,15 +294,16 @@ def plot(results: dict, text: dict, raw: float, zstd: float, figure: Path) -> No
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("command", choices=["train", "table"])
-    parser.add_argument("--points", default=",".join([*POINTS, *TOKEN_POINTS]), help="comma-separated names")
+    known = [*POINTS, *COPIED, *TOKEN_POINTS]
+    parser.add_argument("--points", default=",".join(known), help="comma-separated names")
     parser.add_argument("--questions", type=int, default=300, help="validation questions scored (table)")
     parser.add_argument("--mac", default=None, help="a MAC checkpoint (default: the one `mbc run` cached)")
     parser.add_argument("--figure", type=Path, default=FIGURE, help="where the plot goes (table)")
     args = parser.parse_args()
     names = args.points.split(",")
-    unknown = [n for n in names if n not in POINTS and n not in TOKEN_POINTS]
+    unknown = [n for n in names if n not in known]
     if unknown:
-        sys.exit(f"unknown point {unknown[0]!r}; known: {', '.join([*POINTS, *TOKEN_POINTS])}")
+        sys.exit(f"unknown point {unknown[0]!r}; known: {', '.join(known)}")
     if args.command == "train":
         train(names)
     else:
