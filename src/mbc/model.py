@@ -40,7 +40,7 @@ from mbc.network.codebook import ResidualQuantizer, fingerprint
 from mbc.network.codecs import CodebookCodec, CodedVocabularyCodec, FloatCodec, PrefixCode
 from mbc.network.decoding import DecodingConfig
 from mbc.network.frozen_llm import IGNORE, FrozenLLM, lower_hidden, pad  # noqa: F401 (IGNORE, pad: what training imports from here)
-from mbc.network.lexical import bm25, combined
+from mbc.network.lexical import bm25, combined, lexical_rows
 from mbc.network.pointer import TokenPointer
 from mbc.network.prefix import PrefixExpansion
 from mbc.network.retrieval import RetrievalKeys
@@ -397,12 +397,7 @@ class MBCModel(nn.Module):
         keys = torch.as_tensor(bank.retrieval_keys(ids)).long()
         if not self.config.lexical_weight:
             return keys
-        stored = self.codec.token_ids(bank.entries(ids))
-        # one width for every entry (a reader adds the keys of new documents to those it holds)
-        tokens = torch.full((len(ids), self.config.num_slots), -1, dtype=torch.long)
-        for row, codes in enumerate(stored):
-            tokens[row, : len(codes)] = torch.as_tensor(codes, dtype=torch.long)
-        return torch.cat([keys, tokens], dim=1)
+        return lexical_rows(keys, self.codec.token_ids(bank.entries(ids)), self.config.num_slots, pad=-1)
 
     @torch.no_grad()
     def top_documents(self, questions: list[str], document_keys) -> torch.Tensor:

@@ -41,7 +41,7 @@ from mbc.network.codebook import fingerprint
 from mbc.network.codecs import CodedTokenCodec, PrefixCode, TokenCodec
 from mbc.network.decoding import DecodingConfig
 from mbc.network.frozen_llm import FrozenLLM, lower_hidden, pad
-from mbc.network.lexical import bm25, combined, standardised
+from mbc.network.lexical import bm25, combined, lexical_rows, standardised
 from mbc.network.lora import lora_disabled
 from mbc.network.retrieval import RetrievalKeys
 from mbc.network.vocabulary import CodeWriter, VocabularyCodebook
@@ -162,11 +162,7 @@ class TokenMemory(nn.Module):
         """What a reader keeps of each stored document: its retrieval key and its kept token ids,
         [n, subspaces + the codec's most tokens] (the second half a lexical index at no stored byte: network/lexical.py)."""
         kept = self.codec.decode(bank.entries(ids))
-        # One width for every entry: a reader adds the keys of new documents to those it holds.
-        width = self.codec.most_tokens
-        rows = [row + [self.codec.pad] * (width - len(row)) for row in kept]
-        tokens = torch.tensor(rows, dtype=torch.long).reshape(len(kept), width)
-        return torch.cat([torch.as_tensor(bank.retrieval_keys(ids)).long(), tokens], dim=1)
+        return lexical_rows(bank.retrieval_keys(ids), kept, self.codec.most_tokens, self.codec.pad)
 
     @torch.no_grad()
     def top_documents(self, questions: list[str], document_keys) -> torch.Tensor:

@@ -37,6 +37,16 @@ def bm25(questions: list[list[int]], documents: torch.Tensor, pad: int, k1: floa
     return torch.sparse.mm(index, asked).T
 
 
+def lexical_rows(keys: torch.Tensor, entries: list[list[int]], width: int, pad: int) -> torch.Tensor:
+    """[n, subspaces + width]: each stored document's retrieval key, then its token ids padded with
+    ``pad`` to one ``width`` (a reader adds the rows of new documents to those it holds), the index
+    ``bm25`` reads."""
+    tokens = torch.full((len(entries), width), pad, dtype=torch.long)
+    for row, ids in enumerate(entries):
+        tokens[row, : len(ids)] = torch.as_tensor(ids, dtype=torch.long)
+    return torch.cat([torch.as_tensor(keys).long(), tokens], dim=1)
+
+
 def standardised(scores: torch.Tensor) -> torch.Tensor:
     """Each row [Q, N] to zero mean and unit deviation over the documents (all zeros for one document)."""
     centred = scores - scores.mean(1, keepdim=True)
