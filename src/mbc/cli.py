@@ -169,7 +169,10 @@ def demo(config_file: Optional[Path] = ConfigFile, overrides: list[str] = Overri
 
 @app.command()
 def train(
-    preset: str = typer.Option("cpu", help="cpu, distilgpt2, gpt2-large, gpt2-xl or llama-2-7b"),
+    preset: str = typer.Option(
+        "cpu",
+        help="cpu, cpu-text (real text: codes in the LLM's vocabulary), distilgpt2, gpt2-large, gpt2-xl or llama-2-7b",
+    ),
     data: str = typer.Option("generated", help="SQuAD .json, StreamingQA / ArchivalQA .csv, or generated[:SEED]"),
     output: Path = typer.Option(Path("runs/mbc"), help="run folder: checkpoints, metrics.jsonl, loss curve"),
     first_documents: Optional[int] = typer.Option(
