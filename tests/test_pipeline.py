@@ -72,6 +72,19 @@ def test_the_default_model_says_it_was_trained_on_fiction(tiny_checkpoint, tmp_p
     assert result.exit_code == 0 and "trained on generated fictional documents" in result.output
 
 
+def test_mbc_model_names_the_model_a_user_gets_without_model(tiny_checkpoint, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from mbc import pipeline
+    from mbc.cli import app
+
+    monkeypatch.setattr(pipeline, "default_model", lambda: pytest.fail("$MBC_MODEL was not used"))
+    monkeypatch.setenv("MBC_MODEL", str(tiny_checkpoint))
+    result = CliRunner().invoke(app, ["ingest", str(tmp_path / "bank.db"), "-"], input="Mira founded it.\n")
+    assert result.exit_code == 0, result.output
+    assert f"using the model in {tiny_checkpoint}" in result.output and "fictional" not in result.output
+
+
 def test_a_given_model_says_what_it_was_trained_on(tiny_checkpoint, tmp_path):
     from mbc import data, pipeline
     from mbc.model import MBCModel

@@ -619,7 +619,10 @@ def _memory_config_class(flag: str):
 
 
 ModelOption = typer.Option(
-    None, "--model", help="a trained checkpoint folder (default: the MBC adapter `mbc run` trained and cached)"
+    None,
+    "--model",
+    envvar="MBC_MODEL",
+    help="a trained checkpoint folder (default: $MBC_MODEL, else the MBC adapter `mbc run` trained and cached)",
 )
 
 

@@ -143,8 +143,9 @@ def run_main_job(job: MainJobConfig | None = None) -> dict:
 # What a user of the default model must know: it reads only what fictional documents taught it.
 DEFAULT_MODEL_NOTE = (
     "using the main job's MBC adapter, trained on generated fictional documents: it answers their "
-    "kind of closed-list facts from memory, not names, numbers or real text; train a model on your kind "
-    "of data with `mbc train --data FILE` and pass it with --model"
+    "kind of closed-list facts from memory, not names, numbers or real text; for real text train one on "
+    "SQuAD-format data with `mbc train --preset cpu-text --data FILE.json` and pass it with --model "
+    "(or $MBC_MODEL)"
 )
 
 
