@@ -119,9 +119,9 @@ PRESETS: dict[str, dict[str, dict]] = {
 # first step), as many as fit 120 bytes under a prefix code fitted on the training documents, plus
 # an 8-byte key; read input-side, as tokens before the question, by the LLM's KV-LoRA. No probe or
 # float-memory warm start (they serve the learned codebook); the first 600 steps train the reader
-# alone on the fitted placement (hold_reading_steps: 4.6 s a step instead of 6.5 on 2 cores), the
-# last 300 the pointer too; BM25 over the stored ids beside the key (lexical_weight, chosen on SQuAD
-# validation over 0.3).
+# alone on the fitted placement (hold_reading_steps: 3.4 s a step instead of 6 on 2 cores), the
+# last 300 the pointer too; BM25 over the stored ids beside the key (lexical_weight 1, chosen on SQuAD
+# validation over 0.3 and 3).
 PRESETS["cpu-text"] = {
     "model": dict(
         PRESETS["cpu"]["model"],
