@@ -6,7 +6,10 @@ BM25 top-1 (the text in the prompt) and the text itself, raw and zstd-compressed
     .venv/bin/python bench/frontier.py table [--questions 300]     # the table and docs/figures/frontier.png
 
 Each checkpoint's scores are kept in runs/frontier/scores.json by its weights' digest and the
-number of questions: a second `table` scores only checkpoints it has not scored.
+number of questions: a second `table` scores only checkpoints it has not scored. The table's rows
+are also kept by point name in docs/figures/frontier.json (committed): a point whose run is gone
+(runs/ does not outlive its machine) is read from there, so that points trained in different
+sessions make one table and one plot.
 
 Every MBC point is the cpu preset (900 steps on generated documents, seed 0) with the settings below
 changed; bytes per document = the bit-packed codes (slots x bits per code) + the retrieval key. The
@@ -30,6 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RUNS = ROOT / "runs" / "frontier"
 SCORES = RUNS / "scores.json"  # each checkpoint's scores, by its weights' digest and the questions scored
 FIGURE = ROOT / "docs" / "figures" / "frontier.png"
+KEPT = ROOT / "docs" / "figures" / "frontier.json"  # the table's rows by point name and questions scored
 
 # name: model settings changed from the cpu preset (slots K, codebook size and stages, key pieces)
 POINTS = {
@@ -127,6 +131,22 @@ def kept_score(key: str, compute) -> dict:
     return scores[key]
 
 
+def kept_rows(questions: int) -> dict:
+    """The rows ``KEPT`` holds for this many questions, by label."""
+    import json
+
+    return json.loads(KEPT.read_text()).get(str(questions), {}) if KEPT.exists() else {}
+
+
+def keep_rows(questions: int, results: dict) -> None:
+    """``results`` into ``KEPT`` beside the rows of points not in this table."""
+    import json
+
+    every = json.loads(KEPT.read_text()) if KEPT.exists() else {}
+    every[str(questions)] = {**every.get(str(questions), {}), **results}
+    KEPT.write_text(json.dumps(every, indent=1, sort_keys=True) + "\n")
+
+
 def weights_digest(checkpoint: Path) -> str:
     import json
 
@@ -220,14 +240,18 @@ def table(questions: int, mac: str | None, names: list[str], figure: Path) -> No
     rows = splits["validation"][:questions]
     unrelated = qa_data.documents(splits["train"])[: len(qa_data.documents(rows))]
     raw, zstd = text_sizes(qa_data.documents(rows))
+    kept = kept_rows(len(rows))
     results = {}
     for name in names:
-        if trained(name):
+        label = name if name in TOKEN_POINTS else f"mbc {name}"
+        if not trained(name) and label in kept:
+            print(f"{name}: no run here; its scores as {KEPT.name} keeps them")
+            results[label] = kept[label]
+        elif trained(name):
             last = RUNS / name / "last"
             key = f"{weights_digest(last)} {len(rows)}"
             if name in TOKEN_POINTS:  # one scorer and one set of keys, whatever K: the same weights
                 key += f" {token_settings(name)} lexical={lexical_weight(last)}"
-            label = name if name in TOKEN_POINTS else f"mbc {name}"
             results[label] = kept_score(key, lambda: score_point(last, rows, unrelated))
         else:
             print(f"{name}: not trained to its end yet: bench/frontier.py train --points {name}")
@@ -235,6 +259,9 @@ def table(questions: int, mac: str | None, names: list[str], figure: Path) -> No
     if mac_checkpoint is not None:
         key = f"{weights_digest(mac_checkpoint)} {len(rows)}"
         results["mac (main job's)"] = kept_score(key, lambda: score_point(mac_checkpoint, rows, unrelated))
+    elif "mac (main job's)" in kept:
+        results["mac (main job's)"] = kept["mac (main job's)"]
+    keep_rows(len(rows), results)
     text = kept_score(f"base LLM + BM25 top-1 {len(rows)}", lambda: base_with_text(rows))
     print(f"{len(rows)} validation questions about {len(qa_data.documents(rows))} generated documents")
     print(f"{'memory':<26}{'bytes/doc':>10}{'EM':>7}{'F1':>7}{'EM unrel.':>11}{'F1 unrel.':>11}{'recall':>8}")
