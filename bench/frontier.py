@@ -49,8 +49,10 @@ POINTS = {
 # name: (K, B, key bytes) of MBC with copied vocabulary codes: K slots, each copying one document token,
 # as many as fit in B bytes under the prefix code + the key (key bytes = retrieval_subspaces)
 COPIED = {
-    "copy-k32-b40-key8": (32, 40, 8),  # 48 bytes
-    "copy-k40-b56-key8": (40, 56, 8),  # 64 bytes
+    # K near what fits: ~8.5 bits a code on generated documents (40 codes in 56 bytes left 14 unused
+    # and read 39.0 EM, docs/JOURNAL.md session 35)
+    "copy-k36-b40-key8": (36, 40, 8),  # 48 bytes
+    "copy-k48-b56-key8": (48, 56, 8),  # 64 bytes
     "copy-k64-b80-key16": (64, 80, 16),  # 96 bytes
     "copy-k96-b112-key16": (96, 112, 16),  # 128 bytes: a generated document whole (60 tokens on average)
 }
