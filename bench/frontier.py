@@ -66,6 +66,10 @@ def point_steps(name: str) -> int:
     return COPIED_STEPS if name in COPIED else 900
 
 
+def point_preset(name: str) -> str:
+    return "cpu-text" if name in COPIED else "cpu"
+
+
 def point_settings(name: str) -> dict:
     """The model settings a point changes from its preset (cpu, or cpu-text for copied points)."""
     if name in COPIED:
@@ -114,7 +118,7 @@ def train(names: list[str]) -> None:
             print(" ".join(command + ["--output", str(RUNS / name / "last")]), flush=True)
             subprocess.run(command + ["--output", str(RUNS / name / "last")], check=True)
             continue
-        command = [mbc, "train", "--preset", "cpu-text" if name in COPIED else "cpu", "--data", "generated"]
+        command = [mbc, "train", "--preset", point_preset(name), "--data", "generated"]
         command += ["--output", str(RUNS / name), "--max-steps", str(point_steps(name))]
         for key, value in point_settings(name).items():
             command += ["--set", f"{key}={value}"]

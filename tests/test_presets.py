@@ -1,3 +1,6 @@
+import importlib.util
+from pathlib import Path
+
 import pytest
 
 from mbc.config import MBCConfig
@@ -23,3 +26,17 @@ def test_the_text_preset_copies_vocabulary_codes_into_128_bytes():
 def test_an_unknown_preset_is_named_with_the_known_ones():
     with pytest.raises(MBCError, match="unknown preset 'cpu-txt'; choose one of .*cpu-text"):
         preset("cpu-txt")
+
+
+def test_every_frontier_point_is_a_valid_model_of_its_preset():
+    spec = importlib.util.spec_from_file_location(
+        "frontier", Path(__file__).resolve().parents[1] / "bench" / "frontier.py"
+    )
+    frontier = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(frontier)
+    for name in [*frontier.POINTS, *frontier.COPIED]:
+        config = MBCConfig.from_dict(preset(frontier.point_preset(name))["model"] | frontier.point_settings(name))
+        if name in frontier.COPIED:
+            slots, entry_bytes, key_bytes = frontier.COPIED[name]
+            stored = (config.codebook, config.num_slots, config.code_entry_bytes, config.retrieval_subspaces)
+            assert stored == ("vocabulary", slots, entry_bytes, key_bytes)
