@@ -133,7 +133,7 @@ CASES = [
     ),
     (
         lambda f: ["eval", "missing-checkpoint", "--mbc-retrieval", "num_slots=3", "--method", "mbc"],
-        "sets lexical_weight only, not num_slots",
+        "sets lexical_weight, retrieval_top_k only, not num_slots",
     ),
     (
         lambda f: ["eval", "missing-checkpoint", "--mbc-retrieval", "lexical_weight=1", "--method", "mbc"],

@@ -300,12 +300,24 @@ def test_the_held_reader_reads_its_rows_below_the_kv_lora_once_and_scores_as_the
     assert all(g is None for g in grads[len(lora) :])  # the QA loss reaches no code
 
 
-def test_input_reading_needs_one_document_of_vocabulary_codes_and_no_prefix_warm_start(tiny_paths, tmp_path):
+def test_input_reading_of_the_top_two_documents_puts_both_entries_before_the_question(tiny_model, tmp_path):
+    model = tiny_model(codebook="vocabulary", codebook_metric="cosine", code_reading="input", **KEYS).eval()
+    model.retrieval_keys.fit(DOCUMENTS + MORE_DOCUMENTS)
+    bank = MemoryBank.open(tmp_path / "bank.sqlite", BankLayout.of(model))
+    ingest(model, bank, DOCUMENTS)
+    model.config = replace(model.config, retrieval_top_k=2)  # a read-time setting (mbc eval --mbc-retrieval)
+    prompts, read = model.code_prompts(reader_for(model, bank), QUESTIONS)
+    before, after = ids_around_context(model.llm.tokenizer, QUESTIONS[0])
+    first, second = bank.entries(read[0])[..., 0].tolist()
+    assert len(read[0]) == 2 and prompts[0] == before + first + second + after
+
+
+def test_input_reading_needs_vocabulary_codes_a_retrieval_key_and_no_prefix_warm_start(tiny_paths, tmp_path):
     from mbc.training.trainer import TrainConfig, train
 
     with pytest.raises(MBCError, match="codebook=vocabulary"):
         MBCConfig(code_reading="input", retrieval_top_k=1)
-    with pytest.raises(MBCError, match="retrieval_top_k=1"):
+    with pytest.raises(MBCError, match="retrieval_top_k >= 1"):
         MBCConfig(code_reading="input", codebook="vocabulary")
     config = tiny_config(tiny_paths, codebook="vocabulary", code_reading="input", **KEYS)
     rows = generate_examples(4, seed=1)

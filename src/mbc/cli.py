@@ -82,7 +82,9 @@ FinetuneRateOption = typer.Option(3e-5, help="online fine-tuning: AdamW's learni
 FinetuneStepsOption = typer.Option(1, help="online fine-tuning: gradient steps per document")
 
 TOKEN_RETRIEVAL = ("lexical_weight", "embedding_weight")  # read-time weights of token_memory.py's retrieval
-MBC_RETRIEVAL = ("lexical_weight",)  # read-time weight of MBC's retrieval over vocabulary codes (model.py)
+# read-time settings of MBC's retrieval over vocabulary codes (model.py): BM25's weight, and how many
+# documents' codes input-side reading puts before the question (it trains on one)
+MBC_RETRIEVAL = ("lexical_weight", "retrieval_top_k")
 
 
 ExtraTrainOption = typer.Option(
@@ -495,7 +497,7 @@ def evaluate_online(
     ),
     mbc_retrieval: list[str] = typer.Option(
         [],
-        help="read MBC's vocabulary codes with another retrieval weight, KEY=VALUE (keys: "
+        help="read MBC's vocabulary codes with other retrieval settings, KEY=VALUE (keys: "
         + ", ".join(MBC_RETRIEVAL)
         + "); the stored bytes stay as they are",
     ),

@@ -115,11 +115,11 @@ class MBCConfig:
 
     def __post_init__(self):
         if self.code_reading == "input" and (
-            self.codebook != "vocabulary" or self.codebook_stages != 1 or self.retrieval_top_k != 1
+            self.codebook != "vocabulary" or self.codebook_stages != 1 or self.retrieval_top_k < 1
         ):
             raise MBCError(
-                "code_reading 'input' puts one document's token ids before the question: it needs "
-                "codebook=vocabulary, codebook_stages=1 and retrieval_top_k=1"
+                "code_reading 'input' puts its top documents' token ids before the question: it needs "
+                "codebook=vocabulary, codebook_stages=1 and retrieval_top_k >= 1"
             )
         if self.code_entry_bytes is not None and self.code_reading != "input":
             raise MBCError(

@@ -368,11 +368,11 @@ class MBCModel(nn.Module):
         return states.mask.sum(1).clamp(max=self.config.num_slots).long().tolist()
 
     def code_prompts(self, reader, questions: list[str]) -> tuple[list[list[int]], list[list[int]]]:
-        """Each question's prompt: its top-1 document's token ids as the context of the token
-        memory's worked-example prompt (prompts.py), which teaches the untrained LLM the answer
-        format; and the bank ids read."""
+        """Each question's prompt: its top documents' token ids (``retrieval_top_k``, best first)
+        as the context of the token memory's worked-example prompt (prompts.py), which teaches the
+        untrained LLM the answer format; and the bank ids read."""
         read = reader.top_ids(questions)
-        codes = self.codec.token_ids(reader.bank.entries([ids[0] for ids in read]))
+        codes = [sum(self.codec.token_ids(reader.bank.entries(ids)), []) for ids in read]  # best first
         around = [ids_around_context(self.llm.tokenizer, q) for q in questions]
         return [before + c + after for c, (before, after) in zip(codes, around)], read
 
