@@ -280,26 +280,6 @@ def test_input_reading_trains_the_codes_through_the_llms_input_and_answers_from_
         model.answer(QUESTIONS, model.memory(model.compress(DOCUMENTS)))
 
 
-def test_the_held_reader_reads_its_rows_below_the_kv_lora_once_and_scores_as_the_whole_llm(tiny_model):
-    model = tiny_model(
-        codebook="vocabulary", codebook_metric="cosine", code_reading="input", lora_layers=1, prefix_layers=1, **KEYS
-    )
-    model.retrieval_keys.fit(DOCUMENTS + MORE_DOCUMENTS)
-    model.eval()  # no dropout: the two paths must see the same rows
-    held = Step(hold_reading=True)
-    whole = StepObjective(model)(DOCUMENTS[:2], QUESTIONS, ANSWERS, [0, 1], held)
-    frozen = FrozenActivations(model)
-    kept = StepObjective(model, frozen)(DOCUMENTS[:2], QUESTIONS, ANSWERS, [0, 1], held)
-    assert torch.allclose(kept.qa_loss, whole.qa_loss, atol=1e-5) and len(frozen.llm.rows) == len(QUESTIONS)
-    again = StepObjective(model, frozen)(DOCUMENTS[:2], QUESTIONS, ANSWERS, [0, 1], held)
-    assert len(frozen.llm.rows) == len(QUESTIONS) and torch.equal(again.qa_loss, kept.qa_loss)  # nothing new ran
-    lora = [p for n, p in model.named_parameters() if "lora" in n and p.requires_grad]
-    reading = list(model.amortization.slot_mlp.parameters())
-    grads = torch.autograd.grad(again.qa_loss, lora + reading, allow_unused=True)
-    assert any(g is not None and g.abs().sum() > 0 for g in grads[: len(lora)])  # the reader learns
-    assert all(g is None for g in grads[len(lora) :])  # the QA loss reaches no code
-
-
 def test_input_reading_of_the_top_two_documents_puts_both_entries_before_the_question(tiny_model, tmp_path):
     model = tiny_model(codebook="vocabulary", codebook_metric="cosine", code_reading="input", **KEYS).eval()
     model.retrieval_keys.fit(DOCUMENTS + MORE_DOCUMENTS)

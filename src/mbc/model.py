@@ -345,20 +345,11 @@ class MBCModel(nn.Module):
             raise MBCError("input-side reading trains each question on its own document: pass question_documents")
         ids = memory.indices[..., 0]
         embeddings = self.quantizer.stages[0].to_embeddings(memory.vectors, ids)
-        befores, lengths, afters, answer_ids = self.reading_rows(questions, answers, ids, own, filled)
-        read = [embeddings[d, :length] for d, length in zip(own, lengths)]
-        return self.llm.loss_around(read, befores, afters, answer_ids)
-
-    def reading_rows(
-        self, questions: list[str], answers: list[str], ids: torch.Tensor, own: list[int], filled: list[int] | None
-    ) -> tuple[list[list[int]], list[int], list[list[int]], list[list[int]]]:
-        """What ``input_reading_loss`` reads for each question, as token ids: the ids before its own
-        document's codes, how many of the codes (``ids`` [documents, K]) the entry keeps, the ids
-        after them (the question) and the answer's."""
         lengths = [len(row) for row in self.codec.kept(ids.tolist(), filled)]
         befores, afters = zip(*(ids_around_context(self.llm.tokenizer, q) for q in questions))
         answer_ids = [self.llm.answer_ids(a) for a in answers]
-        return list(befores), [lengths[d] for d in own], list(afters), answer_ids
+        read = [embeddings[d, : lengths[d]] for d in own]
+        return self.llm.loss_around(read, list(befores), list(afters), answer_ids)
 
     def filled_slots(self, states: PointerStates | None) -> list[int] | None:
         """How many of the K slots each document fills: with ``pointer_copy`` a document of fewer

@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 
 from mbc.model import MBCModel
-from mbc.network.frozen_llm import IGNORE, pad
+from mbc.network.frozen_llm import pad
 
 
 class _RowCache:
@@ -112,17 +112,6 @@ class FrozenActivations:
         lower = self.llm.padded(_token_keys(ids, mask), ids.device, llm.lower_hidden)
         return llm.qa_loss_from_lower(lower, mask, labels, prefix)
 
-    def held_reading_loss(
-        self, questions: list[str], answers: list[str], ids: torch.Tensor, own: list[int], filled: list[int] | None
-    ) -> torch.Tensor:
-        """``model.input_reading_loss`` while only the reader learns (``hold_reading``): the codes
-        get no gradient, so each row is its token ids, and the layers below the KV-LoRA run once
-        per row (``ids``: the documents' code ids [documents, K])."""
-        befores, lengths, afters, answer_ids = self.model.reading_rows(questions, answers, ids, own, filled)
-        codes = ids.tolist()
-        prompts = [b + codes[d][:n] + a for b, d, n, a in zip(befores, own, lengths, afters)]
-        return prompts_loss_from_lower(self.model.llm, self.llm, prompts, answer_ids)
-
     def amortize(self, documents: list[str], states=None) -> torch.Tensor:
         """``model.amortize``, running only the encoder's trained layers (and the pointer's LLM layers
         once a document)."""
@@ -151,16 +140,6 @@ class FrozenActivations:
         if self.questions is None:
             return self.model.queries(questions)
         return _from_lower(self.model.question_network, self.questions, self.model.question_tokens(questions))
-
-
-def prompts_loss_from_lower(llm, kept: _RowCache, prompts: list[list[int]], answers: list[list[int]]) -> torch.Tensor:
-    """``llm.prompts_loss`` (the loss of ``answers`` ids after ``prompts`` ids) with the frozen
-    layers below its KV-LoRA run once per row and kept in ``kept``."""
-    ids = [prompt + answer for prompt, answer in zip(prompts, answers)]
-    mask = pad([[1] * len(i) for i in ids], 0).to(llm.device)
-    labels = pad([[IGNORE] * len(prompt) + answer for prompt, answer in zip(prompts, answers)], IGNORE).to(llm.device)
-    lower = kept.padded([tuple(i) for i in ids], llm.device, llm.lower_hidden)
-    return llm.qa_loss_from_lower(lower, mask, labels, None)
 
 
 def _from_lower(network, cache: _RowCache, tokens) -> torch.Tensor:

@@ -104,17 +104,10 @@ class StepObjective(nn.Module):
             )
             return StepOutput(loss, zero, memory.vq_loss, memory.perplexity, zero, zero, naming)
         if model.reads_input:  # the codes as tokens before the question: no modulation, probe or float memory
-            filled = model.filled_slots(states)
-            if step.hold_reading:  # only the reader (KV-LoRA) learns: the codes are token ids, no graph below
-                held = 0.0 * memory.vectors.sum()
-                if frozen is not None and frozen.llm is not None:  # rows kept by their ids
-                    qa_loss = frozen.held_reading_loss(questions, answers, memory.indices[..., 0], own, filled)
-                else:
-                    read = replace(memory, vectors=memory.vectors.detach())
-                    qa_loss = model.input_reading_loss(questions, answers, read, own, filled)
-            else:
-                held = 0.0
-                qa_loss = model.input_reading_loss(questions, answers, memory, own, filled)
+            read, held = memory, 0.0
+            if step.hold_reading:  # only the reader (KV-LoRA) learns: the LLM's lower layers build no graph
+                read, held = replace(memory, vectors=memory.vectors.detach()), 0.0 * memory.vectors.sum()
+            qa_loss = model.input_reading_loss(questions, answers, read, own, model.filled_slots(states))
             zero = qa_loss.new_zeros(())
             loss = qa_loss + model.config.vq_weight * memory.vq_loss + step.naming_weight * naming + held
             return StepOutput(loss, qa_loss, memory.vq_loss, memory.perplexity, zero, zero, naming)

@@ -170,7 +170,8 @@ def train_reader(
     when this run's settings (``fitted_with`` too: how the memory was fitted) are the saved run's.
     Returns the loss of every step (the saved ones included)."""
     from mbc.data import documents as distinct_documents
-    from mbc.training.activations import FrozenStore, prompts_loss_from_lower
+    from mbc.network.frozen_llm import IGNORE, pad
+    from mbc.training.activations import FrozenStore
 
     llm = model.llm
     if kept_texts is None:
@@ -183,8 +184,11 @@ def train_reader(
     lower_rows = FrozenStore().part("reader rows")
 
     def batch_loss(batch) -> torch.Tensor:
-        prompts, answers = zip(*batch)
-        return prompts_loss_from_lower(llm, lower_rows, list(prompts), list(answers))
+        ids = [prompt + answer for prompt, answer in batch]
+        mask = pad([[1] * len(i) for i in ids], 0).to(llm.device)
+        labels = pad([[IGNORE] * len(prompt) + answer for prompt, answer in batch], IGNORE).to(llm.device)
+        lower = lower_rows.padded([tuple(i) for i in ids], llm.device, llm.lower_hidden)
+        return llm.qa_loss_from_lower(lower, mask, labels, None)
 
     settings = {
         "fitted_with": fitted_with or {},
