@@ -3,7 +3,6 @@ without what training keeps of frozen work, side by side.
 
     .venv/bin/python bench/train_step.py [--batch 8] [--batches 6] [--presets cpu,distilgpt2] [--repeats 1] [--data PATH]
                                          [--variants 0,1,...]   # positions in VARIANTS
-    .venv/bin/python bench/train_step.py --presets cpu-text --variants 7,8   # the reader-only steps
 
 Each variant runs in its own subprocess so that its peak resident memory (ru_maxrss) is its own,
 through the trainer's own step (StepObjective, the trainer's optimizer, the schedule's QA step):
@@ -16,8 +15,6 @@ through the trainer's own step (StepObjective, the trainer's optimizer, the sche
   the encoder), the layers below kept per text. The other variants train the encoders whole;
 - ``..., gap``: and every step also measures the reading gap (a forward with each question
   reading another document; ``gap_every=5`` in the cpu preset measures it every fifth step).
-- ``..., reader alone``: the cpu-text preset's first steps (``hold_reading_steps``), where only the
-  KV-LoRA reader learns from the copied codes; ``rows not kept``: each row through every LLM layer.
 Every variant times the same ``--batches`` batches after one untimed warm-up batch. The DistilGPT2
 preset puts a prefix in every layer, so nothing lies below it to cache. It uses a DistilGPT2-shaped
 GPT-2 and two t5-small-shaped T5 encoders at random weights (bench/shapes.py). The reference
@@ -51,11 +48,11 @@ def _rows(data: str | None, count: int):
     return spec, random.Random(0).sample(rows, count)
 
 
-def _cpu_preset_model(name: str, **overrides):
+def _cpu_preset_model(**overrides):
     from mbc import MBCConfig, MBCModel
     from mbc.presets import preset
 
-    return MBCModel.build(MBCConfig(**{**preset(name)["model"], **overrides}))
+    return MBCModel.build(MBCConfig(**{**preset("cpu")["model"], **overrides}))
 
 
 VARIANTS = (
@@ -69,10 +66,6 @@ VARIANTS = (
     # and the step under bf16 autocast (TrainConfig.mixed_precision="bf16"): fast where the CPU
     # has bf16 matrix units (AMX), slow where oneDNN emulates them
     "fused Adam + cache, encoders' top 0 train, bf16",
-    # the cpu-text preset's reader-only steps (hold_reading_steps): every LLM layer run on each row,
-    # as before 2026-12-08, against the rows' layers below the KV-LoRA kept as the cache's other parts
-    "fused Adam + cache, encoders' top 0 train, bf16, reader alone, rows not kept",
-    "fused Adam + cache, encoders' top 0 train, bf16, reader alone",
 )
 
 
@@ -93,9 +86,7 @@ def measure(name: str, variant: str, batch: int, batches: int, data: str | None,
     # The encoders train whole unless the variant says otherwise (the cpu preset now freezes them).
     overrides = {"encoder_trained_layers": int(variant.split("top ")[1][0]) if "top" in variant else None}
     model = (
-        _cpu_preset_model(name, **overrides)
-        if name.startswith("cpu")
-        else distilgpt2_shaped_model(Path(backbones), **overrides)
+        _cpu_preset_model(**overrides) if name == "cpu" else distilgpt2_shaped_model(Path(backbones), **overrides)
     ).train()
     if model.retrieval_keys is not None:
         # centroids need as many documents as codes; with top-1 a training step reads each row's own document
@@ -105,13 +96,8 @@ def measure(name: str, variant: str, batch: int, batches: int, data: str | None,
     else:
         optimizer = make_optimizer(model, train)
     cache = FrozenActivations(model) if "cache" in variant else None
-    if variant.endswith("rows not kept"):
-        cache.llm = None
     objective = StepObjective(model, cache)
     spec, rows = _rows(data, batch * (batches + 1))
-    if model.prefix_code is not None:  # copied codes stored under a prefix code (the cpu-text preset)
-        model.fit_code(list(dict.fromkeys(r.document for r in rows)))
-    held = "reader alone" in variant
     chunks = [rows[i * batch : (i + 1) * batch] for i in range(batches + 1)]
 
     def step(chunk) -> float:
@@ -119,8 +105,8 @@ def measure(name: str, variant: str, batch: int, batches: int, data: str | None,
         documents = list(dict.fromkeys(r.document for r in chunk))
         own = [documents.index(r.document) for r in chunk]
         questions, answers = [r.question for r in chunk], [r.answers[0] for r in chunk]
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled="bf16" in variant):
-            out = objective(documents, questions, answers, own, Step(measure_gap="gap" in variant, hold_reading=held))
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=variant.endswith("bf16")):
+            out = objective(documents, questions, answers, own, Step(measure_gap=variant.endswith("gap")))
         out.loss.backward()
         optimizer.step()
         optimizer.zero_grad()
