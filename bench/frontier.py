@@ -140,18 +140,22 @@ def kept_score(key: str, compute) -> dict:
     return scores[key]
 
 
-def kept_rows(questions: int) -> dict:
-    """The rows ``KEPT`` holds for this many questions, by label."""
+def _every_kept_row() -> dict:
     import json
 
-    return json.loads(KEPT.read_text()).get(str(questions), {}) if KEPT.exists() else {}
+    return json.loads(KEPT.read_text()) if KEPT.exists() else {}
+
+
+def kept_rows(questions: int) -> dict:
+    """The rows ``KEPT`` holds for this many questions, by label."""
+    return _every_kept_row().get(str(questions), {})
 
 
 def keep_rows(questions: int, results: dict) -> None:
     """``results`` into ``KEPT`` beside the rows of points not in this table."""
     import json
 
-    every = json.loads(KEPT.read_text()) if KEPT.exists() else {}
+    every = _every_kept_row()
     every[str(questions)] = {**every.get(str(questions), {}), **results}
     KEPT.write_text(json.dumps(every, indent=1, sort_keys=True) + "\n")
 
@@ -253,15 +257,15 @@ def table(questions: int, mac: str | None, names: list[str], figure: Path) -> No
     results = {}
     for name in names:
         label = name if name in TOKEN_POINTS else f"mbc {name}"
-        if not trained(name) and label in kept:
-            print(f"{name}: no run here; its scores as {KEPT.name} keeps them")
-            results[label] = kept[label]
-        elif trained(name):
+        if trained(name):
             last = RUNS / name / "last"
             key = f"{weights_digest(last)} {len(rows)}"
             if name in TOKEN_POINTS:  # one scorer and one set of keys, whatever K: the same weights
                 key += f" {token_settings(name)} lexical={lexical_weight(last)}"
             results[label] = kept_score(key, lambda: score_point(last, rows, unrelated))
+        elif label in kept:
+            print(f"{name}: no run here; its scores as {KEPT.name} keeps them")
+            results[label] = kept[label]
         else:
             print(f"{name}: not trained to its end yet: bench/frontier.py train --points {name}")
     mac_checkpoint = Path(mac) if mac else cached_adapter(quantize=False)

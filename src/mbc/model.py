@@ -363,7 +363,8 @@ class MBCModel(nn.Module):
         as the context of the token memory's worked-example prompt (prompts.py), which teaches the
         untrained LLM the answer format; and the bank ids read."""
         read = reader.top_ids(questions)
-        codes = [sum(self.codec.token_ids(reader.bank.entries(ids)), []) for ids in read]  # best first
+        entries = iter(self.codec.token_ids(reader.bank.entries([i for ids in read for i in ids])))  # one read
+        codes = [[token for _ in ids for token in next(entries)] for ids in read]  # best first
         around = [ids_around_context(self.llm.tokenizer, q) for q in questions]
         return [before + c + after for c, (before, after) in zip(codes, around)], read
 
