@@ -292,6 +292,74 @@ def test_input_reading_of_the_top_two_documents_puts_both_entries_before_the_que
     assert len(read[0]) == 2 and prompts[0] == before + first + second + after
 
 
+def test_training_to_read_the_top_two_puts_the_best_keyed_other_document_beside_its_own_in_key_order(
+    tiny_model, monkeypatch
+):
+    model = tiny_model(codebook="vocabulary", codebook_metric="cosine", code_reading="input", **KEYS).train()
+    model.retrieval_keys.fit(DOCUMENTS + MORE_DOCUMENTS)
+    model.config = replace(model.config, retrieval_top_k=2)
+    own = [0, 1]
+    reads = model._training_reads(QUESTIONS, DOCUMENTS, own, ranked=True)
+    scores = model.retrieval_keys.scores(QUESTIONS, model.retrieval_keys.keys_of(DOCUMENTS))
+    assert all(d in row for d, row in zip(own, reads.tolist())) and reads.shape == (2, 2)
+    assert (scores.gather(1, reads).diff(dim=1) <= 0).all()  # best first, wherever its own ranks
+    memory = model.codec.training_memory(model.amortize(DOCUMENTS))
+    codes = model.quantizer.stages[0].to_embeddings(memory.vectors, memory.indices[..., 0])
+    seen = []
+    monkeypatch.setattr(model.llm, "loss_around", lambda read, *rest: seen.extend(read) or torch.zeros(()))
+    model.input_reading_loss(QUESTIONS, ANSWERS, memory, own, documents=DOCUMENTS)
+    assert [torch.equal(r, torch.cat([codes[d] for d in row])) for r, row in zip(seen, reads.tolist())] == [True] * 2
+    seen.clear()
+    model.input_reading_loss(QUESTIONS, ANSWERS, memory, own)  # no batch documents: its own alone
+    assert [torch.equal(r, codes[d]) for r, d in zip(seen, own)] == [True] * 2
+
+
+def test_training_can_start_from_a_trained_adapters_weights_and_keeps_its_fitted_parts(
+    tiny_paths, tmp_path, monkeypatch
+):
+    from mbc.training.trainer import TrainConfig, train
+
+    config = tiny_config(
+        tiny_paths, **PLACED, codebook_metric="cosine", code_reading="input", code_entry_bytes=6, **KEYS
+    )
+    rows = generate_examples(4, seed=1)
+    steps = dict(naming_steps=1, naming_fill=True, probe_steps=0, probe_weight=0.0, eval_questions=0, batch_size=2)
+    train(config, TrainConfig(output_dir=str(tmp_path / "a"), max_steps=1, **steps), rows, rows)
+    trained = MBCModel.from_pretrained(tmp_path / "a" / "last")
+    with torch.no_grad():  # a salience that fitting the placement again would not give
+        trained.pointer.salience.weight.add_(torch.randn_like(trained.pointer.salience.weight))
+    trained.save_pretrained(tmp_path / "a2")
+    started = {}
+
+    def record(self, *args, **kwargs):  # the weights as the second run's first step finds them
+        if not started:
+            started.update({k: v.clone() for k, v in self.model.trainable_state_dict().items()})
+        return original(self, *args, **kwargs)
+
+    original = StepObjective.forward
+    monkeypatch.setattr(StepObjective, "forward", record)
+    train(
+        replace(config, retrieval_top_k=2),
+        TrainConfig(output_dir=str(tmp_path / "b"), max_steps=1, **steps),
+        rows,
+        rows,
+        init_from=tmp_path / "a2",
+        trained_on="again",
+    )
+    expected = trained.trainable_state_dict()
+    assert set(started) == set(expected) and all(torch.equal(started[k], expected[k]) for k in expected)
+    assert MBCModel.from_pretrained(tmp_path / "b" / "last").trained_on == "again"
+    other = replace(config, num_slots=config.num_slots + 1)
+    with pytest.raises(MBCError, match="cannot start from the weights in"):
+        train(
+            other,
+            TrainConfig(output_dir=str(tmp_path / "c"), max_steps=1, **steps),
+            rows,
+            rows,
+            init_from=tmp_path / "a" / "last",
+        )
+
+
 def test_input_reading_needs_vocabulary_codes_a_retrieval_key_and_no_prefix_warm_start(tiny_paths, tmp_path):
     from mbc.training.trainer import TrainConfig, train
 

@@ -192,6 +192,11 @@ def train(
         help="MAC (--set quantize=false): start from a MBC run's float-memory state, <run>/float-memory "
         "(that run trained with --train-set keep_float_memory_state=true and the same settings)",
     ),
+    init_from: Optional[Path] = typer.Option(
+        None,
+        help="start at step 0 from this checkpoint's trained weights (the same model shapes), "
+        "e.g. to teach a trained adapter to read its top 2 documents (--set retrieval_top_k=2)",
+    ),
 ):
     """Meta-train MBC on the train split (by article / document group) and validate on the validation split."""
     from mbc import data as qa_data
@@ -225,6 +230,7 @@ def train(
             splits["validation"],
             start_from=start_from,
             trained_on=trained_on,
+            init_from=init_from,
         )
     finally:  # a run stopped midway (SIGTERM, Ctrl-C) gets the curve of the steps it made too
         if main and (output / "metrics.jsonl").exists():

@@ -287,7 +287,7 @@ class MBCModel(nn.Module):
         document, is required). mbc.training's objectives add the training schedule's variants."""
         memory = self.codec.training_memory(self.amortize(documents))
         if self.reads_input:
-            qa_loss = self.input_reading_loss(questions, answers, memory, question_documents)
+            qa_loss = self.input_reading_loss(questions, answers, memory, question_documents, documents=documents)
             return MBCOutput(
                 qa_loss + self.config.vq_weight * memory.vq_loss, qa_loss, memory.vq_loss, memory.perplexity
             )
@@ -319,15 +319,20 @@ class MBCModel(nn.Module):
             return self.read_documents(queries, memory[chosen])
         return self.aggregator(queries, memory.reshape(1, -1, memory.shape[-1]), memory_mask=visible)
 
-    def _training_reads(self, questions: list[str], documents: list[str], own: list[int]) -> torch.Tensor:
-        """[B, k] batch documents each question reads: its own first, then the best-keyed others."""
+    def _training_reads(
+        self, questions: list[str], documents: list[str], own: list[int], ranked: bool = False
+    ) -> torch.Tensor:
+        """[B, k] batch documents each question reads: its own and the k - 1 best-keyed others, its
+        own first, or with ``ranked`` all in the order of their keys' scores (as a bank is read)."""
         own_index = torch.tensor(own, device=self.device)[:, None]
         k = min(self.config.retrieval_top_k, len(documents))
         if k == 1:
             return own_index
         scores = self.retrieval_keys.scores(questions, self.retrieval_keys.keys_of(documents))
-        scores.scatter_(1, own_index, float("inf"))
-        return scores.topk(k, dim=1).indices
+        chosen = scores.scatter(1, own_index, float("inf")).topk(k, dim=1).indices
+        if ranked:
+            chosen = chosen.gather(1, scores.gather(1, chosen).argsort(1, descending=True))
+        return chosen
 
     # ---- input-side reading (code_reading="input"): codes as tokens before the question ------
     @property
@@ -335,12 +340,21 @@ class MBCModel(nn.Module):
         return self.config.code_reading == "input"
 
     def input_reading_loss(
-        self, questions: list[str], answers: list[str], memory, own: list[int] | None, filled: list[int] | None = None
+        self,
+        questions: list[str],
+        answers: list[str],
+        memory,
+        own: list[int] | None,
+        filled: list[int] | None = None,
+        documents: list[str] | None = None,
     ) -> torch.Tensor:
         """The QA loss of each question asked after its own document's codes (``memory``, a training
         batch's ``TrainingMemory``; ``own[i]``: question i's document), the codes entering as their
         tokens' input embeddings with the vectors' gradients passed straight through. Only the codes
-        the document's entry will hold are read (``filled``: ``filled_slots``; the codec's ``kept``)."""
+        the document's entry will hold are read (``filled``: ``filled_slots``; the codec's ``kept``).
+        With ``retrieval_top_k`` = k > 1 and the batch's ``documents``, a question reads the codes of
+        its own and the k - 1 best-keyed other documents, in their keys' order as ``code_prompts``
+        reads a bank: a reader trained on its own document alone is misled by a second one."""
         if own is None:
             raise MBCError("input-side reading trains each question on its own document: pass question_documents")
         ids = memory.indices[..., 0]
@@ -348,7 +362,10 @@ class MBCModel(nn.Module):
         lengths = [len(row) for row in self.codec.kept(ids.tolist(), filled)]
         befores, afters = zip(*(ids_around_context(self.llm.tokenizer, q) for q in questions))
         answer_ids = [self.llm.answer_ids(a) for a in answers]
-        read = [embeddings[d, : lengths[d]] for d in own]
+        reads = [[d] for d in own]
+        if documents is not None:
+            reads = self._training_reads(questions, documents, own, ranked=True).tolist()
+        read = [torch.cat([embeddings[d, : lengths[d]] for d in row]) for row in reads]
         return self.llm.loss_around(read, list(befores), list(afters), answer_ids)
 
     def filled_slots(self, states: PointerStates | None) -> list[int] | None:

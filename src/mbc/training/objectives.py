@@ -107,7 +107,7 @@ class StepObjective(nn.Module):
             read, held = memory, 0.0
             if step.hold_reading:  # only the reader (KV-LoRA) learns: the LLM's lower layers build no graph
                 read, held = replace(memory, vectors=memory.vectors.detach()), 0.0 * memory.vectors.sum()
-            qa_loss = model.input_reading_loss(questions, answers, read, own, model.filled_slots(states))
+            qa_loss = model.input_reading_loss(questions, answers, read, own, model.filled_slots(states), documents)
             zero = qa_loss.new_zeros(())
             loss = qa_loss + model.config.vq_weight * memory.vq_loss + step.naming_weight * naming + held
             return StepOutput(loss, qa_loss, memory.vq_loss, memory.perplexity, zero, zero, naming)

@@ -317,12 +317,15 @@ def train(
     frozen_store: FrozenStore | None = None,
     start_from: Path | None = None,
     trained_on: str | None = None,
+    init_from: Path | None = None,
 ) -> dict:
     """Train, validate and checkpoint into ``config.output_dir``; returns the final validation metrics.
     ``frozen_store``: frozen work kept by an earlier training on the same backbones, to reuse (activations.py).
     ``start_from`` (MAC): a MBC run's float-memory state (keep_float_memory_state) to begin at when
     this run has no state of its own to resume. ``trained_on``: a line saying what the rows are, kept
-    in every checkpoint for its users (``describe_training``)."""
+    in every checkpoint for its users (``describe_training``). ``init_from``: a checkpoint whose trained
+    weights this run starts from at step 0 (the same shapes; its fitted keys, prefix code and salience
+    are kept): a trained adapter taught other training settings, e.g. reading its top 2 documents."""
     if config.return_freed_memory:
         keep_large_allocations_on_mmap()
     if len(train_rows) < config.batch_size:
@@ -347,7 +350,7 @@ def train(
     model = MBCModel.build(model_config)
     model.trained_on = trained_on
     run = _Run(model, config, accelerator, train_rows, validation_rows)
-    run.begin(start_from, frozen_store)
+    run.begin(start_from, frozen_store, init_from)
     with StopRequests() as stops:
         while not run.finished:
             for batch in run.epoch_batches():
@@ -389,8 +392,9 @@ class _Run:
             "train_seconds": 0.0,
         }
 
-    def begin(self, start_from: Path | None, frozen_store: FrozenStore | None) -> None:
-        """Resume the run saved in ``last/`` (or start a MAC run from ``start_from``), then get ready to step."""
+    def begin(self, start_from: Path | None, frozen_store: FrozenStore | None, init_from: Path | None = None) -> None:
+        """Resume the run saved in ``last/`` (or start a MAC run from ``start_from``, or this one from
+        ``init_from``'s weights), then get ready to step."""
         config, model, last = self.config, self.model, self.out / "last"
         identity = run_identity(model.config, config, self.train_rows)
         if config.resume and has_training_state(last):
@@ -409,6 +413,14 @@ class _Run:
             self.accelerator.print(
                 f"started from the float-memory state in {start_from} at step {self.progress['step']}"
             )
+        elif init_from is not None:
+            trained_on = model.trained_on
+            try:
+                model.load_trainable_state(init_from)
+            except MBCError as error:
+                raise MBCError(f"cannot start from the weights in {init_from}: {error}") from error
+            model.trained_on = trained_on  # what this run reads, not what the weights read before
+            self.accelerator.print(f"started from the weights in {init_from}")
         self.progress["identity"] = identity
         if model.retrieval_keys is not None and not bool(model.retrieval_keys.fitted):
             model.retrieval_keys.fit(
@@ -429,7 +441,8 @@ class _Run:
             )
         ids = {text: named[0] for text, named in naming.items()}
         places = {text: named[1] for text, named in naming.items()}
-        if places and model.pointer is not None and model.pointer.salience is not None and not self.progress["step"]:
+        fit = not self.progress["step"] and init_from is None  # a trained salience is kept as it is
+        if places and model.pointer is not None and model.pointer.salience is not None and fit:
             fit_placement(model.pointer, (frozen or model).pointer_states, places)
         objective = StepObjective(model, frozen, ids, places)
         self.objective, self.optimizer = self.accelerator.prepare(objective, self.optimizer)
