@@ -13,9 +13,9 @@ budget: printed, for every paragraph of the split at once, the share of question
 paragraph scores best, by total bytes, key bytes and BM25 weight, beside the float embedding and
 BM25 over the whole paragraph.
 
-``--rebudget KEY,ENTRY --output DIR`` writes the adapter with that key (its centroids fitted on the
-training documents, as training does) and that entry size, so that ``mbc eval`` measures what the
-split reads.
+``--rebudget KEY,ENTRY[,INDEX] --output DIR`` writes the adapter with that key (its centroids fitted
+on the training documents, as training does), that entry size and that many bytes of rare tokens
+after the codes for BM25 (``index_entry_bytes``), so that ``mbc eval`` measures what the split reads.
 """
 
 from __future__ import annotations
@@ -34,12 +34,19 @@ from mbc.network.retrieval import ProductQuantizer
 WEIGHTS = (0.3, 1.0, 2.0)
 
 
-def rebudget(checkpoint: str, key_bytes: int, entry_bytes: int, train_documents: list[str]) -> MBCModel:
-    """The adapter in ``checkpoint`` with another key size and entry size, its key refitted."""
+def rebudget(
+    checkpoint: str, key_bytes: int, entry_bytes: int, train_documents: list[str], index_bytes: int = 0
+) -> MBCModel:
+    """The adapter in ``checkpoint`` with another key size, entry size and index, its key refitted."""
     trained = MBCModel.from_pretrained(checkpoint)
     state = {k: v for k, v in trained.trainable_state_dict().items() if not k.startswith("retrieval_keys.")}
     model = MBCModel.build(
-        replace(read_config(checkpoint), retrieval_subspaces=key_bytes, code_entry_bytes=entry_bytes)
+        replace(
+            read_config(checkpoint),
+            retrieval_subspaces=key_bytes,
+            code_entry_bytes=entry_bytes,
+            index_entry_bytes=index_bytes,
+        )
     )
     model.load_state_dict(state, strict=False)
     model.trained_on = trained.trained_on
@@ -74,7 +81,7 @@ def main() -> None:
     parser.add_argument("--split", default="validation", choices=("validation", "test"))
     parser.add_argument("--totals", default="128,96,64", help="bytes per paragraph: key + codes")
     parser.add_argument("--keys", default="8,16,32", help="key bytes tried within each total")
-    parser.add_argument("--rebudget", default=None, help="KEY,ENTRY: write the adapter at this split to --output")
+    parser.add_argument("--rebudget", default=None, help="KEY,ENTRY[,INDEX]: write the adapter so to --output")
     parser.add_argument("--output", default=None)
     args = parser.parse_args()
 
@@ -84,8 +91,8 @@ def main() -> None:
     if args.rebudget:
         if not args.output:
             raise SystemExit("--rebudget needs --output DIR")
-        key_bytes, entry_bytes = (int(x) for x in args.rebudget.split(","))
-        model = rebudget(args.adapter, key_bytes, entry_bytes, train_documents)
+        key_bytes, entry_bytes, *index_bytes = (int(x) for x in args.rebudget.split(","))
+        model = rebudget(args.adapter, key_bytes, entry_bytes, train_documents, *index_bytes)
         model.save_pretrained(args.output)
         print(f"written {args.output}: {model.bytes_per_document()}")
         return

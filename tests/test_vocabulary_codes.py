@@ -648,6 +648,36 @@ def test_prefix_coded_codes_store_the_longest_head_that_fits_and_are_read_as_tho
         model.memory(entries)
 
 
+def test_an_index_of_rare_tokens_follows_the_codes_for_bm25_and_the_reader_reads_the_codes_alone(tiny_model, tmp_path):
+    with pytest.raises(MBCError, match="index_entry_bytes"):
+        MBCConfig(codebook="vocabulary", code_reading="input", code_entry_bytes=8, index_entry_bytes=8, **KEYS)
+    settings = dict(**PLACED, code_reading="input", pointer_copy=True, code_entry_bytes=4, lexical_weight=1.0)
+    models = [tiny_model(**settings, index_entry_bytes=index, **KEYS).eval() for index in (0, 6)]
+    for model in models:
+        model.retrieval_keys.fit(DOCUMENTS + MORE_DOCUMENTS)
+        model.fit_code(DOCUMENTS + MORE_DOCUMENTS)
+    plain, indexed = models
+    entries = indexed.compress(DOCUMENTS)
+    assert (
+        entries.shape == (3, 10, 1) and indexed.bytes_per_document()["mbc"] == 10 == BankLayout.of(indexed).entry_bytes
+    )
+    codes = indexed.codec.token_ids(entries)
+    assert codes == plain.codec.token_ids(plain.compress(DOCUMENTS))  # the same codes, the index after them
+    coder = indexed.prefix_code.coder()
+    for document, held, both in zip(indexed.llm_token_ids(DOCUMENTS), codes, indexed.codec.lexical_ids(entries)):
+        index = both[len(held) :]
+        assert both[: len(held)] == held and index and not set(index) & set(held) and set(index) <= set(document)
+        assert [coder.lengths[t] for t in index] == sorted((coder.lengths[t] for t in index), reverse=True)
+        assert coder.bits(index) <= 8 * 6
+    bank = MemoryBank.open(tmp_path / "bank.sqlite", BankLayout.of(indexed))
+    ids = ingest(indexed, bank, DOCUMENTS).ids
+    rows = indexed.stored_keys(bank, ids)[:, indexed.config.retrieval_subspaces :]
+    assert [[t for t in row if t >= 0] for row in rows.tolist()] == indexed.codec.lexical_ids(entries)
+    prompts, read = indexed.code_prompts(reader_for(indexed, bank), QUESTIONS)
+    before, after = ids_around_context(indexed.llm.tokenizer, QUESTIONS[0])
+    assert prompts[0] == before + codes[ids.index(read[0][0])] + after  # the reader never reads the index
+
+
 def test_held_input_reading_trains_the_reader_alone_and_the_schedule_holds_after_naming(tiny_model):
     from mbc.training.schedule import Schedule
     from mbc.training.trainer import TrainConfig

@@ -63,6 +63,10 @@ class MBCConfig:
     # prefix code fitted on the training documents (network/token_coding.py, the token memory's
     # entry_bytes: ~11 bits a token instead of 16), the longest head of them that fits. None: 16 bits each.
     code_entry_bytes: Annotated[int | None, Field(ge=1, le=65536)] = None
+    # ... and after them, in this many more bytes, the document's rarest tokens its codes do not hold
+    # (the longest prefix codes first): an index that BM25 (lexical_weight) matches and the reader never
+    # reads, since a paragraph's answer-bearing codes leave out words its questions ask by (JOURNAL, session 37)
+    index_entry_bytes: Annotated[int, Field(ge=0, le=65536)] = 0
     codebook_size: Annotated[int, Field(ge=2, le=65536)] = 512
     codebook_stages: Annotated[int, Field(ge=1, le=16)] = (
         1  # > 1: residual quantization, one index per stage per vector
@@ -125,6 +129,13 @@ class MBCConfig:
             raise MBCError(
                 "code_entry_bytes stores vocabulary codes as a prefix code read as tokens: it needs "
                 "code_reading=input (and so codebook=vocabulary)"
+            )
+        if self.index_entry_bytes and (
+            self.code_entry_bytes is None or not self.code_pointer or not self.lexical_weight
+        ):
+            raise MBCError(
+                "index_entry_bytes stores a document's rarest tokens for BM25 beside its prefix-coded codes: "
+                "it needs code_entry_bytes, code_pointer=true and lexical_weight > 0"
             )
         if self.lexical_weight and (self.codebook != "vocabulary" or not self.retrieval_top_k):
             raise MBCError(

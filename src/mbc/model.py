@@ -57,6 +57,10 @@ class PointerStates(NamedTuple):
         """The states of these documents of the batch."""
         return PointerStates(self.ids[rows], self.mask[rows], self.hidden[rows])
 
+    def tokens(self) -> list[list[int]]:
+        """Each document's token ids, without the padding."""
+        return [row[: int(n)] for row, n in zip(self.ids.tolist(), self.mask.sum(1).tolist())]
+
 
 @dataclass
 class MBCOutput:
@@ -135,7 +139,9 @@ class MBCModel(nn.Module):
         self.prefix_code = None
         if config.code_entry_bytes is not None:  # fitted on the training documents (fit_code)
             self.prefix_code = PrefixCode(len(llm.tokenizer))
-            self.codec = CodedVocabularyCodec(self.codec, self.prefix_code, config.code_entry_bytes)
+            self.codec = CodedVocabularyCodec(
+                self.codec, self.prefix_code, config.code_entry_bytes, config.index_entry_bytes
+            )
         self.pointer = None
         if config.code_pointer:
             if config.pointer_layer > self.llm.layout.num_layers:
@@ -393,7 +399,7 @@ class MBCModel(nn.Module):
     def llm_token_ids(self, documents: list[str]) -> list[list[int]]:
         """Each document's LLM token ids, as the pointer reads them (cut at ``max_document_tokens``)."""
         ids, mask = self._encode_text(self.llm.tokenizer, documents, self.config.max_document_tokens)
-        return [row[: int(n)] for row, n in zip(ids.tolist(), mask.sum(1).tolist())]
+        return PointerStates(ids, mask, None).tokens()
 
     @torch.no_grad()
     def fit_codebook(self, documents: list[str], batch_size: int = 64) -> None:
@@ -411,11 +417,12 @@ class MBCModel(nn.Module):
     def stored_keys(self, bank, ids: list[int]) -> torch.Tensor:
         """What a reader keeps of each stored document to choose among them (``top_documents``'s
         ``document_keys``): its retrieval key [n, subspaces], and with ``lexical_weight`` its first
-        stage's token ids after it [n, subspaces + K]."""
+        stage's token ids after it [n, subspaces + K] (and its index's rare tokens after those)."""
         keys = torch.as_tensor(bank.retrieval_keys(ids)).long()
         if not self.config.lexical_weight:
             return keys
-        return lexical_rows(keys, self.codec.token_ids(bank.entries(ids)), self.config.num_slots, pad=-1)
+        width = self.config.num_slots + self.codec.index_width
+        return lexical_rows(keys, self.codec.lexical_ids(bank.entries(ids)), width, pad=-1)
 
     @torch.no_grad()
     def top_documents(self, questions: list[str], document_keys) -> torch.Tensor:
@@ -436,7 +443,10 @@ class MBCModel(nn.Module):
         """Documents -> bank entries: code indices [N, K, stages] as the smallest unsigned type
         (MBC), or the float vectors [N, K, dim] as float32 (MAC mode)."""
         states = self.pointer_states(documents) if self.pointer is not None else None
-        return self.codec.encode(self.amortize(documents, states), self.filled_slots(states))
+        contexts, filled = self.amortize(documents, states), self.filled_slots(states)
+        if self.config.index_entry_bytes:  # the index holds the document's rarest other tokens
+            return self.codec.encode(contexts, filled, states.tokens())
+        return self.codec.encode(contexts, filled)
 
     def memory(self, entries: np.ndarray) -> torch.Tensor:
         """Bank entries (as ``compress`` returns them) -> every stored vector, [N*K, dim]."""
@@ -489,7 +499,11 @@ class MBCModel(nn.Module):
             codes, learned = self.quantizer.num_codes, self.quantizer.learned_codes()
         else:
             learned = stages * codes
-        stored = packed_size(k * stages, codes) if self.prefix_code is None else self.config.code_entry_bytes
+        stored = (
+            packed_size(k * stages, codes)
+            if self.prefix_code is None
+            else self.config.code_entry_bytes + self.config.index_entry_bytes
+        )
         return {
             "mbc": stored,
             "mac": k * dim * 4,
@@ -522,7 +536,7 @@ class MBCModel(nn.Module):
         keys = (config.retrieval_subspaces, config.retrieval_codes) if config.retrieval_top_k else (0, 0)
         return BankLayout(
             self.codec.mode,
-            config.num_slots if self.prefix_code is None else config.code_entry_bytes,
+            config.num_slots if self.prefix_code is None else config.code_entry_bytes + config.index_entry_bytes,
             config.codebook_stages,
             config.codebook_size if self.codec.mode == "mac" else self.codec.codebook_size,
             self.llm.layout.hidden_size,

@@ -70,6 +70,9 @@ class CodebookCodec:
         """Vocabulary codes (network/vocabulary.py): each entry's first-stage indices, which are token ids."""
         return np.asarray(entries)[..., 0].tolist()
 
+    lexical_ids = token_ids  # BM25 matches the codes themselves (no index of rare tokens)
+    index_width = 0
+
     def kept(self, ids: list[list[int]], filled: list[int] | None = None) -> list[list[int]]:
         """Of each document's K token ids, what its entry gives back: all K."""
         return ids
@@ -191,16 +194,36 @@ class CodedVocabularyCodec:
     mode = "coded_mbc"
     codebook_size = CodedTokenCodec.codebook_size
 
-    def __init__(self, codebook: CodebookCodec, prefix_code: PrefixCode, budget: int):
+    def __init__(self, codebook: CodebookCodec, prefix_code: PrefixCode, budget: int, index_budget: int = 0):
         self.codebook, self.prefix_code = codebook, prefix_code
         self.stored = CodedTokenCodec(prefix_code, budget)
+        # after the codes, the document's rarest other tokens: BM25's index, never read (config.py)
+        self.index = CodedTokenCodec(prefix_code, index_budget) if index_budget else None
 
     def training_memory(self, contexts: torch.Tensor) -> TrainingMemory:
         return self.codebook.training_memory(contexts)
 
-    def encode(self, contexts: torch.Tensor, filled: list[int] | None = None) -> np.ndarray:
-        """``filled``: how many slots each document fills (``MBCModel.filled_slots``; None: all K)."""
-        return self.stored.encode(self.kept(self.codebook.token_ids(self.codebook.encode(contexts)), filled))
+    def encode(
+        self, contexts: torch.Tensor, filled: list[int] | None = None, documents: list[list[int]] | None = None
+    ) -> np.ndarray:
+        """``filled``: how many slots each document fills (``MBCModel.filled_slots``; None: all K);
+        ``documents``: each document's token ids, whose rarest the index holds (needed with an index)."""
+        kept = self.kept(self.codebook.token_ids(self.codebook.encode(contexts)), filled)
+        if self.index is None:
+            return self.stored.encode(kept)
+        if documents is None:
+            raise MBCError("an entry with an index of rare tokens needs each document's token ids")
+        return np.concatenate([self.stored.encode(kept), self.index.encode(self.rarest(kept, documents))], axis=1)
+
+    def rarest(self, kept: list[list[int]], documents: list[list[int]]) -> list[list[int]]:
+        """Each document's distinct tokens that its codes do not hold, rarest (longest code) first, as
+        many as fit the index's bytes."""
+        coder, rows = self.prefix_code.coder(), []
+        for codes, ids in zip(kept, documents):
+            held = set(codes)
+            others = sorted({t for t in ids if t not in held}, key=lambda t: (-int(coder.lengths[t]), t))
+            rows.append([others[p] for p in coder.most_that_fit(others, self.index.keep)])
+        return rows
 
     def kept(self, ids: list[list[int]], filled: list[int] | None = None) -> list[list[int]]:
         """Of each document's K token ids, what its entry holds: the longest head of the filled
@@ -212,7 +235,20 @@ class CodedVocabularyCodec:
         raise MBCError("prefix-coded vocabulary codes are read as tokens (code_reading 'input'), not as vectors")
 
     def token_ids(self, entries: np.ndarray) -> list[list[int]]:
-        return self.stored.decode(entries)
+        """The codes each entry holds: what the reader reads."""
+        return self.stored.decode(np.asarray(entries)[:, : self.stored.keep])
+
+    def lexical_ids(self, entries: np.ndarray) -> list[list[int]]:
+        """The tokens BM25 matches a question against: the codes, and the index's after them."""
+        codes = self.token_ids(entries)
+        if self.index is None:
+            return codes
+        return [c + i for c, i in zip(codes, self.index.decode(np.asarray(entries)[:, self.stored.keep :]))]
+
+    @property
+    def index_width(self) -> int:
+        """The most tokens an entry's index can hold (0: no index)."""
+        return self.index.most_tokens if self.index is not None else 0
 
     def meaning(self, model) -> list[torch.Tensor]:
         return self.codebook.meaning(model) + [self.prefix_code.lengths.float()]
