@@ -28,7 +28,7 @@ import torch
 from mbc import data as qa_data
 from mbc.checkpoint import read_config
 from mbc.model import MBCModel
-from mbc.network.lexical import bm25, combined
+from mbc.network.lexical import bm25, combined, padded_ids
 from mbc.network.retrieval import ProductQuantizer
 
 WEIGHTS = (0.3, 1.0, 2.0)
@@ -56,21 +56,15 @@ def rebudget(
 
 def stored_codes(model: MBCModel, texts: list[str], batch_size: int = 16) -> list[list[int]]:
     """Each document's codes as its entry keeps them (the head that fits ``code_entry_bytes``)."""
-    codes = []
-    for i in range(0, len(texts), batch_size):
-        states = model.pointer_states(texts[i : i + batch_size])
-        ids = model.codec.codebook.token_ids(
-            model.codec.codebook.encode(model.amortize(texts[i : i + batch_size], states))
-        )
-        codes += model.codec.kept(ids, model.filled_slots(states))
-    return codes
+    return [
+        row
+        for i in range(0, len(texts), batch_size)
+        for row in model.codec.token_ids(model.compress(texts[i : i + batch_size]))
+    ]
 
 
 def padded(rows: list[list[int]]) -> torch.Tensor:
-    table = torch.full((len(rows), max(map(len, rows))), -1, dtype=torch.long)
-    for i, row in enumerate(rows):
-        table[i, : len(row)] = torch.as_tensor(row, dtype=torch.long)
-    return table
+    return padded_ids(rows, max(map(len, rows)), pad=-1)
 
 
 def main() -> None:

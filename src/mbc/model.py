@@ -499,11 +499,7 @@ class MBCModel(nn.Module):
             codes, learned = self.quantizer.num_codes, self.quantizer.learned_codes()
         else:
             learned = stages * codes
-        stored = (
-            packed_size(k * stages, codes)
-            if self.prefix_code is None
-            else self.config.code_entry_bytes + self.config.index_entry_bytes
-        )
+        stored = packed_size(k * stages, codes) if self.prefix_code is None else self.codec.entry_bytes
         return {
             "mbc": stored,
             "mac": k * dim * 4,
@@ -536,7 +532,7 @@ class MBCModel(nn.Module):
         keys = (config.retrieval_subspaces, config.retrieval_codes) if config.retrieval_top_k else (0, 0)
         return BankLayout(
             self.codec.mode,
-            config.num_slots if self.prefix_code is None else config.code_entry_bytes + config.index_entry_bytes,
+            config.num_slots if self.prefix_code is None else self.codec.entry_bytes,
             config.codebook_stages,
             config.codebook_size if self.codec.mode == "mac" else self.codec.codebook_size,
             self.llm.layout.hidden_size,

@@ -246,6 +246,11 @@ class CodedVocabularyCodec:
         return [c + i for c, i in zip(codes, self.index.decode(np.asarray(entries)[:, self.stored.keep :]))]
 
     @property
+    def entry_bytes(self) -> int:
+        """An entry's bytes: the codes', then the index's."""
+        return self.stored.keep + (self.index.keep if self.index is not None else 0)
+
+    @property
     def index_width(self) -> int:
         """The most tokens an entry's index can hold (0: no index)."""
         return self.index.most_tokens if self.index is not None else 0

@@ -41,10 +41,15 @@ def lexical_rows(keys: torch.Tensor, entries: list[list[int]], width: int, pad: 
     """[n, subspaces + width]: each stored document's retrieval key, then its token ids padded with
     ``pad`` to one ``width`` (a reader adds the rows of new documents to those it holds), the index
     ``bm25`` reads."""
-    tokens = torch.full((len(entries), width), pad, dtype=torch.long)
-    for row, ids in enumerate(entries):
+    return torch.cat([torch.as_tensor(keys).long(), padded_ids(entries, width, pad)], dim=1)
+
+
+def padded_ids(rows: list[list[int]], width: int, pad: int) -> torch.Tensor:
+    """[n, width] token ids, each row's ids then ``pad`` (the documents ``bm25`` reads)."""
+    tokens = torch.full((len(rows), width), pad, dtype=torch.long)
+    for row, ids in enumerate(rows):
         tokens[row, : len(ids)] = torch.as_tensor(ids, dtype=torch.long)
-    return torch.cat([torch.as_tensor(keys).long(), tokens], dim=1)
+    return tokens
 
 
 def standardised(scores: torch.Tensor) -> torch.Tensor:
